@@ -1,0 +1,1 @@
+"""Framework adapters: the only code that imports torch, tensorflow or keras (lazily)."""

@@ -1,0 +1,130 @@
+"""Finding: one diagnosis of a run, with its evidence, explanation and advice."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+__all__ = ["CODES", "SEVERITIES", "Finding"]
+
+#: The finding codes gradsight emits. Codes are a public contract: new ones may be added, none renamed.
+CODES = (
+    "non-finite",
+    "exploding-gradients",
+    "vanishing-gradients",
+    "dead-units",
+    "saturated-units",
+    "update-ratio-high",
+    "update-ratio-low",
+    "loss-not-decreasing",
+)
+#: Severities, least to most severe.
+SEVERITIES = ("info", "warning", "error")
+
+Severity = Literal["info", "warning", "error"]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What a diagnosis rule found in a run.
+
+    Attributes:
+        code: what is wrong, one of :data:`CODES` (or a code added later).
+        severity: ``"info"``, ``"warning"`` or ``"error"``.
+        layers: the layers concerned, origin first where order matters.
+        first_step: the first logged step at which the condition held.
+        last_step: the last logged step at which it held.
+        evidence: the numbers that triggered it (JSON-serialisable; thresholds included).
+        message: one sentence, with the key numbers.
+        explanation: why this breaks learning, a few sentences.
+        advice: concrete things to try, most likely first.
+    """
+
+    code: str
+    severity: Severity
+    layers: tuple[str, ...]
+    first_step: int | None
+    last_step: int | None
+    evidence: dict[str, Any] = field(default_factory=dict)
+    message: str = ""
+    explanation: str = ""
+    advice: tuple[str, ...] = ()
+
+    @property
+    def rank(self) -> int:
+        """Severity as an integer (0 info, 1 warning, 2 error) for sorting, most severe = highest."""
+        return SEVERITIES.index(self.severity)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (non-finite floats become strings such as ``"nan"``)."""
+        d = asdict(self)
+        d["layers"] = list(self.layers)
+        d["advice"] = list(self.advice)
+        d["evidence"] = _jsonable(self.evidence)
+        return d
+
+    def to_text(self) -> str:
+        """Plain-text rendering, a few lines."""
+        steps = _steps(self)
+        lines = [f"[{self.severity.upper()}] {self.code}{steps}: {self.message}"]
+        if self.layers:
+            lines.append(f"  layers: {', '.join(self.layers)}")
+        if self.explanation:
+            lines.append(f"  why: {self.explanation}")
+        lines.extend(f"  try: {a}" for a in self.advice)
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        """Markdown rendering."""
+        out = [f"**{self.severity.upper()} · `{self.code}`**{_steps(self)} — {self.message}", ""]
+        if self.layers:
+            out.append("Layers: " + ", ".join(f"`{name}`" for name in self.layers))
+            out.append("")
+        if self.explanation:
+            out += [self.explanation, ""]
+        out += [f"- {a}" for a in self.advice]
+        return "\n".join(out)
+
+    def to_html(self) -> str:
+        """HTML rendering; every string is escaped."""
+        e = html.escape
+        layers = ", ".join(f"<code>{e(name)}</code>" for name in self.layers)
+        advice = "".join(f"<li>{e(a)}</li>" for a in self.advice)
+        return (
+            f'<div class="finding {e(self.severity)}"><p><b>{e(self.severity.upper())}</b> '
+            f"<code>{e(self.code)}</code>{e(_steps(self))}: {e(self.message)}</p>"
+            + (f"<p>Layers: {layers}</p>" if self.layers else "")
+            + (f"<p>{e(self.explanation)}</p>" if self.explanation else "")
+            + (f"<ul>{advice}</ul>" if advice else "")
+            + "</div>"
+        )
+
+    __str__ = to_text
+
+    def _repr_markdown_(self) -> str:
+        return self.to_markdown()
+
+
+def _steps(f: Finding) -> str:
+    if f.first_step is None:
+        return ""
+    if f.last_step is None or f.last_step == f.first_step:
+        return f" (step {f.first_step})"
+    return f" (steps {f.first_step}–{f.last_step})"
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return json.loads(json.dumps(obj, default=str))

@@ -1,0 +1,1 @@
+"""Show: figures (matplotlib) and the self-contained HTML report."""
