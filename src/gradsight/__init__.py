@@ -1,20 +1,34 @@
 """gradsight: see, verify and understand the gradients inside deep neural networks.
 
-Importing gradsight never imports PyTorch or TensorFlow; the framework adapters import them lazily when a model
-of theirs is first handed in. Everything public is re-exported here; every other module is private.
+Importing gradsight never imports PyTorch, TensorFlow, matplotlib or pandas; the framework adapters import
+their framework lazily when a model of theirs is first handed in. Everything public is re-exported here;
+every other module is private.
 """
 
 from __future__ import annotations
 
 from ._errors import GradsightError, InputError, StoreError, UnsupportedError, WatchError
+from ._watch import watch
+from .diagnose._finding import Finding
+from .store import Run, RunWriter, TensorInfo, load
+from .summary import TensorSummary, merge, summarize
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Finding",
     "GradsightError",
     "InputError",
+    "Run",
+    "RunWriter",
     "StoreError",
+    "TensorInfo",
+    "TensorSummary",
     "UnsupportedError",
     "WatchError",
     "__version__",
+    "load",
+    "merge",
+    "summarize",
+    "watch",
 ]
