@@ -10,6 +10,7 @@ from __future__ import annotations
 from ._errors import GradsightError, InputError, StoreError, UnsupportedError, WatchError
 from ._watch import watch
 from .diagnose._finding import Finding
+from .explain import Term, Trace, check_loss, depth_sweep, explain, jacobian_vs_gradient
 from .store import Run, RunWriter, TensorInfo, load
 from .summary import TensorSummary, merge, summarize
 
@@ -24,9 +25,15 @@ __all__ = [
     "StoreError",
     "TensorInfo",
     "TensorSummary",
+    "Term",
+    "Trace",
     "UnsupportedError",
     "WatchError",
     "__version__",
+    "check_loss",
+    "depth_sweep",
+    "explain",
+    "jacobian_vs_gradient",
     "load",
     "merge",
     "summarize",

@@ -47,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GradsightError as exc:
         print(f"gradsight {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `gradsight explain | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

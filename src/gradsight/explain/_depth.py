@@ -1,0 +1,245 @@
+"""``depth_sweep``: how the per-layer gradient RMS of a dense stack grows with depth, with the closed form.
+
+Calibration (the seed's): X = ones(n, f_0), every layer Dense without bias, loss = Keras-style mean MSE
+(J = mean over n and f_L of (Ŷ − Y)²), and Y = Ŷ − 1 so that the error is 1 everywhere, dJ/dŶ = 2/(n·f_L).
+
+Closed forms (identity or ReLU activation; every pre-activation stays positive):
+
+* ``init="ones"`` (W_l = 1): every entry of dJ/dW_l equals (2/f_L)·∏_{k=0}^{l−2} f_k·∏_{k=l+1}^{L} f_k; with all
+  widths f this is (2/f)·f^{L−1} for every layer: 0.667, 2, 6, 18, 54 for f = 3 and depths 1..5.
+* ``init="scaled"`` (W_l = 1/f_{l−1}): every A_l is 1 and dJ/dW_l = 2/f_l: flat, 0.667 for f = 3.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .._errors import InputError
+from . import _rules as R
+from ._trace import clean_json
+
+__all__ = ["DepthSweep", "depth_sweep"]
+
+_COLUMNS = ["depth", "layer", "fan_in", "fan_out", "grad_rms", "predicted", "autodiff_rms", "ok"]
+
+
+@dataclass
+class DepthSweep:
+    """The table of per-layer gradient RMS against depth.
+
+    Attributes:
+        rows: one dict per (depth, layer) with the columns ``depth, layer, fan_in, fan_out, grad_rms``
+            (numpy closed-form chain), ``predicted`` (the formula's value, None where no closed form exists),
+            ``autodiff_rms`` (the framework's, None unless ``framework=`` was given) and ``ok``.
+        init, activation, widths, n, framework: the settings.
+    """
+
+    rows: list[dict[str, Any]]
+    init: str
+    activation: str
+    widths: list[int]
+    n: int
+    framework: str | None = None
+    formula: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Every row agrees with its prediction and autodiff (where present)."""
+        return all(r["ok"] for r in self.rows)
+
+    def _fmt(self, v: Any) -> str:
+        return "—" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))
+
+    def __str__(self) -> str:
+        head = [
+            f"depth sweep — init {self.init!r}, activation {self.activation}, widths {self.widths}, n = {self.n}"
+            + (f", checked with {self.framework}" if self.framework else ""),
+            f"  {self.formula}",
+            "  " + "  ".join(f"{c:>12}" for c in _COLUMNS),
+        ]
+        body = ["  " + "  ".join(f"{self._fmt(r[c]):>12}" for c in _COLUMNS) for r in self.rows]
+        return "\n".join(head + body + [f"{'✓' if self.ok else '✗'} {len(self.rows)} rows"])
+
+    def __repr__(self) -> str:
+        return f"DepthSweep(init={self.init!r}, depths={sorted({r['depth'] for r in self.rows})}, ok={self.ok})"
+
+    def to_markdown(self) -> str:
+        """Markdown table."""
+        out = [f"### depth sweep — init `{self.init}`, activation `{self.activation}`", "", self.formula, ""]
+        out += ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+        out += ["| " + " | ".join(self._fmt(r[c]) for c in _COLUMNS) + " |" for r in self.rows]
+        return "\n".join(out)
+
+    def _repr_markdown_(self) -> str:
+        return self.to_markdown()
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return clean_json(
+            {
+                "init": self.init,
+                "activation": self.activation,
+                "widths": self.widths,
+                "n": self.n,
+                "framework": self.framework,
+                "formula": self.formula,
+                "ok": self.ok,
+                "rows": self.rows,
+            }
+        )
+
+    def to_pandas(self) -> Any:
+        """The table as a ``pandas.DataFrame``."""
+        import pandas as pd
+
+        return pd.DataFrame(self.rows, columns=_COLUMNS)
+
+    def by_depth(self) -> dict[int, list[float]]:
+        """``{depth: [grad_rms of layer 1..depth]}``."""
+        out: dict[int, list[float]] = {}
+        for r in self.rows:
+            out.setdefault(r["depth"], []).append(r["grad_rms"])
+        return out
+
+    def plot(self, ax: Any = None) -> Any:
+        """Plot gradient RMS per layer, one line per depth (log scale); returns the matplotlib Figure."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(6, 4))
+        else:
+            fig = ax.figure
+        for d, vals in self.by_depth().items():
+            ax.plot(range(1, len(vals) + 1), vals, marker="o", label=f"depth {d}")
+        pred = [(r["layer"], r["predicted"]) for r in self.rows if r["predicted"] is not None]
+        if pred:
+            ax.scatter(*zip(*pred, strict=False), marker="x", color="k", zorder=3, label="closed form")
+        ax.set_yscale("log")
+        ax.set_xlabel("layer l")
+        ax.set_ylabel("RMS of dJ/dW_l")
+        ax.set_title(f"gradient RMS vs depth (init {self.init}, {self.activation})")
+        ax.legend(fontsize="small")
+        return fig
+
+
+def _weights(init: str, widths: Sequence[int], rng: np.random.Generator) -> list[np.ndarray]:
+    out = []
+    for fi, fo in itertools.pairwise(widths):
+        if init == "ones":
+            out.append(np.ones((fi, fo)))
+        elif init == "scaled":
+            out.append(np.ones((fi, fo)) / fi)
+        elif init == "normal":
+            out.append(rng.normal(0.0, 1.0 / np.sqrt(fi), (fi, fo)))
+        elif init == "he":
+            out.append(rng.normal(0.0, np.sqrt(2.0 / fi), (fi, fo)))
+        else:
+            raise InputError(f"init must be one of 'ones', 'scaled', 'normal', 'he'; got {init!r}")
+    return out
+
+
+def _predicted(init: str, act: str, widths: Sequence[int], l: int) -> float | None:
+    if act not in ("identity", "relu") or init not in ("ones", "scaled"):
+        return None
+    L = len(widths) - 1
+    if init == "scaled":
+        return 2.0 / widths[l]
+    return 2.0 / widths[L] * float(np.prod(widths[: l - 1])) * float(np.prod(widths[l + 1 : L + 1]))
+
+
+def depth_sweep(
+    widths: int | Sequence[int] = 3,
+    depths: int | Iterable[int] = 5,
+    *,
+    init: str = "ones",
+    activation: str | None = None,
+    n: int = 4,
+    framework: str | None = None,
+    seed: int = 0,
+) -> DepthSweep:
+    """Per-layer RMS of dJ/dW_l for dense stacks of depth 1..L, with the closed-form prediction.
+
+    Args:
+        widths: one width f for every layer (and the input), or f_0..f_Lmax (length max(depths) + 1; a stack of
+            depth d uses f_0..f_d).
+        depths: L (meaning 1..L) or an iterable of depths.
+        init: ``"ones"``, ``"scaled"`` (1/f_in), ``"normal"`` (N(0, 1/f_in)) or ``"he"`` (N(0, 2/f_in)), seeded.
+        activation: None (identity) or an elementwise activation name (``"relu"``, ``"tanh"``, ...).
+        n: batch size (the result does not depend on it: the loss averages over n).
+        framework: also compute the gradients with ``"torch"`` or ``"tensorflow"`` autodiff (via
+            :func:`gradsight.explain`) and compare.
+        seed: seed of the random inits.
+
+    Returns:
+        The :class:`DepthSweep`.
+    """
+    from ._explain import adapter, explain
+
+    ds = list(range(1, depths + 1)) if isinstance(depths, int) else sorted(int(d) for d in depths)
+    if not ds or min(ds) < 1:
+        raise InputError(f"depths must be positive, got {depths!r}")
+    dmax = max(ds)
+    ws = [int(widths)] * (dmax + 1) if isinstance(widths, (int, np.integer)) else [int(w) for w in widths]
+    if len(ws) < dmax + 1 or min(ws) < 1:
+        raise InputError(f"widths needs f_0..f_{dmax} ({dmax + 1} positive values) for depth {dmax}, got {widths!r}")
+    act = activation or "identity"
+    try:
+        rule = R.elementwise_rule(act)
+    except KeyError:
+        raise InputError(f"activation must be one of {R.ACTIVATIONS}, got {activation!r}") from None
+    rows: list[dict[str, Any]] = []
+    for d in ds:
+        rng = np.random.default_rng(seed)
+        w_d = ws[: d + 1]
+        weights = _weights(init, w_d, rng)
+        x = np.ones((n, w_d[0]))
+        acts, zs = [x], []
+        for w in weights:
+            z = R.dense_forward(acts[-1], w, None)
+            zs.append(z)
+            acts.append(rule.forward(z))
+        y = acts[-1] - 1.0
+        da = 2.0 / (n * w_d[-1]) * (acts[-1] - y)
+        grads: list[np.ndarray] = [None] * d  # type: ignore[list-item]
+        for l in range(d, 0, -1):
+            dz = da * rule.derivative(zs[l - 1])
+            grads[l - 1], _, da = R.dense_backward(dz, acts[l - 1], weights[l - 1])
+        auto = None
+        if framework is not None:
+            ad = adapter(framework)
+            model = ad.build_dense_model(weights, None, [None if act == "identity" else act] * d, "float64")
+            tr = explain(model, x, y, "mse")
+            auto = [tr[f"dJ/dW{l}"].autodiff for l in range(1, d + 1)]
+        for l in range(1, d + 1):
+            rms = float(np.sqrt(np.mean(grads[l - 1] ** 2)))
+            pred = _predicted(init, act, w_d, l)
+            arms = None if auto is None else float(np.sqrt(np.mean(np.asarray(auto[l - 1]) ** 2)))
+            ok = (pred is None or abs(rms - pred) <= 1e-9 * max(1.0, abs(pred))) and (
+                arms is None or abs(rms - arms) <= 1e-9 * max(1.0, abs(arms))
+            )
+            rows.append(
+                {
+                    "depth": d,
+                    "layer": l,
+                    "fan_in": w_d[l - 1],
+                    "fan_out": w_d[l],
+                    "grad_rms": rms,
+                    "predicted": pred,
+                    "autodiff_rms": arms,
+                    "ok": bool(ok),
+                }
+            )
+    formula = {
+        "ones": "closed form: dJ/dW_l = (2/f_L)·∏_{k<l−1} f_k·∏_{k>l} f_k per entry (equal widths: (2/f)·f^(L−1))",
+        "scaled": "closed form: W_l = 1/f_(l−1) keeps A_l = 1, so dJ/dW_l = 2/f_l per entry (flat)",
+    }.get(init, "no closed form for random inits: numpy chain only")
+    if act not in ("identity", "relu"):
+        formula = f"no closed form for activation {act!r}: numpy chain only"
+    fw_name = None if framework is None else ("torch" if framework == "torch" else "tensorflow")
+    return DepthSweep(rows, init, act, ws[: dmax + 1], n, fw_name, formula)

@@ -1,0 +1,204 @@
+"""``jacobian_vs_gradient``: what ``tape.gradient`` / ``backward(ones)`` returns versus the full Jacobian.
+
+For a target T = f(X), autodiff's "gradient of T w.r.t. X" is the gradient of Σ T: a vector-Jacobian product
+with a vector of ones, ``g = Jᵀ·1``, i.e. the Jacobian summed over the target's axes. It is *not* the Jacobian.
+
+The seed's case, A = Z·S (an activation written as a matrix): ∂A_ij/∂Z_pq = δ_ip S_qj, so
+
+* the Jacobian holds Sᵀ on its sample-diagonal blocks: J[i, :, i, :] = Sᵀ (and zero blocks for i ≠ p);
+* the gradient is g_pq = Σ_j S_qj: every row of g equals the row sums of S (g = 1_n (S·1_f)ᵀ). With S = I that
+  is a matrix of ones — which is why ``tape.gradient(A1, Z1)`` "returned ones instead of diag()" in the seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .._errors import InputError
+from ._trace import clean_json, preview
+
+__all__ = ["JacobianVsGradient", "jacobian_vs_gradient"]
+
+#: the seed's Z1 (X = ones(7, 3) times the seed's W1), first 2 rows, and S = diag(2, 0, 1) (the seed's comment).
+SEED_Z = np.array([[2.65, 1.3, 0.65], [2.65, 1.3, 0.65]])
+SEED_S = np.diag([2.0, 0.0, 1.0])
+
+
+@dataclass
+class JacobianVsGradient:
+    """The full Jacobian, autodiff's gradient, and the relation between them, verified.
+
+    Attributes:
+        framework: which autodiff computed them.
+        description: what the target is.
+        target: T = f(X).
+        source: X.
+        jacobian: ∂T/∂X with shape ``T.shape + X.shape``.
+        gradient: what ``tape.gradient(T, X)`` / ``torch.autograd.grad(T, X, ones)`` returns (shape of X).
+        relation: the stated relation, ``g = Jᵀ·1`` (the Jacobian summed over T's axes).
+        relation_err: ``max|g − Σ_T J|``.
+        ok: the relation holds to 1e-12 (float64) — and, for the matmul case, the closed forms hold too.
+        closed_form: for T = X·S: {"gradient": 1 (S·1)ᵀ, "jacobian_block": Sᵀ, "errors": ...}, else None.
+    """
+
+    framework: str
+    description: str
+    target: np.ndarray
+    source: np.ndarray
+    jacobian: np.ndarray
+    gradient: np.ndarray
+    relation: str
+    relation_err: float
+    ok: bool
+    closed_form: dict | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"JacobianVsGradient({self.description!r}, jacobian {self.jacobian.shape}, gradient "
+            f"{self.gradient.shape}, ok={self.ok})"
+        )
+
+    def __str__(self) -> str:
+        lines = [
+            f"Jacobian vs gradient — {self.description} ({self.framework})",
+            f"  source X {self.source.shape}, target T {self.target.shape}",
+            f"  full Jacobian ∂T/∂X has shape {self.jacobian.shape} (T's axes, then X's)",
+            f"  autodiff's 'gradient' (tape.gradient / backward(ones)) has X's shape {self.gradient.shape}:",
+            *("    " + ln for ln in preview(self.gradient).splitlines()),
+            f"  relation: {self.relation}",
+            f"  {'✓' if self.relation_err <= 1e-12 * max(1.0, float(np.abs(self.gradient).max(initial=0))) else '✗'}"
+            f" max|g − Σ_T J| = {self.relation_err:.2e}",
+        ]
+        if self.closed_form is not None:
+            cf = self.closed_form
+            lines += [
+                "  closed form for T = X·S:",
+                "    ∂T_ij/∂X_pq = δ_ip S_qj  →  Jacobian block J[i, :, i, :] = Sᵀ, zero for i ≠ p:",
+                *("      " + ln for ln in preview(cf["jacobian_block"]).splitlines()),
+                "    gradient g_pq = Σ_j S_qj: every row of g is the row sums of S:",
+                *("      " + ln for ln in preview(cf["row_sums"]).splitlines()),
+                f"    {'✓' if cf['ok'] else '✗'} max errors: Jacobian {cf['jacobian_err']:.2e}, "
+                f"gradient {cf['gradient_err']:.2e}",
+                "    so with S = I the gradient is all ones — not S (the seed's surprise).",
+            ]
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        """Markdown form."""
+        out = [
+            f"### Jacobian vs gradient — {self.description} ({self.framework})",
+            "",
+            f"- full Jacobian $\\partial T/\\partial X$: shape `{self.jacobian.shape}`",
+            f"- autodiff's gradient: shape `{self.gradient.shape}` — "
+            r"$g = J^\top \mathbf{1}$ (the Jacobian summed over $T$'s axes)",
+            f"- relation error: {self.relation_err:.2e} {'✓' if self.ok else '✗'}",
+        ]
+        if self.closed_form is not None:
+            out += [
+                r"- for $T = XS$: $\partial T_{ij}/\partial X_{pq} = \delta_{ip} S_{qj}$, blocks $S^\top$; "
+                r"$g = \mathbf{1}_n (S\mathbf{1}_f)^\top$ (rows = row sums of $S$)",
+            ]
+        return "\n".join(out)
+
+    def _repr_markdown_(self) -> str:
+        return self.to_markdown()
+
+    def to_dict(self, values: bool = True) -> dict:
+        """JSON-ready form (arrays included unless ``values=False``)."""
+        d: dict[str, Any] = {
+            "framework": self.framework,
+            "description": self.description,
+            "relation": self.relation,
+            "relation_err": self.relation_err,
+            "ok": self.ok,
+            "jacobian_shape": list(self.jacobian.shape),
+            "gradient_shape": list(self.gradient.shape),
+        }
+        if values:
+            d.update(target=self.target, source=self.source, jacobian=self.jacobian, gradient=self.gradient)
+            if self.closed_form is not None:
+                d["closed_form"] = self.closed_form
+        return clean_json(d)
+
+
+def _default_framework() -> str:
+    import importlib.util
+
+    return "torch" if importlib.util.find_spec("torch") is not None else "keras"
+
+
+def jacobian_vs_gradient(
+    target_fn: Callable[[Any], Any] | None = None,
+    source: Any = None,
+    *,
+    matrix: Any = None,
+    framework: str | None = None,
+) -> JacobianVsGradient:
+    """Compare the full Jacobian of a target with what autodiff calls its gradient, and state the relation.
+
+    Called with no arguments it runs the seed's case A = Z·S with S = diag(2, 0, 1).
+
+    Args:
+        target_fn: a function of one framework tensor (torch or TensorFlow ops). None → ``Z ↦ Z·matrix``.
+        source: the point X (array-like). Defaults to the seed's Z1 (2 rows).
+        matrix: S for the default target (defaults to diag(2, 0, 1)); enables the closed-form check.
+        framework: ``"torch"`` or ``"tensorflow"``; default torch if installed, else TensorFlow.
+
+    Returns:
+        The :class:`JacobianVsGradient`.
+    """
+    from ._explain import adapter
+
+    fw_name = framework or _default_framework()
+    ad = adapter(fw_name)
+    fw = "torch" if ad.__name__.endswith("_torch_explain") else "keras"
+    src = np.asarray(SEED_Z if source is None else source, dtype=np.float64)
+    s = None
+    if target_fn is None:
+        s = np.asarray(SEED_S if matrix is None else matrix, dtype=np.float64)
+        if s.ndim != 2 or src.ndim != 2 or s.shape[0] != src.shape[-1]:
+            raise InputError(f"matrix S must be ({src.shape[-1]}, f) to multiply Z of shape {src.shape}; got {s.shape}")
+        target_fn = ad.matmul_target(s)
+        desc = f"A = Z·S, S = {np.array2string(s, precision=3, separator=', ').replace(chr(10), '')}"
+    else:
+        if not callable(target_fn):
+            raise InputError(f"target_fn must be a callable of one tensor, got {target_fn!r}")
+        desc = getattr(target_fn, "__name__", "target_fn")
+    target, jac, grad = ad.jacobian_and_gradient(target_fn, src)
+    t_axes = tuple(range(target.ndim))
+    summed = jac.sum(axis=t_axes) if t_axes else jac
+    err = float(np.max(np.abs(summed - grad))) if grad.size else 0.0
+    ok = err <= 1e-12 * max(1.0, float(np.max(np.abs(grad), initial=0.0)))
+    closed = None
+    if s is not None:
+        n, _f = src.shape
+        jac_cf = np.einsum("ip,qj->ijpq", np.eye(n), s)
+        row_sums = s.sum(axis=1)
+        grad_cf = np.broadcast_to(row_sums, src.shape)
+        je = float(np.max(np.abs(jac_cf - jac)))
+        ge = float(np.max(np.abs(grad_cf - grad)))
+        closed = {
+            "jacobian_block": s.T,
+            "row_sums": row_sums,
+            "jacobian_err": je,
+            "gradient_err": ge,
+            "ok": je <= 1e-12 and ge <= 1e-12,
+        }
+        ok = ok and closed["ok"]
+    return JacobianVsGradient(
+        framework=fw,
+        description=desc,
+        target=target,
+        source=src,
+        jacobian=jac,
+        gradient=grad,
+        relation="g = Jᵀ·1: autodiff's gradient of a non-scalar T is the gradient of ΣT, the Jacobian summed "
+        "over T's axes",
+        relation_err=err,
+        ok=ok,
+        closed_form=closed,
+    )

@@ -1,0 +1,546 @@
+"""Keras 3 (TensorFlow backend) adapter of the Explain pillar: model → neutral layer specs + autodiff values.
+
+Each layer is called in turn under one persistent ``tf.GradientTape`` with ``training=False``. For Dense and
+Conv2D the pre-activation Z is recomputed through public ops (``keras.ops.matmul(h, kernel) + bias``,
+``layer.convolution_op(h, kernel) + bias``), A = ``layer.activation(Z)``, and that is checked against
+``layer(h)``. A functional model must be a single chain (each layer one input, the sequential run reproducing
+``model(x)``), otherwise it is refused.
+
+Keras quirk reproduced faithfully: ``keras.activations.softmax``/``sigmoid`` attach ``_keras_logits`` to their
+output, and a probability cross-entropy (``from_logits=False``) whose dtype equals ŷ's then silently computes
+the loss from those logits. J then does not depend on ŷ; :class:`FrameworkRun.keras_logits` records it.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from .._errors import InputError, UnsupportedError
+from ..explain._losses import KERAS_EPSILON, LOSS_KINDS, LossSpec
+from ..explain._spec import FrameworkRun, LayerSpec
+
+__all__ = [
+    "build_dense_model",
+    "classify_loss",
+    "jacobian_and_gradient",
+    "loss_probe",
+    "matmul_target",
+    "run_explain",
+]
+
+try:  # the class keras.Model(inputs, outputs) returns; subclassed models are not instances of it
+    from keras.src.models.functional import Functional as _FUNCTIONAL
+except ImportError:  # pragma: no cover - other Keras layouts
+    _FUNCTIONAL = None
+
+_A = keras.activations
+_ACT_FUNCS: dict[Any, tuple[str, dict]] = {
+    _A.relu: ("relu", {}),
+    _A.leaky_relu: ("leaky_relu", {"slope": 0.2}),
+    _A.elu: ("elu", {"alpha": 1.0}),
+    _A.gelu: ("gelu", {}),
+    _A.sigmoid: ("sigmoid", {}),
+    _A.tanh: ("tanh", {}),
+    _A.softplus: ("softplus", {}),
+    _A.silu: ("silu", {}),
+    _A.linear: ("identity", {}),
+    _A.softmax: ("softmax", {"axis": -1}),
+}
+
+
+def _np(t: Any) -> np.ndarray | None:
+    return None if t is None else np.array(keras.ops.convert_to_numpy(t), dtype=np.float64)
+
+
+def _activation_fn(fn: Any) -> tuple[str, dict] | None:
+    """Rule name and parameters of a Keras activation function (``functools.partial`` of one included)."""
+    if isinstance(fn, functools.partial) and not fn.args:
+        base = _ACT_FUNCS.get(fn.func)
+        kw = dict(fn.keywords)
+        if base is None:
+            return None
+        name, _params = base[0], dict(base[1])
+        if name == "gelu" and set(kw) <= {"approximate"}:
+            return ("gelu_tanh", {}) if kw.get("approximate") else ("gelu", {})
+        if name == "leaky_relu" and set(kw) <= {"negative_slope"}:
+            return name, {"slope": float(kw.get("negative_slope", 0.2))}
+        if name == "elu" and set(kw) <= {"alpha"}:
+            return name, {"alpha": float(kw.get("alpha", 1.0))}
+        if name == "relu" and set(kw) <= {"negative_slope"}:
+            slope = float(kw.get("negative_slope", 0.0))
+            return ("relu", {}) if slope == 0.0 else ("leaky_relu", {"slope": slope})
+        return base if not kw else None
+    try:
+        return _ACT_FUNCS.get(fn)
+    except TypeError:  # unhashable callable
+        return None
+
+
+def _activation_layer(layer: keras.layers.Layer) -> tuple[str, dict] | None:
+    L = keras.layers
+    if isinstance(layer, L.Activation):
+        return _activation_fn(layer.activation)
+    if isinstance(layer, L.ReLU):
+        if layer.max_value is None and float(layer.threshold) == 0.0:
+            slope = float(layer.negative_slope)
+            return ("relu", {}) if slope == 0.0 else ("leaky_relu", {"slope": slope})
+        return None
+    if isinstance(layer, L.LeakyReLU):
+        return "leaky_relu", {"slope": float(layer.negative_slope)}
+    if isinstance(layer, L.ELU):
+        return "elu", {"alpha": float(layer.alpha)}
+    if isinstance(layer, L.Softmax):
+        return "softmax", {"axis": layer.axis}
+    return None
+
+
+def _conv_config(layer: keras.layers.Conv2D, in_shape: tuple[int, ...]) -> dict | str:
+    if tuple(layer.dilation_rate) != (1, 1):
+        return f"dilation_rate={layer.dilation_rate} (no rule for dilated convolutions)"
+    if getattr(layer, "groups", 1) != 1:
+        return f"groups={layer.groups} (no rule for grouped convolutions)"
+    kh, kw = layer.kernel_size
+    sh, sw = layer.strides
+    cl = layer.data_format == "channels_last"
+    h, w = (in_shape[1], in_shape[2]) if cl else (in_shape[2], in_shape[3])
+    if layer.padding == "valid":
+        pads = (0, 0, 0, 0)
+    elif layer.padding == "same":
+        from ..explain._rules import same_padding
+
+        pads = same_padding(h, kh, sh) + same_padding(w, kw, sw)
+    else:
+        return f"padding={layer.padding!r}"
+    return {"stride": (sh, sw), "pads": pads, "channels_last": cl}
+
+
+def _chain(model: Any) -> list[keras.layers.Layer]:
+    """The layers of a Sequential (nested flattened) or single-chain functional model, InputLayer skipped."""
+    if isinstance(model, keras.layers.InputLayer):
+        return []
+    if isinstance(model, keras.Sequential):
+        out: list[keras.layers.Layer] = []
+        for layer in model.layers:
+            out += _chain(layer)
+        return out
+    if isinstance(model, keras.Model):
+        if _FUNCTIONAL is None or not isinstance(model, _FUNCTIONAL):
+            raise UnsupportedError(
+                f"explain cannot follow the subclassed Keras model {type(model).__name__!r}: its call() may "
+                "branch. Fix: express it as keras.Sequential([...]) or a single-chain functional model."
+            )
+        try:
+            inputs, outputs = model.inputs, model.outputs
+        except (AttributeError, ValueError) as exc:
+            raise UnsupportedError(
+                f"explain cannot read the graph of {type(model).__name__!r} ({exc}); use a Sequential or "
+                "functional model"
+            ) from exc
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise UnsupportedError(
+                f"explain follows a single chain of layers, but {model.name!r} has {len(inputs)} inputs and "
+                f"{len(outputs)} outputs. Fix: explain a single-input, single-output sub-model."
+            )
+        layers = [ly for ly in model.layers if not isinstance(ly, keras.layers.InputLayer)]
+        prev = inputs[0]
+        for ly in layers:
+            if len(ly._inbound_nodes) != 1 or len(ly._inbound_nodes[0].input_tensors) != 1:
+                raise UnsupportedError(
+                    f"explain follows a single chain of layers, but layer {ly.name!r} "
+                    f"({type(ly).__name__}) takes {len(ly._inbound_nodes[0].input_tensors)} inputs or is "
+                    "called more than once: the model branches. Fix: explain a single-chain sub-model."
+                )
+            if ly._inbound_nodes[0].input_tensors[0] is not prev:
+                raise UnsupportedError(
+                    f"explain follows a single chain of layers, but layer {ly.name!r} does not consume the "
+                    "previous layer's output: the model branches or skips (e.g. a residual connection)."
+                )
+            prev = ly._inbound_nodes[0].output_tensors[0]
+        out = []
+        for ly in layers:
+            out += _chain(ly) if isinstance(ly, keras.Model) else [ly]
+        return out
+    if isinstance(model, keras.layers.Layer):
+        return [model]
+    raise UnsupportedError(f"explain needs a Keras model or layer, got {type(model).__name__!r}")
+
+
+# ---------------------------------------------------------------------------------------------------- losses
+_CLASSES = {
+    "MeanSquaredError": "mse",
+    "MeanAbsoluteError": "mae",
+    "BinaryCrossentropy": "bce",
+    "CategoricalCrossentropy": "cce",
+    "SparseCategoricalCrossentropy": "sparse_cce",
+}
+_FUNCS = {
+    keras.losses.mean_squared_error: "mse",
+    keras.losses.mean_absolute_error: "mae",
+    keras.losses.binary_crossentropy: "bce",
+    keras.losses.categorical_crossentropy: "cce",
+    keras.losses.sparse_categorical_crossentropy: "sparse_cce",
+}
+
+
+def _make_string_loss(kind: str, reduction: str, dtype: str) -> Callable:
+    red = "sum_over_batch_size" if reduction == "mean" else "sum"
+    L = keras.losses
+    if kind == "output_mean":
+        return lambda t, p: keras.ops.mean(p)
+    if kind == "output_sum":
+        return lambda t, p: keras.ops.sum(p)
+    logits = kind.endswith("_logits")
+    base = kind.removesuffix("_logits")
+    cls = {
+        "mse": L.MeanSquaredError,
+        "mae": L.MeanAbsoluteError,
+        "bce": L.BinaryCrossentropy,
+        "cce": L.CategoricalCrossentropy,
+        "sparse_cce": L.SparseCategoricalCrossentropy,
+    }[base]
+    kw = {"from_logits": logits} if base not in ("mse", "mae") else {}
+    return cls(reduction=red, dtype=dtype, **kw)
+
+
+def classify_loss(
+    loss: Any, reduction: str = "mean", dtype: str = "float32"
+) -> tuple[LossSpec | None, str, Callable, str | None]:
+    """Map a Keras loss (object, function, or name) to ``(spec, display, fn(y_true, y_pred), loss dtype)``.
+
+    Keras loss *functions* (``keras.losses.mean_squared_error``) return one value per sample; their spec has
+    ``reduction="none"``. An arbitrary callable gets ``spec=None``.
+    """
+    if isinstance(loss, str):
+        if loss not in LOSS_KINDS:
+            raise InputError(f"unknown loss name {loss!r}; expected one of {', '.join(LOSS_KINDS)}")
+        if reduction not in ("mean", "sum"):
+            raise InputError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        spec = LossSpec(loss, reduction, "keras", f"{loss!r} (Keras convention, {reduction})")
+        return spec, repr(loss), _make_string_loss(loss, reduction, dtype), dtype
+    if isinstance(loss, keras.losses.Loss):
+        kind = _CLASSES.get(type(loss).__name__)
+        kw = getattr(loss, "_fn_kwargs", {}) or {}
+        red = {"sum_over_batch_size": "mean", "mean": "mean", "sum": "sum"}.get(loss.reduction)
+        display = f"keras.losses.{type(loss).__name__}(reduction={loss.reduction!r}" + "".join(
+            f", {k}={v!r}" for k, v in kw.items() if k != "axis"
+        )
+        display += ")"
+        if kind is None or red is None or kw.get("axis", -1) != -1 or kw.get("ignore_class") is not None:
+            return None, display, loss, loss.dtype
+        if kw.get("from_logits"):
+            kind += "_logits"
+        spec = LossSpec(kind, red, "keras", display, float(kw.get("label_smoothing", 0.0) or 0.0), KERAS_EPSILON)
+        return spec, display, loss, loss.dtype
+    if not callable(loss):
+        raise InputError(
+            "loss must be a Keras loss (e.g. keras.losses.MeanSquaredError()), a loss name such as 'mse', or a "
+            f"callable loss(y_true, y_pred) returning a scalar; got {loss!r}"
+        )
+    display = f"{getattr(loss, '__module__', '')}.{getattr(loss, '__name__', repr(loss))}".lstrip(".")
+    kind = _FUNCS.get(loss)
+    if kind is not None:
+        return LossSpec(kind, "none", "keras", display), display, loss, None
+    return None, display, loss, None
+
+
+# ------------------------------------------------------------------------------------------------- explain
+def _model_dtype(layers: list[keras.layers.Layer], model: Any) -> str:
+    for ly in layers:
+        if ly.weights:
+            return str(ly.compute_dtype)
+    return str(getattr(model, "compute_dtype", keras.config.floatx()))
+
+
+def run_explain(model: Any, x: np.ndarray, y: np.ndarray, loss: Any, reduction: str = "mean") -> FrameworkRun:
+    """Run ``model`` on ``x`` layer by layer under one tape and collect Keras' value of every term.
+
+    Args:
+        model: a built ``keras.Sequential`` (nested allowed), a single-chain functional model, or a layer.
+        x: the input batch.
+        y: the targets.
+        loss: see :func:`classify_loss`; callables are called as ``loss(y_true, y_pred)``.
+        reduction: reduction of a loss given by name.
+
+    Returns:
+        The :class:`~gradsight.explain._spec.FrameworkRun`.
+    """
+    if isinstance(model, keras.Model) and not model.built:
+        raise InputError(
+            f"the Keras model {model.name!r} is not built yet, so it has no weights to explain. Fix: give it an "
+            "input shape, e.g. keras.Sequential([keras.Input((3,)), ...]), or call model.build((None, 3))."
+        )
+    layers = _chain(model)
+    dtype = _model_dtype(layers, model)
+    spec, display, loss_fn, loss_dtype = classify_loss(loss, reduction, dtype)
+    eff_dtype = dtype
+    if loss_dtype is not None and str(loss_dtype) != dtype and "float16" not in dtype:
+        eff_dtype = min(dtype, str(loss_dtype), key=lambda d: {"float64": 2, "float32": 1}.get(d, 0))
+    x_t = tf.constant(np.asarray(x), dtype=dtype)
+    sparse = np.issubdtype(np.asarray(y).dtype, np.integer)
+    y_t = tf.constant(np.asarray(y), dtype="int64" if sparse else dtype)
+    specs: list[LayerSpec] = []
+    recs: list[dict[str, Any]] = []
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x_t)
+        h = x_t
+        i = 0
+        while i < len(layers):
+            ly = layers[i]
+            nxt = layers[i + 1] if i + 1 < len(layers) else None
+            follow = None
+            if (
+                nxt is not None
+                and isinstance(ly, (keras.layers.Dense, keras.layers.Conv2D))
+                and _activation_fn(ly.activation) == ("identity", {})
+                and _activation_layer(nxt) is not None
+            ):
+                follow = nxt  # Dense/Conv without activation + an activation layer = one layer l
+                i += 1
+            ls, rec, h = _layer_forward(ly, h, len(specs) + 1, follow)
+            specs.append(ls)
+            recs.append(rec)
+            i += 1
+        y_hat = h
+        if spec is not None and spec.kind not in ("output_mean", "output_sum") and not spec.kind.startswith("sparse"):
+            yshape, pshape = tuple(y_t.shape), tuple(y_hat.shape)
+            if yshape != pshape and not (len(yshape) == len(pshape) - 1 and pshape[-1] == 1 and yshape == pshape[:-1]):
+                raise InputError(
+                    f"y has shape {yshape!r} but the model's output ŷ has shape {pshape!r}; {display} would "
+                    "broadcast them. Pass y with the output's shape, or run gradsight.check_loss(loss, y, y_hat) "
+                    "to see what the broadcast does."
+                )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            j = loss_fn(y_t, y_hat)
+    if not hasattr(j, "shape") or len(j.shape) != 0:
+        shape = tuple(j.shape) if hasattr(j, "shape") else type(j).__name__
+        raise InputError(
+            f"the loss {display} returned {shape!r}, not a scalar: a Keras loss *function* such as "
+            "keras.losses.mean_squared_error returns one value per sample, and autodiff differentiates their "
+            "sum, n times the mean's gradient. Fix: use the loss object, keras.losses.MeanSquaredError(), or "
+            "run gradsight.check_loss to see the consequence."
+        )
+    wrt: list[Any] = []
+    seen: dict[int, int] = {}
+
+    def slot(t: Any) -> int | None:
+        if t is None:
+            return None
+        if id(t) not in seen:
+            seen[id(t)] = len(wrt)
+            wrt.append(t)
+        return seen[id(t)]
+
+    i_yhat = slot(y_hat)
+    plan = [{"z": slot(r["z"]), "a": slot(r["a"]), "p": [slot(p) for p in r["params"]]} for r in recs]
+    grads = tape.gradient(j, wrt, unconnected_gradients=tf.UnconnectedGradients.NONE)
+    for ls, rec, pl in zip(specs, recs, plan, strict=False):
+        ls.z = _np(rec["z"])
+        ls.a = _np(rec["a"])
+        ls.dz = _np(grads[pl["z"]]) if pl["z"] is not None else None
+        ls.da = _np(grads[pl["a"]]) if pl["a"] is not None else None
+        if ls.weight is not None:
+            ls.dw = _np(grads[pl["p"][0]]) if pl["p"] else None
+            ls.db = _np(grads[pl["p"][1]]) if len(pl["p"]) > 1 else None
+            if ls.dw is None:
+                ls.dw = np.zeros_like(ls.weight)
+            if ls.db is None and ls.bias is not None:
+                ls.db = np.zeros_like(ls.bias)
+        if rec["z"] is not None and ls.kind != "opaque":
+            if ls.activation == "softmax":
+                # row j of every sample's Jacobian is the vjp with e_j: f calls, no pfor retracing
+                a, z = rec["a"], rec["z"]
+                f = int(a.shape[-1])
+                rows = [
+                    tape.gradient(a, z, output_gradients=tf.one_hot(tf.fill([a.shape[0]], k), f, dtype=a.dtype))
+                    for k in range(f)
+                ]
+                ls.s = np.stack([_np(r) for r in rows], axis=1)
+            elif rec["a"] is rec["z"]:
+                ls.s = np.ones(tuple(rec["z"].shape))
+            else:
+                ls.s = _np(tape.gradient(rec["a"], rec["z"]))
+    del tape
+    dj = grads[i_yhat]
+    keras_logits = bool(
+        dj is None
+        and spec is not None
+        and spec.kind.split("_logits")[0] in ("bce", "cce", "sparse_cce")
+        and specs
+        and specs[-1].dz is not None
+    )
+    notes = [f"Keras warned: {w.message}" for w in caught]
+    floor = 0.0
+    if "float64" in eff_dtype and any(ls.activation in ("gelu", "gelu_tanh") for ls in specs):
+        floor = 1e-7
+        notes.append(
+            "TensorFlow's float64 gelu deviates from the exact formula by up to ~5e-9 (relative), so terms are "
+            "compared with rtol 1e-7 instead of float64's 1e-9"
+        )
+    if dj is None and not keras_logits:
+        dj = tf.zeros_like(y_hat)
+    return FrameworkRun(
+        framework="keras",
+        model_name=f"{type(model).__name__} {getattr(model, 'name', '')!r}",
+        layers=specs,
+        x=np.asarray(x, dtype=np.float64),
+        y=np.asarray(y),
+        dtype=eff_dtype,
+        loss=spec,
+        loss_display=display,
+        j=float(np.asarray(j, dtype=np.float64)),
+        dj_dyhat=_np(dj),
+        keras_logits=keras_logits,
+        notes=notes,
+        rtol_floor=floor,
+    )
+
+
+def _layer_forward(ly: Any, h: Any, index: int, follow: Any = None) -> tuple[LayerSpec, dict[str, Any], Any]:
+    L = keras.layers
+    name = f"{ly.name}: {type(ly).__name__}"
+    ls = LayerSpec(index, "opaque", name, type(ly).__name__)
+    if follow is not None:
+        ls.name += f" + {follow.name}: {type(follow).__name__}"
+    rec: dict[str, Any] = {"z": None, "a": None, "params": []}
+    act = None
+    if isinstance(ly, L.Dense) and not getattr(ly, "lora_enabled", False) and ly.kernel.dtype == ly.compute_dtype:
+        act = _activation_fn(ly.activation)
+        z = keras.ops.matmul(h, ly.kernel)
+        if ly.bias is not None:
+            z = z + ly.bias
+        ls.kind, ls.weight_layout = "dense", "Keras Dense kernel (in, out)"
+    elif isinstance(ly, L.Conv2D) and not getattr(ly, "lora_enabled", False):
+        cfg = _conv_config(ly, tuple(h.shape))
+        if isinstance(cfg, str):
+            ls.reason = cfg
+            z = None
+        else:
+            act = _activation_fn(ly.activation)
+            z = ly.convolution_op(h, ly.kernel)
+            if ly.bias is not None:
+                shape = (1, 1, 1, ly.filters) if cfg["channels_last"] else (1, ly.filters, 1, 1)
+                z = z + keras.ops.reshape(ly.bias, shape)
+            ls.kind, ls.conv = "conv2d", cfg
+            ls.weight_layout = "Keras Conv2D kernel (kh, kw, cin, cout)"
+    else:
+        z = None
+    if z is not None:
+        ls.weight = _np(ly.kernel)
+        ls.bias = _np(ly.bias) if ly.bias is not None else None
+        rec["params"] = [ly.kernel] + ([ly.bias] if ly.bias is not None else [])
+        name_act = "identity" if act is None else act[0]
+        if act is None:
+            ls.kind = "opaque"
+            ls.reason = f"activation {getattr(ly.activation, '__name__', ly.activation)!r} has no rule"
+        a = ly.activation(z)
+        ref = ly(h, training=False)
+        if not np.allclose(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(ref), rtol=1e-5, atol=1e-6):
+            ls.kind, ls.reason = "opaque", "layer(h) differs from Z = kernel op + bias, A = activation(Z)"
+            a = ref
+        if act is not None:
+            ls.activation, ls.activation_params = name_act, dict(act[1])
+        ls.type_name += f"(activation={getattr(ly.activation, '__name__', '?')})"
+        if follow is not None:
+            act2 = _activation_layer(follow)
+            a = follow(a, training=False)
+            ls.activation, ls.activation_params = act2[0], dict(act2[1])
+            ls.type_name += f"+{type(follow).__name__}"
+            if act2[0] == "softmax" and (len(z.shape) != 2 or act2[1].get("axis", -1) not in (-1, 1)):
+                ls.kind, ls.reason = "opaque", f"softmax over axis={act2[1].get('axis')!r} of a {len(z.shape)}-D input"
+        rec.update(z=z, a=a)
+        return ls, rec, a
+    act = _activation_layer(ly)
+    if act is not None:
+        ls.kind, ls.activation, ls.activation_params = "activation", act[0], dict(act[1])
+        a = ly(h, training=False)
+        rec.update(z=h, a=a)
+    elif isinstance(ly, L.Flatten) and ly.data_format == "channels_last":
+        ls.kind = "flatten"
+        a = ly(h)
+        rec["a"] = a
+    elif isinstance(ly, L.Dropout):
+        ls.kind = "dropout"
+        a = ly(h, training=False)
+        rec["a"] = a
+    else:
+        ls.reason = ls.reason or f"no rule for {type(ly).__name__}"
+        a = ly(h, training=False)
+        rec["a"] = a
+        if ly.trainable_weights:
+            ls.weight = _np(ly.trainable_weights[0])
+            rec["params"] = list(ly.trainable_weights[:2])
+            if len(ly.trainable_weights) > 1:
+                ls.bias = _np(ly.trainable_weights[1])
+    if ls.activation == "softmax" and ls.kind == "activation":
+        axis = ls.activation_params.get("axis", -1)
+        if len(h.shape) != 2 or axis not in (-1, 1):
+            ls.kind, ls.reason = "opaque", f"softmax over axis={axis!r} of a {len(h.shape)}-D input"
+    return ls, rec, a
+
+
+# -------------------------------------------------------------------------------------------- check_loss
+def loss_probe(loss: Any, y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, Any]:
+    """Evaluate a Keras loss on given arrays: value, shape, dJ/dŶ of its sum, and its spec.
+
+    Keras losses are called as ``loss(y_true, y_pred)``; ŷ is float32 unless the loss object says otherwise.
+    """
+    spec, display, fn, ldtype = classify_loss(loss, "mean", "float32")
+    dt = str(ldtype or "float32")
+    yp = tf.constant(np.asarray(y_pred), dtype=dt)
+    yt_np = np.asarray(y_true)
+    yt = tf.constant(yt_np, dtype="int64" if np.issubdtype(yt_np.dtype, np.integer) else dt)
+    with tf.GradientTape() as tape:
+        tape.watch(yp)
+        out = fn(yt, yp)
+    g = tape.gradient(out, yp)
+    return {
+        "value": _np(out),
+        "grad": _np(g) if g is not None else np.zeros(yp.shape),
+        "warnings": [],
+        "spec": spec,
+        "display": display,
+    }
+
+
+# ------------------------------------------------------------------------------- jacobian_vs_gradient etc.
+def matmul_target(s: np.ndarray) -> Callable:
+    """``Z ↦ Z·S`` with TensorFlow ops (the seed's activation-as-matrix case)."""
+    st = tf.constant(np.asarray(s, dtype=np.float64))
+    return lambda z: tf.matmul(z, st)
+
+
+def jacobian_and_gradient(fn: Callable, source: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return ``(target, tape.jacobian, tape.gradient)`` of ``fn`` at ``source`` (float64)."""
+    src = tf.constant(np.asarray(source, dtype=np.float64))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(src)
+        out = fn(src)
+    g = tape.gradient(out, src, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    jac = tape.jacobian(out, src, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return _np(out), _np(jac), _np(g)
+
+
+def build_dense_model(
+    weights: list[np.ndarray],
+    biases: list[np.ndarray | None] | None = None,
+    activations: list[str | None] | None = None,
+    dtype: str = "float64",
+) -> keras.Model:
+    """A built ``keras.Sequential`` of Dense layers from ``(in, out)`` kernels, with activations."""
+    biases = biases or [None] * len(weights)
+    activations = activations or [None] * len(weights)
+    layers: list[Any] = [keras.Input((weights[0].shape[0],), dtype=dtype)]
+    for w, b, act in zip(weights, biases, activations, strict=False):
+        layers.append(keras.layers.Dense(w.shape[1], activation=act, use_bias=b is not None, dtype=dtype))
+    model = keras.Sequential(layers)
+    for layer, w, b in zip(model.layers, weights, biases, strict=False):
+        layer.set_weights([np.asarray(w)] + ([np.asarray(b)] if b is not None else []))
+    return model

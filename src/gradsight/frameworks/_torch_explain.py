@@ -1,0 +1,445 @@
+"""PyTorch adapter of the Explain pillar: model → neutral layer specs, plus torch's autodiff value of every term.
+
+The model is run module by module on a copy of ``x`` (nested ``nn.Sequential`` flattened), holding every
+intermediate, then ``torch.autograd.grad(loss, [intermediates..., params...])`` gives every gradient at once:
+no ``.backward()``, no ``.grad`` is touched, no hooks. Dropout runs in inference mode: every module is switched
+to ``eval()`` for the run and its original ``training`` flag is restored in ``finally``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._errors import InputError, UnsupportedError
+from ..explain._losses import LOSS_KINDS, LossSpec
+from ..explain._spec import FrameworkRun, LayerSpec
+
+__all__ = [
+    "build_dense_model",
+    "classify_loss",
+    "jacobian_and_gradient",
+    "loss_probe",
+    "matmul_target",
+    "run_explain",
+]
+
+_ACT_TYPES: dict[type, str] = {
+    nn.ReLU: "relu",
+    nn.LeakyReLU: "leaky_relu",
+    nn.ELU: "elu",
+    nn.GELU: "gelu",
+    nn.Sigmoid: "sigmoid",
+    nn.Tanh: "tanh",
+    nn.Softplus: "softplus",
+    nn.SiLU: "silu",
+    nn.Identity: "identity",
+    nn.Softmax: "softmax",
+}
+
+
+def _np(t: torch.Tensor | None) -> np.ndarray | None:
+    return None if t is None else t.detach().cpu().to(torch.float64).numpy().copy()
+
+
+def _activation_of(m: nn.Module) -> tuple[str, dict] | None:
+    name = _ACT_TYPES.get(type(m))
+    if name is None:
+        return None
+    if name == "leaky_relu":
+        return name, {"slope": float(m.negative_slope)}
+    if name == "elu":
+        return name, {"alpha": float(m.alpha)}
+    if name == "gelu":
+        return ("gelu_tanh", {}) if m.approximate == "tanh" else ("gelu", {})
+    if name == "softplus":
+        return name, {"beta": float(m.beta), "threshold": float(m.threshold)}
+    if name == "softmax":
+        return name, {"dim": m.dim}
+    return name, {}
+
+
+def _conv_config(m: nn.Conv2d) -> dict | str:
+    """The conv rule's config, or the reason it has no rule."""
+    if m.dilation != (1, 1):
+        return f"dilation={m.dilation} (no rule for dilated convolutions)"
+    if m.groups != 1:
+        return f"groups={m.groups} (no rule for grouped convolutions)"
+    if m.padding_mode != "zeros":
+        return f"padding_mode={m.padding_mode!r} (only zero padding has a rule)"
+    kh, kw = m.kernel_size
+    if m.padding == "valid":
+        pads = (0, 0, 0, 0)
+    elif m.padding == "same":
+        th, tw = kh - 1, kw - 1
+        pads = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+    else:
+        ph, pw = m.padding
+        pads = (ph, ph, pw, pw)
+    return {"stride": tuple(m.stride), "pads": pads, "channels_last": False}
+
+
+def _flatten_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    if isinstance(model, nn.Sequential):
+        out: list[tuple[str, nn.Module]] = []
+        for name, child in model.named_children():
+            for sub, m in _flatten_modules(child):
+                out.append((f"{name}.{sub}" if sub else name, m))
+        return out
+    if isinstance(model, (nn.ModuleList, nn.ModuleDict)) or (
+        next(model.children(), None) is not None and type(model) not in (nn.Linear, nn.Conv2d)
+    ):
+        raise UnsupportedError(
+            f"explain follows a single chain of layers, so it needs an nn.Sequential (nested Sequentials are "
+            f"fine); got {type(model).__name__!r}, a module with its own forward() that may branch, skip or "
+            "take several inputs. Fix: rebuild the chain as nn.Sequential(...), or explain a Sequential "
+            "sub-module of it."
+        )
+    return [("", model)]
+
+
+def _describe(model: nn.Module) -> list[dict[str, Any]]:
+    """Group the flattened modules into layers (weighted op + the activation right after it)."""
+    mods = _flatten_modules(model)
+    groups: list[dict[str, Any]] = []
+    i = 0
+    while i < len(mods):
+        name, m = mods[i]
+        label = f"{name}: {m!r}" if name else repr(m)
+        g: dict[str, Any] = {"modules": [m], "label": label, "type": type(m).__name__}
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            cfg = _conv_config(m) if isinstance(m, nn.Conv2d) else None
+            if isinstance(cfg, str):
+                g.update(kind="opaque", reason=cfg)
+            else:
+                g.update(kind="dense" if isinstance(m, nn.Linear) else "conv2d", conv=cfg)
+                if i + 1 < len(mods) and _activation_of(mods[i + 1][1]) is not None:
+                    nxt_name, nxt = mods[i + 1]
+                    g["modules"].append(nxt)
+                    g["label"] += f" + {nxt_name}: {nxt!r}" if nxt_name else f" + {nxt!r}"
+                    g["type"] += f"+{type(nxt).__name__}"
+                    i += 1
+        elif _activation_of(m) is not None:
+            g["kind"] = "activation"
+        elif isinstance(m, nn.Flatten):
+            if m.start_dim == 1 and m.end_dim == -1:
+                g["kind"] = "flatten"
+            else:
+                g.update(kind="opaque", reason=f"Flatten(start_dim={m.start_dim}, end_dim={m.end_dim})")
+        elif isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)):
+            g["kind"] = "dropout"
+        else:
+            g.update(kind="opaque", reason=f"no rule for {type(m).__name__}")
+        groups.append(g)
+        i += 1
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------------- losses
+_FUNCTIONAL = {
+    F.mse_loss: "mse",
+    F.l1_loss: "mae",
+    F.binary_cross_entropy: "bce",
+    F.binary_cross_entropy_with_logits: "bce_logits",
+    F.cross_entropy: "cross_entropy",
+}
+
+
+def classify_loss(loss: Any, y: np.ndarray, reduction: str = "mean") -> tuple[LossSpec | None, str, Callable]:
+    """Map a torch loss (object, function, or name) to a neutral spec and a callable ``fn(y_hat, y) -> J``.
+
+    Args:
+        loss: an ``nn`` loss module, a ``torch.nn.functional`` loss, one of
+            :data:`gradsight.explain._losses.LOSS_KINDS`, or any callable ``loss(y_hat, y)``.
+        y: the targets (decides sparse vs dense cross-entropy).
+        reduction: the reduction for a loss given by name.
+
+    Returns:
+        ``(spec or None for an arbitrary callable, display text, callable)``.
+    """
+    sparse = np.issubdtype(np.asarray(y).dtype, np.integer)
+    if isinstance(loss, str):
+        if loss not in LOSS_KINDS:
+            raise InputError(f"unknown loss name {loss!r}; expected one of {', '.join(LOSS_KINDS)}")
+        if reduction not in ("mean", "sum"):
+            raise InputError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        fns: dict[str, Callable] = {
+            "mse": lambda p, t: F.mse_loss(p, t, reduction=reduction),
+            "mae": lambda p, t: F.l1_loss(p, t, reduction=reduction),
+            "bce": lambda p, t: F.binary_cross_entropy(p, t, reduction=reduction),
+            "bce_logits": lambda p, t: F.binary_cross_entropy_with_logits(p, t, reduction=reduction),
+            "cce_logits": lambda p, t: F.cross_entropy(p, t, reduction=reduction),
+            "sparse_cce_logits": lambda p, t: F.cross_entropy(p, t.reshape(-1), reduction=reduction),
+            "cce": lambda p, t: getattr(-(t * torch.log(p)).sum(dim=-1), reduction)(),
+            "sparse_cce": lambda p, t: F.nll_loss(torch.log(p), t.reshape(-1), reduction=reduction),
+            "output_mean": lambda p, t: p.mean(),
+            "output_sum": lambda p, t: p.sum(),
+        }
+        return LossSpec(loss, reduction, "torch", f"{loss!r} (torch convention, {reduction})"), repr(loss), fns[loss]
+    kind = None
+    red = "mean"
+    if isinstance(loss, nn.MSELoss):
+        kind = "mse"
+    elif isinstance(loss, nn.L1Loss):
+        kind = "mae"
+    elif isinstance(loss, nn.BCELoss) and loss.weight is None:
+        kind = "bce"
+    elif isinstance(loss, nn.BCEWithLogitsLoss) and loss.weight is None and loss.pos_weight is None:
+        kind = "bce_logits"
+    elif isinstance(loss, nn.CrossEntropyLoss) and loss.weight is None and loss.label_smoothing == 0.0:
+        kind = "sparse_cce_logits" if sparse else "cce_logits"
+    if isinstance(loss, nn.Module):
+        red = getattr(loss, "reduction", "mean")
+        display = f"torch.nn.{type(loss).__name__}(reduction={red!r})"
+    else:
+        display = getattr(loss, "__qualname__", repr(loss))
+        fk = _FUNCTIONAL.get(loss)
+        if fk is not None:
+            kind = ("sparse_cce_logits" if sparse else "cce_logits") if fk == "cross_entropy" else fk
+            display = f"torch.nn.functional.{loss.__name__}"
+    if not callable(loss):
+        raise InputError(
+            f"loss must be a torch loss (e.g. nn.MSELoss()), a loss name such as 'mse', or a callable "
+            f"loss(y_hat, y) returning a scalar; got {loss!r}"
+        )
+
+    def fn(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if kind == "sparse_cce_logits" and t.ndim == p.ndim:
+            t = t.reshape(-1)
+        return loss(p, t)
+
+    if kind is None or red not in ("mean", "sum"):
+        return None, display, fn
+    return LossSpec(kind, red, "torch", display), display, fn
+
+
+# ------------------------------------------------------------------------------------------------- explain
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        return p.dtype
+    return torch.get_default_dtype()
+
+
+def run_explain(model: nn.Module, x: np.ndarray, y: np.ndarray, loss: Any, reduction: str = "mean") -> FrameworkRun:
+    """Run ``model`` on ``x`` layer by layer and collect torch's value of every term.
+
+    Args:
+        model: an ``nn.Sequential`` (nested allowed) or a single supported layer.
+        x: the input batch (numpy, validated by the caller).
+        y: the targets (numpy).
+        loss: see :func:`classify_loss`.
+        reduction: reduction of a loss given by name.
+
+    Returns:
+        The :class:`~gradsight.explain._spec.FrameworkRun`.
+    """
+    if not isinstance(model, nn.Module):
+        raise UnsupportedError(f"explain needs a torch.nn.Module, got {type(model).__name__!r}")
+    groups = _describe(model)
+    spec, display, loss_fn = classify_loss(loss, y, reduction)
+    dtype = _model_dtype(model)
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.enable_grad():
+            return _run(model, groups, x, y, spec, display, loss_fn, dtype)
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _run(model, groups, x, y, spec, display, loss_fn, dtype) -> FrameworkRun:
+    x_t = torch.tensor(np.asarray(x), dtype=dtype, requires_grad=True)
+    sparse = (spec is not None and spec.kind.startswith("sparse")) or np.issubdtype(np.asarray(y).dtype, np.integer)
+    y_t = torch.tensor(np.asarray(y), dtype=torch.long if sparse else dtype)
+    h = x_t
+    layers: list[LayerSpec] = []
+    tensors: list[dict[str, Any]] = []
+    for idx, g in enumerate(groups, start=1):
+        mods = g["modules"]
+        kind = g["kind"]
+        ls = LayerSpec(idx, kind, g["label"], g["type"], reason=g.get("reason", ""), conv=g.get("conv"))
+        rec: dict[str, Any] = {}
+        if kind in ("dense", "conv2d"):
+            w = mods[0]
+            ls.weight, ls.bias = _np(w.weight), _np(w.bias)
+            ls.weight_layout = (
+                "torch Linear weight (out, in)" if kind == "dense" else "torch Conv2d weight (cout, cin, kh, kw)"
+            )
+            rec["params"] = [w.weight] + ([w.bias] if w.bias is not None else [])
+            z = w(h)
+            act = mods[1] if len(mods) > 1 else None
+            a = act(z) if act is not None else z
+            if act is not None:
+                ls.activation, ls.activation_params = _activation_of(act)
+        elif kind == "activation":
+            act = mods[0]
+            ls.activation, ls.activation_params = _activation_of(act)
+            z = h
+            a = act(z)
+        else:  # flatten, dropout, opaque
+            act = None
+            z = None
+            a = mods[0](h)
+            params = list(mods[0].parameters())
+            if kind == "opaque" and params:
+                rec["params"] = params[:2]
+                ls.weight = _np(params[0])
+                ls.bias = _np(params[1]) if len(params) > 1 else None
+                ls.weight_layout = f"torch {type(mods[0]).__name__} parameters"
+        if ls.activation == "softmax":
+            dim = ls.activation_params.get("dim")
+            if z.ndim != 2 or dim not in (-1, 1):
+                ls.kind = "opaque"
+                ls.reason = f"softmax over dim={dim!r} of a {z.ndim}-D input (rule: last axis of 2-D)"
+        rec.update(z=z, a=a, act=act)
+        layers.append(ls)
+        tensors.append(rec)
+        h = a
+    y_hat = h
+    pairs = spec is not None and spec.kind not in ("output_mean", "output_sum") and not spec.kind.startswith("sparse")
+    if pairs and tuple(y_t.shape) != tuple(y_hat.shape):
+        raise InputError(
+            f"y has shape {tuple(y_t.shape)!r} but the model's output ŷ has shape {tuple(y_hat.shape)!r}; "
+            f"{display} would broadcast them (or fail). Pass y with the output's shape, or run "
+            "gradsight.check_loss(loss, y, y_hat) to see what the broadcast does."
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        try:
+            j = loss_fn(y_hat, y_t)
+        except UserWarning as exc:
+            raise InputError(f"the loss {display} warned: {exc}. Run gradsight.check_loss to inspect it.") from exc
+    if not isinstance(j, torch.Tensor) or j.numel() != 1 or j.ndim > 1:
+        shape = tuple(j.shape) if isinstance(j, torch.Tensor) else type(j).__name__
+        raise InputError(
+            f"the loss {display} returned {shape!r}, not a scalar; autodiff would differentiate its sum, which "
+            "changes every gradient's scale. Fix: reduce it (reduction='mean'), or run gradsight.check_loss to "
+            "see the consequence."
+        )
+    # gradients of J w.r.t. every intermediate and parameter, in one call
+    wrt: list[torch.Tensor] = []
+    seen: dict[int, int] = {}
+
+    def slot(t: torch.Tensor | None) -> int | None:
+        if t is None or not t.requires_grad:
+            return None
+        if id(t) not in seen:
+            seen[id(t)] = len(wrt)
+            wrt.append(t)
+        return seen[id(t)]
+
+    idx_yhat = slot(y_hat)
+    plan = []
+    for rec in tensors:
+        plan.append(
+            {
+                "z": slot(rec["z"]),
+                "a": slot(rec["a"]),
+                "p": [slot(p) for p in rec.get("params", [])],
+            }
+        )
+    grads = torch.autograd.grad(j, wrt, allow_unused=True, retain_graph=True)
+    for ls, rec, pl in zip(layers, tensors, plan, strict=False):
+        ls.z = _np(rec["z"])
+        ls.a = _np(rec["a"])
+        ls.dz = _np(grads[pl["z"]]) if pl["z"] is not None else None
+        ls.da = _np(grads[pl["a"]]) if pl["a"] is not None else None
+        if ls.weight is not None:
+            ls.dw = _np(grads[pl["p"][0]])
+            ls.db = _np(grads[pl["p"][1]]) if len(pl["p"]) > 1 else None
+        if rec["act"] is not None and rec["z"] is not None and ls.kind != "opaque":
+            z, a, act = rec["z"], rec["a"], rec["act"]
+            if ls.activation == "softmax":
+                zd = z.detach()
+                ls.s = _np(torch.func.vmap(torch.func.jacrev(lambda zi, act=act: act(zi[None])[0]))(zd))
+            elif a is z:
+                ls.s = np.ones(tuple(z.shape))
+            else:
+                (s,) = torch.autograd.grad(a, z, torch.ones_like(a), retain_graph=True)
+                ls.s = _np(s)
+    dj = grads[idx_yhat] if idx_yhat is not None else None
+    return FrameworkRun(
+        framework="torch",
+        model_name=type(model).__name__,
+        layers=layers,
+        x=np.asarray(x, dtype=np.float64),
+        y=np.asarray(y),
+        dtype=str(dtype).replace("torch.", ""),
+        loss=spec,
+        loss_display=display,
+        j=float(j.detach().double()),
+        dj_dyhat=_np(dj),
+    )
+
+
+# -------------------------------------------------------------------------------------------- check_loss
+def loss_probe(loss: Any, y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, Any]:
+    """Evaluate a torch loss on given arrays: value, shape, dJ/dŶ of its sum, warnings, and its spec.
+
+    Torch losses are called as ``loss(y_pred, y_true)``.
+    """
+    dtype = torch.float64
+    yp = torch.tensor(np.asarray(y_pred, dtype=np.float64), dtype=dtype, requires_grad=True)
+    yt_np = np.asarray(y_true)
+    sparse = np.issubdtype(yt_np.dtype, np.integer)
+    yt = torch.tensor(yt_np, dtype=torch.long if sparse else dtype)
+    spec, display, fn = classify_loss(loss, yt_np) if not isinstance(loss, str) else classify_loss(loss, yt_np, "mean")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn(yp, yt)
+    (g,) = torch.autograd.grad(out.sum(), yp, allow_unused=True)
+    return {
+        "value": _np(out),
+        "grad": _np(g) if g is not None else np.zeros(yp.shape),
+        "warnings": [str(w.message) for w in caught],
+        "spec": spec,
+        "display": display,
+    }
+
+
+# ------------------------------------------------------------------------------- jacobian_vs_gradient etc.
+def matmul_target(s: np.ndarray) -> Callable:
+    """``Z ↦ Z·S`` as a torch function (the seed's activation-as-matrix case)."""
+    st = torch.tensor(np.asarray(s, dtype=np.float64))
+    return lambda z: z @ st
+
+
+def jacobian_and_gradient(fn: Callable, source: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return ``(target, full Jacobian, what backward(ones) gives)`` of ``fn`` at ``source`` (float64)."""
+    src = torch.tensor(np.asarray(source, dtype=np.float64), requires_grad=True)
+    out = fn(src)
+    (g,) = torch.autograd.grad(out, src, torch.ones_like(out), allow_unused=True)
+    jac = torch.autograd.functional.jacobian(fn, src.detach())
+    g = torch.zeros_like(src) if g is None else g
+    return _np(out), _np(jac), _np(g)
+
+
+def build_dense_model(
+    weights: list[np.ndarray],
+    biases: list[np.ndarray | None] | None = None,
+    activations: list[str | None] | None = None,
+    dtype: str = "float64",
+) -> nn.Module:
+    """An ``nn.Sequential`` of Linear layers from ``(in, out)`` kernels (seed convention), with activations."""
+    biases = biases or [None] * len(weights)
+    activations = activations or [None] * len(weights)
+    mods: list[nn.Module] = []
+    tdtype = getattr(torch, dtype)
+    make = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "softmax": lambda: nn.Softmax(dim=-1)}
+    for w, b, act in zip(weights, biases, activations, strict=False):
+        lin = nn.Linear(w.shape[0], w.shape[1], bias=b is not None, dtype=tdtype)
+        with torch.no_grad():
+            lin.weight.copy_(torch.tensor(np.asarray(w).T))
+            if b is not None:
+                lin.bias.copy_(torch.tensor(np.asarray(b)))
+        mods.append(lin)
+        if act is not None:
+            mods.append(make[act]())
+    return nn.Sequential(*mods)
