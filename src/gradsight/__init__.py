@@ -11,14 +11,31 @@ from ._errors import GradsightError, InputError, StoreError, UnsupportedError, W
 from ._watch import watch
 from .diagnose._finding import Finding
 from .explain import Term, Trace, check_loss, depth_sweep, explain, jacobian_vs_gradient
+from .show import plot_depth_profile, plot_histograms, plot_overview, report
 from .store import Run, RunWriter, TensorInfo, load
 from .summary import TensorSummary, merge, summarize
 
 __version__ = "0.1.0"
 
+#: Public names whose modules import a framework, resolved on first access (PEP 562).
+_LAZY = {
+    "GradsightKerasCallback": "gradsight.frameworks._keras_watch",
+    "watch_tape": "gradsight.frameworks._keras_watch",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'gradsight' has no attribute {name!r}")
+
+
 __all__ = [
     "Finding",
     "GradsightError",
+    "GradsightKerasCallback",
     "InputError",
     "Run",
     "RunWriter",
@@ -36,6 +53,11 @@ __all__ = [
     "jacobian_vs_gradient",
     "load",
     "merge",
+    "plot_depth_profile",
+    "plot_histograms",
+    "plot_overview",
+    "report",
     "summarize",
     "watch",
+    "watch_tape",
 ]

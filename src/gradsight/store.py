@@ -219,9 +219,12 @@ class RunWriter:
             raise StoreError(
                 f"{str(self.path)!r} is not a gradsight run file (SQLite said: {exc}). Pass another path."
             ) from exc
-        if meta:
-            for key, value in meta.items():
-                self.set_meta(key, value)
+        if meta:  # one transaction (one fsync) for all initial metadata, not one per key
+            rows = [(str(key), _dumps(value)) for key, value in meta.items()]
+            with contextlib.closing(sqlite3.connect(self.path)) as con:
+                con.execute("PRAGMA synchronous=NORMAL")
+                con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", rows)
+                con.commit()
 
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._error: BaseException | None = None
@@ -232,6 +235,7 @@ class RunWriter:
     # ---- set-up --------------------------------------------------------------------------------------------
     def _init_file(self, con: sqlite3.Connection, existed: bool) -> None:
         con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA synchronous=NORMAL")  # as on the writer thread: WAL commits need no fsync each
         version = con.execute("PRAGMA user_version").fetchone()[0]
         if existed:
             has_meta = con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
@@ -245,7 +249,7 @@ class RunWriter:
                     f"{str(self.path)!r} has run-file schema version {version}, newer than this gradsight's "
                     f"{SCHEMA_VERSION}; upgrade gradsight to append to it."
                 )
-        con.executescript(_SCHEMA)
+        con.executescript(f"BEGIN; {_SCHEMA} COMMIT;")  # one transaction, not one per statement
         con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         con.execute(
             "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?), ('created', ?)",
@@ -637,12 +641,13 @@ class Run:
             df["std"] = np.sqrt(np.maximum(ms - mean * mean, 0.0))
             df["rms"] = np.sqrt(ms)
             df["l2"] = np.sqrt(df["sum_sq"].to_numpy())
+        # Decode blobs from the raw rows: pandas turns an integer column with NULLs into float NaN.
         if hist:
-            df["hist"] = [_decode_hist(lo, b) for lo, b in zip(df["hist_lo"], df["hist"], strict=True)]
+            df["hist"] = [_decode_hist(r[15], r[16]) for r in rows]
         else:
             df = df.drop(columns=["hist"])
         if units:
-            df["units_active"] = [None if b is None else np.frombuffer(b, dtype="<i8").copy() for b in df["units"]]
+            df["units_active"] = [None if r[18] is None else np.frombuffer(r[18], dtype="<i8").copy() for r in rows]
         else:
             df = df.drop(columns=["units_total"])
         return df.drop(columns=["tensor_id", "hist_lo", "units"]).reset_index(drop=True)

@@ -1,0 +1,928 @@
+"""The Keras 3 (TensorFlow backend) watch: per-step summaries recorded inside the compiled train step.
+
+How it works (public Keras/TF APIs only, tested with Keras 3.15.1 on TensorFlow 2.21):
+
+* :func:`watch_keras` sets ``model.train_step`` **on the instance** to a step that follows Keras' documented
+  ``train_step`` contract — forward under ``tf.GradientTape``, ``model.compute_loss``, the ``"loss"`` metric,
+  ``optimizer.scale_loss`` (mixed precision), ``optimizer.apply``, ``model.compute_metrics`` — and records into
+  ``tf.Variable`` buffers on the way. Keras compiles it with ``tf.function`` as usual (``run_eagerly`` is not
+  needed; ``jit_compile=True`` works). It also wraps ``model.fit`` on the instance to add the watch's callback,
+  so ``model.fit(...)`` needs no change; ``callbacks=[watch.callback]`` is equivalent.
+* Layer outputs and output gradients: for Functional models (and Sequential models with an ``Input``) a tap
+  model ``keras.Model(model.input, [model outputs..., every layer's output...])`` shares the model's layers and
+  exposes the intermediates, whose gradients come from the same ``tape.gradient`` call as the weights'. A
+  Sequential model without an ``Input`` calls its layers in sequence inside the tape. Subclassed models (and
+  models that override ``call``) record weights, gradients and updates only; the run's meta says so.
+* On a logged step (``step % every == 0``) one ``tf.cond`` packs all summaries into one float64 vector (see
+  :mod:`._keras_summary`) and a second one packs the updates ``ΔW = W_after - W_before``. Other steps only
+  compute the cheap scalars (loss, lr, gradient norm, non-finite gradient count). The callback reads the buffers
+  once per ``train_function`` call, so ``steps_per_execution > 1`` is supported (one buffer slot per step).
+* Gradients are recorded unscaled: under a ``LossScaleOptimizer`` they are multiplied by ``1 / loss_scale``.
+  NaN/Inf gradients are counted (``nan``/``posinf``/``neginf`` and the ``grad_nonfinite`` scalar), never dropped.
+* Steps are numbered from 0 (or after the last stored step with ``if_exists="append"``) and keep counting across
+  ``fit`` calls with the same watch. Weights are recorded *before* the step's update.
+
+JAX and torch backends are refused with :class:`~gradsight.UnsupportedError`: the watch relies on
+``tf.GradientTape`` inside the TensorFlow train step.
+
+For plain ``tf.GradientTape`` loops use :func:`watch_tape` (no model needed) or a model watch's
+:meth:`KerasWatch.record_step`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import os
+import platform
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from .._errors import InputError, UnsupportedError, WatchError
+from .._schedule import Schedule, schedule
+from ..store import Run, RunWriter, default_run_path, load
+from ._keras_summary import Layout, cheap_grad_scalars, pack_summaries, unpack
+
+__all__ = ["GradsightKerasCallback", "KerasWatch", "watch_keras", "watch_tape"]
+
+#: Scalars recorded every step, in buffer order.
+SCALARS = ("loss", "lr", "grad_norm", "grad_nonfinite")
+
+
+def _check_backend() -> None:
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise UnsupportedError(
+            f"gradsight's Keras watch needs the TensorFlow backend, but Keras runs on {backend!r}. It records "
+            "inside the compiled TensorFlow train step with tf.GradientTape, which the JAX and torch backends do "
+            "not have. Set KERAS_BACKEND=tensorflow before importing keras (or, on the torch backend, use the "
+            "model with gradsight's PyTorch watch)."
+        )
+
+
+# ---- tensor bookkeeping --------------------------------------------------------------------------------------
+@dataclass
+class _Entry:
+    name: str
+    layer: str
+    kind: str
+    shape: tuple[int, ...]
+    dtype: str
+    units: int | None = None
+    tid: int = 0
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(-1 if d is None else int(d) for d in x.shape)
+
+
+def _batch_shape(x: Any) -> tuple[int, ...]:
+    """A layer output's shape with the batch dimension as -1 (it varies from batch to batch)."""
+    shape = _shape(x)
+    return (-1, *shape[1:]) if shape else shape
+
+
+def _dtype_name(x: Any) -> str:
+    d = x.dtype
+    return d if isinstance(d, str) else getattr(d, "name", str(d))
+
+
+def _is_float(x: Any) -> bool:
+    name = _dtype_name(x)
+    return name.startswith("float") or name == "bfloat16"
+
+
+def _var_name(v: Any, taken: set[str]) -> str:
+    name = getattr(v, "path", None) or getattr(v, "name", None) or "variable"
+    name = name[:-2] if name.endswith(":0") else name
+    base, i = name, 1
+    while name in taken:
+        name = f"{base}_{i}"
+        i += 1
+    taken.add(name)
+    return name
+
+
+def _flatten_named(name: str, value: Any) -> list[tuple[str, Any]]:
+    if isinstance(value, Mapping):
+        out = []
+        for k in sorted(value):
+            out.extend(_flatten_named(f"{name}/{k}", value[k]))
+        return out
+    if isinstance(value, (list, tuple)):
+        if len(value) == 1:
+            return _flatten_named(name, value[0])
+        out = []
+        for i, v in enumerate(value):
+            out.extend(_flatten_named(f"{name}/{i}", v))
+        return out
+    return [(name, value)]
+
+
+def _is_keras_own(method: Any) -> bool:
+    return (getattr(method, "__module__", "") or "").startswith("keras.")
+
+
+# ---- the watch -----------------------------------------------------------------------------------------------
+class KerasWatch:
+    r"""A watch on a Keras model (or on plain ``tf.Variable``\\s for GradientTape loops).
+
+    Created by :func:`gradsight.watch` / :func:`watch_keras` or :func:`watch_tape`. A context manager:
+    ``with gradsight.watch(model) as w: model.fit(...)`` restores the model and closes the run file on exit, also
+    on exceptions (Ctrl-C included). Reading attributes of :class:`gradsight.Run` (``to_pandas``, ``scalars``,
+    ``summaries``, ``meta``, ...) on the watch reads the run file written so far.
+
+    Attributes:
+        path: the run file.
+        schedule: the resolved :class:`gradsight._schedule.Schedule` (shared with the PyTorch watch).
+        model: the watched model, or ``None`` for a tape watch.
+    """
+
+    def __init__(
+        self,
+        model: Any | None,
+        *,
+        path: str | os.PathLike[str] | None,
+        sched: Schedule,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.schedule = sched
+        self._model_ref = None if model is None else weakref.ref(model)
+        run_path = default_run_path() if path is None else path
+        if path is None:
+            os.makedirs(os.path.dirname(os.fspath(run_path)), exist_ok=True)
+        self._writer = RunWriter(run_path, if_exists=sched.if_exists, commit_every=sched.commit_every)
+        self.path = self._writer.path
+        self._next_step = 0 if self._writer.last_step is None else self._writer.last_step + 1
+        self._closed = False
+        self._notes: list[str] = []
+        # graph state, built on the first fit (the model is built by then)
+        self._ready = False
+        self._slots = 0
+        self._vars: list[Any] = []
+        self._post_vars: list[Any] = []
+        self._snap: list[Any] = []
+        self._discovered = False
+        self._structure = "unknown"
+        self._out_names: list[tuple[str, str]] = []
+        self._out_mask: list[bool] = []
+        self._tap: Any = None
+        self._tap_n_out = 0
+        self._seq_layers: list[Any] | None = None
+        self._pre: list[_Entry] = []
+        self._post: list[_Entry] = []
+        self._pre_layout = Layout(())
+        self._post_layout = Layout(())
+        self._seen = 0
+        self._callback: _WatchCallback | None = None
+        self._installed = False
+        self._run: Run | None = None
+        self._meta_base: dict[str, Any] = {
+            "framework": "keras",
+            "source": "fit" if model is not None else "tape",
+            "versions": {
+                "tensorflow": tf.__version__,
+                "keras": keras.__version__,
+                "python": platform.python_version(),
+                "gradsight": _gradsight_version(),
+            },
+            "backend": keras.backend.backend(),
+            "config": sched.as_dict(),
+        }
+        if config is not None:
+            self._meta_base["user_config"] = dict(config)
+        for k, v in self._meta_base.items():
+            self._writer.set_meta(k, v)
+
+    # ---- public API ----------------------------------------------------------------------------------------
+    @property
+    def model(self) -> Any | None:
+        """The watched model (``None`` for a tape watch or when it was garbage-collected)."""
+        return None if self._model_ref is None else self._model_ref()
+
+    @property
+    def callback(self) -> keras.callbacks.Callback:
+        """The Keras callback that moves each step's buffers to the run file (added to ``fit`` automatically)."""
+        if self._callback is None:
+            self._callback = _WatchCallback(self)
+        return self._callback
+
+    @property
+    def step(self) -> int:
+        """The number of the next step to be recorded."""
+        return self._next_step
+
+    def log(self, values: Mapping[str, float] | None = None, *, step: int | None = None, **scalars: float) -> None:
+        """Record extra scalars (e.g. ``w.log(val_loss=0.3)``) at ``step`` (default: the last recorded step)."""
+        self._check_open("log")
+        vals = {**(values or {}), **scalars}
+        self._writer.log_scalars(max(self._next_step - 1, 0) if step is None else int(step), vals)
+
+    def flush(self) -> None:
+        """Block until everything recorded so far is committed to the run file."""
+        if not self._closed:
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Restore the model (``train_step``, ``fit``), commit and close the run file. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._uninstall()
+        if self._run is not None:
+            self._run.close()
+            self._run = None
+        self._writer.close()
+
+    def __enter__(self) -> KerasWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getattr__(self, name: str) -> Any:
+        # The read API of gradsight.Run, on the file written so far.
+        if name.startswith("_") or not hasattr(Run, name):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        if not self._closed:
+            self._writer.flush()
+        if self._run is None:
+            self._run = load(self.path)
+        return getattr(self._run, name)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"KerasWatch({str(self.path)!r}, step={self._next_step}, every={self.schedule.every}, {state})"
+
+    def record_step(
+        self,
+        gradients: Sequence[Any | None],
+        variables: Sequence[Any] | Mapping[str, Any] | None = None,
+        *,
+        outputs: Mapping[str, Any] | None = None,
+        output_grads: Mapping[str, Any] | None = None,
+        loss: Any = None,
+        lr: float | Any = None,
+        step: int | None = None,
+    ) -> _StepRecord:
+        """Record one step of a plain ``tf.GradientTape`` loop (eager), given the tape's gradients.
+
+        Weights, gradients, outputs and output gradients are summarised at once; updates when the returned
+        object is used as a context manager around the optimizer call (``ΔW`` = weights at exit minus weights
+        now). Tensor summaries follow the schedule (``every``); scalars are recorded every step.
+
+        Example::
+
+            grads = tape.gradient(loss, [W1, W2, Z1])
+            with watch.record_step(grads[:2], {"W1": W1, "W2": W2}, outputs={"Z1": Z1},
+                                   output_grads={"Z1": grads[2]}, loss=loss, lr=0.1):
+                optimizer.apply(grads[:2], [W1, W2])
+
+        Args:
+            gradients: one gradient per variable (``None`` for an unconnected one, recorded as zeros).
+            variables: the variables, as a sequence (named by ``.path`` or ``.name``) or a ``{name: variable}``
+                mapping; default: the watched model's trainable variables.
+            outputs: intermediate tensors by layer name (unit axis: the last).
+            output_grads: their gradients ``dJ/dA`` by the same names.
+            loss: the step's loss (a scalar).
+            lr: the learning rate (a number, a variable, or an optimizer's ``learning_rate``).
+            step: the step number; default: one after the last recorded step.
+
+        Returns:
+            A :class:`_StepRecord`; use it as a context manager to also record updates.
+
+        Raises:
+            InputError: gradients and variables differ in number, or an output has no gradient entry.
+            WatchError: the watch is closed.
+        """
+        self._check_open("record_step")
+        names, var_list = self._tape_variables(variables)
+        grads = list(gradients)
+        if len(grads) != len(var_list):
+            raise InputError(
+                f"record_step: got {len(grads)} gradients for {len(var_list)} variables; pass one gradient per "
+                "variable, in the same order (grads = tape.gradient(loss, variables))."
+            )
+        outputs = dict(outputs or {})
+        output_grads = dict(output_grads or {})
+        extra = sorted(set(output_grads) - set(outputs))
+        if extra:
+            raise InputError(
+                f"record_step: output_grads has names {extra!r} that are not in outputs {sorted(outputs)!r}; "
+                "pass each intermediate tensor in outputs= and its gradient under the same name in output_grads=."
+            )
+        s = self._next_step if step is None else int(step)
+        self._next_step = s + 1
+        grads = [
+            tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, var_list, strict=True)
+        ]
+        scal: dict[str, float] = {}
+        if loss is not None:
+            scal["loss"] = float(np.asarray(loss))
+        if lr is not None:
+            scal["lr"] = float(np.asarray(lr.value if hasattr(lr, "value") and not callable(lr) else lr))
+        if self.schedule.cheap:
+            norm, bad = cheap_grad_scalars(grads)
+            scal["grad_norm"], scal["grad_nonfinite"] = float(norm), float(bad)
+        if scal:
+            self._writer.log_scalars(s, scal)
+        logged = self.schedule.is_logged(s)
+        rec = _StepRecord(self, s, names, var_list, logged and "update" in self.schedule.kinds)
+        if not logged:
+            return rec
+        kinds = self.schedule.kinds
+        entries: list[_Entry] = []
+        tensors: list[Any] = []
+
+        def add(name: str, layer: str, kind: str, t: Any, units: bool = False) -> None:
+            t = tf.convert_to_tensor(t)
+            if not _is_float(t):
+                return
+            u = int(t.shape[-1]) if units and self.schedule.units and t.shape.rank and t.shape[-1] else None
+            entries.append(_Entry(name, layer, kind, _shape(t), _dtype_name(t), u))
+            tensors.append(t)
+
+        for kind, vals in (("weight", var_list), ("grad", grads)):
+            if kind in kinds:
+                for n, v in zip(names, vals, strict=True):
+                    add(n, n.rsplit("/", 1)[0], kind, v)
+        for n, t in outputs.items():
+            if "output" in kinds:
+                add(n, n, "output", t, units=True)
+        for n, t in output_grads.items():
+            if "output_grad" in kinds and t is not None:
+                add(n, n, "output_grad", t)
+        self._log_packed(s, entries, tensors)
+        return rec
+
+    # ---- internals: tape path ------------------------------------------------------------------------------
+    def _tape_variables(self, variables: Sequence[Any] | Mapping[str, Any] | None) -> tuple[list[str], list[Any]]:
+        if variables is None:
+            model = self.model
+            if model is None:
+                raise InputError(
+                    "record_step: variables=None needs a watched model; this watch has none. Pass the variables "
+                    "the gradients belong to, e.g. record_step(grads, [W1, W2]) or {'W1': W1, 'W2': W2}."
+                )
+            variables = list(model.trainable_variables)
+        if isinstance(variables, Mapping):
+            return [str(k) for k in variables], list(variables.values())
+        taken: set[str] = set()
+        var_list = list(variables)
+        return [_var_name(v, taken) for v in var_list], var_list
+
+    def _log_packed(self, step: int, entries: list[_Entry], tensors: list[Any]) -> None:
+        if not entries:
+            return
+        for e in entries:
+            e.tid = self._writer.tensor_id(e.name, e.layer, e.kind, e.shape, e.dtype)
+        layout = Layout(tuple(e.units for e in entries))
+        vec = pack_summaries(tensors, layout).numpy()  # eagerly: tape loops vary shapes, tracing would not pay
+        tids = [e.tid for e in entries]
+        self._writer.log_summaries(step, lambda: zip(tids, unpack(vec, layout), strict=True))
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise WatchError(
+                f"{what}: this watch on {str(self.path)!r} is closed. Start a new one with gradsight.watch(model, "
+                f"path=..., if_exists='append') to continue the run."
+            )
+
+    # ---- internals: fit path -------------------------------------------------------------------------------
+    def _install(self) -> None:
+        """Put the recording train_step and the fit wrapper on the model instance."""
+        model = self.model
+        if model is None or self._installed:
+            return
+        watch = self
+        original_fit = model.fit
+
+        def fit(*args: Any, **kwargs: Any) -> Any:
+            cbs = kwargs.get("callbacks")
+            cbs = [] if cbs is None else list(cbs) if isinstance(cbs, (list, tuple)) else cbs
+            if isinstance(cbs, list) and not any(c is watch._callback for c in cbs if watch._callback is not None):
+                cbs.insert(0, watch.callback)
+                kwargs["callbacks"] = cbs
+            try:
+                return original_fit(*args, **kwargs)
+            finally:
+                with contextlib.suppress(Exception):
+                    watch._writer.flush()
+
+        fit.__doc__ = original_fit.__doc__
+        model.train_step = self._train_step
+        model.fit = fit
+        model.train_function = None  # rebuilt by the next fit with this train_step
+        self._installed = True
+
+    def _uninstall(self) -> None:
+        model = self.model
+        if model is None or not self._installed:
+            return
+        for attr in ("train_step", "fit"):
+            if attr in vars(model):
+                with contextlib.suppress(AttributeError):
+                    delattr(model, attr)
+        model.train_function = None
+        self._installed = False
+
+    def _setup(self) -> bool:
+        """At each fit's start (eagerly): choose how to tap outputs, size the buffers. Returns whether it changed."""
+        model = self.model
+        assert model is not None
+        slots = max(int(getattr(model, "steps_per_execution", 1) or 1), 1)
+        if self._ready and slots == self._slots:
+            return False
+        first = not self._ready
+        self._slots = slots
+        if first:
+            self._prepare_forward(model)
+            self._step_var = tf.Variable(self._next_step, dtype=tf.int64, trainable=False)
+        self._scal_buf = tf.Variable(tf.zeros([slots, len(SCALARS)], tf.float64), trainable=False)
+        if self._discovered:
+            self._make_buffers()
+        self._seen = int(self._step_var.numpy())
+        self._ready = True
+        return True
+
+    def _make_buffers(self) -> None:
+        self._pre_buf = tf.Variable(tf.zeros([self._slots, self._pre_layout.size], tf.float64), trainable=False)
+        self._post_buf = tf.Variable(tf.zeros([self._slots, self._post_layout.size], tf.float64), trainable=False)
+        if not self._snap:
+            self._snap = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False) for v in self._post_vars]
+
+    def _prepare_forward(self, model: Any) -> None:
+        """Decide how the train step exposes layer outputs: a tap model, a layer loop, or not at all."""
+        kinds = self.schedule.kinds
+        want_outputs = "output" in kinds or "output_grad" in kinds
+        own_call = _is_keras_own(type(model).call)
+        self._structure = (
+            "sequential" if isinstance(model, keras.Sequential) else "functional" if own_call else "subclassed"
+        )
+        skipped: list[str] = []
+        if want_outputs and own_call:
+            try:
+                model_input, model_output = model.input, model.output
+            except (AttributeError, ValueError):
+                model_input = model_output = None
+            if model_input is not None:
+                outs: list[tuple[str, str, Any]] = []
+                for layer in model.layers:
+                    if isinstance(layer, keras.layers.InputLayer):
+                        continue
+                    try:
+                        out = layer.output
+                    except (AttributeError, ValueError, RuntimeError):
+                        skipped.append(layer.name)
+                        continue
+                    outs.extend((n, layer.name, t) for n, t in _flatten_named(layer.name, out))
+                flat_out = keras.tree.flatten(model_output)
+                self._tap = keras.Model(model_input, [*flat_out, *(t for _, _, t in outs)])
+                self._tap_n_out = len(flat_out)
+                self._model_output_struct = model_output
+                self._out_names = [(n, lay) for n, lay, _ in outs]
+            elif isinstance(model, keras.Sequential):
+                self._seq_layers = list(model.layers)
+                self._out_names = [(layer.name, layer.name) for layer in self._seq_layers]
+        elif want_outputs:
+            self._notes.append(
+                f"layer outputs and output gradients are not recorded: {type(model).__name__} is a subclassed "
+                "model (its call() is user code, so gradsight cannot tap intermediate tensors in the graph); "
+                "weights, gradients and updates are recorded."
+            )
+        if skipped:
+            self._notes.append(f"outputs of layers called more than once (shared layers) are not recorded: {skipped!r}")
+
+    def _discover(self, model: Any, inter: list[Any]) -> None:
+        """At the first trace, after the forward pass (so deferred-build models have their weights)."""
+        kinds = self.schedule.kinds
+        self._vars = list(model.trainable_variables)
+        if not self._vars:
+            raise UnsupportedError(
+                f"the model {model.name!r} has no trainable weights, so there are no gradients to record. "
+                "Unfreeze a layer (layer.trainable = True) before training it with a watch."
+            )
+        owner: dict[int, str] = {}
+        for layer in getattr(model, "layers", []):
+            for v in layer.trainable_variables:
+                owner.setdefault(id(v), layer.name)
+        taken: set[str] = set()
+        names = [_var_name(v, taken) for v in self._vars]
+        layers = [owner.get(id(v), n.rsplit("/", 1)[0]) for v, n in zip(self._vars, names, strict=True)]
+        pre: list[_Entry] = []
+        for kind in ("weight", "grad"):
+            if kind in kinds:
+                pre += [
+                    _Entry(n, lay, kind, _shape(v), _dtype_name(v))
+                    for n, lay, v in zip(names, layers, self._vars, strict=False)
+                ]
+        self._out_mask = [t.dtype.is_floating for t in inter]
+        for (name, layer), t, ok in zip(self._out_names, inter, self._out_mask, strict=True):
+            if not ok:
+                continue
+            u = int(t.shape[-1]) if self.schedule.units and t.shape.rank and t.shape[-1] else None
+            if "output" in kinds:
+                pre.append(_Entry(name, layer, "output", _batch_shape(t), t.dtype.name, u))
+            if "output_grad" in kinds:
+                pre.append(_Entry(name, layer, "output_grad", _batch_shape(t), t.dtype.name))
+        self._pre = pre
+        self._post_vars = self._vars if "update" in kinds else []
+        self._post = [
+            _Entry(n, lay, "update", _shape(v), _dtype_name(v))
+            for n, lay, v in zip(names, layers, self._post_vars, strict=False)
+        ]
+        for e in self._pre + self._post:
+            e.tid = self._writer.tensor_id(e.name, e.layer, e.kind, e.shape, e.dtype)
+        self._pre_layout = Layout(tuple(e.units for e in self._pre))
+        self._post_layout = Layout(tuple(e.units for e in self._post))
+        with tf.init_scope():  # variables are created eagerly, outside the function being traced
+            self._make_buffers()
+        self._write_model_meta(model)
+        self._discovered = True
+
+    def _write_model_meta(self, model: Any) -> None:
+        layers = []
+        for layer in getattr(model, "layers", []):
+            params = {_var_name(v, set()): list(_shape(v)) for v in layer.weights}
+            layers.append({"name": layer.name, "type": type(layer).__name__, "params": params})
+        meta = {"name": model.name, "type": type(model).__name__, "structure": self._structure, "layers": layers}
+        self._writer.set_meta("model", meta)
+        self._writer.set_meta("notes", self._notes)
+
+    # The recording train step (traced by Keras' make_train_function into a tf.function).
+    def _train_step(self, data: Any) -> Any:
+        model = self.model
+        assert model is not None
+        if not self._ready:
+            raise WatchError(
+                "the gradsight watch's train step ran before its callback set it up: the model was trained "
+                "without model.fit (e.g. train_on_batch). Use model.fit, or pass callbacks=[watch.callback]."
+            )
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        opt = model.optimizer
+        kinds = self.schedule.kinds
+        with tf.GradientTape() as tape:
+            inter: list[Any] = []
+            if self._tap is not None:
+                flat = self._tap(x, training=True)
+                y_pred = keras.tree.pack_sequence_as(self._model_output_struct, flat[: self._tap_n_out])
+                inter = list(flat[self._tap_n_out :])
+            elif self._seq_layers is not None:
+                h = x
+                for layer in self._seq_layers:
+                    h = layer(h, training=True)
+                    inter.append(h)
+                y_pred = h
+            else:
+                y_pred = model(x, training=True) if _has_training_arg(model) else model(x)
+            if "training" in inspect.signature(model.compute_loss).parameters:
+                loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+            else:
+                loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
+            batch = tf.shape(next(t for t in keras.tree.flatten(x) if t is not None))[0]
+            for m in model.metrics:
+                if m.name == "loss":
+                    m.update_state(loss, sample_weight=batch)
+                    break
+            scaled = opt.scale_loss(loss) if opt is not None else loss
+        if not self._discovered:
+            self._discover(model, inter)
+        inter = [t for t, ok in zip(inter, self._out_mask, strict=True) if ok]
+        need_inter = bool(inter) and "output_grad" in kinds
+        all_grads = tape.gradient(scaled, self._vars + (inter if need_inter else []))
+        grads = list(all_grads[: len(self._vars)])
+        inter_grads = list(all_grads[len(self._vars) :]) if need_inter else [None] * len(inter)
+        inv = None
+        if opt is not None:
+            inv = tf.math.reciprocal(tf.cast(opt.scale_loss(tf.constant(1.0, tf.float32)), tf.float64))
+        safe_grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, self._vars, strict=True)]
+
+        step = self._step_var.read_value()
+        slot = tf.cast(step % self._slots, tf.int32)
+        log_now = tf.equal(step % self.schedule.every, 0) if self.schedule.every > 0 else tf.constant(False)
+        xla = bool(getattr(model, "jit_compile", False))
+
+        def record_pre() -> tf.Tensor:
+            tensors: list[Any] = []
+            scales: list[Any] = []
+            if "weight" in kinds:
+                tensors += [v.value for v in self._vars]
+                scales += [None] * len(self._vars)
+            if "grad" in kinds:
+                tensors += safe_grads
+                scales += [inv] * len(self._vars)
+            for t, g in zip(inter, inter_grads, strict=True):
+                if "output" in kinds:
+                    tensors.append(t)
+                    scales.append(None)
+                if "output_grad" in kinds:
+                    tensors.append(tf.zeros_like(t) if g is None else g)
+                    scales.append(inv)
+            if self._pre_layout.size:
+                self._pre_buf[slot].assign(pack_summaries(tensors, self._pre_layout, scales, xla=xla))
+            for s, v in zip(self._snap, self._post_vars, strict=True):
+                s.assign(v.value)
+            return tf.constant(True)
+
+        tf.cond(log_now, record_pre, lambda: tf.constant(False))
+        opt.apply(grads, self._vars)
+
+        def record_post() -> tf.Tensor:
+            if self._post_layout.size:
+                deltas = [v.value - s for v, s in zip(self._post_vars, self._snap, strict=True)]
+                self._post_buf[slot].assign(pack_summaries(deltas, self._post_layout, xla=xla))
+            return tf.constant(True)
+
+        tf.cond(log_now, record_post, lambda: tf.constant(False))
+        nan = tf.constant(math.nan, tf.float64)
+        lr = nan
+        if opt is not None:
+            with contextlib.suppress(Exception):
+                lr = tf.cast(tf.convert_to_tensor(opt.learning_rate), tf.float64)
+        if self.schedule.cheap:
+            norm, bad = cheap_grad_scalars(safe_grads, inv)
+        else:
+            norm, bad = nan, nan
+        self._scal_buf[slot].assign(tf.stack([tf.cast(loss, tf.float64), lr, norm, bad]))
+        self._step_var.assign_add(1)
+        return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    # Host side: called by the callback after each train_function call.
+    def _drain(self) -> None:
+        if not self._ready:
+            return
+        now = int(self._step_var.numpy())
+        steps = range(self._seen, now)
+        self._seen = now
+        self._next_step = max(self._next_step, now)
+        if not steps:
+            return
+        scal = self._scal_buf.numpy()
+        names = SCALARS if self.schedule.cheap else SCALARS[:2]
+        for s in steps:
+            row = scal[s % self._slots]
+            self._writer.log_scalars(s, {n: float(row[i]) for i, n in enumerate(names)})
+        logged = [s for s in steps if self.schedule.is_logged(s)]
+        if not logged or not self._discovered:
+            return
+        pre = self._pre_buf.numpy() if self._pre_layout.size else None
+        post = self._post_buf.numpy() if self._post_layout.size else None
+        pre_ids = [e.tid for e in self._pre]
+        post_ids = [e.tid for e in self._post]
+        pre_layout, post_layout = self._pre_layout, self._post_layout
+        for s in logged:
+            slot = s % self._slots
+            a = None if pre is None else pre[slot].copy()
+            b = None if post is None else post[slot].copy()
+
+            def items(a: Any = a, b: Any = b) -> list[tuple[int, Any]]:
+                out: list[tuple[int, Any]] = []
+                if a is not None:
+                    out += list(zip(pre_ids, unpack(a, pre_layout), strict=True))
+                if b is not None:
+                    out += list(zip(post_ids, unpack(b, post_layout), strict=True))
+                return out
+
+            self._writer.log_summaries(s, items)
+
+
+def _has_training_arg(model: Any) -> bool:
+    try:
+        return "training" in inspect.signature(model.call).parameters
+    except (TypeError, ValueError):
+        return True
+
+
+def _gradsight_version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+@dataclass
+class _StepRecord:
+    """Returned by :meth:`KerasWatch.record_step`; as a context manager it records the step's updates."""
+
+    watch: KerasWatch
+    step: int
+    names: list[str]
+    variables: list[Any]
+    want_update: bool
+    _before: list[Any] = field(default_factory=list)
+
+    def __enter__(self) -> _StepRecord:
+        if self.want_update:
+            self._before = [tf.identity(tf.convert_to_tensor(v)) for v in self.variables]
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if not self.want_update or exc_type is not None or not self._before:
+            return
+        after = [tf.convert_to_tensor(v) for v in self.variables]
+        deltas = [a - b for a, b in zip(after, self._before, strict=True)]
+        entries = [
+            _Entry(n, n.rsplit("/", 1)[0], "update", _shape(d), _dtype_name(d))
+            for n, d in zip(self.names, deltas, strict=True)
+        ]
+        self.watch._log_packed(self.step, entries, deltas)
+
+
+# ---- the callback ---------------------------------------------------------------------------------------------
+class _WatchCallback(keras.callbacks.Callback):
+    """Sets the watch up when training begins and moves each execution's buffers to the run file."""
+
+    def __init__(self, watch: KerasWatch) -> None:
+        super().__init__()
+        self._watch = weakref.ref(watch)
+
+    def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
+        w = self._watch()
+        if w is None or w._closed:
+            return
+        if w.model is not self.model:
+            raise WatchError(
+                f"this gradsight callback belongs to a watch on model {getattr(w.model, 'name', None)!r}, but fit "
+                f"was called on {self.model.name!r}. Create a watch per model: gradsight.watch(model)."
+            )
+        w._install()
+        changed = w._setup()
+        if changed or getattr(self.model, "train_function", None) is None:
+            self.model.make_train_function(force=True)
+
+    def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
+        w = self._watch()
+        if w is not None and not w._closed:
+            w._drain()
+
+    def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
+        w = self._watch()
+        if w is not None and not w._closed:
+            w._drain()
+            w._writer.flush()
+
+
+class GradsightKerasCallback(keras.callbacks.Callback):
+    """A Keras callback that watches the model it is given to: ``model.fit(..., callbacks=[GradsightKerasCallback()])``.
+
+    The watch is created on the first ``fit`` (the model is built by then) and kept across later ``fit`` calls,
+    which continue the step count. Call :meth:`close` (or use it as a context manager) to restore the model and
+    close the run file; until then everything is committed at the end of each ``fit``.
+
+    Args:
+        path: the run file (default: ``./gradsight-runs/run-<timestamp>.db``).
+        **kwargs: as for :func:`watch_keras` (``preset``, ``every``, ``kinds``, ``cheap``, ``units``,
+            ``cheap_flush``, ``if_exists``, ``commit_every``, ``config``).
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        schedule(
+            kwargs.get("preset", "default"),
+            **{
+                k: kwargs[k]
+                for k in ("every", "kinds", "cheap", "units", "cheap_flush", "if_exists", "commit_every")
+                if k in kwargs
+            },
+        )  # fail early on bad settings
+        self._path = path
+        self._kwargs = kwargs
+        self.watch: KerasWatch | None = None
+
+    def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
+        if self.watch is None:
+            self.watch = watch_keras(self.model, path=self._path, **self._kwargs)
+        cb = self.watch.callback
+        cb.set_model(self.model)
+        cb.on_train_begin(logs)
+
+    def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
+        if self.watch is not None:
+            self.watch.callback.on_train_batch_end(batch, logs)
+
+    def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
+        if self.watch is not None:
+            self.watch.callback.on_train_end(logs)
+
+    def close(self) -> None:
+        """Restore the model and close the run file."""
+        if self.watch is not None:
+            self.watch.close()
+
+    def __enter__(self) -> GradsightKerasCallback:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---- entry points ---------------------------------------------------------------------------------------------
+def watch_keras(
+    model: Any,
+    *,
+    path: str | os.PathLike[str] | None = None,
+    preset: str | Schedule = "default",
+    every: int | None = None,
+    kinds: str | tuple[str, ...] | list[str] | None = None,
+    cheap: bool | None = None,
+    units: bool | None = None,
+    cheap_flush: int | None = None,
+    if_exists: str | None = None,
+    commit_every: float | None = None,
+    config: dict[str, Any] | None = None,
+) -> KerasWatch:
+    """Watch a Keras 3 model (TensorFlow backend) during ``model.fit``; see the module docstring for how.
+
+    The keyword arguments are the PyTorch watch's (see :mod:`gradsight._schedule`), except ``optimizer``:
+    Keras' is the compiled one.
+
+    Args:
+        model: a ``keras.Model`` (Functional, Sequential or subclassed; built or not, compiled or not).
+        path: the run file (default: ``./gradsight-runs/run-<timestamp>.db``).
+        preset: ``"cheap"``, ``"default"`` (summaries every 100 steps) or ``"full"`` (every step), or a Schedule.
+        every: full summaries every ``every`` steps (0: never); overrides the preset.
+        kinds: which of ``weight, grad, update, output, output_grad`` to summarise.
+        cheap: ``grad_norm`` and ``grad_nonfinite`` at every step.
+        units: per-unit activity counts of layer outputs (last axis).
+        cheap_flush: accepted for parity with the PyTorch watch; the Keras watch copies the per-step scalars
+            to the host once per ``train_function`` call (``steps_per_execution`` steps) through its callback.
+        if_exists: ``"error"`` (default), ``"append"`` (continue the run's step count) or ``"overwrite"``.
+        commit_every: the longest time in seconds between recording and commit.
+        config: your own run configuration (JSON-serialisable), stored in the metadata as ``user_config``.
+
+    Returns:
+        A :class:`KerasWatch`: a context manager with ``close()``, ``log(...)``, ``record_step(...)``,
+        ``callback`` and the read API of :class:`gradsight.Run`.
+
+    Raises:
+        UnsupportedError: not a Keras model, not the TensorFlow backend, or a model with its own ``train_step``.
+        WatchError: the model is already watched.
+        InputError: a bad setting.
+        StoreError: the run file cannot be created.
+    """
+    _check_backend()
+    if not isinstance(model, keras.Model):
+        hint = (
+            " A single layer is not trainable with fit; wrap it: keras.Sequential([keras.Input(shape), layer])."
+            if isinstance(model, keras.layers.Layer)
+            else ""
+        )
+        raise UnsupportedError(
+            f"watch_keras expects a keras.Model, got {type(model).__name__} ({type(model).__module__}).{hint} "
+            "For raw tf.Variables in a GradientTape loop use watch_tape(path) and record_step(...)."
+        )
+    if not _is_keras_own(type(model).train_step):
+        raise UnsupportedError(
+            f"{type(model).__name__} overrides train_step ({type(model).train_step.__qualname__}); gradsight's "
+            "Keras watch records by supplying its own train_step, which would silently replace yours. Record from "
+            "your loop instead: w = gradsight.watch(model); then in an eager loop call "
+            "w.record_step(grads, model.trainable_variables, loss=loss)."
+        )
+    if "train_step" in vars(model):
+        raise WatchError(
+            f"model {model.name!r} is already watched (or has a train_step set on the instance). Close the first "
+            "watch (watch.close(), or use `with gradsight.watch(model) as w:`) before watching it again."
+        )
+    sched = schedule(
+        preset,
+        every=every,
+        kinds=kinds,
+        cheap=cheap,
+        units=units,
+        cheap_flush=cheap_flush,
+        if_exists=if_exists,
+        commit_every=commit_every,
+    )
+    w = KerasWatch(model, path=path, sched=sched, config=config)
+    w._install()
+    return w
+
+
+def watch_tape(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    preset: str | Schedule = "full",
+    every: int | None = None,
+    kinds: str | tuple[str, ...] | list[str] | None = None,
+    cheap: bool | None = None,
+    units: bool | None = None,
+    if_exists: str | None = None,
+    commit_every: float | None = None,
+    config: dict[str, Any] | None = None,
+) -> KerasWatch:
+    """A watch for a plain ``tf.GradientTape`` loop on raw variables; record with :meth:`KerasWatch.record_step`.
+
+    Same settings as :func:`watch_keras`, except that the preset defaults to ``"full"`` (every step): tape loops
+    are usually small experiments.
+    """
+    _check_backend()
+    sched = schedule(
+        preset, every=every, kinds=kinds, cheap=cheap, units=units, if_exists=if_exists, commit_every=commit_every
+    )
+    return KerasWatch(None, path=path, sched=sched, config=config)
