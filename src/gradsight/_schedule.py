@@ -19,9 +19,11 @@ Cheap checks (``cheap=True``), at *every* step, recorded as scalars (table ``sca
     ``grad_norm``               L2 norm of all gradients together (non-finite entries make it NaN/Inf).
     ``grad_nonfinite``          number of NaN/±Inf gradient entries, all tensors together.
     ``grad_norm/<tensor>``      L2 norm of one parameter's gradient (``<tensor>`` is e.g. ``0.weight``).
-    ``grad_nonfinite/<tensor>`` NaN/±Inf entries of one parameter's gradient.
-    They are computed on the device without a host sync and copied to the host in one batch every
-    ``cheap_flush`` steps (and at close / when the run is read).
+    ``grad_nonfinite/<tensor>`` NaN/±Inf entries of one parameter's gradient — recorded only at steps where
+                                ``grad_nonfinite > 0`` (absent means 0; it keeps the table small).
+    Only parameters that have a gradient at that step appear. The norms are computed in the gradients' dtype
+    (float32 accumulation for float32 gradients). They are computed on the device without a host sync and
+    copied to the host in one batch every ``cheap_flush`` steps (and at close / when the run is read).
 
 Other scalars a watch records: ``loss`` (or any name the user passes to ``log``), and ``lr`` (one optimizer
 param group) or ``lr/<i>`` (group ``i``, several groups) at logged steps.

@@ -216,6 +216,11 @@ class RunWriter:
             finally:
                 con.close()
         except sqlite3.DatabaseError as exc:
+            if not existed:  # e.g. a read-only file system, where os.access cannot tell (root, mounts)
+                raise StoreError(
+                    f"cannot create the run file {str(self.path)!r} (SQLite said: {exc}); its directory is probably "
+                    "not writable. Pass a path in a directory you can write to."
+                ) from exc
             raise StoreError(
                 f"{str(self.path)!r} is not a gradsight run file (SQLite said: {exc}). Pass another path."
             ) from exc

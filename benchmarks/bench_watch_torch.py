@@ -1,0 +1,206 @@
+"""Benchmark the PyTorch watch: step-time overhead, storage per summary, memory over a long run. JSON to stdout.
+
+Method: baseline (unwatched) and watched copies of the same model train side by side in one process, in
+alternating blocks of steps (so machine-load drift hits both alike), after a warm-up. A block's cost is its mean
+step time (a block spans a whole number of ``every`` periods, so logged steps are included at their true
+frequency); reported are the medians of the block means and their ratio.
+
+Configs:
+  mlp_default   784-128-64-10, batch 32, Adam, CPU, gradsight defaults      target <= 1.10x
+  mlp_full      the same, every summary of every kind at every step          target <= 2.0x
+  cnn_default   "3C3D" (3 conv + 3 dense, 32x32x3 input, batch 64), defaults target <= 1.05x
+Storage: bytes of the run file per (tensor, logged step) with the "full" preset (target <= 1 KiB).
+Memory: RSS samples over a long default-preset run (10k steps; ``--long`` for 100k), should stay flat.
+
+Usage: python benchmarks/bench_watch_torch.py [--threads 1] [--long] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import gradsight
+from gradsight.frameworks._torch_watch import watch_torch
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def cnn_3c3d() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, padding=1),
+        nn.Conv2d(64, 96, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, padding=1),
+        nn.Conv2d(96, 128, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, padding=1),
+        nn.Flatten(),
+        nn.Linear(128 * 3 * 3, 512),
+        nn.ReLU(),
+        nn.Linear(512, 256),
+        nn.ReLU(),
+        nn.Linear(256, 10),
+    )
+
+
+class Trainer:
+    def __init__(self, make, x, y, watch_kwargs=None, tmp=None):
+        torch.manual_seed(0)
+        self.model = make()
+        self.opt = torch.optim.Adam(self.model.parameters(), 1e-3)
+        self.x, self.y = x, y
+        self.watch = None
+        if watch_kwargs is not None:
+            self.watch = watch_torch(self.model, optimizer=self.opt, path=Path(tmp) / "run.db", **watch_kwargs)
+
+    def steps(self, n: int) -> float:
+        m, opt, x, y, w = self.model, self.opt, self.x, self.y, self.watch
+        t0 = time.perf_counter()
+        for _ in range(n):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(m(x), y)
+            loss.backward()
+            opt.step()
+            if w is not None:
+                w.log(loss=loss)
+        return (time.perf_counter() - t0) / n
+
+
+def compare(make, x, y, watch_kwargs, block, blocks, warmup) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Trainer(make, x, y)
+        watched = Trainer(make, x, y, watch_kwargs, tmp)
+        base.steps(warmup)
+        watched.steps(warmup)
+        tb, tw = [], []
+        for _ in range(blocks):
+            tb.append(base.steps(block))
+            tw.append(watched.steps(block))
+        watched.watch.close()
+    mb, mw = statistics.median(tb), statistics.median(tw)
+    return {
+        "watch_kwargs": watch_kwargs,
+        "block_steps": block,
+        "blocks": blocks,
+        "baseline_ms_per_step": round(mb * 1e3, 4),
+        "watched_ms_per_step": round(mw * 1e3, 4),
+        "ratio": round(mw / mb, 4),
+        "ratio_of_means": round(statistics.mean(tw) / statistics.mean(tb), 4),
+        "block_ratios": [round(w / b, 3) for w, b in zip(tw, tb, strict=True)],
+    }
+
+
+def storage(steps: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = Trainer(mlp, torch.randn(32, 784), torch.randint(0, 10, (32,)), {"preset": "full"}, tmp)
+        tr.steps(steps)
+        tr.watch.close()
+        with gradsight.store.load(Path(tmp) / "run.db") as run:
+            rows = len(run.to_pandas())
+            n_tensors = len(run.tensors)
+        size = os.path.getsize(Path(tmp) / "run.db")
+    return {
+        "preset": "full",
+        "logged_steps": steps,
+        "tensors": n_tensors,
+        "summary_rows": rows,
+        "file_bytes": size,
+        "bytes_per_tensor_per_logged_step": round(size / rows, 1),
+        "note": "file size includes the per-step scalars (loss, lr, cheap checks) and metadata",
+    }
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return -1
+
+
+def long_run(steps: int) -> dict:
+    samples = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = Trainer(mlp, torch.randn(32, 784), torch.randint(0, 10, (32,)), {}, tmp)
+        every = max(steps // 20, 1)
+        t0 = time.perf_counter()
+        for i in range(0, steps, every):
+            tr.steps(min(every, steps - i))
+            samples.append({"step": i + every, "rss_mib": round(rss_kib() / 1024, 1)})
+        tr.watch.close()
+        size = os.path.getsize(Path(tmp) / "run.db")
+    rss = [s["rss_mib"] for s in samples]
+    half = rss[len(rss) // 2 :]
+    return {
+        "steps": steps,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "rss_samples": samples,
+        "rss_growth_second_half_mib": round(max(half) - min(half), 1),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "file_bytes": size,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: stable timings)")
+    ap.add_argument("--long", action="store_true", help="memory run of 100k steps instead of 10k")
+    ap.add_argument("--quick", action="store_true", help="fewer blocks (smoke test)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    q = args.quick
+    torch.manual_seed(0)
+    xm, ym = torch.randn(32, 784), torch.randint(0, 10, (32,))
+    xc, yc = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+    out = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "loadavg_start": os.getloadavg(),
+            "python": sys.version.split()[0],
+        },
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "gradsight": gradsight.__version__,
+        "configs": {},
+    }
+    out["configs"]["mlp_default"] = {
+        **compare(mlp, xm, ym, {}, block=100, blocks=6 if q else 30, warmup=200),
+        "target": 1.10,
+    }
+    out["configs"]["mlp_full"] = {
+        **compare(mlp, xm, ym, {"preset": "full"}, block=20, blocks=4 if q else 30, warmup=50),
+        "target": 2.0,
+    }
+    out["configs"]["cnn_default"] = {
+        **compare(cnn_3c3d, xc, yc, {}, block=100, blocks=1 if q else 3, warmup=10),
+        "target": 1.05,
+    }
+    for c in out["configs"].values():
+        c["met"] = c["ratio"] <= c["target"]
+    out["storage"] = storage(20 if q else 200)
+    out["memory"] = long_run(1000 if q else (100_000 if args.long else 10_000))
+    out["machine"]["loadavg_end"] = os.getloadavg()
+    json.dump(out, sys.stdout, indent=1)
+    print()
+
+
+if __name__ == "__main__":
+    main()

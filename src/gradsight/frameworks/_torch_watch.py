@@ -1,0 +1,731 @@
+"""``gradsight.watch`` for ``torch.nn.Module``: hooks that record summaries into a run file.
+
+What is recorded (see :mod:`gradsight._schedule` for *when*):
+
+* per parameter (tensor name = parameter name, e.g. ``0.weight``; layer = the owning module, e.g. ``0``):
+  ``weight`` (W as used by this step's forward/backward, i.e. before the optimizer step), ``grad`` (the
+  gradient the optimizer sees: with gradient accumulation, the accumulated gradient) and ``update``
+  (``W_after - W_before`` around the optimizer step; only for parameters the optimizer holds).
+* per leaf module (no children; tensor name = module name, e.g. ``1``): ``output`` and ``output_grad``
+  (dJ/dA, via a tensor hook on the output — never ``register_full_backward_hook``, which breaks ``torch.func``).
+  Tuple/list/dict outputs record each floating-point element as ``<module>.<index or key>``; non-float and
+  non-tensor elements are skipped. A module called several times in a step (a module used twice in one
+  forward, or several micro-batches with gradient accumulation) gets the ``merge`` of its calls' summaries.
+  Only forwards run with gradients enabled are recorded (evaluation under ``torch.no_grad()`` is not), and
+  forwards inside ``torch.func`` transforms are skipped.
+* scalars: ``loss`` and anything passed to :meth:`Watch.log`; ``lr`` (``lr/<i>`` for several param groups) at
+  logged steps; the cheap checks ``grad_norm``, ``grad_nonfinite``, ``grad_norm/<tensor>``,
+  ``grad_nonfinite/<tensor>`` at every step.
+
+Step boundaries: the step counter starts at 0 and advances at each ``optimizer.step()`` (through the public
+``register_step_pre_hook``/``register_step_post_hook``), or at each :meth:`Watch.step` when no optimizer is
+given. Gradient accumulation (several backward passes per optimizer step) is one step: gradients are summarised
+once, at the optimizer step (the accumulated gradient), outputs and output gradients of every micro-batch are
+merged.
+
+Unit axis of per-unit activity (outputs only): dim 1 for outputs with >= 3 dims of convolutions, batch/instance/
+group norms, pooling and channel dropout (NCHW-style layouts); a parameter-free module (activation, dropout)
+whose input is the same-shaped output of a recorded module inherits that module's axis; otherwise the last dim
+(``Linear`` on ``(N, F)`` or ``(N, T, F)``).
+
+Cost: nothing but three cheap Python hooks (root forward pre-hook, optimizer pre/post hooks) and the cheap checks
+run on steps that are not logged; the leaf forward hooks are attached only for logged steps. On a logged step,
+weights, gradients, updates and outputs are summarised on their device in batches (see
+:mod:`._torch_summary`) and copied to the host once; unpacking and writing happen on the run writer's thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .. import __version__
+from .._errors import InputError, WatchError
+from .._schedule import Schedule, schedule
+from ..store import Run, RunWriter, TensorInfo, default_run_path
+from ..summary import TensorSummary, merge_all
+from ._torch_summary import Flat, PackedStats, to_host
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+__all__ = ["Watch", "unit_axis_for", "watch_torch"]
+
+_LOCK = threading.Lock()
+#: model -> its open watch (weak on both sides: a forgotten watch does not keep a model alive, nor vice versa).
+_OPEN: weakref.WeakKeyDictionary[nn.Module, weakref.ref[Watch]] = weakref.WeakKeyDictionary()
+
+_CHANNEL_FIRST: tuple[type, ...] = (
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._NormBase,  # BatchNorm*d, InstanceNorm*d
+    nn.GroupNorm,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+)
+
+
+def unit_axis_for(module: nn.Module, output: torch.Tensor, inherited: int | None = None) -> int | None:
+    """The unit axis of a module's output (see the module docstring for the rule), as a non-negative int.
+
+    Args:
+        module: the module that produced ``output``.
+        output: the output tensor.
+        inherited: the unit axis of the module's (same-shaped) input, when that input was a recorded output.
+
+    Returns:
+        The axis, or ``None`` for a 0-d output.
+    """
+    nd = output.dim()
+    if nd == 0:
+        return None
+    if nd >= 3 and isinstance(module, _CHANNEL_FIRST):
+        return 1
+    if inherited is not None:
+        return inherited
+    return nd - 1
+
+
+def _is_float(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point() and t.layout == torch.strided
+
+
+def _functorch_wrapped(t: torch.Tensor) -> bool:
+    try:
+        return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+    except AttributeError:  # pragma: no cover - very old/new torch
+        return False
+
+
+def _output_items(out: Any) -> list[tuple[str, torch.Tensor]]:
+    if isinstance(out, torch.Tensor):
+        return [("", out)] if _is_float(out) else []
+    if isinstance(out, (tuple, list)):
+        return [(f".{i}", t) for i, t in enumerate(out) if _is_float(t)]
+    if isinstance(out, dict):
+        return [(f".{k}", t) for k, t in out.items() if _is_float(t)]
+    return []
+
+
+class Watch:
+    """An open watch on a ``torch.nn.Module``; create it with :func:`gradsight.watch`.
+
+    A context manager (``with gradsight.watch(model, optimizer=opt) as run: ...``) and a plain object with
+    :meth:`close`. It also offers the read API of :class:`gradsight.store.Run` (``to_pandas``, ``steps``,
+    ``layers``, ``scalars``, ``summaries``, ``summary``, ``meta``, ``tensors``), which first commits everything
+    recorded so far; ``os.fspath(watch)`` and ``gradsight.load(watch)`` give the run file.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        path: str | os.PathLike[str] | None,
+        optimizer: torch.optim.Optimizer | None,
+        sched: Schedule,
+        config: dict[str, Any] | None,
+    ) -> None:
+        self._closed = True  # until fully set up, so that a failed __init__ leaves nothing to close
+        self.schedule = sched
+        self._handles: list[Any] = []
+        self._leaf_handles: list[Any] = []
+        self._run: Run | None = None
+
+        # ---- parameters: unique, floating-point; aliases (tied weights) and skipped ones noted --------------
+        params: dict[int, tuple[str, nn.Parameter]] = {}
+        aliases: dict[str, list[str]] = {}
+        skipped: dict[str, str] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if id(p) in params:
+                aliases.setdefault(params[id(p)][0], []).append(name)
+                continue
+            if not p.is_floating_point():
+                skipped[name] = f"dtype {p.dtype} is not floating point"
+                continue
+            params[id(p)] = (name, p)
+        self._params: list[tuple[str, nn.Parameter]] = list(params.values())
+        self._optimizer = optimizer
+        if optimizer is not None:
+            held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            self._update_params = [(n, p) for n, p in self._params if id(p) in held]
+        else:
+            self._update_params = [(n, p) for n, p in self._params if p.requires_grad]
+
+        # ---- leaf modules and layer structure -----------------------------------------------------------------
+        self._leaves: list[tuple[str, nn.Module]] = []
+        layers: list[dict[str, Any]] = []
+        for name, mod in model.named_modules():
+            leaf = next(iter(mod.children()), None) is None
+            own = dict(mod.named_parameters(recurse=False))
+            if leaf or own:
+                lname = name or "model"
+                if leaf:
+                    self._leaves.append((lname, mod))
+                layers.append(
+                    {
+                        "name": lname,
+                        "type": type(mod).__name__,
+                        "params": {k: list(v.shape) for k, v in own.items()},
+                    }
+                )
+
+        # ---- refuse a second watch, then open the run file --------------------------------------------------
+        with _LOCK:
+            ref = _OPEN.get(model)
+            other = ref() if ref is not None else None
+            if other is not None and not other._closed:
+                raise WatchError(
+                    f"this {type(model).__name__} is already watched, recording to {str(other.path)!r}. "
+                    "A model can have one open watch at a time: close that one first (watch.close()), or use "
+                    "`with gradsight.watch(model) as run:` so it closes itself."
+                )
+            if path is None:
+                path = default_run_path()
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            meta = {
+                "framework": "torch",
+                "versions": {
+                    "torch": torch.__version__,
+                    "python": sys.version.split()[0],
+                    "gradsight": __version__,
+                },
+                "model": {"type": type(model).__name__, "layers": layers},
+                "config": sched.as_dict(),
+                "user_config": dict(config or {}),
+                "started": datetime.now(timezone.utc).isoformat(),
+                "aliases": aliases,
+                "skipped": skipped,
+                "optimizer": None if optimizer is None else type(optimizer).__name__,
+            }
+            self._writer = RunWriter(path, meta=meta, if_exists=sched.if_exists, commit_every=sched.commit_every)
+            _OPEN[model] = weakref.ref(self)
+        self.path: Path = self._writer.path
+        self._model_ref = weakref.ref(model)
+
+        # ---- step state ---------------------------------------------------------------------------------------
+        last = self._writer.last_step
+        self._step = 0 if last is None else last + 1
+        self._logged = sched.is_logged(self._step)
+        self._fwd_seen = False
+        self._acts: list[tuple[str, str, str, torch.Tensor, int | None]] = []  # name, layer, kind, tensor, axis
+        self._axis_of: dict[int, tuple[torch.Tensor, int | None]] = {}
+        self._packs: list[tuple[list[int], PackedStats]] = []
+        self._flat_before: Flat | None = None
+        self._cheap: list[tuple[int, list[str], torch.Tensor, torch.Tensor | None]] = []
+        self._scalars: list[tuple[int, str, Any]] = []
+        self._do_weights = "weight" in sched.kinds
+        self._do_update = "update" in sched.kinds
+        self._do_grad = "grad" in sched.kinds
+        self._do_outputs = "output" in sched.kinds or "output_grad" in sched.kinds
+
+        # ---- hooks: every hook holds only a weak reference to this watch ------------------------------------
+        wref = weakref.ref(self)
+        self._handles.append(model.register_forward_pre_hook(_RootPreHook(wref)))
+        if optimizer is not None:
+            self._handles.append(optimizer.register_step_pre_hook(_OptHook(wref, True)))
+            self._handles.append(optimizer.register_step_post_hook(_OptHook(wref, False)))
+        self._closed = False
+        self._finalizer = weakref.finalize(self, _finalize, self._handles, self._leaf_handles, self._writer)
+        if self._logged:
+            self._arm()
+
+    # ---- hooks ----------------------------------------------------------------------------------------------
+    def _arm(self) -> None:
+        """Attach the leaf forward hooks (only for logged steps)."""
+        if self._leaf_handles or not self._do_outputs:
+            return
+        wref = weakref.ref(self)
+        for name, mod in self._leaves:
+            self._leaf_handles.append(mod.register_forward_hook(_LeafHook(wref, name)))
+
+    def _disarm(self) -> None:
+        for h in self._leaf_handles:
+            h.remove()
+        self._leaf_handles.clear()
+
+    def _on_forward(self) -> None:
+        if not torch.is_grad_enabled():
+            return
+        self._fwd_seen = True
+        self._axis_of.clear()
+        if self._logged:
+            if any(a[2] == "output_grad" for a in self._acts):
+                self._flush_acts()  # a new micro-batch: summarise the previous one now and free its tensors
+            if self._optimizer is None and self._do_update and self._flat_before is None:
+                self._flat_before = Flat.of([p for _, p in self._update_params])
+
+    def _on_output(self, name: str, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        if not torch.is_grad_enabled():
+            return
+        items = _output_items(out)
+        if not items:
+            return
+        inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        inherited = None
+        if inp is not None and next(iter(module.parameters(recurse=False)), None) is None:
+            rec = self._axis_of.get(id(inp))
+            if rec is not None and rec[0] is inp:
+                inherited = rec[1]
+        units = self.schedule.units
+        for suffix, t in items:
+            if _functorch_wrapped(t):
+                return
+            axis = unit_axis_for(module, t, inherited if inp is not None and t.shape == inp.shape else None)
+            self._axis_of[id(t)] = (t, axis)
+            tname = name + suffix
+            if "output" in self.schedule.kinds:
+                self._acts.append((tname, name, "output", t.detach().clone(), axis if units else None))
+            if t.requires_grad and "output_grad" in self.schedule.kinds:
+                t.register_hook(_GradHook(weakref.ref(self), tname, name, axis if units else None))
+
+    def _on_output_grad(self, tname: str, layer: str, axis: int | None, grad: torch.Tensor) -> None:
+        if self._logged and not self._closed:
+            self._acts.append((tname, layer, "output_grad", grad.detach(), axis))
+
+    def _flush_acts(self) -> None:
+        if not self._acts:
+            return
+        acts, self._acts = self._acts, []
+        tids = [self._writer.tensor_id(n, layer, kind, t.shape, str(t.dtype)) for n, layer, kind, t, _ in acts]
+        by_device: dict[torch.device, list[int]] = {}
+        for i, a in enumerate(acts):
+            by_device.setdefault(a[3].device, []).append(i)
+        for idx in by_device.values():
+            flat = Flat.of([acts[i][3] for i in idx], [acts[i][4] for i in idx])
+            self._packs.append(([tids[i] for i in idx], flat.stats()))
+
+    def _param_pack(self, named: list[tuple[str, torch.Tensor]], kind: str, flat: Flat | None = None) -> Flat:
+        tensors = [t for _, t in named]
+        if flat is None:
+            flat = Flat.of(tensors)
+        tids = [
+            self._writer.tensor_id(n, n.rpartition(".")[0] or "model", kind, t.shape, str(t.dtype)) for n, t in named
+        ]
+        self._packs.append((tids, flat.stats()))
+        return flat
+
+    def _grads(self) -> list[tuple[str, torch.Tensor]]:
+        out = []
+        for n, p in self._params:
+            g = p.grad
+            if g is not None and g.layout == torch.strided:
+                out.append((n, g))
+        return out
+
+    def _before_step(self) -> None:
+        """At the optimizer's step (before it changes W): cheap checks; on logged steps grads and W_before."""
+        grads = self._grads() if (self.schedule.cheap or self._logged) else []
+        if self.schedule.cheap and grads:
+            self._cheap_checks(grads)
+        if not self._logged:
+            return
+        self._flush_acts()
+        if self._do_grad and grads:
+            self._param_pack([(n, g.detach()) for n, g in grads], "grad")
+        weights = [(n, p.detach()) for n, p in self._params]
+        same = [id(p) for _, p in self._update_params] == [id(p) for _, p in self._params]
+        if self._optimizer is not None or self._flat_before is None:
+            before = Flat.of([p for _, p in weights]) if (self._do_weights or self._do_update) else None
+            if self._do_weights and before is not None:
+                self._param_pack(weights, "weight", before)
+            if self._do_update and self._optimizer is not None:
+                self._flat_before = before if same else Flat.of([p.detach() for _, p in self._update_params])
+        elif self._do_weights:  # no optimizer: W_before was taken at the step's first forward
+            self._param_pack(weights, "weight", self._flat_before if same else None)
+
+    def _after_step(self) -> None:
+        if self._logged:
+            if self._do_update and self._flat_before is not None and self._update_params:
+                after = Flat.of([p.detach() for _, p in self._update_params])
+                self._param_pack(self._update_params, "update", after.minus(self._flat_before))
+            if self._optimizer is not None:
+                groups = self._optimizer.param_groups
+                for i, g in enumerate(groups):
+                    if "lr" in g:
+                        self._scalars.append((self._step, "lr" if len(groups) == 1 else f"lr/{i}", g["lr"]))
+            self._flush_step()
+        self._flat_before = None
+        self._step += 1
+        self._fwd_seen = False
+        was, self._logged = self._logged, self.schedule.is_logged(self._step)
+        if self._logged and not was:
+            self._arm()
+        elif was and not self._logged:
+            self._disarm()
+        if len(self._cheap) + len(self._scalars) >= self.schedule.cheap_flush:
+            self._flush_scalars()
+
+    def _flush_step(self) -> None:
+        packs, self._packs = self._packs, []
+        self._acts.clear()
+        self._axis_of.clear()
+        if not packs:
+            return
+        tids = [t for ts, _ in packs for t in ts]
+        finish = to_host(PackedStats.concat([p for _, p in packs]))
+
+        def items() -> list[tuple[int, TensorSummary]]:
+            summaries = finish()
+            merged: dict[int, list[TensorSummary]] = {}
+            for tid, s in zip(tids, summaries, strict=True):
+                merged.setdefault(tid, []).append(s)
+            return [(tid, ss[0] if len(ss) == 1 else merge_all(ss)) for tid, ss in merged.items()]
+
+        self._writer.log_summaries(self._step, items)
+
+    def _cheap_checks(self, grads: list[tuple[str, torch.Tensor]]) -> None:
+        tensors = [g.detach() for _, g in grads]
+        device = tensors[0].device
+        try:
+            norms = torch.stack(torch._foreach_norm(tensors))
+        except RuntimeError:  # mixed devices or dtypes
+            norms = torch.stack([torch.linalg.vector_norm(t).to(device, torch.float32) for t in tensors])
+        counts = None
+        # Non-finite entries make a norm NaN/Inf. On CPU, reading the norms costs no device sync, so the exact
+        # counts are computed only when there is something to count; on accelerators they are computed every
+        # step on the device (no sync) and copied with the rest. The global norm is computed on the host.
+        if device.type != "cpu" or not math.isfinite(sum(norms.tolist())):
+            counts = torch.stack([torch.count_nonzero(d).to(device) for d in torch._foreach_sub(tensors, tensors)])
+        self._cheap.append((self._step, [n for n, _ in grads], norms, counts))
+
+    def _flush_scalars(self) -> None:
+        cheap, self._cheap = self._cheap, []
+        pending, self._scalars = self._scalars, []
+        rows: dict[int, dict[str, float]] = {}
+        if cheap:
+            device = cheap[0][2].device
+            parts = [c[2].to(device, torch.float64) for c in cheap]
+            parts += [c[3].to(device, torch.float64) for c in cheap if c[3] is not None]
+            host = torch.cat(parts).tolist()  # the one device->host copy of the cheap checks
+            off = 0
+            norm_at = []
+            for c in cheap:
+                norm_at.append(off)
+                off += len(c[1])
+            for k, (step, names, _, counts) in enumerate(cheap):
+                d = rows.setdefault(step, {})
+                norms = host[norm_at[k] : norm_at[k] + len(names)]
+                d["grad_norm"] = math.sqrt(math.fsum(v * v for v in norms))
+                for name, v in zip(names, norms, strict=True):
+                    d[f"grad_norm/{name}"] = v
+                if counts is None:
+                    d["grad_nonfinite"] = 0.0
+                else:
+                    per = host[off : off + len(names)]
+                    off += len(names)
+                    d["grad_nonfinite"] = float(sum(per))
+                    if any(per):
+                        for name, v in zip(names, per, strict=True):
+                            d[f"grad_nonfinite/{name}"] = v
+        tensors = [(s, k, v) for s, k, v in pending if isinstance(v, torch.Tensor)]
+        if tensors:
+            host_t = torch.stack([v.detach().reshape(()).to("cpu", torch.float64) for _, _, v in tensors]).tolist()
+            for (s, k, _), v in zip(tensors, host_t, strict=True):
+                rows.setdefault(s, {})[k] = v
+        for s, k, v in pending:
+            if not isinstance(v, torch.Tensor):
+                rows.setdefault(s, {})[k] = float(v)
+        for step in sorted(rows):
+            self._writer.log_scalars(step, rows[step])
+
+    # ---- the user's API -----------------------------------------------------------------------------------
+    @property
+    def current_step(self) -> int:
+        """The number of the step in progress (the next optimizer step closes it)."""
+        return self._step
+
+    @property
+    def closed(self) -> bool:
+        """Whether the watch is closed (its hooks removed, its file complete)."""
+        return self._closed
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise WatchError(
+                f"cannot {what}: the watch recording to {str(self.path)!r} is closed. Open a new one with "
+                "gradsight.watch(model, path=..., if_exists='append') to continue the run."
+            )
+
+    def log(self, loss: Any = None, *, step: int | None = None, **scalars: Any) -> None:
+        """Record scalars (e.g. the loss) for a step, without a host sync: tensors are copied in batches later.
+
+        Args:
+            loss: the loss, a number or a one-element tensor (recorded as ``loss``).
+            step: the step to record at. By default the step whose forward pass ran last: calling ``log`` after
+                the forward pass of step ``s`` (before or after ``optimizer.step()``) records at ``s``.
+            **scalars: more named scalars (numbers or one-element tensors).
+
+        Raises:
+            InputError: a value is neither a number nor a one-element tensor.
+            WatchError: the watch is closed.
+        """
+        self._check_open("log")
+        if step is None:
+            step = self._step if (self._fwd_seen or self._step == 0) else self._step - 1
+        values = dict(scalars)
+        if loss is not None:
+            values["loss"] = loss
+        for k, v in values.items():
+            if isinstance(v, torch.Tensor):
+                if v.numel() != 1:
+                    raise InputError(
+                        f"log({k}=...) expects a number or a one-element tensor, got a tensor of shape "
+                        f"{tuple(v.shape)}. Reduce it first, e.g. log({k}=t.mean())."
+                    )
+                self._scalars.append((int(step), k, v.detach()))
+            elif isinstance(v, (int, float)) or hasattr(v, "__float__"):
+                self._scalars.append((int(step), k, float(v)))
+            else:
+                raise InputError(f"log({k}=...) expects a number or a one-element tensor, got {v!r}.")
+
+    def step(self) -> None:
+        """Close the current step explicitly; for training loops without a ``torch.optim`` optimizer.
+
+        Call it after the parameters were updated (and before gradients are zeroed): the step's gradients are
+        summarised then, and the update is ``W now - W at the step's first forward``.
+
+        Raises:
+            WatchError: the watch was given an optimizer (its ``step()`` already closes steps), or is closed.
+        """
+        self._check_open("step")
+        if self._optimizer is not None:
+            raise WatchError(
+                "watch.step() is for loops without an optimizer; this watch advances at each "
+                f"{type(self._optimizer).__name__}.step() already. Remove the watch.step() call."
+            )
+        self._before_step()
+        self._after_step()
+
+    def flush(self) -> None:
+        """Commit everything recorded so far to the run file."""
+        if not self._closed:
+            self._flush_scalars()
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Remove every hook and commit the run file. Safe to call more than once.
+
+        Data of a logged step that was not completed by an optimizer step is dropped.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._flush_scalars()
+        finally:
+            self._remove_hooks()
+            self._acts.clear()
+            self._packs.clear()
+            self._axis_of.clear()
+            self._flat_before = None
+            self._optimizer = None
+            self._params = []
+            self._update_params = []
+            self._leaves = []
+            self._finalizer.detach()
+            self._writer.close()
+
+    def _remove_hooks(self) -> None:
+        self._disarm()
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        model = self._model_ref()
+        with _LOCK:
+            if model is not None:
+                ref = _OPEN.get(model)
+                if ref is not None and ref() is self:
+                    del _OPEN[model]
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None and not self._closed:
+            with contextlib.suppress(Exception):  # never mask the user's exception
+                self._writer.log_event(self._step, "exception", {"type": exc_type.__name__, "message": str(exc)})
+        self.close()
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"step {self._step}"
+        return f"Watch({str(self.path)!r}, {state}, every={self.schedule.every})"
+
+    # ---- the read API, delegated to a Run on the same file --------------------------------------------------
+    def _reader(self) -> Run:
+        self.flush()
+        if self._run is None:
+            self._run = Run(self.path)
+        return self._run
+
+    def to_pandas(self, **kwargs: Any) -> pd.DataFrame:
+        """See :meth:`gradsight.store.Run.to_pandas`."""
+        return self._reader().to_pandas(**kwargs)
+
+    def summaries(self, **kwargs: Any) -> Iterator[tuple[int, TensorInfo, TensorSummary]]:
+        """See :meth:`gradsight.store.Run.summaries`."""
+        return self._reader().summaries(**kwargs)
+
+    def summary(self, tensor: str, kind: str, step: int) -> TensorSummary:
+        """See :meth:`gradsight.store.Run.summary`."""
+        return self._reader().summary(tensor, kind, step)
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """See :meth:`gradsight.store.Run.events`."""
+        return self._reader().events(kind)
+
+    @property
+    def steps(self) -> list[int]:
+        """See :attr:`gradsight.store.Run.steps`."""
+        return self._reader().steps
+
+    @property
+    def layers(self) -> list[str]:
+        """See :attr:`gradsight.store.Run.layers`."""
+        return self._reader().layers
+
+    @property
+    def scalars(self) -> pd.DataFrame:
+        """See :attr:`gradsight.store.Run.scalars`."""
+        return self._reader().scalars
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """See :attr:`gradsight.store.Run.meta`."""
+        return self._reader().meta
+
+    @property
+    def tensors(self) -> list[TensorInfo]:
+        """See :attr:`gradsight.store.Run.tensors`."""
+        return self._reader().tensors
+
+
+def _finalize(handles: list[Any], leaf_handles: list[Any], writer: RunWriter) -> None:
+    """A watch that was dropped without close(): remove its hooks and close its file."""
+    for h in [*handles, *leaf_handles]:
+        h.remove()
+    with contextlib.suppress(Exception):  # finalizers must not raise
+        writer.close()
+
+
+class _RootPreHook:
+    def __init__(self, wref: Callable[[], Watch | None]) -> None:
+        self.wref = wref
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        w = self.wref()
+        if w is not None and not w._closed:
+            w._on_forward()
+
+
+class _LeafHook:
+    def __init__(self, wref: Callable[[], Watch | None], name: str) -> None:
+        self.wref, self.name = wref, name
+
+    def __call__(self, module: nn.Module, args: Any, out: Any) -> None:
+        w = self.wref()
+        if w is not None and not w._closed and w._logged:
+            w._on_output(self.name, module, args, out)
+
+
+class _GradHook:
+    def __init__(self, wref: Callable[[], Watch | None], tname: str, layer: str, axis: int | None) -> None:
+        self.wref, self.tname, self.layer, self.axis = wref, tname, layer, axis
+
+    def __call__(self, grad: torch.Tensor) -> None:
+        w = self.wref()
+        if w is not None:
+            w._on_output_grad(self.tname, self.layer, self.axis, grad)
+
+
+class _OptHook:
+    def __init__(self, wref: Callable[[], Watch | None], pre: bool) -> None:
+        self.wref, self.pre = wref, pre
+
+    def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        w = self.wref()
+        if w is None or w._closed:
+            return
+        if self.pre:
+            w._before_step()
+        else:
+            w._after_step()
+
+
+def watch_torch(
+    model: nn.Module,
+    *,
+    path: str | os.PathLike[str] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    preset: str | Schedule = "default",
+    every: int | None = None,
+    kinds: str | tuple[str, ...] | list[str] | None = None,
+    cheap: bool | None = None,
+    units: bool | None = None,
+    cheap_flush: int | None = None,
+    if_exists: str | None = None,
+    commit_every: float | None = None,
+    config: dict[str, Any] | None = None,
+) -> Watch:
+    """Watch a ``torch.nn.Module``: record summaries of weights, gradients, updates, outputs and output gradients.
+
+    Args:
+        model: the module to watch.
+        path: the run file to write (its directory must exist); default ``./gradsight-runs/run-<time>.db``.
+        optimizer: the ``torch.optim.Optimizer`` whose ``step()`` closes each training step (records updates
+            and learning rates). Without one, call ``watch.step()`` after each parameter update.
+        preset: ``"cheap"``, ``"default"`` or ``"full"`` (see :mod:`gradsight._schedule`), or a ``Schedule``.
+        every: full summaries every this many steps (0: never); overrides the preset.
+        kinds: which of ``weight``, ``grad``, ``update``, ``output``, ``output_grad`` to summarise.
+        cheap: cheap checks (gradient norms and non-finite counts) at every step.
+        units: per-unit activity counts of outputs.
+        cheap_flush: steps between host copies of the cheap checks and logged scalars.
+        if_exists: ``"error"`` (default: refuse an existing run file), ``"append"`` or ``"overwrite"``.
+        commit_every: seconds between commits of the run file.
+        config: your own run configuration (JSON-serialisable), stored in the metadata as ``user_config``.
+
+    Returns:
+        The open :class:`Watch`.
+
+    Raises:
+        InputError: ``model`` or ``optimizer`` has the wrong type, or a schedule argument is invalid.
+        WatchError: ``model`` is already being watched.
+        StoreError: the run file cannot be created (missing or unwritable directory, existing file).
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(
+            f"watch_torch expects a torch.nn.Module, got {type(model).__name__} {model!r:.80}. Pass the model."
+        )
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise InputError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}. Pass the optimizer "
+            "object (e.g. optimizer=torch.optim.Adam(model.parameters())), or none and call watch.step()."
+        )
+    sched = schedule(
+        preset,
+        every=every,
+        kinds=kinds,
+        cheap=cheap,
+        units=units,
+        cheap_flush=cheap_flush,
+        if_exists=if_exists,
+        commit_every=commit_every,
+    )
+    return Watch(model, path=path, optimizer=optimizer, sched=sched, config=config)

@@ -1,0 +1,120 @@
+import math
+import os
+import sqlite3
+
+import numpy as np
+import pytest
+
+from gradsight import InputError, StoreError
+from gradsight.store import Run, RunWriter, load
+from gradsight.summary import summarize
+
+
+def write_some(path, steps=3, **kw):
+    with RunWriter(path, meta={"framework": "torch", "model": {"layers": [{"name": "fc"}]}}, **kw) as w:
+        tid = w.tensor_id("fc.weight", "fc", "weight", (2, 3), "float32")
+        for s in range(steps):
+            x = np.array([[s, -1.0, np.nan], [np.inf, 0.0, 2.0**-140]])
+            w.log_summaries(s, [(tid, summarize(x))])
+            w.log_scalars(s, {"loss": 1.0 / (s + 1), "bad": math.nan})
+        w.log_event(1, "note", {"text": "hi"})
+    return path
+
+
+def test_round_trip(tmp_path):
+    p = write_some(tmp_path / "r.db")
+    with load(p) as run:
+        assert run.steps == [0, 1, 2] and run.layers == ["fc"] and run.framework == "torch"
+        s = run.summary("fc.weight", "weight", 2)
+        x = np.array([[2, -1.0, np.nan], [np.inf, 0.0, 2.0**-140]])
+        assert s == summarize(x)
+        df = run.to_pandas(hist=True)
+        assert {"step", "tensor", "layer", "kind", "count", "mean", "std", "l2", "hist"} <= set(df.columns)
+        assert df["hist"].iloc[-1].sum() == 3
+        assert run.scalars["loss"].tolist() == [1.0, 0.5, 1 / 3] and run.scalars["bad"].isna().all()
+        assert run.events("note") == [{"step": 1, "kind": "note", "text": "hi"}]
+        assert "steps=3 steps from 0 to 2" in repr(run)
+        with pytest.raises(InputError, match=r"no 'grad' summary of tensor 'fc\.weight' at step 0"):
+            run.summary("fc.weight", "grad", 0)
+
+
+def test_readable_while_writing(tmp_path):
+    w = RunWriter(tmp_path / "r.db", commit_every=0.05)
+    tid = w.tensor_id("a", "a", "grad", (1,), "float32")
+    w.log_summaries(0, lambda: [(tid, summarize(np.ones(1)))])  # a callable runs on the writer thread
+    w.flush()
+    with Run(tmp_path / "r.db") as run:
+        assert run.steps == [0]
+        w.log_summaries(1, [(tid, summarize(np.ones(1)))])
+        w.flush()
+        assert run.steps == [0, 1]
+    w.close()
+    w.close()
+    with pytest.raises(StoreError, match="is closed"):
+        w.log_scalars(2, {"x": 1.0})
+
+
+def test_existing_file_is_refused_appended_or_overwritten(tmp_path):
+    p = write_some(tmp_path / "r.db")
+    with pytest.raises(StoreError, match="already exists and gradsight never overwrites silently"):
+        RunWriter(p)
+    with RunWriter(p, if_exists="append") as w:
+        assert w.last_step == 2
+        tid = w.tensor_id("fc.weight", "fc", "weight", (2, 3), "float32")
+        assert tid == 1
+        w.log_summaries(3, [(tid, summarize(np.ones(2)))])
+    assert load(p).steps == [0, 1, 2, 3]
+    with RunWriter(p, if_exists="overwrite"):
+        pass
+    assert load(p).steps == []
+    with pytest.raises(InputError, match="if_exists must be"):
+        RunWriter(p, if_exists="replace")
+
+
+def test_bad_paths_and_files(tmp_path):
+    with pytest.raises(StoreError, match="does not exist"):
+        RunWriter(tmp_path / "nope" / "r.db")
+    with pytest.raises(StoreError, match="no run file at"):
+        load(tmp_path / "missing.db")
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"not sqlite at all" * 100)
+    with pytest.raises(StoreError, match="not a gradsight run file"):
+        load(junk)
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as con:
+        con.execute("CREATE TABLE t(x)")
+    with pytest.raises(StoreError, match="not a gradsight run file"):
+        RunWriter(other, if_exists="append")
+    with pytest.raises(InputError, match="load expects a path"):
+        load(3)
+    with pytest.raises(InputError, match="unknown tensor kind 'weights'"):
+        RunWriter(tmp_path / "k.db").tensor_id("a", "a", "weights", (), "float32")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_directory(tmp_path):
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o500)
+    with pytest.raises(StoreError, match="not writable"):
+        RunWriter(d / "r.db")
+
+
+def test_no_pickle_in_the_file(tmp_path):
+    p = write_some(tmp_path / "r.db")
+    with sqlite3.connect(p) as con:
+        for table in ("meta", "tensors", "summaries", "scalars", "events"):
+            for row in con.execute(f"SELECT * FROM {table}"):
+                for v in row:
+                    assert not (isinstance(v, bytes) and v[:1] == b"\x80"), (table, row)
+        blob = con.execute("SELECT hist FROM summaries WHERE step = 2").fetchone()[0]
+    assert np.frombuffer(blob, "<i8").sum() == 3
+    with pytest.raises(InputError, match="JSON-serialisable"):
+        RunWriter(tmp_path / "m.db", meta={"x": object()})
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs a read-only /proc")
+def test_uncreatable_file_says_so_regression():
+    # os.access() says yes for root; SQLite then fails to create the file: the message must not blame the file.
+    with pytest.raises(StoreError, match=r"cannot create the run file '/proc/gradsight-test\.db'"):
+        RunWriter("/proc/gradsight-test.db")

@@ -1,0 +1,106 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from gradsight.frameworks import _torch_summary as ts
+from gradsight.frameworks._torch_summary import summarize_tensor, summarize_tensors
+from gradsight.summary import TensorSummary, summarize
+
+SPECIAL = [0.0, -0.0, math.nan, math.inf, -math.inf, 1.0, -1.0, 2.0**-126, 2.0**-127, -(2.0**-149), 3.4e38, 1.5, 0.75]
+
+
+def assert_matches(got: TensorSummary, ref: TensorSummary, rtol: float = 1e-9) -> None:
+    for k in ("count", "zeros", "nan", "posinf", "neginf", "positive", "units_total"):
+        assert getattr(got, k) == getattr(ref, k), k
+    assert got.min == ref.min and got.max == ref.max
+    np.testing.assert_array_equal(got.hist, ref.hist)
+    if ref.units_active is None:
+        assert got.units_active is None
+    else:
+        np.testing.assert_array_equal(got.units_active, ref.units_active)
+    scale = math.sqrt(ref.sum_sq * max(ref.finite, 1)) if math.isfinite(ref.sum_sq) else math.inf
+    assert math.isclose(got.sum, ref.sum, rel_tol=rtol, abs_tol=rtol * scale) or (
+        math.isinf(scale) and math.isinf(got.sum_sq)
+    )
+    assert math.isclose(got.sum_sq, ref.sum_sq, rel_tol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_special_values_match_reference(dtype):
+    x = torch.tensor(SPECIAL * 3, dtype=dtype)
+    assert_matches(summarize_tensor(x), summarize(x.numpy()))
+
+
+def test_float64_only_bins_0_and_255():
+    x = torch.tensor([1e-310, -1e-300, 2.0**128, -(2.0**200), 2.0**127, 2.0**-126, 0.0], dtype=torch.float64)
+    got, ref = summarize_tensor(x), summarize(x.numpy())
+    assert_matches(got, ref)
+    assert got.hist[0] == 2 and got.hist[255] == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_is_upcast_exactly(dtype):
+    x = torch.tensor([*SPECIAL[:-3], 65504.0, 6e-8, -0.1], dtype=dtype)
+    assert_matches(summarize_tensor(x), summarize(x.float().numpy()))
+
+
+def test_batch_with_mixed_dtypes_shapes_empty_and_units():
+    xs = [
+        torch.randn(5, 7),
+        torch.zeros(0, 3),
+        torch.randn(4, 3, dtype=torch.float64),
+        torch.relu(torch.randn(2, 3, 4, 4)),
+        torch.randn(6).half(),
+        torch.tensor(3.0),
+    ]
+    axes = [1, None, 0, 1, None, None]
+    got = summarize_tensors(xs, axes)
+    for x, a, g in zip(xs, axes, got, strict=True):
+        assert_matches(g, summarize(x.float().numpy() if x.dtype == torch.float16 else x.numpy(), unit_axis=a))
+
+
+def test_chunking_gives_the_same_numbers(monkeypatch):
+    xs = [torch.randn(100), torch.randn(30, 7), torch.randn(500)]
+    whole = summarize_tensors(xs)
+    monkeypatch.setattr(ts, "CHUNK_ELEMENTS", 128)
+    for a, b in zip(whole, summarize_tensors(xs), strict=True):
+        assert a.approx_equal(b, rtol=1e-12)
+
+
+def test_minus_is_elementwise_difference():
+    a, b = [torch.randn(3, 4), torch.randn(5)], [torch.randn(3, 4), torch.randn(5)]
+    d = ts.Flat.of(a).minus(ts.Flat.of(b))
+    got = ts.to_host(d.stats())()
+    for g, x, y in zip(got, a, b, strict=True):
+        assert_matches(g, summarize((x - y).numpy()))
+
+
+def _arrays(dtype):
+    return hnp.arrays(
+        dtype,
+        hnp.array_shapes(min_dims=1, max_dims=3, max_side=6),
+        elements=st.floats(
+            allow_nan=True, allow_infinity=True, allow_subnormal=True, width=np.dtype(dtype).itemsize * 8
+        ),
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(a=_arrays(np.float32), b=_arrays(np.float64), axis=st.integers(-1, 0))
+def test_property_matches_numpy_reference(a, b, axis):
+    got = summarize_tensors([torch.from_numpy(a.copy()), torch.from_numpy(b.copy())], [axis, None])
+    with np.errstate(over="ignore"):
+        assert_matches(got[0], summarize(a, unit_axis=axis), rtol=1e-7)
+        assert_matches(got[1], summarize(b), rtol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("values", [[math.inf], [-math.inf], [math.nan], [math.inf, -math.inf, math.nan]])
+def test_min_max_of_only_nonfinite_are_the_identities_regression(dtype, values):
+    s = summarize_tensor(torch.tensor(values, dtype=dtype))
+    assert (s.min, s.max) == (math.inf, -math.inf)
