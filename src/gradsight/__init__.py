@@ -7,9 +7,10 @@ every other module is private.
 
 from __future__ import annotations
 
+from . import zoo
 from ._errors import GradsightError, InputError, StoreError, UnsupportedError, WatchError
 from ._watch import watch
-from .diagnose._finding import Finding
+from .diagnose import Finding, GradsightWarning, OnlineDiagnosis, Thresholds, TrainingStopped, diagnose
 from .explain import Term, Trace, check_loss, depth_sweep, explain, jacobian_vs_gradient
 from .show import plot_depth_profile, plot_histograms, plot_overview, report
 from .store import Run, RunWriter, TensorInfo, load
@@ -36,19 +37,24 @@ __all__ = [
     "Finding",
     "GradsightError",
     "GradsightKerasCallback",
+    "GradsightWarning",
     "InputError",
+    "OnlineDiagnosis",
     "Run",
     "RunWriter",
     "StoreError",
     "TensorInfo",
     "TensorSummary",
     "Term",
+    "Thresholds",
     "Trace",
+    "TrainingStopped",
     "UnsupportedError",
     "WatchError",
     "__version__",
     "check_loss",
     "depth_sweep",
+    "diagnose",
     "explain",
     "jacobian_vs_gradient",
     "load",
@@ -60,4 +66,5 @@ __all__ = [
     "summarize",
     "watch",
     "watch_tape",
+    "zoo",
 ]

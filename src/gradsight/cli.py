@@ -18,7 +18,12 @@ from ._errors import GradsightError
 
 # name -> (module, one-line help)
 _COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("gradsight.show._cli_demo", "train, watch and diagnose a built-in fault scenario; write its report"),
+    "diagnose": ("gradsight.diagnose._cli", "name what is wrong in a recorded run (most severe first)"),
     "explain": ("gradsight.explain._cli", "derive backprop layer by layer and check it against autodiff"),
+    "export": ("gradsight.export._cli", "write a run as TensorBoard events, CSV or Parquet"),
+    "report": ("gradsight.show._cli_report", "write the self-contained HTML report of a run file"),
+    "show": ("gradsight.show._cli_show", "print a summary table of a run file"),
 }
 
 

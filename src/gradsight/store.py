@@ -527,6 +527,37 @@ class Run:
         wide.columns.name = None
         return wide
 
+    def scalar_rows(
+        self, *, name: str | None = None, steps: tuple[int | None, int | None] | None = None
+    ) -> list[tuple[int, str, float]]:
+        """Logged scalars as ``(step, name, value)`` rows in step order, optionally filtered.
+
+        Unlike the wide :attr:`scalars` table, this tells "logged as NaN" (a row whose value is NaN — SQLite keeps
+        a NaN as NULL) from "not logged at that step" (no row).
+
+        Args:
+            name: only this scalar.
+            steps: an inclusive ``(first, last)`` range; either end may be ``None``.
+        """
+        sql, params = "SELECT step, name, value FROM scalars WHERE 1", []
+        if name is not None:
+            sql, params = sql + " AND name = ?", [*params, name]
+        if steps is not None:
+            lo, hi = steps
+            if lo is not None:
+                sql, params = sql + " AND step >= ?", [*params, int(lo)]
+            if hi is not None:
+                sql, params = sql + " AND step <= ?", [*params, int(hi)]
+        return [
+            (int(step), str(n), math.nan if value is None else float(value))
+            for step, n, value in self._q(sql + " ORDER BY step, name", params)
+        ]
+
+    @property
+    def last_step(self) -> int | None:
+        """The last step with any summary or scalar (``None`` for an empty run)."""
+        return self._q("SELECT max(step) FROM (SELECT step FROM summaries UNION ALL SELECT step FROM scalars)")[0][0]
+
     def events(self, kind: str | None = None) -> list[dict[str, Any]]:
         """Recorded events (e.g. online findings) as dicts with ``step``, ``kind`` and the payload's fields."""
         sql, params = "SELECT step, kind, payload FROM events", []

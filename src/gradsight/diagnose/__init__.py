@@ -1,1 +1,42 @@
-"""Diagnosis: rules that read a run and name what is wrong, with evidence and advice."""
+"""Diagnosis: rules that read a recorded run and name what is wrong, with evidence, explanation and advice.
+
+``diagnose(run)`` runs every rule that applies and returns :class:`Finding` objects, most severe first.
+Rules read only the run store (never tensors, never a framework) and skip cleanly when their data was not
+recorded (:func:`skipped_rules` says why). :class:`OnlineDiagnosis` evaluates the same rules during training.
+Every threshold is a named field of :class:`Thresholds`, documented with its reasoning.
+"""
+
+from __future__ import annotations
+
+from ._base import Rule, RunData, Thresholds
+from ._diagnose import DEFAULT_RULES, diagnose, skipped_rules, sort_findings
+from ._finding import CODES, SEVERITIES, Finding
+from ._gradients import ExplodingGradientsRule, VanishingGradientsRule
+from ._loss import LossNotDecreasingRule
+from ._nonfinite import NonFiniteRule
+from ._online import GradsightWarning, OnlineDiagnosis, TrainingStopped
+from ._units import DeadUnitsRule, SaturatedUnitsRule
+from ._update_ratio import UpdateRatioRule
+
+__all__ = [
+    "CODES",
+    "DEFAULT_RULES",
+    "SEVERITIES",
+    "DeadUnitsRule",
+    "ExplodingGradientsRule",
+    "Finding",
+    "GradsightWarning",
+    "LossNotDecreasingRule",
+    "NonFiniteRule",
+    "OnlineDiagnosis",
+    "Rule",
+    "RunData",
+    "SaturatedUnitsRule",
+    "Thresholds",
+    "TrainingStopped",
+    "UpdateRatioRule",
+    "VanishingGradientsRule",
+    "diagnose",
+    "skipped_rules",
+    "sort_findings",
+]

@@ -1,0 +1,223 @@
+"""Online diagnosis: the same rules, evaluated during training on what has been recorded so far.
+
+Call :meth:`OnlineDiagnosis.check` after each logged step (a framework adapter does it for you, e.g.
+:class:`gradsight.frameworks._keras_diagnose.DiagnosisCallback`). It costs one read of the run file:
+
+* the non-finite rule runs on every call, over the steps recorded since the previous call only (cheap, and the
+  first NaN is found at the call that follows its step);
+* the full rule set runs every ``full_every`` calls (and on :meth:`OnlineDiagnosis.finish`), over the whole run.
+
+Each finding is reported **once**, when it first appears: a finding is new when it names a code/layer pair not
+reported before (``non-finite`` once per run, whatever it spreads to). Reporting is a
+:class:`GradsightWarning` (default) or a callback. When a new finding's code is in ``stop_on`` the diagnosis
+flags :attr:`OnlineDiagnosis.should_stop` (and raises :class:`TrainingStopped` with ``raise_on_stop=True``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+from .._errors import GradsightError, InputError
+from ..store import Run
+from ._base import Rule, RunData, Thresholds
+from ._diagnose import DEFAULT_RULES, sort_findings
+from ._finding import CODES, Finding
+from ._nonfinite import NonFiniteRule
+
+__all__ = ["GradsightWarning", "OnlineDiagnosis", "TrainingStopped"]
+
+
+class GradsightWarning(UserWarning):
+    """A finding reported during training by :class:`OnlineDiagnosis` (filter it with this category)."""
+
+
+class TrainingStopped(GradsightError, RuntimeError):
+    """Raised by :meth:`OnlineDiagnosis.check` with ``raise_on_stop=True`` when a ``stop_on`` finding appears.
+
+    Attributes:
+        finding: the finding that stopped training.
+    """
+
+    def __init__(self, finding: Finding) -> None:
+        super().__init__(f"training stopped by gradsight: {finding.message}")
+        self.finding = finding
+
+
+def warn_finding(finding: Finding) -> None:
+    """The default reporter: a :class:`GradsightWarning` with the finding's one-line summary."""
+    steps = "" if finding.first_step is None else f" at step {finding.first_step}"
+    warnings.warn(
+        GradsightWarning(f"gradsight {finding.severity} {finding.code}{steps}: {finding.message}"), stacklevel=3
+    )
+
+
+class OnlineDiagnosis:
+    """Evaluate diagnosis rules during training and report each finding once.
+
+    Args:
+        run: what the watch writes to: the watch itself, a :class:`gradsight.store.RunWriter` (anything with a
+            ``path`` and, optionally, a ``flush()`` that commits pending writes), a :class:`gradsight.Run`, or a
+            run file path.
+        rules: the rules; default all of :data:`gradsight.diagnose.DEFAULT_RULES`.
+        thresholds: a :class:`Thresholds` or a dict of overrides.
+        on_finding: ``"warn"`` (a :class:`GradsightWarning`, default), a callable receiving each new
+            :class:`Finding`, or ``None`` (collect silently in :attr:`findings`).
+        stop_on: finding codes that flag :attr:`should_stop`; default ``("non-finite",)``; ``()`` never stops.
+        raise_on_stop: also raise :class:`TrainingStopped` from :meth:`check`.
+        full_every: run the full rule set every this many calls (the non-finite rule runs on every call).
+        record: write each new finding as an event of kind ``"finding"`` into the run, when ``run`` can log
+            events (has ``log_event``, or is a watch holding a ``RunWriter``).
+
+    Raises:
+        InputError: an unknown code in ``stop_on``, or an invalid ``on_finding`` / ``full_every``.
+    """
+
+    def __init__(
+        self,
+        run: Any,
+        *,
+        rules: Sequence[Rule] | None = None,
+        thresholds: Thresholds | Mapping[str, Any] | None = None,
+        on_finding: Literal["warn"] | Callable[[Finding], Any] | None = "warn",
+        stop_on: Iterable[str] = ("non-finite",),
+        raise_on_stop: bool = False,
+        full_every: int = 10,
+        record: bool = True,
+    ) -> None:
+        self.stop_on = tuple(stop_on)
+        known = set(CODES) | {c for r in (rules or DEFAULT_RULES) for c in r.codes}
+        unknown = [c for c in self.stop_on if c not in known]
+        if unknown:
+            raise InputError(
+                f"stop_on names unknown finding code(s) {unknown!r}; expected codes among {sorted(known)!r}."
+            )
+        if on_finding == "warn":
+            self._report: Callable[[Finding], Any] | None = warn_finding
+        elif on_finding is None or callable(on_finding):
+            self._report = on_finding
+        else:
+            raise InputError(f"on_finding must be 'warn', a callable or None, got {on_finding!r}.")
+        if not isinstance(full_every, int) or full_every < 1:
+            raise InputError(f"full_every must be a positive integer, got {full_every!r}.")
+        self.rules = tuple(rules) if rules is not None else DEFAULT_RULES
+        self._nonfinite = [r for r in self.rules if isinstance(r, NonFiniteRule)]
+        self.thresholds = Thresholds.coerce(thresholds)
+        self.raise_on_stop = bool(raise_on_stop)
+        self.full_every = full_every
+        self.record = record
+        self._source = run
+        self._run: Run | None = run if isinstance(run, Run) else None
+        self._calls = 0
+        self._checked_to: int | None = None  # last step the non-finite rule has seen
+        self._seen: set[tuple[str, str | None]] = set()
+        #: Every finding reported so far, in order of reporting.
+        self.findings: list[Finding] = []
+        #: The finding that flagged a stop, or ``None``.
+        self.stop_finding: Finding | None = None
+
+    @property
+    def should_stop(self) -> bool:
+        """Whether a finding with a code in ``stop_on`` has appeared."""
+        return self.stop_finding is not None
+
+    # ---- plumbing ------------------------------------------------------------------------------------------
+    def _reader(self) -> Run | None:
+        flush = getattr(self._source, "flush", None)
+        if callable(flush) and not isinstance(self._source, Run):
+            flush()
+        if self._run is None:
+            path = self._source if isinstance(self._source, (str, os.PathLike)) else getattr(self._source, "path", None)
+            if path is None:
+                raise InputError(
+                    f"OnlineDiagnosis needs a run to read: a watch, RunWriter, Run or run file path, got "
+                    f"{type(self._source).__name__} {self._source!r} (it has no 'path')."
+                )
+            if not os.path.exists(path):
+                return None
+            self._run = Run(path)
+        return self._run
+
+    def _keys(self, f: Finding) -> set[tuple[str, str | None]]:
+        if f.code == "non-finite" or not f.layers:
+            return {(f.code, None)}
+        return {(f.code, layer) for layer in f.layers}
+
+    def _new(self, findings: Iterable[Finding]) -> list[Finding]:
+        fresh = []
+        for f in sort_findings(list(findings)):
+            keys = self._keys(f)
+            if keys - self._seen:
+                self._seen |= keys
+                fresh.append(f)
+        return fresh
+
+    def _evaluate(self, data: RunData, rules: Sequence[Rule]) -> list[Finding]:
+        out: list[Finding] = []
+        for rule in rules:
+            if not rule.missing(data):
+                out.extend(rule.check(data, self.thresholds))
+        return out
+
+    # ---- the API -------------------------------------------------------------------------------------------
+    def check(self, step: int | None = None, *, full: bool | None = None) -> list[Finding]:
+        """Evaluate the rules on what has been recorded and report the findings that are new.
+
+        Args:
+            step: the step just logged (only used to label recorded events; the data decide the findings).
+            full: force (``True``) or skip (``False``) the full rule set on this call; default: every
+                ``full_every`` calls.
+
+        Returns:
+            The new findings of this call (already reported), most severe first.
+
+        Raises:
+            TrainingStopped: with ``raise_on_stop=True``, when a new finding has a code in ``stop_on``.
+        """
+        self._calls += 1
+        run = self._reader()
+        if run is None:
+            return []
+        if full is None:
+            full = self._calls % self.full_every == 0
+        found: list[Finding] = []
+        if full:
+            found = self._evaluate(RunData(run), self.rules)
+        elif self._nonfinite and ("non-finite", None) not in self._seen:
+            lo = None if self._checked_to is None else self._checked_to + 1
+            data = RunData(run, steps=(lo, None))
+            found = self._evaluate(data, self._nonfinite)
+        last = run.last_step
+        if last is not None:
+            self._checked_to = int(last)
+        fresh = self._new(found)
+        log_event = getattr(self._source, "log_event", None)
+        if log_event is None:  # a watch: its RunWriter records events
+            log_event = getattr(getattr(self._source, "_writer", None), "log_event", None)
+        for f in fresh:
+            self.findings.append(f)
+            if self.record and callable(log_event):
+                log_event(step if step is not None else f.first_step, "finding", f.to_dict())
+            if self._report is not None:
+                self._report(f)
+        stopper = next((f for f in fresh if f.code in self.stop_on), None)
+        if stopper is not None and self.stop_finding is None:
+            self.stop_finding = stopper
+            if self.raise_on_stop:
+                raise TrainingStopped(stopper)
+        return fresh
+
+    def finish(self) -> list[Finding]:
+        """Run the full rule set once more (end of training) and report what is new; release the file."""
+        try:
+            return self.check(full=True)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the run file (when this object opened it)."""
+        if self._run is not None and self._run is not self._source:
+            self._run.close()
+        self._run = None if not isinstance(self._source, Run) else self._source

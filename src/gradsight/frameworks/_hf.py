@@ -1,0 +1,209 @@
+"""Hugging Face Trainer: :class:`GradsightTrainerCallback` watches the Trainer's model with no change to the code.
+
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[GradsightTrainerCallback()])
+    trainer.train()
+
+What it does, through the public ``TrainerCallback`` events:
+
+* ``on_train_begin``: ``gradsight.watch(model, optimizer=...)`` on the Trainer's model and its torch optimizer
+  (unwrapped from Accelerate's ``AcceleratedOptimizer``). The Trainer calls ``optimizer.step()`` once per
+  ``gradient_accumulation_steps`` batches, and the watch's step counter advances there, so one gradsight step is
+  one Trainer ``global_step`` and records the accumulated gradient. Watch step ``s`` is Trainer step ``s + 1``
+  (``state.global_step`` counts completed steps) for a fresh run.
+* ``on_step_end``: on a logged step (``every``) it computes the headline scalars (``gradsight/grad_norm``,
+  ``gradsight/update_ratio_max``, ``gradsight/nonfinite``, ``gradsight/dead_fraction``) and asks the Trainer to
+  log at this step (``control.should_log``), and runs the online diagnosis rules: each new finding is reported
+  once (a ``GradsightWarning`` by default) and recorded in the run file; a finding whose code is in ``stop_on``
+  stops training (``control.should_training_stop``).
+* ``on_log``: records the Trainer's ``loss`` (the mean over the steps since the previous log: set
+  ``logging_steps=1`` for one value per step) and numeric ``eval_*`` values in the run file, adds the pending
+  headline scalars to ``logs`` and to ``state.log_history`` (so they land in ``trainer_state.json`` and in the
+  printed logs). The Trainer calls the ``report_to`` integrations (TensorBoard, W&B, ...) *before* callbacks
+  passed in ``callbacks=``; they see the headline scalars only if this callback comes first:
+  ``trainer.callback_handler.callbacks.insert(0, callback)``, or use :mod:`gradsight.export` for TensorBoard.
+* ``on_train_end``: final diagnosis, then the watch is closed.
+
+Data-parallel training (``world_size > 1``) is refused at ``on_train_begin`` with an
+:class:`~gradsight.UnsupportedError`: the aggregation of summaries across ranks is not implemented yet.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+try:
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+except ImportError as exc:  # pragma: no cover - depends on what is installed
+    raise ImportError(
+        "GradsightTrainerCallback needs the 'transformers' package, which is not installed. Install it with: "
+        "pip install 'gradsight[transformers]'  (or: pip install transformers accelerate)"
+    ) from exc
+
+from .._errors import InputError, UnsupportedError
+from ..store import default_run_path
+
+__all__ = ["GradsightTrainerCallback"]
+
+DDP_MESSAGE = (
+    "GradsightTrainerCallback does not support data-parallel training yet (world_size={world_size}): each rank "
+    "would record only its own shard of the batch, and gradsight's aggregation of summaries across ranks is not "
+    "implemented. Train on one process to watch the run, or remove the callback for the distributed run."
+)
+
+
+class GradsightTrainerCallback(TrainerCallback):
+    """Watches the Trainer's model: gradients, weights, updates and layer outputs during ``trainer.train()``.
+
+    Args:
+        path: the run file to write; default ``<args.output_dir>/gradsight-runs/run-<time>.db``.
+        log_headline: add the headline scalars to the Trainer's logs on logged steps.
+        diagnose: run the online diagnosis rules on logged steps and at the end.
+        on_finding: ``"warn"`` (a ``GradsightWarning``), a callable receiving each new ``Finding``, or ``None``.
+        stop_on: finding codes that stop training; default none, e.g. ``stop_on=("non-finite",)``.
+        diagnose_every: run the full rule set every this many logged steps (the non-finite rule runs at each).
+        **watch_kwargs: passed to :func:`gradsight.watch` (``preset``, ``every``, ``kinds``, ``units``,
+            ``if_exists``, ``config``, ...).
+
+    Attributes:
+        watch: the open watch during training (``None`` before and after).
+        path: the run file, once training has started.
+        findings: every finding reported during training.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        log_headline: bool = True,
+        diagnose: bool = True,
+        on_finding: str | Callable[[Any], Any] | None = "warn",
+        stop_on: Iterable[str] = (),
+        diagnose_every: int = 10,
+        **watch_kwargs: Any,
+    ) -> None:
+        if "optimizer" in watch_kwargs or "model" in watch_kwargs:
+            raise InputError(
+                "GradsightTrainerCallback takes the model and optimizer from the Trainer; remove optimizer=/model=."
+            )
+        self._path = path
+        self.log_headline = log_headline
+        self.diagnose = diagnose
+        self.on_finding = on_finding
+        self.stop_on = tuple(stop_on)
+        self.diagnose_every = diagnose_every
+        self.watch_kwargs = watch_kwargs
+        self.watch: Any = None
+        self.path: Path | None = None
+        self.findings: list[Any] = []
+        self._diagnosis: Any = None
+        self._offset = 0  # watch step = Trainer global_step - 1 + offset
+        self._pending: dict[str, float] = {}
+        if diagnose:  # validate stop_on / on_finding now, not at train time
+            from ..diagnose._online import OnlineDiagnosis
+
+            OnlineDiagnosis(os.devnull, on_finding=on_finding, stop_on=self.stop_on, full_every=diagnose_every)
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Open the watch on the Trainer's model and optimizer."""
+        import torch
+
+        import gradsight
+
+        if args.world_size > 1:
+            raise UnsupportedError(DDP_MESSAGE.format(world_size=args.world_size))
+        model, optimizer = kwargs.get("model"), kwargs.get("optimizer")
+        if model is None:
+            raise UnsupportedError("GradsightTrainerCallback got no model from the Trainer's on_train_begin event.")
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise UnsupportedError(
+                f"GradsightTrainerCallback needs the Trainer's torch optimizer, got {type(optimizer).__name__}. "
+                "gradsight closes a step at each optimizer.step(); use a torch.optim optimizer."
+            )
+        if self._path is not None:
+            self.path = Path(self._path)
+        else:
+            self.path = Path(args.output_dir) / "gradsight-runs" / default_run_path().name
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        config = {"integration": "transformers", "gradient_accumulation_steps": args.gradient_accumulation_steps}
+        config.update(self.watch_kwargs.get("config") or {})
+        kwargs_ = {k: v for k, v in self.watch_kwargs.items() if k != "config"}
+        self.watch = gradsight.watch(model, path=self.path, optimizer=optimizer, config=config, **kwargs_)
+        self.path = self.watch.path
+        self._offset = self.watch.current_step - state.global_step
+        self._pending = {}
+        if self.diagnose:
+            from ..diagnose._online import OnlineDiagnosis
+
+            self._diagnosis = OnlineDiagnosis(
+                self.watch, on_finding=self.on_finding, stop_on=self.stop_on, full_every=self.diagnose_every
+            )
+
+    def _step_of(self, state: TrainerState) -> int:
+        return state.global_step - 1 + self._offset
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """After an optimizer step: headline scalars and online diagnosis on logged steps."""
+        if self.watch is None or self.watch.closed:
+            return
+        step = self._step_of(state)
+        if not self.watch.schedule.is_logged(step):
+            return
+        if self.log_headline:
+            from ..export._scalars import headline_scalars
+
+            items = [(info, s) for _, info, s in self.watch.summaries(steps=(step, step))]
+            self._pending = headline_scalars(items)
+            if self._pending:
+                control.should_log = True
+        if self._diagnosis is not None:
+            self.findings.extend(self._diagnosis.check(step))
+            if self._diagnosis.should_stop:
+                control.should_training_stop = True
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Record the loss (and eval values) in the run file; publish the pending headline scalars."""
+        if self.watch is None or self.watch.closed or logs is None or state.global_step < 1:
+            return
+        values = {
+            k: float(v)
+            for k, v in logs.items()
+            if (k == "loss" or k.startswith("eval_")) and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        if values:
+            self.watch.log(step=self._step_of(state), **values)
+        if self._pending:
+            pending, self._pending = self._pending, {}
+            logs.update(pending)
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1].update(pending)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Run the final diagnosis and close the watch (the run file is then complete)."""
+        self.close()
+
+    def close(self) -> None:
+        """Close the watch (idempotent); call it yourself if ``trainer.train()`` raised."""
+        if self.watch is None:
+            return
+        watch, self.watch = self.watch, None
+        try:
+            if self._diagnosis is not None and not watch.closed:
+                self.findings.extend(self._diagnosis.finish())
+        finally:
+            self._diagnosis = None
+            watch.close()

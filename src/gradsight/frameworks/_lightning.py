@@ -1,0 +1,281 @@
+"""PyTorch Lightning: :class:`GradsightLightningCallback` watches a LightningModule, training code unchanged.
+
+    trainer = L.Trainer(callbacks=[GradsightLightningCallback()], ...)
+    trainer.fit(module, data)
+
+What it does, all through Lightning's public callback hooks:
+
+* ``on_fit_start``: ``gradsight.watch(module, optimizer=trainer.optimizers[i], ...)`` — the watch's step counter
+  advances at each real optimizer step, so with ``accumulate_grad_batches=k`` one gradsight step spans ``k``
+  batches and records the accumulated gradient (see :mod:`gradsight.frameworks._torch_watch`). Lightning runs
+  forward and backward inside ``optimizer.step(closure)``; a step pre-hook registered before the watch's
+  evaluates the closure first, so the watch sees this step's gradients and outputs (:class:`_ClosureFirst`).
+* ``on_train_batch_end``: the loss of each batch (``outputs["loss"]``, as a tensor: no host sync; undoing
+  Lightning's division by ``accumulate_grad_batches``); when the optimizer stepped, the mean over the step's
+  batches is logged as the step's ``loss``. On a logged step
+  (``every``) it also publishes the headline scalars (``gradsight/grad_norm``, ``gradsight/update_ratio_max``,
+  ``gradsight/nonfinite``, ``gradsight/dead_fraction``; see :mod:`gradsight.export._scalars`) to every logger of
+  the trainer (``logger.log_metrics``), and runs the online diagnosis rules
+  (:class:`gradsight.diagnose._online.OnlineDiagnosis`): each new finding is reported once (a
+  ``GradsightWarning`` by default) and recorded in the run file; a finding whose code is in ``stop_on`` stops
+  training gracefully (``trainer.should_stop``).
+* ``on_fit_end`` / ``on_exception``: final diagnosis, then the watch is closed and the run file complete.
+
+Data-parallel training (``strategy="ddp"``, or any run with ``world_size > 1``) is refused in ``setup`` with an
+:class:`~gradsight.UnsupportedError`: each rank would record only its own shard, and the aggregation of summaries
+across ranks is not implemented yet.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+try:  # the unified package first, then the standalone one
+    from lightning.pytorch import Callback, LightningModule, Trainer
+except ImportError:  # pragma: no cover - depends on what is installed
+    try:
+        from pytorch_lightning import Callback, LightningModule, Trainer
+    except ImportError as exc:
+        raise ImportError(
+            "GradsightLightningCallback needs PyTorch Lightning, which is not installed. Install it with: "
+            "pip install 'gradsight[lightning]'  (or: pip install lightning)"
+        ) from exc
+
+from .._errors import InputError, UnsupportedError
+from ..store import default_run_path
+
+__all__ = ["GradsightLightningCallback"]
+
+DDP_MESSAGE = (
+    "GradsightLightningCallback does not support data-parallel training yet (world_size={world_size}, strategy "
+    "{strategy}): each rank would record only its own shard of the batch, and gradsight's aggregation of "
+    "summaries across ranks is not implemented. Train on one device (Trainer(devices=1)) to watch the run, or "
+    "remove the callback for the distributed run."
+)
+
+
+class _ClosureFirst:
+    """An optimizer step pre-hook that evaluates the step's closure before the watch's pre-hook runs.
+
+    Lightning's automatic optimization calls ``optimizer.step(closure)``, and the closure runs the forward and
+    backward passes *inside* ``step()`` — after every step pre-hook, so the watch's pre-hook would see the
+    previous step's gradients and none of this step's layer outputs. Registered before the watch's hooks, this
+    hook calls the closure first (under ``torch.enable_grad()``, as ``torch.optim`` optimizers do) and hands
+    the optimizer a closure whose first call returns that result; later calls (LBFGS re-evaluates) run the real
+    closure again. For optimizers that call the closure once this changes nothing but the moment it runs.
+    """
+
+    def __call__(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if "closure" in kwargs:
+            closure, where = kwargs["closure"], "kw"
+        elif args:
+            closure, where = args[0], "pos"
+        else:
+            return None
+        if closure is None or getattr(closure, "_gradsight_evaluated", False):
+            return None
+        with torch.enable_grad():
+            result = closure()
+        calls = [0]
+
+        def evaluated() -> Any:
+            calls[0] += 1
+            if calls[0] == 1:
+                return result
+            with torch.enable_grad():
+                return closure()
+
+        evaluated._gradsight_evaluated = True  # type: ignore[attr-defined]
+        if where == "kw":
+            return args, {**kwargs, "closure": evaluated}
+        return (evaluated, *args[1:]), kwargs
+
+
+def _default_path(trainer: Trainer) -> Path:
+    """``<trainer.log_dir>/gradsight-runs/run-<time>.db`` (the default root dir when there is no logger)."""
+    base = Path(trainer.log_dir or trainer.default_root_dir)
+    path = base / "gradsight-runs" / default_run_path().name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class GradsightLightningCallback(Callback):
+    """Watches a LightningModule's gradients, weights, updates and layer outputs during ``trainer.fit``.
+
+    Args:
+        path: the run file to write; default ``<trainer.log_dir>/gradsight-runs/run-<time>.db``.
+        optimizer_index: which of ``trainer.optimizers`` closes a step (its ``step()``) and defines the updates.
+        log_headline: publish the headline scalars to the trainer's loggers on logged steps.
+        diagnose: run the online diagnosis rules on logged steps and at the end.
+        on_finding: ``"warn"`` (a ``GradsightWarning``), a callable receiving each new ``Finding``, or ``None``.
+        stop_on: finding codes that stop training (``trainer.should_stop = True``); default none, e.g.
+            ``stop_on=("non-finite",)`` to stop at the first NaN/Inf.
+        diagnose_every: run the full rule set every this many logged steps (the non-finite rule runs at each).
+        **watch_kwargs: passed to :func:`gradsight.watch` (``preset``, ``every``, ``kinds``, ``units``,
+            ``if_exists``, ``config``, ...).
+
+    Attributes:
+        watch: the open watch during ``fit`` (``None`` before and after).
+        path: the run file, once ``fit`` has started.
+        findings: every finding reported during training.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        optimizer_index: int = 0,
+        log_headline: bool = True,
+        diagnose: bool = True,
+        on_finding: str | Callable[[Any], Any] | None = "warn",
+        stop_on: Iterable[str] = (),
+        diagnose_every: int = 10,
+        **watch_kwargs: Any,
+    ) -> None:
+        if "optimizer" in watch_kwargs or "model" in watch_kwargs:
+            raise InputError(
+                "GradsightLightningCallback takes the model and optimizer from the Trainer; remove optimizer=/model= "
+                "(use optimizer_index= to pick one of several optimizers)."
+            )
+        self._path = path
+        self.optimizer_index = int(optimizer_index)
+        self.log_headline = log_headline
+        self.diagnose = diagnose
+        self.on_finding = on_finding
+        self.stop_on = tuple(stop_on)
+        self.diagnose_every = diagnose_every
+        self.watch_kwargs = watch_kwargs
+        self.watch: Any = None
+        self.path: Path | None = None
+        self.findings: list[Any] = []
+        self._diagnosis: Any = None
+        self._losses: list[torch.Tensor] = []
+        self._seen_step: int | None = None
+        self._closure_hook: Any = None
+        if diagnose:  # validate stop_on / on_finding now, not at fit time
+            from ..diagnose._online import OnlineDiagnosis
+
+            OnlineDiagnosis(os.devnull, on_finding=on_finding, stop_on=self.stop_on, full_every=diagnose_every)
+
+    # ---- set-up --------------------------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Refuse data-parallel training (see the module docstring)."""
+        if stage == "fit" and trainer.world_size > 1:
+            raise UnsupportedError(
+                DDP_MESSAGE.format(world_size=trainer.world_size, strategy=type(trainer.strategy).__name__)
+            )
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Open the watch on the module and the chosen optimizer."""
+        import gradsight
+
+        optimizers = trainer.optimizers
+        if not optimizers:
+            raise UnsupportedError(
+                "GradsightLightningCallback found no optimizer on the Trainer: configure_optimizers() returned none. "
+                "gradsight closes a step at each optimizer step; return an optimizer from configure_optimizers()."
+            )
+        if not 0 <= self.optimizer_index < len(optimizers):
+            raise InputError(
+                f"optimizer_index={self.optimizer_index} is out of range: the module has {len(optimizers)} "
+                f"optimizer(s); pass an index in [0, {len(optimizers) - 1}]."
+            )
+        optimizer = optimizers[self.optimizer_index]
+        self.path = Path(self._path) if self._path is not None else _default_path(trainer)
+        config = {"integration": "lightning", "accumulate_grad_batches": trainer.accumulate_grad_batches}
+        config.update(self.watch_kwargs.get("config") or {})
+        kwargs = {k: v for k, v in self.watch_kwargs.items() if k != "config"}
+        # Before the watch's own hooks, so that they see this step's gradients (see _ClosureFirst).
+        self._closure_hook = optimizer.register_step_pre_hook(_ClosureFirst())
+        try:
+            self.watch = gradsight.watch(pl_module, path=self.path, optimizer=optimizer, config=config, **kwargs)
+        except BaseException:
+            self._closure_hook.remove()
+            self._closure_hook = None
+            raise
+        self.path = self.watch.path
+        self._losses = []
+        self._seen_step = self.watch.current_step
+        if self.diagnose:
+            from ..diagnose._online import OnlineDiagnosis
+
+            self._diagnosis = OnlineDiagnosis(
+                self.watch, on_finding=self.on_finding, stop_on=self.stop_on, full_every=self.diagnose_every
+            )
+
+    # ---- per batch -----------------------------------------------------------------------------------------
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Collect the batch's loss; after an optimizer step, log the step's loss, headline and findings."""
+        if self.watch is None or self.watch.closed:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            loss = loss.detach().reshape(())
+            if pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1:
+                loss = loss * trainer.accumulate_grad_batches  # Lightning hands out loss / accumulate_grad_batches
+            self._losses.append(loss)
+        if self.watch.current_step == self._seen_step:
+            return  # gradient accumulation: the optimizer has not stepped yet
+        step = self.watch.current_step - 1  # the step just closed
+        self._seen_step = self.watch.current_step
+        if self._losses:
+            self.watch.log(loss=torch.stack(self._losses).float().mean(), step=step)
+            self._losses = []
+        if self.watch.schedule.is_logged(step):
+            self._on_logged_step(trainer, step)
+
+    def _on_logged_step(self, trainer: Trainer, step: int) -> None:
+        if self.log_headline and trainer.loggers:
+            from ..export._scalars import headline_scalars
+
+            items = [(info, s) for _, info, s in self.watch.summaries(steps=(step, step))]
+            metrics = headline_scalars(items)
+            if metrics:
+                for logger in trainer.loggers:
+                    logger.log_metrics(metrics, step=max(trainer.global_step - 1, 0))
+        if self._diagnosis is not None:
+            self.findings.extend(self._diagnosis.check(step))
+            if self._diagnosis.should_stop:
+                trainer.should_stop = True
+
+    # ---- the end -------------------------------------------------------------------------------------------
+    def _finish(self) -> None:
+        if self.watch is None:
+            return
+        watch, self.watch = self.watch, None
+        try:
+            if self._diagnosis is not None and not watch.closed:
+                self.findings.extend(self._diagnosis.finish())
+        finally:
+            self._diagnosis = None
+            self._losses = []
+            if self._closure_hook is not None:
+                self._closure_hook.remove()
+                self._closure_hook = None
+            watch.close()
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Run the final diagnosis and close the watch (the run file is then complete)."""
+        self._finish()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """Close the watch when training fails, so the run file is complete up to the failure."""
+        if self.watch is not None:
+            self._diagnosis = None  # a failing fit should surface its own error, not a diagnosis
+            self._finish()
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Make sure the watch is closed whatever happened (idempotent)."""
+        if stage == "fit":
+            self._finish()
+
+    def __repr__(self) -> str:
+        path = str(self.path) if self.path else None
+        return f"GradsightLightningCallback(path={path!r}, watching={self.watch is not None})"

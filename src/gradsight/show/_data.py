@@ -1,0 +1,225 @@
+"""Per-layer tables derived from the run store, shared by the figures, the HTML report and ``gradsight show``.
+
+This module only reads a :class:`~gradsight.store.Run`; it never touches a tensor. Every statistic is merged over
+the tensors of a layer from their additive fields (``sum_sq``, ``finite``, unit counts), so a layer's RMS is the
+RMS of all its elements together, not a mean of per-tensor RMS values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .._errors import InputError
+from ..store import Run, load
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+__all__ = [
+    "RunLike",
+    "activity",
+    "finding_list",
+    "layer_rms",
+    "layer_table",
+    "nonfinite",
+    "opened",
+    "ordered_layers",
+    "update_ratio",
+]
+
+RunLike = Run | str | os.PathLike  # a Run or the path of a run file
+
+
+@contextlib.contextmanager
+def opened(run: Any) -> Iterator[Run]:
+    """Yield a :class:`Run` for a Run or a path; a run opened here is closed on exit."""
+    if isinstance(run, Run):
+        yield run
+        return
+    if not isinstance(run, (str, os.PathLike)):
+        raise InputError(
+            f"expected a gradsight Run or the path of a run file, got {type(run).__name__} {run!r}. "
+            "Pass gradsight.load('run.db') or the path itself."
+        )
+    r = load(run)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def ordered_layers(run: Run, present: Sequence[str] | set[str]) -> list[str]:
+    """The layers in ``present``, in model order (``run.layers``), unknown ones appended in sorted order."""
+    present = set(present)
+    out = [name for name in run.layers if name in present]
+    out += sorted(present - set(out))
+    return out
+
+
+def _empty() -> pd.DataFrame:
+    """An empty wide table (index ``step``, no layer columns)."""
+    import pandas as pd
+
+    return pd.DataFrame(index=pd.Index([], name="step", dtype="int64"))
+
+
+def _per_layer(df: pd.DataFrame) -> pd.DataFrame:
+    g = df.groupby(["step", "layer"], sort=False)[["sum_sq", "finite", "nonfinite"]].sum()
+    return g
+
+
+def layer_rms(run: Run, kind: str) -> pd.DataFrame:
+    """Wide table of per-layer RMS of one kind: index ``step``, one column per layer (model order).
+
+    NaN where a layer has no finite element at a step; ``inf`` where the sum of squares overflowed.
+    """
+    import pandas as pd
+
+    df = run.to_pandas(kind=kind)
+    if df.empty:
+        return _empty()
+    g = _per_layer(df)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fin = g["finite"].to_numpy(dtype="float64")
+        rms = np.sqrt(g["sum_sq"].to_numpy(dtype="float64") / np.where(fin > 0, fin, np.nan))
+    wide = pd.Series(rms, index=g.index).unstack("layer").sort_index()
+    return wide[ordered_layers(run, wide.columns)]
+
+
+def nonfinite(run: Run, kind: str) -> pd.DataFrame:
+    """Wide table of per-layer counts of NaN/Inf elements of one kind (index ``step``, columns layers)."""
+    df = run.to_pandas(kind=kind)
+    if df.empty:
+        return _empty()
+    wide = _per_layer(df)["nonfinite"].unstack("layer").sort_index().fillna(0).astype("int64")
+    return wide[ordered_layers(run, wide.columns)]
+
+
+def update_ratio(run: Run) -> pd.DataFrame:
+    """Wide table of ``||update|| / ||weight||`` per layer and step, over the layer's updated weights.
+
+    Only weight tensors that also have an update summary at that step enter the denominator.
+    """
+    import pandas as pd
+
+    df = run.to_pandas(kind=["weight", "update"])
+    if df.empty or not (df["kind"] == "update").any():
+        return _empty()
+    piv = df.pivot_table(index=["step", "layer", "tensor"], columns="kind", values="sum_sq", aggfunc="sum")
+    piv = piv.dropna(subset=[c for c in ("weight", "update") if c in piv.columns])
+    if "weight" not in piv.columns:
+        return _empty()
+    g = piv.groupby(level=["step", "layer"], sort=False)[["weight", "update"]].sum()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = g["weight"].to_numpy(dtype="float64")
+        ratio = np.sqrt(g["update"].to_numpy(dtype="float64")) / np.sqrt(np.where(w > 0, w, np.nan))
+    wide = pd.Series(ratio, index=g.index).unstack("layer").sort_index()
+    return wide[ordered_layers(run, wide.columns)]
+
+
+def activity(run: Run) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-layer activity of the layer outputs: ``(active_rate, dead_fraction)``, wide tables (step × layer).
+
+    ``active_rate`` is the fraction of all output entries of the layer that were ``!= 0``; ``dead_fraction`` the
+    fraction of its units that were never active in the step. Only outputs recorded with unit counts appear.
+    """
+    import pandas as pd
+
+    empty = _empty()
+    df = run.to_pandas(kind="output", units=True)
+    if df.empty:
+        return empty, empty.copy()
+    df = df[df["units_active"].notna()]
+    if df.empty:
+        return empty, empty.copy()
+    rows = []
+    for (step, layer), grp in df.groupby(["step", "layer"], sort=False):
+        active = sum(int(np.sum(u)) for u in grp["units_active"])
+        entries = sum(int(u.size) * int(t) for u, t in zip(grp["units_active"], grp["units_total"], strict=True))
+        units = sum(int(u.size) for u in grp["units_active"])
+        dead = sum(int(np.sum(u == 0)) for u in grp["units_active"])
+        rows.append((step, layer, active / entries if entries else math.nan, dead / units if units else math.nan))
+    long = pd.DataFrame(rows, columns=["step", "layer", "active", "dead"]).set_index(["step", "layer"])
+    order = ordered_layers(run, set(long.index.get_level_values("layer")))
+    active_rate = long["active"].unstack("layer").sort_index()[order]
+    dead = long["dead"].unstack("layer").sort_index()[order]
+    return active_rate, dead
+
+
+def _last_valid(col: pd.Series) -> float:
+    col = col.dropna()
+    return float(col.iloc[-1]) if len(col) else math.nan
+
+
+def layer_table(run: Run) -> pd.DataFrame:
+    """One row per layer (model order) with its parameters and the last recorded value of each statistic.
+
+    Columns: ``layer``, ``params`` (elements of its weight tensors), ``tensors`` (their names), ``grad_rms``,
+    ``weight_rms``, ``update_ratio``, ``active_rate``, ``dead_fraction`` (each at the last step where it was
+    recorded; NaN when never), ``nonfinite_steps`` (steps at which any of its grads/weights/outputs held a NaN
+    or Inf).
+    """
+    import pandas as pd
+
+    infos = run.tensors
+    params: dict[str, int] = {}
+    names: dict[str, list[str]] = {}
+    for t in infos:
+        if t.kind == "weight":
+            params[t.layer] = params.get(t.layer, 0) + int(np.prod(t.shape, dtype=np.int64))
+            names.setdefault(t.layer, []).append(t.name)
+    grad, weight, ratio = layer_rms(run, "grad"), layer_rms(run, "weight"), update_ratio(run)
+    active, dead = activity(run)
+    bad_steps: dict[str, set[int]] = {}
+    for kind in ("grad", "weight", "output"):
+        nf = nonfinite(run, kind)
+        for layer in nf.columns:
+            bad_steps.setdefault(layer, set()).update(int(s) for s in nf.index[nf[layer] > 0])
+    rows = []
+    for layer in ordered_layers(run, {t.layer for t in infos}):
+
+        def last(table: pd.DataFrame, name: str = layer) -> float:
+            return _last_valid(table[name]) if name in table.columns else math.nan
+
+        rows.append(
+            {
+                "layer": layer,
+                "params": params.get(layer, 0),
+                "tensors": ", ".join(names.get(layer, [])),
+                "grad_rms": last(grad),
+                "weight_rms": last(weight),
+                "update_ratio": last(ratio),
+                "active_rate": last(active),
+                "dead_fraction": last(dead),
+                "nonfinite_steps": len(bad_steps.get(layer, ())),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def finding_list(run: Run, findings: Sequence[Any] | None) -> list[Any]:
+    """The findings to show: the ones given, or — when ``None`` — ``gradsight.diagnose.diagnose(run)``.
+
+    When the diagnosis module is not available (an older install) and none are given, the list is empty.
+    Findings are returned most severe first, then by first step.
+    """
+    if findings is None:
+        try:
+            from ..diagnose import diagnose  # type: ignore[attr-defined]
+        except ImportError:
+            findings = []
+        else:
+            findings = list(diagnose(run))
+    out = list(findings)
+    out.sort(key=lambda f: (-_rank(f), f.first_step if f.first_step is not None else -1))
+    return out
+
+
+def _rank(f: Any) -> int:
+    return {"info": 0, "warning": 1, "error": 2}.get(getattr(f, "severity", "info"), 0)

@@ -1,0 +1,79 @@
+import warnings
+
+import numpy as np
+import pytest
+
+from gradsight import InputError
+from gradsight.diagnose import GradsightWarning, OnlineDiagnosis, TrainingStopped
+
+from .conftest import healthy_step
+
+
+def test_online_reports_nonfinite_once_and_flags_stop(synth, rng):
+    s = synth()
+    online = OnlineDiagnosis(s.writer)
+    for step in range(4):
+        healthy_step(s, step, rng)
+        assert online.check(step) == []
+    assert not online.should_stop
+    healthy_step(s, 4, rng, nan_at=("output", "act1"))
+    with pytest.warns(
+        GradsightWarning, match=r"gradsight error non-finite at step 4: First non-finite value at step 4"
+    ):
+        new = online.check(4)
+    assert [f.code for f in new] == ["non-finite"]
+    assert online.should_stop and online.stop_finding is new[0]
+    # later steps keep the NaN: nothing is reported again, also on a full evaluation
+    healthy_step(s, 5, rng, nan_at=("output", "fc2"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert online.check(5) == []
+        assert [f.code for f in online.check(6, full=True)] == []
+    online.close()
+    r = s.run()
+    events = r.events("finding")
+    assert [(e["step"], e["code"]) for e in events] == [(4, "non-finite")]
+    assert events[0]["layers"] == ["act1"]
+
+
+def test_online_raise_on_stop(synth, rng):
+    s = synth()
+    online = OnlineDiagnosis(s.writer, on_finding=None, raise_on_stop=True)
+    healthy_step(s, 0, rng, nan_at=("grad", "fc1"))
+    with pytest.raises(TrainingStopped, match="training stopped by gradsight: First non-finite value at step 0") as e:
+        online.check(0)
+    assert e.value.finding.layers == ("fc1",)
+
+
+def test_online_callback_full_rules_once_each(synth, rng):
+    s = synth()
+    seen = []
+    online = OnlineDiagnosis(s.writer, on_finding=seen.append, full_every=3, stop_on=())
+    for step in range(12):
+        a = np.maximum(rng.normal(size=(16, 10)), 0).astype(np.float32)
+        a[:, :8] = 0.0
+        s.log(step, "output", "act1", a, unit_axis=-1)
+        if step >= 6:
+            s.log(step, "output", "act2", np.zeros((16, 4)), unit_axis=-1)
+        online.check(step)
+    # dead units in act1 reported at the first full check (call 3), once more when act2 joins (call 9), never again
+    assert [(f.code, f.layers) for f in seen] == [("dead-units", ("act1",)), ("dead-units", ("act1", "act2"))]
+    assert not online.should_stop
+    assert online.finish() == []
+
+
+def test_online_on_a_path_before_the_file_exists(tmp_path):
+    online = OnlineDiagnosis(tmp_path / "missing.db")
+    assert online.check() == []
+
+
+def test_online_argument_errors(synth):
+    s = synth()
+    with pytest.raises(InputError, match=r"stop_on names unknown finding code\(s\) \['nan'\]"):
+        OnlineDiagnosis(s.writer, stop_on=("nan",))
+    with pytest.raises(InputError, match="on_finding must be 'warn', a callable or None, got 'print'"):
+        OnlineDiagnosis(s.writer, on_finding="print")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="full_every must be a positive integer, got 0"):
+        OnlineDiagnosis(s.writer, full_every=0)
+    with pytest.raises(InputError, match="has no 'path'"):
+        OnlineDiagnosis(object()).check()

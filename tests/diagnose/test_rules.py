@@ -1,0 +1,402 @@
+import math
+
+import numpy as np
+import pytest
+
+from gradsight import InputError
+from gradsight.diagnose import (
+    CODES,
+    DeadUnitsRule,
+    ExplodingGradientsRule,
+    LossNotDecreasingRule,
+    NonFiniteRule,
+    RunData,
+    SaturatedUnitsRule,
+    Thresholds,
+    UpdateRatioRule,
+    VanishingGradientsRule,
+    diagnose,
+    skipped_rules,
+)
+
+from .conftest import healthy_step
+
+
+def codes(findings):
+    return [f.code for f in findings]
+
+
+def test_healthy_run_has_no_findings(synth, rng):
+    s = synth()
+    for step in range(30):
+        healthy_step(s, step, rng)
+    assert diagnose(s.run()) == []
+
+
+def test_findings_use_known_codes_and_are_sorted(synth, rng):
+    s = synth()
+    for step in range(30):
+        healthy_step(s, step, rng, loss=2.0, nan_at=("output", "act1") if step == 20 else None)
+    found = diagnose(s.run())
+    assert set(codes(found)) <= set(CODES)
+    assert found[0].code == "non-finite" and found[0].severity == "error"
+    ranks = [f.rank for f in found]
+    assert ranks == sorted(ranks, reverse=True)
+
+
+# ---- non-finite ---------------------------------------------------------------------------------------------
+def test_nonfinite_forward_origin_comes_first(synth, rng):
+    s = synth()
+    for step in range(6):
+        healthy_step(s, step, rng)
+    # step 6: NaN appears in act1's output, spreads to fc2's output, the loss and every gradient
+    a = np.ones((8, 4), np.float32)
+    a[0, :2] = np.nan
+    s.log(6, "output", "fc1", np.ones((8, 4)))
+    s.log(6, "output", "act1", a)
+    s.log(6, "output", "fc2", np.full((8, 2), np.nan))
+    s.log(6, "output_grad", "fc2", np.full((8, 2), np.nan))
+    s.log(6, "grad", "fc2", np.full((2, 4), np.nan))
+    s.log(6, "grad", "fc1", np.full((4, 3), np.nan))
+    s.scalars(6, loss=float("nan"))
+    f = diagnose(s.run(), rules=[NonFiniteRule()])[0]
+    assert f.code == "non-finite"
+    assert f.first_step == 6 and f.last_step == 6
+    assert f.layers == ("act1", "fc2", "fc1")
+    assert f.evidence["origin"] == {
+        "step": 6,
+        "layer": "act1",
+        "kind": "output",
+        "phase": "forward",
+        "tensor": "act1",
+        "nan": 2,
+        "posinf": 0,
+        "neginf": 0,
+        "count": 32,
+        "source": "summary",
+    }
+    assert "step 6" in f.message
+    assert "the output of layer 'act1' (2 NaN of 32 values, forward)" in f.message
+    assert "spread to 2 more layer(s) by step 6" in f.message
+
+
+def test_nonfinite_backward_origin_is_the_last_layer_reached(synth, rng):
+    s = synth()
+    for step in range(3):
+        healthy_step(s, step, rng)
+    healthy_step(s, 3, rng)  # forward finite at step 4 too
+    for layer, shape in (("fc1", (8, 4)), ("act1", (8, 4)), ("fc2", (8, 2))):
+        s.log(4, "output", layer, np.ones(shape))
+    g = np.zeros((8, 4), np.float32)
+    g[1, 1] = np.inf
+    s.log(4, "output_grad", "fc2", np.ones((8, 2)))
+    s.log(4, "output_grad", "act1", g)
+    s.log(4, "output_grad", "fc1", np.full((8, 4), np.nan))
+    s.log(4, "grad", "fc2", np.ones((2, 4)))
+    s.log(4, "grad", "fc1", np.full((4, 3), np.nan))
+    s.log(5, "weight", "fc1", np.full((4, 3), np.nan))
+    s.scalars(4, loss=1.0)
+    f = diagnose(s.run(), rules=[NonFiniteRule()])[0]
+    assert f.first_step == 4 and f.last_step == 5
+    assert f.layers == ("act1", "fc1")
+    assert f.evidence["origin"]["kind"] == "output_grad"
+    assert f.evidence["origin"]["phase"] == "backward"
+    assert "the output gradient of layer 'act1' (1 +Inf of 32 values, backward)" in f.message
+    assert "gradient" in f.explanation
+
+
+def test_nonfinite_loss_origin(synth, rng):
+    s = synth()
+    for step in range(2):
+        healthy_step(s, step, rng)
+    for layer, shape in (("fc1", (8, 4)), ("act1", (8, 4)), ("fc2", (8, 2))):
+        s.log(2, "output", layer, np.ones(shape))
+    s.log(2, "output_grad", "fc2", np.full((8, 2), np.nan))
+    s.log(2, "grad", "fc1", np.full((4, 3), np.nan))
+    s.scalars(2, loss=float("nan"))  # stored as NULL
+    f = diagnose(s.run(), rules=[NonFiniteRule()])[0]
+    assert f.first_step == 2
+    assert f.evidence["origin"]["kind"] == "loss"
+    assert f.layers[0] == "fc2"
+    assert "First non-finite value at step 2: the loss (1 NaN, forward)" in f.message
+    assert "log(0)" in f.explanation
+    assert any("from_logits" in a for a in f.advice)
+
+
+def test_nonfinite_infinite_loss(synth, rng):
+    s = synth()
+    s.scalars(0, loss=1.0)
+    s.scalars(1, loss=float("inf"))
+    f = diagnose(s.run())[0]
+    assert f.code == "non-finite" and f.first_step == 1
+    assert "(1 +Inf, forward)" in f.message
+
+
+def test_nonfinite_scalars_give_an_earlier_step_than_summaries(synth, rng):
+    s = synth()
+    healthy_step(s, 0, rng)
+    for step in range(1, 10):
+        s.scalars(step, loss=1.0, grad_nonfinite=0 if step < 7 else 12)
+    healthy_step(s, 10, rng, nan_at=("grad", "fc1"))
+    f = diagnose(s.run(), rules=[NonFiniteRule()])[0]
+    assert f.first_step == 7
+    assert f.evidence["origin"]["source"] == "grad_nonfinite"
+    assert "step 7" in f.message and "(12 NaN, backward)" in f.message
+    assert "the first step with summaries, 10, places it in the parameter gradient 'fc1.weight' of layer 'fc1'" in (
+        f.message
+    )
+    assert f.layers == ("fc1",)
+
+
+def test_nonfinite_rule_skips_an_empty_run(synth):
+    r = synth().run()
+    assert NonFiniteRule().applies(r) is False
+    assert diagnose(r) == []
+    assert set(skipped_rules(r)) == {
+        "non-finite",
+        "exploding-gradients",
+        "vanishing-gradients",
+        "dead-units",
+        "saturated-units",
+        "update-ratio",
+        "loss-not-decreasing",
+    }
+
+
+# ---- exploding / vanishing ------------------------------------------------------------------------------------
+def test_exploding_gradients_over_time(synth, rng):
+    s = synth()
+    for step in range(10):
+        scale = 1.0 if step < 4 else 10.0 ** (step - 3)  # 1, 1, 1, 1, 10, 100, ... 1e6
+        s.log(step, "grad", "fc1", np.full((4, 3), 0.01 * scale))
+        s.log(step, "grad", "fc2", np.full((2, 4), 0.02))
+    f = diagnose(s.run(), rules=[ExplodingGradientsRule()])[0]
+    assert f.code == "exploding-gradients"
+    assert f.layers == ("fc1",)
+    assert f.first_step == 5  # 100x baseline
+    assert f.severity == "error"  # 1e6 >= 100**2
+    g = f.evidence["global"]
+    # global norm: sqrt(12 * (0.01 s)^2 + 8 * 0.02^2)
+    base = math.sqrt(12 * 1e-4 + 8 * 4e-4)
+    peak = math.sqrt(12 * (0.01 * 1e6) ** 2 + 8 * 4e-4)
+    assert g["baseline_norm"] == pytest.approx(base, rel=1e-6)
+    assert g["peak_norm"] == pytest.approx(peak, rel=1e-6)
+    assert f"grew {peak / base:.3g}x, from {base:.3g}" in f.message
+    assert f"to {peak:.3g} at step 9 (threshold 100x)" in f.message
+
+
+def test_exploding_uses_grad_norm_scalar(synth):
+    s = synth()
+    for step in range(8):
+        s.scalars(step, grad_norm=1.0 if step < 5 else 500.0)
+    f = diagnose(s.run())[0]
+    assert f.code == "exploding-gradients" and f.layers == () and f.first_step == 5
+    assert "grew 500x, from 1 " in f.message
+
+
+def test_exploding_threshold_is_respected(synth):
+    s = synth()
+    for step in range(8):
+        s.scalars(step, grad_norm=1.0 if step < 5 else 50.0)
+    r = s.run()
+    assert diagnose(r, rules=[ExplodingGradientsRule()]) == []
+    assert codes(diagnose(r, thresholds={"explode_growth": 40})) == ["exploding-gradients"]
+
+
+def _depth_run(s, rms_by_layer, steps=4):
+    for step in range(steps):
+        for layer, rms in rms_by_layer.items():
+            s.log(step, "grad", layer, np.full((3, 3), rms))
+
+
+LAYERS4 = [{"name": n, "type": "Linear"} for n in ("l1", "l2", "l3", "l4")]
+
+
+def test_vanishing_gradients(synth):
+    s = synth(layers=LAYERS4)
+    _depth_run(s, {"l1": 1e-7, "l2": 5e-4, "l3": 0.2, "l4": 1.0})
+    f = diagnose(s.run(), rules=[VanishingGradientsRule()])[0]
+    assert f.code == "vanishing-gradients" and f.severity == "warning"
+    assert f.layers == ("l1", "l2")
+    assert f.first_step == 0 and f.last_step == 3
+    assert "layer 'l1' has a median gradient RMS of 1e-07, 1e-07x that of the largest later layer ('l4', 1)" in (
+        f.message
+    )
+    assert "over 4 logged steps; 2 layer(s) below the threshold 0.001x" in f.message
+
+
+def test_vanishing_threshold_and_zero_gradients(synth):
+    s = synth(layers=LAYERS4)
+    _depth_run(s, {"l1": 0.0, "l2": 5e-4, "l3": 0.2, "l4": 1.0})
+    r = s.run()
+    f = diagnose(r, rules=[VanishingGradientsRule()])[0]
+    assert f.layers == ("l2",)  # l1's exactly-zero gradient is not "vanishing"
+    assert diagnose(r, rules=[VanishingGradientsRule()], thresholds=Thresholds(vanish_ratio=1e-4)) == []
+
+
+def test_exploding_through_depth(synth):
+    s = synth(layers=LAYERS4)
+    _depth_run(s, {"l1": 5e3, "l2": 1.0, "l3": 1.0, "l4": 1.0})
+    f = diagnose(s.run(), rules=[ExplodingGradientsRule()])[0]
+    assert f.layers == ("l1",)
+    assert "layer 'l1' has a median gradient RMS of 5e+03, 5e+03x that of the largest later layer" in f.message
+
+
+# ---- units ----------------------------------------------------------------------------------------------------
+def test_dead_units(synth, rng):
+    s = synth()
+    for step in range(8):
+        a = np.maximum(rng.normal(size=(16, 10)), 0).astype(np.float32)
+        if step >= 2:
+            a[:, :7] = 0.0  # 7 of 10 units dead from step 2
+        s.log(step, "output", "act1", a, unit_axis=-1)
+        s.log(step, "output", "fc2", rng.normal(size=(16, 2)), unit_axis=-1)
+    f = diagnose(s.run(), rules=[DeadUnitsRule()])[0]
+    assert f.code == "dead-units" and f.severity == "warning"
+    assert f.layers == ("act1",)
+    assert f.first_step == 2 and f.last_step == 7
+    assert f.evidence["layers"]["act1"]["dead_units"] == list(range(7))
+    assert "7 of 10 units (70%) of layer 'act1' were zero for every one of 80 samples over logged steps 3–7" in (
+        f.message
+    )
+
+
+def test_dead_units_all_dead_is_an_error_and_threshold(synth):
+    s = synth()
+    for step in range(3):
+        s.log(step, "output", "act1", np.zeros((4, 6)), unit_axis=-1)
+    r = s.run()
+    f = diagnose(r)[0]
+    assert f.code == "dead-units" and f.severity == "error"
+    assert "6 of 6 units (100%)" in f.message
+
+
+def test_dead_units_skip_without_unit_counts(synth):
+    s = synth()
+    s.log(0, "output", "act1", np.zeros((4, 6)))  # no unit_axis -> no units_active
+    r = s.run()
+    assert DeadUnitsRule().applies(r) is False
+    assert "per-unit activity counts" in skipped_rules(r)["dead-units"][0]
+
+
+@pytest.mark.parametrize(
+    ("act", "layers"),
+    [("tanh", [{"name": "h", "type": "Tanh"}]), ("sigmoid", [{"name": "h", "type": "Dense", "activation": "sigmoid"}])],
+)
+def test_saturated_units_gain_is_exact(synth, rng, act, layers):
+    s = synth(layers=layers)
+    gains = []
+    for step in range(6):
+        z = rng.normal(0, 6.0, size=(32, 16))
+        a = (np.tanh(z) if act == "tanh" else 1 / (1 + np.exp(-z))).astype(np.float32)
+        a64 = a.astype(np.float64)
+        gains.append(np.mean(1 - a64**2) if act == "tanh" else 4 * np.mean(a64 * (1 - a64)))
+        s.log(step, "output", "h", a)
+    f = diagnose(s.run(), rules=[SaturatedUnitsRule()])[0]
+    expected = float(np.median(gains[-5:]))
+    assert f.code == "saturated-units" and f.layers == ("h",)
+    assert f.evidence["layers"]["h"]["gain"] == pytest.approx(expected, rel=1e-9)
+    assert f"the {act} layer 'h' passes back on average {expected:.3g} of the maximal gradient" in f.message
+    assert "logged steps 1–5; threshold 0.25" in f.message
+
+
+def test_saturation_healthy_tanh_and_unknown_activation(synth, rng):
+    s = synth(layers=[{"name": "h", "type": "Tanh"}, {"name": "lin", "type": "Linear"}])
+    for step in range(6):
+        s.log(step, "output", "h", np.tanh(rng.normal(0, 1.0, size=(32, 16))))
+        s.log(step, "output", "lin", np.tanh(rng.normal(0, 8.0, size=(32, 16))))  # not identifiable: ignored
+    assert diagnose(s.run(), rules=[SaturatedUnitsRule()]) == []
+
+
+def test_saturation_skips_without_identifiable_activation(synth):
+    s = synth(layers=[{"name": "lin", "type": "Linear"}])
+    s.log(0, "output", "lin", np.ones((2, 2)))
+    r = s.run()
+    assert SaturatedUnitsRule().applies(r) is False
+    assert diagnose(r, rules=[SaturatedUnitsRule()]) == []
+
+
+# ---- update ratio -------------------------------------------------------------------------------------------
+def test_update_ratio_high_and_low(synth):
+    s = synth()
+    for step in range(5):
+        s.log(step, "weight", "fc1", np.full((4, 3), 0.5))
+        s.log(step, "update", "fc1", np.full((4, 3), 0.25))  # ratio 0.5
+        s.log(step, "weight", "fc2", np.full((2, 4), 1.0))
+        s.log(step, "update", "fc2", np.full((2, 4), 1e-7))  # ratio 1e-7
+    found = diagnose(s.run(), rules=[UpdateRatioRule()])
+    assert codes(found) == ["update-ratio-high", "update-ratio-low"]
+    hi, lo = found
+    assert hi.layers == ("fc1",) and lo.layers == ("fc2",)
+    assert (
+        "layer 'fc1' moves by 0.5 of its weight norm per step (median over 5 logged steps), above the "
+        "threshold 0.1" in hi.message
+    )
+    assert "layer 'fc2' moves by 1e-07 of its weight norm" in lo.message
+    assert "below the threshold 1e-06" in lo.message
+
+
+def test_update_ratio_skips_without_updates(synth):
+    s = synth()
+    s.log(0, "weight", "fc1", np.ones((2, 2)))
+    r = s.run()
+    assert UpdateRatioRule().missing(RunData(r)) == ["'update' summaries"]
+    assert UpdateRatioRule().applies(r) is False
+    assert skipped_rules(r)["update-ratio"] == ["'update' summaries"]
+
+
+# ---- loss -----------------------------------------------------------------------------------------------------
+def test_loss_not_decreasing(synth):
+    s = synth()
+    for step in range(20):
+        s.scalars(step, loss=1.0 + 0.001 * (step % 3))
+    f = diagnose(s.run())[0]
+    assert f.code == "loss-not-decreasing" and f.layers == ()
+    assert f.evidence["window"] == 4
+    assert "median of the last 4 logged values is 1 against 1 for the first 4" in f.message
+
+
+def test_loss_rising_and_decreasing(synth, tmp_path):
+    s = synth()
+    for step in range(20):
+        s.scalars(step, loss=1.0 + step)
+    f = diagnose(s.run())[0]
+    # first 4: 1..4 median 2.5, last 4: 17..20 median 18.5 -> +640 %
+    assert "is 18.5 against 2.5 for the first 4 (+640 %" in f.message
+    s2 = synth("b.db")
+    for step in range(20):
+        s2.scalars(step, loss=1.0 / (1 + step))
+    assert diagnose(s2.run()) == []
+
+
+def test_loss_too_short_is_silent(synth):
+    s = synth()
+    for step in range(5):
+        s.scalars(step, loss=1.0)
+    assert diagnose(s.run(), rules=[LossNotDecreasingRule()]) == []
+
+
+# ---- thresholds -----------------------------------------------------------------------------------------------
+def test_thresholds_validation():
+    with pytest.raises(InputError, match=r"unknown threshold\(s\) \['vanish'\]"):
+        Thresholds.coerce({"vanish": 1})
+    with pytest.raises(InputError, match=r"Thresholds.vanish_ratio must be a finite, non-negative number, got -1"):
+        Thresholds(vanish_ratio=-1)
+    with pytest.raises(InputError, match="update_ratio_low"):
+        Thresholds(update_ratio_low=1.0, update_ratio_high=0.5)
+    with pytest.raises(InputError, match="thresholds must be"):
+        diagnose("x.db", thresholds=3)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="rules must be"):
+        diagnose(__import__("pathlib").Path(__file__), rules=["x"])  # type: ignore[list-item]
+
+
+def test_exploding_with_a_short_run_uses_half_as_baseline(synth):
+    s = synth()
+    for step, v in enumerate([1.0, 30.0, 5000.0]):  # diverges before 2 * baseline_steps values exist
+        s.scalars(step, grad_norm=v)
+    s.scalars(3, grad_norm=float("nan"), grad_nonfinite=7)
+    found = diagnose(s.run())
+    assert codes(found) == ["non-finite", "exploding-gradients"]  # error first, then the warning
+    assert found[1].severity == "warning"  # 5000x < 100**2
+    assert found[1].evidence["global"]["baseline_norm"] == 1.0
+    assert "grew 5e+03x, from 1 (median of the first 1 logged steps) to 5e+03 at step 2" in found[1].message

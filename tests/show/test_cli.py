@@ -1,0 +1,91 @@
+"""``gradsight show``, ``gradsight report`` and ``gradsight demo``, through the real dispatcher."""
+
+import importlib.util
+import io
+import time
+
+import pytest
+
+from conftest import XSS
+from gradsight import cli
+from gradsight.show._cli_demo import ProgressBar
+
+COMMANDS = {
+    "show": ("gradsight.show._cli_show", "print a summary table of a run"),
+    "report": ("gradsight.show._cli_report", "write the HTML report of a run"),
+    "demo": ("gradsight.show._cli_demo", "train, watch and diagnose a built-in scenario"),
+}
+
+
+@pytest.fixture(autouse=True)
+def _registered(monkeypatch):
+    """Register the commands as the lead will in cli._COMMANDS (a no-op once they are registered there)."""
+    monkeypatch.setattr(cli, "_COMMANDS", {**cli._COMMANDS, **COMMANDS})
+
+
+def test_show_prints_the_layer_table_and_findings(make_run, capsys):
+    path = make_run(layers=["dense", XSS], steps=6, dead_layer=0)
+    assert cli.main(["show", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "framework torch" in out and "6 logged, 0 to 5" in out
+    assert "grad RMS" in out and XSS in out
+    assert "findings" in out
+
+
+def test_show_shortens_long_names(make_run, capsys):
+    path = make_run(layers=["x" * 100, "y"], steps=2)
+    assert cli.main(["show", str(path), "--width", "20"]) == 0
+    assert "xxxxxxxxx…xxxxxxxxxx" in capsys.readouterr().out
+
+
+def test_report_writes_the_file_and_prints_its_path(make_run, tmp_path, capsys):
+    path = make_run(steps=4)
+    out = tmp_path / "r.html"
+    assert cli.main(["report", str(path), "-o", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out.resolve())
+    assert out.read_text().startswith("<!DOCTYPE html>")
+
+
+def test_missing_run_file_is_a_usage_error(tmp_path, capsys):
+    assert cli.main(["show", str(tmp_path / "nope.db")]) == 2
+    assert "no run file at" in capsys.readouterr().err
+
+
+def test_progress_bar_follows_the_run_file(make_run, tmp_path):
+    stream = io.StringIO()
+    path = make_run(steps=8)
+    with ProgressBar(path, 8, label="training", stream=stream, interval=0.01):
+        time.sleep(0.1)
+    text = stream.getvalue()
+    assert "8/8 steps" in text and "[" + "#" * 30 + "]" in text
+
+
+HAS_ZOO = importlib.util.find_spec("gradsight.zoo") is not None
+
+
+@pytest.mark.skipif(not HAS_ZOO, reason="gradsight.zoo (the fault zoo) has not landed in this checkout yet")
+def test_demo_lists_the_scenarios(capsys):
+    assert cli.main(["demo", "--list"]) == 0
+    assert "(default)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_ZOO, reason="gradsight.zoo (the fault zoo) has not landed in this checkout yet")
+def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["demo", "--steps", "30"]) == 0
+    captured = capsys.readouterr()
+    (folder,) = tmp_path.glob("gradsight-demo-*")
+    assert (folder / "run.db").is_file() and (folder / "report.html").is_file()
+    assert f"report:   {folder / 'report.html'}" in captured.out
+    assert "Findings" in captured.out
+    assert "30/30 steps" in captured.err
+    # a non-empty folder is never reused
+    assert cli.main(["demo", "--steps", "5", "--out", str(folder)]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not HAS_ZOO, reason="gradsight.zoo (the fault zoo) has not landed in this checkout yet")
+def test_demo_unknown_scenario_is_explained(tmp_path, capsys):
+    assert cli.main(["demo", "--scenario", "nope", "--out", str(tmp_path / "d")]) == 2
+    assert "unknown scenario 'nope'" in capsys.readouterr().err
