@@ -225,6 +225,11 @@ class KerasWatch:
         vals = {**(values or {}), **scalars}
         self._writer.log_scalars(max(self._next_step - 1, 0) if step is None else int(step), vals)
 
+    def log_event(self, step: int | None, kind: str, payload: Mapping[str, Any]) -> None:
+        """Record an event (e.g. an online finding) with a JSON payload in the run file."""
+        self._check_open("log_event")
+        self._writer.log_event(step, kind, payload)
+
     def flush(self) -> None:
         """Block until everything recorded so far is committed to the run file."""
         if not self._closed:
@@ -551,7 +556,11 @@ class KerasWatch:
         layers = []
         for layer in getattr(model, "layers", []):
             params = {_var_name(v, set()): list(_shape(v)) for v in layer.weights}
-            layers.append({"name": layer.name, "type": type(layer).__name__, "params": params})
+            entry: dict[str, Any] = {"name": layer.name, "type": type(layer).__name__, "params": params}
+            activation = getattr(layer, "activation", None)
+            if activation is not None:  # e.g. Dense(activation="tanh"): lets diagnosis judge saturation
+                entry["activation"] = getattr(activation, "__name__", str(activation))
+            layers.append(entry)
         meta = {"name": model.name, "type": type(model).__name__, "structure": self._structure, "layers": layers}
         self._writer.set_meta("model", meta)
         self._writer.set_meta("notes", self._notes)
