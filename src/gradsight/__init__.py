@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 #: Public names whose modules import a framework, resolved on first access (PEP 562).
 _LAZY = {
     "GradsightKerasCallback": "gradsight.frameworks._keras_watch",
+    "KerasDiagnosisCallback": "gradsight.frameworks._keras_diagnose",
     "watch_tape": "gradsight.frameworks._keras_watch",
 }
 
@@ -29,7 +30,8 @@ def __getattr__(name: str) -> object:
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        module = importlib.import_module(_LAZY[name])
+        return getattr(module, "KerasDiagnosisCallback" if name == "KerasDiagnosisCallback" else name)
     raise AttributeError(f"module 'gradsight' has no attribute {name!r}")
 
 
@@ -39,6 +41,7 @@ __all__ = [
     "GradsightKerasCallback",
     "GradsightWarning",
     "InputError",
+    "KerasDiagnosisCallback",
     "OnlineDiagnosis",
     "Run",
     "RunWriter",

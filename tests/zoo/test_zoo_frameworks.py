@@ -118,7 +118,7 @@ def test_torch_online_stops_on_nonfinite(tmp_path):
 def test_keras_callback_stops_fit_on_nonfinite(tmp_path):
     keras = pytest.importorskip("keras")
     from gradsight._watch import watch
-    from gradsight.frameworks._keras_diagnose import DiagnosisCallback
+    from gradsight.frameworks._keras_diagnose import KerasDiagnosisCallback
     from gradsight.frameworks._keras_zoo import _loss, build
     from gradsight.store import load
 
@@ -129,7 +129,7 @@ def test_keras_callback_stops_fit_on_nonfinite(tmp_path):
     model.compile(optimizer=keras.optimizers.SGD(0.05), loss=_loss("ce-naive"))
     with watch(model, path=tmp_path / "r.db", every=1) as w:
         seen = []
-        cb = DiagnosisCallback(w, on_finding=seen.append)
+        cb = KerasDiagnosisCallback(w, on_finding=seen.append)
         model.fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
     assert cb.online.should_stop and [f.code for f in seen] == ["non-finite"]
     with load(tmp_path / "r.db") as run:

@@ -9,16 +9,16 @@ import keras
 
 from ..diagnose._online import OnlineDiagnosis
 
-__all__ = ["DiagnosisCallback"]
+__all__ = ["KerasDiagnosisCallback"]
 
 
-class DiagnosisCallback(keras.callbacks.Callback):
+class KerasDiagnosisCallback(keras.callbacks.Callback):
     """Run :class:`gradsight.diagnose.OnlineDiagnosis` after each training batch; stop ``fit`` on ``stop_on``.
 
     Put it after the watch's own callback (``model.fit`` of a watched model adds that one first), e.g.::
 
         with gradsight.watch(model, path="run.db") as w:
-            model.fit(x, y, callbacks=[DiagnosisCallback(w)])
+            model.fit(x, y, callbacks=[KerasDiagnosisCallback(w)])
 
     When a finding with a code in ``stop_on`` (default ``("non-finite",)``) appears, it sets
     ``model.stop_training = True``, so ``fit`` ends after the current batch. At the end of training the full rule
