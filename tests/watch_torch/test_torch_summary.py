@@ -11,6 +11,14 @@ from gradsight.frameworks import _torch_summary as ts
 from gradsight.frameworks._torch_summary import summarize_tensor, summarize_tensors
 from gradsight.summary import TensorSummary, summarize
 
+
+@pytest.fixture(autouse=True, params=["fast", "exact"])
+def kernels(request, monkeypatch):
+    """Every test here runs twice: with the fast CPU float32 kernels and with the exact (accelerator) kernels."""
+    monkeypatch.setattr(ts, "FAST_CPU", request.param == "fast")
+    return request.param
+
+
 SPECIAL = [0.0, -0.0, math.nan, math.inf, -math.inf, 1.0, -1.0, 2.0**-126, 2.0**-127, -(2.0**-149), 3.4e38, 1.5, 0.75]
 
 
@@ -104,3 +112,58 @@ def test_property_matches_numpy_reference(a, b, axis):
 def test_min_max_of_only_nonfinite_are_the_identities_regression(dtype, values):
     s = summarize_tensor(torch.tensor(values, dtype=dtype))
     assert (s.min, s.max) == (math.inf, -math.inf)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [0.0, -0.0, 1.5, -2.0],  # zeros only: the fast kernels confirm them with one count
+        [2.0**-130, -(2.0**-140), 0.0, 3.0],  # subnormals next to a zero: the fast kernels hand over to the exact
+        [1e-45, 1.0, -1.0],  # the smallest subnormal, no zero
+    ],
+)
+def test_zeros_and_subnormals_are_told_apart(values):
+    x = torch.tensor(values * 5, dtype=torch.float32)
+    y = torch.randn(1000)
+    refs = [summarize(y.numpy()), summarize(x.numpy()), summarize(y.numpy())]
+    for got, ref in zip(summarize_tensors([y, x, y]), refs, strict=True):
+        assert_matches(got, ref)
+
+
+def test_join_is_the_same_as_one_batch():
+    a, b = [torch.randn(3, 4), torch.randn(7, dtype=torch.float64)], [torch.randn(5), torch.zeros(0), torch.randn(2)]
+    joined = ts.to_host(ts.Flat.join([ts.Flat.of(a), ts.Flat.of(b)]).stats())()
+    for g, x in zip(joined, a + b, strict=True):
+        assert_matches(g, summarize(x.numpy()))
+
+
+def test_rows_decode_like_unpack():
+    xs = [torch.randn(4, 3), torch.relu(torch.randn(2, 5)), torch.zeros(0)]
+    packed = ts.Flat.of(xs, [1, 1, None]).stats()
+    rows = ts.to_host_rows(packed)()
+    for i, (s, x) in enumerate(zip(ts.to_host(packed)(), xs, strict=True)):
+        assert_matches(rows.summary(i), s)
+        assert_matches(s, summarize(x.numpy(), unit_axis=None if i == 2 else 1))
+
+
+def test_pieces_split_large_tensors_and_give_the_same_numbers(monkeypatch):
+    xs = [torch.randn(1000), torch.relu(torch.randn(10, 7)), torch.randn(3), torch.randn(300) * 1e-3]
+    whole = summarize_tensors(xs)
+    monkeypatch.setattr(ts, "_PIECE", 64)
+    monkeypatch.setattr(ts, "_PLAN_CACHE", {})
+    for a, b, x in zip(whole, summarize_tensors(xs), xs, strict=True):
+        assert a.approx_equal(b, rtol=1e-12)
+        assert_matches(b, summarize(x.numpy()))
+
+
+def test_writer_array_encoding_is_the_per_summary_encoding():
+    from gradsight.store import SummaryArrays, _encode, _encode_arrays
+
+    xs = [torch.randn(4, 3), torch.relu(torch.randn(2, 5)), torch.zeros(0), torch.zeros(3), torch.tensor([math.nan])]
+    packed = ts.Flat.of(xs, [1, 1, None, None, None]).stats()
+    rows = ts.to_host_rows(packed)()
+    tids = [7, 3, 9, 1, 4]
+    arrays = SummaryArrays(tids, rows.ints, rows.floats, rows.hist, rows.units, rows.units_total)
+    want = [_encode(5, t, rows.summary(i)) for i, t in enumerate(tids)]
+    got = _encode_arrays(5, arrays)
+    assert [repr(r) for r in got] == [repr(r) for r in want]

@@ -405,3 +405,116 @@ def test_unwritable_location_even_for_root(mlp):
     with pytest.raises(StoreError, match="cannot create the run file"):
         watch(mlp, path="/proc/gradsight-test.db")
     no_hooks(mlp)
+
+
+# ---- optimizer.step(closure) ------------------------------------------------------------------------------------
+def _closure_run(tmp_path, model, opt, steps, kwarg):
+    """Train with optimizer.step(closure); returns what plain code saw: per step the first evaluation's gradient,
+    the first layer's output at that evaluation, W before the step and the update, and the number of evaluations."""
+    seen = []
+    with watch(model, path=tmp_path / "r.db", optimizer=opt, every=1) as run:
+        for _ in range(steps):
+            x, y = batch()
+            evals = []
+
+            def closure(x=x, y=y, evals=evals):
+                opt.zero_grad()
+                out0 = model[0](x)
+                loss = nn.functional.cross_entropy(model[4](model[3](model[2](model[1](out0)))), y)
+                loss.backward()
+                evals.append(
+                    (
+                        {n: p.grad.clone() for n, p in model.named_parameters()},
+                        out0.detach().clone(),
+                    )
+                )
+                return loss
+
+            w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+            if kwarg:
+                opt.step(closure=closure)
+            else:
+                opt.step(closure)
+            upd = {n: p.detach() - w0[n] for n, p in model.named_parameters()}
+            seen.append((evals[0][0], evals[0][1], w0, upd, len(evals)))
+        sc = run.scalars
+    return run, sc, seen
+
+
+@pytest.mark.parametrize("kwarg", [False, True])
+def test_closure_gradients_are_this_steps_not_the_previous(tmp_path, mlp, kwarg):
+    # Regression: the step pre-hook runs before optimizer.step(closure) evaluates the closure, so the watch
+    # recorded the previous step's gradients (none at step 0) and dropped the step's outputs.
+    opt = torch.optim.SGD(mlp.parameters(), lr=0.1, momentum=0.9)
+    run, sc, seen = _closure_run(tmp_path, mlp, opt, 3, kwarg)
+    assert run.steps == [0, 1, 2]
+    for step, (grads, out0, w0, upd, n_evals) in enumerate(seen):
+        assert n_evals == 1
+        for n in grads:
+            assert_matches(run.summary(n, "grad", step), summarize(grads[n].numpy()))
+            assert_matches(run.summary(n, "weight", step), summarize(w0[n].numpy()))
+            assert_matches(run.summary(n, "update", step), summarize(upd[n].numpy()))
+        assert_matches(run.summary("0", "output", step), summarize(out0.numpy(), unit_axis=1))
+        norm = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads.values()])).item()
+        assert math.isclose(sc.loc[step, "grad_norm"], norm, rel_tol=1e-5)
+
+
+def test_closure_lbfgs_records_the_first_evaluation_and_trains_as_unwatched(tmp_path, mlp):
+    import copy
+
+    twin = copy.deepcopy(mlp)
+    opt = torch.optim.LBFGS(mlp.parameters(), lr=0.5, max_iter=4)
+    torch.manual_seed(1)
+    run, _, seen = _closure_run(tmp_path, mlp, opt, 2, False)
+    for step, (grads, out0, w0, upd, n_evals) in enumerate(seen):
+        assert n_evals > 1  # LBFGS re-evaluates the closure; the watch must not change that
+        for n in grads:  # the gradient at the step's starting point: the first evaluation's
+            assert_matches(run.summary(n, "grad", step), summarize(grads[n].numpy()))
+            assert_matches(run.summary(n, "weight", step), summarize(w0[n].numpy()))
+            assert_matches(run.summary(n, "update", step), summarize(upd[n].numpy()))
+        out = run.summary("0", "output", step)  # the first evaluation's output only, not merged with later ones
+        assert_matches(out, summarize(out0.numpy(), unit_axis=1))
+    # the same training without a watch ends with the same weights
+    opt2 = torch.optim.LBFGS(twin.parameters(), lr=0.5, max_iter=4)
+    torch.manual_seed(1)
+    for _ in range(2):
+        x, y = batch()
+
+        def closure(x=x, y=y):
+            opt2.zero_grad()
+            loss = nn.functional.cross_entropy(twin(x), y)
+            loss.backward()
+            return loss
+
+        opt2.step(closure)
+    for (n, p), q in zip(mlp.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
+
+
+def test_cheap_checks_on_the_accelerator_path(tmp_path, mlp, monkeypatch):
+    """The device-resident cheap checks (norms and counts copied in batches), exercised on CPU."""
+    from gradsight.frameworks import _torch_watch
+
+    monkeypatch.setattr(_torch_watch, "_HOST_CHEAP", False)
+    opt = torch.optim.SGD(mlp.parameters(), lr=0.0)
+    with watch(mlp, path=tmp_path / "r.db", optimizer=opt, preset="cheap", cheap_flush=2) as run:
+        norms = []
+        for k in range(3):
+            x, y = batch()
+            opt.zero_grad()
+            nn.functional.cross_entropy(mlp(x), y).backward()
+            if k == 1:
+                mlp[0].weight.grad[0, 0] = math.nan
+                mlp[2].bias.grad[1] = -math.inf
+            norms.append(torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in mlp.parameters()])).item())
+            w0 = [p.detach().clone() for p in mlp.parameters()]
+            opt.step()
+            with torch.no_grad():  # undo the step (lr=0 still turns weights into NaN where the gradient is not finite)
+                for p, w in zip(mlp.parameters(), w0, strict=True):
+                    p.copy_(w)
+        sc = run.scalars
+    assert sc.loc[1, "grad_nonfinite"] == 2 and sc.loc[1, "grad_nonfinite/0.weight"] == 1
+    assert sc.loc[1, "grad_nonfinite/2.bias"] == 1 and sc.loc[1, "grad_nonfinite/0.bias"] == 0
+    assert math.isnan(sc.loc[1, "grad_norm"])
+    np.testing.assert_allclose(sc["grad_norm"].to_numpy()[[0, 2]], [norms[0], norms[2]], rtol=1e-5)
+    assert (sc["grad_nonfinite"].to_numpy()[[0, 2]] == 0).all()

@@ -1,7 +1,7 @@
 """Online diagnosis: the same rules, evaluated during training on what has been recorded so far.
 
 Call :meth:`OnlineDiagnosis.check` after each logged step (a framework adapter does it for you, e.g.
-:class:`gradsight.frameworks._keras_diagnose.DiagnosisCallback`). It costs one read of the run file:
+:class:`gradsight.frameworks._keras_diagnose.KerasDiagnosisCallback`). It costs one read of the run file:
 
 * the non-finite rule runs on every call, over the steps recorded since the previous call only (cheap, and the
   first NaN is found at the call that follows its step);
@@ -193,9 +193,7 @@ class OnlineDiagnosis:
         if last is not None:
             self._checked_to = int(last)
         fresh = self._new(found)
-        log_event = getattr(self._source, "log_event", None)
-        if log_event is None:  # a watch: its RunWriter records events
-            log_event = getattr(getattr(self._source, "_writer", None), "log_event", None)
+        log_event = getattr(self._source, "log_event", None)  # a watch or a RunWriter records events
         for f in fresh:
             self.findings.append(f)
             if self.record and callable(log_event):

@@ -8,8 +8,8 @@ What it does, all through Lightning's public callback hooks:
 * ``on_fit_start``: ``gradsight.watch(module, optimizer=trainer.optimizers[i], ...)`` — the watch's step counter
   advances at each real optimizer step, so with ``accumulate_grad_batches=k`` one gradsight step spans ``k``
   batches and records the accumulated gradient (see :mod:`gradsight.frameworks._torch_watch`). Lightning runs
-  forward and backward inside ``optimizer.step(closure)``; a step pre-hook registered before the watch's
-  evaluates the closure first, so the watch sees this step's gradients and outputs (:class:`_ClosureFirst`).
+  forward and backward inside ``optimizer.step(closure)``; the watch captures gradients right after the closure
+  has run, so it records this step's gradients and outputs.
 * ``on_train_batch_end``: the loss of each batch (``outputs["loss"]``, as a tensor: no host sync; undoing
   Lightning's division by ``accumulate_grad_batches``); when the optimizer stepped, the mean over the step's
   batches is logged as the step's ``loss``. On a logged step
@@ -57,43 +57,6 @@ DDP_MESSAGE = (
     "summaries across ranks is not implemented. Train on one device (Trainer(devices=1)) to watch the run, or "
     "remove the callback for the distributed run."
 )
-
-
-class _ClosureFirst:
-    """An optimizer step pre-hook that evaluates the step's closure before the watch's pre-hook runs.
-
-    Lightning's automatic optimization calls ``optimizer.step(closure)``, and the closure runs the forward and
-    backward passes *inside* ``step()`` — after every step pre-hook, so the watch's pre-hook would see the
-    previous step's gradients and none of this step's layer outputs. Registered before the watch's hooks, this
-    hook calls the closure first (under ``torch.enable_grad()``, as ``torch.optim`` optimizers do) and hands
-    the optimizer a closure whose first call returns that result; later calls (LBFGS re-evaluates) run the real
-    closure again. For optimizers that call the closure once this changes nothing but the moment it runs.
-    """
-
-    def __call__(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if "closure" in kwargs:
-            closure, where = kwargs["closure"], "kw"
-        elif args:
-            closure, where = args[0], "pos"
-        else:
-            return None
-        if closure is None or getattr(closure, "_gradsight_evaluated", False):
-            return None
-        with torch.enable_grad():
-            result = closure()
-        calls = [0]
-
-        def evaluated() -> Any:
-            calls[0] += 1
-            if calls[0] == 1:
-                return result
-            with torch.enable_grad():
-                return closure()
-
-        evaluated._gradsight_evaluated = True  # type: ignore[attr-defined]
-        if where == "kw":
-            return args, {**kwargs, "closure": evaluated}
-        return (evaluated, *args[1:]), kwargs
 
 
 def _default_path(trainer: Trainer) -> Path:
@@ -156,7 +119,6 @@ class GradsightLightningCallback(Callback):
         self._diagnosis: Any = None
         self._losses: list[torch.Tensor] = []
         self._seen_step: int | None = None
-        self._closure_hook: Any = None
         if diagnose:  # validate stop_on / on_finding now, not at fit time
             from ..diagnose._online import OnlineDiagnosis
 
@@ -190,14 +152,7 @@ class GradsightLightningCallback(Callback):
         config = {"integration": "lightning", "accumulate_grad_batches": trainer.accumulate_grad_batches}
         config.update(self.watch_kwargs.get("config") or {})
         kwargs = {k: v for k, v in self.watch_kwargs.items() if k != "config"}
-        # Before the watch's own hooks, so that they see this step's gradients (see _ClosureFirst).
-        self._closure_hook = optimizer.register_step_pre_hook(_ClosureFirst())
-        try:
-            self.watch = gradsight.watch(pl_module, path=self.path, optimizer=optimizer, config=config, **kwargs)
-        except BaseException:
-            self._closure_hook.remove()
-            self._closure_hook = None
-            raise
+        self.watch = gradsight.watch(pl_module, path=self.path, optimizer=optimizer, config=config, **kwargs)
         self.path = self.watch.path
         self._losses = []
         self._seen_step = self.watch.current_step
@@ -256,9 +211,6 @@ class GradsightLightningCallback(Callback):
         finally:
             self._diagnosis = None
             self._losses = []
-            if self._closure_hook is not None:
-                self._closure_hook.remove()
-                self._closure_hook = None
             watch.close()
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -2,25 +2,40 @@
 
 The work is batched across tensors: tensors are flattened and concatenated per dtype group (float32, and
 float64; float16/bfloat16 are upcast to float32, which is exact), and each group is summarised by a handful of
-whole-buffer kernels instead of a handful of kernels per tensor:
+whole-buffer kernels instead of a handful of kernels per tensor. Every tensor's result is one **row** of
+``ROW = 266`` int64 words (float64 fields bit-cast)::
 
-* **counts and histogram** — one ``bincount`` over a 10-bit code read from the float32 bits (bit 9: mantissa is
-  non-zero, bit 8: sign, bits 0-7: the biased exponent field ``bits >> 23 & 0xFF``) plus ``1024 * segment``.
-  From those 1024 counts per tensor follow exactly: ``zeros`` (exponent 0, mantissa 0), histogram bin 0
-  (subnormals), bins 1..254 (the exponent field), ``posinf``/``neginf`` (exponent 255, mantissa 0), ``nan``
-  (exponent 255, mantissa non-zero) and ``positive``. float64 tensors use ``torch.frexp`` and a 516-code layout
-  (256 positive bins, 256 negative bins, zeros, nan, +inf, -inf) because their bins reach 0 and 255 differently.
-* **sums** — ``sum`` and ``sum_sq`` over the finite elements, **accumulated in float64 on the device** (the float32
-  buffer is upcast once; non-finite values are replaced by 0 first), so they agree with the numpy reference to
-  about float64 rounding, not just float32's.
-* **min/max** — over the finite elements (non-finite replaced by the identity ``∓inf``), per tensor with
-  ``torch._foreach_max``; exact, since float32 values are exactly representable in float64.
-* **per-unit activity** — ``(x != 0)`` summed over every axis except the unit axis, per tensor.
+    [count, zeros, nan, posinf, neginf, positive, sum, sum_sq, min, max, hist[0] .. hist[255]]
 
-Everything a batch computes is packed into **one int64 device buffer** (float64 fields bit-cast), so a logged
-step costs exactly one device→host copy (:class:`PackedStats`); on CUDA the copy goes to pinned memory with
-``non_blocking=True`` and the host waits for it on the run writer's thread, not on the training thread. Unpacking
-into :class:`~gradsight.summary.TensorSummary` objects is plain numpy (:func:`unpack`).
+Two kernel sets compute the rows; both are exact for every count, bin, min and max, and accumulate ``sum`` and
+``sum_sq`` in float64 (so they agree with the numpy reference to float64 rounding, not just float32's):
+
+* **exact, any device, no host sync** (:func:`_rows_exact`): one ``bincount`` over a 10-bit code read from the
+  float32 bits (bit 9: mantissa is non-zero, bit 8: sign, bits 0-7: the biased exponent field
+  ``bits >> 23 & 0xFF``) plus ``1024 * segment``. From those 1024 counts per tensor follow exactly: ``zeros``
+  (exponent 0, mantissa 0), histogram bin 0 (subnormals), bins 1..254 (the exponent field), ``posinf``/
+  ``neginf`` (exponent 255, mantissa 0), ``nan`` (exponent 255, mantissa non-zero) and ``positive``. float64
+  tensors use ``torch.frexp`` and a 516-code layout (256 positive bins, 256 negative bins, zeros, nan, +inf,
+  -inf) because their bins reach 0 and 255 differently. Sums over the finite elements (non-finite replaced by
+  0) in float64, min/max per tensor with ``torch._foreach_max`` over the finite elements. The 1024 counts are
+  folded into rows on the device.
+* **fast, CPU float32** (:func:`_rows_f32_cpu`), used where reading a result costs no device sync: a 9-bit code
+  ``bits >> 23`` (sign and exponent field, two integer passes instead of eight) and ``bincount``. The bins it
+  cannot split — exponent 0 (zeros vs subnormals) and 255 (infinities vs NaN) — are checked on the host right
+  away: a tensor with exponent-0 elements gets one ``count_nonzero`` to confirm they are all zeros; any
+  exponent-255 element, or any subnormal, sends the group to the exact kernels (rare: a broken step). Min/max and
+  the float64 sums then need no masking (every element is finite): numpy ``reduceat`` over the float32 data and
+  over a float64 copy (``sum``, then squared in place for ``sum_sq``; a float32 squared is exact in float64).
+  The batch is walked in pieces of at most ``_PIECE`` elements (whole small tensors together, large tensors
+  split), through two per-thread scratch buffers: every pass runs in cache and no call allocates large
+  temporaries — on CPU, fresh multi-megabyte buffers cost more in page faults than the kernels that fill them.
+
+Everything a batch computes is packed into **one int64 device buffer** (the rows, then the per-unit activity
+counts), so a logged step costs exactly one device→host copy (:class:`PackedStats`); on CUDA the copy goes to
+pinned memory with ``non_blocking=True`` and the host waits for it on the run writer's thread, not on the training
+thread. Decoding is plain numpy: :func:`to_host_rows` keeps the rows as one matrix (the watch's fast path, encoded
+by the run writer with array operations), :func:`unpack` / :func:`to_host` build
+:class:`~gradsight.summary.TensorSummary` objects.
 
 Memory: a batch temporarily holds a copy of its tensors (the concatenation) plus a few same-sized buffers; large
 batches are processed in chunks of at most ``CHUNK_ELEMENTS`` elements per kernel set to bound that.
@@ -29,6 +44,7 @@ batches are processed in chunks of at most ``CHUNK_ELEMENTS`` elements per kerne
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,19 +56,33 @@ from ..summary import HIST_BINS, TensorSummary
 
 __all__ = [
     "CHUNK_ELEMENTS",
+    "ROW",
     "Flat",
     "PackedStats",
+    "Rows",
     "summarize_tensor",
     "summarize_tensors",
     "to_host",
+    "to_host_rows",
     "unpack",
 ]
 
 #: Upper bound on the number of elements one kernel set processes at once (bounds temporary memory).
 CHUNK_ELEMENTS = 1 << 24
-_W32 = 1024  # codes per tensor in the float32 layout
+_W32 = 1024  # codes per tensor in the exact float32 layout
 _W64 = 516  # codes per tensor in the float64 layout
+_W9 = 512  # codes per tensor in the fast CPU float32 layout (sign, exponent field)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+# Columns of a row (int64 words; the four float64 fields are bit-cast).
+_COUNT, _ZEROS, _NAN, _POSINF, _NEGINF, _POSITIVE = range(6)
+_SUM, _SUM_SQ, _MIN, _MAX = range(6, 10)
+_HIST = 10
+#: Width of one tensor's row in a packed buffer.
+ROW = _HIST + HIST_BINS
+
+#: Use the fast CPU float32 kernels where they apply (tests switch it off to exercise the exact kernels on CPU).
+FAST_CPU = True
 
 
 def _group_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -78,7 +108,8 @@ class Flat:
     """Tensors flattened into one buffer per dtype group and chunk (a copy: later in-place changes don't show).
 
     ``Flat.of(tensors)`` makes the copy; ``after.minus(before)`` is the elementwise difference of two batches
-    with the same layout (used for the update ``W_after - W_before``).
+    with the same layout (used for the update ``W_after - W_before``); ``Flat.join`` puts several batches into
+    one, so that they are summarised by one kernel set.
     """
 
     groups: list[_Group]
@@ -97,24 +128,17 @@ class Flat:
         Returns:
             The batch.
         """
-        numels = [int(t.numel()) for t in tensors]
+        numels = [t.numel() for t in tensors]
         by_dtype: dict[torch.dtype, list[int]] = {}
         for i, t in enumerate(tensors):
             if numels[i]:
                 by_dtype.setdefault(_group_dtype(t.dtype), []).append(i)
         groups: list[_Group] = []
         for dtype, idx in by_dtype.items():
-            chunk: list[int] = []
-            size = 0
-            for i in [*idx, -1]:
-                if i == -1 or (chunk and size + numels[i] > CHUNK_ELEMENTS):
-                    parts = [tensors[j].detach().reshape(-1) for j in chunk]
-                    flat = torch.cat([p.to(dtype) if p.dtype != dtype else p for p in parts])
-                    groups.append(_Group(dtype, chunk, [numels[j] for j in chunk], flat))
-                    chunk, size = [], 0
-                if i != -1:
-                    chunk.append(i)
-                    size += numels[i]
+            for chunk in _chunks(idx, numels):
+                parts = [tensors[j].detach().reshape(-1) for j in chunk]
+                flat = torch.cat([p.to(dtype) if p.dtype != dtype else p for p in parts])
+                groups.append(_Group(dtype, chunk, [numels[j] for j in chunk], flat))
         units: list[tuple[int, int] | None] = []
         unit_counts: list[torch.Tensor] = []
         if unit_axes is not None:
@@ -125,49 +149,107 @@ class Flat:
                 n_units = int(t.shape[axis])
                 units.append((n_units, numels[i] // n_units if n_units else 0))
                 if n_units:
-                    moved = t.detach().movedim(axis, -1).reshape(-1, n_units)
-                    unit_counts.append(moved.ne(0).sum(0, dtype=torch.int64))
+                    # NaN != 0, so a unit emitting NaN counts as active, as in the reference.
+                    dims = tuple(d for d in range(t.dim()) if d != axis % t.dim())
+                    if dims:  # (count_nonzero reads an empty dim tuple as "all dims")
+                        unit_counts.append(torch.count_nonzero(t.detach(), dim=dims).reshape(-1))
+                    else:
+                        unit_counts.append(t.detach().ne(0).to(torch.int64))
         else:
             units = [None] * len(tensors)
         return cls(groups, numels, units, unit_counts)
 
-    def minus(self, before: Flat) -> Flat:
-        """``self - before`` elementwise, for two batches made from tensors of the same shapes and dtypes."""
+    @classmethod
+    def join(cls, flats: Sequence[Flat]) -> Flat:
+        """One batch holding the tensors of ``flats`` in order, summarised by one ``stats()``.
+
+        No copy: the batches' buffers stay as they are, as groups of the joined batch.
+        """
+        flats = list(flats)
+        if len(flats) == 1:
+            return flats[0]
+        numels: list[int] = []
+        units: list[tuple[int, int] | None] = []
+        unit_counts: list[torch.Tensor] = []
+        groups: list[_Group] = []
+        for f in flats:
+            off = len(numels)
+            groups.extend(_Group(g.dtype, [i + off for i in g.index], g.numels, g.flat) for g in f.groups)
+            numels.extend(f.numels)
+            units.extend(f.units if f.units else [None] * len(f.numels))
+            unit_counts.extend(f.unit_counts)
+        return cls(groups, numels, units, unit_counts)
+
+    def minus(self, before: Flat, *, inplace: bool = False) -> Flat:
+        """``self - before`` elementwise, for two batches made from tensors of the same shapes and dtypes.
+
+        With ``inplace=True`` the difference overwrites this batch's buffers (which must not be used otherwise).
+        """
         groups = [
-            _Group(a.dtype, a.index, a.numels, a.flat - b.flat) for a, b in zip(self.groups, before.groups, strict=True)
+            _Group(a.dtype, a.index, a.numels, a.flat.sub_(b.flat) if inplace else a.flat - b.flat)
+            for a, b in zip(self.groups, before.groups, strict=True)
         ]
         return Flat(groups, self.numels, [None] * len(self.numels), [])
 
     def stats(self) -> PackedStats:
         """Summarise the batch on its device; returns the packed (still on-device) result."""
-        parts: list[torch.Tensor] = []
-        for g in self.groups:
-            parts.extend(_group_stats(g))
-        parts.extend(self.unit_counts)
         device = self.groups[0].flat.device if self.groups else None
         if device is None and self.unit_counts:
             device = self.unit_counts[0].device
-        buf = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+        n = len(self.numels)
+        parts = [(g.index, _group_rows(g)) for g in self.groups]
+        if len(parts) == 1 and len(parts[0][0]) == n:  # one group holding every tensor, in order
+            rows = parts[0][1]
+        else:
+            rows = _empty_rows(self.numels, device)
+            for index, r in parts:
+                rows[torch.tensor(index, device=device)] = r
+        buf = torch.cat([rows.reshape(-1), *self.unit_counts]) if self.unit_counts else rows.reshape(-1)
         layout = [(g.dtype == torch.float64, g.index) for g in self.groups]
         return PackedStats(buf, [_Layout(self.numels, layout, self.units)])
+
+
+def _chunks(idx: list[int], numels: list[int]) -> list[list[int]]:
+    out: list[list[int]] = []
+    chunk: list[int] = []
+    size = 0
+    for i in idx:
+        if chunk and size + numels[i] > CHUNK_ELEMENTS:
+            out.append(chunk)
+            chunk, size = [], 0
+        chunk.append(i)
+        size += numels[i]
+    if chunk:
+        out.append(chunk)
+    return out
+
+
+def _empty_rows(numels: list[int], device: torch.device | None) -> torch.Tensor:
+    """Rows for tensors not yet summarised: ``count`` set, ``min``/``max`` the identities, the rest 0."""
+    rows = np.zeros((len(numels), ROW), dtype=np.int64)
+    rows[:, _COUNT] = numels
+    rows[:, _MIN] = np.array(math.inf).view(np.int64)
+    rows[:, _MAX] = np.array(-math.inf).view(np.int64)
+    t = torch.from_numpy(rows)
+    return t if device is None or device.type == "cpu" else t.to(device)
 
 
 _SEG_CACHE: dict[tuple[Any, ...], torch.Tensor] = {}
 _SEG_CACHE_ELEMENTS = 1 << 21  # cache segment codes of batches up to this size (4 bytes per element)
 
 
-def _seg_codes(numels: list[int], width: int, device: torch.device) -> torch.Tensor:
-    """``width * segment`` for every element of a concatenation of segments of lengths ``numels`` (int32).
+def _seg_codes(numels: list[int], width: int, device: torch.device, offset: int = 0) -> torch.Tensor:
+    """``width * segment + offset`` for every element of a concatenation of segments of lengths ``numels`` (int32).
 
     Small layouts are cached (a few, keyed by device, width and lengths): a watch summarises the same
     parameter layout at every logged step.
     """
     total = sum(numels)
-    key = (device, width, tuple(numels))
+    key = (device, width, offset, tuple(numels))
     cached = _SEG_CACHE.get(key)
     if cached is not None:
         return cached
-    base = torch.arange(len(numels), device=device, dtype=torch.int32) * width
+    base = torch.arange(len(numels), device=device, dtype=torch.int32) * width + offset
     seg = torch.repeat_interleave(base, torch.tensor(numels, device=device), output_size=total)
     if total <= _SEG_CACHE_ELEMENTS:
         if len(_SEG_CACHE) >= 16:
@@ -176,8 +258,163 @@ def _seg_codes(numels: list[int], width: int, device: torch.device) -> torch.Ten
     return seg
 
 
-def _group_stats(g: _Group) -> list[torch.Tensor]:
-    """Packed int64 parts for one group: codes counts, then sum, sum_sq, min, max (float64 bit-cast)."""
+_STARTS_CACHE: dict[tuple[int, ...], np.ndarray] = {}
+
+
+def _starts(numels: list[int]) -> np.ndarray:
+    """Offsets of the segments of lengths ``numels`` in their concatenation (cached per layout)."""
+    key = tuple(numels)
+    starts = _STARTS_CACHE.get(key)
+    if starts is None:
+        starts = np.zeros(len(numels), dtype=np.intp)
+        np.cumsum(numels[:-1], out=starts[1:])
+        if len(_STARTS_CACHE) >= 64:
+            _STARTS_CACHE.pop(next(iter(_STARTS_CACHE)))
+        _STARTS_CACHE[key] = starts
+    return starts
+
+
+def _group_rows(g: _Group) -> torch.Tensor:
+    """``(n, ROW)`` int64 rows for one group's tensors, on the group's device."""
+    if FAST_CPU and g.dtype == torch.float32 and g.flat.device.type == "cpu":
+        rows = _rows_f32_cpu(g)
+        if rows is not None:
+            return rows
+    return _rows_exact(g)
+
+
+class _Workspace(threading.local):
+    """Per-thread scratch buffers of the fast CPU kernels (``_PIECE`` elements: 1.5 MiB), reused across calls.
+
+    The kernels walk a batch in pieces of at most ``_PIECE`` elements, so that every pass over a piece runs in
+    cache and no call allocates (and page-faults) multi-megabyte temporaries.
+    """
+
+    def __init__(self) -> None:
+        self.codes = torch.empty(0, dtype=torch.int32)
+        self.f64 = torch.empty(0, dtype=torch.float64)
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.codes.numel() < _PIECE:
+            self.codes = torch.empty(_PIECE, dtype=torch.int32)
+            self.f64 = torch.empty(_PIECE, dtype=torch.float64)
+        return self.codes, self.f64
+
+
+_PIECE = 1 << 17
+_WS = _Workspace()
+
+
+@dataclass
+class _Piece:
+    """A range ``[lo, hi)`` of a batch: part of one tensor (``seg is None``) or several whole tensors."""
+
+    lo: int
+    hi: int
+    index: np.ndarray  # the tensors (segments) in the piece
+    starts: np.ndarray  # their starts, relative to lo
+    seg: torch.Tensor | None  # 512 * (segment within the piece) + 256 per element, for several tensors
+
+
+_PLAN_CACHE: dict[tuple[int, ...], list[_Piece]] = {}
+
+
+def _plan(numels: list[int]) -> list[_Piece]:
+    """Cut a batch of tensors of sizes ``numels`` into pieces of at most ``_PIECE`` elements (cached per layout)."""
+    key = tuple(numels)
+    plan = _PLAN_CACHE.get(key)
+    if plan is not None:
+        return plan
+    plan = []
+    group: list[int] = []
+    lo = off = 0
+
+    def close() -> None:
+        if not group:
+            return
+        sizes = [numels[k] for k in group]
+        starts = np.zeros(len(group), dtype=np.intp)
+        np.cumsum(sizes[:-1], out=starts[1:])
+        seg = None
+        if len(group) > 1:
+            base = torch.arange(len(group), dtype=torch.int32) * _W9 + 256
+            seg = torch.repeat_interleave(base, torch.tensor(sizes), output_size=sum(sizes))
+        plan.append(_Piece(lo, lo + sum(sizes), np.array(group, dtype=np.intp), starts, seg))
+        group.clear()
+
+    for k, m in enumerate(numels):
+        if m > _PIECE:
+            close()
+            for a in range(0, m, _PIECE):
+                plan.append(_Piece(off + a, off + min(m, a + _PIECE), np.array([k]), np.zeros(1, dtype=np.intp), None))
+        else:
+            if group and off + m - lo > _PIECE:
+                close()
+            if not group:
+                lo = off
+            group.append(k)
+        off += m
+    close()
+    if len(_PLAN_CACHE) >= 32:
+        _PLAN_CACHE.pop(next(iter(_PLAN_CACHE)))
+    _PLAN_CACHE[key] = plan
+    return plan
+
+
+def _rows_f32_cpu(g: _Group) -> torch.Tensor | None:
+    """The fast CPU float32 kernels (see the module docstring); ``None`` when the exact kernels are needed."""
+    flat, numels, n = g.flat, g.numels, len(g.numels)
+    plan = _plan(numels)
+    codes, f64 = _WS.get()
+    bits = flat.view(torch.int32)
+    c = np.zeros((n, _W9), dtype=np.int64)  # per tensor: [negative, positive] x exponent field
+    for p in plan:
+        cp = codes[: p.hi - p.lo]
+        torch.bitwise_right_shift(bits[p.lo : p.hi], 23, out=cp)  # sign and exponent field, -256 .. 255
+        if p.seg is None:
+            cp.add_(256)
+            c[p.index[0]] += torch.bincount(cp, minlength=_W9).numpy()
+        else:
+            cp.add_(p.seg)
+            c[p.index] += torch.bincount(cp, minlength=len(p.index) * _W9).numpy().reshape(-1, _W9)
+    c = c.reshape(n, 2, 256)
+    if c[:, :, 255].any():  # an Inf or NaN: the exact kernels split them
+        return None
+    exp0 = c[:, 0, 0] + c[:, 1, 0]
+    if exp0.any():  # exponent-0 elements are zeros unless some are subnormals
+        starts = _starts(numels)
+        for k in np.flatnonzero(exp0).tolist():
+            if numels[k] - int(torch.count_nonzero(flat[starts[k] : starts[k] + numels[k]])) != exp0[k]:
+                return None
+    a = flat.numpy()
+    floats = np.zeros((n, 4), dtype=np.float64)
+    floats[:, 2] = math.inf
+    floats[:, 3] = -math.inf
+    for p in plan:
+        x = a[p.lo : p.hi]
+        yt = f64[: p.hi - p.lo]
+        yt.copy_(flat[p.lo : p.hi])
+        y = yt.numpy()
+        i = p.index
+        floats[i, 2] = np.minimum(floats[i, 2], np.minimum.reduceat(x, p.starts))
+        floats[i, 3] = np.maximum(floats[i, 3], np.maximum.reduceat(x, p.starts))
+        floats[i, 0] += np.add.reduceat(y, p.starts)
+        np.square(y, out=y)  # exact: a float32 squared fits a float64
+        floats[i, 1] += np.add.reduceat(y, p.starts)
+    rows = np.empty((n, ROW), dtype=np.int64)
+    rows[:, _COUNT] = numels
+    rows[:, _ZEROS] = exp0
+    rows[:, _NAN : _NEGINF + 1] = 0
+    hist = rows[:, _HIST:]
+    np.add(c[:, 0], c[:, 1], out=hist)
+    hist[:, 0] = 0
+    rows[:, _POSITIVE] = c[:, 1, 1:255].sum(1)
+    rows[:, _SUM : _MAX + 1] = floats.view(np.int64)
+    return torch.from_numpy(rows)
+
+
+def _rows_exact(g: _Group) -> torch.Tensor:
+    """The exact kernels (any device, no host sync): rows folded on the device from the code counts."""
     flat, n = g.flat, len(g.numels)
     seg = _seg_codes(g.numels, _W32 if g.dtype == torch.float32 else _W64, flat.device)
     if g.dtype == torch.float32:
@@ -190,7 +427,14 @@ def _group_stats(g: _Group) -> list[torch.Tensor]:
         mant &= 0x200
         code |= mant
         code += seg
-        counts = torch.bincount(code, minlength=n * _W32)
+        c = torch.bincount(code, minlength=n * _W32).view(n, 2, 2, 256)  # [mantissa non-zero, sign, exponent]
+        hist = torch.zeros(n, HIST_BINS, dtype=torch.int64, device=flat.device)
+        hist[:, 0] = c[:, 1, :, 0].sum(1)
+        hist[:, 1:255] = c[:, :, :, 1:255].sum((1, 2))
+        zeros = c[:, 0, :, 0].sum(1)
+        posinf, neginf = c[:, 0, 0, 255], c[:, 0, 1, 255]
+        nan = c[:, 1, :, 255].sum(1)
+        positive = c[:, :, 0, 0:255].sum((1, 2)) - c[:, 0, 0, 0]
         fin0 = torch.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0).to(torch.float64)
     else:
         _, e = torch.frexp(flat)
@@ -201,7 +445,10 @@ def _group_stats(g: _Group) -> list[torch.Tensor]:
         code = torch.where(flat == math.inf, 514, code)
         code = torch.where(flat == -math.inf, 515, code)
         code += seg
-        counts = torch.bincount(code, minlength=n * _W64)
+        c = torch.bincount(code, minlength=n * _W64).view(n, _W64)
+        hist = c[:, :256] + c[:, 256:512]
+        positive = c[:, :256].sum(1)
+        zeros, nan, posinf, neginf = c[:, 512], c[:, 513], c[:, 514], c[:, 515]
         fin0 = torch.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
     views = list(fin0.split(g.numels))
     sums = torch.stack([v.sum() for v in views])
@@ -210,21 +457,25 @@ def _group_stats(g: _Group) -> list[torch.Tensor]:
     lo = torch.nan_to_num(flat, nan=math.inf, posinf=math.inf, neginf=math.inf).neg_()
     maxs = torch.stack(torch._foreach_max(list(hi.split(g.numels)))).to(torch.float64)
     mins = torch.stack(torch._foreach_max(list(lo.split(g.numels)))).to(torch.float64).neg_()
-    floats = torch.stack([sums, sum_sq, mins, maxs]).reshape(-1)
-    return [counts, floats.view(torch.int64)]
+    count = torch.tensor(g.numels, dtype=torch.int64, device=flat.device)
+    ints = torch.stack([count, zeros, nan, posinf, neginf, positive], 1)
+    floats = torch.stack([sums, sum_sq, mins, maxs], 1).view(torch.int64)
+    return torch.cat([ints, floats, hist], 1)
 
 
 @dataclass
 class _Layout:
     numels: list[int]
-    groups: list[tuple[bool, list[int]]]  # (is_float64, tensor positions) per group, in buffer order
+    groups: list[tuple[bool, list[int]]]  # (is_float64, tensor positions) per group, in kernel order
     units: list[tuple[int, int] | None]
 
 
 class PackedStats:
     """Summaries of one or more batches in one int64 buffer, still on the device.
 
-    ``PackedStats.concat`` joins several (so a logged step makes one copy); :func:`to_host` copies it.
+    Per batch (:class:`_Layout`): one row of ``ROW`` words per tensor, in the batch's tensor order, then the
+    per-unit activity counts of the tensors that have them. ``PackedStats.concat`` joins several (so a logged
+    step makes one copy); :func:`to_host` / :func:`to_host_rows` copy it.
     """
 
     def __init__(self, buf: torch.Tensor, layouts: list[_Layout]) -> None:
@@ -243,31 +494,27 @@ class PackedStats:
         return PackedStats(buf, [lay for p in packs for lay in p.layouts])
 
 
+def _start_copy(buf: torch.Tensor) -> tuple[torch.Tensor, Callable[[], Any]]:
+    """Start the device→host copy of ``buf``; returns the host tensor and a function that waits for it."""
+    if buf.device.type == "cpu":
+        return buf, lambda: None
+    if buf.device.type == "cuda":
+        host = torch.empty(buf.shape, dtype=buf.dtype, pin_memory=True)
+        host.copy_(buf, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event.synchronize
+    return buf.to("cpu"), lambda: None  # other devices: a plain synchronous copy
+
+
 def to_host(packed: PackedStats) -> Callable[[], list[TensorSummary]]:
     """Start the one device→host copy of ``packed``; returns a zero-argument function that unpacks it.
 
     On CUDA the copy is asynchronous (pinned memory, ``non_blocking=True``); the returned function waits for it,
     so calling it on another thread (the run writer's) keeps the wait off the training thread.
     """
-    buf = packed.buf
+    host, wait = _start_copy(packed.buf)
     layouts = packed.layouts
-    if buf.device.type == "cpu":
-        host = buf
-
-        def wait() -> None:
-            return None
-
-    elif buf.device.type == "cuda":
-        host = torch.empty(buf.shape, dtype=buf.dtype, pin_memory=True)
-        host.copy_(buf, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        wait = event.synchronize
-    else:  # other devices: a plain synchronous copy
-        host = buf.to("cpu")
-
-        def wait() -> None:
-            return None
 
     def finish() -> list[TensorSummary]:
         wait()
@@ -282,47 +529,105 @@ def to_host(packed: PackedStats) -> Callable[[], list[TensorSummary]]:
     return finish
 
 
+@dataclass
+class Rows:
+    """Host summaries of a packed buffer as arrays: ``rows[i]`` (``ROW`` int64 words) is tensor ``i``.
+
+    ``units[i]`` is tensor ``i``'s per-unit activity counts (``None`` when not recorded), ``units_total[i]``
+    its entries per unit.
+    """
+
+    rows: np.ndarray
+    units: list[np.ndarray | None]
+    units_total: list[int]
+
+    @property
+    def ints(self) -> np.ndarray:
+        """``(n, 6)`` int64: count, zeros, nan, posinf, neginf, positive."""
+        return self.rows[:, : _POSITIVE + 1]
+
+    @property
+    def floats(self) -> np.ndarray:
+        """``(n, 4)`` float64: sum, sum_sq, min, max."""
+        return np.ascontiguousarray(self.rows[:, _SUM : _MAX + 1]).view(np.float64)
+
+    @property
+    def hist(self) -> np.ndarray:
+        """``(n, 256)`` int64 histogram bins."""
+        return self.rows[:, _HIST:]
+
+    def summary(self, i: int) -> TensorSummary:
+        """Row ``i`` as a :class:`~gradsight.summary.TensorSummary`."""
+        r = self.rows[i]
+        s, s2, mn, mx = (float(v) for v in r[_SUM : _MAX + 1].view(np.float64))
+        u = self.units[i]
+        return TensorSummary(
+            count=int(r[_COUNT]),
+            sum=s,
+            sum_sq=s2,
+            min=mn,
+            max=mx,
+            zeros=int(r[_ZEROS]),
+            nan=int(r[_NAN]),
+            posinf=int(r[_POSINF]),
+            neginf=int(r[_NEGINF]),
+            positive=int(r[_POSITIVE]),
+            hist=r[_HIST:].copy(),
+            units_active=None if u is None else u.copy(),
+            units_total=self.units_total[i] if u is not None else 0,
+        )
+
+
+def _rows_at(
+    arr: np.ndarray, layout: _Layout, offset: int
+) -> tuple[np.ndarray, list[np.ndarray | None], list[int], int]:
+    n = len(layout.numels)
+    rows = arr[offset : offset + n * ROW].reshape(n, ROW)
+    offset += n * ROW
+    units: list[np.ndarray | None] = []
+    totals: list[int] = []
+    for u in layout.units:
+        if u is None:
+            units.append(None)
+            totals.append(0)
+            continue
+        n_units, total = u
+        units.append(arr[offset : offset + n_units])
+        totals.append(total)
+        offset += n_units
+    return rows, units, totals, offset
+
+
+def to_host_rows(packed: PackedStats) -> Callable[[], Rows]:
+    """Like :func:`to_host`, but the returned function gives the summaries as one :class:`Rows` (no objects)."""
+    host, wait = _start_copy(packed.buf)
+    layouts = packed.layouts
+
+    def finish() -> Rows:
+        wait()
+        arr = host.numpy()
+        parts, units, totals = [], [], []
+        offset = 0
+        for layout in layouts:
+            rows, us, ts, offset = _rows_at(arr, layout, offset)
+            parts.append(rows)
+            units.extend(us)
+            totals.extend(ts)
+        rows = np.concatenate(parts) if len(parts) != 1 else parts[0]
+        return Rows(rows, units, totals)
+
+    return finish
+
+
 def unpack(arr: np.ndarray, layout: _Layout, offset: int = 0) -> tuple[list[TensorSummary], int]:
     """Decode one batch's part of a host copy of a packed buffer, starting at ``offset``.
 
     Returns:
         The summaries in the batch's tensor order, and the offset just past the batch's part.
     """
-    out = [TensorSummary(count=n) for n in layout.numels]
-    for is64, index in layout.groups:
-        n = len(index)
-        width = _W64 if is64 else _W32
-        counts = arr[offset : offset + n * width].reshape(n, width)
-        offset += n * width
-        floats = arr[offset : offset + 4 * n].view(np.float64).reshape(4, n)
-        offset += 4 * n
-        if is64:
-            hist = counts[:, :256] + counts[:, 256:512]
-            positive = counts[:, :256].sum(1)
-            zeros, nan, posinf, neginf = (counts[:, k] for k in range(512, 516))
-        else:
-            c = counts.reshape(n, 2, 2, 256)  # [mantissa non-zero, sign, exponent field]
-            hist = np.zeros((n, HIST_BINS), dtype=np.int64)
-            hist[:, 0] = c[:, 1, :, 0].sum(1)
-            hist[:, 1:255] = c[:, :, :, 1:255].sum((1, 2))
-            zeros = c[:, 0, :, 0].sum(1)
-            posinf, neginf = c[:, 0, 0, 255], c[:, 0, 1, 255]
-            nan = c[:, 1, :, 255].sum(1)
-            positive = c[:, :, 0, 0:255].sum((1, 2)) - c[:, 0, 0, 0]
-        for k, i in enumerate(index):
-            s = out[i]
-            s.sum, s.sum_sq, s.min, s.max = (float(floats[r, k]) for r in range(4))
-            s.zeros, s.nan, s.posinf, s.neginf = int(zeros[k]), int(nan[k]), int(posinf[k]), int(neginf[k])
-            s.positive = int(positive[k])
-            s.hist = hist[k].astype(np.int64, copy=True)
-    for s, u in zip(out, layout.units, strict=True):
-        if u is None:
-            continue
-        n_units, total = u
-        s.units_active = arr[offset : offset + n_units].astype(np.int64, copy=True)
-        s.units_total = total
-        offset += n_units
-    return out, offset
+    rows, units, totals, offset = _rows_at(arr, layout, offset)
+    r = Rows(rows, units, totals)
+    return [r.summary(i) for i in range(len(layout.numels))], offset
 
 
 def summarize_tensors(

@@ -23,6 +23,12 @@ given. Gradient accumulation (several backward passes per optimizer step) is one
 once, at the optimizer step (the accumulated gradient), outputs and output gradients of every micro-batch are
 merged.
 
+``optimizer.step(closure)`` (LBFGS, Lightning, any closure user): the closure computes the step's gradients and
+outputs *inside* ``step()``, after the step pre-hook. The pre-hook therefore hands the optimizer a wrapped closure
+that calls the real one — every time, uncached, so training is unchanged — and captures the step (gradients,
+weights, cheap checks) right after its *first* evaluation; outputs of later evaluations (LBFGS's line search) are
+not recorded. See :class:`_CaptureAfterClosure`.
+
 Unit axis of per-unit activity (outputs only): dim 1 for outputs with >= 3 dims of convolutions, batch/instance/
 group norms, pooling and channel dropout (NCHW-style layouts); a parameter-free module (activation, dropout)
 whose input is the same-shaped output of a recorded module inherits that module's axis; otherwise the last dim
@@ -31,7 +37,10 @@ whose input is the same-shaped output of a recorded module inherits that module'
 Cost: nothing but three cheap Python hooks (root forward pre-hook, optimizer pre/post hooks) and the cheap checks
 run on steps that are not logged; the leaf forward hooks are attached only for logged steps. On a logged step,
 weights, gradients, updates and outputs are summarised on their device in batches (see
-:mod:`._torch_summary`) and copied to the host once; unpacking and writing happen on the run writer's thread.
+:mod:`._torch_summary`): the outputs of a micro-batch in one batch, the step's small parameter kinds (grad,
+weight, update; up to ``_JOIN_ELEMENTS`` each) joined into one batch at the step's end. The packed results are
+copied to the host once; the run writer's thread encodes them as arrays (no per-summary Python objects) and
+writes them.
 """
 
 from __future__ import annotations
@@ -42,20 +51,21 @@ import os
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from .. import __version__
 from .._errors import InputError, WatchError
 from .._schedule import Schedule, schedule
-from ..store import Run, RunWriter, TensorInfo, default_run_path
+from ..store import Run, RunWriter, SummaryArrays, TensorInfo, default_run_path
 from ..summary import TensorSummary, merge_all
-from ._torch_summary import Flat, PackedStats, to_host
+from ._torch_summary import Flat, PackedStats, Rows, to_host_rows
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -63,6 +73,11 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Watch", "unit_axis_for", "watch_torch"]
 
 _LOCK = threading.Lock()
+#: Parameter batches up to this many elements are kept until the step ends and summarised together (one kernel
+#: set per step instead of one per kind; the cost is holding the copies during ``optimizer.step()``).
+_JOIN_ELEMENTS = 1 << 22
+#: Keep CPU gradients' cheap checks as host floats (tests switch it off to exercise the accelerator path on CPU).
+_HOST_CHEAP = True
 #: model -> its open watch (weak on both sides: a forgotten watch does not keep a model alive, nor vice versa).
 _OPEN: weakref.WeakKeyDictionary[nn.Module, weakref.ref[Watch]] = weakref.WeakKeyDictionary()
 
@@ -212,7 +227,7 @@ class Watch:
                 "skipped": skipped,
                 "optimizer": None if optimizer is None else type(optimizer).__name__,
             }
-            self._writer = RunWriter(path, meta=meta, if_exists=sched.if_exists, commit_every=sched.commit_every)
+            self._writer = self._open_writer(path, meta)
             _OPEN[model] = weakref.ref(self)
         self.path: Path = self._writer.path
         self._model_ref = weakref.ref(model)
@@ -225,8 +240,13 @@ class Watch:
         self._acts: list[tuple[str, str, str, torch.Tensor, int | None]] = []  # name, layer, kind, tensor, axis
         self._axis_of: dict[int, tuple[torch.Tensor, int | None]] = {}
         self._packs: list[tuple[list[int], PackedStats]] = []
+        self._param_flats: list[tuple[list[int], Flat]] = []  # small parameter batches, summarised together
         self._flat_before: Flat | None = None
-        self._cheap: list[tuple[int, list[str], torch.Tensor, torch.Tensor | None]] = []
+        self._capture_pending = False  # a closure was passed to optimizer.step(): capture after its first call
+        self._cheap_names: tuple[str, ...] = ()
+        self._frozen = False  # inside optimizer.step() after that capture: later closure calls are not recorded
+        # (step, tensor names, norms, non-finite counts): host lists for CPU gradients, device tensors otherwise
+        self._cheap: list[tuple[int, tuple[str, ...], Any, Any]] = []
         self._scalars: list[tuple[int, str, Any]] = []
         self._do_weights = "weight" in sched.kinds
         self._do_update = "update" in sched.kinds
@@ -244,6 +264,25 @@ class Watch:
         if self._logged:
             self._arm()
 
+    # ---- extension points (overridden by the DDP watch in ._torch_ddp) -------------------------------------
+    def _open_writer(self, path: str | os.PathLike[str], meta: dict[str, Any]) -> RunWriter:
+        """Open the run file. The DDP watch gives ranks that write nothing a writer without a file."""
+        s = self.schedule
+        return RunWriter(path, meta=meta, if_exists=s.if_exists, commit_every=s.commit_every)
+
+    def _host_summaries(self, packs: list[tuple[list[int], PackedStats]]) -> Callable[[], list[TensorSummary]]:
+        """Start turning one logged step's packed device statistics into host summaries.
+
+        ``packs`` are ``(tensor ids, packed statistics)`` in step order (possibly none; each pack holds either
+        only rank-local kinds — outputs, output gradients — or only parameter kinds); the returned function,
+        called on the run writer's thread, gives the summaries in the same order: a list of ``TensorSummary``,
+        or a :class:`._torch_summary.Rows` (the fast path, encoded by the writer with array operations). The
+        DDP watch combines the ranks' statistics here, in one collective on the training thread.
+        """
+        if not packs:
+            return list
+        return to_host_rows(PackedStats.concat([p for _, p in packs]))
+
     # ---- hooks ----------------------------------------------------------------------------------------------
     def _arm(self) -> None:
         """Attach the leaf forward hooks (only for logged steps)."""
@@ -259,7 +298,7 @@ class Watch:
         self._leaf_handles.clear()
 
     def _on_forward(self) -> None:
-        if not torch.is_grad_enabled():
+        if self._frozen or not torch.is_grad_enabled():
             return
         self._fwd_seen = True
         self._axis_of.clear()
@@ -270,7 +309,7 @@ class Watch:
                 self._flat_before = Flat.of([p for _, p in self._update_params])
 
     def _on_output(self, name: str, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-        if not torch.is_grad_enabled():
+        if self._frozen or not torch.is_grad_enabled():
             return
         items = _output_items(out)
         if not items:
@@ -294,7 +333,7 @@ class Watch:
                 t.register_hook(_GradHook(weakref.ref(self), tname, name, axis if units else None))
 
     def _on_output_grad(self, tname: str, layer: str, axis: int | None, grad: torch.Tensor) -> None:
-        if self._logged and not self._closed:
+        if self._logged and not self._closed and not self._frozen:
             self._acts.append((tname, layer, "output_grad", grad.detach(), axis))
 
     def _flush_acts(self) -> None:
@@ -316,7 +355,10 @@ class Watch:
         tids = [
             self._writer.tensor_id(n, n.rpartition(".")[0] or "model", kind, t.shape, str(t.dtype)) for n, t in named
         ]
-        self._packs.append((tids, flat.stats()))
+        if sum(flat.numels) <= _JOIN_ELEMENTS:  # small: summarised with the step's other parameter kinds at once
+            self._param_flats.append((tids, flat))
+        else:  # large: summarise now, so that the copy can go
+            self._packs.append((tids, flat.stats()))
         return flat
 
     def _grads(self) -> list[tuple[str, torch.Tensor]]:
@@ -349,10 +391,13 @@ class Watch:
             self._param_pack(weights, "weight", self._flat_before if same else None)
 
     def _after_step(self) -> None:
+        if self._capture_pending:  # a closure was passed but never called: capture what there is now
+            self._before_step()
+        self._capture_pending = self._frozen = False
         if self._logged:
             if self._do_update and self._flat_before is not None and self._update_params:
                 after = Flat.of([p.detach() for _, p in self._update_params])
-                self._param_pack(self._update_params, "update", after.minus(self._flat_before))
+                self._param_pack(self._update_params, "update", after.minus(self._flat_before, inplace=True))
             if self._optimizer is not None:
                 groups = self._optimizer.param_groups
                 for i, g in enumerate(groups):
@@ -372,15 +417,20 @@ class Watch:
 
     def _flush_step(self) -> None:
         packs, self._packs = self._packs, []
+        flats, self._param_flats = self._param_flats, []
+        if flats:  # every small parameter batch of the step (grad, weight, update) in one kernel set
+            packs.append(([t for ts, _ in flats for t in ts], Flat.join([f for _, f in flats]).stats()))
         self._acts.clear()
         self._axis_of.clear()
+        finish = self._host_summaries(packs)  # called even without packs: the DDP watch's collective needs it
         if not packs:
             return
         tids = [t for ts, _ in packs for t in ts]
-        finish = to_host(PackedStats.concat([p for _, p in packs]))
 
-        def items() -> list[tuple[int, TensorSummary]]:
+        def items() -> SummaryArrays | list[tuple[int, TensorSummary]]:
             summaries = finish()
+            if isinstance(summaries, Rows):
+                return _arrays(tids, summaries)
             merged: dict[int, list[TensorSummary]] = {}
             for tid, s in zip(tids, summaries, strict=True):
                 merged.setdefault(tid, []).append(s)
@@ -389,45 +439,61 @@ class Watch:
         self._writer.log_summaries(self._step, items)
 
     def _cheap_checks(self, grads: list[tuple[str, torch.Tensor]]) -> None:
-        tensors = [g.detach() for _, g in grads]
+        tensors = [g if not g.requires_grad else g.detach() for _, g in grads]
         device = tensors[0].device
-        try:
-            norms = torch.stack(torch._foreach_norm(tensors))
-        except RuntimeError:  # mixed devices or dtypes
-            norms = torch.stack([torch.linalg.vector_norm(t).to(device, torch.float32) for t in tensors])
-        counts = None
-        # Non-finite entries make a norm NaN/Inf. On CPU, reading the norms costs no device sync, so the exact
-        # counts are computed only when there is something to count; on accelerators they are computed every
-        # step on the device (no sync) and copied with the rest. The global norm is computed on the host.
-        if device.type != "cpu" or not math.isfinite(sum(norms.tolist())):
+        norms: torch.Tensor | list[float]
+        counts: torch.Tensor | list[int] | None = None
+        # Non-finite entries make a norm NaN/Inf. On CPU, reading the norms costs no device sync: they are kept
+        # as host floats and the exact counts are computed only when there is something to count. On
+        # accelerators the norms stay on the device and the counts are computed every step (no sync); both are
+        # copied in one batch at the next flush. The global norm is computed on the host.
+        if _HOST_CHEAP and device.type == "cpu" and all(t.device.type == "cpu" for t in tensors):
+            norms = [t.item() for t in torch._foreach_norm(tensors)]
+            if not all(map(math.isfinite, norms)):
+                counts = [int(torch.count_nonzero(d)) for d in torch._foreach_sub(tensors, tensors)]
+        else:
+            try:
+                norms = torch.stack(torch._foreach_norm(tensors))
+            except RuntimeError:  # mixed devices or dtypes
+                norms = torch.stack([torch.linalg.vector_norm(t).to(device, torch.float32) for t in tensors])
             counts = torch.stack([torch.count_nonzero(d).to(device) for d in torch._foreach_sub(tensors, tensors)])
-        self._cheap.append((self._step, [n for n, _ in grads], norms, counts))
+        names = tuple(n for n, _ in grads)
+        if names != self._cheap_names:  # one tuple per distinct layout, shared by the steps that have it
+            self._cheap_names = names
+        self._cheap.append((self._step, self._cheap_names, norms, counts))
 
     def _flush_scalars(self) -> None:
         cheap, self._cheap = self._cheap, []
         pending, self._scalars = self._scalars, []
         rows: dict[int, dict[str, float]] = {}
         if cheap:
-            device = cheap[0][2].device
-            parts = [c[2].to(device, torch.float64) for c in cheap]
-            parts += [c[3].to(device, torch.float64) for c in cheap if c[3] is not None]
-            host = torch.cat(parts).tolist()  # the one device->host copy of the cheap checks
-            off = 0
-            norm_at = []
-            for c in cheap:
-                norm_at.append(off)
-                off += len(c[1])
-            for k, (step, names, _, counts) in enumerate(cheap):
+            on_device = [c for c in cheap if isinstance(c[2], torch.Tensor)]
+            if on_device:  # the one device->host copy of the cheap checks
+                device = on_device[0][2].device
+                parts = [c[2].to(device, torch.float64) for c in on_device]
+                parts += [c[3].to(device, torch.float64) for c in on_device if c[3] is not None]
+                host = iter(torch.cat(parts).tolist())
+                norm_lists = {id(c): [next(host) for _ in c[1]] for c in on_device}
+                count_lists = {id(c): [next(host) for _ in c[1]] for c in on_device if c[3] is not None}
+                cheap = [
+                    (c[0], c[1], norm_lists[id(c)], count_lists.get(id(c))) if isinstance(c[2], torch.Tensor) else c
+                    for c in cheap
+                ]
+            keys: dict[tuple[str, ...], list[str]] = {}
+            for step, names, norms, counts in cheap:
                 d = rows.setdefault(step, {})
-                norms = host[norm_at[k] : norm_at[k] + len(names)]
-                d["grad_norm"] = math.sqrt(math.fsum(v * v for v in norms))
-                for name, v in zip(names, norms, strict=True):
-                    d[f"grad_norm/{name}"] = v
+                g = math.hypot(*norms)
+                if g == math.inf and any(math.isnan(v) for v in norms):  # hypot(inf, nan) is inf; the norm is NaN
+                    g = math.nan
+                d["grad_norm"] = g
+                ks = keys.get(names)
+                if ks is None:
+                    ks = keys[names] = [f"grad_norm/{name}" for name in names]
+                d.update(zip(ks, norms, strict=True))
                 if counts is None:
                     d["grad_nonfinite"] = 0.0
                 else:
-                    per = host[off : off + len(names)]
-                    off += len(names)
+                    per = [float(v) for v in counts]
                     d["grad_nonfinite"] = float(sum(per))
                     if any(per):
                         for name, v in zip(names, per, strict=True):
@@ -440,8 +506,12 @@ class Watch:
         for s, k, v in pending:
             if not isinstance(v, torch.Tensor):
                 rows.setdefault(s, {})[k] = float(v)
-        for step in sorted(rows):
-            self._writer.log_scalars(step, rows[step])
+        many = getattr(self._writer, "log_scalars_many", None)
+        if many is not None:  # one writer item for the whole flush
+            many({step: rows[step] for step in sorted(rows)})
+        else:
+            for step in sorted(rows):
+                self._writer.log_scalars(step, rows[step])
 
     # ---- the user's API -----------------------------------------------------------------------------------
     @property
@@ -474,9 +544,13 @@ class Watch:
             InputError: a value is neither a number nor a one-element tensor.
             WatchError: the watch is closed.
         """
-        self._check_open("log")
+        if self._closed:
+            self._check_open("log")
         if step is None:
             step = self._step if (self._fwd_seen or self._step == 0) else self._step - 1
+        if not scalars and type(loss) is torch.Tensor and loss.numel() == 1:  # the common call: log(loss=loss)
+            self._scalars.append((int(step), "loss", loss.detach()))
+            return
         values = dict(scalars)
         if loss is not None:
             values["loss"] = loss
@@ -511,6 +585,11 @@ class Watch:
         self._before_step()
         self._after_step()
 
+    def log_event(self, step: int | None, kind: str, payload: Mapping[str, Any]) -> None:
+        """Record an event (e.g. an online finding) with a JSON payload in the run file."""
+        self._check_open("log_event")
+        self._writer.log_event(step, kind, payload)
+
     def flush(self) -> None:
         """Commit everything recorded so far to the run file."""
         if not self._closed:
@@ -531,6 +610,7 @@ class Watch:
             self._remove_hooks()
             self._acts.clear()
             self._packs.clear()
+            self._param_flats.clear()
             self._axis_of.clear()
             self._flat_before = None
             self._optimizer = None
@@ -617,6 +697,47 @@ class Watch:
         return self._reader().tensors
 
 
+def _arrays(tids: list[int], r: Rows) -> SummaryArrays:
+    """The writer's form of one step's rows; rows of the same tensor (micro-batches, a module called twice) merged.
+
+    Merging follows :func:`gradsight.summary.merge` field by field with array operations: counts, bins and sums
+    add (in row order), min/max take the extreme, per-unit counts add when every part has them (else none).
+    """
+    ints, floats, hist = r.ints, r.floats, r.hist
+    if len(set(tids)) == len(tids):
+        return SummaryArrays(list(tids), ints, floats, hist, r.units, r.units_total)
+    order: dict[int, int] = {}
+    for t in tids:
+        order.setdefault(t, len(order))
+    at = np.array([order[t] for t in tids], dtype=np.intp)
+    n = len(order)
+    m_ints = np.zeros((n, ints.shape[1]), dtype=np.int64)
+    np.add.at(m_ints, at, ints)
+    m_hist = np.zeros((n, hist.shape[1]), dtype=np.int64)
+    np.add.at(m_hist, at, hist)
+    m_floats = np.zeros((n, 4), dtype=np.float64)
+    np.add.at(m_floats[:, 0], at, floats[:, 0])
+    np.add.at(m_floats[:, 1], at, floats[:, 1])
+    m_floats[:, 2] = math.inf
+    m_floats[:, 3] = -math.inf
+    np.minimum.at(m_floats[:, 2], at, floats[:, 2])
+    np.maximum.at(m_floats[:, 3], at, floats[:, 3])
+    parts: list[list[tuple[np.ndarray | None, int, int]]] = [[] for _ in range(n)]
+    for k, j in enumerate(at.tolist()):
+        parts[j].append((r.units[k], r.units_total[k], int(ints[k, 0])))
+    units: list[np.ndarray | None] = []
+    totals: list[int] = []
+    for ps in parts:
+        ps = [p for p in ps if p[0] is not None or p[2]]  # the empty summary is the identity of merge
+        if ps and all(p[0] is not None and p[0].shape == ps[0][0].shape for p in ps):
+            units.append(np.sum([p[0] for p in ps], axis=0))
+            totals.append(sum(p[1] for p in ps))
+        else:
+            units.append(None)
+            totals.append(0)
+    return SummaryArrays(list(order), m_ints, m_floats, m_hist, units, totals)
+
+
 def _finalize(handles: list[Any], leaf_handles: list[Any], writer: RunWriter) -> None:
     """A watch that was dropped without close(): remove its hooks and close its file."""
     for h in [*handles, *leaf_handles]:
@@ -659,14 +780,53 @@ class _OptHook:
     def __init__(self, wref: Callable[[], Watch | None], pre: bool) -> None:
         self.wref, self.pre = wref, pre
 
-    def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+    def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> Any:
         w = self.wref()
         if w is None or w._closed:
-            return
-        if self.pre:
-            w._before_step()
-        else:
+            return None
+        if not self.pre:
             w._after_step()
+            return None
+        # optimizer.step(closure): the closure computes this step's gradients (and outputs) inside step(), after
+        # this pre-hook. Capture right after its first call instead (see _CaptureAfterClosure).
+        if kwargs.get("closure") is not None:
+            wrapped = _CaptureAfterClosure(self.wref, kwargs["closure"])
+            w._capture_pending = True
+            return args, {**kwargs, "closure": wrapped}
+        if len(args) > 1 and callable(args[1]):  # args[0] is the optimizer itself
+            wrapped = _CaptureAfterClosure(self.wref, args[1])
+            w._capture_pending = True
+            return (args[0], wrapped, *args[2:]), kwargs
+        w._before_step()
+        return None
+
+
+class _CaptureAfterClosure:
+    """The closure handed to ``optimizer.step``: calls the user's closure, then (first call only) captures the step.
+
+    Regression fix: a step pre-hook runs *before* ``optimizer.step(closure)`` evaluates the closure, so capturing
+    there recorded the previous step's gradients and none of this step's outputs (Lightning, LBFGS, any closure
+    user). The closure is never evaluated early nor cached: the optimizer calls it when and as often as it wants
+    (LBFGS re-evaluates it during its line search) and always gets a fresh evaluation, so wrapping changes nothing
+    about training. The watch captures gradients, weights and cheap checks right after the *first* evaluation —
+    the gradient at the step's starting point, which is what torch.optim optimizers (LBFGS included) evaluate
+    before changing any parameter — and ignores the outputs and output gradients of later evaluations. (An
+    optimizer that changes the parameters before its first closure call, e.g. SAM's perturbation, gets weights
+    and updates relative to the parameters at that call.) If the closure is never called, the capture happens
+    at the step post-hook.
+    """
+
+    def __init__(self, wref: Callable[[], Watch | None], closure: Callable[[], Any]) -> None:
+        self.wref, self.closure = wref, closure
+
+    def __call__(self) -> Any:
+        result = self.closure()
+        w = self.wref()
+        if w is not None and not w._closed and w._capture_pending:
+            w._capture_pending = False
+            w._before_step()
+            w._frozen = True  # later evaluations of the closure within this step are not recorded
+        return result
 
 
 def watch_torch(
@@ -683,6 +843,8 @@ def watch_torch(
     if_exists: str | None = None,
     commit_every: float | None = None,
     config: dict[str, Any] | None = None,
+    batch_size: int | None = None,
+    rank_paths: bool = False,
 ) -> Watch:
     """Watch a ``torch.nn.Module``: record summaries of weights, gradients, updates, outputs and output gradients.
 
@@ -700,13 +862,17 @@ def watch_torch(
         if_exists: ``"error"`` (default: refuse an existing run file), ``"append"`` or ``"overwrite"``.
         commit_every: seconds between commits of the run file.
         config: your own run configuration (JSON-serialisable), stored in the metadata as ``user_config``.
+        batch_size: ``DistributedDataParallel`` only: the per-rank batch size for the gradient noise scale
+            (default: dim 0 of the model's first input). See :mod:`._torch_ddp`.
+        rank_paths: ``DistributedDataParallel`` only: every rank writes its own run file, not just rank 0.
 
     Returns:
-        The open :class:`Watch`.
+        The open :class:`Watch` (a ``DDPWatch`` for a ``DistributedDataParallel`` model).
 
     Raises:
         InputError: ``model`` or ``optimizer`` has the wrong type, or a schedule argument is invalid.
         WatchError: ``model`` is already being watched.
+        UnsupportedError: ``model`` is sharded with FSDP (see :mod:`._torch_ddp`).
         StoreError: the run file cannot be created (missing or unwritable directory, existing file).
     """
     if not isinstance(model, nn.Module):
@@ -728,4 +894,16 @@ def watch_torch(
         if_exists=if_exists,
         commit_every=commit_every,
     )
+    from ._torch_ddp import DDPWatch, distributed_wrapper  # issue 7: DDP dispatch, FSDP refusal
+
+    if distributed_wrapper(model, batch_size=batch_size, rank_paths=rank_paths) == "ddp":
+        return DDPWatch(
+            model,
+            path=path,
+            optimizer=optimizer,
+            sched=sched,
+            config=config,
+            batch_size=batch_size,
+            rank_paths=rank_paths,
+        )
     return Watch(model, path=path, optimizer=optimizer, sched=sched, config=config)

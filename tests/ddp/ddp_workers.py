@@ -1,0 +1,230 @@
+"""Code that runs inside the spawned ranks (importable by the children; not a test module).
+
+Every scenario writes a JSON result per rank into ``outdir``; an exception in a rank propagates to the parent
+through torch.multiprocessing. Scenarios run in order in one process group, so each must leave both ranks in
+step (same number of collectives).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import gradsight
+from gradsight import WatchError
+
+B = 4  # per-rank batch
+STEPS = 3
+DATA_SEED = 1234
+
+
+def make_mlp(dtype=torch.float64):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3)).to(dtype)
+
+
+def data(world, dtype=torch.float64, steps=STEPS):
+    g = torch.Generator().manual_seed(DATA_SEED)
+    x = torch.randn(steps, world * B, 12, generator=g, dtype=dtype)
+    y = torch.randint(0, 3, (steps, world * B), generator=g)
+    return x, y
+
+
+def _write(outdir, name, rank, result):
+    Path(outdir, f"{name}.rank{rank}.json").write_text(json.dumps(result))
+
+
+def sc_merge(rank, world, outdir):
+    """full preset, float64, loss = sum: the global summaries must equal one process on the 2b batch."""
+    model = DDP(make_mlp())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = data(world)
+    res = {}
+    with gradsight.watch(model, optimizer=opt, path=Path(outdir, "merge.db"), preset="full") as w:
+        for s in range(STEPS):
+            xs, ys = x[s, rank * B : (rank + 1) * B], y[s, rank * B : (rank + 1) * B]
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(xs), ys, reduction="sum")
+            loss.backward()
+            opt.step()
+            w.log(loss=loss)
+        res["path"] = None if w.path is None else str(w.path)
+        res["writes"] = w.writes
+        try:
+            w.to_pandas()
+            res["read"] = "ok"
+        except WatchError as e:
+            res["read"] = str(e)
+    _write(outdir, "merge", rank, res)
+
+
+def sc_clip(rank, world, outdir):
+    """Gradient clipping before optimizer.step() must not change the noise scale (both norms are pre-clip)."""
+    model = DDP(make_mlp())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = data(world)
+    with gradsight.watch(model, optimizer=opt, path=Path(outdir, "clip.db"), preset="full"):
+        opt.zero_grad()
+        xs, ys = x[0, rank * B : (rank + 1) * B], y[0, rank * B : (rank + 1) * B]
+        nn.functional.cross_entropy(model(xs), ys, reduction="sum").backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e-3)
+        opt.step()
+    _write(outdir, "clip", rank, {})
+
+
+def sc_rank_paths(rank, world, outdir):
+    model = DDP(make_mlp())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = data(world)
+    with gradsight.watch(model, optimizer=opt, path=Path(outdir, "rp.db"), preset="full", rank_paths=True) as w:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[0, rank * B : (rank + 1) * B]), y[0, rank * B : (rank + 1) * B]).backward()
+        opt.step()
+    _write(outdir, "rank_paths", rank, {"path": str(w.path)})
+
+
+def sc_config_mismatch(rank, world, outdir):
+    model = DDP(make_mlp(torch.float32))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    res = {}
+    try:
+        gradsight.watch(model, optimizer=opt, path=Path(outdir, "cfg.db"), every=1 + rank).close()
+        res["error"] = None
+    except WatchError as e:
+        res["error"] = str(e)
+    _write(outdir, "config_mismatch", rank, res)
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(12, 8)
+        self.idn = nn.Identity()
+        self.b = nn.Linear(8, 3)
+        self.extra = False
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.extra:  # rank-dependent control flow: one more recorded output on one rank
+            h = self.idn(h)
+        return self.b(h)
+
+
+def sc_layout_mismatch(rank, world, outdir):
+    torch.manual_seed(0)
+    net = Branchy()
+    model = DDP(net)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = data(world, torch.float32)
+    res = {"error": None, "step": None}
+    w = gradsight.watch(model, optimizer=opt, path=Path(outdir, "layout.db"), preset="full")
+    try:
+        for s in range(STEPS):
+            net.extra = rank == 1 and s == 1
+            opt.zero_grad()
+            nn.functional.cross_entropy(
+                model(x[s, rank * B : (rank + 1) * B]), y[s, rank * B : (rank + 1) * B]
+            ).backward()
+            opt.step()
+    except WatchError as e:
+        res["error"], res["step"] = str(e), s
+    finally:
+        w.close()
+    _write(outdir, "layout_mismatch", rank, res)
+
+
+def sc_early_exit(rank, world, outdir):
+    """Rank 1 stops after 6 steps; rank 0 goes on with 2 local steps (no_sync) and closes: nobody hangs."""
+    model = DDP(make_mlp(torch.float32))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = data(world, torch.float32, steps=8)
+    res = {}
+    w = gradsight.watch(model, optimizer=opt, path=Path(outdir, "early.db"), every=4)
+    n = 6 if rank == 1 else 8
+    for s in range(n):
+        xs, ys = x[s, rank * B : (rank + 1) * B], y[s, rank * B : (rank + 1) * B]
+        opt.zero_grad()
+        if s < 6:
+            loss = nn.functional.cross_entropy(model(xs), ys)
+            loss.backward()
+        else:  # the other rank is gone: no DDP all-reduce, and steps 6, 7 are not logged
+            with model.no_sync():
+                loss = nn.functional.cross_entropy(model(xs), ys)
+                loss.backward()
+        opt.step()
+        w.log(loss=loss)
+    t0 = time.perf_counter()
+    w.close()
+    res["close_s"] = time.perf_counter() - t0
+    res["steps_run"] = n
+    if rank == 0:
+        run = gradsight.load(Path(outdir, "early.db"))
+        res["logged_steps"] = run.steps
+        sc = run.scalars
+        res["loss_steps"] = sorted(sc.loc[sc["name"] == "loss", "step"].tolist()) if "name" in sc else None
+        res["scalars"] = sc.to_dict(orient="list") if "name" in sc else sc.reset_index().to_dict(orient="list")
+    _write(outdir, "early_exit", rank, res)
+
+
+def sc_fsdp(rank, world, outdir):
+    """Real FSDP1 and FSDP2 (fully_shard) models on CPU: refused with UnsupportedError, nothing written."""
+    from gradsight import UnsupportedError
+
+    res = {}
+    for kind in ("fsdp1", "fsdp2"):
+        try:
+            if kind == "fsdp1":
+                from torch.distributed.fsdp import FullyShardedDataParallel
+
+                model = FullyShardedDataParallel(make_mlp(torch.float32), device_id=torch.device("cpu"))
+            else:
+                from torch.distributed.fsdp import fully_shard
+
+                model = fully_shard(make_mlp(torch.float32))
+        except Exception as e:  # this torch cannot build it on CPU: nothing to test
+            res[kind] = f"skipped: {type(e).__name__}: {e}"
+            continue
+        try:
+            gradsight.watch(model, path=Path(outdir, f"{kind}.db")).close()
+            res[kind] = "accepted"
+        except UnsupportedError as e:
+            res[kind] = f"refused: {e}"
+    _write(outdir, "fsdp", rank, res)
+
+
+SCENARIOS = {
+    "fsdp": sc_fsdp,
+    "merge": sc_merge,
+    "clip": sc_clip,
+    "rank_paths": sc_rank_paths,
+    "config_mismatch": sc_config_mismatch,
+    "layout_mismatch": sc_layout_mismatch,
+    "early_exit": sc_early_exit,  # last: rank 1 leaves
+}
+
+
+def run_rank(rank, world, port, outdir, names):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
+    try:
+        for name in names:
+            t0 = time.perf_counter()
+            try:
+                SCENARIOS[name](rank, world, outdir)
+            except BaseException:
+                Path(outdir, f"{name}.rank{rank}.error").write_text(traceback.format_exc())
+                raise
+            Path(outdir, f"{name}.rank{rank}.time").write_text(f"{time.perf_counter() - t0:.3f}")
+    finally:
+        if names and names[-1] != "early_exit":
+            dist.destroy_process_group()
