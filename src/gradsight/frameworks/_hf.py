@@ -24,7 +24,8 @@ What it does, through the public ``TrainerCallback`` events:
 * ``on_train_end``: final diagnosis, then the watch is closed.
 
 Data-parallel training (``world_size > 1``) is refused at ``on_train_begin`` with an
-:class:`~gradsight.UnsupportedError`: the aggregation of summaries across ranks is not implemented yet.
+:class:`~gradsight.UnsupportedError`: the callback does not yet hand the Trainer's DDP-wrapped model to
+gradsight's cross-rank aggregation (which ``gradsight.watch(ddp_model)`` provides for plain DDP loops).
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ __all__ = ["GradsightTrainerCallback"]
 
 DDP_MESSAGE = (
     "GradsightTrainerCallback does not support data-parallel training yet (world_size={world_size}): each rank "
-    "would record only its own shard of the batch, and gradsight's aggregation of summaries across ranks is not "
-    "implemented. Train on one process to watch the run, or remove the callback for the distributed run."
+    "would record only its own shard of the batch, and the callback does not yet connect the Trainer's "
+    "DDP-wrapped model to gradsight's cross-rank aggregation. Train on one process to watch the run, or remove "
+    "the callback for the distributed run."
 )
 
 

@@ -22,8 +22,9 @@ What it does, all through Lightning's public callback hooks:
 * ``on_fit_end`` / ``on_exception``: final diagnosis, then the watch is closed and the run file complete.
 
 Data-parallel training (``strategy="ddp"``, or any run with ``world_size > 1``) is refused in ``setup`` with an
-:class:`~gradsight.UnsupportedError`: each rank would record only its own shard, and the aggregation of summaries
-across ranks is not implemented yet.
+:class:`~gradsight.UnsupportedError`: gradsight aggregates summaries across ranks for a plain
+``DistributedDataParallel`` model (``gradsight.watch(ddp_model)`` on every rank), but this callback does not yet
+hand Lightning's DDP-wrapped module to that watch, nor has that been tested under Lightning's launchers.
 """
 
 from __future__ import annotations
@@ -53,9 +54,10 @@ __all__ = ["GradsightLightningCallback"]
 
 DDP_MESSAGE = (
     "GradsightLightningCallback does not support data-parallel training yet (world_size={world_size}, strategy "
-    "{strategy}): each rank would record only its own shard of the batch, and gradsight's aggregation of "
-    "summaries across ranks is not implemented. Train on one device (Trainer(devices=1)) to watch the run, or "
-    "remove the callback for the distributed run."
+    "{strategy}): each rank would record only its own shard of the batch, and the callback does not yet connect "
+    "Lightning's DDP-wrapped module to gradsight's cross-rank aggregation. Train on one device (Trainer(devices=1)) "
+    "to watch the run, remove the callback for the distributed run, or watch a plain DistributedDataParallel loop "
+    "with gradsight.watch(ddp_model) on every rank."
 )
 
 

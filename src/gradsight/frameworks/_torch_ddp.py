@@ -41,8 +41,8 @@ The one collective per logged step
     bandwidth: each rank receives ``world x (header + payload)`` bytes instead of ~``2 x payload`` for a ring
     all-reduce. The payload is about 2.1 KiB per rank-local tensor (one row of 266 int64 words: 6 counts, 4
     floats, 256 bins) plus its units; only rank-local kinds are gathered (weights/grads/updates are not), e.g.
-    ~25 KiB per rank for a 5-layer MLP, once per logged step (every 100 steps by default). At hundreds of ranks that grows into tens of MiB per
-    logged step; there, log less often or use fewer kinds.
+    ~25 KiB per rank for a 5-layer MLP, once per logged step (every 100 steps by default). At hundreds of ranks
+    that grows to several MiB per logged step; there, log less often or use fewer kinds.
 
     Buffer sizes must agree before a gather, and a rank cannot know the others' sizes in advance: the watch keeps
     an agreed capacity (the largest payload of the last logged step, known to all ranks). When a payload does not
