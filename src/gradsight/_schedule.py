@@ -23,7 +23,8 @@ Cheap checks (``cheap=True``), at *every* step, recorded as scalars (table ``sca
                                 ``grad_nonfinite > 0`` (absent means 0; it keeps the table small).
     Only parameters that have a gradient at that step appear. The norms are computed in the gradients' dtype
     (float32 accumulation for float32 gradients). They are computed on the device without a host sync and
-    copied to the host in one batch every ``cheap_flush`` steps (and at close / when the run is read).
+    copied to the host in one batch every ``cheap_flush`` steps or ``commit_every`` seconds, whichever comes
+    first (and at close / when the run is read), so a crash loses no more of them than of anything else.
 
 Other scalars a watch records: ``loss`` (or any name the user passes to ``log``), and ``lr`` (one optimizer
 param group) or ``lr/<i>`` (group ``i``, several groups) at logged steps.

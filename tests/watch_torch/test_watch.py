@@ -518,3 +518,31 @@ def test_cheap_checks_on_the_accelerator_path(tmp_path, mlp, monkeypatch):
     assert math.isnan(sc.loc[1, "grad_norm"])
     np.testing.assert_allclose(sc["grad_norm"].to_numpy()[[0, 2]], [norms[0], norms[2]], rtol=1e-5)
     assert (sc["grad_nonfinite"].to_numpy()[[0, 2]] == 0).all()
+
+
+def test_scalars_of_slow_steps_reach_the_file_within_the_commit_interval(tmp_path):
+    # Regression: buffered scalars (loss, cheap checks) were handed to the writer only every `cheap_flush` steps,
+    # so with slow steps a crash could lose far more than the commit interval.
+    import time
+
+    from gradsight import load
+
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "slow.db"
+    w = gradsight.watch(model, path=path, optimizer=opt, cheap_flush=10_000, commit_every=0.2)
+    try:
+        for _ in range(3):
+            opt.zero_grad()
+            loss = model(torch.ones(4, 3)).pow(2).mean()
+            loss.backward()
+            w.log(loss=loss)
+            opt.step()
+            time.sleep(0.3)
+        time.sleep(0.5)  # past one more commit interval; the watch is still open
+        with load(path) as run:  # an independent reader: no flush through the watch
+            rows = run.scalar_rows(name="loss")
+            assert [step for step, _, _ in rows][:2] == [0, 1]
+            assert {name for _, name, _ in run.scalar_rows(steps=(0, 0))} >= {"loss", "grad_norm"}
+    finally:
+        w.close()

@@ -50,6 +50,7 @@ import math
 import os
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
@@ -248,6 +249,7 @@ class Watch:
         # (step, tensor names, norms, non-finite counts): host lists for CPU gradients, device tensors otherwise
         self._cheap: list[tuple[int, tuple[str, ...], Any, Any]] = []
         self._scalars: list[tuple[int, str, Any]] = []
+        self._scalars_flushed_at = time.monotonic()
         self._do_weights = "weight" in sched.kinds
         self._do_update = "update" in sched.kinds
         self._do_grad = "grad" in sched.kinds
@@ -412,7 +414,12 @@ class Watch:
             self._arm()
         elif was and not self._logged:
             self._disarm()
-        if len(self._cheap) + len(self._scalars) >= self.schedule.cheap_flush:
+        # Hand buffered scalars to the writer every `cheap_flush` steps, and at least every `commit_every` seconds
+        # so that slow steps do not keep them in memory longer than a crash is allowed to lose.
+        if (
+            len(self._cheap) + len(self._scalars) >= self.schedule.cheap_flush
+            or time.monotonic() - self._scalars_flushed_at >= self.schedule.commit_every
+        ):
             self._flush_scalars()
 
     def _flush_step(self) -> None:
@@ -463,6 +470,7 @@ class Watch:
         self._cheap.append((self._step, self._cheap_names, norms, counts))
 
     def _flush_scalars(self) -> None:
+        self._scalars_flushed_at = time.monotonic()
         cheap, self._cheap = self._cheap, []
         pending, self._scalars = self._scalars, []
         rows: dict[int, dict[str, float]] = {}
