@@ -129,16 +129,133 @@ def test_online_diagnosis_reports_and_can_stop_training(tmp_path):
         assert any(e["code"] == "non-finite" for e in run.events("finding"))
 
 
-def test_ddp_is_refused_until_summaries_are_aggregated_across_ranks(tmp_path):
+def test_multi_process_strategies_other_than_ddp_are_refused(tmp_path):
     class FakeTrainer:
         world_size = 2
-        strategy = object()
+        strategy = object()  # e.g. FSDP: not a DDPStrategy
 
     cb = GradsightLightningCallback(on_finding=None)
-    with pytest.raises(gradsight.UnsupportedError, match=r"does not support data-parallel training yet.*world_size=2"):
+    with pytest.raises(gradsight.UnsupportedError, match=r"only through Lightning's DDPStrategy.*world_size=2"):
         cb.setup(FakeTrainer(), TinyModule(), "fit")
+
+
+DDP_SCRIPT = r"""
+import json, sys, warnings
+warnings.simplefilter("ignore")
+import torch
+import lightning.pytorch as L
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from gradsight.integrations import GradsightLightningCallback
+
+
+class TinyModule(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=float(sys.argv[3]))
+
+
+if __name__ == "__main__":
+    out, run_path = sys.argv[1], sys.argv[2]
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g)
+    data = DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=4)
+    max_steps, every = int(sys.argv[4]), int(sys.argv[5])
+    cb = GradsightLightningCallback(path=run_path, every=every, preset="full", on_finding=None, stop_on=("non-finite",))
+    trainer = L.Trainer(
+        strategy="ddp", accelerator="cpu", devices=2, max_steps=max_steps, callbacks=[cb], default_root_dir=out,
+        logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(TinyModule(), data)
+    rank = trainer.global_rank
+    info = {"rank": rank, "path": None if cb.path is None else str(cb.path), "global_step": trainer.global_step,
+            "watch": cb.watch is None, "findings": [f.code for f in cb.findings]}
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump(info, f)
+"""
+
+
+def _run_ddp(tmp_path, lr, max_steps, every):
+    """Run DDP_SCRIPT (Lightning's "ddp" launcher, 2 CPU ranks, gloo on loopback) with a hard timeout."""
+    import contextlib
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "train_ddp.py"
+    script.write_text(DDP_SCRIPT)
+    run_path = tmp_path / "run.db"
+    with socket.socket() as s:  # a free loopback port for the process group
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONWARNINGS": "ignore"}
+    for k in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(k, None)
+    # Lightning's "ddp" launcher re-runs the script for rank 1; its own session lets a timeout kill both ranks.
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path), str(run_path), str(lr), str(max_steps), str(every)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        log, _ = proc.communicate(timeout=50)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        pytest.fail(f"DDP training did not finish within 50 s:\n{log.decode()[-4000:]}")
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # rank 1 is in the same session: never leave it behind
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, log.decode()[-4000:]
+    missing = [r for r in (0, 1) if not (tmp_path / f"rank{r}.json").exists()]
+    assert not missing, f"rank(s) {missing} did not finish fit:\n{log.decode()[-4000:]}"
+    ranks = {r: json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)}
+    return run_path, ranks
+
+
+def test_ddp_two_cpu_processes_merge_outputs_into_one_run_file(tmp_path):
+    run_path, ranks = _run_ddp(tmp_path, lr=0.05, max_steps=6, every=2)
+    assert ranks[0]["path"] == str(run_path)
+    assert ranks[1]["path"] is None  # rank 1 writes nothing
+    assert all(info["global_step"] == 6 and info["watch"] for info in ranks.values())
+    assert sorted(p.name for p in tmp_path.glob("*.db*") if not p.name.endswith(("-wal", "-shm"))) == ["run.db"]
+    with gradsight.load(run_path) as run:
+        assert run.meta["distributed"]["world_size"] == 2
+        assert run.steps == [0, 2, 4]
+        assert {"net.0", "net.2"} <= set(run.layers)  # the module's own names, no wrapper prefix
+        for step in run.steps:
+            # 2 ranks x 4 samples per rank x 8 features: merged over the global batch
+            assert run.summary("net.0", "output", step).count == 2 * 4 * 8
+            assert run.summary("net.0.weight", "grad", step).count == 8 * 4  # replicated: recorded once
+        assert run.meta["distributed"]["replicas_identical"]["verified"] is True
+        assert len(run.scalars["loss"]) == 6
 
 
 def test_refuses_an_explicit_optimizer():
     with pytest.raises(gradsight.InputError, match="takes the model and optimizer from the Trainer"):
         GradsightLightningCallback(optimizer=object())
+
+
+def test_ddp_stop_decision_on_rank_0_stops_every_rank(tmp_path):
+    # Only rank 0 runs the diagnosis; if rank 1 did not stop too it would hang in DDP's all-reduce (timeout).
+    run_path, ranks = _run_ddp(tmp_path, lr=1e6, max_steps=40, every=1)
+    assert "non-finite" in ranks[0]["findings"]
+    assert ranks[1]["findings"] == []  # reads happen on rank 0 only
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] < 40
+    with gradsight.load(run_path) as run:
+        assert any(e["code"] == "non-finite" for e in run.events("finding"))

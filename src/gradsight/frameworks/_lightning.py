@@ -21,10 +21,32 @@ What it does, all through Lightning's public callback hooks:
   training gracefully (``trainer.should_stop``).
 * ``on_fit_end`` / ``on_exception``: final diagnosis, then the watch is closed and the run file complete.
 
-Data-parallel training (``strategy="ddp"``, or any run with ``world_size > 1``) is refused in ``setup`` with an
-:class:`~gradsight.UnsupportedError`: gradsight aggregates summaries across ranks for a plain
-``DistributedDataParallel`` model (``gradsight.watch(ddp_model)`` on every rank), but this callback does not yet
-hand Lightning's DDP-wrapped module to that watch, nor has that been tested under Lightning's launchers.
+Data-parallel training (``strategy="ddp"``, ``"ddp_spawn"``, ``"ddp_fork"``, ``"ddp_notebook"``: Lightning's
+``DDPStrategy``) goes through gradsight's cross-rank aggregation (:mod:`gradsight.frameworks._torch_ddp`):
+
+* ``on_fit_start`` watches ``trainer.strategy.model`` — the ``DistributedDataParallel`` wrapper Lightning built
+  around the module — on every rank, so ``gradsight.watch`` opens a ``DDPWatch``: layer outputs and output
+  gradients are merged over the whole global batch at each logged step (one ``all_gather``), weights, gradients
+  (after DDP's all-reduce) and updates are recorded once. Tensor names are the module's own (``net.0.weight``):
+  Lightning 2.x wraps the LightningModule itself in DDP (``training_step`` is redirected through DDP's forward),
+  so there is no wrapper prefix. The default path is broadcast from rank 0, so every rank agrees on it.
+* Rank 0 writes the run file; ``callback.path`` is that file on rank 0 and ``None`` on the other ranks (which
+  write nothing). Each rank logs its own batch loss as ``loss`` — only rank 0's is recorded.
+* Every read — the headline scalars, the online diagnosis and the final diagnosis — runs on rank 0 only
+  (``trainer.is_global_zero``), so findings are reported once and ``callback.findings`` is filled on rank 0.
+* A stop decision (``stop_on``) is made on rank 0 and made the same on all ranks with
+  ``trainer.strategy.reduce_boolean_decision(..., all=False)`` at each logged step (Lightning does not
+  synchronise ``trainer.should_stop`` itself; a rank that stops alone would hang the others in DDP's all-reduce).
+  Logged steps are decided by the global step, identical on all ranks, so that collective is reached by all.
+* Not recorded under Lightning: the gradient noise scale (Lightning hands DDP's forward ``(batch, batch_idx)``,
+  so the watch cannot see the per-rank batch size; under DDP, pass the per-rank ``batch_size=`` in the callback's
+  keyword arguments to enable it).
+* With ``ddp_spawn`` the callback object in the launching process is a copy that never ran: read the run from the
+  path you passed (``GradsightLightningCallback(path=...)``) or from ``<log_dir>/gradsight-runs/``.
+
+Other multi-process strategies (FSDP, DeepSpeed, model-parallel, ...) are refused in ``setup`` with an
+:class:`~gradsight.UnsupportedError`: their parameters and gradients are sharded across ranks, and gradsight has no
+cross-rank merge for sharded weights and gradients yet.
 """
 
 from __future__ import annotations
@@ -52,13 +74,23 @@ from ..store import default_run_path
 
 __all__ = ["GradsightLightningCallback"]
 
-DDP_MESSAGE = (
-    "GradsightLightningCallback does not support data-parallel training yet (world_size={world_size}, strategy "
-    "{strategy}): each rank would record only its own shard of the batch, and the callback does not yet connect "
-    "Lightning's DDP-wrapped module to gradsight's cross-rank aggregation. Train on one device (Trainer(devices=1)) "
-    "to watch the run, remove the callback for the distributed run, or watch a plain DistributedDataParallel loop "
-    "with gradsight.watch(ddp_model) on every rank."
+UNSUPPORTED_STRATEGY_MESSAGE = (
+    "GradsightLightningCallback supports multi-process training only through Lightning's DDPStrategy "
+    "(strategy='ddp', 'ddp_spawn', 'ddp_fork' or 'ddp_notebook'); got strategy {strategy} with "
+    "world_size={world_size}. What is missing for it: that strategy shards (or otherwise distributes) parameters "
+    "and gradients across ranks, and gradsight can merge only rank-local layer outputs across ranks, not sharded "
+    "weights, gradients and updates. Train with strategy='ddp' or on one device (Trainer(devices=1)) to watch the "
+    "run, or remove the callback for this run."
 )
+
+
+def _is_ddp_strategy(strategy: Any) -> bool:
+    """Lightning's DDPStrategy (any start method), not a subclass that shards (DeepSpeed)."""
+    try:
+        from lightning.pytorch.strategies import DDPStrategy
+    except ImportError:  # pragma: no cover - the standalone package
+        from pytorch_lightning.strategies import DDPStrategy
+    return isinstance(strategy, DDPStrategy) and "deepspeed" not in type(strategy).__name__.lower()
 
 
 def _default_path(trainer: Trainer) -> Path:
@@ -121,6 +153,8 @@ class GradsightLightningCallback(Callback):
         self._diagnosis: Any = None
         self._losses: list[torch.Tensor] = []
         self._seen_step: int | None = None
+        self._distributed = False
+        self._reads = True
         if diagnose:  # validate stop_on / on_finding now, not at fit time
             from ..diagnose._online import OnlineDiagnosis
 
@@ -128,10 +162,12 @@ class GradsightLightningCallback(Callback):
 
     # ---- set-up --------------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Refuse data-parallel training (see the module docstring)."""
-        if stage == "fit" and trainer.world_size > 1:
+        """Refuse multi-process strategies other than DDP (see the module docstring)."""
+        if stage == "fit" and trainer.world_size > 1 and not _is_ddp_strategy(trainer.strategy):
             raise UnsupportedError(
-                DDP_MESSAGE.format(world_size=trainer.world_size, strategy=type(trainer.strategy).__name__)
+                UNSUPPORTED_STRATEGY_MESSAGE.format(
+                    world_size=trainer.world_size, strategy=type(trainer.strategy).__name__
+                )
             )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -150,15 +186,28 @@ class GradsightLightningCallback(Callback):
                 f"optimizer(s); pass an index in [0, {len(optimizers) - 1}]."
             )
         optimizer = optimizers[self.optimizer_index]
-        self.path = Path(self._path) if self._path is not None else _default_path(trainer)
+        self._distributed = trainer.world_size > 1
+        self._reads = not self._distributed or trainer.is_global_zero
+        model: Any = pl_module
+        path = Path(self._path) if self._path is not None else _default_path(trainer)
+        if self._distributed:
+            model = trainer.strategy.model  # the DistributedDataParallel wrapper around pl_module
+            if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+                raise UnsupportedError(
+                    f"GradsightLightningCallback expected trainer.strategy.model to be a DistributedDataParallel "
+                    f"module under {type(trainer.strategy).__name__} (world_size={trainer.world_size}), got "
+                    f"{type(model).__name__}; gradsight aggregates across ranks only for DDP-wrapped modules."
+                )
+            path = Path(trainer.strategy.broadcast(str(path)))  # the same path on every rank (rank 0's)
+        self.path = path
         config = {"integration": "lightning", "accumulate_grad_batches": trainer.accumulate_grad_batches}
         config.update(self.watch_kwargs.get("config") or {})
         kwargs = {k: v for k, v in self.watch_kwargs.items() if k != "config"}
-        self.watch = gradsight.watch(pl_module, path=self.path, optimizer=optimizer, config=config, **kwargs)
-        self.path = self.watch.path
+        self.watch = gradsight.watch(model, path=self.path, optimizer=optimizer, config=config, **kwargs)
+        self.path = self.watch.path  # None on a rank that writes no file
         self._losses = []
         self._seen_step = self.watch.current_step
-        if self.diagnose:
+        if self.diagnose and self._reads:
             from ..diagnose._online import OnlineDiagnosis
 
             self._diagnosis = OnlineDiagnosis(
@@ -189,6 +238,9 @@ class GradsightLightningCallback(Callback):
             self._on_logged_step(trainer, step)
 
     def _on_logged_step(self, trainer: Trainer, step: int) -> None:
+        if self._distributed:
+            self._on_logged_step_distributed(trainer, step)
+            return
         if self.log_headline and trainer.loggers:
             from ..export._scalars import headline_scalars
 
@@ -201,6 +253,26 @@ class GradsightLightningCallback(Callback):
             self.findings.extend(self._diagnosis.check(step))
             if self._diagnosis.should_stop:
                 trainer.should_stop = True
+
+    def _on_logged_step_distributed(self, trainer: Trainer, step: int) -> None:
+        """DDP: reads on rank 0 only; a stop decision reduced over all ranks (every rank reaches this step)."""
+        stop = False
+        if self._reads:
+            if self.log_headline and trainer.loggers:
+                from ..export._scalars import headline_scalars
+
+                items = [(info, s) for _, info, s in self.watch.summaries(steps=(step, step))]
+                metrics = headline_scalars(items)
+                if metrics:
+                    for logger in trainer.loggers:
+                        logger.log_metrics(metrics, step=max(trainer.global_step - 1, 0))
+            if self._diagnosis is not None:
+                self.findings.extend(self._diagnosis.check(step))
+                stop = bool(self._diagnosis.should_stop)
+        if self.diagnose and self.stop_on:  # the same condition on every rank: all of them take part
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            trainer.should_stop = True
 
     # ---- the end -------------------------------------------------------------------------------------------
     def _finish(self) -> None:
