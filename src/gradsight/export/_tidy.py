@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -114,10 +115,7 @@ def to_csv(
         The path written. :func:`read_csv` reads it back.
     """
     out = _target(path, overwrite)
-    df = tidy_frame(run, table=table, hist=hist, units=units, **filters)
-    for col in _ARRAY_COLUMNS:
-        if col in df.columns:
-            df[col] = [None if a is None else json.dumps(np.asarray(a).tolist()) for a in df[col]]
+    df = _export_frame(run, table, hist, units, filters, lambda a: json.dumps(np.asarray(a).tolist()))
     df.to_csv(out, index=False)
     return out
 
@@ -168,9 +166,22 @@ def to_parquet(
     except ImportError as exc:
         raise ImportError(PYARROW_HINT) from exc
     out = _target(path, overwrite)
+    df = _export_frame(run, table, hist, units, filters, lambda a: np.asarray(a, dtype=np.int64).tolist())
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), out)
+    return out
+
+
+def _export_frame(
+    run: str | os.PathLike[str] | Run,
+    table: Table,
+    hist: bool,
+    units: bool,
+    filters: dict[str, Any],
+    encode: Callable[[np.ndarray], Any],
+) -> pd.DataFrame:
+    """:func:`tidy_frame` with its array columns (``hist``, ``units_active``) encoded for a file format."""
     df = tidy_frame(run, table=table, hist=hist, units=units, **filters)
     for col in _ARRAY_COLUMNS:
         if col in df.columns:
-            df[col] = [None if a is None else np.asarray(a, dtype=np.int64).tolist() for a in df[col]]
-    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), out)
-    return out
+            df[col] = [None if a is None else encode(a) for a in df[col]]
+    return df
