@@ -45,7 +45,7 @@ from .summary import HIST_BINS, TensorSummary
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-__all__ = ["KINDS", "SCHEMA_VERSION", "Run", "RunWriter", "TensorInfo", "default_run_path", "load"]
+__all__ = ["KINDS", "SCHEMA_VERSION", "Run", "RunWriter", "TensorInfo", "default_run_path", "is_run_file", "load"]
 
 SCHEMA_VERSION = 1
 #: The kinds of tensor a run records, in the order they are produced in a step.
@@ -89,6 +89,29 @@ def default_run_path() -> Path:
     """Where a run goes when no path is given: ``./gradsight-runs/run-YYYYmmdd-HHMMSS-ffffff.db``."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
     return Path.cwd() / "gradsight-runs" / f"run-{stamp}.db"
+
+
+def is_run_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is an existing gradsight run file (an SQLite file with gradsight's ``meta`` table).
+
+    Reads only the file's header and schema, never writes; any file that cannot be read as SQLite is not a run
+    file. Commands that write outputs use this to refuse replacing a run with, say, a CSV.
+    """
+    p = Path(os.fsdecode(path)).expanduser()
+    if not p.is_file():
+        return False
+    try:
+        with p.open("rb") as fh:
+            if fh.read(16) != b"SQLite format 3\x00":
+                return False
+        con = sqlite3.connect(p.resolve().as_uri() + "?mode=ro", uri=True)
+        try:
+            row = con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
+        finally:
+            con.close()
+    except (OSError, sqlite3.DatabaseError):
+        return False
+    return row is not None
 
 
 def _check_kind(kind: str) -> None:
