@@ -1,0 +1,200 @@
+r"""What every command (and every function that writes a file) shares, so that each does it the same way.
+
+* :func:`terminal_safe` — text from a run (layer and tensor names, metadata, paths) made safe for a terminal:
+  control characters, ANSI escape sequences, bidi overrides and undecodable file-name bytes are shown
+  escaped (``\x1b``, ``\r``, ``\xff``), as the HTML report escapes HTML. Every terminal printer uses it.
+* :func:`resolve_run` — a command's RUN argument: a run file, or a folder holding exactly one run file.
+* :func:`check_output` — an output path may never be a run file (not even with ``--overwrite``) nor an input.
+* :func:`atomic_output` — write to a temporary file in the same folder and rename it into place, so a failure
+  never leaves a partial or empty output behind.
+* :data:`FRAMEWORK_CHOICES` / :func:`framework_arg` — one spelling of ``--framework`` for every command.
+
+Nothing here imports pandas, matplotlib or a framework.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import secrets
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from ._errors import InputError
+
+__all__ = [
+    "FRAMEWORK_CHOICES",
+    "FRAMEWORK_HELP",
+    "atomic_output",
+    "check_output",
+    "framework_arg",
+    "resolve_run",
+    "terminal_safe",
+]
+
+# C0 and C1 control characters (ESC starts ANSI sequences), DEL, bidi/direction marks and overrides, and lone
+# surrogates (an undecodable file-name byte b'\xff' arrives as '\udcff' through os.fsdecode).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_UNSAFE_KEEP_LINES = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
+
+
+def _escape(match: re.Match[str]) -> str:
+    o = ord(match.group())
+    if 0xDC80 <= o <= 0xDCFF:  # a byte os.fsdecode could not decode: show the byte
+        return f"\\x{o - 0xDC00:02x}"
+    return f"\\x{o:02x}" if o <= 0xFF else f"\\u{o:04x}"
+
+
+def terminal_safe(text: object, *, keep_lines: bool = False) -> str:
+    r"""``str(text)`` with every character that could steer a terminal shown escaped, repr-style.
+
+    Args:
+        text: anything; it is converted with ``str``.
+        keep_lines: keep newlines and tabs (for a multi-line text gradsight composed, such as a finding);
+            by default they are escaped too (for one name or value, which must stay on its line).
+
+    Returns:
+        The text, with ``\x1b``, ``\r``, ``\x00``, bidi overrides (``\u202e``) and undecodable file-name bytes
+        (``\xff``) written out as escapes; printable text, including non-ASCII letters, is unchanged.
+    """
+    pattern = _UNSAFE_KEEP_LINES if keep_lines else _UNSAFE
+    return pattern.sub(_escape, str(text))
+
+
+FRAMEWORK_CHOICES: tuple[str, ...] = ("torch", "pytorch", "tensorflow", "tf", "keras")
+FRAMEWORK_HELP = "torch (alias pytorch) or tensorflow (aliases tf, keras)"
+_FRAMEWORKS = {"torch": "torch", "pytorch": "torch", "tensorflow": "keras", "tf": "keras", "keras": "keras"}
+
+
+def framework_arg(text: str) -> str:
+    """Parse a ``--framework`` value: ``"torch"`` for torch/pytorch, ``"keras"`` for tensorflow/tf/keras.
+
+    Raises:
+        argparse.ArgumentTypeError: any other value (argparse turns it into a usage error, exit status 2).
+    """
+    key = str(text).strip().lower()
+    if key not in _FRAMEWORKS:
+        raise argparse.ArgumentTypeError(
+            f"invalid framework {text!r}; expected one of {', '.join(FRAMEWORK_CHOICES)} "
+            "(torch and pytorch name PyTorch; tensorflow, tf and keras name TensorFlow/Keras)"
+        )
+    return _FRAMEWORKS[key]
+
+
+def _is_run_file(path: Path) -> bool:
+    from .store import is_run_file
+
+    return is_run_file(path)
+
+
+def resolve_run(given: str | os.PathLike[str], *, command: str = "show") -> Path:
+    """The run file a command's RUN argument names: the path itself, or the one run file in a folder.
+
+    Args:
+        given: what the user passed: a run file, or a folder (e.g. the one ``gradsight demo`` wrote).
+        command: the subcommand, for the fix in the message.
+
+    Returns:
+        The path (a missing or unreadable file is left for :func:`gradsight.load` to explain).
+
+    Raises:
+        InputError: a folder with no run file, or with several.
+    """
+    path = Path(os.fsdecode(given)).expanduser()
+    if not path.is_dir():
+        return path
+    try:
+        entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+    except OSError as exc:
+        raise InputError(f"cannot list the folder {str(path)!r} given as RUN: {exc.strerror or exc}.") from None
+    runs = [p for p in entries if p.is_file() and _is_run_file(p)]
+    if len(runs) == 1:
+        return runs[0]
+    if not runs:
+        seen = ", ".join(repr(p.name) for p in entries[:8]) + (", …" if len(entries) > 8 else "")
+        raise InputError(
+            f"RUN {str(path)!r} is a folder without a gradsight run file in it "
+            f"({'it holds ' + seen if entries else 'it is empty'}); expected a run file (.db) written by "
+            f"gradsight.watch or gradsight demo, or a folder holding exactly one. Pass the run file itself: "
+            f"gradsight {command} PATH/TO/run.db"
+        )
+    names = ", ".join(repr(p.name) for p in runs)
+    raise InputError(
+        f"RUN {str(path)!r} is a folder holding {len(runs)} run files ({names}); a folder names a run only when "
+        f"it holds exactly one. Pass one of them: gradsight {command} {str(runs[0])!r}"
+    )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.expanduser().resolve() == b.expanduser().resolve()
+
+
+def check_output(
+    output: str | os.PathLike[str], *, inputs: Iterable[str | os.PathLike[str]] = (), what: str = "output"
+) -> Path:
+    """Refuse an output path that is a run file or one of the inputs; ``--overwrite`` never lifts this.
+
+    Args:
+        output: the path about to be written.
+        inputs: the files the command reads (the run file).
+        what: how the output is named in the message (``"--output"``, ``"report path"``, …).
+
+    Returns:
+        The output path, expanded and absolute.
+
+    Raises:
+        InputError: the output is an input, or an existing gradsight run file.
+    """
+    out = Path(os.fsdecode(output)).expanduser().absolute()
+    for given in inputs:
+        if _same_file(out, Path(os.fsdecode(given))):
+            raise InputError(
+                f"{what} {str(out)!r} is the run file being read; writing there would destroy the run. "
+                "Pass another output path."
+            )
+    if _is_run_file(out):
+        raise InputError(
+            f"{what} {str(out)!r} is a gradsight run file; gradsight never replaces a run file with an export or "
+            "a report, not even with --overwrite. Pass another path (or delete that run file yourself first)."
+        )
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` when the block succeeds.
+
+    The temporary file is created (empty, mode 0666 less the umask) in the same folder, so the final rename is
+    atomic; on any exception it is removed and ``path`` is left exactly as it was (absent, or the old file).
+    """
+    from ._errors import StoreError
+
+    target = Path(path)
+    for _ in range(100):
+        tmp = target.with_name(f".{target.name[:64]}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            break
+        except FileExistsError:  # pragma: no cover - a 32-bit random name already taken
+            continue
+        except OSError as exc:
+            raise StoreError(
+                f"cannot write {str(target)!r}: {exc.strerror or exc} in its folder {str(target.parent)!r}. "
+                "Pass a path in a folder you can write to."
+            ) from None
+    else:  # pragma: no cover
+        raise FileExistsError(f"could not create a temporary file next to {str(target)!r}")
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
