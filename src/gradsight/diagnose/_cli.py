@@ -9,14 +9,18 @@ import argparse
 import json
 import sys
 
-from ._diagnose import diagnose, skipped_rules
+from .._cli_support import resolve_run, terminal_safe
 
 __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``diagnose`` arguments to a (sub)parser."""
-    parser.add_argument("run", metavar="RUN", help="path of a run file written by gradsight.watch")
+    parser.add_argument(
+        "run",
+        metavar="RUN",
+        help="the run file (.db) written by gradsight.watch or gradsight demo, or a folder holding exactly one",
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON list of findings (the Finding fields)")
     parser.add_argument(
         "--threshold",
@@ -47,8 +51,10 @@ def _thresholds(items: list[str]) -> dict[str, float]:
 def run(args: argparse.Namespace) -> int:
     """Run ``gradsight diagnose``; return the exit status."""
     from ..store import load
+    from ._diagnose import diagnose, skipped_rules  # imported here: `gradsight --help` needs no pandas
 
-    with load(args.run) as r:
+    path = resolve_run(args.run, command="diagnose")
+    with load(path) as r:
         findings = diagnose(r, thresholds=_thresholds(args.threshold) or None)
         skipped = {} if args.json else skipped_rules(r)
     out = sys.stdout
@@ -57,16 +63,18 @@ def run(args: argparse.Namespace) -> int:
         out.write("\n")
     else:
         counts = {s: sum(f.severity == s for f in findings) for s in ("error", "warning", "info")}
+        where = terminal_safe(path)
         if findings:
             out.write(
-                f"{len(findings)} finding(s) in {args.run}: {counts['error']} error, {counts['warning']} warning, "
+                f"{len(findings)} finding(s) in {where}: {counts['error']} error, {counts['warning']} warning, "
                 f"{counts['info']} info\n\n"
             )
-            out.write("\n\n".join(f.to_text() for f in findings) + "\n")
+            # Layer names and evidence come from the run file: escape what could steer the terminal.
+            out.write("\n\n".join(terminal_safe(f.to_text(), keep_lines=True) for f in findings) + "\n")
         else:
-            out.write(f"No findings in {args.run}.\n")
+            out.write(f"No findings in {where}.\n")
         if skipped:
             out.write("\nSkipped (data not recorded):\n")
             for name, missing in skipped.items():
-                out.write(f"  {name}: needs {', '.join(missing)}\n")
+                out.write(f"  {terminal_safe(name)}: needs {terminal_safe(', '.join(missing))}\n")
     return 1 if any(f.severity in ("warning", "error") for f in findings) else 0

@@ -10,22 +10,28 @@ import argparse
 import importlib.util
 import json
 
+from .._cli_support import FRAMEWORK_CHOICES, FRAMEWORK_HELP, framework_arg, terminal_safe
 from .._errors import InputError
 
 __all__ = ["add_arguments", "run"]
 
 
 def _default_framework() -> str:
-    return "torch" if importlib.util.find_spec("torch") is not None else "tensorflow"
+    return "torch" if importlib.util.find_spec("torch") is not None else "keras"
+
+
+#: The name the examples and the JSON output use for each framework.
+_DISPLAY = {"torch": "torch", "keras": "tensorflow"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``explain`` subcommand's options to ``parser``."""
     parser.add_argument(
         "--framework",
-        choices=["torch", "tensorflow"],
+        type=framework_arg,
         default=None,
-        help="framework whose autodiff is checked (default: torch if installed, else tensorflow)",
+        metavar="{" + ",".join(FRAMEWORK_CHOICES) + "}",
+        help=f"framework whose autodiff is checked: {FRAMEWORK_HELP} (default: torch if installed, else tensorflow)",
     )
     parser.add_argument("--example", default="default", metavar="NAME", help="built-in example (see --list)")
     parser.add_argument("--list", action="store_true", help="list the built-in examples and exit")
@@ -48,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.example not in EXAMPLES:
         raise InputError(f"unknown example {args.example!r}; expected one of: {', '.join(EXAMPLES)} (see --list)")
-    framework = args.framework or _default_framework()
+    framework = _DISPLAY[args.framework or _default_framework()]
     result = EXAMPLES[args.example].run(framework, bool(args.finite_differences))
     if args.json:
         from ._trace import clean_json
@@ -56,5 +62,5 @@ def run(args: argparse.Namespace) -> int:
         payload = {"example": args.example, "framework": framework, "ok": result.ok, "result": result.data}
         print(json.dumps(clean_json(payload), indent=2, ensure_ascii=False))
     else:
-        print(result.text)
+        print(terminal_safe(result.text, keep_lines=True))
     return 0 if result.ok else 1

@@ -53,10 +53,12 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .._cli_support import check_output
 from .._errors import InputError, StoreError
 from ..store import Run, TensorInfo, load
 from ..summary import HIST_BINS, TensorSummary, hist_edges
 from ._scalars import headline_scalars, layer_label, layer_scalars
+from ._tidy import check_steps, require_steps
 
 __all__ = [
     "HISTOGRAM_MODES",
@@ -303,18 +305,16 @@ def _export_range(sink: TensorBoardSink, run: Run, lo: int | None, hi: int | Non
     return steps_done
 
 
-def _clear_previous(logdir: Path, overwrite: bool) -> None:
+def _previous(logdir: Path, overwrite: bool) -> list[Path]:
+    """The event files of earlier gradsight exports in ``logdir``; refused unless ``overwrite``."""
     previous = sorted(logdir.glob(f"events.out.tfevents.*{FILE_SUFFIX}")) if logdir.is_dir() else []
-    if not previous:
-        return
-    if not overwrite:
+    if previous and not overwrite:
         raise StoreError(
             f"{str(logdir)!r} already holds {len(previous)} gradsight event file(s) (e.g. {previous[0].name!r}); "
             "TensorBoard would show both exports on top of each other. Pass another --logdir, or "
             "overwrite=True (--overwrite) to replace them."
         )
-    for p in previous:
-        p.unlink()
+    return previous
 
 
 def to_tensorboard(
@@ -335,8 +335,10 @@ def to_tensorboard(
         run: the run file (or a :class:`gradsight.Run`).
         logdir: the directory for the event file, created if missing.
         histograms: ``"log2"`` (histograms of ``log2|x|``, default), ``"abs"`` (of ``|x|``) or ``None``.
-        steps: an inclusive ``(first, last)`` range of steps to export; either end may be ``None``.
-        overwrite: replace event files of an earlier gradsight export in ``logdir`` instead of refusing.
+        steps: an inclusive ``(first, last)`` range of steps to export; either end may be ``None``. It must be
+            well-formed (non-negative, ``first <= last``) and select at least one recorded step.
+        overwrite: replace event files of an earlier gradsight export in ``logdir`` instead of refusing (they
+            are removed once the new export is complete).
 
     Returns:
         The path of the event file written.
@@ -345,19 +347,34 @@ def to_tensorboard(
         ImportError: ``tensorboard`` is not installed.
         StoreError: the run file cannot be read, or ``logdir`` already holds a gradsight export (and
             ``overwrite`` is False).
+        InputError: a malformed range, a range that selects no recorded step, or ``logdir`` is a run file.
     """
     _check_mode(histograms)
+    lo, hi = check_steps(steps)
     _tb()
+    out = Path(os.fsdecode(logdir)).expanduser().resolve()
     r = _run_path(run)
-    out = Path(logdir).expanduser().resolve()
-    _clear_previous(out, overwrite)
-    lo, hi = steps if steps is not None else (None, None)
+    sink: TensorBoardSink | None = None
     try:
-        with TensorBoardSink(out, histograms=histograms) as sink:
+        check_output(out, inputs=[r.path], what="the log directory")
+        if out.exists() and not out.is_dir():
+            raise StoreError(f"the log directory {str(out)!r} is a file; pass a folder (created if missing).")
+        require_steps(r, (lo, hi), scalars=True)
+        previous = _previous(out, overwrite)
+        sink = TensorBoardSink(out, histograms=histograms)
+        with sink:
             _export_range(sink, r, lo, hi)
+    except BaseException:
+        if sink is not None:  # never leave a partial event file behind
+            with contextlib.suppress(OSError):
+                sink.path.unlink()
+        raise
     finally:
         if r is not run:
             r.close()
+    for p in previous:  # replaced only once the new export is complete
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
     return sink.path
 
 
@@ -400,7 +417,10 @@ class LiveTensorBoard:
         logdir = Path(logdir).expanduser().resolve()
         _check_mode(histograms)
         _tb()
-        _clear_previous(logdir, overwrite)
+        if isinstance(run, (str, os.PathLike)):
+            check_output(logdir, inputs=[run], what="the log directory")
+        for previous in _previous(logdir, overwrite):  # live: the old export goes before the new one starts
+            previous.unlink()
         self.sink = TensorBoardSink(logdir, histograms=histograms)
         self._done: int | None = None  # last step written
         self._lock = threading.Lock()

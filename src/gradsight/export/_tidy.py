@@ -11,6 +11,10 @@ when asked for, ``hist`` (256 ``log2|x|`` bin counts) and ``units_active``/``uni
   ``pandas.read_parquet`` reads it back.
 
 ``table="scalars"`` exports the run's scalars instead, long too: ``step``, ``name``, ``value``.
+
+Outputs are written to a temporary file in the same folder and renamed into place, so a failed export leaves
+nothing behind; an output that is a gradsight run file (or the run being read) is refused even with
+``overwrite=True``. A ``steps`` range must be well-formed and select at least one recorded step.
 """
 
 from __future__ import annotations
@@ -23,13 +27,16 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from .._cli_support import atomic_output, check_output
 from .._errors import InputError, StoreError
 from ..store import Run, load
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-__all__ = ["PYARROW_HINT", "read_csv", "tidy_frame", "to_csv", "to_parquet"]
+__all__ = ["PYARROW_HINT", "check_steps", "read_csv", "require_steps", "tidy_frame", "to_csv", "to_parquet"]
+
+StepRange = tuple[int | None, int | None]
 
 Table = Literal["summaries", "scalars"]
 _ARRAY_COLUMNS = ("hist", "units_active")
@@ -40,6 +47,73 @@ PYARROW_HINT = (
     "pip install pyarrow  (or pip install 'gradsight[parquet]'), or export CSV instead: "
     "gradsight export csv RUN"
 )
+
+
+def check_steps(steps: Any) -> StepRange:
+    """Validate an inclusive step range ``(first, last)``; either end may be ``None`` (open).
+
+    Args:
+        steps: ``None`` (every step) or a pair of non-negative ints or ``None``, with ``first <= last``.
+
+    Returns:
+        ``(first, last)``, ``(None, None)`` for ``None``.
+
+    Raises:
+        InputError: not a pair, an end that is not a non-negative int, or ``first > last`` (an empty range).
+    """
+    if steps is None:
+        return (None, None)
+    if not isinstance(steps, (tuple, list)) or len(steps) != 2:
+        raise InputError(
+            f"steps must be an inclusive (first, last) pair, either end None for open, got {steps!r}; "
+            "e.g. steps=(10, 50) or steps=(10, None)."
+        )
+    lo, hi = steps
+    for end, value in (("first", lo), ("last", hi)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise InputError(f"steps: the {end} step must be an int or None, got {value!r} in {steps!r}.")
+        if value < 0:
+            raise InputError(f"steps: the {end} step is {value!r}, but steps count from 0; pass a range like (0, 10).")
+    lo = None if lo is None else int(lo)
+    hi = None if hi is None else int(hi)
+    if lo is not None and hi is not None and lo > hi:
+        raise InputError(
+            f"steps ({lo}, {hi}) is an empty range: the first step {lo} comes after the last step {hi}. "
+            f"The range is inclusive first-to-last; did you mean ({hi}, {lo})?"
+        )
+    return (lo, hi)
+
+
+def require_steps(run: Run, steps: StepRange, *, scalars: bool = False) -> None:
+    """Raise when the range ``steps`` selects none of the run's recorded steps.
+
+    Args:
+        run: the open run.
+        steps: a range from :func:`check_steps`.
+        scalars: count steps that have only scalars (the TensorBoard export writes those too).
+
+    Raises:
+        InputError: no recorded step lies in the range; the message names the run's recorded steps.
+    """
+    lo, hi = steps
+    if lo is None and hi is None:
+        return
+    recorded = set(run.steps)
+    if scalars:
+        recorded.update(step for step, _, _ in run.scalar_rows())
+    if any((lo is None or s >= lo) and (hi is None or s <= hi) for s in recorded):
+        return
+    shown = f"{'' if lo is None else lo}:{'' if hi is None else hi}"
+    if recorded:
+        have = f"it has {len(recorded)} recorded step(s), from {min(recorded)} to {max(recorded)}"
+    else:
+        have = "it has no recorded steps at all"
+    raise InputError(
+        f"the step range {shown} selects no step of the run {str(run.path)!r}: {have}. "
+        "Pass a range that overlaps them, or leave the range out to export every step."
+    )
 
 
 def tidy_frame(
@@ -63,9 +137,13 @@ def tidy_frame(
 
     if table not in ("summaries", "scalars"):
         raise InputError(f"table must be 'summaries' or 'scalars', not {table!r}.")
+    if "steps" in filters:
+        filters["steps"] = check_steps(filters["steps"])
     r = load(run)
     try:
         if table == "summaries":
+            if "steps" in filters:
+                require_steps(r, filters["steps"])
             return r.to_pandas(hist=hist, units=units, **filters)
         if hist or units or filters:
             raise InputError("hist, units and filters apply to table='summaries' only; the scalars table is small.")
@@ -78,8 +156,12 @@ def tidy_frame(
             r.close()
 
 
-def _target(path: str | os.PathLike[str], overwrite: bool) -> Path:
-    out = Path(path).expanduser().resolve()
+def _target(path: str | os.PathLike[str], overwrite: bool, run: str | os.PathLike[str] | Run) -> Path:
+    run_path = run.path if isinstance(run, Run) else run
+    inputs = [run_path] if isinstance(run_path, (str, os.PathLike)) else []
+    out = check_output(Path(os.fsdecode(path)).expanduser().resolve(), inputs=inputs, what="the output")
+    if out.is_dir():
+        raise StoreError(f"the output {str(out)!r} is a folder; pass a file path, e.g. {str(out / 'run.csv')!r}.")
     if out.exists() and not overwrite:
         raise StoreError(
             f"{str(out)!r} already exists and gradsight never overwrites silently. Pass another path, or "
@@ -108,15 +190,21 @@ def to_csv(
         table: ``"summaries"`` or ``"scalars"``.
         hist: include the 256-bin ``hist`` column, as JSON lists.
         units: include ``units_active`` (JSON lists, empty for tensors without unit counts) and ``units_total``.
-        overwrite: replace ``path`` if it exists instead of refusing.
-        **filters: ``kind``, ``layer``, ``tensor``, ``steps`` as for :meth:`gradsight.Run.to_pandas`.
+        overwrite: replace ``path`` if it exists instead of refusing (never a run file, never the run read).
+        **filters: ``kind``, ``layer``, ``tensor``, ``steps`` as for :meth:`gradsight.Run.to_pandas`; ``steps``
+            must select at least one recorded step.
 
     Returns:
         The path written. :func:`read_csv` reads it back.
+
+    Raises:
+        InputError: a malformed or empty ``steps`` range, or ``path`` is a run file or the run itself.
+        StoreError: ``path`` exists (and ``overwrite`` is False), or its folder does not.
     """
-    out = _target(path, overwrite)
+    out = _target(path, overwrite, run)
     df = _export_frame(run, table, hist, units, filters, lambda a: json.dumps(np.asarray(a).tolist()))
-    df.to_csv(out, index=False)
+    with atomic_output(out) as tmp:
+        df.to_csv(tmp, index=False)
     return out
 
 
@@ -165,9 +253,10 @@ def to_parquet(
         import pyarrow.parquet as pq
     except ImportError as exc:
         raise ImportError(PYARROW_HINT) from exc
-    out = _target(path, overwrite)
+    out = _target(path, overwrite, run)
     df = _export_frame(run, table, hist, units, filters, lambda a: np.asarray(a, dtype=np.int64).tolist())
-    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), out)
+    with atomic_output(out) as tmp:
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), str(tmp))
     return out
 
 

@@ -3,14 +3,17 @@
 With no arguments it trains :data:`DEFAULT_SCENARIO` from the fault zoo (:mod:`gradsight.zoo`; built in, no
 download, CPU only) for a few hundred steps, with a progress bar on stderr, then writes ``run.db`` and
 ``report.html`` into a new folder ``gradsight-demo-YYYYmmdd-HHMMSS`` in the current directory, prints the findings
-and the report's path. Exit status 0 whenever the demo ran, whatever it found.
+and the report's path. Exit status 0 whenever the demo ran, whatever it found. When it fails or is interrupted, it
+removes what it wrote (and the folder, when it created it): no half-written run or empty report is left behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
+import shlex
 import sys
 import threading
 import time
@@ -18,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from .._cli_support import FRAMEWORK_CHOICES, FRAMEWORK_HELP, framework_arg, terminal_safe
 from .._errors import InputError, StoreError, UnsupportedError
 from ..store import load
 
@@ -38,9 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     parser.add_argument(
         "--framework",
-        choices=("torch", "keras"),
+        type=framework_arg,
         default=None,
-        help="which framework trains it (default: torch when installed, else keras)",
+        metavar="{" + ",".join(FRAMEWORK_CHOICES) + "}",
+        help=f"which framework trains it: {FRAMEWORK_HELP} (default: torch when installed, else tensorflow)",
     )
     parser.add_argument("--steps", type=int, default=None, metavar="N", help="training steps (default: the scenario's)")
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default 0)")
@@ -80,7 +85,8 @@ def default_framework() -> str:
     )
 
 
-def _out_dir(given: str | None) -> Path:
+def _out_dir(given: str | None) -> tuple[Path, bool]:
+    """The output folder, created if needed, and whether this call created it."""
     if given is None:
         out = Path.cwd() / f"gradsight-demo-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
         n = 1
@@ -88,18 +94,35 @@ def _out_dir(given: str | None) -> Path:
             n += 1
             out = out.with_name(f"{out.name.split('~')[0]}~{n}")
     else:
-        out = Path(given).expanduser()
+        out = Path(os.fsdecode(given)).expanduser()
     out = out.resolve()
     if out.exists():
         if not out.is_dir():
-            raise StoreError(f"--out {str(out)!r} exists and is not a folder. Pass a new folder name.")
+            raise StoreError(
+                f"--out {str(out)!r} exists and is not a folder; gradsight demo writes run.db and report.html into "
+                "a folder. Pass a new folder name."
+            )
         if any(out.iterdir()):
             raise StoreError(
                 f"--out {str(out)!r} already exists and is not empty; gradsight demo never overwrites. "
                 "Pass a new or empty folder, or leave --out out to get a fresh timestamped one."
             )
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+        return out, False
+    out.mkdir(parents=True)
+    return out, True
+
+
+def _clean_up(out: Path, created: bool) -> None:
+    """Remove what a failed demo wrote into ``out`` (run.db and its journal, the report), and ``out`` if new."""
+    for name in ("run.db", "run.db-wal", "run.db-shm", "run.db-journal", "report.html"):
+        with contextlib.suppress(OSError):
+            (out / name).unlink()
+    for tmp in out.glob(".report.html.*.tmp"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    if created:
+        with contextlib.suppress(OSError):
+            out.rmdir()  # only when empty: never remove anything we did not write
 
 
 class ProgressBar:
@@ -194,11 +217,19 @@ def run(args: argparse.Namespace) -> int:
     framework = args.framework or default_framework()
     if framework == "keras":  # TensorFlow's C++ INFO/WARNING lines would bury the progress bar
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    out = _out_dir(args.out)
-    run_path = out / "run.db"
+    out, created = _out_dir(args.out)
+    try:
+        return _train_and_report(zoo, name, framework, args, out)
+    except BaseException:
+        _clean_up(out, created)
+        raise
 
+
+def _train_and_report(zoo: Any, name: str, framework: str, args: argparse.Namespace, out: Path) -> int:
+    safe = terminal_safe
+    run_path = out / "run.db"
     t0 = time.monotonic()
-    print(f"gradsight demo: training scenario {name!r} with {framework} -> {out}", file=sys.stderr)
+    print(f"gradsight demo: training scenario {name!r} with {framework} -> {safe(out)}", file=sys.stderr)
     kwargs: dict[str, Any] = {"framework": framework, "seed": args.seed, "path": run_path}
     if args.steps is not None:
         kwargs["steps"] = args.steps
@@ -219,11 +250,11 @@ def run(args: argparse.Namespace) -> int:
     if findings:
         print(f"Findings ({len(findings)}):")
         for f in findings:
-            print(f.to_text() if hasattr(f, "to_text") else str(f))
+            print(safe(f.to_text() if hasattr(f, "to_text") else str(f), keep_lines=True))
             print()
     else:
         print("Findings: none — no diagnosis rule fired on this run.\n")
-    print(f"run file: {run_path}")
-    print(f"report:   {report_path}")
-    print(f"next:     gradsight show {run_path}")
+    print(f"run file: {safe(run_path)}")
+    print(f"report:   {safe(report_path)}")
+    print(f"next:     gradsight show {shlex.quote(safe(out))}")
     return 0

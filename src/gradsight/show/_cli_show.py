@@ -1,15 +1,19 @@
-"""``gradsight show RUN``: print a terminal summary table of a run file."""
+"""``gradsight show RUN``: print a terminal summary table of a run file (or of the one run file in a folder)."""
 
 from __future__ import annotations
 
 import argparse
 
+from .._cli_support import resolve_run
+
 __all__ = ["add_arguments", "run"]
+
+RUN_HELP = "the run file (.db) written by gradsight.watch or gradsight demo, or a folder holding exactly one"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``show`` command's arguments."""
-    parser.add_argument("run", metavar="RUN", help="the run file (.db) written by gradsight.watch or gradsight demo")
+    parser.add_argument("run", metavar="RUN", help=RUN_HELP)
     parser.add_argument(
         "--width", type=int, default=40, metavar="N", help="show at most N characters of a layer name (default 40)"
     )
@@ -19,5 +23,5 @@ def run(args: argparse.Namespace) -> int:
     """Print the summary; exit status 0 (findings do not change it)."""
     from ._show import render_show
 
-    print(render_show(args.run, width=max(8, args.width)))
+    print(render_show(resolve_run(args.run, command="show"), width=max(8, args.width)))
     return 0

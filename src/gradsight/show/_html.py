@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .._cli_support import atomic_output, check_output
 from .._errors import InputError, StoreError
 from ..store import Run
 from ._data import RunLike, finding_list, layer_table, opened
@@ -233,7 +234,8 @@ def report(run: RunLike, path: str | os.PathLike[str] | None = None, *, findings
         run: a :class:`~gradsight.store.Run` or the path of a run file.
         path: where to write the report; ``None`` puts it next to the run file with the suffix ``.html``
             (``run.db`` → ``run.html``). An existing report there is replaced (reports are derived from the run
-            file and can always be regenerated).
+            file and can always be regenerated), but never a run file, and never the run file itself. The file
+            is written to a temporary name and renamed, so a failure leaves no partial report behind.
         findings: the findings to show; ``None`` (default) runs ``gradsight.diagnose.diagnose(run)``.
 
     Returns:
@@ -241,21 +243,19 @@ def report(run: RunLike, path: str | os.PathLike[str] | None = None, *, findings
 
     Raises:
         StoreError: the run file cannot be read, or the report's directory does not exist.
-        InputError: ``run`` is neither a Run nor a path.
+        InputError: ``run`` is neither a Run nor a path, or the report path is a run file.
     """
     with opened(run) as r:
-        out = Path(path).expanduser() if path is not None else r.path.with_suffix(".html")
-        out = out.resolve()
-        if out == r.path:
-            raise InputError(
-                f"report: the report path {str(out)!r} is the run file itself; pass another path, e.g. "
-                f"{str(out.with_suffix('.html'))!r}."
-            )
+        out = r.path.with_suffix(".html") if path is None else Path(os.fsdecode(path)).expanduser()
+        out = check_output(out.resolve(), inputs=[r.path], what="the report path")
         if not out.parent.is_dir():
             raise StoreError(
                 f"report: cannot write {str(out)!r}: the directory {str(out.parent)!r} does not exist. "
                 "Create it first or pass another path."
             )
         text = render_html(r, findings=findings)
-    out.write_text(text, encoding="utf-8")
+    # A file name with undecodable bytes (os.fsdecode's surrogates) appears in the page as an escape.
+    data = text.encode("utf-8", errors="backslashreplace")
+    with atomic_output(out) as tmp:
+        tmp.write_bytes(data)
     return out

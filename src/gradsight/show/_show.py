@@ -1,8 +1,10 @@
-"""``gradsight show RUN``: a plain-text summary of a run for the terminal.
+r"""``gradsight show RUN``: a plain-text summary of a run for the terminal.
 
 A header with the run's key facts and its loss, one row per layer (the last recorded value of each statistic, as
 in the HTML report's layer table), then the findings, most severe first. Plain ASCII-art table, no colours and no
-dependencies, so it can be piped and pasted into an issue.
+dependencies, so it can be piped and pasted into an issue. Every string that came from the run (path, layer
+names, metadata, finding texts) goes through :func:`gradsight._cli_support.terminal_safe`, so a layer named
+``"\x1b[2J"`` shows as that text instead of clearing the screen.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from .._cli_support import terminal_safe
 from ._data import RunLike, finding_list, layer_table, opened
 from ._figures import short_label
 
@@ -69,10 +72,11 @@ def render_show(run: RunLike, *, findings: Sequence[Any] | None = None, width: i
         table = layer_table(r)
         found = finding_list(r, findings)
         path = str(r.path)
-    lines = [f"run       {path}"]
+    safe = terminal_safe
+    lines = [f"run       {safe(path)}"]
     if meta.get("scenario"):
-        lines.append(f"scenario  {meta['scenario']}")
-    lines.append(f"framework {meta.get('framework', 'unknown')}")
+        lines.append(f"scenario  {safe(meta['scenario'])}")
+    lines.append(f"framework {safe(meta.get('framework', 'unknown'))}")
     lines.append(f"steps     {len(steps)} logged" + (f", {steps[0]} to {steps[-1]}" if steps else ""))
     if "loss" in scalars.columns:
         loss = scalars["loss"].dropna()
@@ -86,7 +90,7 @@ def render_show(run: RunLike, *, findings: Sequence[Any] | None = None, width: i
     else:
         rows = [[head for _, head, _ in _COLUMNS]]
         for rec in table.to_dict("records"):
-            rows.append([short_label(str(rec["layer"]), width)] + [_num(rec[key], key) for key, _, _ in _COLUMNS[1:]])
+            rows.append([short_label(safe(rec["layer"]), width)] + [_num(rec[key], key) for key, _, _ in _COLUMNS[1:]])
         lines += _table(rows, [a for _, _, a in _COLUMNS])
         lines.append("(last recorded value of each statistic; RMS over all elements of the layer's tensors)")
     lines.append("")
@@ -94,10 +98,10 @@ def render_show(run: RunLike, *, findings: Sequence[Any] | None = None, width: i
         lines.append(f"findings ({len(found)}):")
         for f in found:
             text = f.to_text() if hasattr(f, "to_text") else str(f)
-            lines.append(text.splitlines()[0] if text else "")
+            lines.append(safe(text.split("\n")[0]) if text else "")
             layers = getattr(f, "layers", ())
             if layers:
-                lines.append("    layers: " + ", ".join(layers))
+                lines.append("    layers: " + ", ".join(safe(name) for name in layers))
     else:
         lines.append("findings: none")
     return "\n".join(lines)
