@@ -7,7 +7,6 @@ every other module is private.
 
 from __future__ import annotations
 
-from . import zoo
 from ._errors import GradsightError, InputError, StoreError, UnsupportedError, WatchError
 from ._watch import watch
 from .diagnose import Finding, GradsightWarning, OnlineDiagnosis, Thresholds, TrainingStopped, diagnose
@@ -27,6 +26,10 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> object:
+    if name == "zoo":  # the fault zoo, a submodule: loaded on first use, so `import gradsight` stays light
+        import importlib
+
+        return importlib.import_module("gradsight.zoo")
     if name in _LAZY:
         import importlib
 

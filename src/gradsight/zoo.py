@@ -24,13 +24,15 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from ._errors import InputError
-from .diagnose import Finding, diagnose
 from .store import Run, load
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .diagnose import Finding
 
 __all__ = [
     "SCENARIOS",
@@ -46,6 +48,8 @@ __all__ = [
 
 Framework = Literal["torch", "keras"]
 FRAMEWORKS: tuple[str, ...] = ("torch", "keras")
+#: Other names accepted for a framework (the command line's ``--framework`` takes the same).
+_ALIASES = {"pytorch": "torch", "tensorflow": "keras", "tf": "keras"}
 
 
 @dataclass(frozen=True)
@@ -342,7 +346,7 @@ def run_scenario(
 
     Args:
         name: a scenario from :func:`list_scenarios`.
-        framework: ``"torch"`` or ``"keras"``.
+        framework: ``"torch"`` (alias ``"pytorch"``) or ``"keras"`` (aliases ``"tensorflow"``, ``"tf"``).
         seed: seeds the data, the initialisation and the framework's random generators.
         steps: override the scenario's number of training steps.
         path: the run file to write (must not exist); default a new file in a fresh temporary directory.
@@ -355,8 +359,11 @@ def run_scenario(
         InputError: unknown scenario or framework, or an injection into a layer that is not a dense layer.
     """
     scenario = get_scenario(name)
+    framework = _ALIASES.get(framework, framework)  # type: ignore[assignment]
     if framework not in FRAMEWORKS:
-        raise InputError(f"framework must be 'torch' or 'keras', got {framework!r}.")
+        raise InputError(
+            f"framework must be 'torch' (alias 'pytorch') or 'keras' (aliases 'tensorflow', 'tf'), got {framework!r}."
+        )
     if steps is not None:
         if not isinstance(steps, int) or steps < 1:
             raise InputError(f"steps must be a positive int, got {steps!r}.")
@@ -380,6 +387,8 @@ def run_scenario(
     else:
         from .frameworks._keras_zoo import train
     run_path = train(scenario, x, y, seed=seed, path=Path(path), inject=inject)
+    from .diagnose import diagnose
+
     with load(run_path) as run:
         findings = diagnose(run)
     expect = (inject.expectation,) if inject is not None else scenario.expect
