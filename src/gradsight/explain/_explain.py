@@ -25,13 +25,15 @@ from ._losses import LossSpec, evaluate_loss, logits_variant
 from ._spec import FrameworkRun, LayerSpec
 from ._trace import FiniteDifference, LayerInfo, Term, Trace
 
-__all__ = ["explain", "to_numpy"]
+__all__ = ["check_loss_arg", "explain", "to_numpy"]
 
 _ADAPTERS = {"torch": "gradsight.frameworks._torch_explain", "keras": "gradsight.frameworks._keras_explain"}
 
 #: finite differences: relative step per entry, and the normwise tolerance of the comparison.
 FD_STEP = 1e-6
 FD_TOL = Tolerance(rtol=1e-5, atol=1e-7)
+#: the most entries finite differences check per parameter tensor (two forward passes each).
+FD_MAX_SAMPLES = 10_000
 
 
 def adapter(framework: str) -> Any:
@@ -63,31 +65,86 @@ def to_numpy(obj: Any, what: str) -> np.ndarray:
     return arr
 
 
+def _nonfinite(a: np.ndarray) -> tuple[int, list[int]]:
+    """How many entries of ``a`` are NaN/inf, and (up to 5 of) the samples holding them."""
+    bad = ~np.isfinite(a)
+    rows = np.nonzero(bad.reshape(a.shape[0], -1).any(axis=1))[0] if a.ndim else np.array([], int)
+    return int(bad.sum()), [int(r) for r in rows[:5]]
+
+
 def _validate(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Check x and y (numeric, a batch axis, floating x, finite, one target per sample) and return numpy."""
     xa = to_numpy(x, "x")
     ya = to_numpy(y, "y")
     if xa.ndim == 0:
         raise InputError(f"x must have a batch axis, e.g. shape (n, features); got a scalar {xa!r}")
     if xa.shape[0] == 0:
-        raise InputError(f"x is an empty batch (shape {xa.shape!r}); explain needs at least one sample")
+        raise InputError(
+            f"x is an empty batch (shape {xa.shape!r}); explain needs at least one sample. Fix: pass a batch "
+            "with n >= 1 rows, e.g. x[:8]"
+        )
     if not np.issubdtype(xa.dtype, np.floating):
         raise InputError(
             f"x has dtype {xa.dtype} but the model needs floating-point inputs. Fix: x.float() (torch), "
             "x.astype('float32') (numpy) or tf.cast(x, 'float32')"
         )
     if not np.all(np.isfinite(xa)):
-        bad = int(np.size(xa) - np.isfinite(xa).sum())
-        raise InputError(f"x contains {bad} NaN or infinite values; explain needs finite inputs")
+        bad, rows = _nonfinite(xa)
+        raise InputError(
+            f"x contains {bad} NaN or infinite values (in samples {rows}{' …' if len(rows) == 5 else ''}); every "
+            "term would be NaN, so nothing could be checked. explain needs finite inputs. Fix: drop or impute "
+            "those samples, e.g. keep = np.isfinite(x).reshape(len(x), -1).all(1); explain(model, x[keep], y[keep])"
+        )
     if ya.ndim == 0 or ya.shape[0] != xa.shape[0]:
         raise InputError(
             f"y must have one target per sample: x has {xa.shape[0]} samples (shape {xa.shape!r}) but y has "
-            f"shape {ya.shape!r}"
+            f"shape {ya.shape!r}. Fix: pass the targets of the same batch, y[:{xa.shape[0]}]"
         )
     if np.issubdtype(ya.dtype, np.floating) and not np.all(np.isfinite(ya)):
-        raise InputError("y contains NaN or infinite values; explain needs finite targets")
+        bad, rows = _nonfinite(ya)
+        raise InputError(
+            f"y contains {bad} NaN or infinite values (in samples {rows}{' …' if len(rows) == 5 else ''}); the loss "
+            "and every gradient would be NaN. explain needs finite targets. Fix: drop or impute those samples"
+        )
     if ya.dtype == bool:
         ya = ya.astype(np.float64)
     return xa, ya
+
+
+def _loss_class_error(loss: type) -> InputError:
+    mod = getattr(loss, "__module__", "") or ""
+    if mod.startswith("torch"):
+        example = f"nn.{loss.__name__}()"
+    elif mod.startswith(("keras", "tensorflow", "tf_keras")):
+        example = f"keras.losses.{loss.__name__}()"
+    else:
+        example = f"{loss.__name__}()"
+    return InputError(
+        f"loss is the class {loss.__name__!r}, not a loss object; explain calls the loss on (ŷ, y), which would "
+        f"construct a new {loss.__name__} instead. Fix: pass an instance: {example}"
+    )
+
+
+def check_loss_arg(loss: Any, reduction: Any) -> None:
+    """Refuse a loss class (instead of an instance), a non-callable loss and an invalid ``reduction``."""
+    if isinstance(loss, type):
+        raise _loss_class_error(loss)
+    if not isinstance(reduction, str) or reduction not in ("mean", "sum"):
+        raise InputError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    own = getattr(loss, "reduction", None)
+    own = {"sum_over_batch_size": "mean", None: None}.get(own, own)
+    if not isinstance(loss, str) and reduction != "mean" and own != reduction:
+        carries = f"carries its own reduction {getattr(loss, 'reduction', None)!r}" if own else "has no reduction"
+        raise InputError(
+            f"reduction={reduction!r} applies only to a loss given by name (e.g. explain(..., loss='mse', "
+            f"reduction='sum')); the loss {loss!r:.60} {carries}, so it would be silently ignored. Fix: set it on "
+            "the object, e.g. nn.MSELoss(reduction='sum') or keras.losses.MeanSquaredError(reduction='sum')"
+        )
+    if not isinstance(loss, str) and not callable(loss):
+        raise InputError(
+            f"loss must be a loss object (nn.MSELoss(), keras.losses.MeanSquaredError()), a loss name such as "
+            f"'mse', or a callable returning a scalar; got {loss!r:.60} of type {type(loss).__name__!r}"
+        )
 
 
 def explain(
@@ -139,8 +196,14 @@ def explain(
             f"explain needs a torch.nn.Module or a Keras model, got {model!r:.80} of type {type(model).__name__!r}"
         )
     xa, ya = _validate(x, y)
-    if fd_samples < 1:
+    check_loss_arg(loss, reduction)
+    if isinstance(fd_samples, bool) or not isinstance(fd_samples, (int, np.integer)) or fd_samples < 1:
         raise InputError(f"fd_samples must be a positive number of entries, got {fd_samples!r}")
+    if fd_samples > FD_MAX_SAMPLES:
+        raise InputError(
+            f"fd_samples={fd_samples!r} would run {2 * fd_samples} forward passes per parameter tensor; the limit "
+            f"is {FD_MAX_SAMPLES}. Fix: sample fewer entries (the default 32 covers every entry of small tensors)"
+        )
     run = adapter(fw).run_explain(model, xa, ya, loss, reduction)
     return derive(run, finite_differences=finite_differences, fd_samples=fd_samples, fd_seed=fd_seed)
 
@@ -244,6 +307,52 @@ def _layouts(run: FrameworkRun, ls: LayerSpec) -> tuple[str, str]:
     return act, ls.weight_layout
 
 
+def _frozen_words(run: FrameworkRun) -> str:
+    return "requires_grad=False" if _torch(run) else "trainable=False"
+
+
+def _remarks(run: FrameworkRun, ls: LayerSpec) -> list[str]:
+    out = []
+    if ls.frozen:
+        out.append(
+            f"frozen ({_frozen_words(run)}): its gradients are derived and checked, but the optimizer does not "
+            "update it"
+        )
+    mine = [sp for sp in run.shared if ls.index in sp.layers and ls.shared.get(sp.which) == sp.key]
+    if mine:
+        others = sorted({k for sp in mine for k in sp.layers if k != ls.index})
+        sums = ", ".join(f"dJ/d{sp.which}[{sp.module}]" for sp in mine)
+        out.append(
+            f"shares {' and '.join(sp.which for sp in mine)} with layer(s) {others}: module {mine[0].module!r} is "
+            f"used {len(mine[0].layers)} times; its gradient is the sum over the uses ({sums})"
+        )
+    return out
+
+
+def _param_note(run: FrameworkRun, ls: LayerSpec, which: str) -> str:
+    """Per-use and frozen remarks on the dJ/dW / dJ/db term of layer ``ls``."""
+    bits = []
+    key = ls.shared.get(which)
+    sp = next((p for p in run.shared if p.key == key and p.which == which), None) if key else None
+    if sp is not None:
+        how = (
+            "torch.autograd.grad(Z, W, dJ/dZ) through this call alone"
+            if _torch(run)
+            else "tape.gradient(Z, kernel, output_gradients=dJ/dZ) through this call alone"
+        )
+        bits.append(
+            f"one use of module {sp.module!r} (layers {sp.layers}): this is this use's share of the parameter's "
+            f"gradient; its autodiff value is {how}; the sum over the uses is the term dJ/d{which}[{sp.module}]"
+        )
+    if ls.frozen:
+        bits.append(f"frozen ({_frozen_words(run)}): derived and checked, not updated by the optimizer")
+    return "; ".join(bits)
+
+
+def _join(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)
+
+
 # --------------------------------------------------------------------------------------------------- derive
 def derive(run: FrameworkRun, *, finite_differences: bool = False, fd_samples: int = 32, fd_seed: int = 0) -> Trace:
     """Build the :class:`Trace` from an adapter's :class:`FrameworkRun` (the framework-free half of explain)."""
@@ -262,6 +371,7 @@ def derive(run: FrameworkRun, *, finite_differences: bool = False, fd_samples: i
             _has_rule(ls),
             ls.reason,
             ls.weight_layout,
+            _remarks(run, ls),
         )
         for ls in run.layers
     ]
@@ -293,7 +403,15 @@ def derive(run: FrameworkRun, *, finite_differences: bool = False, fd_samples: i
             else:
                 zf, zl = f"Z{l} = A{l - 1} (activation layer: its input)", rf"Z_{{{l}}} = A_{{{l - 1}}}"
             terms.append(_term(f"Z{l}", l, zf, zl, z, ls.z, fwd_note, act_layout))
-            if ls.activation == "softmax":
+            if ls.activation == "softmax" and R.jacobian_too_big(z.shape):
+                s_val = R.softmax_vjp(z)
+                s_text, s_latex = R.SOFTMAX_PROBE_TEXT, R.SOFTMAX_LATEX
+                nbytes = R.fmt_bytes(z.shape[0] * z.shape[-1] ** 2 * 8)
+                s_layout = (
+                    f"(n, f): S_iᵀ·u_i for a fixed probe u; the (n, f, f) Jacobians would take {nbytes} "
+                    f"(limit {R.fmt_bytes(R.JACOBIAN_LIMIT_BYTES)})"
+                )
+            elif ls.activation == "softmax":
                 s_val = R.softmax_jacobian(z)
                 s_text, s_latex = R.SOFTMAX_TEXT, R.SOFTMAX_LATEX
                 s_layout = "(n, f, f): S[i, j, k] = ∂A_ij/∂Z_ik"
@@ -487,8 +605,11 @@ def derive(run: FrameworkRun, *, finite_differences: bool = False, fd_samples: i
             dZ = None
             dz_formula = f"dJ/dZ{l}"
         elif ls.activation == "softmax":
-            dZ = np.einsum("ij,ijk->ik", dA, R.softmax_jacobian(z))
-            dz_formula = f"dJ/dZ{l}_i = S{l}_iᵀ · dJ/dA{l}_i (per sample)"
+            dZ = R.softmax_backward(z, dA)
+            dz_formula = (
+                f"dJ/dZ{l}_i = S{l}_iᵀ · dJ/dA{l}_i = A{l}_i ⊙ (dJ/dA{l}_i − dJ/dA{l}_i·A{l}_i) (per sample, "
+                "without building S)"
+            )
         else:
             dZ = dA * R.elementwise_rule(ls.activation, **ls.activation_params).derivative(z)
             dz_formula = f"dJ/dZ{l} = dJ/dA{l} ⊙ S{l}"
@@ -531,7 +652,7 @@ def derive(run: FrameworkRun, *, finite_differences: bool = False, fd_samples: i
                 f"dJ/dA{l - 1} = col2im(W_colᵀ · dJ/dZ{l}_col)"
             )
             wl = R.CONV_LATEX
-        terms.append(_term(f"dJ/dW{l}", l, wf, wl, dw, ls.dw, note, w_layout))
+        terms.append(_term(f"dJ/dW{l}", l, wf, wl, dw, ls.dw, _join(note, _param_note(run, ls, "W")), w_layout))
         params_grad[l] = (dw, db)
         if ls.bias is not None:
             terms.append(
@@ -542,9 +663,10 @@ def derive(run: FrameworkRun, *, finite_differences: bool = False, fd_samples: i
                     rf"\frac{{\partial J}}{{\partial b_{{{l}}}}} = \sum_n \frac{{\partial J}}{{\partial Z_{{{l}}}}}",
                     db,
                     ls.db,
-                    note,
+                    _join(note, _param_note(run, ls, "b")),
                 )
             )
+    terms += _shared_terms(run, params_grad)
     for t in terms:
         _compare(t, tol)
     # order: forward, loss, backward (already in that order; backward runs L..1)
@@ -558,10 +680,40 @@ def derive(run: FrameworkRun, *, finite_differences: bool = False, fd_samples: i
         layers=layers_info,
         terms=terms,
         notes=notes,
+        model_dtype=run.model_dtype,
     )
     if finite_differences:
         _finite_differences(run, trace, acts, fd_samples, fd_seed)
     return trace
+
+
+def _shared_terms(run: FrameworkRun, params_grad: dict[int, tuple[np.ndarray | None, np.ndarray | None]]) -> list[Term]:
+    """One term per parameter used by several layers: the sum of its per-use terms, checked against the
+    framework's gradient of the parameter itself (the ``.grad`` a ``backward()`` would leave).
+    """  # noqa: D205
+    out = []
+    for sp in run.shared:
+        parts = [params_grad.get(l, (None, None))[0 if sp.which == "W" else 1] for l in sp.layers]
+        value = None if any(p is None for p in parts) else np.sum(parts, axis=0)
+        uses = " + ".join(f"dJ/d{sp.which}{l}" for l in sp.layers)
+        name = f"dJ/d{sp.which}[{sp.module}]"
+        formula = (
+            f"{name} = {uses}  (shared module {sp.module!r} used at layers "
+            f"{', '.join(map(str, sp.layers[:-1]))} and {sp.layers[-1]}: its parameter's gradient is the sum of "
+            "the per-use terms)"
+        )
+        note = (
+            "autodiff value: the framework's gradient of the parameter itself (what backward() accumulates in "
+            f"{'.grad' if _torch(run) else 'the variable gradient'})"
+        )
+        if value is None:
+            note += "; no closed form: a use has no rule"
+        ls0 = run.layers[sp.layers[0] - 1]
+        layout = ls0.weight_layout if sp.which == "W" else ""
+        latex = rf"\frac{{\partial J}}{{\partial {sp.which}}} = \sum_{{l \in \{{{','.join(map(str, sp.layers))}\}}}}"
+        latex += rf" \frac{{\partial J}}{{\partial {sp.which}_l}}"
+        out.append(_term(name, sp.layers[0], formula, latex, value, sp.autodiff, note, layout))
+    return out
 
 
 # --------------------------------------------------------------------------------------- finite differences
@@ -608,18 +760,19 @@ def _finite_differences(run: FrameworkRun, trace: Trace, acts: list[np.ndarray],
                 else sorted(int(i) for i in rng.choice(flat.size, samples, replace=False))
             )
             vals = np.empty(len(entries))
+            work = flat.copy()  # perturbed in place, one entry at a time: no per-entry copies of the tensor
             for k, e in enumerate(entries):
                 h = FD_STEP * max(1.0, abs(flat[e]))
-                plus, minus = flat.copy(), flat.copy()
-                plus[e] += h
-                minus[e] -= h
-                if which == "W":
-                    jp = _loss_from(run, l, acts[l - 1], plus.reshape(p.shape), ls.bias)
-                    jm = _loss_from(run, l, acts[l - 1], minus.reshape(p.shape), ls.bias)
-                else:
-                    jp = _loss_from(run, l, acts[l - 1], ls.weight, plus.reshape(p.shape))
-                    jm = _loss_from(run, l, acts[l - 1], ls.weight, minus.reshape(p.shape))
-                vals[k] = (jp - jm) / (2 * h)
+                js = []
+                for step in (h, -h):
+                    work[e] = flat[e] + step
+                    pw = work.reshape(p.shape)
+                    if which == "W":
+                        js.append(_loss_from(run, l, acts[l - 1], pw, ls.bias))
+                    else:
+                        js.append(_loss_from(run, l, acts[l - 1], ls.weight, pw))
+                work[e] = flat[e]
+                vals[k] = (js[0] - js[1]) / (2 * h)
             ref_full = term.autodiff if term.autodiff is not None else term.value
             ref = np.asarray(ref_full, dtype=np.float64).ravel()[entries]
             err = float(np.max(np.abs(vals - ref))) if len(entries) else 0.0

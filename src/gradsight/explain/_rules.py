@@ -28,9 +28,27 @@ __all__ = [
     "dense_backward",
     "dense_forward",
     "elementwise_rule",
+    "jacobian_too_big",
+    "softmax_backward",
     "softmax_forward",
     "softmax_jacobian",
+    "softmax_probe",
+    "softmax_vjp",
 ]
+
+#: the largest array explain materialises for a per-sample Jacobian (bytes, float64). Above it the softmax S is
+#: checked through a Jacobian-vector product instead (see :func:`softmax_vjp`).
+JACOBIAN_LIMIT_BYTES = 64 * 2**20
+
+
+def fmt_bytes(n: float) -> str:
+    """``n`` bytes in words, e.g. ``"25.6 GB"``."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.3g} TB"  # pragma: no cover
+
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
@@ -238,10 +256,51 @@ def softmax_forward(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def jacobian_too_big(shape: tuple[int, ...]) -> bool:
+    """Whether the per-sample softmax Jacobians of a ``(n, f)`` input exceed :data:`JACOBIAN_LIMIT_BYTES`."""
+    n, f = int(shape[0]), int(shape[-1])
+    return n * f * f * 8 > JACOBIAN_LIMIT_BYTES
+
+
 def softmax_jacobian(z: np.ndarray) -> np.ndarray:
-    """Per-sample Jacobian ``S[i, j, k] = ∂A_ij/∂Z_ik = s_ij(δ_jk − s_ik)`` of shape ``(n, f, f)``."""
+    """Per-sample Jacobian ``S[i, j, k] = ∂A_ij/∂Z_ik = s_ij(δ_jk − s_ik)`` of shape ``(n, f, f)``.
+
+    Raises:
+        MemoryError: when the ``(n, f, f)`` array would exceed :data:`JACOBIAN_LIMIT_BYTES` (use
+            :func:`softmax_backward` / :func:`softmax_vjp`, which never build it).
+    """
+    if jacobian_too_big(z.shape):
+        raise MemoryError(
+            f"softmax Jacobians of shape {(z.shape[0], z.shape[-1], z.shape[-1])} would take "
+            f"{fmt_bytes(z.shape[0] * z.shape[-1] ** 2 * 8)} (limit {fmt_bytes(JACOBIAN_LIMIT_BYTES)})"
+        )
     s = softmax_forward(z)
     return np.einsum("ij,jk->ijk", s, np.eye(s.shape[-1])) - np.einsum("ij,ik->ijk", s, s)
+
+
+def softmax_backward(z: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """``dJ/dZ = S_iᵀ·g_i = s ⊙ (g − Σ_k g_k s_k)`` per sample, without building the ``(n, f, f)`` Jacobian.
+
+    S is symmetric, so the same expression is the Jacobian-vector product ``S_i·g_i``.
+    """
+    s = softmax_forward(z)
+    return s * (g - np.sum(g * s, axis=-1, keepdims=True))
+
+
+def softmax_probe(shape: tuple[int, ...]) -> np.ndarray:
+    """The fixed probe u (standard normal, seed 0) with which a too-large softmax S is checked as ``S_iᵀ·u_i``."""
+    return np.random.default_rng(0).standard_normal(tuple(int(d) for d in shape))
+
+
+def softmax_vjp(z: np.ndarray) -> np.ndarray:
+    """``S_iᵀ·u_i`` for the fixed probe u of :func:`softmax_probe`: S checked without materialising it."""
+    return softmax_backward(z, softmax_probe(z.shape))
+
+
+SOFTMAX_PROBE_TEXT = (
+    "S_iᵀ·u_i = s_i ⊙ (u_i − u_i·s_i) with a fixed probe u ~ N(0, 1) (seed 0): the per-sample Jacobians "
+    "diag(s_i) − s_i s_iᵀ are too large to build"
+)
 
 
 # ----------------------------------------------------------------------------------------------------- dense
@@ -285,41 +344,21 @@ def same_padding(size: int, k: int, s: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def _im2col(
-    x: np.ndarray, kh: int, kw: int, stride: tuple[int, int], pads: tuple[int, int, int, int]
-) -> tuple[np.ndarray, int, int]:
-    n, c, h, w = x.shape
+def _taps(
+    x_shape: tuple[int, ...], kh: int, kw: int, stride: tuple[int, int], pads: tuple[int, int, int, int]
+) -> tuple[int, int, list[tuple[int, int, slice, slice]]]:
+    """Output size and, per kernel tap (i, j), the strided slices of the padded input it multiplies."""
+    _, _, h, w = x_shape
     pt, pb, pl, pr = pads
     sh, sw = stride
-    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
     ho = (h + pt + pb - kh) // sh + 1
     wo = (w + pl + pr - kw) // sw + 1
-    cols = np.empty((n, c, kh, kw, ho, wo))
-    for i in range(kh):
-        for j in range(kw):
-            cols[:, :, i, j] = xp[:, :, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw]
-    return cols.reshape(n, c * kh * kw, ho * wo), ho, wo
-
-
-def _col2im(
-    cols: np.ndarray,
-    x_shape: tuple[int, ...],
-    kh: int,
-    kw: int,
-    stride: tuple[int, int],
-    pads: tuple[int, int, int, int],
-    ho: int,
-    wo: int,
-) -> np.ndarray:
-    n, c, h, w = x_shape
-    pt, pb, pl, pr = pads
-    sh, sw = stride
-    xp = np.zeros((n, c, h + pt + pb, w + pl + pr))
-    cols = cols.reshape(n, c, kh, kw, ho, wo)
-    for i in range(kh):
-        for j in range(kw):
-            xp[:, :, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw] += cols[:, :, i, j]
-    return xp[:, :, pt : pt + h, pl : pl + w]
+    taps = [
+        (i, j, slice(i, i + sh * (ho - 1) + 1, sh), slice(j, j + sw * (wo - 1) + 1, sw))
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return ho, wo, taps
 
 
 def conv2d_forward(
@@ -331,13 +370,20 @@ def conv2d_forward(
 ) -> np.ndarray:
     """2-D cross-correlation, NCHW input, ``(cout, cin, kh, kw)`` kernel, zero padding ``(top, bottom, left,
     right)``: ``Z_col = W_col · X_col (+ b)``.
+
+    Computed tap by tap (a sum over the kh·kw kernel positions of strided input slices), which is the im2col
+    product without building the ``(n, cin·kh·kw, ho·wo)`` column matrix: memory stays that of Z and X.
     """  # noqa: D205
+    pt, pb, pl, pr = pads
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
     cout, _, kh, kw = w.shape
-    cols, ho, wo = _im2col(x, kh, kw, stride, pads)
-    z = np.einsum("ok,nkp->nop", w.reshape(cout, -1), cols)
+    ho, wo, taps = _taps(x.shape, kh, kw, stride, pads)
+    z = np.zeros((x.shape[0], cout, ho, wo))
+    for i, j, si, sj in taps:
+        z += np.einsum("nchw,oc->nohw", xp[:, :, si, sj], w[:, :, i, j], optimize=True)
     if b is not None:
-        z = z + b[None, :, None]
-    return z.reshape(x.shape[0], cout, ho, wo)
+        z += b[None, :, None, None]
+    return z
 
 
 def conv2d_backward(
@@ -347,12 +393,16 @@ def conv2d_backward(
     stride: tuple[int, int],
     pads: tuple[int, int, int, int],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Return ``(dJ/dW, dJ/db, dJ/dX)`` of :func:`conv2d_forward` given ``dJ/dZ`` (NCHW)."""
-    cout, _, kh, kw = w.shape
-    cols, ho, wo = _im2col(x, kh, kw, stride, pads)
-    dz_col = dz.reshape(dz.shape[0], cout, ho * wo)
-    dw = np.einsum("nop,nkp->ok", dz_col, cols).reshape(w.shape)
+    """Return ``(dJ/dW, dJ/db, dJ/dX)`` of :func:`conv2d_forward` given ``dJ/dZ`` (NCHW), tap by tap."""
+    pt, pb, pl, pr = pads
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    _, _, kh, kw = w.shape
+    _, _, taps = _taps(x.shape, kh, kw, stride, pads)
+    dw = np.zeros(w.shape)
+    dxp = np.zeros(xp.shape)
+    for i, j, si, sj in taps:
+        dw[:, :, i, j] = np.einsum("nohw,nchw->oc", dz, xp[:, :, si, sj], optimize=True)
+        dxp[:, :, si, sj] += np.einsum("nohw,oc->nchw", dz, w[:, :, i, j], optimize=True)
     db = dz.sum(axis=(0, 2, 3))
-    dcols = np.einsum("ok,nop->nkp", w.reshape(cout, -1), dz_col)
-    dx = _col2im(dcols, x.shape, kh, kw, stride, pads, ho, wo)
-    return dw, db, dx
+    h, wd = x.shape[2], x.shape[3]
+    return dw, db, dxp[:, :, pt : pt + h, pl : pl + wd]

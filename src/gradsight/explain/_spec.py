@@ -12,7 +12,7 @@ import numpy as np
 
 from ._losses import LossSpec
 
-__all__ = ["FrameworkRun", "LayerSpec"]
+__all__ = ["FrameworkRun", "LayerSpec", "SharedParam"]
 
 
 @dataclass
@@ -32,6 +32,12 @@ class LayerSpec:
         activation_params: the activation's parameters.
         conv: for conv2d: ``{"stride": (sh, sw), "pads": (top, bottom, left, right), "channels_last": bool}``.
         reason: why a layer is ``opaque``.
+        frozen: its parameters are frozen (torch ``requires_grad=False``, Keras ``trainable=False``); their
+            gradients are still derived and checked (the adapter differentiates without changing the flags).
+        shared: ``{"W": key, "b": key}`` for a parameter this layer shares with other layers (a module used
+            several times in the chain); ``dw``/``db`` are then the gradient of *this use* alone.
+        s_probe: ``s`` is the Jacobian-vector product ``S_iᵀ·u_i`` with the fixed probe of
+            :func:`gradsight.explain._rules.softmax_probe` (softmax Jacobians too large to build).
         z, s, a, da, dz, dw, db: the framework's values of Z, S, A, dJ/dA, dJ/dZ, dJ/dW, dJ/db (None when n/a).
     """
 
@@ -46,6 +52,9 @@ class LayerSpec:
     activation_params: dict = field(default_factory=dict)
     conv: dict | None = None
     reason: str = ""
+    frozen: bool = False
+    shared: dict[str, str] = field(default_factory=dict)
+    s_probe: bool = False
     z: np.ndarray | None = None
     s: np.ndarray | None = None
     a: np.ndarray | None = None
@@ -53,6 +62,25 @@ class LayerSpec:
     dz: np.ndarray | None = None
     dw: np.ndarray | None = None
     db: np.ndarray | None = None
+
+
+@dataclass
+class SharedParam:
+    """A parameter used by several layers (one module called at several places of the chain).
+
+    Attributes:
+        key: the parameter's name, e.g. ``"0.weight"`` (torch) or ``"dense/kernel"`` (Keras).
+        which: ``"W"`` or ``"b"``.
+        module: the module/layer name shown to the user, e.g. ``"0"``.
+        layers: the layers l that use it.
+        autodiff: the framework's gradient of J w.r.t. the parameter: the sum over every use.
+    """
+
+    key: str
+    which: str
+    module: str
+    layers: list[int]
+    autodiff: np.ndarray | None
 
 
 @dataclass
@@ -75,6 +103,9 @@ class FrameworkRun:
         notes: remarks for the trace (framework warnings, widened tolerances).
         rtol_floor: a documented minimum rtol where the framework's own kernel is less accurate than its dtype
             (TensorFlow's float64 gelu).
+        shared: parameters used by several layers; their gradient is the sum of the per-use terms.
+        model_dtype: the model's own dtype when autodiff ran on a float64 copy of it (float16/bfloat16 models),
+            else ``""``.
     """
 
     framework: str
@@ -90,3 +121,5 @@ class FrameworkRun:
     keras_logits: bool = False
     notes: list[str] = field(default_factory=list)
     rtol_floor: float = 0.0
+    shared: list[SharedParam] = field(default_factory=list)
+    model_dtype: str = ""

@@ -181,7 +181,10 @@ class Term:
 
 @dataclass
 class LayerInfo:
-    """Per-layer facts: index, kind, names, activation, whether a rule exists."""
+    """Per-layer facts: index, kind, names, activation, whether a rule exists, and remarks.
+
+    ``remarks`` says e.g. that the layer is frozen or that its module is also used at other layers.
+    """
 
     index: int
     kind: str
@@ -191,10 +194,11 @@ class LayerInfo:
     has_rule: bool
     reason: str = ""
     weight_layout: str = ""
+    remarks: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
-        return dict(self.__dict__)
+        return clean_json(dict(self.__dict__))
 
 
 @dataclass
@@ -213,6 +217,7 @@ class Trace:
     layers: list[LayerInfo]
     terms: list[Term] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    model_dtype: str = ""
 
     @property
     def ok(self) -> bool:
@@ -261,14 +266,16 @@ class Trace:
         n_ok = sum(1 for t in self.terms if t.mark == "✓")
         n_bad = len(self.failures)
         n_na = sum(1 for t in self.terms if t.mark == "·")
+        dt = self.dtype + (f", model in {self.model_dtype}" if self.model_dtype else "")
         head = [
-            f"gradsight explain — {self.model_name} ({self.framework}, {self.dtype}), batch n = {self.n}",
+            f"gradsight explain — {self.model_name} ({self.framework}, {dt}), batch n = {self.n}",
             f"loss: {self.loss}",
             "layers (l = 1..L, A_0 = X, Ŷ = A_L):",
         ]
         for li in self.layers:
             rule = "" if li.has_rule else f"   [autodiff only: {li.reason}]"
-            head.append(f"  {li.index}. {li.name}  [{li.kind}, activation {li.activation}]{rule}")
+            rem = "".join(f"   [{r}]" for r in li.remarks)
+            head.append(f"  {li.index}. {li.name}  [{li.kind}, activation {li.activation}]{rule}{rem}")
         out = head
         for title, terms in self._sections():
             out += ["", f"── {title} " + "─" * (60 - len(title))]
@@ -288,6 +295,7 @@ class Trace:
         ]
         for li in self.layers:
             extra = "" if li.has_rule else f" — *autodiff only: {li.reason}*"
+            extra += "".join(f" — *{r}*" for r in li.remarks)
             out.append(f"{li.index}. `{li.name}` ({li.kind}, activation {li.activation}){extra}")
         for title, terms in self._sections():
             out += [
@@ -325,5 +333,6 @@ class Trace:
                 "layers": [li.to_dict() for li in self.layers],
                 "terms": [t.to_dict(values=values) for t in self.terms],
                 "notes": self.notes,
+                "model_dtype": self.model_dtype,
             }
         )

@@ -1,13 +1,25 @@
 """PyTorch adapter of the Explain pillar: model → neutral layer specs, plus torch's autodiff value of every term.
 
-The model is run module by module on a copy of ``x`` (nested ``nn.Sequential`` flattened), holding every
-intermediate, then ``torch.autograd.grad(loss, [intermediates..., params...])`` gives every gradient at once:
-no ``.backward()``, no ``.grad`` is touched, no hooks. Dropout runs in inference mode: every module is switched
-to ``eval()`` for the run and its original ``training`` flag is restored in ``finally``.
+The model is run module by module on a copy of ``x`` (nested ``nn.Sequential`` flattened, a module listed
+several times run at each place, exactly as ``Sequential.forward`` does), holding every intermediate, then
+``torch.autograd.grad(loss, [intermediates..., params...])`` gives every gradient at once: no ``.backward()``,
+no ``.grad`` is touched, no hooks. What is changed for the run is restored in ``finally``, exactly:
+
+* every module is switched to ``eval()`` (dropout at inference), and its ``training`` flag restored;
+* frozen parameters (``requires_grad=False``) get ``requires_grad=True`` so autodiff can check their gradient,
+  and the flag is restored;
+* grad mode is enabled locally (``torch.inference_mode(False)``, ``torch.enable_grad()``), so explain works
+  under ``torch.no_grad()`` and ``torch.inference_mode()``.
+
+A parameter used by several layers (a shared module) gets one per-use gradient per layer, computed by torch as
+``autograd.grad(Z_l, W, dJ/dZ_l)`` through that call alone, plus the parameter's total gradient. float16 and
+bfloat16 models are explained on a float64 copy (their weights are exact in float64; x is rounded to the
+model's dtype first), so every ✓ checks the derivation to float64 precision.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -17,9 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._errors import InputError, UnsupportedError
+from .._errors import GradsightError, InputError, UnsupportedError
+from ..explain import _rules as R
 from ..explain._losses import LOSS_KINDS, LossSpec
-from ..explain._spec import FrameworkRun, LayerSpec
+from ..explain._spec import FrameworkRun, LayerSpec, SharedParam
 
 __all__ = [
     "build_dense_model",
@@ -86,9 +99,17 @@ def _conv_config(m: nn.Conv2d) -> dict | str:
 
 
 def _flatten_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    if isinstance(model, nn.Sequential) and type(model).forward is not nn.Sequential.forward:
+        raise UnsupportedError(
+            f"explain follows the chain nn.Sequential.forward runs, but {type(model).__name__!r} overrides "
+            "forward(), which may do something else. Fix: explain a plain nn.Sequential(...) of the same modules."
+        )
     if isinstance(model, nn.Sequential):
         out: list[tuple[str, nn.Module]] = []
-        for name, child in model.named_children():
+        # _modules, not named_children(): named_children() skips a module listed twice, forward() runs it twice
+        for name, child in model._modules.items():
+            if child is None:
+                continue
             for sub, m in _flatten_modules(child):
                 out.append((f"{name}.{sub}" if sub else name, m))
         return out
@@ -164,6 +185,11 @@ def classify_loss(loss: Any, y: np.ndarray, reduction: str = "mean") -> tuple[Lo
         ``(spec or None for an arbitrary callable, display text, callable)``.
     """
     sparse = np.issubdtype(np.asarray(y).dtype, np.integer)
+    if isinstance(loss, type):
+        raise InputError(
+            f"loss is the class {loss.__name__!r}, not a loss object; calling it on (ŷ, y) would construct a new "
+            f"{loss.__name__}. Fix: pass an instance: nn.{loss.__name__}()"
+        )
     if isinstance(loss, str):
         if loss not in LOSS_KINDS:
             raise InputError(f"unknown loss name {loss!r}; expected one of {', '.join(LOSS_KINDS)}")
@@ -197,6 +223,11 @@ def classify_loss(loss: Any, y: np.ndarray, reduction: str = "mean") -> tuple[Lo
     if isinstance(loss, nn.Module):
         red = getattr(loss, "reduction", "mean")
         display = f"torch.nn.{type(loss).__name__}(reduction={red!r})"
+        if red not in ("mean", "sum", "none"):
+            raise InputError(
+                f"the loss {type(loss).__name__} has reduction={red!r}; torch accepts 'mean', 'sum' or 'none' "
+                f"(and explain needs a scalar: 'mean' or 'sum'). Fix: nn.{type(loss).__name__}(reduction='mean')"
+            )
     else:
         display = getattr(loss, "__qualname__", repr(loss))
         fk = _FUNCTIONAL.get(loss)
@@ -226,8 +257,50 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return torch.get_default_dtype()
 
 
+def _expects(m: nn.Module) -> str:
+    if isinstance(m, nn.Linear):
+        return f"expects inputs with {m.in_features} features in the last axis, shape (n, {m.in_features})"
+    if isinstance(m, nn.Conv2d):
+        return f"expects inputs of shape (n, {m.in_channels}, H, W) (NCHW, {m.in_channels} channels)"
+    return "cannot take that input"
+
+
+def _call(m: nn.Module, h: torch.Tensor, idx: int, label: str, x_shape: tuple[int, ...]) -> torch.Tensor:
+    """``m(h)``, with a documentary error instead of torch's when the input does not fit or the output is odd."""
+    try:
+        out = m(h)
+    except GradsightError:
+        raise
+    except (RuntimeError, ValueError, IndexError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            f"layer {idx} ({label}) {_expects(m)}, but its input has shape {tuple(h.shape)!r} "
+            f"(x has shape {x_shape!r}); torch said: {first}. Fix: pass x with the shape the model was built "
+            "for, or explain the model this chain belongs to."
+        ) from exc
+    except TypeError as exc:
+        raise UnsupportedError(
+            f"layer {idx} ({label}) cannot be called with one tensor ({exc}); explain follows a chain in which "
+            "every module maps one tensor to one tensor. Fix: explain the sub-chain before or after it."
+        ) from exc
+    if not isinstance(out, torch.Tensor):
+        raise UnsupportedError(
+            f"layer {idx} ({label}) returned a {type(out).__name__}, not a tensor; explain follows a chain in which "
+            "every module maps one tensor to one tensor (nn.LSTM/nn.GRU return tuples). Fix: explain the "
+            "sub-chain before or after it."
+        )
+    return out
+
+
+_LOW = (torch.float16, torch.bfloat16)
+
+
 def run_explain(model: nn.Module, x: np.ndarray, y: np.ndarray, loss: Any, reduction: str = "mean") -> FrameworkRun:
     """Run ``model`` on ``x`` layer by layer and collect torch's value of every term.
+
+    Works under ``torch.no_grad()`` / ``torch.inference_mode()`` (grad mode is enabled locally). Nothing the
+    user owns is changed when it returns: ``training`` and ``requires_grad`` flags are restored exactly,
+    ``.grad`` is never touched.
 
     Args:
         model: an ``nn.Sequential`` (nested allowed) or a single supported layer.
@@ -241,23 +314,94 @@ def run_explain(model: nn.Module, x: np.ndarray, y: np.ndarray, loss: Any, reduc
     """
     if not isinstance(model, nn.Module):
         raise UnsupportedError(f"explain needs a torch.nn.Module, got {type(model).__name__!r}")
-    groups = _describe(model)
     spec, display, loss_fn = classify_loss(loss, y, reduction)
     dtype = _model_dtype(model)
+    if any(p.is_inference() for p in model.parameters()):
+        raise InputError(
+            f"the parameters of {type(model).__name__!r} were created inside torch.inference_mode(), so autograd "
+            "can never differentiate through them. Fix: build or load the model outside inference_mode (calling "
+            "explain inside inference_mode is fine)."
+        )
+    notes: list[str] = []
+    with torch.inference_mode(False), torch.enable_grad():
+        work = model
+        model_dtype = ""
+        if dtype in _LOW:
+            try:
+                work = copy.deepcopy(model).to(torch.float64)
+            except Exception as exc:
+                raise UnsupportedError(
+                    f"explain checks a {str(dtype)[6:]} model on a float64 copy, but {type(model).__name__!r} "
+                    f"cannot be deep-copied ({exc}). Fix: explain model.double() (a float64 copy you make)."
+                ) from exc
+            model_dtype = str(dtype).replace("torch.", "")
+        groups = _describe(work)
+        dropout_training = [m for m in work.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
+        if dropout_training:
+            notes.append(
+                f"{len(dropout_training)} dropout module(s) were in training mode; explain runs the model in eval "
+                "mode (dropout is the identity), so the terms are those of inference, and the training flags are "
+                "restored afterwards"
+            )
+        flags = [(m, m.training) for m in work.modules()]
+        frozen = [p for p in work.parameters() if not p.requires_grad]
+        try:
+            work.eval()
+            for p in frozen:
+                p.requires_grad_(True)
+            run = _run(work, groups, x, y, spec, display, loss_fn, dtype, {id(p) for p in frozen})
+        finally:
+            for m, flag in flags:
+                m.training = flag
+            for p in frozen:
+                p.requires_grad_(False)
+        if frozen:
+            notes.append(
+                f"{len(frozen)} parameter tensor(s) are frozen (requires_grad=False): explain derived and checked "
+                "their gradients anyway (requires_grad was enabled for the run and restored afterwards)"
+            )
+        if model_dtype:
+            run.model_dtype = model_dtype
+            own = _own_loss(model, x, y, loss_fn, dtype, spec)
+            notes.append(
+                f"the model is {model_dtype}: explained on a float64 copy of its weights (exact in float64), with x "
+                f"rounded to {model_dtype}; autodiff ran on that copy too, so ✓ checks the derivation to float64 "
+                f"precision, not {model_dtype} rounding"
+                + (
+                    f". The model's own {model_dtype} forward gives J = {own:.6g} (float64 copy: {run.j:.6g})"
+                    if own is not None
+                    else ""
+                )
+            )
+    run.notes = notes + run.notes
+    return run
+
+
+def _own_loss(model: nn.Module, x: np.ndarray, y: np.ndarray, loss_fn: Callable, dtype, spec) -> float | None:
+    """J computed by the model itself in its own (low) precision, for the trace's note; None if that fails."""
     flags = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
-        with torch.enable_grad():
-            return _run(model, groups, x, y, spec, display, loss_fn, dtype)
+        with torch.no_grad():
+            sparse = (spec is not None and spec.kind.startswith("sparse")) or np.issubdtype(
+                np.asarray(y).dtype, np.integer
+            )
+            y_t = torch.tensor(np.asarray(y), dtype=torch.long if sparse else dtype)
+            return float(loss_fn(model(torch.tensor(np.asarray(x), dtype=dtype)), y_t).double())
+    except Exception:
+        return None
     finally:
         for m, flag in flags:
             m.training = flag
 
 
-def _run(model, groups, x, y, spec, display, loss_fn, dtype) -> FrameworkRun:
-    x_t = torch.tensor(np.asarray(x), dtype=dtype, requires_grad=True)
+def _run(model, groups, x, y, spec, display, loss_fn, dtype, frozen_ids) -> FrameworkRun:
+    x_t = torch.tensor(np.asarray(x), dtype=dtype).to(torch.float64 if dtype in _LOW else dtype)
+    x_t.requires_grad_(True)
+    wdtype = x_t.dtype
     sparse = (spec is not None and spec.kind.startswith("sparse")) or np.issubdtype(np.asarray(y).dtype, np.integer)
-    y_t = torch.tensor(np.asarray(y), dtype=torch.long if sparse else dtype)
+    y_t = torch.tensor(np.asarray(y), dtype=torch.long if sparse else wdtype)
+    x_shape = tuple(x_t.shape)
     h = x_t
     layers: list[LayerSpec] = []
     tensors: list[dict[str, Any]] = []
@@ -265,7 +409,7 @@ def _run(model, groups, x, y, spec, display, loss_fn, dtype) -> FrameworkRun:
         mods = g["modules"]
         kind = g["kind"]
         ls = LayerSpec(idx, kind, g["label"], g["type"], reason=g.get("reason", ""), conv=g.get("conv"))
-        rec: dict[str, Any] = {}
+        rec: dict[str, Any] = {"out": None, "in": h, "mod": mods[0]}
         if kind in ("dense", "conv2d"):
             w = mods[0]
             ls.weight, ls.bias = _np(w.weight), _np(w.bias)
@@ -273,7 +417,8 @@ def _run(model, groups, x, y, spec, display, loss_fn, dtype) -> FrameworkRun:
                 "torch Linear weight (out, in)" if kind == "dense" else "torch Conv2d weight (cout, cin, kh, kw)"
             )
             rec["params"] = [w.weight] + ([w.bias] if w.bias is not None else [])
-            z = w(h)
+            z = _call(w, h, idx, g["label"], x_shape)
+            rec["out"] = z
             act = mods[1] if len(mods) > 1 else None
             a = act(z) if act is not None else z
             if act is not None:
@@ -282,17 +427,19 @@ def _run(model, groups, x, y, spec, display, loss_fn, dtype) -> FrameworkRun:
             act = mods[0]
             ls.activation, ls.activation_params = _activation_of(act)
             z = h
-            a = act(z)
+            a = _call(act, z, idx, g["label"], x_shape)
         else:  # flatten, dropout, opaque
             act = None
             z = None
-            a = mods[0](h)
+            a = _call(mods[0], h, idx, g["label"], x_shape)
             params = list(mods[0].parameters())
             if kind == "opaque" and params:
                 rec["params"] = params[:2]
+                rec["out"] = a
                 ls.weight = _np(params[0])
                 ls.bias = _np(params[1]) if len(params) > 1 else None
                 ls.weight_layout = f"torch {type(mods[0]).__name__} parameters"
+        ls.frozen = any(id(p) in frozen_ids for m in mods for p in m.parameters())
         if ls.activation == "softmax":
             dim = ls.activation_params.get("dim")
             if z.ndim != 2 or dim not in (-1, 1):
@@ -310,18 +457,39 @@ def _run(model, groups, x, y, spec, display, loss_fn, dtype) -> FrameworkRun:
             f"{display} would broadcast them (or fail). Pass y with the output's shape, or run "
             "gradsight.check_loss(loss, y, y_hat) to see what the broadcast does."
         )
+    if spec is not None and spec.kind.startswith("sparse") and y_t.numel() != y_hat.shape[0]:
+        raise InputError(
+            f"{display} with integer targets needs one class index per sample: y has shape {tuple(y_t.shape)!r} "
+            f"but ŷ has shape {tuple(y_hat.shape)!r} ({y_hat.shape[0]} samples). Fix: pass y of shape "
+            f"({y_hat.shape[0]},) with class indices, or float class probabilities of ŷ's shape."
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         try:
             j = loss_fn(y_hat, y_t)
         except UserWarning as exc:
             raise InputError(f"the loss {display} warned: {exc}. Run gradsight.check_loss to inspect it.") from exc
+        except GradsightError:
+            raise
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(
+                f"the loss {display} failed on ŷ of shape {tuple(y_hat.shape)!r} ({y_hat.dtype}) and y of shape "
+                f"{tuple(y_t.shape)!r} ({y_t.dtype}): {first}. Fix: pass y in the form this loss expects (class "
+                "indices of shape (n,) for cross-entropy, ŷ's shape otherwise); gradsight.check_loss(loss, y, "
+                "y_hat) shows what the loss does with them."
+            ) from exc
     if not isinstance(j, torch.Tensor) or j.numel() != 1 or j.ndim > 1:
         shape = tuple(j.shape) if isinstance(j, torch.Tensor) else type(j).__name__
         raise InputError(
             f"the loss {display} returned {shape!r}, not a scalar; autodiff would differentiate its sum, which "
             "changes every gradient's scale. Fix: reduce it (reduction='mean'), or run gradsight.check_loss to "
             "see the consequence."
+        )
+    if not j.requires_grad:
+        raise InputError(
+            f"the loss {display} returned a value that does not depend on ŷ (no gradient flows back); autodiff "
+            "has nothing to check. Fix: compute the loss from its first argument ŷ with torch operations."
         )
     # gradients of J w.r.t. every intermediate and parameter, in one call
     wrt: list[torch.Tensor] = []
@@ -342,21 +510,61 @@ def _run(model, groups, x, y, spec, display, loss_fn, dtype) -> FrameworkRun:
             {
                 "z": slot(rec["z"]),
                 "a": slot(rec["a"]),
+                "out": slot(rec["out"]),
                 "p": [slot(p) for p in rec.get("params", [])],
             }
         )
     grads = torch.autograd.grad(j, wrt, allow_unused=True, retain_graph=True)
+    # parameters used by several layers (a module listed more than once)
+    uses: dict[int, list[int]] = {}
+    for l, rec in enumerate(tensors, start=1):
+        for p in rec.get("params", []):
+            if l not in uses.setdefault(id(p), []):
+                uses[id(p)].append(l)
+    names: dict[int, str] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), n)  # the first place the parameter is listed
+    shared: list[SharedParam] = []
+    for l, rec in enumerate(tensors, start=1):
+        for which, p in zip("Wb", rec.get("params", []), strict=False):
+            if len(uses[id(p)]) > 1 and uses[id(p)][0] == l:
+                key = names.get(id(p), f"layer{l}.{which}")
+                module = key.rsplit(".", 1)[0] if "." in key else key
+                total = grads[seen[id(p)]]
+                shared.append(SharedParam(key, which, module, list(uses[id(p)]), _zeros_if_none(total, p)))
+    keys = {(sp.which, l): sp.key for sp in shared for l in sp.layers}
     for ls, rec, pl in zip(layers, tensors, plan, strict=False):
         ls.z = _np(rec["z"])
         ls.a = _np(rec["a"])
         ls.dz = _np(grads[pl["z"]]) if pl["z"] is not None else None
         ls.da = _np(grads[pl["a"]]) if pl["a"] is not None else None
         if ls.weight is not None:
-            ls.dw = _np(grads[pl["p"][0]])
-            ls.db = _np(grads[pl["p"][1]]) if len(pl["p"]) > 1 else None
+            params = rec["params"]
+            ls.shared = {w: keys[(w, ls.index)] for w in "Wb" if (w, ls.index) in keys}
+            if ls.shared:
+                # this use's share: torch's vjp through this call alone (the module re-run on its detached input,
+                # so the path through earlier uses is cut), with torch's dJ/d(output of the call)
+                g_out = grads[pl["out"]] if pl["out"] is not None else None
+                if g_out is None:
+                    per_use = [torch.zeros_like(p) for p in params]
+                else:
+                    again = rec["mod"](rec["in"].detach())
+                    per_use = torch.autograd.grad(again, params, grad_outputs=g_out, allow_unused=True)
+                pg = [_zeros_if_none(g, p) for g, p in zip(per_use, params, strict=False)]
+            else:
+                pg = [
+                    _zeros_if_none(grads[i] if i is not None else None, p)
+                    for i, p in zip(pl["p"], params, strict=False)
+                ]
+            ls.dw = _np(pg[0])
+            ls.db = _np(pg[1]) if len(pg) > 1 else None
         if rec["act"] is not None and rec["z"] is not None and ls.kind != "opaque":
             z, a, act = rec["z"], rec["a"], rec["act"]
-            if ls.activation == "softmax":
+            if ls.activation == "softmax" and R.jacobian_too_big(tuple(z.shape)):
+                probe = torch.tensor(R.softmax_probe(tuple(z.shape)), dtype=a.dtype)
+                (s,) = torch.autograd.grad(a, z, probe, retain_graph=True)
+                ls.s, ls.s_probe = _np(s), True
+            elif ls.activation == "softmax":
                 zd = z.detach()
                 ls.s = _np(torch.func.vmap(torch.func.jacrev(lambda zi, act=act: act(zi[None])[0]))(zd))
             elif a is z:
@@ -369,14 +577,19 @@ def _run(model, groups, x, y, spec, display, loss_fn, dtype) -> FrameworkRun:
         framework="torch",
         model_name=type(model).__name__,
         layers=layers,
-        x=np.asarray(x, dtype=np.float64),
+        x=_np(x_t),
         y=np.asarray(y),
-        dtype=str(dtype).replace("torch.", ""),
+        dtype=str(wdtype).replace("torch.", ""),
         loss=spec,
         loss_display=display,
         j=float(j.detach().double()),
         dj_dyhat=_np(dj),
+        shared=shared,
     )
+
+
+def _zeros_if_none(g: torch.Tensor | None, p: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(p) if g is None else g
 
 
 # -------------------------------------------------------------------------------------------- check_loss
@@ -406,7 +619,7 @@ def loss_probe(loss: Any, y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, A
 
 # ------------------------------------------------------------------------------- jacobian_vs_gradient etc.
 def matmul_target(s: np.ndarray) -> Callable:
-    """``Z ↦ Z·S`` as a torch function (the seed's activation-as-matrix case)."""
+    """``Z ↦ Z·S`` as a torch function (an activation written as a matrix)."""
     st = torch.tensor(np.asarray(s, dtype=np.float64))
     return lambda z: z @ st
 
@@ -427,7 +640,7 @@ def build_dense_model(
     activations: list[str | None] | None = None,
     dtype: str = "float64",
 ) -> nn.Module:
-    """An ``nn.Sequential`` of Linear layers from ``(in, out)`` kernels (seed convention), with activations."""
+    """An ``nn.Sequential`` of Linear layers from kernels in ``(in, out)`` layout, with activations."""
     biases = biases or [None] * len(weights)
     activations = activations or [None] * len(weights)
     mods: list[nn.Module] = []
