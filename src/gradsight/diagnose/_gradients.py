@@ -16,13 +16,15 @@ the non-finite rule's business). Two views:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from ._base import Rule, RunData, Thresholds, fmt, layer_rms, ordered
 from ._finding import Finding
+
+if TYPE_CHECKING:  # pragma: no cover - pandas is imported where it is used, not at import
+    import pandas as pd
 
 __all__ = ["ExplodingGradientsRule", "VanishingGradientsRule", "depth_profile"]
 
@@ -39,6 +41,8 @@ def depth_profile(data: RunData) -> pd.DataFrame:
         Columns ``layer``, ``rms`` (median), ``steps``, ``downstream`` (largest median RMS after it, NaN for the
         last layer), ``downstream_layer`` and ``ratio = rms / downstream``.
     """
+    import pandas as pd
+
     g = _finite_layer_rms(data)
     med = g.groupby("layer")["rms"].agg(["median", "size"])
     layers = ordered(med.index, data)
@@ -136,6 +140,8 @@ class ExplodingGradientsRule(Rule):
             norm = np.sqrt(df.groupby("step")["sum_sq"].sum())[ok]
             source = "grad summaries"
         else:  # pragma: no cover - excluded by missing()
+            import pandas as pd
+
             norm = pd.Series(dtype="float64")
             source = ""
         norm = norm.sort_index().dropna()

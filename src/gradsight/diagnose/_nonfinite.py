@@ -21,8 +21,6 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-import pandas as pd
-
 from ._base import Rule, RunData, Thresholds
 from ._finding import Finding
 
@@ -230,7 +228,7 @@ class NonFiniteRule(Rule):
                 steps = data.null_scalar_steps(name)
             for step in steps:
                 n = col.get(step)
-                n = int(n) if base == "grad_nonfinite" and n is not None and pd.notna(n) else 0
+                n = int(n) if base == "grad_nonfinite" and n is not None and not _isnan(n) else 0
                 events.append(_Event(int(step), "grad", layer, tensor or None, n, 0, 0, None, name))
         return events
 
@@ -297,3 +295,11 @@ class NonFiniteRule(Rule):
                 advice=_ADVICE[phase if phase in _ADVICE else "forward"],
             )
         ]
+
+
+def _isnan(value: Any) -> bool:
+    """``pandas.notna``'s negation for one scalar cell (NaN, ``None``, NA), without importing pandas."""
+    try:
+        return value != value or value is None  # NaN: the one float unequal to itself
+    except TypeError:  # pandas.NA: its comparison is NA, whose truth value raises
+        return True

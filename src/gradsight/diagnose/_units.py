@@ -29,13 +29,15 @@ any correlation with the incoming gradient), i.e. exactly what saturation costs.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from ._base import Rule, RunData, Thresholds, fmt, ordered
 from ._finding import Finding
+
+if TYPE_CHECKING:  # pragma: no cover - pandas is imported where it is used, not at import
+    import pandas as pd
 
 __all__ = ["DeadUnitsRule", "SaturatedUnitsRule", "activation_of"]
 
@@ -226,6 +228,8 @@ class SaturatedUnitsRule(Rule):
                 gain = 1.0 - g["sum_sq"].to_numpy() / n
             else:
                 gain = 4.0 * (g["sum"].to_numpy() - g["sum_sq"].to_numpy()) / n
+            import pandas as pd
+
             gain = pd.Series(np.clip(gain, 0.0, 1.0), index=g.index)
             recent = gain.iloc[-th.recent_steps :]
             med = float(np.median(recent.to_numpy()))

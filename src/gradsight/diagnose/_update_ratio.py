@@ -9,13 +9,15 @@ rules therefore judge the *median* over logged steps, with wide margins around i
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from ._base import Rule, RunData, Thresholds, fmt, ordered
 from ._finding import Finding
+
+if TYPE_CHECKING:  # pragma: no cover - pandas is imported where it is used, not at import
+    import pandas as pd
 
 __all__ = ["UpdateRatioRule", "update_ratios"]
 
@@ -26,6 +28,8 @@ def update_ratios(data: RunData) -> pd.DataFrame:
     Returns:
         A DataFrame with columns ``step``, ``layer``, ``update_l2``, ``weight_l2``, ``ratio``.
     """
+    import pandas as pd
+
     cols = ["step", "layer", "sum_sq", "nonfinite"]
     u = data.frame("update")[cols].groupby(["step", "layer"]).sum()
     w = data.frame("weight")[cols].groupby(["step", "layer"]).sum()
