@@ -10,16 +10,18 @@ from __future__ import annotations
 
 from ._base import Rule, RunData, Thresholds
 from ._diagnose import DEFAULT_RULES, diagnose, skipped_rules, sort_findings
-from ._finding import CODES, SEVERITIES, Finding
+from ._finding import CODE_DESCRIPTIONS, CODES, SEVERITIES, Finding
 from ._gradients import ExplodingGradientsRule, VanishingGradientsRule
 from ._loss import LossNotDecreasingRule
 from ._nonfinite import NonFiniteRule
 from ._online import GradsightWarning, OnlineDiagnosis, TrainingStopped
+from ._steps import NoStepsRule
 from ._units import DeadUnitsRule, SaturatedUnitsRule
 from ._update_ratio import UpdateRatioRule
 
 __all__ = [
     "CODES",
+    "CODE_DESCRIPTIONS",
     "DEFAULT_RULES",
     "SEVERITIES",
     "DeadUnitsRule",
@@ -27,6 +29,7 @@ __all__ = [
     "Finding",
     "GradsightWarning",
     "LossNotDecreasingRule",
+    "NoStepsRule",
     "NonFiniteRule",
     "OnlineDiagnosis",
     "Rule",

@@ -161,6 +161,7 @@ class RunData:
         self._kinds: set[str] | None = None
         self._layers: list[str] | None = None
         self._meta: dict[str, Any] | None = None
+        self._events: dict[str | None, list[dict[str, Any]]] = {}
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -225,6 +226,12 @@ class RunData:
         "not logged at that step"; this reads the rows themselves.
         """
         return [step for step, _, value in self.run.scalar_rows(name=name, steps=self.steps) if math.isnan(value)]
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """Recorded events of one kind (all kinds with ``None``), in order; see :meth:`gradsight.Run.events`."""
+        if kind not in self._events:
+            self._events[kind] = self.run.events(kind)
+        return self._events[kind]
 
     def layer_info(self, layer: str) -> dict[str, Any]:
         """The model-structure entry of a layer from the metadata (``{}`` when not recorded)."""

@@ -13,6 +13,7 @@ from ._finding import CODES, Finding
 from ._gradients import ExplodingGradientsRule, VanishingGradientsRule
 from ._loss import LossNotDecreasingRule
 from ._nonfinite import NonFiniteRule
+from ._steps import NoStepsRule
 from ._units import DeadUnitsRule, SaturatedUnitsRule
 from ._update_ratio import UpdateRatioRule
 
@@ -20,6 +21,7 @@ __all__ = ["DEFAULT_RULES", "diagnose", "skipped_rules", "sort_findings"]
 
 #: The rules :func:`diagnose` runs by default, cheapest first.
 DEFAULT_RULES: tuple[Rule, ...] = (
+    NoStepsRule(),
     NonFiniteRule(),
     ExplodingGradientsRule(),
     VanishingGradientsRule(),

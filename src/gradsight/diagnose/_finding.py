@@ -8,11 +8,12 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-__all__ = ["CODES", "SEVERITIES", "Finding"]
+__all__ = ["CODES", "CODE_DESCRIPTIONS", "SEVERITIES", "Finding"]
 
 #: The finding codes gradsight emits. Codes are a public contract: new ones may be added, none renamed.
 CODES = (
     "non-finite",
+    "no-steps-recorded",
     "exploding-gradients",
     "vanishing-gradients",
     "dead-units",
@@ -21,6 +22,19 @@ CODES = (
     "update-ratio-low",
     "loss-not-decreasing",
 )
+#: One line per code: what it means (the rule modules' docstrings hold the details).
+CODE_DESCRIPTIONS: dict[str, str] = {
+    "non-finite": "NaN or ±Inf values in gradients, weights, outputs or the loss; where they appeared first.",
+    "no-steps-recorded": "the watch saw backward passes but no optimizer step (optimizer= omitted or never "
+    "stepped), so it recorded nothing to judge.",
+    "exploding-gradients": "gradient norms that grow far beyond their start, or grow layer by layer backwards.",
+    "vanishing-gradients": "layers whose gradients are orders of magnitude below those of the layers after them.",
+    "dead-units": "units of a layer that output exactly zero for every sample (e.g. dying ReLUs).",
+    "saturated-units": "tanh/sigmoid layers whose units sit on their flat tails and pass almost no gradient.",
+    "update-ratio-high": "updates that rewrite a large fraction of a layer's weights at every step.",
+    "update-ratio-low": "updates so small relative to the weights that the layer is effectively frozen.",
+    "loss-not-decreasing": "a loss that does not fall from the start of the run to its end.",
+}
 #: Severities, least to most severe.
 SEVERITIES = ("info", "warning", "error")
 
