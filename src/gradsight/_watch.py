@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._errors import UnsupportedError
+from ._errors import InputError, UnsupportedError
 from ._frameworks import framework_of
 
 __all__ = ["watch"]
@@ -25,8 +25,17 @@ def watch(model: Any, **kwargs: Any) -> Any:
         A watch: a context manager with ``close()``, ``log(...)`` and the read API of :class:`gradsight.Run`.
 
     Raises:
-        UnsupportedError: the model belongs to neither framework.
+        UnsupportedError: the model belongs to neither framework (e.g. a list of parameters).
+        InputError: a model class instead of an instance, or a framework object that is not a model.
     """
+    if isinstance(model, type):
+        fw_of_class = _framework_of_class(model)
+        if fw_of_class is not None:
+            raise InputError(
+                f"gradsight.watch expects a model instance, got the class {model.__module__}.{model.__qualname__} "
+                f"itself. Create the model first and watch that object, e.g. model = {model.__name__}(...); "
+                "gradsight.watch(model, ...)."
+            )
     fw = framework_of(model)
     if fw == "torch":
         from .frameworks._torch_watch import watch_torch
@@ -36,8 +45,25 @@ def watch(model: Any, **kwargs: Any) -> Any:
         from .frameworks._keras_watch import watch_keras
 
         return watch_keras(model, **kwargs)
+    given = f"{type(model).__name__} ({type(model).__module__})"
+    if isinstance(model, (list, tuple, dict)) or hasattr(model, "__next__"):
+        items = list(model.values()) if isinstance(model, dict) else model
+        first = next(iter(items), None) if isinstance(items, (list, tuple)) else None
+        if first is not None and framework_of(first) is not None:
+            given += f" of {type(first).__name__} ({framework_of(first)})"
     raise UnsupportedError(
-        f"gradsight.watch expects a torch.nn.Module or a keras.Model, got {type(model).__name__} "
-        f"({type(model).__module__}). Pass the model itself, e.g. gradsight.watch(model), not its output or "
-        "its parameters."
+        f"gradsight.watch expects a torch.nn.Module or a keras.Model, got {given}: {model!r:.60}. Pass "
+        "the model itself, e.g. gradsight.watch(model, optimizer=opt), not its output, its parameters or a "
+        "list of layers (wrap layers in torch.nn.Sequential(...) or keras.Sequential([...]) first)."
     )
+
+
+def _framework_of_class(cls: type) -> str | None:
+    """The framework a class belongs to (read from its MRO's module names, without importing any framework)."""
+    for c in cls.__mro__:
+        root = (c.__module__ or "").split(".", 1)[0]
+        if root == "torch":
+            return "torch"
+        if root in ("keras", "tensorflow", "tf_keras"):
+            return "keras"
+    return None

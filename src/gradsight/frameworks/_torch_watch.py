@@ -11,8 +11,12 @@ What is recorded (see :mod:`gradsight._schedule` for *when*):
   Tuple/list/dict outputs record each floating-point element as ``<module>.<index or key>``; non-float and
   non-tensor elements are skipped. A module called several times in a step (a module used twice in one
   forward, or several micro-batches with gradient accumulation) gets the ``merge`` of its calls' summaries.
-  Only forwards run with gradients enabled are recorded (evaluation under ``torch.no_grad()`` is not), and
-  forwards inside ``torch.func`` transforms are skipped.
+  Only forwards that take part in training are recorded: a forward counts when a backward pass reaches its
+  outputs before the step closes (whatever the module's ``train``/``eval`` mode). Evaluation under
+  ``torch.no_grad()`` is not recorded, and neither is a validation forward run with gradients enabled but never
+  backpropagated (``model.eval(); model(x_val)``): its summaries are computed, held until the step closes (an
+  eval-mode one only until the next forward), then dropped. Forwards inside ``torch.func`` transforms are
+  skipped.
 * scalars: ``loss`` and anything passed to :meth:`Watch.log`; ``lr`` (``lr/<i>`` for several param groups) at
   logged steps; the cheap checks ``grad_norm``, ``grad_nonfinite``, ``grad_norm/<tensor>``,
   ``grad_nonfinite/<tensor>`` at every step.
@@ -34,6 +38,17 @@ group norms, pooling and channel dropout (NCHW-style layouts); a parameter-free 
 whose input is the same-shaped output of a recorded module inherits that module's axis; otherwise the last dim
 (``Linear`` on ``(N, F)`` or ``(N, T, F)``).
 
+Compiled models: the ``OptimizedModule`` returned by ``torch.compile(model)`` (and a model compiled in place
+with ``model.compile()``) is watched through the original module's parameters, with hooks only outside the
+compiled region, so recording adds no graph break and no recompilation. Layer outputs and output gradients are
+not recorded for a compiled model (per-layer hooks would run inside the compiled graph); weights, gradients,
+updates and scalars are. The run's meta says so (``compiled``, ``notes``) and the watch warns once
+(:class:`gradsight.GradsightWarning`) when those kinds were asked for.
+
+A watch that sees backward passes but never a step records nothing; it warns (``GradsightWarning``) and records an
+event ``no-optimizer-step`` after ``NO_STEP_WARN_AFTER`` backward passes without a step, or at close, and
+``gradsight.diagnose`` reports it as ``no-steps-recorded``.
+
 Cost: nothing but three cheap Python hooks (root forward pre-hook, optimizer pre/post hooks) and the cheap checks
 run on steps that are not logged; the leaf forward hooks are attached only for logged steps. On a logged step,
 weights, gradients, updates and outputs are summarised on their device in batches (see
@@ -47,10 +62,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import os
 import sys
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
@@ -64,6 +81,7 @@ from torch import nn
 from .. import __version__
 from .._errors import InputError, WatchError
 from .._schedule import Schedule, schedule
+from ..diagnose._online import GradsightWarning
 from ..store import Run, RunWriter, SummaryArrays, TensorInfo, default_run_path
 from ..summary import TensorSummary, merge_all
 from ._torch_summary import Flat, PackedStats, Rows, to_host_rows
@@ -81,6 +99,11 @@ _JOIN_ELEMENTS = 1 << 22
 _HOST_CHEAP = True
 #: model -> its open watch (weak on both sides: a forgotten watch does not keep a model alive, nor vice versa).
 _OPEN: weakref.WeakKeyDictionary[nn.Module, weakref.ref[Watch]] = weakref.WeakKeyDictionary()
+#: Backward passes without any step after which the watch warns that it records nothing (also checked at close).
+#: Large enough for gradient accumulation over many micro-batches before the first optimizer step.
+NO_STEP_WARN_AFTER = 100
+#: Forwards without a backward pass (so far) kept per step in training mode; older ones are dropped first.
+_MAX_PENDING_FORWARDS = 64
 
 _CHANNEL_FIRST: tuple[type, ...] = (
     nn.modules.conv._ConvNd,
@@ -161,6 +184,21 @@ class Watch:
         self._handles: list[Any] = []
         self._leaf_handles: list[Any] = []
         self._run: Run | None = None
+        self._notes: list[str] = []
+        # ---- compiled models: introspect the original module, hook only outside the compiled region -----------
+        outer = model
+        self._compiled = _compiled_kind(model)
+        if self._compiled == "torch.compile":
+            model = model._orig_mod  # type: ignore[assignment]
+        if self._compiled is not None and ("output" in sched.kinds or "output_grad" in sched.kinds):
+            note = (
+                f"layer outputs and output gradients are not recorded: the model is compiled ({self._compiled}), "
+                "and per-layer hooks would run inside the compiled graph (graph breaks, recompilation). Weights, "
+                "gradients, updates and scalars are recorded. To record outputs, watch an uncompiled copy of the "
+                "model for a few steps."
+            )
+            self._notes.append(note)
+            warnings.warn(GradsightWarning(f"gradsight: {note}"), stacklevel=4)
 
         # ---- parameters: unique, floating-point; aliases (tied weights) and skipped ones noted --------------
         params: dict[int, tuple[str, nn.Parameter]] = {}
@@ -176,9 +214,24 @@ class Watch:
             params[id(p)] = (name, p)
         self._params: list[tuple[str, nn.Parameter]] = list(params.values())
         self._optimizer = optimizer
+        opt_meta: dict[str, Any] | None = None
         if optimizer is not None:
             held = {id(p) for g in optimizer.param_groups for p in g["params"]}
             self._update_params = [(n, p) for n, p in self._params if id(p) in held]
+            if held and not self._update_params:
+                raise InputError(
+                    f"the optimizer given ({type(optimizer).__name__}) holds {len(held)} parameter tensor(s), but "
+                    f"none of them belongs to the watched {type(model).__name__} (which has {len(self._params)}), "
+                    "so no step of this model would ever be recorded. It is probably the optimizer of another "
+                    "model (or of a copy made after the optimizer was created). Pass the optimizer that updates "
+                    "this model: gradsight.watch(model, optimizer=torch.optim.SGD(model.parameters(), lr=...))."
+                )
+            opt_meta = {
+                "type": type(optimizer).__name__,
+                "params_held": len(held),
+                "model_params_held": len(self._update_params),
+                "model_params": len(self._params),
+            }
         else:
             self._update_params = [(n, p) for n, p in self._params if p.requires_grad]
 
@@ -190,7 +243,7 @@ class Watch:
             own = dict(mod.named_parameters(recurse=False))
             if leaf or own:
                 lname = name or "model"
-                if leaf:
+                if leaf and self._compiled is None:  # compiled: no hooks inside the compiled region
                     self._leaves.append((lname, mod))
                 layers.append(
                     {
@@ -227,6 +280,9 @@ class Watch:
                 "aliases": aliases,
                 "skipped": skipped,
                 "optimizer": None if optimizer is None else type(optimizer).__name__,
+                "optimizer_params": opt_meta,
+                "compiled": self._compiled,
+                "notes": list(self._notes),
             }
             self._writer = self._open_writer(path, meta)
             _OPEN[model] = weakref.ref(self)
@@ -254,10 +310,23 @@ class Watch:
         self._do_update = "update" in sched.kinds
         self._do_grad = "grad" in sched.kinds
         self._do_outputs = "output" in sched.kinds or "output_grad" in sched.kinds
+        # forwards of the current logged step: the one in progress, and finished ones with their packed outputs
+        self._fwd: _Forward | None = None
+        self._done: list[tuple[_Forward, list[tuple[list[int], PackedStats]]]] = []
+        self._stepped = False  # a step closed since this watch opened
+        self._backwards = 0  # backward passes seen before the first step (see NO_STEP_WARN_AFTER)
+        self._no_step_reported = False
 
         # ---- hooks: every hook holds only a weak reference to this watch ------------------------------------
         wref = weakref.ref(self)
-        self._handles.append(model.register_forward_pre_hook(_RootPreHook(wref)))
+        self._compiled_host: nn.Module | None = None
+        if self._compiled == "Module.compile":  # hooks would run inside the compiled _call_impl: wrap it instead
+            outer._compiled_call_impl = _CompiledCall(wref, outer._compiled_call_impl)
+            self._compiled_host = outer
+        else:
+            self._handles.append(outer.register_forward_pre_hook(_RootPreHook(wref)))
+            self._root_out = outer.register_forward_hook(_RootOutHook(wref))
+            self._handles.append(self._root_out)
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(_OptHook(wref, True)))
             self._handles.append(optimizer.register_step_post_hook(_OptHook(wref, False)))
@@ -299,16 +368,85 @@ class Watch:
             h.remove()
         self._leaf_handles.clear()
 
-    def _on_forward(self) -> None:
+    def _on_forward(self, module: nn.Module) -> None:
         if self._frozen or not torch.is_grad_enabled():
             return
         self._fwd_seen = True
         self._axis_of.clear()
         if self._logged:
-            if any(a[2] == "output_grad" for a in self._acts):
-                self._flush_acts()  # a new micro-batch: summarise the previous one now and free its tensors
+            self._end_forward()  # a new forward: summarise the previous one now and free its tensors
+            self._flush_acts()
+            self._fwd = _Forward(module.training)
             if self._optimizer is None and self._do_update and self._flat_before is None:
                 self._flat_before = Flat.of([p for _, p in self._update_params])
+
+    def _end_forward(self) -> None:
+        """Summarise the outputs of the forward in progress; keep them until a backward pass shows they count.
+
+        Forwards that have had no backward pass are dropped here when they ran in eval mode (a validation
+        forward with gradients enabled; a backward pass comes before the next forward when it comes at all), and
+        beyond ``_MAX_PENDING_FORWARDS`` in training mode. The rest wait for the step (see :meth:`_resolve`).
+        """
+        fwd, self._fwd = self._fwd, None
+        self._done = [(f, p) for f, p in self._done if f.backed or f.training]
+        if fwd is None or not fwd.acts:
+            return
+        acts, fwd.acts = fwd.acts, []
+        self._done.append((fwd, self._pack(acts)))
+        waiting = [i for i, (f, _) in enumerate(self._done) if not f.backed]
+        if len(waiting) > _MAX_PENDING_FORWARDS:
+            del self._done[waiting[0]]
+
+    def _resolve(self) -> None:
+        """At the step: keep the output summaries of the forwards that had a backward pass, drop the others."""
+        self._end_forward()
+        done, self._done = self._done, []
+        for fwd, packs in done:
+            if fwd.backed:
+                self._packs.extend(packs)
+
+    def _on_root_output(self, out: Any) -> None:
+        """Before the first step: count backward passes through the model's output (see ``NO_STEP_WARN_AFTER``)."""
+        if self._stepped or not torch.is_grad_enabled():
+            return
+        t = next((t for _, t in _output_items(out) if t.requires_grad), None)
+        if t is None and isinstance(out, Mapping):  # e.g. a Hugging Face ModelOutput: its loss or logits
+            t = next((v for v in out.values() if _is_float(v) and v.requires_grad), None)
+        if t is not None:
+            t.register_hook(_BackwardSeen(weakref.ref(self)))
+
+    def _on_backward(self) -> None:
+        if self._stepped or self._closed:
+            return
+        self._backwards += 1
+        if self._backwards >= NO_STEP_WARN_AFTER:
+            self._report_no_step()
+
+    def _report_no_step(self) -> None:
+        """Warn once, and record an event, that backward passes were seen but no step closed."""
+        if self._no_step_reported or self._stepped or not self._backwards:
+            return
+        self._no_step_reported = True
+        if self._optimizer is None:
+            cause = "no optimizer was given (optimizer=None) and watch.step() was never called"
+        else:
+            cause = f"the optimizer given ({type(self._optimizer).__name__}) was never stepped"
+        msg = (
+            f"gradsight recorded no step: the watch on {str(self.path)!r} saw {self._backwards} backward pass(es) "
+            f"but no optimizer step, because {cause}. Steps close at optimizer.step(), so nothing but scalars "
+            "you log gets recorded. Fix: pass the optimizer that updates the model, gradsight.watch(model, "
+            "optimizer=opt), or call watch.step() after each parameter update in a loop without a torch optimizer."
+        )
+        self._writer.log_event(
+            self._step,
+            "no-optimizer-step",
+            {
+                "backward_passes": self._backwards,
+                "optimizer": None if self._optimizer is None else type(self._optimizer).__name__,
+                "message": msg,
+            },
+        )
+        warnings.warn(GradsightWarning(msg), stacklevel=3)
 
     def _on_output(self, name: str, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         if self._frozen or not torch.is_grad_enabled():
@@ -316,6 +454,9 @@ class Watch:
         items = _output_items(out)
         if not items:
             return
+        if self._fwd is None:  # a leaf module called outside the model's forward
+            self._fwd = _Forward(module.training)
+        fwd = self._fwd
         inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
         inherited = None
         if inp is not None and next(iter(module.parameters(recurse=False)), None) is None:
@@ -330,25 +471,34 @@ class Watch:
             self._axis_of[id(t)] = (t, axis)
             tname = name + suffix
             if "output" in self.schedule.kinds:
-                self._acts.append((tname, name, "output", t.detach().clone(), axis if units else None))
-            if t.requires_grad and "output_grad" in self.schedule.kinds:
-                t.register_hook(_GradHook(weakref.ref(self), tname, name, axis if units else None))
+                fwd.acts.append((tname, name, "output", t.detach().clone(), axis if units else None))
+            if t.requires_grad:  # also when output_grad is not recorded: the hook tells that the forward counts
+                t.register_hook(_GradHook(weakref.ref(self), tname, name, axis if units else None, fwd))
 
-    def _on_output_grad(self, tname: str, layer: str, axis: int | None, grad: torch.Tensor) -> None:
+    def _on_output_grad(self, tname: str, layer: str, axis: int | None, grad: torch.Tensor, fwd: _Forward) -> None:
         if self._logged and not self._closed and not self._frozen:
-            self._acts.append((tname, layer, "output_grad", grad.detach(), axis))
+            fwd.backed = True
+            if "output_grad" in self.schedule.kinds:
+                self._acts.append((tname, layer, "output_grad", grad.detach(), axis))
 
-    def _flush_acts(self) -> None:
-        if not self._acts:
-            return
-        acts, self._acts = self._acts, []
+    def _pack(self, acts: list[tuple[str, str, str, torch.Tensor, int | None]]) -> list[tuple[list[int], PackedStats]]:
+        """Summarise layer outputs or output gradients on their devices: one pack per device."""
         tids = [self._writer.tensor_id(n, layer, kind, t.shape, str(t.dtype)) for n, layer, kind, t, _ in acts]
         by_device: dict[torch.device, list[int]] = {}
         for i, a in enumerate(acts):
             by_device.setdefault(a[3].device, []).append(i)
+        packs = []
         for idx in by_device.values():
             flat = Flat.of([acts[i][3] for i in idx], [acts[i][4] for i in idx])
-            self._packs.append(([tids[i] for i in idx], flat.stats()))
+            packs.append(([tids[i] for i in idx], flat.stats()))
+        return packs
+
+    def _flush_acts(self) -> None:
+        """Summarise the output gradients seen so far (they come from a backward pass, so they always count)."""
+        if not self._acts:
+            return
+        acts, self._acts = self._acts, []
+        self._packs.extend(self._pack(acts))
 
     def _param_pack(self, named: list[tuple[str, torch.Tensor]], kind: str, flat: Flat | None = None) -> Flat:
         tensors = [t for _, t in named]
@@ -378,6 +528,7 @@ class Watch:
             self._cheap_checks(grads)
         if not self._logged:
             return
+        self._resolve()
         self._flush_acts()
         if self._do_grad and grads:
             self._param_pack([(n, g.detach()) for n, g in grads], "grad")
@@ -407,8 +558,14 @@ class Watch:
                         self._scalars.append((self._step, "lr" if len(groups) == 1 else f"lr/{i}", g["lr"]))
             self._flush_step()
         self._flat_before = None
+        self._fwd, self._done = None, []
         self._step += 1
         self._fwd_seen = False
+        if not self._stepped:  # the first step: stop counting backward passes (see NO_STEP_WARN_AFTER)
+            self._stepped = True
+            root_out = getattr(self, "_root_out", None)
+            if root_out is not None:
+                root_out.remove()
         was, self._logged = self._logged, self.schedule.is_logged(self._step)
         if self._logged and not was:
             self._arm()
@@ -428,6 +585,7 @@ class Watch:
         if flats:  # every small parameter batch of the step (grad, weight, update) in one kernel set
             packs.append(([t for ts, _ in flats for t in ts], Flat.join([f for _, f in flats]).stats()))
         self._acts.clear()
+        self._fwd, self._done = None, []
         self._axis_of.clear()
         finish = self._host_summaries(packs)  # called even without packs: the DDP watch's collective needs it
         if not packs:
@@ -549,13 +707,15 @@ class Watch:
             **scalars: more named scalars (numbers or one-element tensors).
 
         Raises:
-            InputError: a value is neither a number nor a one-element tensor.
+            InputError: a value is neither a number nor a one-element tensor, or ``step`` is not an int >= 0.
             WatchError: the watch is closed.
         """
         if self._closed:
             self._check_open("log")
         if step is None:
             step = self._step if (self._fwd_seen or self._step == 0) else self._step - 1
+        else:
+            step = _check_step(step)
         if not scalars and type(loss) is torch.Tensor and loss.numel() == 1:  # the common call: log(loss=loss)
             self._scalars.append((int(step), "loss", loss.detach()))
             return
@@ -611,12 +771,19 @@ class Watch:
         """
         if self._closed:
             return
-        self._closed = True
+        try:
+            self._report_no_step()  # may raise: a StoreError, or the warning under an "error" warnings filter
+        finally:
+            self._closed = True
+            self._close_now()
+
+    def _close_now(self) -> None:
         try:
             self._flush_scalars()
         finally:
             self._remove_hooks()
             self._acts.clear()
+            self._fwd, self._done = None, []
             self._packs.clear()
             self._param_flats.clear()
             self._axis_of.clear()
@@ -633,6 +800,12 @@ class Watch:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        host = self._compiled_host
+        if host is not None:
+            call = vars(host).get("_compiled_call_impl")
+            if isinstance(call, _CompiledCall):
+                host._compiled_call_impl = call.call
+            self._compiled_host = None
         model = self._model_ref()
         with _LOCK:
             if model is not None:
@@ -754,14 +927,110 @@ def _finalize(handles: list[Any], leaf_handles: list[Any], writer: RunWriter) ->
         writer.close()
 
 
+def _check_step(step: Any) -> int:
+    """``step`` as passed to ``log(step=...)``: a non-negative int (numpy and 0-d tensor ints are accepted)."""
+    try:
+        value = -1 if isinstance(step, bool) else operator.index(step)
+    except (TypeError, RuntimeError):
+        value = None
+    if value is None or isinstance(step, bool):
+        raise InputError(
+            f"log(step=...) expects a step number, a non-negative int, got {type(step).__name__} {step!r}. "
+            "Leave it out to record at the current step, or pass e.g. step=watch.current_step."
+        )
+    if value < 0:
+        raise InputError(
+            f"log(step=...) expects a non-negative step number, got {value!r}; steps count from 0. Leave it out "
+            "to record at the current step, or pass e.g. step=watch.current_step."
+        )
+    return value
+
+
+def _compiled_kind(model: nn.Module) -> str | None:
+    """How a model is compiled: ``"torch.compile"``, ``"Module.compile"`` or ``None``.
+
+    ``"torch.compile"`` is the wrapper that ``torch.compile(model)`` returns, ``"Module.compile"`` a model compiled
+    in place with ``model.compile()``. Read without importing ``torch._dynamo``.
+    """
+    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        return "torch.compile"
+    if getattr(model, "_compiled_call_impl", None) is not None:
+        return "Module.compile"
+    return None
+
+
+def _compiling() -> bool:
+    """Whether Dynamo is tracing: every hook then returns at once, so it adds nothing to a compiled graph."""
+    return torch.compiler.is_compiling()
+
+
+class _Forward:
+    """One forward pass of a logged step: its layer outputs, until a backward pass shows that it counts."""
+
+    __slots__ = ("acts", "backed", "training")
+
+    def __init__(self, training: bool) -> None:
+        self.training = training
+        self.backed = False  # an output's gradient hook fired: a backward pass went through this forward
+        self.acts: list[tuple[str, str, str, torch.Tensor, int | None]] = []
+
+
 class _RootPreHook:
     def __init__(self, wref: Callable[[], Watch | None]) -> None:
         self.wref = wref
 
     def __call__(self, module: nn.Module, args: Any) -> None:
+        if _compiling():
+            return
         w = self.wref()
         if w is not None and not w._closed:
-            w._on_forward()
+            w._on_forward(module)
+
+
+class _RootOutHook:
+    """Before the first step: a tensor hook on the model's output counts backward passes."""
+
+    def __init__(self, wref: Callable[[], Watch | None]) -> None:
+        self.wref = wref
+
+    def __call__(self, module: nn.Module, args: Any, out: Any) -> None:
+        if _compiling():
+            return
+        w = self.wref()
+        if w is not None and not w._closed:
+            w._on_root_output(out)
+
+
+class _BackwardSeen:
+    def __init__(self, wref: Callable[[], Watch | None]) -> None:
+        self.wref = wref
+
+    def __call__(self, grad: torch.Tensor) -> None:
+        w = self.wref()
+        if w is not None:
+            w._on_backward()
+
+
+class _CompiledCall:
+    """Stands in for ``model._compiled_call_impl`` of a model compiled with ``model.compile()``.
+
+    That compiled call runs the module's hooks inside the compiled region; this wrapper runs the watch's root
+    hooks around it instead, eagerly. :meth:`Watch.close` puts the original back.
+    """
+
+    def __init__(self, wref: Callable[[], Watch | None], call: Callable[..., Any]) -> None:
+        self.wref, self.call = wref, call
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        w = self.wref()
+        host = None if w is None else w._compiled_host
+        if w is not None and not w._closed and host is not None:
+            w._on_forward(host)
+        out = self.call(*args, **kwargs)
+        w = self.wref()
+        if w is not None and not w._closed:
+            w._on_root_output(out)
+        return out
 
 
 class _LeafHook:
@@ -769,19 +1038,23 @@ class _LeafHook:
         self.wref, self.name = wref, name
 
     def __call__(self, module: nn.Module, args: Any, out: Any) -> None:
+        if _compiling():  # the model was compiled after the watch was opened: hooks stay out of its graph
+            return
         w = self.wref()
         if w is not None and not w._closed and w._logged:
             w._on_output(self.name, module, args, out)
 
 
 class _GradHook:
-    def __init__(self, wref: Callable[[], Watch | None], tname: str, layer: str, axis: int | None) -> None:
-        self.wref, self.tname, self.layer, self.axis = wref, tname, layer, axis
+    def __init__(
+        self, wref: Callable[[], Watch | None], tname: str, layer: str, axis: int | None, fwd: _Forward
+    ) -> None:
+        self.wref, self.tname, self.layer, self.axis, self.fwd = wref, tname, layer, axis, fwd
 
     def __call__(self, grad: torch.Tensor) -> None:
         w = self.wref()
         if w is not None:
-            w._on_output_grad(self.tname, self.layer, self.axis, grad)
+            w._on_output_grad(self.tname, self.layer, self.axis, grad, self.fwd)
 
 
 class _OptHook:
@@ -884,8 +1157,11 @@ def watch_torch(
         StoreError: the run file cannot be created (missing or unwritable directory, existing file).
     """
     if not isinstance(model, nn.Module):
+        what = "a tensor" if isinstance(model, torch.Tensor) else f"{type(model).__name__}"
         raise InputError(
-            f"watch_torch expects a torch.nn.Module, got {type(model).__name__} {model!r:.80}. Pass the model."
+            f"gradsight.watch expects a torch.nn.Module (a model instance), got {what}: {model!r:.80}. Pass the "
+            "module whose training you want to record, e.g. gradsight.watch(model, optimizer=opt), not a tensor, "
+            "its output or its parameters."
         )
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise InputError(
