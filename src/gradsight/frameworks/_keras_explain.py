@@ -6,6 +6,11 @@ Conv2D the pre-activation Z is recomputed through public ops (``keras.ops.matmul
 ``layer(h)``. A functional model must be a single chain (each layer one input, the sequential run reproducing
 ``model(x)``), otherwise it is refused.
 
+A layer listed several times in a Sequential runs at each place; its parameters get one per-use gradient per
+layer (``tape.gradient`` of that call alone, re-run on its input with ``tf.stop_gradient``) plus their total
+gradient. Layers with ``trainable=False`` are explained and checked like the others (the tape reads their
+variables too). Only the TensorFlow backend is supported: the autodiff values come from ``tf.GradientTape``.
+
 Keras quirk reproduced faithfully: ``keras.activations.softmax``/``sigmoid`` attach ``_keras_logits`` to their
 output, and a probability cross-entropy (``from_logits=False``) whose dtype equals ŷ's then silently computes
 the loss from those logits. J then does not depend on ŷ; :class:`FrameworkRun.keras_logits` records it.
@@ -14,6 +19,7 @@ the loss from those logits. J then does not depend on ŷ; :class:`FrameworkRun.k
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -22,9 +28,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from .._errors import InputError, UnsupportedError
+from .._errors import GradsightError, InputError, UnsupportedError
+from .._tolerance import tolerance_for
+from ..explain import _rules as R
 from ..explain._losses import KERAS_EPSILON, LOSS_KINDS, LossSpec
-from ..explain._spec import FrameworkRun, LayerSpec
+from ..explain._spec import FrameworkRun, LayerSpec, SharedParam
 
 __all__ = [
     "build_dense_model",
@@ -53,6 +61,28 @@ _ACT_FUNCS: dict[Any, tuple[str, dict]] = {
     _A.linear: ("identity", {}),
     _A.softmax: ("softmax", {"axis": -1}),
 }
+
+
+def _require_tf_backend() -> None:
+    """Refuse Keras running on another backend: the autodiff values come from ``tf.GradientTape``."""
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise UnsupportedError(
+            f"Keras is running on the {backend!r} backend, but gradsight's Keras explain supports only the "
+            "TensorFlow backend (its autodiff values come from tf.GradientTape). Fix: set KERAS_BACKEND=tensorflow "
+            "before keras is first imported (e.g. os.environ['KERAS_BACKEND'] = 'tensorflow' at the top of the "
+            "script, or `KERAS_BACKEND=tensorflow python ...`); on the torch backend, explain an equivalent "
+            "torch.nn.Sequential instead."
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return " ".join(lines[:2])[:300]
 
 
 def _np(t: Any) -> np.ndarray | None:
@@ -151,11 +181,18 @@ def _chain(model: Any) -> list[keras.layers.Layer]:
         layers = [ly for ly in model.layers if not isinstance(ly, keras.layers.InputLayer)]
         prev = inputs[0]
         for ly in layers:
-            if len(ly._inbound_nodes) != 1 or len(ly._inbound_nodes[0].input_tensors) != 1:
+            if len(ly._inbound_nodes) != 1:
+                raise UnsupportedError(
+                    f"layer {ly.name!r} ({type(ly).__name__}) is called {len(ly._inbound_nodes)} times in the "
+                    f"functional model {model.name!r}; explain supports a layer used several times only in a "
+                    "keras.Sequential. Fix: rebuild the chain as keras.Sequential([...]) listing the layer at each "
+                    "place it is used."
+                )
+            if len(ly._inbound_nodes[0].input_tensors) != 1:
                 raise UnsupportedError(
                     f"explain follows a single chain of layers, but layer {ly.name!r} "
-                    f"({type(ly).__name__}) takes {len(ly._inbound_nodes[0].input_tensors)} inputs or is "
-                    "called more than once: the model branches. Fix: explain a single-chain sub-model."
+                    f"({type(ly).__name__}) takes {len(ly._inbound_nodes[0].input_tensors)} inputs: the model "
+                    "branches. Fix: explain a single-chain sub-model."
                 )
             if ly._inbound_nodes[0].input_tensors[0] is not prev:
                 raise UnsupportedError(
@@ -217,6 +254,11 @@ def classify_loss(
     Keras loss *functions* (``keras.losses.mean_squared_error``) return one value per sample; their spec has
     ``reduction="none"``. An arbitrary callable gets ``spec=None``.
     """
+    if isinstance(loss, type):
+        raise InputError(
+            f"loss is the class {loss.__name__!r}, not a loss object; calling it on (y, ŷ) would construct a new "
+            f"{loss.__name__}. Fix: pass an instance: keras.losses.{loss.__name__}()"
+        )
     if isinstance(loss, str):
         if loss not in LOSS_KINDS:
             raise InputError(f"unknown loss name {loss!r}; expected one of {', '.join(LOSS_KINDS)}")
@@ -271,6 +313,7 @@ def run_explain(model: Any, x: np.ndarray, y: np.ndarray, loss: Any, reduction: 
     Returns:
         The :class:`~gradsight.explain._spec.FrameworkRun`.
     """
+    _require_tf_backend()
     if isinstance(model, keras.Model) and not model.built:
         raise InputError(
             f"the Keras model {model.name!r} is not built yet, so it has no weights to explain. Fix: give it an "
@@ -283,6 +326,7 @@ def run_explain(model: Any, x: np.ndarray, y: np.ndarray, loss: Any, reduction: 
     if loss_dtype is not None and str(loss_dtype) != dtype and "float16" not in dtype:
         eff_dtype = min(dtype, str(loss_dtype), key=lambda d: {"float64": 2, "float32": 1}.get(d, 0))
     x_t = tf.constant(np.asarray(x), dtype=dtype)
+    x_shape = tuple(x_t.shape)
     sparse = np.issubdtype(np.asarray(y).dtype, np.integer)
     y_t = tf.constant(np.asarray(y), dtype="int64" if sparse else dtype)
     specs: list[LayerSpec] = []
@@ -303,7 +347,16 @@ def run_explain(model: Any, x: np.ndarray, y: np.ndarray, loss: Any, reduction: 
             ):
                 follow = nxt  # Dense/Conv without activation + an activation layer = one layer l
                 i += 1
-            ls, rec, h = _layer_forward(ly, h, len(specs) + 1, follow)
+            try:
+                ls, rec, h = _layer_forward(ly, h, len(specs) + 1, follow)
+            except GradsightError:
+                raise
+            except Exception as exc:
+                raise InputError(
+                    f"layer {len(specs) + 1} ({ly.name}: {type(ly).__name__}) {_expects(ly)}, but its input has "
+                    f"shape {tuple(h.shape)!r} (x has shape {x_shape!r}); Keras said: {_first_line(exc)}. Fix: pass "
+                    "x with the shape the model was built for."
+                ) from exc
             specs.append(ls)
             recs.append(rec)
             i += 1
@@ -316,9 +369,25 @@ def run_explain(model: Any, x: np.ndarray, y: np.ndarray, loss: Any, reduction: 
                     "broadcast them. Pass y with the output's shape, or run gradsight.check_loss(loss, y, y_hat) "
                     "to see what the broadcast does."
                 )
+        if spec is not None and spec.kind.startswith("sparse") and int(np.prod(y_t.shape)) != int(y_hat.shape[0]):
+            raise InputError(
+                f"{display} needs one class index per sample: y has shape {tuple(y_t.shape)!r} but ŷ has shape "
+                f"{tuple(y_hat.shape)!r} ({y_hat.shape[0]} samples). Fix: pass integer class indices of shape "
+                f"({y_hat.shape[0]},), or one-hot targets with keras.losses.CategoricalCrossentropy()."
+            )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            j = loss_fn(y_t, y_hat)
+            try:
+                j = loss_fn(y_t, y_hat)
+            except GradsightError:
+                raise
+            except Exception as exc:
+                raise InputError(
+                    f"the loss {display} failed on y of shape {tuple(y_t.shape)!r} ({y_t.dtype.name}) and ŷ of shape "
+                    f"{tuple(y_hat.shape)!r} ({y_hat.dtype.name}): {_first_line(exc)}. Fix: pass y in the form this "
+                    "loss expects (integer class indices of shape (n,) for sparse cross-entropy, ŷ's shape "
+                    "otherwise); gradsight.check_loss(loss, y, y_hat) shows what the loss does with them."
+                ) from exc
     if not hasattr(j, "shape") or len(j.shape) != 0:
         shape = tuple(j.shape) if hasattr(j, "shape") else type(j).__name__
         raise InputError(
@@ -341,20 +410,57 @@ def run_explain(model: Any, x: np.ndarray, y: np.ndarray, loss: Any, reduction: 
     i_yhat = slot(y_hat)
     plan = [{"z": slot(r["z"]), "a": slot(r["a"]), "p": [slot(p) for p in r["params"]]} for r in recs]
     grads = tape.gradient(j, wrt, unconnected_gradients=tf.UnconnectedGradients.NONE)
+    # parameters used by several layers (a layer listed more than once in a Sequential)
+    uses: dict[int, list[int]] = {}
+    for l, rec in enumerate(recs, start=1):
+        for p in rec["params"]:
+            if l not in uses.setdefault(id(p), []):
+                uses[id(p)].append(l)
+    shared: list[SharedParam] = []
+    for l, rec in enumerate(recs, start=1):
+        for which, p in zip("Wb", rec["params"], strict=False):
+            if len(uses[id(p)]) > 1 and uses[id(p)][0] == l:
+                g = grads[seen[id(p)]]
+                total = _np(g) if g is not None else np.zeros(tuple(p.shape))
+                shared.append(
+                    SharedParam(str(getattr(p, "path", p.name)), which, rec["layer"].name, uses[id(p)], total)
+                )
+    keys = {(sp.which, l): sp.key for sp in shared for l in sp.layers}
     for ls, rec, pl in zip(specs, recs, plan, strict=False):
         ls.z = _np(rec["z"])
         ls.a = _np(rec["a"])
         ls.dz = _np(grads[pl["z"]]) if pl["z"] is not None else None
         ls.da = _np(grads[pl["a"]]) if pl["a"] is not None else None
         if ls.weight is not None:
-            ls.dw = _np(grads[pl["p"][0]]) if pl["p"] else None
-            ls.db = _np(grads[pl["p"][1]]) if len(pl["p"]) > 1 else None
+            ls.shared = {w: keys[(w, ls.index)] for w in "Wb" if (w, ls.index) in keys}
+            if ls.shared and rec["params"]:
+                # this use's share: the call re-run on its input with stop_gradient, so earlier uses are cut
+                out = rec["z"] if rec["z"] is not None else rec["a"]
+                g_out = grads[seen[id(out)]] if id(out) in seen else None
+                if g_out is None:
+                    per_use = [None] * len(rec["params"])
+                else:
+                    with tf.GradientTape() as t2:
+                        again = rec["zfn"](tf.stop_gradient(rec["in"]))
+                    per_use = t2.gradient(again, rec["params"], output_gradients=g_out)
+                pg = [
+                    _np(g) if g is not None else np.zeros(tuple(p.shape))
+                    for g, p in zip(per_use, rec["params"], strict=False)
+                ]
+            else:
+                pg = [_np(grads[i]) if i is not None and grads[i] is not None else None for i in pl["p"]]
+            ls.dw = pg[0] if pg else None
+            ls.db = pg[1] if len(pg) > 1 else None
             if ls.dw is None:
                 ls.dw = np.zeros_like(ls.weight)
             if ls.db is None and ls.bias is not None:
                 ls.db = np.zeros_like(ls.bias)
         if rec["z"] is not None and ls.kind != "opaque":
-            if ls.activation == "softmax":
+            if ls.activation == "softmax" and R.jacobian_too_big(tuple(rec["z"].shape)):
+                a, z = rec["a"], rec["z"]
+                probe = tf.constant(R.softmax_probe(tuple(z.shape)), dtype=a.dtype)
+                ls.s, ls.s_probe = _np(tape.gradient(a, z, output_gradients=probe)), True
+            elif ls.activation == "softmax":
                 # row j of every sample's Jacobian is the vjp with e_j: f calls, no pfor retracing
                 a, z = rec["a"], rec["z"]
                 f = int(a.shape[-1])
@@ -386,11 +492,24 @@ def run_explain(model: Any, x: np.ndarray, y: np.ndarray, loss: Any, reduction: 
         )
     if dj is None and not keras_logits:
         dj = tf.zeros_like(y_hat)
+    frozen = [ls.index for ls in specs if ls.frozen]
+    if frozen:
+        notes.append(
+            f"layer(s) {frozen} are frozen (trainable=False): explain derived and checked their gradients anyway "
+            "(the tape reads their variables; nothing was changed)"
+        )
+    if any(k in eff_dtype for k in ("float16", "bfloat16")):
+        tol = tolerance_for(eff_dtype)
+        notes.append(
+            f"the model computes in {eff_dtype}: autodiff ran in {eff_dtype}, the closed form in float64 from the "
+            f"{eff_dtype} weights and x rounded to {eff_dtype}; terms are compared with {eff_dtype}'s tolerance "
+            f"(rtol {tol.rtol:g}, atol {tol.atol:g}), so ✓ means agreement to {eff_dtype} precision"
+        )
     return FrameworkRun(
         framework="keras",
         model_name=f"{type(model).__name__} {getattr(model, 'name', '')!r}",
         layers=specs,
-        x=np.asarray(x, dtype=np.float64),
+        x=_np(x_t),
         y=np.asarray(y),
         dtype=eff_dtype,
         loss=spec,
@@ -400,7 +519,18 @@ def run_explain(model: Any, x: np.ndarray, y: np.ndarray, loss: Any, reduction: 
         keras_logits=keras_logits,
         notes=notes,
         rtol_floor=floor,
+        shared=shared,
     )
+
+
+def _expects(ly: Any) -> str:
+    if isinstance(ly, keras.layers.Dense) and ly.built:
+        f = int(ly.kernel.shape[0])
+        return f"expects inputs with {f} features in the last axis, shape (n, {f})"
+    if isinstance(ly, keras.layers.Conv2D) and ly.built:
+        c = int(ly.kernel.shape[2])
+        return f"expects inputs with {c} channels ({ly.data_format})"
+    return "cannot take that input"
 
 
 def _layer_forward(ly: Any, h: Any, index: int, follow: Any = None) -> tuple[LayerSpec, dict[str, Any], Any]:
@@ -409,13 +539,18 @@ def _layer_forward(ly: Any, h: Any, index: int, follow: Any = None) -> tuple[Lay
     ls = LayerSpec(index, "opaque", name, type(ly).__name__)
     if follow is not None:
         ls.name += f" + {follow.name}: {type(follow).__name__}"
-    rec: dict[str, Any] = {"z": None, "a": None, "params": []}
+    rec: dict[str, Any] = {"z": None, "a": None, "params": [], "in": h, "layer": ly}
+    ls.frozen = not ly.trainable and bool(ly.weights)
     act = None
+    zfn = None
     if isinstance(ly, L.Dense) and not getattr(ly, "lora_enabled", False) and ly.kernel.dtype == ly.compute_dtype:
         act = _activation_fn(ly.activation)
-        z = keras.ops.matmul(h, ly.kernel)
-        if ly.bias is not None:
-            z = z + ly.bias
+
+        def zfn(hh: Any) -> Any:
+            zz = keras.ops.matmul(hh, ly.kernel)
+            return zz + ly.bias if ly.bias is not None else zz
+
+        z = zfn(h)
         ls.kind, ls.weight_layout = "dense", "Keras Dense kernel (in, out)"
     elif isinstance(ly, L.Conv2D) and not getattr(ly, "lora_enabled", False):
         cfg = _conv_config(ly, tuple(h.shape))
@@ -424,14 +559,18 @@ def _layer_forward(ly: Any, h: Any, index: int, follow: Any = None) -> tuple[Lay
             z = None
         else:
             act = _activation_fn(ly.activation)
-            z = ly.convolution_op(h, ly.kernel)
-            if ly.bias is not None:
-                shape = (1, 1, 1, ly.filters) if cfg["channels_last"] else (1, ly.filters, 1, 1)
-                z = z + keras.ops.reshape(ly.bias, shape)
+            shape = (1, 1, 1, ly.filters) if cfg["channels_last"] else (1, ly.filters, 1, 1)
+
+            def zfn(hh: Any) -> Any:
+                zz = ly.convolution_op(hh, ly.kernel)
+                return zz + keras.ops.reshape(ly.bias, shape) if ly.bias is not None else zz
+
+            z = zfn(h)
             ls.kind, ls.conv = "conv2d", cfg
             ls.weight_layout = "Keras Conv2D kernel (kh, kw, cin, cout)"
     else:
         z = None
+    rec["zfn"] = zfn
     if z is not None:
         ls.weight = _np(ly.kernel)
         ls.bias = _np(ly.bias) if ly.bias is not None else None
@@ -471,14 +610,18 @@ def _layer_forward(ly: Any, h: Any, index: int, follow: Any = None) -> tuple[Lay
         a = ly(h, training=False)
         rec["a"] = a
     else:
+        if isinstance(ly, L.Dense) and ly.kernel.dtype != ly.compute_dtype:
+            ls.reason = f"mixed precision (kernel {ly.kernel.dtype}, computed in {ly.compute_dtype}): no rule"
         ls.reason = ls.reason or f"no rule for {type(ly).__name__}"
         a = ly(h, training=False)
         rec["a"] = a
-        if ly.trainable_weights:
-            ls.weight = _np(ly.trainable_weights[0])
-            rec["params"] = list(ly.trainable_weights[:2])
-            if len(ly.trainable_weights) > 1:
-                ls.bias = _np(ly.trainable_weights[1])
+        rec["zfn"] = lambda hh: ly(hh, training=False)
+        weights = ly.trainable_weights if ly.trainable else [w for w in ly.weights if w.trainable] or ly.weights
+        if weights:
+            ls.weight = _np(weights[0])
+            rec["params"] = list(weights[:2])
+            if len(weights) > 1:
+                ls.bias = _np(weights[1])
     if ls.activation == "softmax" and ls.kind == "activation":
         axis = ls.activation_params.get("axis", -1)
         if len(h.shape) != 2 or axis not in (-1, 1):
@@ -512,7 +655,7 @@ def loss_probe(loss: Any, y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, A
 
 # ------------------------------------------------------------------------------- jacobian_vs_gradient etc.
 def matmul_target(s: np.ndarray) -> Callable:
-    """``Z ↦ Z·S`` with TensorFlow ops (the seed's activation-as-matrix case)."""
+    """``Z ↦ Z·S`` with TensorFlow ops (an activation written as a matrix)."""
     st = tf.constant(np.asarray(s, dtype=np.float64))
     return lambda z: tf.matmul(z, st)
 
