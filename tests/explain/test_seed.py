@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gradsight.explain import check_loss, depth_sweep, explain, jacobian_vs_gradient
-from gradsight.explain._examples import SEED_W
+from gradsight.explain._examples import EXAMPLE_W as SEED_W
 from gradsight.explain._explain import adapter
 
 

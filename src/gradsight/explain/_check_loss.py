@@ -3,7 +3,8 @@
 The loss is evaluated by its own framework (adapter ``loss_probe``) on ``y_true``/``y_pred``; dJ/dŶ is measured
 by autodiff (of the *sum* when the loss is not a scalar — exactly what training would do). Findings:
 
-* ``broadcast`` — y_true and y_pred have different shapes and the loss broadcast them (the seed's (7,1) vs (7,3));
+* ``broadcast`` — y_true and y_pred have different shapes and the loss broadcast them (the broadcasting trap:
+  targets (7, 1) against outputs (7, 3));
 * ``non_scalar`` — the loss returns one value per sample; autodiff differentiates their sum;
 * ``gradient_scale`` — the measured dJ/dŶ written as a formula, e.g. ``dJ/dŶ = 2/(n·f)·(Ŷ − Y)``;
 * ``keras_last_axis_mean`` — Keras MSE/MAE/BCE average the last axis of each sample first;
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import InputError
+from .._errors import GradsightError, InputError
 from .._frameworks import framework_of
 from ._losses import evaluate_loss
 from ._trace import clean_json, preview
@@ -180,8 +181,15 @@ def check_loss(loss: Any, y_true: Any, y_pred: Any, *, framework: str | None = N
 
     Returns:
         The :class:`LossReport`.
+
+    Raises:
+        InputError: a loss class instead of an instance, empty or non-finite arrays, or a loss that fails on
+            the given arrays (its message is quoted).
     """
-    from ._explain import adapter, to_numpy
+    from ._explain import _loss_class_error, adapter, to_numpy
+
+    if isinstance(loss, type):
+        raise _loss_class_error(loss)
 
     fw = _loss_framework(loss, framework)
     ad = adapter(fw)
@@ -190,7 +198,25 @@ def check_loss(loss: Any, y_true: Any, y_pred: Any, *, framework: str | None = N
     yp = to_numpy(y_pred, "y_pred").astype(np.float64)
     if yp.ndim == 0 or yp.size == 0:
         raise InputError(f"y_pred must be a non-empty batch, got shape {yp.shape!r}")
-    probe = ad.loss_probe(loss, yt, yp)
+    if yt.size == 0:
+        raise InputError(f"y_true must be a non-empty batch, got shape {yt.shape!r}")
+    for what, arr in (("y_true", yt), ("y_pred", yp)):
+        if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+            raise InputError(
+                f"{what} contains {int(np.sum(~np.isfinite(arr)))} NaN or infinite values; the loss and its gradient "
+                "would be NaN, so nothing could be measured. Fix: drop or impute those samples"
+            )
+    try:
+        probe = ad.loss_probe(loss, yt, yp)
+    except GradsightError:
+        raise
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise InputError(
+            f"the loss {loss!r:.60} failed on y_true of shape {yt.shape!r} ({yt.dtype}) and y_pred of shape "
+            f"{yp.shape!r}: {first}. Fix: pass y_true in the form the loss expects (ŷ's shape, or class indices "
+            "of shape (n,) for a sparse cross-entropy)"
+        ) from exc
     value = np.asarray(probe["value"])
     g = np.asarray(probe["grad"])
     spec = probe["spec"]

@@ -1,7 +1,8 @@
 """``depth_sweep``: how the per-layer gradient RMS of a dense stack grows with depth, with the closed form.
 
-Calibration (the seed's): X = ones(n, f_0), every layer Dense without bias, loss = Keras-style mean MSE
-(J = mean over n and f_L of (Ŷ − Y)²), and Y = Ŷ − 1 so that the error is 1 everywhere, dJ/dŶ = 2/(n·f_L).
+Calibration (the depth and initialisation example): X = ones(n, f_0), every layer Dense without bias, loss =
+Keras-style mean MSE (J = mean over n and f_L of (Ŷ − Y)²), and Y = Ŷ − 1 so that the error is 1 everywhere,
+dJ/dŶ = 2/(n·f_L).
 
 Closed forms (identity or ReLU activation; every pre-activation stays positive):
 
@@ -153,6 +154,65 @@ def _predicted(init: str, act: str, widths: Sequence[int], l: int) -> float | No
     return 2.0 / widths[L] * float(np.prod(widths[: l - 1])) * float(np.prod(widths[l + 1 : L + 1]))
 
 
+#: the most float64 numbers one depth of a sweep may hold (weights + activations + gradients): 256 MB.
+MAX_ELEMENTS = 32 * 2**20
+#: the deepest stack a sweep builds.
+MAX_DEPTH = 1000
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _check_sizes(widths: Any, depths: Any, n: Any, init: Any) -> tuple[list[int], list[int]]:
+    """Validate depth_sweep's sizes; return (depths, widths f_0..f_dmax)."""
+    if _is_int(depths):
+        if depths < 1:
+            raise InputError(
+                f"depths must be a positive depth L (meaning 1..L) or an iterable of positive depths, got {depths!r}. "
+                "Fix: e.g. depth_sweep(3, 5) for depths 1..5"
+            )
+        ds = list(range(1, int(depths) + 1))
+    else:
+        try:
+            ds = sorted({int(d) for d in depths if _is_int(d)})
+            given = list(depths)
+        except TypeError:
+            raise InputError(f"depths must be an int or an iterable of ints, got {depths!r}") from None
+        if not ds or len(ds) != len(set(given)) or min(ds) < 1:
+            raise InputError(f"depths must be positive integers, got {depths!r}. Fix: e.g. depths=[1, 2, 4]")
+    dmax = max(ds)
+    if dmax > MAX_DEPTH:
+        raise InputError(f"depth {dmax} is above the limit of {MAX_DEPTH} layers. Fix: sweep fewer depths")
+    if _is_int(widths):
+        ws = [int(widths)] * (dmax + 1)
+    else:
+        try:
+            ws = [int(w) if _is_int(w) else None for w in widths]
+        except TypeError:
+            raise InputError(f"widths must be an int or a sequence of ints, got {widths!r}") from None
+        if any(w is None for w in ws):
+            raise InputError(f"widths must be integers, got {widths!r}")
+    if len(ws) < dmax + 1 or min(ws) < 1:
+        raise InputError(
+            f"widths must be one positive width f, or f_0..f_{dmax} ({dmax + 1} positive values) for depth {dmax}; "
+            f"got {widths!r}. Fix: e.g. depth_sweep(3, {dmax}) or widths=[3] * {dmax + 1}"
+        )
+    if not _is_int(n) or n < 1:
+        raise InputError(f"n (the batch size) must be a positive integer, got {n!r}")
+    if init not in ("ones", "scaled", "normal", "he"):
+        raise InputError(f"init must be one of 'ones', 'scaled', 'normal', 'he'; got {init!r}")
+    ws = ws[: dmax + 1]
+    elements = sum(a * b for a, b in itertools.pairwise(ws)) * 2 + 3 * int(n) * sum(ws)
+    if elements > MAX_ELEMENTS:
+        raise InputError(
+            f"a depth-{dmax} stack of widths {ws[:4]}{'…' if len(ws) > 4 else ''} with n = {n} needs about "
+            f"{elements * 8 / 1e9:.3g} GB of float64 arrays (limit {MAX_ELEMENTS * 8 / 1e6:.0f} MB). Fix: use "
+            "smaller widths or batch; the gradient RMS pattern does not depend on n and shows at small widths"
+        )
+    return ds, ws
+
+
 def depth_sweep(
     widths: int | Sequence[int] = 3,
     depths: int | Iterable[int] = 5,
@@ -178,16 +238,15 @@ def depth_sweep(
 
     Returns:
         The :class:`DepthSweep`.
+
+    Raises:
+        InputError: non-positive or non-integer depths/widths/n, an unknown init or activation, or sizes whose
+            arrays would exceed 256 MB (or a depth above 1000).
     """
     from ._explain import adapter, explain
 
-    ds = list(range(1, depths + 1)) if isinstance(depths, int) else sorted(int(d) for d in depths)
-    if not ds or min(ds) < 1:
-        raise InputError(f"depths must be positive, got {depths!r}")
+    ds, ws = _check_sizes(widths, depths, n, init)
     dmax = max(ds)
-    ws = [int(widths)] * (dmax + 1) if isinstance(widths, (int, np.integer)) else [int(w) for w in widths]
-    if len(ws) < dmax + 1 or min(ws) < 1:
-        raise InputError(f"widths needs f_0..f_{dmax} ({dmax + 1} positive values) for depth {dmax}, got {widths!r}")
     act = activation or "identity"
     try:
         rule = R.elementwise_rule(act)

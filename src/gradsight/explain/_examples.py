@@ -1,7 +1,7 @@
-"""Built-in examples reproducing each experiment of the seed notebook (``gradsight explain --example NAME``).
+"""Built-in examples, one per classic backprop surprise (``gradsight explain --example NAME``).
 
-Each example builds its model through the framework adapter (``build_dense_model`` takes kernels in the seed's
-``(in, out)`` convention), runs the explainer, and returns the text to print, a JSON-ready dict and whether
+Each example builds its model through the framework adapter (``build_dense_model`` takes kernels in the
+``(in, out)`` layout), runs the explainer, and returns the text to print, a JSON-ready dict and whether
 every verification passed.
 """
 
@@ -17,10 +17,11 @@ from ._depth import depth_sweep
 from ._explain import adapter, explain
 from ._jvg import jacobian_vs_gradient
 
-__all__ = ["EXAMPLES", "SEED_W", "Example", "ExampleResult"]
+__all__ = ["EXAMPLES", "EXAMPLE_W", "Example", "ExampleResult"]
 
-#: the seed's non-trivial weight matrix (used for W1, W2, W3 in its later cells), kernel layout (in, out).
-SEED_W = np.array([[1.0, 0.5, 0.25], [0.75, 0.5, 0.3], [0.9, 0.3, 0.1]])
+#: the examples' non-trivial weight matrix (W1 = W2 = W3 in the 3-layer examples), kernel layout (in, out).
+EXAMPLE_W = np.array([[1.0, 0.5, 0.25], [0.75, 0.5, 0.3], [0.9, 0.3, 0.1]])
+SEED_W = EXAMPLE_W  # former name, kept for code that imported it
 
 
 @dataclass
@@ -47,11 +48,11 @@ def _fw_name(framework: str) -> str:
 
 def _default(framework: str, fd: bool) -> ExampleResult:
     ad = adapter(framework)
-    model = ad.build_dense_model([SEED_W] * 3, None, [None, None, "relu"], "float64")
+    model = ad.build_dense_model([EXAMPLE_W] * 3, None, [None, None, "relu"], "float64")
     x, y = np.ones((7, 3)), np.ones((7, 3))
     tr = explain(model, x, y, "mse", finite_differences=fd)
     head = (
-        "The seed's 3-layer network (W1 = W2 = W3 = [[1, .5, .25], [.75, .5, .3], [.9, .3, .1]], ReLU on the "
+        "A 3-layer network (W1 = W2 = W3 = [[1, .5, .25], [.75, .5, .3], [.9, .3, .1]], ReLU on the "
         "last layer), X = ones(7, 3), Y = ones(7, 3), mean-squared error.\n"
     )
     return ExampleResult(head + str(tr), {"trace": tr.to_dict()}, tr.ok)
@@ -67,7 +68,7 @@ def _single_layer(framework: str, fd: bool) -> ExampleResult:
     g_sum = t_sum["dJ/dW1"].autodiff
     g_mean = t_mean["dJ/dW1"].autodiff
     lines = [
-        "Single layer Ŷ = X·W, W = ones(3, 3), X = ones(15, 3) (seed cell 1).",
+        "Single layer Ŷ = X·W, W = ones(3, 3), X = ones(15, 3): the loss-scaling example.",
         f"  dŶ/dW (autodiff's gradient of Ŷ = of ΣŶ): every entry {g_sum.ravel()[0]:g}  (= n = 15: summed over n)",
         f"  dJ/dW for J = mean(Ŷ):                    every entry {g_mean.ravel()[0]:.6g} (= n·1/(n·f) = 1/3)",
         f"  dJ/dW for J = sum(Ŷ):                     every entry {g_sum.ravel()[0]:g}",
@@ -95,7 +96,8 @@ def _three_layer(framework: str, fd: bool) -> ExampleResult:
         traces.append(t)
         sums.append(float(t[f"dJ/dW{depth}"].autodiff.ravel()[0]))
     lines = [
-        "Three layers of ones, no bias or activation, X = ones(5, 3), J = mean(Ŷ) (seed cell 2).",
+        "Three layers of ones, no bias or activation, X = ones(5, 3), J = mean(Ŷ): how the gradient scale moves "
+        "through depth.",
         "  dJ/dW_l = " + ", ".join(f"{tr[f'dJ/dW{l}'].autodiff.ravel()[0]:.6g}" for l in (1, 2, 3)) + "  (all 3)",
         "  per-layer sum-gradients dZ_l/dW_l = A_{l-1}ᵀ·1 (column sums of A_{l-1}): "
         + ", ".join(f"{s:g}" for s in sums)
@@ -109,19 +111,16 @@ def _three_layer(framework: str, fd: bool) -> ExampleResult:
 def _activation_matrix(framework: str, fd: bool) -> ExampleResult:
     r1 = jacobian_vs_gradient(framework=framework)
     r2 = jacobian_vs_gradient(matrix=np.eye(3), framework=framework)
-    text = (
-        "Activation written as a matrix, A = Z·S (seed cell 3): why tape.gradient(A, Z) is ones, not S.\n\n"
-        f"{r1}\n\n{r2}"
-    )
+    text = f"Activation written as a matrix, A = Z·S: why tape.gradient(A, Z) is ones, not S.\n\n{r1}\n\n{r2}"
     return ExampleResult(text, {"diag_2_0_1": r1.to_dict(), "identity": r2.to_dict()}, r1.ok and r2.ok)
 
 
 def _training_loop(framework: str, fd: bool) -> ExampleResult:
     ad = adapter(framework)
     n = 7
-    model = ad.build_dense_model([SEED_W] * 3, None, [None, None, "relu"], "float32")
+    model = ad.build_dense_model([EXAMPLE_W] * 3, None, [None, None, "relu"], "float32")
     x, y = np.ones((n, 3), dtype=np.float32), np.ones((n, 1), dtype=np.float32)
-    # ŷ through the framework (float32, like the seed): explain with J = mean(Ŷ) just to run the forward pass
+    # ŷ through the framework (float32, as in training): explain with J = mean(Ŷ) just to run the forward pass
     y_hat = explain(model, x, np.zeros((n, 3), np.float32), "output_mean")["A3"].autodiff
     handwritten = float(1 / (2 * n) * np.sum((y - y_hat) ** 2))
     if framework == "torch":
@@ -136,10 +135,10 @@ def _training_loop(framework: str, fd: bool) -> ExampleResult:
     report = check_loss(fw_loss, y, y_hat)
     value = np.asarray(report.value)
     lines = [
-        "The seed's training-loop cell: 3 layers of the seed weights, ReLU on the last, X = ones(7, 3), "
+        "The broadcasting trap in a training loop: 3 layers of the example weights, ReLU on the last, X = ones(7, 3), "
         "Y = ones(7, 1), n = 7.",
-        f"  hand-written 1/(2n)·Σ(Y − Ŷ)² = {handwritten:.6g}   (seed printed 20.592548)",
-        f"  {fw_text} → {np.array2string(value, precision=6)}   (seed printed 13.728364 ×7)",
+        f"  hand-written 1/(2n)·Σ(Y − Ŷ)² = {handwritten:.6g}   (the intended loss: 20.592548)",
+        f"  {fw_text} → {np.array2string(value, precision=6)}   (one broadcast value per sample: 13.728364 ×7)",
         "",
         str(report),
     ]
@@ -163,7 +162,7 @@ def _depth(framework: str, fd: bool) -> ExampleResult:
 EXAMPLES: dict[str, Example] = {
     e.name: e
     for e in (
-        Example("default", "the seed's 3-layer network with ReLU and MSE, full trace", _default),
+        Example("default", "a 3-layer network with ReLU and MSE, full trace", _default),
         Example("single-layer", "W = ones(3,3), X = ones(15,3): dŶ/dW = 15, mean → 1/3, sum → 15", _single_layer),
         Example(
             "three-layer", "three layers of ones, X = ones(5,3): dJ/dW_l = 3; sum-gradients 5, 15, 45", _three_layer

@@ -3,11 +3,12 @@
 For a target T = f(X), autodiff's "gradient of T w.r.t. X" is the gradient of Σ T: a vector-Jacobian product
 with a vector of ones, ``g = Jᵀ·1``, i.e. the Jacobian summed over the target's axes. It is *not* the Jacobian.
 
-The seed's case, A = Z·S (an activation written as a matrix): ∂A_ij/∂Z_pq = δ_ip S_qj, so
+The built-in case, A = Z·S (an activation written as a matrix): ∂A_ij/∂Z_pq = δ_ip S_qj, so
 
 * the Jacobian holds Sᵀ on its sample-diagonal blocks: J[i, :, i, :] = Sᵀ (and zero blocks for i ≠ p);
 * the gradient is g_pq = Σ_j S_qj: every row of g equals the row sums of S (g = 1_n (S·1_f)ᵀ). With S = I that
-  is a matrix of ones — which is why ``tape.gradient(A1, Z1)`` "returned ones instead of diag()" in the seed.
+  is a matrix of ones — which is why ``tape.gradient(A1, Z1)`` returns ones instead of diag(): the gradient of
+  ΣA, not the Jacobian.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from typing import Any
 import numpy as np
 
 from .._errors import InputError
+from ._rules import JACOBIAN_LIMIT_BYTES, fmt_bytes
 from ._trace import clean_json, preview
 
 __all__ = ["JacobianVsGradient", "jacobian_vs_gradient"]
 
-#: the seed's Z1 (X = ones(7, 3) times the seed's W1), first 2 rows, and S = diag(2, 0, 1) (the seed's comment).
-SEED_Z = np.array([[2.65, 1.3, 0.65], [2.65, 1.3, 0.65]])
-SEED_S = np.diag([2.0, 0.0, 1.0])
+#: the default source Z (first 2 rows of X = ones(7, 3) times the example weight matrix) and S = diag(2, 0, 1).
+DEFAULT_Z = np.array([[2.65, 1.3, 0.65], [2.65, 1.3, 0.65]])
+DEFAULT_S = np.diag([2.0, 0.0, 1.0])
 
 
 @dataclass
@@ -83,7 +85,7 @@ class JacobianVsGradient:
                 *("      " + ln for ln in preview(cf["row_sums"]).splitlines()),
                 f"    {'✓' if cf['ok'] else '✗'} max errors: Jacobian {cf['jacobian_err']:.2e}, "
                 f"gradient {cf['gradient_err']:.2e}",
-                "    so with S = I the gradient is all ones — not S (the seed's surprise).",
+                "    so with S = I the gradient is all ones — not S (the activation-as-matrix trap).",
             ]
         return "\n".join(lines)
 
@@ -140,26 +142,38 @@ def jacobian_vs_gradient(
 ) -> JacobianVsGradient:
     """Compare the full Jacobian of a target with what autodiff calls its gradient, and state the relation.
 
-    Called with no arguments it runs the seed's case A = Z·S with S = diag(2, 0, 1).
+    Called with no arguments it runs the activation-as-matrix example A = Z·S with S = diag(2, 0, 1).
 
     Args:
         target_fn: a function of one framework tensor (torch or TensorFlow ops). None → ``Z ↦ Z·matrix``.
-        source: the point X (array-like). Defaults to the seed's Z1 (2 rows).
+        source: the point X (array-like). Defaults to Z = [[2.65, 1.3, 0.65]] × 2 rows.
         matrix: S for the default target (defaults to diag(2, 0, 1)); enables the closed-form check.
         framework: ``"torch"`` or ``"tensorflow"``; default torch if installed, else TensorFlow.
 
     Returns:
         The :class:`JacobianVsGradient`.
     """
-    from ._explain import adapter
+    from ._explain import adapter, to_numpy
 
     fw_name = framework or _default_framework()
     ad = adapter(fw_name)
     fw = "torch" if ad.__name__.endswith("_torch_explain") else "keras"
-    src = np.asarray(SEED_Z if source is None else source, dtype=np.float64)
+    src = DEFAULT_Z if source is None else to_numpy(source, "source")
+    if src.size == 0 or not np.all(np.isfinite(src)):
+        raise InputError(
+            f"source must be a non-empty array of finite numbers, got shape {src.shape!r}"
+            + ("" if src.size == 0 else f" with {int(np.sum(~np.isfinite(src)))} NaN/inf values")
+        )
+    src = np.asarray(src, dtype=np.float64)
+    if src.size * src.size * 8 > JACOBIAN_LIMIT_BYTES and target_fn is None:
+        raise InputError(
+            f"the Jacobian of Z·S for a source of shape {src.shape!r} would hold {src.size}² entries "
+            f"({fmt_bytes(src.size * src.size * 8)}, limit {fmt_bytes(JACOBIAN_LIMIT_BYTES)}). Fix: pass a "
+            "smaller source (a few rows show the same relation)"
+        )
     s = None
     if target_fn is None:
-        s = np.asarray(SEED_S if matrix is None else matrix, dtype=np.float64)
+        s = np.asarray(DEFAULT_S if matrix is None else matrix, dtype=np.float64)
         if s.ndim != 2 or src.ndim != 2 or s.shape[0] != src.shape[-1]:
             raise InputError(f"matrix S must be ({src.shape[-1]}, f) to multiply Z of shape {src.shape}; got {s.shape}")
         target_fn = ad.matmul_target(s)

@@ -635,6 +635,7 @@ def loss_probe(loss: Any, y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, A
 
     Keras losses are called as ``loss(y_true, y_pred)``; ŷ is float32 unless the loss object says otherwise.
     """
+    _require_tf_backend()
     spec, display, fn, ldtype = classify_loss(loss, "mean", "float32")
     dt = str(ldtype or "float32")
     yp = tf.constant(np.asarray(y_pred), dtype=dt)
@@ -662,10 +663,28 @@ def matmul_target(s: np.ndarray) -> Callable:
 
 def jacobian_and_gradient(fn: Callable, source: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Return ``(target, tape.jacobian, tape.gradient)`` of ``fn`` at ``source`` (float64)."""
+    _require_tf_backend()
     src = tf.constant(np.asarray(source, dtype=np.float64))
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(src)
-        out = fn(src)
+        try:
+            out = fn(src)
+        except GradsightError:
+            raise
+        except Exception as exc:
+            raise InputError(
+                f"target_fn {getattr(fn, '__name__', fn)!r} failed on a float64 tensor of shape {tuple(src.shape)!r}: "
+                f"{_first_line(exc)}. Fix: pass a function of one TensorFlow tensor, and a source it accepts"
+            ) from exc
+    if not hasattr(out, "shape") or not out.dtype.is_floating:
+        raise InputError(f"target_fn must return a floating-point tensor, got {type(out).__name__!r}")
+    nbytes = int(np.prod(out.shape)) * int(np.prod(src.shape)) * 8
+    if nbytes > R.JACOBIAN_LIMIT_BYTES:
+        raise InputError(
+            f"the full Jacobian of a target of shape {tuple(out.shape)!r} w.r.t. a source of shape "
+            f"{tuple(src.shape)!r} would take {R.fmt_bytes(nbytes)} (limit {R.fmt_bytes(R.JACOBIAN_LIMIT_BYTES)}). "
+            "Fix: pass a smaller source (a few rows show the same relation)"
+        )
     g = tape.gradient(out, src, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     jac = tape.jacobian(out, src, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     return _np(out), _np(jac), _np(g)

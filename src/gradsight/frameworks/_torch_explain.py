@@ -627,7 +627,27 @@ def matmul_target(s: np.ndarray) -> Callable:
 def jacobian_and_gradient(fn: Callable, source: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Return ``(target, full Jacobian, what backward(ones) gives)`` of ``fn`` at ``source`` (float64)."""
     src = torch.tensor(np.asarray(source, dtype=np.float64), requires_grad=True)
-    out = fn(src)
+    try:
+        out = fn(src)
+    except GradsightError:
+        raise
+    except Exception as exc:
+        raise InputError(
+            f"target_fn {getattr(fn, '__name__', fn)!r} failed on a float64 tensor of shape {tuple(src.shape)!r}: "
+            f"{exc}. Fix: pass a function of one torch tensor (torch ops), and a source it accepts"
+        ) from exc
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+        raise InputError(
+            f"target_fn must return a floating-point torch tensor, got {type(out).__name__!r}"
+            + (f" of dtype {out.dtype}" if isinstance(out, torch.Tensor) else "")
+        )
+    nbytes = out.numel() * src.numel() * 8
+    if nbytes > R.JACOBIAN_LIMIT_BYTES:
+        raise InputError(
+            f"the full Jacobian of a target of shape {tuple(out.shape)!r} w.r.t. a source of shape "
+            f"{tuple(src.shape)!r} would take {R.fmt_bytes(nbytes)} (limit {R.fmt_bytes(R.JACOBIAN_LIMIT_BYTES)}). "
+            "Fix: pass a smaller source (a few rows show the same relation)"
+        )
     (g,) = torch.autograd.grad(out, src, torch.ones_like(out), allow_unused=True)
     jac = torch.autograd.functional.jacobian(fn, src.detach())
     g = torch.zeros_like(src) if g is None else g
