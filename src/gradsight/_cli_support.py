@@ -29,6 +29,7 @@ __all__ = [
     "FRAMEWORK_HELP",
     "atomic_output",
     "check_output",
+    "finding_text",
     "framework_arg",
     "resolve_run",
     "terminal_safe",
@@ -63,6 +64,31 @@ def terminal_safe(text: object, *, keep_lines: bool = False) -> str:
     """
     pattern = _UNSAFE_KEEP_LINES if keep_lines else _UNSAFE
     return pattern.sub(_escape, str(text))
+
+
+def finding_text(finding: object) -> str:
+    """A finding's plain-text form with every field from the run escaped for a terminal.
+
+    Each field (message, layer names, explanation, advice) is escaped on its own, newlines included, before the
+    finding composes its lines, so a layer name cannot add a fake line or steer the terminal.
+    """
+    import dataclasses
+
+    if dataclasses.is_dataclass(finding) and not isinstance(finding, type) and hasattr(finding, "to_text"):
+        changes = {}
+        for name in ("message", "explanation", "code", "severity"):
+            if isinstance(getattr(finding, name, None), str):
+                changes[name] = terminal_safe(getattr(finding, name))
+        for name in ("layers", "advice"):
+            value = getattr(finding, name, None)
+            if isinstance(value, (tuple, list)):
+                changes[name] = tuple(terminal_safe(v) for v in value)
+        try:
+            return str(dataclasses.replace(finding, **changes).to_text())  # type: ignore[arg-type]
+        except (TypeError, ValueError):  # a finding whose fields validate differently: escape the whole text
+            pass
+    text = finding.to_text() if hasattr(finding, "to_text") else str(finding)
+    return terminal_safe(text, keep_lines=True)
 
 
 FRAMEWORK_CHOICES: tuple[str, ...] = ("torch", "pytorch", "tensorflow", "tf", "keras")

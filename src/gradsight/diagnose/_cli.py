@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from .._cli_support import resolve_run, terminal_safe
+from .._cli_support import finding_text, resolve_run, terminal_safe
 
 __all__ = ["add_arguments", "run"]
 
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{counts['info']} info\n\n"
             )
             # Layer names and evidence come from the run file: escape what could steer the terminal.
-            out.write("\n\n".join(terminal_safe(f.to_text(), keep_lines=True) for f in findings) + "\n")
+            out.write("\n\n".join(finding_text(f) for f in findings) + "\n")
         else:
             out.write(f"No findings in {where}.\n")
         if skipped:

@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from .._cli_support import FRAMEWORK_CHOICES, FRAMEWORK_HELP, framework_arg, terminal_safe
+from .._cli_support import FRAMEWORK_CHOICES, FRAMEWORK_HELP, finding_text, framework_arg, terminal_safe
 from .._errors import InputError, StoreError, UnsupportedError
 from ..store import load
 
@@ -250,7 +250,7 @@ def _train_and_report(zoo: Any, name: str, framework: str, args: argparse.Namesp
     if findings:
         print(f"Findings ({len(findings)}):")
         for f in findings:
-            print(safe(f.to_text() if hasattr(f, "to_text") else str(f), keep_lines=True))
+            print(finding_text(f))
             print()
     else:
         print("Findings: none — no diagnosis rule fired on this run.\n")

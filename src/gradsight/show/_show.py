@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from .._cli_support import terminal_safe
+from .._cli_support import finding_text, terminal_safe
 from ._data import RunLike, finding_list, layer_table, opened
 from ._figures import short_label
 
@@ -97,8 +97,8 @@ def render_show(run: RunLike, *, findings: Sequence[Any] | None = None, width: i
     if found:
         lines.append(f"findings ({len(found)}):")
         for f in found:
-            text = f.to_text() if hasattr(f, "to_text") else str(f)
-            lines.append(safe(text.split("\n")[0]) if text else "")
+            text = finding_text(f)
+            lines.append(text.split("\n")[0] if text else "")
             layers = getattr(f, "layers", ())
             if layers:
                 lines.append("    layers: " + ", ".join(safe(name) for name in layers))
