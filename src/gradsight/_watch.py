@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 from ._errors import InputError, UnsupportedError
 from ._frameworks import framework_of
 
-__all__ = ["watch"]
+__all__ = ["check_step", "watch"]
 
 
 def watch(model: Any, **kwargs: Any) -> Any:
@@ -67,3 +68,28 @@ def _framework_of_class(cls: type) -> str | None:
         if root in ("keras", "tensorflow", "tf_keras"):
             return "keras"
     return None
+
+
+def check_step(step: Any) -> int:
+    """Check ``step`` as passed to a watch's ``log(step=...)``: a non-negative int; shared by the adapters.
+
+    Numpy integers and 0-d integer tensors are accepted.
+
+    Raises:
+        InputError: not an integer, or negative.
+    """
+    try:
+        value = -1 if isinstance(step, bool) else operator.index(step)
+    except (TypeError, RuntimeError):
+        value = None
+    if value is None or isinstance(step, bool):
+        raise InputError(
+            f"log(step=...) expects a step number, a non-negative int, got {type(step).__name__} {step!r}. "
+            "Leave it out to record at the current step, or pass a step number such as step=0."
+        )
+    if value < 0:
+        raise InputError(
+            f"log(step=...) expects a non-negative step number, got {value!r}; steps count from 0. Leave it out "
+            "to record at the current step, or pass a step number such as step=0."
+        )
+    return value

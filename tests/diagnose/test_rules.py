@@ -1,10 +1,12 @@
 import math
+import sqlite3
 
 import numpy as np
 import pytest
 
 from gradsight import InputError
 from gradsight.diagnose import (
+    CODE_DESCRIPTIONS,
     CODES,
     DeadUnitsRule,
     ExplodingGradientsRule,
@@ -18,6 +20,7 @@ from gradsight.diagnose import (
     diagnose,
     skipped_rules,
 )
+from gradsight.store import RunWriter
 
 from .conftest import healthy_step
 
@@ -400,3 +403,33 @@ def test_exploding_with_a_short_run_uses_half_as_baseline(synth):
     assert found[1].severity == "warning"  # 5000x < 100**2
     assert found[1].evidence["global"]["baseline_norm"] == 1.0
     assert "grew 5e+03x, from 1 (median of the first 1 logged steps) to 5e+03 at step 2" in found[1].message
+
+
+# ---- no-steps-recorded --------------------------------------------------------------------------------------------
+def test_no_steps_recorded_is_an_error_with_evidence_and_the_fix(synth):
+    s = synth()
+    s.writer.log_event(0, "no-optimizer-step", {"backward_passes": 3, "optimizer": None, "message": "..."})
+    found = diagnose(s.run())
+    assert codes(found) == ["no-steps-recorded"] and "no-steps-recorded" in CODES and CODE_DESCRIPTIONS[found[0].code]
+    f = found[0]
+    assert f.severity == "error" and f.first_step is None
+    assert f.evidence["backward_passes"] == 3 and f.evidence["recorded_steps"] == 0
+    assert "3 backward pass(es)" in f.message and "optimizer=None" in f.message
+    assert any("optimizer=opt" in a for a in f.advice) and any("watch.step()" in a for a in f.advice)
+
+
+def test_no_steps_recorded_names_an_optimizer_that_was_never_stepped(synth):
+    s = synth()
+    s.writer.log_event(0, "no-optimizer-step", {"backward_passes": 100, "optimizer": "Adam"})
+    (f,) = diagnose(s.run())
+    assert "(Adam) was never stepped" in f.message and f.evidence["optimizer"] == "Adam"
+
+
+def test_diagnose_reads_a_run_without_any_metadata(tmp_path):
+    # A run killed right after creation: the file exists, its meta table is empty.
+    path = tmp_path / "bare.db"
+    RunWriter(path).close()
+    with sqlite3.connect(path) as con:
+        con.execute("DELETE FROM meta")
+    con.close()
+    assert diagnose(path) == [] and isinstance(skipped_rules(path), dict)

@@ -47,6 +47,7 @@ import tensorflow as tf
 
 from .._errors import InputError, UnsupportedError, WatchError
 from .._schedule import Schedule, schedule
+from .._watch import check_step
 from ..store import Run, RunWriter, default_run_path, load
 from ._keras_summary import Layout, cheap_grad_scalars, pack_summaries, unpack
 
@@ -220,10 +221,22 @@ class KerasWatch:
         return self._next_step
 
     def log(self, values: Mapping[str, float] | None = None, *, step: int | None = None, **scalars: float) -> None:
-        """Record extra scalars (e.g. ``w.log(val_loss=0.3)``) at ``step`` (default: the last recorded step)."""
+        """Record extra scalars (e.g. ``w.log(val_loss=0.3)``) at ``step`` (default: the last recorded step).
+
+        Raises:
+            InputError: a value is not a number or one-element tensor, or ``step`` is not an int >= 0.
+            WatchError: the watch is closed.
+        """
         self._check_open("log")
         vals = {**(values or {}), **scalars}
-        self._writer.log_scalars(max(self._next_step - 1, 0) if step is None else int(step), vals)
+        for k, v in vals.items():
+            if isinstance(v, bool) or not (isinstance(v, (int, float)) or _one_element(v)):
+                raise InputError(
+                    f"log({k}=...) expects a number or a one-element tensor, got {type(v).__name__} {v!r:.80}. "
+                    f"Reduce it first, e.g. log({k}=float(keras.ops.mean(t)))."
+                )
+        vals = {k: float(np.asarray(v).reshape(())) for k, v in vals.items()}
+        self._writer.log_scalars(max(self._next_step - 1, 0) if step is None else check_step(step), vals)
 
     def log_event(self, step: int | None, kind: str, payload: Mapping[str, Any]) -> None:
         """Record an event (e.g. an online finding) with a JSON payload in the run file."""
@@ -416,10 +429,13 @@ class KerasWatch:
                 cbs.insert(0, watch.callback)
                 kwargs["callbacks"] = cbs
             try:
-                return original_fit(*args, **kwargs)
-            finally:
-                with contextlib.suppress(Exception):
+                result = original_fit(*args, **kwargs)
+            except BaseException:
+                with contextlib.suppress(Exception):  # never mask the exception that stopped fit
                     watch._writer.flush()
+                raise
+            watch._writer.flush()  # a writer failure (StoreError) reaches the user here, not later
+            return result
 
         fit.__doc__ = original_fit.__doc__
         model.train_step = self._train_step
@@ -702,6 +718,14 @@ class KerasWatch:
             self._writer.log_summaries(s, items)
 
 
+def _one_element(v: Any) -> bool:
+    """Whether ``v`` is a one-element array or tensor (numpy, TensorFlow, Keras)."""
+    try:
+        return int(np.size(np.asarray(v))) == 1 and np.asarray(v).dtype.kind in "biuf"
+    except (TypeError, ValueError):
+        return False
+
+
 def _has_training_arg(model: Any) -> bool:
     try:
         return "training" in inspect.signature(model.call).parameters
@@ -889,9 +913,12 @@ def watch_keras(
     if not _is_keras_own(type(model).train_step):
         raise UnsupportedError(
             f"{type(model).__name__} overrides train_step ({type(model).train_step.__qualname__}); gradsight's "
-            "Keras watch records by supplying its own train_step, which would silently replace yours. Record from "
-            "your loop instead: w = gradsight.watch(model); then in an eager loop call "
-            "w.record_step(grads, model.trainable_variables, loss=loss)."
+            "Keras watch records by supplying its own train_step, which would silently replace yours, so "
+            "gradsight.watch(model) cannot watch this model. Record from your train_step instead: create "
+            "w = gradsight.watch_tape(path) (no model), compile with model.compile(..., run_eagerly=True), and in "
+            "your train_step, after grads = tape.gradient(loss, self.trainable_variables), call "
+            "w.record_step(grads, self.trainable_variables, loss=loss) (use `with w.record_step(...):` around "
+            "self.optimizer.apply(grads, self.trainable_variables) to record updates too); close w after fit."
         )
     if "train_step" in vars(model):
         raise WatchError(

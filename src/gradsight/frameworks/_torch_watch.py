@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import operator
 import os
 import sys
 import threading
@@ -81,6 +80,7 @@ from torch import nn
 from .. import __version__
 from .._errors import InputError, WatchError
 from .._schedule import Schedule, schedule
+from .._watch import check_step
 from ..diagnose._online import GradsightWarning
 from ..store import Run, RunWriter, SummaryArrays, TensorInfo, default_run_path
 from ..summary import TensorSummary, merge_all
@@ -715,7 +715,7 @@ class Watch:
         if step is None:
             step = self._step if (self._fwd_seen or self._step == 0) else self._step - 1
         else:
-            step = _check_step(step)
+            step = check_step(step)
         if not scalars and type(loss) is torch.Tensor and loss.numel() == 1:  # the common call: log(loss=loss)
             self._scalars.append((int(step), "loss", loss.detach()))
             return
@@ -925,25 +925,6 @@ def _finalize(handles: list[Any], leaf_handles: list[Any], writer: RunWriter) ->
         h.remove()
     with contextlib.suppress(Exception):  # finalizers must not raise
         writer.close()
-
-
-def _check_step(step: Any) -> int:
-    """``step`` as passed to ``log(step=...)``: a non-negative int (numpy and 0-d tensor ints are accepted)."""
-    try:
-        value = -1 if isinstance(step, bool) else operator.index(step)
-    except (TypeError, RuntimeError):
-        value = None
-    if value is None or isinstance(step, bool):
-        raise InputError(
-            f"log(step=...) expects a step number, a non-negative int, got {type(step).__name__} {step!r}. "
-            "Leave it out to record at the current step, or pass e.g. step=watch.current_step."
-        )
-    if value < 0:
-        raise InputError(
-            f"log(step=...) expects a non-negative step number, got {value!r}; steps count from 0. Leave it out "
-            "to record at the current step, or pass e.g. step=watch.current_step."
-        )
-    return value
 
 
 def _compiled_kind(model: nn.Module) -> str | None:
