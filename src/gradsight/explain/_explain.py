@@ -183,12 +183,21 @@ def explain(
         fd_samples: entries checked per parameter tensor (all entries when the tensor is smaller).
         fd_seed: seed of the entry sampling.
 
+    A module used several times in the chain is one layer per use; its per-use dJ/dW terms are checked against
+    autodiff through each call alone, and a term ``dJ/dW[<module>]`` states and checks their sum (the
+    parameter's ``.grad``). Frozen layers are derived and checked too. float16/bfloat16 torch models are
+    explained on a float64 copy; Keras float16/bfloat16 models are compared with that dtype's tolerance.
+    NaN/inf in x or y are refused (every term would be NaN). Works under ``torch.no_grad()`` and
+    ``torch.inference_mode()``.
+
     Returns:
         The :class:`Trace`.
 
     Raises:
-        UnsupportedError: not a model, or a model that branches / takes several inputs.
-        InputError: bad x/y (shape, dtype, NaN, empty), or a loss that does not return a scalar.
+        UnsupportedError: not a model, a model that branches / takes several inputs, a module that does not
+            map one tensor to one tensor, or Keras on a backend other than TensorFlow.
+        InputError: bad x/y (shape, dtype, NaN/inf, empty, wrong feature count), a loss class instead of an
+            instance, an invalid reduction, a loss that fails or does not return a scalar.
     """
     fw = framework_of(model)
     if fw is None:

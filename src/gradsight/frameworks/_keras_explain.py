@@ -325,6 +325,16 @@ def run_explain(model: Any, x: np.ndarray, y: np.ndarray, loss: Any, reduction: 
     eff_dtype = dtype
     if loss_dtype is not None and str(loss_dtype) != dtype and "float16" not in dtype:
         eff_dtype = min(dtype, str(loss_dtype), key=lambda d: {"float64": 2, "float32": 1}.get(d, 0))
+    computes = {str(ly.compute_dtype) for ly in layers if ly.weights}
+    mixed_note = ""
+    if len(computes) > 1:
+        lowest = min(computes, key=lambda d: {"float64": 3, "float32": 2}.get(d, 0))
+        if {"float64": 3, "float32": 2}.get(lowest, 0) < {"float64": 3, "float32": 2}.get(eff_dtype, 0):
+            eff_dtype = lowest
+        mixed_note = (
+            f"the layers compute in different dtypes ({', '.join(sorted(computes))}); each layer's input is cast to "
+            f"its compute dtype, as Keras does, and terms are compared with {eff_dtype}'s tolerance"
+        )
     x_t = tf.constant(np.asarray(x), dtype=dtype)
     x_shape = tuple(x_t.shape)
     sparse = np.issubdtype(np.asarray(y).dtype, np.integer)
@@ -354,8 +364,8 @@ def run_explain(model: Any, x: np.ndarray, y: np.ndarray, loss: Any, reduction: 
             except Exception as exc:
                 raise InputError(
                     f"layer {len(specs) + 1} ({ly.name}: {type(ly).__name__}) {_expects(ly)}, but its input has "
-                    f"shape {tuple(h.shape)!r} (x has shape {x_shape!r}); Keras said: {_first_line(exc)}. Fix: pass "
-                    "x with the shape the model was built for."
+                    f"shape {tuple(h.shape)!r}, dtype {h.dtype.name} (x has shape {x_shape!r}); Keras said: "
+                    f"{_first_line(exc)}. Fix: pass x with the shape the model was built for."
                 ) from exc
             specs.append(ls)
             recs.append(rec)
@@ -498,6 +508,8 @@ def run_explain(model: Any, x: np.ndarray, y: np.ndarray, loss: Any, reduction: 
             f"layer(s) {frozen} are frozen (trainable=False): explain derived and checked their gradients anyway "
             "(the tape reads their variables; nothing was changed)"
         )
+    if mixed_note:
+        notes.append(mixed_note)
     if any(k in eff_dtype for k in ("float16", "bfloat16")):
         tol = tolerance_for(eff_dtype)
         notes.append(
@@ -539,6 +551,9 @@ def _layer_forward(ly: Any, h: Any, index: int, follow: Any = None) -> tuple[Lay
     ls = LayerSpec(index, "opaque", name, type(ly).__name__)
     if follow is not None:
         ls.name += f" + {follow.name}: {type(follow).__name__}"
+    cd = getattr(ly, "compute_dtype", None)
+    if ly.weights and cd is not None and str(h.dtype.name) != str(cd) and "float" in str(cd):
+        h = keras.ops.cast(h, cd)  # Keras casts a layer's floating inputs to its compute dtype
     rec: dict[str, Any] = {"z": None, "a": None, "params": [], "in": h, "layer": ly}
     ls.frozen = not ly.trainable and bool(ly.weights)
     act = None

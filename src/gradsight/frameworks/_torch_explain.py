@@ -400,7 +400,8 @@ def _run(model, groups, x, y, spec, display, loss_fn, dtype, frozen_ids) -> Fram
     x_t.requires_grad_(True)
     wdtype = x_t.dtype
     sparse = (spec is not None and spec.kind.startswith("sparse")) or np.issubdtype(np.asarray(y).dtype, np.integer)
-    y_t = torch.tensor(np.asarray(y), dtype=torch.long if sparse else wdtype)
+    # targets in the model's dtype (rounded like x for a float16/bfloat16 model explained on a float64 copy)
+    y_t = torch.tensor(np.asarray(y), dtype=torch.long if sparse else dtype).to(torch.long if sparse else wdtype)
     x_shape = tuple(x_t.shape)
     h = x_t
     layers: list[LayerSpec] = []
@@ -578,7 +579,7 @@ def _run(model, groups, x, y, spec, display, loss_fn, dtype, frozen_ids) -> Fram
         model_name=type(model).__name__,
         layers=layers,
         x=_np(x_t),
-        y=np.asarray(y),
+        y=np.asarray(y) if sparse else _np(y_t),
         dtype=str(wdtype).replace("torch.", ""),
         loss=spec,
         loss_display=display,

@@ -1,0 +1,365 @@
+"""Explain never returns a silently wrong result and never lets a raw framework traceback through.
+
+Each case either checks the exact right result against a reference written here (a plain backward, the model's
+own loss in float64) or pins the gradsight error class and the key words of its message.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from gradsight import InputError, UnsupportedError
+from gradsight.explain import check_loss, depth_sweep, explain, jacobian_vs_gradient
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture
+def torch():
+    return pytest.importorskip("torch")
+
+
+@pytest.fixture
+def keras():
+    pytest.importorskip("tensorflow")
+    return pytest.importorskip("keras")
+
+
+# ------------------------------------------------------------------------------------------ shared modules
+def test_torch_shared_module_sums_per_use_gradients(torch):
+    from torch import nn
+
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 3)
+    model = nn.Sequential(lin, nn.Tanh(), lin, nn.Tanh(), nn.Linear(3, 2)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    y = torch.randn(4, 2, dtype=torch.float64)
+    trace = explain(model, x, y, nn.MSELoss(), finite_differences=True)
+    # reference: the model's own loss and a plain backward, in float64
+    loss = nn.MSELoss()(model(x), y)
+    loss.backward()
+    assert trace.ok and len(trace.layers) == 3
+    assert trace["J"].value == pytest.approx(float(loss.detach()), abs=1e-14)
+    np.testing.assert_allclose(trace["dJ/dW[0]"].value, lin.weight.grad.numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(trace["dJ/db[0]"].value, lin.bias.grad.numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(trace["dJ/dW1"].value + trace["dJ/dW2"].value, lin.weight.grad.numpy(), atol=1e-14)
+    # per-use terms are checked (autodiff through each call alone, and finite differences at that use only)
+    for name in ("dJ/dW1", "dJ/dW2"):
+        assert trace[name].mark == "✓" and trace[name].fd.ok and "one use of module '0'" in trace[name].note
+    assert "dJ/dW1 + dJ/dW2" in trace["dJ/dW[0]"].formula
+    assert any("shares W and b with layer(s) [2]" in r for r in trace.layers[0].remarks)
+
+
+def test_keras_shared_layer_sums_per_use_gradients(keras):
+    import tensorflow as tf
+
+    d = keras.layers.Dense(3, activation="tanh", dtype="float64")
+    model = keras.Sequential([keras.Input((3,), dtype="float64"), d, d, keras.layers.Dense(2, dtype="float64")])
+    x = np.random.default_rng(0).normal(size=(4, 3))
+    y = np.random.default_rng(1).normal(size=(4, 2))
+    loss = keras.losses.MeanSquaredError(dtype="float64")
+    trace = explain(model, x, y, loss)
+    with tf.GradientTape() as tape:
+        j = loss(y, model(x))
+    gk = tape.gradient(j, d.kernel)
+    assert trace.ok
+    assert trace["J"].value == pytest.approx(float(j), abs=1e-14)
+    np.testing.assert_allclose(trace["dJ/dW[dense]"].value, gk.numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_keras_functional_layer_called_twice_refused(keras):
+    inp = keras.Input((3,))
+    d = keras.layers.Dense(3)
+    model = keras.Model(inp, keras.layers.Dense(2)(d(d(inp))))
+    with pytest.raises(UnsupportedError, match=r"called 2 times.*keras\.Sequential"):
+        explain(model, np.ones((2, 3), "float32"), np.ones((2, 2), "float32"))
+
+
+# ------------------------------------------------------------------------------------------------ frozen
+def test_torch_frozen_layer_checked_and_flags_restored(torch):
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    model[0].requires_grad_(False)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.randn(5, 2, dtype=torch.float64)
+    trace = explain(model, x, y, nn.MSELoss())
+    ref = model[0].weight.detach().clone().requires_grad_(True)
+    j = nn.MSELoss()(model[2](torch.relu(x @ ref.T + model[0].bias)), y)
+    (g,) = torch.autograd.grad(j, ref)
+    assert trace.ok and trace["dJ/dW1"].mark == "✓"
+    np.testing.assert_allclose(trace["dJ/dW1"].value, g.numpy(), rtol=1e-12, atol=1e-14)
+    assert "frozen" in trace["dJ/dW1"].note and any("frozen" in r for r in trace.layers[0].remarks)
+    assert not model[0].weight.requires_grad and not model[0].bias.requires_grad
+    assert model[2].weight.requires_grad and model[0].weight.grad is None
+
+
+def test_keras_frozen_layer_checked(keras):
+    model = keras.Sequential(
+        [keras.Input((3,), dtype="float64"), keras.layers.Dense(4, "tanh", dtype="float64"), keras.layers.Dense(2)]
+    )
+    model.layers[0].trainable = False
+    trace = explain(model, np.ones((3, 3)), np.zeros((3, 2)), "mse")
+    assert trace.ok and trace["dJ/dW1"].mark == "✓" and "frozen" in trace["dJ/dW1"].note
+    assert model.layers[0].trainable is False
+
+
+# ------------------------------------------------------------------------------------------ size guards
+def test_torch_wide_softmax_without_jacobians(torch):
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 20000), nn.Softmax(dim=-1)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    y = torch.rand(4, 20000, dtype=torch.float64)
+    trace = explain(model, x, y, nn.MSELoss())
+    assert trace.ok and trace["S1"].shape == (4, 20000) and "probe" in trace["S1"].layout
+    z = x.requires_grad_(False) @ model[0].weight.detach().T + model[0].bias.detach()
+    s = torch.softmax(z, -1)
+    g = 2 * (s - y) / s.numel()
+    np.testing.assert_allclose(trace["dJ/dZ1"].value, (s * (g - (g * s).sum(-1, keepdim=True))).numpy(), atol=1e-18)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "match"),
+    [
+        ((0, 5), {}, r"widths must be one positive width.*got 0"),
+        ((3, 0), {}, r"depths must be a positive depth.*got 0"),
+        ((-2, 3), {}, r"positive.*got -2"),
+        ((10**6, 3), {}, r"GB of float64 arrays.*limit"),
+        ((3, 2000), {}, r"above the limit of 1000"),
+        ((3, 2), {"n": 0}, r"n \(the batch size\) must be a positive integer"),
+        ((3, 2), {"init": "zeros"}, r"init must be one of"),
+    ],
+)
+def test_depth_sweep_bad_sizes(args, kwargs, match):
+    with pytest.raises(InputError, match=match):
+        depth_sweep(*args, **kwargs)
+
+
+def test_jacobian_vs_gradient_guards(torch):
+    with pytest.raises(InputError, match=r"full Jacobian.*would take.*limit"):
+        jacobian_vs_gradient(torch.sin, np.ones((3000, 3)), framework="torch")
+    with pytest.raises(InputError, match=r"non-empty array of finite numbers"):
+        jacobian_vs_gradient(torch.sin, np.array([[np.nan, 1.0]]), framework="torch")
+    with pytest.raises(InputError, match=r"target_fn 'boom' failed on a float64 tensor of shape \(2, 2\)"):
+
+        def boom(t):
+            raise RuntimeError("nope")
+
+        jacobian_vs_gradient(boom, np.ones((2, 2)), framework="torch")
+
+
+# ------------------------------------------------------------------------------------------- bad inputs
+def test_torch_loss_class_refused(torch):
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(3, 2))
+    with pytest.raises(InputError, match=r"class 'MSELoss'.*pass an instance: nn\.MSELoss\(\)"):
+        explain(model, torch.ones(2, 3), torch.ones(2, 2), nn.MSELoss)
+    with pytest.raises(InputError, match=r"pass an instance: nn\.MSELoss\(\)"):
+        check_loss(nn.MSELoss, np.ones((2, 2)), np.ones((2, 2)))
+
+
+def test_keras_loss_class_refused(keras):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    with pytest.raises(InputError, match=r"pass an instance: keras\.losses\.MeanSquaredError\(\)"):
+        explain(model, np.ones((2, 3), "float32"), np.ones((2, 2), "float32"), keras.losses.MeanSquaredError)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_torch_low_precision_explained_on_float64_copy(torch, dtype):
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(getattr(torch, dtype))
+    x, y = torch.randn(5, 3), torch.randn(5, 2)
+    trace = explain(model, x, y, nn.MSELoss())
+    ref = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    ref.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    j = nn.MSELoss()(ref(x.to(getattr(torch, dtype)).double()), y.to(getattr(torch, dtype)).double())
+    j.backward()
+    assert trace.ok and trace.dtype == "float64" and trace.model_dtype == dtype
+    assert trace["J"].value == pytest.approx(float(j.detach()), rel=1e-12)
+    np.testing.assert_allclose(trace["dJ/dW1"].value, ref[0].weight.grad.numpy(), rtol=1e-10, atol=1e-14)
+    assert any(f"model is {dtype}" in n for n in trace.notes)
+    assert next(model.parameters()).dtype == getattr(torch, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_keras_low_precision_uses_dtype_tolerance(keras, dtype):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, dtype=dtype)])
+    trace = explain(model, np.ones((3, 3)), np.zeros((3, 2)), "mse")
+    assert trace.ok and trace.dtype == dtype and any("tolerance" in n for n in trace.notes)
+
+
+def test_torch_wrong_feature_count(torch):
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(InputError, match=r"layer 1 .*expects inputs with 3 features.*shape \(4, 5\)"):
+        explain(model, torch.ones(4, 5), torch.ones(4, 2))
+
+
+def test_keras_wrong_feature_count(keras):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    with pytest.raises(InputError, match=r"layer 1 .*expects inputs with 3 features.*shape \(4, 5\)"):
+        explain(model, np.ones((4, 5), "float32"), np.ones((4, 2), "float32"))
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_torch_under_no_grad_and_inference_mode(torch, mode):
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2)).double()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    with getattr(torch, mode)():
+        trace = explain(model, x, y, nn.MSELoss())
+    expected = 2 / 8 * (x @ model[0].weight.detach().T + model[0].bias.detach() - y)
+    assert trace.ok
+    np.testing.assert_allclose(trace["dJ/dW1"].value, (expected.T @ x).numpy(), rtol=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.keras
+def test_keras_on_torch_backend_refused():
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("torch")
+    code = textwrap.dedent(
+        """
+        import numpy as np, keras
+        from gradsight import UnsupportedError
+        from gradsight.explain import explain
+        m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        try:
+            explain(m, np.ones((2, 3), "float32"), np.ones((2, 2), "float32"))
+        except UnsupportedError as e:
+            print("REFUSED:", e)
+        """
+    )
+    env = dict(os.environ, KERAS_BACKEND="torch", TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "REFUSED:" in out.stdout, out.stderr[-2000:]
+    assert "'torch' backend" in out.stdout and "KERAS_BACKEND=tensorflow" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "match"),
+    [
+        (np.ones((4, 3), np.int64), np.ones((4, 2)), r"x has dtype int64.*x\.float\(\)"),
+        (np.full((4, 3), np.nan), np.ones((4, 2)), r"12 NaN or infinite values \(in samples \[0, 1, 2, 3\]\).*Fix"),
+        (np.ones((4, 3)), np.full((4, 2), np.inf), r"y contains 8 NaN or infinite.*Fix"),
+        (np.ones((0, 3)), np.ones((0, 2)), r"empty batch.*Fix"),
+        (np.ones((4, 3)), np.ones((4, 3)), r"y has shape \(4, 3\) but the model's output ŷ has shape \(4, 2\)"),
+        (np.ones((4, 3)), np.ones((5, 2)), r"one target per sample: x has 4 samples"),
+    ],
+)
+def test_torch_bad_batches(torch, x, y, match):
+    from torch import nn
+
+    with pytest.raises(InputError, match=match):
+        explain(nn.Sequential(nn.Linear(3, 2)), x, y, nn.MSELoss())
+
+
+def test_torch_sparse_targets_wrong_shape(torch):
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(3, 4))
+    with pytest.raises(InputError, match=r"one class index per sample: y has shape \(4, 2\)"):
+        explain(model, torch.ones(4, 3), torch.zeros(4, 2, dtype=torch.long), nn.CrossEntropyLoss())
+
+
+def test_torch_unsupported_modules(torch):
+    from torch import nn
+
+    with pytest.raises(UnsupportedError, match=r"returned a tuple, not a tensor"):
+        explain(nn.Sequential(nn.LSTM(3, 2)), torch.ones(4, 3), torch.ones(4, 2))
+
+    class MySeq(nn.Sequential):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    with pytest.raises(UnsupportedError, match=r"'MySeq' overrides forward\(\)"):
+        explain(MySeq(nn.Linear(3, 2)), torch.ones(4, 3), torch.ones(4, 2))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_torch_dropout_train_and_eval_mode(torch, train):
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2)).double()
+    model.train(train)
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    trace = explain(model, x, y, nn.MSELoss())
+    model.eval()
+    j = float(nn.MSELoss()(model(x), y).detach())
+    model.train(train)
+    assert trace.ok and trace["J"].value == pytest.approx(j, rel=1e-12)
+    assert model.training is train and any("dropout" in n for n in trace.notes) is train
+
+
+def test_list_x_and_callable_loss_match_loss_object(torch):
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2)).double()
+    x = [[0.1, 0.2, 0.3], [0.4, -0.5, 0.6]]
+    y = np.array([[1.0, 0.0], [0.0, 1.0]])
+    t_obj = explain(model, x, y, nn.MSELoss())
+    t_fn = explain(model, np.asarray(x), y, lambda p, t: ((p - t) ** 2).mean())
+    assert t_obj.ok and t_fn.ok
+    np.testing.assert_allclose(t_obj["dJ/dW1"].value, t_fn["dJ/dW1"].value, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("loss", "reduction", "match"),
+    [
+        ("mse", "avg", r"reduction must be 'mean' or 'sum', got 'avg'"),
+        ("mse", None, r"reduction must be 'mean' or 'sum', got None"),
+        ("mean_squared", "mean", r"unknown loss name 'mean_squared'"),
+        (42, "mean", r"loss must be a loss object.*got 42"),
+    ],
+)
+def test_bad_loss_arguments(torch, loss, reduction, match):
+    from torch import nn
+
+    with pytest.raises(InputError, match=match):
+        explain(nn.Sequential(nn.Linear(3, 2)), torch.ones(2, 3), torch.ones(2, 2), loss, reduction=reduction)
+
+
+def test_reduction_conflicting_with_loss_object(torch):
+    from torch import nn
+
+    with pytest.raises(InputError, match=r"reduction='sum' applies only to a loss given by name.*reduction 'mean'"):
+        explain(nn.Sequential(nn.Linear(3, 2)), torch.ones(2, 3), torch.ones(2, 2), nn.MSELoss(), reduction="sum")
+    with pytest.raises(InputError, match=r"reduction='avg'.*Fix: nn\.MSELoss\(reduction='mean'\)"):
+        explain(nn.Sequential(nn.Linear(3, 2)), torch.ones(2, 3), torch.ones(2, 2), nn.MSELoss(reduction="avg"))
+
+
+def test_check_loss_bad_inputs(torch):
+    from torch import nn
+
+    with pytest.raises(InputError, match=r"y_true contains 1 NaN"):
+        check_loss(nn.MSELoss(), np.array([[np.nan, 1.0]]), np.ones((1, 2)))
+    with pytest.raises(InputError, match=r"y_true must be a non-empty batch"):
+        check_loss(nn.MSELoss(), np.ones((0, 2)), np.ones((1, 2)))
+    with pytest.raises(InputError, match=r"failed on y_true of shape \(3, 2\).*y_pred of shape \(3, 4\)"):
+        check_loss(nn.MSELoss(), np.ones((3, 2)), np.ones((3, 4)))
+
+
+def test_fd_samples_validated(torch):
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(3, 2))
+    for bad, match in ((0, r"positive number"), (1.5, r"positive number"), (10**6, r"limit is 10000")):
+        with pytest.raises(InputError, match=match):
+            explain(model, torch.ones(2, 3), torch.ones(2, 2), finite_differences=True, fd_samples=bad)
