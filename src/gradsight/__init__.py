@@ -11,14 +11,18 @@ from ._errors import GradsightError, InputError, StoreError, UnsupportedError, W
 from ._watch import watch
 from .diagnose import Finding, GradsightWarning, OnlineDiagnosis, Thresholds, TrainingStopped, diagnose
 from .explain import Term, Trace, check_loss, depth_sweep, explain, jacobian_vs_gradient
-from .show import plot_depth_profile, plot_histograms, plot_overview, report
 from .store import Run, RunWriter, TensorInfo, load
 from .summary import TensorSummary, merge, summarize
 
 __version__ = "0.1.0"
 
-#: Public names whose modules import a framework, resolved on first access (PEP 562).
+#: Public names resolved on first access (PEP 562): those whose modules import a framework, and the figures and
+#: report (gradsight.show), so that ``import gradsight`` stays light.
 _LAZY = {
+    "plot_depth_profile": "gradsight.show",
+    "plot_histograms": "gradsight.show",
+    "plot_overview": "gradsight.show",
+    "report": "gradsight.show",
     "GradsightKerasCallback": "gradsight.frameworks._keras_watch",
     "KerasDiagnosisCallback": "gradsight.frameworks._keras_diagnose",
     "watch_tape": "gradsight.frameworks._keras_watch",
@@ -33,8 +37,9 @@ def __getattr__(name: str) -> object:
     if name in _LAZY:
         import importlib
 
-        module = importlib.import_module(_LAZY[name])
-        return getattr(module, "KerasDiagnosisCallback" if name == "KerasDiagnosisCallback" else name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # resolved once
+        return value
     raise AttributeError(f"module 'gradsight' has no attribute {name!r}")
 
 

@@ -182,7 +182,7 @@ def check_output(
     for given in inputs:
         if _same_file(out, Path(os.fsdecode(given))):
             raise InputError(
-                f"{what} {str(out)!r} is the run file being read; writing there would destroy the run. "
+                f"{what} {str(out)!r} is the run file itself, the one being read; writing there would destroy the run. "
                 "Pass another output path."
             )
     if _is_run_file(out):

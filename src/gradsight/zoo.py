@@ -362,7 +362,8 @@ def run_scenario(
     framework = _ALIASES.get(framework, framework)  # type: ignore[assignment]
     if framework not in FRAMEWORKS:
         raise InputError(
-            f"framework must be 'torch' (alias 'pytorch') or 'keras' (aliases 'tensorflow', 'tf'), got {framework!r}."
+            f"framework must be 'torch' or 'keras', got {framework!r} (aliases: 'pytorch' for 'torch'; "
+            "'tensorflow' and 'tf' for 'keras')."
         )
     if steps is not None:
         if not isinstance(steps, int) or steps < 1:

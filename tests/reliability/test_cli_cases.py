@@ -68,12 +68,12 @@ def other_run(tmp_path) -> Path:
 @pytest.mark.parametrize(
     ("argv", "words"),
     [
-        (["export", "csv", "{run}", "-o", "{run}", "--overwrite"], "run file being read"),
-        (["export", "parquet", "{run}", "-o", "{run}", "--overwrite"], "run file being read"),
+        (["export", "csv", "{run}", "-o", "{run}", "--overwrite"], "is the run file itself"),
+        (["export", "parquet", "{run}", "-o", "{run}", "--overwrite"], "is the run file itself"),
         (["export", "csv", "{run}", "-o", "{other}", "--overwrite"], "is a gradsight run file"),
         (["export", "parquet", "{run}", "-o", "{other}"], "is a gradsight run file"),
         (["report", "{run}", "-o", "{other}"], "is a gradsight run file"),
-        (["report", "{run}", "-o", "{run}"], "run file being read"),
+        (["report", "{run}", "-o", "{run}"], "is the run file itself"),
         (["export", "tensorboard", "{run}", "--logdir", "{other}", "--overwrite"], "is a gradsight run file"),
     ],
     ids=["csv-onto-input", "parquet-onto-input", "csv-onto-other-run", "parquet-onto-other-run",

@@ -5,8 +5,8 @@ import io
 import time
 
 import pytest
+from _synthetic import XSS
 
-from conftest import XSS
 from gradsight import cli
 from gradsight.show._cli_demo import ProgressBar
 

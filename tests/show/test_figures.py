@@ -5,9 +5,9 @@ import itertools
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+from _synthetic import XSS, write_synthetic_run
 from matplotlib.collections import QuadMesh
 
-from conftest import XSS, write_synthetic_run
 from gradsight import InputError
 from gradsight.diagnose._finding import Finding
 from gradsight.show import plot_depth_profile, plot_histograms, plot_overview

@@ -4,8 +4,8 @@ import re
 
 import pytest
 from _browser import find_chromium, load_page
+from _synthetic import XSS
 
-from conftest import XSS
 from gradsight import InputError, StoreError
 from gradsight.diagnose._finding import Finding
 from gradsight.show import render_html, report

@@ -180,6 +180,10 @@ class TensorBoardSink:
             ) from exc
         name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{id(self)}"
         self.path = self.logdir / (name + FILE_SUFFIX)
+        n = 1
+        while self.path.exists():  # an earlier sink of this process, in the same second, at the same address
+            n += 1
+            self.path = self.logdir / f"{name}-{n}{FILE_SUFFIX}"
         self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
         self._writer = record_writer(self._file)
         self._closed = False
@@ -372,9 +376,10 @@ def to_tensorboard(
     finally:
         if r is not run:
             r.close()
-    for p in previous:  # replaced only once the new export is complete
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
+    for p in previous:  # replaced only once the new export is complete (never the file just written)
+        if p != sink.path:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
     return sink.path
 
 
