@@ -31,7 +31,11 @@ __all__ = ["GradsightWarning", "OnlineDiagnosis", "TrainingStopped"]
 
 
 class GradsightWarning(UserWarning):
-    """A finding reported during training by :class:`OnlineDiagnosis` (filter it with this category)."""
+    """A warning from gradsight during training (filter it with this category).
+
+    Raised for findings reported by :class:`OnlineDiagnosis`, and by a watch that records less than it was asked
+    to: a compiled model (no layer outputs), or backward passes without any step (nothing recorded).
+    """
 
 
 class TrainingStopped(GradsightError, RuntimeError):
