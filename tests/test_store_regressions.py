@@ -1,8 +1,11 @@
 """Regression tests for the run store, each named after the bug it pins."""
 
-import numpy as np
+import sqlite3
 
-from gradsight import RunWriter, load, summarize
+import numpy as np
+import pytest
+
+from gradsight import RunWriter, StoreError, load, summarize
 
 
 def test_to_pandas_hist_with_a_tensor_without_finite_nonzero_values(tmp_path):
@@ -15,3 +18,31 @@ def test_to_pandas_hist_with_a_tensor_without_finite_nonzero_values(tmp_path):
     df = load(path).to_pandas(hist=True)
     assert df["hist"][0].sum() == 3 and df["hist"][1].sum() == 0
     assert df["nan"].tolist() == [0, 3]
+
+
+def test_metadata_is_in_the_file_as_soon_as_the_writer_exists(tmp_path):
+    # The schema was committed first and the metadata in a second transaction: a SIGKILL in between left a file
+    # without 'framework', and readers failed with KeyError: 'framework'. Now both are in the first transaction.
+    path = tmp_path / "r.db"
+    w = RunWriter(path, meta={"framework": "torch", "model": {"layers": []}}, commit_every=3600)
+    try:
+        with load(path) as run:  # nothing flushed or committed by the writer thread yet
+            assert run.framework == "torch" and run.meta["model"] == {"layers": []} and run.steps == []
+    finally:
+        w.close()
+
+
+def test_flush_does_not_wait_for_a_dead_writer_thread(tmp_path, monkeypatch):
+    # A commit failure killed the writer thread with a traceback printed from the thread only; flush then waited
+    # its full 30 s timeout and close() raised nothing.
+    w = RunWriter(tmp_path / "r.db")
+
+    def broken(self, con):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(RunWriter, "_commit", broken)
+    w.log_scalars(0, {"loss": 1.0})
+    with pytest.raises(StoreError, match=r"failed on the writer thread \(OperationalError: disk I/O error\)"):
+        w.flush(timeout=None)
+    with pytest.raises(StoreError, match="disk I/O error"):
+        w.close()

@@ -30,7 +30,9 @@ Other scalars a watch records: ``loss`` (or any name the user passes to ``log``)
 param group) or ``lr/<i>`` (group ``i``, several groups) at logged steps.
 
 Run files: ``if_exists="error"`` (default) refuses an existing file — gradsight never overwrites silently;
-``"append"`` continues it (step numbering resumes after the last stored step); ``"overwrite"`` replaces it.
+``"append"`` continues it (step numbering resumes after the last stored step) and refuses a run of another model
+(a parameter with another shape or dtype); ``"overwrite"`` replaces it, but only a gradsight run file (or an empty
+file). A run file that another watch is writing is refused in every mode (see :mod:`gradsight.store`).
 """
 
 from __future__ import annotations

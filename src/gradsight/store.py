@@ -6,6 +6,26 @@ training thread is busy or stalled — so a process killed at any moment leaves 
 most the last interval. Readers open the file read-only and can read while training is still writing. Nothing is
 ever pickled: numbers are SQLite numbers, arrays are little-endian int64 blobs, metadata is JSON.
 
+Guarantees
+    *Created whole.* A new run file is built under a hidden temporary name — schema, ``PRAGMA user_version`` and
+    the initial metadata (``framework``, ``model``, ...) in one transaction — and then linked into place, so at
+    any moment the path either does not exist or is a run file that :func:`load` opens (0 steps if need be).
+    *Self-contained when closed.* :meth:`RunWriter.flush` and :meth:`RunWriter.close` commit and then run
+    ``PRAGMA wal_checkpoint(TRUNCATE)`` (waiting briefly for readers), so after ``close`` the ``.db`` file alone
+    holds the whole run and can be copied. Readers never keep a read transaction open between calls, so they do
+    not hold the checkpoint back. A run still being written is copied with :meth:`Run.snapshot` (SQLite's backup
+    API), never by copying the ``.db`` alone: the last commits live in its ``-wal`` file until the next flush.
+    *One writer.* A writer holds an exclusive lock (``flock`` on the sidecar ``<run file>-lock``, removed at
+    close and released by the OS if the process dies) — another writer, in this process or another, is refused.
+    ``if_exists="overwrite"`` replaces only a gradsight run file (or an empty file), ``"append"`` only a run of
+    the same model (same parameter shapes and dtypes).
+    *Failures are never silent.* An error on the writer thread (disk full, I/O error) is kept and raised as
+    :class:`~gradsight.StoreError` from the training thread's next call into the writer (or from ``close``),
+    naming the cause, the file and what it holds. A record that cannot be stored (e.g. a step that is already
+    stored) is dropped and reported the same way, once; a storage failure stops the writer and is reported by
+    every later call. Unreadable files and records raise :class:`~gradsight.StoreError`, never a raw
+    ``sqlite3``/``json`` error.
+
 Schema, version 1 (``PRAGMA user_version = 1``)::
 
     meta(key TEXT PRIMARY KEY, value TEXT)            -- JSON values: framework, versions, model, config, ...
@@ -28,6 +48,7 @@ import json
 import math
 import os
 import queue
+import secrets
 import sqlite3
 import threading
 import time
@@ -41,6 +62,11 @@ import numpy as np
 
 from ._errors import InputError, StoreError
 from .summary import HIST_BINS, TensorSummary
+
+try:  # POSIX: the writer lock; elsewhere only writers in this process are kept apart
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -71,6 +97,234 @@ CREATE TABLE IF NOT EXISTS scalars (
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY, step INTEGER, kind TEXT NOT NULL, payload TEXT NOT NULL);
 """
+
+
+#: The tables every run file has (all created in the file's first transaction).
+_TABLES = ("meta", "tensors", "summaries", "scalars", "events")
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+#: Kinds whose shape and dtype are the model's (fixed for a model); outputs change shape with the batch.
+_PARAM_KINDS = ("weight", "grad", "update")
+#: How long a checkpoint waits for readers to finish their current read: at flush, and at close.
+_FLUSH_CHECKPOINT_WAIT = 0.25
+_CLOSE_CHECKPOINT_WAIT = 2.0
+#: The busy timeout of the writer's connection otherwise (readers never block a WAL writer; this is slack).
+_BUSY_TIMEOUT_MS = 5000
+
+
+def _as_path(path: Any, what: str) -> Path:
+    """``path`` (str, bytes or os.PathLike; bytes are decoded as the OS does) as an absolute ``Path``."""
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)  # undecodable bytes become surrogates, which os and sqlite3 encode back
+    if not isinstance(path, str):
+        raise InputError(f"{what} expects a path (str, bytes or os.PathLike), got {type(path).__name__} {path!r}.")
+    if not path or "\x00" in path:
+        raise InputError(f"{what} expects a path to a run file, got {path!r}.")
+    try:
+        return Path(path).expanduser().resolve()
+    except (OSError, RuntimeError) as exc:
+        raise StoreError(f"cannot resolve the path {path!r} ({exc}). Pass an existing directory's file.") from exc
+
+
+def _run_files_in(directory: Path) -> list[Path]:
+    try:
+        return sorted(p for p in directory.glob("*.db") if is_run_file(p))
+    except OSError:
+        return []
+
+
+def _directory_error(path: Path, action: str) -> StoreError:
+    """The error for a directory given where a run file was expected, pointing at the run files inside."""
+    runs = _run_files_in(path)
+    if len(runs) == 1:
+        hint = f"It holds one run file; did you mean {str(runs[0])!r}?"
+    elif runs:
+        names = ", ".join(repr(p.name) for p in runs[:5]) + (", ..." if len(runs) > 5 else "")
+        hint = f"It holds {len(runs)} run files ({names}); pass one of them."
+    else:
+        hint = f"A run is one file: pass a file path such as {str(path / 'run.db')!r}."
+    return StoreError(f"cannot {action} {str(path)!r}: it is a directory, not a run file. {hint}")
+
+
+def _sidecars(path: Path) -> list[Path]:
+    return [Path(str(path) + suffix) for suffix in ("-wal", "-shm")]
+
+
+def _unlink_quietly(*paths: Path) -> None:
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def _temp_sibling(path: Path) -> Path:
+    """A hidden, unique name next to ``path``, for building a file that is then renamed into place."""
+    return path.with_name(f".{path.name[:200]}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def _place(tmp: Path, path: Path, *, replace: bool) -> None:
+    """Move the finished file ``tmp`` to ``path`` atomically; without ``replace`` never over an existing file."""
+    if replace:
+        _unlink_quietly(*_sidecars(path))  # a stale WAL next to a new file would be replayed into it
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # fails if path exists: two creators cannot both win
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links
+        if path.exists():
+            raise FileExistsError(path) from None
+        os.replace(tmp, path)
+    else:
+        tmp.unlink()
+
+
+_HELD: set[str] = set()  # run files locked by writers of this process
+_HELD_GUARD = threading.Lock()
+
+
+class _WriterLock:
+    """The exclusive lock of a run file's writer: ``flock`` on ``<run file>-lock`` plus a per-process registry.
+
+    The sidecar file (not the database file: closing another descriptor of it would drop SQLite's own POSIX
+    locks) holds the writer's process id. The OS releases the lock when the process dies; :meth:`release` also
+    removes the file. Where ``fcntl`` is missing, only writers in this process are kept apart.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock_path = Path(str(path) + "-lock")
+        self._fd: int | None = None
+        self._held = False
+
+    def acquire(self) -> str | None:
+        """Take the lock; returns ``None``, or who holds it (``"this process"``, ``"process 123"``)."""
+        key = str(self.path)
+        with _HELD_GUARD:
+            if key in _HELD:
+                return "this process"
+            _HELD.add(key)
+        self._held = True
+        if fcntl is None:  # pragma: no cover - Windows
+            return None
+        for _ in range(20):
+            try:
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            except OSError:  # e.g. a read-only directory: no lock file, the in-process registry still applies
+                return None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = self._owner(fd)
+                os.close(fd)
+                self.release()
+                return owner
+            except OSError:  # a file system without flock
+                os.close(fd)
+                return None
+            try:
+                current = os.stat(self.lock_path)
+            except FileNotFoundError:
+                current = None
+            mine = os.fstat(fd)
+            if current is None or (current.st_dev, current.st_ino) != (mine.st_dev, mine.st_ino):
+                os.close(fd)  # the holder removed the file as we opened it: lock the new one
+                continue
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+            self._fd = fd
+            return None
+        return None  # pragma: no cover - never in practice
+
+    @staticmethod
+    def _owner(fd: int) -> str:
+        try:
+            pid = int(os.pread(fd, 32, 0).decode().strip())
+        except (OSError, ValueError):
+            return "another process"
+        return "this process" if pid == os.getpid() else f"process {pid}"
+
+    def release(self) -> None:
+        """Give the lock back (idempotent)."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            with contextlib.suppress(OSError):
+                current, mine = os.stat(self.lock_path), os.fstat(fd)
+                if (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
+                    self.lock_path.unlink()
+            os.close(fd)
+        if self._held:
+            self._held = False
+            with _HELD_GUARD:
+                _HELD.discard(str(self.path))
+
+
+def _busy_error(path: Path, owner: str, action: str) -> StoreError:
+    return StoreError(
+        f"cannot {action} the run file {str(path)!r}: another gradsight watch is writing it ({owner}); two writers "
+        "would mix their steps. Close that watch first (watch.close()), or pass another path."
+    )
+
+
+def _missing_tables(con: sqlite3.Connection) -> list[str]:
+    have = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()}
+    return [t for t in _TABLES if t not in have]
+
+
+def _check_header(path: Path, action: str) -> None:
+    """Refuse an empty file or one that is not SQLite, before SQLite gets to misread it."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(100)
+    except OSError as exc:
+        raise StoreError(f"cannot {action} {str(path)!r}: {exc.strerror or exc}.") from exc
+    if not head:
+        raise StoreError(
+            f"cannot {action} {str(path)!r}: the file is empty (0 bytes), not a gradsight run file. It holds no "
+            "data; delete it or pass another path."
+        )
+    if head[:16] != _SQLITE_MAGIC:
+        raise StoreError(
+            f"cannot {action} {str(path)!r}: it is not a gradsight run file (not even an SQLite file; it starts "
+            f"with {head[:16]!r}). Pass the .db file that gradsight.watch(...) wrote."
+        )
+    if len(head) < 100:
+        raise StoreError(
+            f"cannot {action} {str(path)!r}: the file is truncated ({len(head)} bytes, shorter than an SQLite "
+            "header). It was probably cut short while copying; copy it again (Run.snapshot for a live run)."
+        )
+
+
+def _model_signature(model: Any) -> list[tuple[str, str, list[Any]]] | None:
+    """(name, type, parameter shapes) per layer of a ``meta['model']`` description, or ``None`` when it has none."""
+    if not isinstance(model, Mapping) or not isinstance(model.get("layers"), list):
+        return None
+    sig = []
+    for layer in model["layers"]:
+        if not isinstance(layer, Mapping):
+            return None
+        params = layer.get("params")
+        shapes = list(params.values()) if isinstance(params, Mapping) else []
+        sig.append((str(layer.get("name")), str(layer.get("type")), json.loads(json.dumps(shapes, default=list))))
+    return sig
+
+
+def _model_mismatch(stored: Any, given: Any) -> str | None:
+    """Why model description ``given`` is another architecture than ``stored`` (``None``: same, or unknown)."""
+    a, b = _model_signature(stored), _model_signature(given)
+    if a is None or b is None or not b:
+        return None
+    a_arch, b_arch = [(t, s) for _, t, s in a], [(t, s) for _, t, s in b]
+    if a_arch == b_arch:  # names may differ (Keras numbers its layers per process); the architecture is the same
+        return None
+    if len(a) != len(b):
+        return f"the stored model has {len(a)} layers with parameters, this one {len(b)}"
+    for (name, t0, s0), (_, t1, s1) in zip(a, b, strict=True):
+        if (t0, s0) != (t1, s1):
+            return f"layer {name!r} was stored as {t0} with parameter shapes {s0}, now {t1} with {s1}"
+    return None  # pragma: no cover - unreachable
 
 
 @dataclass(frozen=True)
@@ -195,16 +449,39 @@ def _encode_arrays(step: int, a: SummaryArrays) -> list[tuple[Any, ...]]:
     )
 
 
-def _decode_hist(hist_lo: int | None, blob: bytes | None) -> np.ndarray:
+def _corrupt(where: tuple[Any, ...], what: str) -> StoreError:
+    path, tensor, kind, step = where
+    return StoreError(
+        f"the run file {str(path)!r} is damaged: the {what} of tensor {tensor!r} ({kind}) at step {step} is corrupt. "
+        "Nothing can be read from that record; the file was probably altered or cut short while copying — copy it "
+        "again (Run.snapshot for a live run), or read the other steps with run.summaries(steps=...)."
+    )
+
+
+def _decode_hist(hist_lo: Any, blob: Any, where: tuple[Any, ...] = ("?", "?", "?", "?")) -> np.ndarray:
     hist = np.zeros(HIST_BINS, dtype=np.int64)
     if hist_lo is not None and blob:
+        if not isinstance(blob, bytes) or len(blob) % 8:
+            size = len(blob) if isinstance(blob, (bytes, str)) else type(blob).__name__
+            raise _corrupt(where, f"histogram ({size} bytes, expected a multiple of 8)")
         span = np.frombuffer(blob, dtype="<i8")
+        if not isinstance(hist_lo, int) or hist_lo < 0 or hist_lo + span.size > HIST_BINS:
+            raise _corrupt(where, f"histogram ({span.size} bins from bin {hist_lo!r}, past the {HIST_BINS} bins)")
         hist[hist_lo : hist_lo + span.size] = span
     return hist
 
 
-def _decode(row: tuple[Any, ...]) -> TensorSummary:
-    """Decode the columns ``count .. units`` of a summaries row."""
+def _decode_units(blob: Any, where: tuple[Any, ...] = ("?", "?", "?", "?")) -> np.ndarray | None:
+    if blob is None:
+        return None
+    if not isinstance(blob, bytes) or len(blob) % 8:
+        size = len(blob) if isinstance(blob, (bytes, str)) else type(blob).__name__
+        raise _corrupt(where, f"per-unit counts ({size} bytes, expected a multiple of 8)")
+    return np.frombuffer(blob, dtype="<i8").copy()
+
+
+def _decode(row: tuple[Any, ...], where: tuple[Any, ...] = ("?", "?", "?", "?")) -> TensorSummary:
+    """Decode the columns ``count .. units`` of a summaries row (``where``: path, tensor, kind, step for errors)."""
     count, s, s2, mn, mx, zeros, nan, pinf, ninf, pos, hist_lo, hist, units_total, units = row
     return TensorSummary(
         count=count,
@@ -217,8 +494,8 @@ def _decode(row: tuple[Any, ...]) -> TensorSummary:
         posinf=pinf,
         neginf=ninf,
         positive=pos,
-        hist=_decode_hist(hist_lo, hist),
-        units_active=None if units is None else np.frombuffer(units, dtype="<i8").copy(),
+        hist=_decode_hist(hist_lo, hist, where),
+        units_active=_decode_units(units, where),
         units_total=units_total or 0,
     )
 
@@ -227,21 +504,23 @@ class RunWriter:
     """Writes one run file from a background thread; see the module docstring for the guarantees.
 
     Args:
-        path: the run file to create. Its directory must exist and be writable.
-        meta: initial metadata (JSON-serialisable values), e.g. framework, versions, model structure, config.
+        path: the run file to create (str, bytes or os.PathLike). Its directory must exist and be writable.
+        meta: initial metadata (JSON-serialisable values), e.g. framework, versions, model structure, config;
+            written in the file's first transaction together with the schema.
         if_exists: what to do when ``path`` exists: ``"error"`` (default: refuse, never silently overwrite),
-            ``"append"`` (continue the run; new steps must not repeat stored ones — see :attr:`last_step`), or
-            ``"overwrite"`` (delete the old file first; only when asked for explicitly).
+            ``"append"`` (continue the run; new steps must not repeat stored ones — see :attr:`last_step` — and
+            the model must be the same: parameter tensors keep their shape and dtype), or ``"overwrite"``
+            (replace it; only when asked for explicitly, and only a gradsight run file or an empty file).
         commit_every: the longest time, in seconds, between a write being enqueued and its commit.
 
     Raises:
-        StoreError: the file exists (with ``if_exists="error"``), its directory is missing or unwritable, or it
-            is not a gradsight run file.
+        StoreError: the file exists (with ``if_exists="error"``), its directory is missing or unwritable, it is
+            not a gradsight run file, another writer is writing it, or (append) it holds another model.
     """
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        path: str | bytes | os.PathLike[str] | os.PathLike[bytes],
         *,
         meta: Mapping[str, Any] | None = None,
         if_exists: Literal["error", "append", "overwrite"] = "error",
@@ -251,8 +530,22 @@ class RunWriter:
             raise InputError(f"if_exists must be 'error', 'append' or 'overwrite', not {if_exists!r}.")
         if not (isinstance(commit_every, (int, float)) and math.isfinite(commit_every) and commit_every > 0):
             raise InputError(f"commit_every must be a positive number of seconds, got {commit_every!r}.")
-        self.path = Path(path).expanduser().resolve()
+        self.path = _as_path(path, "RunWriter")
         self.commit_every = float(commit_every)
+        self._tensors: dict[tuple[str, str], int] = {}
+        self._stored_shapes: dict[tuple[str, str], tuple[list[int], str]] = {}
+        self._stored_model: Any = None
+        self._appending = False
+        self.last_step: int | None = None
+        self._error: BaseException | None = None  # a dropped record: reported once
+        self._fatal: BaseException | None = None  # the writer thread stopped: reported by every call
+        self._fatal_message = ""
+        self._committed_step: int | None = None
+        self._pending_step: int | None = None
+        self._closed = False
+        rows = [(str(key), _dumps(value)) for key, value in (meta or {}).items()]
+        if self.path.is_dir():
+            raise _directory_error(self.path, "write the run file")
         parent = self.path.parent
         if not parent.is_dir():
             raise StoreError(
@@ -264,95 +557,168 @@ class RunWriter:
                 f"cannot create the run file {str(self.path)!r}: the directory {str(parent)!r} is not writable. "
                 "Pass a path in a directory you can write to."
             )
-        existed = self.path.exists()
-        if existed and if_exists == "error":
-            raise StoreError(
-                f"the run file {str(self.path)!r} already exists and gradsight never overwrites silently. "
-                "Pass another path, if_exists='append' to continue that run, or if_exists='overwrite' to replace it."
-            )
-        if existed and if_exists == "overwrite":
-            for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    Path(str(self.path) + suffix).unlink()
-            existed = False
-
-        # Schema and bookkeeping synchronously, so that errors surface in the caller's thread.
-        self._tensors: dict[tuple[str, str], int] = {}
-        self.last_step: int | None = None
+        self._lock = _WriterLock(self.path)
+        owner = self._lock.acquire()
+        if owner is not None:
+            raise _busy_error(self.path, owner, "open")
         try:
-            con = sqlite3.connect(self.path)
-            try:
-                self._init_file(con, existed)
-            finally:
-                con.close()
-        except sqlite3.DatabaseError as exc:
-            if not existed:  # e.g. a read-only file system, where os.access cannot tell (root, mounts)
-                raise StoreError(
-                    f"cannot create the run file {str(self.path)!r} (SQLite said: {exc}); its directory is probably "
-                    "not writable. Pass a path in a directory you can write to."
-                ) from exc
-            raise StoreError(
-                f"{str(self.path)!r} is not a gradsight run file (SQLite said: {exc}). Pass another path."
-            ) from exc
-        if meta:  # one transaction (one fsync) for all initial metadata, not one per key
-            rows = [(str(key), _dumps(value)) for key, value in meta.items()]
-            with contextlib.closing(sqlite3.connect(self.path)) as con:
-                con.execute("PRAGMA synchronous=NORMAL")
-                con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", rows)
-                con.commit()
-
+            self._open_file(rows, if_exists)
+        except BaseException:
+            self._lock.release()
+            raise
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._error: BaseException | None = None
-        self._closed = False
         self._thread = threading.Thread(target=self._loop, name=f"gradsight-writer:{self.path.name}", daemon=True)
         self._thread.start()
 
     # ---- set-up --------------------------------------------------------------------------------------------
-    def _init_file(self, con: sqlite3.Connection, existed: bool) -> None:
-        con.execute("PRAGMA journal_mode=WAL")
-        con.execute("PRAGMA synchronous=NORMAL")  # as on the writer thread: WAL commits need no fsync each
-        version = con.execute("PRAGMA user_version").fetchone()[0]
-        if existed:
-            has_meta = con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
-            if not has_meta:
+    def _open_file(self, rows: list[tuple[str, str]], if_exists: str) -> None:
+        """Create, replace or open the file (the lock is held); see the class docstring."""
+        path = self.path
+        exists = path.exists()
+        empty = exists and path.stat().st_size == 0
+        if exists and if_exists == "error":
+            raise StoreError(
+                f"the run file {str(path)!r} already exists and gradsight never overwrites silently. "
+                "Pass another path, if_exists='append' to continue that run, or if_exists='overwrite' to replace it."
+            )
+        if exists and if_exists == "overwrite" and not empty and not is_run_file(path):
+            raise StoreError(
+                f"refusing to overwrite {str(path)!r}: it is not a gradsight run file, and if_exists='overwrite' "
+                "only replaces run files. Pass another path, or delete that file yourself if it is not needed."
+            )
+        if exists and if_exists == "append" and not empty:
+            self._appending = True
+            self._open_existing(rows)
+        else:
+            self._create(rows, replace=exists)
+
+    def _create(self, rows: list[tuple[str, str]], *, replace: bool) -> None:
+        """Build the file under a temporary name (schema and metadata in one transaction), then move it to path."""
+        if not replace:
+            _unlink_quietly(*_sidecars(self.path))  # orphans of a deleted run would be replayed into the new one
+        tmp = _temp_sibling(self.path)
+        created = json.dumps(datetime.now(timezone.utc).isoformat())
+        head = [("schema_version", json.dumps(SCHEMA_VERSION)), ("created", created)]
+        try:
+            con = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                con.execute("PRAGMA journal_mode=WAL")
+                con.execute("PRAGMA synchronous=NORMAL")
+                con.execute("BEGIN")
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        con.execute(statement)
+                con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [*head, *rows])
+                con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                con.execute("COMMIT")
+            finally:
+                con.close()  # the last connection: SQLite checkpoints and removes the temporary WAL
+            _place(tmp, self.path, replace=replace)
+        except FileExistsError:
+            raise StoreError(
+                f"the run file {str(self.path)!r} was created by someone else while this writer was opening it; "
+                "gradsight never overwrites silently. Pass another path."
+            ) from None
+        except (OSError, sqlite3.Error) as exc:  # e.g. a read-only file system, where os.access cannot tell
+            raise StoreError(
+                f"cannot create the run file {str(self.path)!r} ({type(exc).__name__}: {exc}); its directory is "
+                "probably not writable (or the disk is full). Pass a path in a directory you can write to."
+            ) from exc
+        finally:
+            _unlink_quietly(tmp, *_sidecars(tmp), Path(str(tmp) + "-journal"))
+
+    def _open_existing(self, rows: list[tuple[str, str]]) -> None:
+        """Check an existing run file for appending, read its bookkeeping, and store the new metadata."""
+        path = self.path
+        _check_header(path, "append to")
+        try:
+            con = sqlite3.connect(path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open {str(path)!r} to append to it (SQLite said: {exc}).") from exc
+        try:
+            missing = _missing_tables(con)
+            if missing:
                 raise StoreError(
-                    f"{str(self.path)!r} is an SQLite file but not a gradsight run file (no 'meta' table). "
-                    "Pass another path."
+                    f"cannot append to {str(path)!r}: it is an SQLite file but not a gradsight run file (no "
+                    f"{', '.join(map(repr, missing))} table). Pass another path."
                 )
+            version = con.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise StoreError(
-                    f"{str(self.path)!r} has run-file schema version {version}, newer than this gradsight's "
+                    f"{str(path)!r} has run-file schema version {version}, newer than this gradsight's "
                     f"{SCHEMA_VERSION}; upgrade gradsight to append to it."
                 )
-        con.executescript(f"BEGIN; {_SCHEMA} COMMIT;")  # one transaction, not one per statement
-        con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        con.execute(
-            "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?), ('created', ?)",
-            (json.dumps(SCHEMA_VERSION), json.dumps(datetime.now(timezone.utc).isoformat())),
-        )
-        con.commit()
-        for tid, name, kind in con.execute("SELECT id, name, kind FROM tensors"):
-            self._tensors[(name, kind)] = tid
-        last = con.execute("SELECT max(step) FROM (SELECT step FROM summaries UNION ALL SELECT step FROM scalars)")
-        self.last_step = last.fetchone()[0]
+            stored = dict(con.execute("SELECT key, value FROM meta WHERE key = 'model'").fetchall())
+            if "model" in stored:
+                self._stored_model = _loads(stored["model"], f"the 'model' entry of the metadata of {str(path)!r}")
+            given = dict(rows)
+            if "model" in given:
+                self._check_model(json.loads(given["model"]))
+            for tid, name, kind, shape, dtype in con.execute("SELECT id, name, kind, shape, dtype FROM tensors"):
+                self._tensors[(name, kind)] = tid
+                if kind in _PARAM_KINDS:
+                    dims = _loads(shape, f"the shape of tensor {name!r} ({kind}) in {str(path)!r}")
+                    self._stored_shapes[(name, kind)] = (dims, dtype)
+            last = con.execute("SELECT max(step) FROM (SELECT step FROM summaries UNION ALL SELECT step FROM scalars)")
+            self.last_step = last.fetchone()[0]
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("BEGIN")
+            con.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?), ('created', ?)",
+                (json.dumps(SCHEMA_VERSION), json.dumps(datetime.now(timezone.utc).isoformat())),
+            )
+            con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", rows)
+            con.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StoreError(
+                f"cannot append to {str(path)!r}: it is not a readable gradsight run file (SQLite said: {exc}). "
+                "Pass another path."
+            ) from exc
+        finally:
+            con.close()
+
+    def _check_model(self, model: Any) -> None:
+        why = _model_mismatch(self._stored_model, model) if self._appending else None
+        if why is not None:
+            raise StoreError(
+                f"cannot append to the run file {str(self.path)!r}: it was recorded from another model ({why}). "
+                "A run holds one model: pass another path, or if_exists='overwrite' to replace the old run."
+            )
 
     # ---- the training thread's API -------------------------------------------------------------------------
     def tensor_id(self, name: str, layer: str, kind: str, shape: Iterable[int], dtype: str) -> int:
-        """The id of a tensor, registering it on first use (name and kind identify it)."""
+        """The id of a tensor, registering it on first use (name and kind identify it).
+
+        Raises:
+            StoreError: appending, and a parameter tensor (weight, grad, update) stored in the file has another
+                shape or dtype — the run was recorded from another model.
+        """
+        self._raise_if_failed()
         _check_kind(kind)
         key = (name, kind)
         tid = self._tensors.get(key)
-        if tid is None:
-            tid = len(self._tensors) + 1
-            while tid in self._tensors.values():
-                tid += 1
-            self._tensors[key] = tid
-            self._put(
-                (
-                    "INSERT INTO tensors VALUES (?, ?, ?, ?, ?, ?)",
-                    [(tid, name, layer, kind, json.dumps([int(d) for d in shape]), str(dtype))],
-                )
+        if tid is not None:
+            stored = self._stored_shapes.get(key)
+            if stored is not None:
+                dims = [int(d) for d in shape]
+                if (dims, str(dtype)) != stored:
+                    raise StoreError(
+                        f"cannot append to the run file {str(self.path)!r}: tensor {name!r} ({kind}) was stored "
+                        f"with shape {stored[0]} {stored[1]}, now given {dims} {dtype} — another model. A run holds "
+                        "one model: pass another path, or if_exists='overwrite' to replace the old run."
+                    )
+                del self._stored_shapes[key]  # checked once
+            return tid
+        tid = len(self._tensors) + 1
+        while tid in self._tensors.values():
+            tid += 1
+        self._put(
+            (
+                "INSERT INTO tensors VALUES (?, ?, ?, ?, ?, ?)",
+                [(tid, name, layer, kind, json.dumps([int(d) for d in shape]), str(dtype))],
             )
+        )
+        self._tensors[key] = tid
         return tid
 
     def log_summaries(
@@ -387,8 +753,14 @@ class RunWriter:
         self._put(("INSERT INTO events (step, kind, payload) VALUES (?, ?, ?)", [(step, kind, _dumps(payload))]))
 
     def set_meta(self, key: str, value: Any) -> None:
-        """Set one metadata entry (a JSON-serialisable value); written synchronously before the thread starts."""
+        """Set one metadata entry (a JSON-serialisable value); written synchronously before the thread starts.
+
+        Raises:
+            StoreError: appending, and ``key`` is ``"model"`` with another architecture than the stored one.
+        """
         row = [(str(key), _dumps(value))]
+        if key == "model":
+            self._check_model(json.loads(row[0][1]))
         if getattr(self, "_thread", None) is None:
             with contextlib.closing(sqlite3.connect(self.path)) as con:
                 con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", row)
@@ -397,22 +769,38 @@ class RunWriter:
             self._put(("INSERT OR REPLACE INTO meta VALUES (?, ?)", row))
 
     def flush(self, timeout: float | None = 30.0) -> None:
-        """Block until everything enqueued so far is committed."""
+        """Block until everything enqueued so far is committed, and checkpoint the file (see the module docstring).
+
+        Raises:
+            StoreError: the writer failed (the message says why and what the file holds), or did not commit
+                within ``timeout`` seconds.
+        """
         if self._closed:
             return
         done = threading.Event()
         self._put(("flush", done))
-        if not done.wait(timeout):
-            raise StoreError(f"the run writer for {str(self.path)!r} did not commit within {timeout} s.")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done.wait(0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic()))):
+            if not self._thread.is_alive():
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise StoreError(f"the run writer for {str(self.path)!r} did not commit within {timeout} s.")
         self._raise_if_failed()
+        if not done.is_set():  # pragma: no cover - the thread records why it stops
+            raise StoreError(f"the run writer for {str(self.path)!r} stopped; its last records were not saved.")
 
     def close(self) -> None:
-        """Commit everything and stop the writer thread. Safe to call more than once."""
+        """Commit everything, checkpoint, stop the writer thread and release the file. Safe to call more than once.
+
+        Raises:
+            StoreError: the writer failed, or a record was dropped since the last call (said once).
+        """
         if self._closed:
             return
         self._closed = True
         self._queue.put(("stop", None))
         self._thread.join()
+        self._lock.release()
         self._raise_if_failed()
 
     @property
@@ -433,18 +821,41 @@ class RunWriter:
         self._queue.put(item)
 
     def _raise_if_failed(self) -> None:
+        if self._fatal is not None:
+            raise StoreError(self._fatal_message) from self._fatal
         if self._error is not None:
             err, self._error = self._error, None
-            raise StoreError(f"writing the run file {str(self.path)!r} failed: {err!r}") from err
+            raise err
 
     # ---- the writer thread ---------------------------------------------------------------------------------
-    def _loop(self) -> None:
-        con = sqlite3.connect(self.path, check_same_thread=False)
-        con.execute("PRAGMA journal_mode=WAL")
-        con.execute("PRAGMA synchronous=NORMAL")
-        dirty = False
-        last_commit = time.monotonic()
+    def _commit(self, con: sqlite3.Connection) -> None:
+        con.commit()
+        if self._pending_step is not None:
+            done = self._pending_step if self._committed_step is None else self._committed_step
+            self._committed_step = max(done, self._pending_step)
+            self._pending_step = None
+
+    @staticmethod
+    def _checkpoint(con: sqlite3.Connection, wait: float) -> None:
+        """Copy the WAL into the database file and truncate it, waiting up to ``wait`` s for readers.
+
+        A reader in the middle of a read can keep the WAL from being truncated; then what it holds stays safely
+        in the ``-wal`` file until the next checkpoint (or the last connection closes).
+        """
+        con.execute(f"PRAGMA busy_timeout={int(wait * 1000)}")
         try:
+            con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            con.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+
+    def _loop(self) -> None:
+        con: sqlite3.Connection | None = None
+        try:
+            con = sqlite3.connect(self.path, check_same_thread=False, timeout=_BUSY_TIMEOUT_MS / 1000)
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=NORMAL")  # WAL: commits need no fsync each; checkpoints sync
+            dirty = False
+            last_commit = time.monotonic()
             while True:
                 wait = max(0.0, self.commit_every - (time.monotonic() - last_commit)) if dirty else None
                 try:
@@ -456,31 +867,106 @@ class RunWriter:
                     if op == "stop":
                         break
                     if op == "flush":
-                        con.commit()
+                        self._commit(con)
                         dirty, last_commit = False, time.monotonic()
+                        self._checkpoint(con, _FLUSH_CHECKPOINT_WAIT)
                         item[1].set()
                         continue
-                    try:
-                        self._apply(con, item)
-                    except Exception as exc:  # surfaced to the training thread on its next call
-                        if self._error is None:
-                            self._error = exc
+                    self._apply_or_note(con, item)
                     dirty = True
                 if dirty and time.monotonic() - last_commit >= self.commit_every:
-                    con.commit()
+                    self._commit(con)
                     dirty, last_commit = False, time.monotonic()
-        finally:
-            # Drain whatever is left (e.g. items enqueued after "stop" was seen) and commit.
+            # Whatever is left (e.g. items enqueued by another thread as "stop" was seen), then the final commit.
             with contextlib.suppress(queue.Empty):
                 while True:
                     item = self._queue.get_nowait()
                     if item[0] == "flush":
                         item[1].set()
                     elif item[0] != "stop":
-                        with contextlib.suppress(Exception):
-                            self._apply(con, item)
-            con.commit()
-            con.close()
+                        self._apply_or_note(con, item)
+            self._commit(con)
+            self._checkpoint(con, _CLOSE_CHECKPOINT_WAIT)
+        except BaseException as exc:  # a storage failure: stop, and tell the training thread at its next call
+            self._fatal_message = self._describe_failure(con, exc)
+            self._fatal = exc
+        finally:
+            if con is not None:
+                with contextlib.suppress(Exception):
+                    con.close()
+            with contextlib.suppress(queue.Empty):  # wake whoever waits for a flush
+                while True:
+                    item = self._queue.get_nowait()
+                    if item[0] == "flush":
+                        item[1].set()
+
+    def _apply_or_note(self, con: sqlite3.Connection, item: Any) -> None:
+        """Apply one record; a record that cannot be stored is dropped and noted, a storage failure raises."""
+        try:
+            self._apply(con, item)
+        except (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError, sqlite3.DataError) as exc:
+            self._note(item, exc)
+        except sqlite3.Error:
+            raise
+        except Exception as exc:  # e.g. a summaries callable that failed
+            self._note(item, exc)
+        else:
+            if item[0] == "summaries":
+                steps = [item[1]]
+            elif "INTO scalars" in item[0]:
+                steps = [row[0] for row in item[1]]
+            else:
+                steps = []
+            if self._pending_step is not None:
+                steps.append(self._pending_step)
+            if steps:
+                self._pending_step = max(steps)
+
+    def _note(self, item: Any, exc: BaseException) -> None:
+        if self._error is not None:
+            return
+        if item[0] == "summaries":
+            what = f"the summaries of step {item[1]}"
+        else:
+            what = "a record for table " + item[0].split(" INTO ", 1)[-1].split()[0]
+        hint = ""
+        if isinstance(exc, sqlite3.IntegrityError) and "UNIQUE" in str(exc):
+            hint = (
+                " That step is already stored: when appending, continue after the stored steps "
+                f"(RunWriter.last_step is {self.last_step!r})."
+            )
+        err = StoreError(
+            f"{what} could not be stored in the run file {str(self.path)!r} and was dropped "
+            f"({type(exc).__name__}: {exc}); the rest of the run is being written.{hint}"
+        )
+        err.__cause__ = exc
+        self._error = err
+
+    def _describe_failure(self, con: sqlite3.Connection | None, exc: BaseException) -> str:
+        """The message for a writer that failed: the cause, the file, and what it holds."""
+        held = None
+        with contextlib.suppress(Exception):
+            if con is not None:
+                con.rollback()
+                held = con.execute("SELECT count(DISTINCT step), max(step) FROM summaries").fetchone()
+                last = con.execute(
+                    "SELECT max(step) FROM (SELECT step FROM summaries UNION ALL SELECT step FROM scalars)"
+                ).fetchone()[0]
+        if held is not None:
+            saved = f"it holds {held[0]} step(s) with summaries; the last committed step is {last!r}"
+        else:
+            saved = f"the last committed step is {self._committed_step!r} (as far as the writer knows)"
+        text = str(exc).lower()
+        if any(s in text for s in ("disk", "full", "i/o", "readonly", "read-only", "no such file")):
+            cause = "the disk is full or failing, or the file or its file system went away"
+        else:
+            cause = "the file could no longer be written"
+        return (
+            f"writing the run file {str(self.path)!r} failed on the writer thread ({type(exc).__name__}: {exc}); "
+            f"likely cause: {cause}. Everything recorded since the last commit was lost and nothing more is "
+            f"written; {saved}. Fix the cause (free disk space, or pass another path) and run again — "
+            "if_exists='append' continues this run."
+        )
 
     @staticmethod
     def _apply(con: sqlite3.Connection, item: Any) -> None:
@@ -506,6 +992,17 @@ def _dumps(value: Any) -> str:
         raise InputError(f"run metadata must be JSON-serialisable, got {value!r} ({exc}).") from exc
 
 
+def _loads(text: Any, what: str) -> Any:
+    """Decode one stored JSON value; ``what`` names it in the error."""
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError) as exc:
+        raise StoreError(
+            f"{what} is not valid JSON ({exc}; stored {str(text)[:80]!r}). The run file was altered or damaged; "
+            "copy it again, or rewrite that entry."
+        ) from exc
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
@@ -520,25 +1017,44 @@ class Run:
     """A recorded run, read from its file.
 
     Cheap to open; every accessor reads the file afresh, so a Run opened while training is still writing sees new
-    steps as they are committed.
+    steps as they are committed. Each call reads in its own short read transaction and keeps none open in
+    between, so an open Run never holds back the writer's checkpoints.
 
     Use :func:`load` to open one. ``Run`` is a context manager; :meth:`close` releases the file.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path).expanduser().resolve()
+    #: Summary rows read per query by :meth:`summaries` (no read transaction stays open between pages).
+    _PAGE = 4096
+
+    def __init__(self, path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> None:
+        self.path = _as_path(path, "load")
+        if self.path.is_dir():
+            raise _directory_error(self.path, "load")
         if not self.path.is_file():
             raise StoreError(
                 f"no run file at {str(self.path)!r}. Pass the path that gradsight.watch(...) wrote "
                 "(printed by the watch and stored as run.path)."
             )
+        _check_header(self.path, "load")
         try:
             self._con = sqlite3.connect(self.path.as_uri() + "?mode=ro", uri=True, check_same_thread=False)
-            version = self._con.execute("PRAGMA user_version").fetchone()[0]
-            self._con.execute("SELECT count(*) FROM meta").fetchone()
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{str(self.path)!r} is not a gradsight run file (SQLite said: {exc}).") from exc
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the run file {str(self.path)!r} (SQLite said: {exc}).") from exc
+        try:
+            names = {r[0] for r in self._q("SELECT name FROM sqlite_master WHERE type='table'")}
+            version = self._q("PRAGMA user_version")[0][0]
+        except BaseException:
+            self._con.close()
+            raise
+        missing = [t for t in _TABLES if t not in names]
+        if missing:
+            self._con.close()
+            raise StoreError(
+                f"{str(self.path)!r} is an SQLite file but not a gradsight run file (no "
+                f"{', '.join(map(repr, missing))} table). Pass the .db file that gradsight.watch(...) wrote."
+            )
         if version > SCHEMA_VERSION:
+            self._con.close()
             raise StoreError(
                 f"{str(self.path)!r} has run-file schema version {version}, newer than this gradsight's "
                 f"{SCHEMA_VERSION}; upgrade gradsight to read it."
@@ -557,25 +1073,122 @@ class Run:
         self.close()
 
     def _q(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
-        return self._con.execute(sql, tuple(params)).fetchall()
+        """Run one query to completion (its read transaction ends with it); SQLite errors become StoreError."""
+        try:
+            return self._con.execute(sql, tuple(params)).fetchall()
+        except sqlite3.ProgrammingError as exc:
+            if "closed" in str(exc):
+                raise StoreError(f"this Run of {str(self.path)!r} is closed; open it again with load().") from exc
+            raise
+        except sqlite3.Error as exc:
+            raise StoreError(
+                f"cannot read the run file {str(self.path)!r} (SQLite said: {exc}). The file is damaged — "
+                "probably truncated or copied while it was being written; copy it again (Run.snapshot copies a "
+                "live run consistently)."
+            ) from exc
+
+    def snapshot(self, dest: str | bytes | os.PathLike[str] | os.PathLike[bytes], *, overwrite: bool = False) -> Path:
+        """Copy the run to ``dest`` as one consistent, self-contained run file, also while it is being written.
+
+        This is how to copy a live run: ``gradsight.load(path).snapshot("copy.db")``. It uses SQLite's backup
+        API, so the copy is a consistent state of the run, at most ``commit_every`` seconds (default 1 s) behind
+        the training — call ``watch.flush()`` first to include everything recorded so far. Copying the ``.db``
+        file alone with ``cp`` is only safe once the writer is closed: until then the latest commits live in its
+        ``-wal`` file. The copy is built under a temporary name and moved into place, so ``dest`` is never a
+        partial file.
+
+        Args:
+            dest: the file to write (str, bytes or os.PathLike); its directory must exist.
+            overwrite: replace ``dest`` if it exists — only when it is a gradsight run file no watch is writing.
+
+        Returns:
+            The absolute path of the copy.
+
+        Raises:
+            StoreError: ``dest`` exists (without ``overwrite``), is not a run file, is being written, is a
+                directory, or cannot be written.
+            InputError: ``dest`` is this run's own file.
+        """
+        target = _as_path(dest, "snapshot")
+        if target == self.path:
+            raise InputError(f"snapshot: dest {str(target)!r} is this run's own file; pass another path.")
+        if target.is_dir():
+            raise StoreError(
+                f"cannot write the snapshot to {str(target)!r}: it is a directory. Pass a file path such as "
+                f"{str(target / self.path.name)!r}."
+            )
+        if not target.parent.is_dir():
+            raise StoreError(
+                f"cannot write the snapshot to {str(target)!r}: its directory {str(target.parent)!r} does not "
+                "exist. Create it first or pass another path."
+            )
+        exists = target.exists()
+        if exists and not overwrite:
+            raise StoreError(
+                f"cannot write the snapshot to {str(target)!r}: the file exists and gradsight never overwrites "
+                "silently. Pass another path, or overwrite=True to replace a run file."
+            )
+        if exists and target.stat().st_size and not is_run_file(target):
+            raise StoreError(
+                f"refusing to overwrite {str(target)!r} with a snapshot: it is not a gradsight run file. "
+                "Pass another path."
+            )
+        lock = _WriterLock(target)
+        owner = lock.acquire()
+        if owner is not None:
+            raise _busy_error(target, owner, "overwrite")
+        tmp = _temp_sibling(target)
+        try:
+            con = sqlite3.connect(tmp)
+            try:
+                self._con.backup(con)
+            finally:
+                con.close()
+            _place(tmp, target, replace=exists)
+        except FileExistsError:
+            raise StoreError(
+                f"cannot write the snapshot to {str(target)!r}: the file was created by someone else meanwhile. "
+                "Pass another path."
+            ) from None
+        except sqlite3.ProgrammingError as exc:
+            raise StoreError(f"this Run of {str(self.path)!r} is closed; open it again with load().") from exc
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(
+                f"cannot write the snapshot of {str(self.path)!r} to {str(target)!r} ({type(exc).__name__}: {exc}). "
+                "Pass a path in a directory you can write to, with free space."
+            ) from exc
+        finally:
+            _unlink_quietly(tmp, *_sidecars(tmp), Path(str(tmp) + "-journal"))
+            lock.release()
+        return target
 
     @property
     def meta(self) -> dict[str, Any]:
-        """All metadata, JSON-decoded."""
-        return {k: json.loads(v) for k, v in self._q("SELECT key, value FROM meta")}
+        """All metadata, JSON-decoded (keys a file lacks are simply absent)."""
+        return {
+            k: _loads(v, f"the metadata entry {k!r} of {str(self.path)!r}")
+            for k, v in self._q("SELECT key, value FROM meta")
+        }
 
     @property
     def framework(self) -> str | None:
         """``"torch"`` or ``"keras"`` (from the metadata), or ``None`` when not recorded."""
-        return self.meta.get("framework")
+        rows = self._q("SELECT value FROM meta WHERE key = 'framework'")
+        return _loads(rows[0][0], f"the metadata entry 'framework' of {str(self.path)!r}") if rows else None
 
     @property
     def tensors(self) -> list[TensorInfo]:
         """Every recorded tensor, in registration order."""
-        return [
-            TensorInfo(tid, name, layer, kind, tuple(json.loads(shape)), dtype)
-            for tid, name, layer, kind, shape, dtype in self._q("SELECT * FROM tensors ORDER BY id")
-        ]
+        out = []
+        for tid, name, layer, kind, shape, dtype in self._q("SELECT * FROM tensors ORDER BY id"):
+            dims = _loads(shape, f"the shape of tensor {name!r} ({kind}) in {str(self.path)!r}")
+            if not isinstance(dims, list) or not all(isinstance(d, int) for d in dims):
+                raise StoreError(
+                    f"the shape of tensor {name!r} ({kind}) in {str(self.path)!r} is {dims!r}, not a list of "
+                    "ints. The run file was altered or damaged."
+                )
+            out.append(TensorInfo(tid, name, layer, kind, tuple(dims), dtype))
+        return out
 
     @property
     def layers(self) -> list[str]:
@@ -583,8 +1196,10 @@ class Run:
 
         From the model structure in the metadata when recorded, else in the order their tensors were registered.
         """
-        model = self.meta.get("model") or {}
-        names = [layer["name"] for layer in model.get("layers", []) if "name" in layer]
+        rows = self._q("SELECT value FROM meta WHERE key = 'model'")
+        model = _loads(rows[0][0], f"the metadata entry 'model' of {str(self.path)!r}") if rows else None
+        layers = model.get("layers") if isinstance(model, dict) else None
+        names = [str(layer["name"]) for layer in layers or [] if isinstance(layer, dict) and "name" in layer]
         seen = set(names)
         for t in self.tensors:
             if t.layer not in seen:
@@ -646,7 +1261,16 @@ class Run:
         if kind is not None:
             sql += " WHERE kind = ?"
             params.append(kind)
-        return [{"step": s, "kind": k, **json.loads(p)} for s, k, p in self._q(sql + " ORDER BY id", params)]
+        out = []
+        for s, k, p in self._q(sql + " ORDER BY id", params):
+            payload = _loads(p, f"the payload of a {k!r} event at step {s} in {str(self.path)!r}")
+            if not isinstance(payload, dict):
+                raise StoreError(
+                    f"the payload of a {k!r} event at step {s} in {str(self.path)!r} is {payload!r}, not a JSON "
+                    "object. The run file was altered or damaged."
+                )
+            out.append({"step": s, "kind": k, **payload})
+        return out
 
     # ---- summaries -----------------------------------------------------------------------------------------
     def _select(
@@ -693,6 +1317,9 @@ class Run:
     ) -> Iterator[tuple[int, TensorInfo, TensorSummary]]:
         """Iterate ``(step, TensorInfo, TensorSummary)`` in step order, optionally filtered.
 
+        Rows are read in pages of a few thousand, each in its own short read, so an iteration left half-way holds
+        nothing open; on a run still being written it ends at the steps committed when its last page was read.
+
         Args:
             kind: one kind or several (``weight``, ``grad``, ``update``, ``output``, ``output_grad``).
             layer: one layer name or several.
@@ -701,8 +1328,25 @@ class Run:
         """
         infos = {t.id: t for t in self.tensors}
         sql, params = self._select(kind, layer, tensor, steps)
-        for row in self._con.execute(sql, params):
-            yield row[0], infos[row[1]], _decode(row[5:])
+        # Page by (step, tensor id) so that no read transaction stays open while the caller iterates.
+        where = " AND " if " WHERE " in sql else " WHERE "
+        head, order = sql.rsplit(" ORDER BY ", 1)
+        after: tuple[int, int] | None = None
+        while True:
+            if after is None:
+                rows = self._q(f"{head} ORDER BY {order} LIMIT {self._PAGE}", params)
+            else:
+                page_sql = f"{head}{where}(s.step, t.id) > (?, ?) ORDER BY {order} LIMIT {self._PAGE}"
+                rows = self._q(page_sql, [*params, *after])
+            for row in rows:
+                info = infos.get(row[1])
+                if info is None:  # registered after this iteration started
+                    infos = {t.id: t for t in self.tensors}
+                    info = infos[row[1]]
+                yield row[0], info, _decode(row[5:], (self.path, info.name, info.kind, row[0]))
+            if len(rows) < self._PAGE:
+                return
+            after = (rows[-1][0], rows[-1][1])
 
     def summary(self, tensor: str, kind: str, step: int) -> TensorSummary:
         """The summary of one tensor of one kind at one step.
@@ -761,11 +1405,11 @@ class Run:
             df["l2"] = np.sqrt(df["sum_sq"].to_numpy())
         # Decode blobs from the raw rows: pandas turns an integer column with NULLs into float NaN.
         if hist:
-            df["hist"] = [_decode_hist(r[15], r[16]) for r in rows]
+            df["hist"] = [_decode_hist(r[15], r[16], (self.path, r[2], r[4], r[0])) for r in rows]
         else:
             df = df.drop(columns=["hist"])
         if units:
-            df["units_active"] = [None if r[18] is None else np.frombuffer(r[18], dtype="<i8").copy() for r in rows]
+            df["units_active"] = [_decode_units(r[18], (self.path, r[2], r[4], r[0])) for r in rows]
         else:
             df = df.drop(columns=["units_total"])
         return df.drop(columns=["tensor_id", "hist_lo", "units"]).reset_index(drop=True)
@@ -777,20 +1421,22 @@ class Run:
         )
 
 
-def load(path: str | os.PathLike[str] | Run) -> Run:
+def load(path: str | bytes | os.PathLike[str] | os.PathLike[bytes] | Run) -> Run:
     """Open a run file for reading.
 
     Args:
-        path: the run file written by :func:`gradsight.watch`, or a :class:`Run` (returned as is).
+        path: the run file written by :func:`gradsight.watch` (str, bytes or os.PathLike), or a :class:`Run`
+            (returned as is).
 
     Returns:
         The :class:`Run`.
 
     Raises:
-        StoreError: there is no such file, or it is not a gradsight run file.
+        StoreError: there is no such file, it is a directory, empty, damaged, or not a gradsight run file.
+        InputError: ``path`` is not a path.
     """
     if isinstance(path, Run):
         return path
-    if not isinstance(path, (str, os.PathLike)):
+    if not isinstance(path, (str, bytes, os.PathLike)):
         raise InputError(f"load expects a path to a run file, got {type(path).__name__} {path!r}.")
     return Run(path)
