@@ -253,6 +253,23 @@ def test_compiled_model_is_watched_without_graph_breaks(tmp_path, how):
         pass  # closed and released; no warning when no output kinds are asked for
 
 
+def test_model_compiled_after_the_watch_opened_warns_that_outputs_are_missing(tmp_path):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradsight.watch(model, path=tmp_path / "r.db", optimizer=opt, every=1) as run:
+        model.compile(backend="eager")
+        with pytest.warns(GradsightWarning, match=r"outputs are not recorded from step 0: .*compiled .*after the"):
+            step(model, opt, torch.randn(4, 12))
+        for _ in range(9):
+            step(model, opt, torch.randn(4, 12))
+        assert "compiled" in run.meta["notes"][0] and {t.kind for t in run.tensors} == {"weight", "grad", "update"}
+    assert dict(counters["graph_break"]) == {} and run.steps == list(range(10))
+
+
 def test_watching_compiled_and_original_is_watching_twice(tmp_path):
     model = mlp()
     compiled = torch.compile(model, backend="eager")

@@ -448,6 +448,22 @@ class Watch:
         )
         warnings.warn(GradsightWarning(msg), stacklevel=3)
 
+    def _note_unseen_forward(self) -> None:
+        """Gradients but no forward seen in a logged step: the hooks run inside a graph compiled after watch()."""
+        if getattr(self, "_unseen_noted", False):
+            return
+        self._unseen_noted = True
+        note = (
+            f"layer outputs are not recorded from step {self._step}: the step has gradients but gradsight's hooks "
+            "saw no forward of the model, most likely because the model was compiled (torch.compile or "
+            "model.compile()) after the watch was opened, and hooks stay out of compiled graphs. Open the watch "
+            "on the compiled model instead, gradsight.watch(compiled_model, ...), to get a clear record of what "
+            "is and is not recorded."
+        )
+        self._notes.append(note)
+        self._writer.set_meta("notes", list(self._notes))
+        warnings.warn(GradsightWarning(f"gradsight: {note}"), stacklevel=4)
+
     def _on_output(self, name: str, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         if self._frozen or not torch.is_grad_enabled():
             return
@@ -528,6 +544,8 @@ class Watch:
             self._cheap_checks(grads)
         if not self._logged:
             return
+        if grads and self._leaf_handles and not (self._fwd_seen or self._fwd or self._done or self._acts):
+            self._note_unseen_forward()
         self._resolve()
         self._flush_acts()
         if self._do_grad and grads:
