@@ -70,7 +70,7 @@ def test_keras_shared_layer_sums_per_use_gradients(keras):
     gk = tape.gradient(j, d.kernel)
     assert trace.ok
     assert trace["J"].value == pytest.approx(float(j), abs=1e-14)
-    np.testing.assert_allclose(trace["dJ/dW[dense]"].value, gk.numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(trace[f"dJ/dW[{d.name}]"].value, gk.numpy(), rtol=1e-12, atol=1e-14)
 
 
 def test_keras_functional_layer_called_twice_refused(keras):

@@ -159,7 +159,25 @@ class KerasWatch:
         run_path = default_run_path() if path is None else path
         if path is None:
             os.makedirs(os.path.dirname(os.fspath(run_path)), exist_ok=True)
-        self._writer = RunWriter(run_path, if_exists=sched.if_exists, commit_every=sched.commit_every)
+        self._meta_base: dict[str, Any] = {
+            "framework": "keras",
+            "source": "fit" if model is not None else "tape",
+            "versions": {
+                "tensorflow": tf.__version__,
+                "keras": keras.__version__,
+                "python": platform.python_version(),
+                "gradsight": _gradsight_version(),
+            },
+            "backend": keras.backend.backend(),
+            "config": sched.as_dict(),
+        }
+        if config is not None:
+            self._meta_base["user_config"] = dict(config)
+        # The metadata goes into the file's first transaction: a kill at any moment leaves a run that says
+        # which framework wrote it.
+        self._writer = RunWriter(
+            run_path, meta=self._meta_base, if_exists=sched.if_exists, commit_every=sched.commit_every
+        )
         self.path = self._writer.path
         self._next_step = 0 if self._writer.last_step is None else self._writer.last_step + 1
         self._closed = False
@@ -185,22 +203,6 @@ class KerasWatch:
         self._callback: _WatchCallback | None = None
         self._installed = False
         self._run: Run | None = None
-        self._meta_base: dict[str, Any] = {
-            "framework": "keras",
-            "source": "fit" if model is not None else "tape",
-            "versions": {
-                "tensorflow": tf.__version__,
-                "keras": keras.__version__,
-                "python": platform.python_version(),
-                "gradsight": _gradsight_version(),
-            },
-            "backend": keras.backend.backend(),
-            "config": sched.as_dict(),
-        }
-        if config is not None:
-            self._meta_base["user_config"] = dict(config)
-        for k, v in self._meta_base.items():
-            self._writer.set_meta(k, v)
 
     # ---- public API ----------------------------------------------------------------------------------------
     @property

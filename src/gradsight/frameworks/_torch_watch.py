@@ -811,6 +811,9 @@ class Watch:
             self._update_params = []
             self._leaves = []
             self._finalizer.detach()
+            if self._run is not None:  # the last connection to close removes the -wal/-shm files: the writer's
+                self._run.close()
+                self._run = None
             self._writer.close()
 
     def _remove_hooks(self) -> None:
@@ -869,6 +872,10 @@ class Watch:
     def events(self, kind: str | None = None) -> list[dict[str, Any]]:
         """See :meth:`gradsight.store.Run.events`."""
         return self._reader().events(kind)
+
+    def snapshot(self, dest: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """See :meth:`gradsight.store.Run.snapshot`: a consistent copy of the run so far (safe while training)."""
+        return self._reader().snapshot(dest, overwrite=overwrite)
 
     @property
     def steps(self) -> list[int]:
