@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+# One worker runs this module: its tests share one module fixture (pytest-xdist).
+pytestmark = pytest.mark.xdist_group("readme")
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 _BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 

@@ -21,6 +21,9 @@ import gradsight
 from gradsight import InputError, UnsupportedError
 from gradsight.store import load
 
+# One worker runs this module: its tests share one module fixture (pytest-xdist).
+pytestmark = pytest.mark.xdist_group("ddp")
+
 TIMEOUT_S = 120  # the whole spawn (all scenarios); a hang fails the test instead of blocking CI
 FLOAT64 = {"rtol": 1e-9, "atol": 1e-12}
 
