@@ -280,19 +280,6 @@ class Rule:
         return f"{type(self).__name__}()"
 
 
-def layer_rms(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (step, layer) pooled RMS of the finite elements of all of a layer's tensors of one kind.
-
-    Returns:
-        A DataFrame with columns ``step``, ``layer``, ``sum_sq``, ``finite``, ``nonfinite``, ``rms``.
-    """
-    g = df.groupby(["step", "layer"], sort=False)[["sum_sq", "finite", "nonfinite"]].sum().reset_index()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        fin = g["finite"].to_numpy(dtype="float64")
-        g["rms"] = np.sqrt(g["sum_sq"].to_numpy(dtype="float64") / np.where(fin > 0, fin, np.nan))
-    return g
-
-
 def ordered(layers: Iterable[str], data: RunData) -> list[str]:
     """Layers in model order, without duplicates."""
     return sorted(dict.fromkeys(layers), key=data.layer_index)

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._base import Rule, RunData, Thresholds, fmt, layer_rms, ordered
+from .._derived import global_norm, layer_rms
+from ._base import Rule, RunData, Thresholds, fmt, ordered
 from ._finding import Finding
 
 if TYPE_CHECKING:  # pragma: no cover - pandas is imported where it is used, not at import
@@ -135,9 +136,12 @@ class ExplodingGradientsRule(Rule):
             norm = norm[np.isfinite(norm.to_numpy())]
             source = "scalar grad_norm"
         elif "grad" in data.kinds:
-            df = data.frame("grad")
-            ok = df.groupby("step")["nonfinite"].sum() == 0
-            norm = np.sqrt(df.groupby("step")["sum_sq"].sum())[ok]
+            import pandas as pd
+
+            per_step = data.frame("grad").groupby("step")[["sum_sq", "nonfinite"]].sum()
+            norm = pd.Series(
+                global_norm(per_step["sum_sq"].to_numpy(), per_step["nonfinite"].to_numpy()), per_step.index
+            )
             source = "grad summaries"
         else:  # pragma: no cover - excluded by missing()
             import pandas as pd

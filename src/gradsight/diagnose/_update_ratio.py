@@ -1,18 +1,21 @@
 """Rules ``update-ratio-high`` and ``update-ratio-low``: how far one optimizer step moves each layer's weights.
 
-The ratio of a layer is ``||update|| / ||weight||`` with both norms pooled over all of the layer's parameters
-(weights and biases together, so a zero-initialised bias cannot make the ratio explode), per logged step, from the
-``update`` and ``weight`` summaries (``l2 = sqrt(sum_sq)``). The rule of thumb (CS231n, "ratio of weights:updates")
-is that this is around 1e-3 for SGD: a heuristic, not a law, and adaptive optimizers sit higher early on. The
-rules therefore judge the *median* over logged steps, with wide margins around it (see :class:`Thresholds`).
+The ratio of a layer is ``||update|| / ||weight||`` with both norms pooled over the layer's parameters that have
+both an update and a weight summary at that step (weights and biases together, so a zero-initialised bias cannot
+make the ratio explode); the one definition is :func:`gradsight._derived.update_ratio`, which the figures, the
+report and the exports use too. Steps where it is undefined (a NaN/Inf in an update or weight, a zero weight
+norm) do not enter the median; each layer's evidence says how many there were (``undefined_steps``).
+
+The rule of thumb (CS231n, "ratio of weights:updates") is that this is around 1e-3 for SGD: a heuristic, not a
+law, and adaptive optimizers sit higher early on. The rules therefore judge the *median* over logged steps, with
+wide margins around it (see :class:`Thresholds`).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from .._derived import update_ratio_table
 from ._base import Rule, RunData, Thresholds, fmt, ordered
 from ._finding import Finding
 
@@ -23,28 +26,16 @@ __all__ = ["UpdateRatioRule", "update_ratios"]
 
 
 def update_ratios(data: RunData) -> pd.DataFrame:
-    """Per (step, layer): ``update_l2``, ``weight_l2`` and ``ratio``, over steps where both are finite.
+    """Per (step, layer) the update/weight ratio, as :func:`gradsight._derived.update_ratio_table` defines it.
 
     Returns:
-        A DataFrame with columns ``step``, ``layer``, ``update_l2``, ``weight_l2``, ``ratio``.
+        A DataFrame with columns ``step``, ``layer``, ``tensors``, ``update_sum_sq``, ``weight_sum_sq``,
+        ``nonfinite``, ``update_l2``, ``weight_l2`` and ``ratio``; rows whose ratio is undefined (a NaN/Inf among
+        the layer's updates or weights, or a zero weight norm) are kept with ``ratio`` NaN.
     """
     import pandas as pd
 
-    cols = ["step", "layer", "sum_sq", "nonfinite"]
-    u = data.frame("update")[cols].groupby(["step", "layer"]).sum()
-    w = data.frame("weight")[cols].groupby(["step", "layer"]).sum()
-    j = u.add_suffix("_u").join(w.add_suffix("_w"), how="inner")
-    j = j[(j["nonfinite_u"] == 0) & (j["nonfinite_w"] == 0)]
-    out = pd.DataFrame(
-        {
-            "update_l2": np.sqrt(j["sum_sq_u"].to_numpy(dtype="float64")),
-            "weight_l2": np.sqrt(j["sum_sq_w"].to_numpy(dtype="float64")),
-        },
-        index=j.index,
-    )
-    out = out[np.isfinite(out["update_l2"]) & np.isfinite(out["weight_l2"]) & (out["weight_l2"] > 0)]
-    out["ratio"] = out["update_l2"] / out["weight_l2"]
-    return out.reset_index()
+    return update_ratio_table(pd.concat([data.frame("update"), data.frame("weight")], ignore_index=True))
 
 
 _HIGH = {
@@ -91,45 +82,51 @@ class UpdateRatioRule(Rule):
         r = update_ratios(data)
         if r.empty:
             return []
+        defined = r[r["ratio"].notna()]
+        med = defined.groupby("layer")["ratio"].median()
         findings = []
-        med = r.groupby("layer")["ratio"].median()
         for code, mask, thr, text in (
             ("update-ratio-high", med > th.update_ratio_high, th.update_ratio_high, _HIGH),
             ("update-ratio-low", med < th.update_ratio_low, th.update_ratio_low, _LOW),
         ):
-            hit = med[mask]
-            if hit.empty:
-                continue
-            layers = ordered(hit.index, data)
-            worst = hit.idxmax() if code == "update-ratio-high" else hit.idxmin()
-            sub = r[r["layer"].isin(layers)]
-            steps = sorted(sub["step"].unique())
-            per: dict[str, Any] = {}
-            for layer in layers:
-                lr = r[r["layer"] == layer]
-                per[layer] = {
-                    "median_ratio": float(hit[layer]),
-                    "min_ratio": float(lr["ratio"].min()),
-                    "max_ratio": float(lr["ratio"].max()),
-                    "steps": len(lr),
-                }
-            word = "above" if code == "update-ratio-high" else "below"
-            msg = (
-                f"Update/weight ratio {'too high' if word == 'above' else 'too low'}: layer {worst!r} moves by "
-                f"{fmt(float(hit[worst]))} of its weight norm per step (median over {per[worst]['steps']} logged "
-                f"steps), {word} the threshold {fmt(thr)} (heuristic ~1e-3); {len(layers)} layer(s) {word} it."
-            )
-            findings.append(
-                Finding(
-                    code=code,
-                    severity="warning",
-                    layers=tuple(layers),
-                    first_step=int(steps[0]),
-                    last_step=int(steps[-1]),
-                    evidence={"threshold": thr, "layers": per},
-                    message=msg,
-                    explanation=text["explanation"],
-                    advice=text["advice"],
-                )
-            )
+            if mask.any():
+                findings.append(_finding(code, med[mask], r, data, thr, text))
         return findings
+
+
+def _finding(code: str, hit: pd.Series, r: pd.DataFrame, data: RunData, thr: float, text: dict[str, Any]) -> Finding:
+    """One ``update-ratio-*`` finding for the layers in ``hit`` (their median ratios) from the ratio table ``r``."""
+    layers = ordered(hit.index, data)
+    worst = hit.idxmax() if code == "update-ratio-high" else hit.idxmin()
+    per: dict[str, Any] = {}
+    steps: list[int] = []
+    for layer in layers:
+        lr = r[r["layer"] == layer]
+        ok = lr[lr["ratio"].notna()]
+        steps += [int(ok["step"].min()), int(ok["step"].max())]
+        per[layer] = {
+            "median_ratio": float(hit[layer]),
+            "min_ratio": float(ok["ratio"].min()),
+            "max_ratio": float(ok["ratio"].max()),
+            "steps": len(ok),
+            "undefined_steps": len(lr) - len(ok),
+        }
+    word = "above" if code == "update-ratio-high" else "below"
+    undefined = per[worst]["undefined_steps"]
+    left_out = f"; {undefined} step(s) with an undefined ratio (NaN/Inf or zero weights) left out" if undefined else ""
+    msg = (
+        f"Update/weight ratio {'too high' if word == 'above' else 'too low'}: layer {worst!r} moves by "
+        f"{fmt(float(hit[worst]))} of its weight norm per step (median over {per[worst]['steps']} logged "
+        f"steps{left_out}), {word} the threshold {fmt(thr)} (heuristic ~1e-3); {len(layers)} layer(s) {word} it."
+    )
+    return Finding(
+        code=code,
+        severity="warning",
+        layers=tuple(layers),
+        first_step=min(steps),
+        last_step=max(steps),
+        evidence={"threshold": thr, "layers": per},
+        message=msg,
+        explanation=text["explanation"],
+        advice=text["advice"],
+    )

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .. import _derived as derived
 from .._errors import InputError
 from ..store import Run, load
 
@@ -70,26 +71,16 @@ def _empty() -> pd.DataFrame:
 
 
 def _per_layer(df: pd.DataFrame) -> pd.DataFrame:
-    g = df.groupby(["step", "layer"], sort=False)[["sum_sq", "finite", "nonfinite"]].sum()
-    return g
+    return df.groupby(["step", "layer"], sort=False)[["sum_sq", "finite", "nonfinite"]].sum()
 
 
 def layer_rms(run: Run, kind: str) -> pd.DataFrame:
-    """Wide table of per-layer RMS of one kind: index ``step``, one column per layer (model order).
+    """Wide table of per-layer RMS of one kind (:func:`gradsight._derived.layer_rms`): step × layer, model order.
 
     NaN where a layer has no finite element at a step; ``inf`` where the sum of squares overflowed.
     """
-    import pandas as pd
-
-    df = run.to_pandas(kind=kind)
-    if df.empty:
-        return _empty()
-    g = _per_layer(df)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        fin = g["finite"].to_numpy(dtype="float64")
-        rms = np.sqrt(g["sum_sq"].to_numpy(dtype="float64") / np.where(fin > 0, fin, np.nan))
-    wide = pd.Series(rms, index=g.index).unstack("layer").sort_index()
-    return wide[ordered_layers(run, wide.columns)]
+    long = derived.layer_rms(run.to_pandas(kind=kind))
+    return derived.wide(long, "rms", run.layers)
 
 
 def nonfinite(run: Run, kind: str) -> pd.DataFrame:
@@ -102,54 +93,25 @@ def nonfinite(run: Run, kind: str) -> pd.DataFrame:
 
 
 def update_ratio(run: Run) -> pd.DataFrame:
-    """Wide table of ``||update|| / ||weight||`` per layer and step, over the layer's updated weights.
+    """Wide table of ``||update|| / ||weight||`` per layer and step (:func:`gradsight._derived.update_ratio`).
 
-    Only weight tensors that also have an update summary at that step enter the denominator.
+    Pooled over the layer's tensors that have both a weight and an update summary at that step; NaN where the
+    ratio is undefined (a NaN/Inf among them, or a zero weight norm), so such steps show as gaps.
     """
-    import pandas as pd
-
-    df = run.to_pandas(kind=["weight", "update"])
-    if df.empty or not (df["kind"] == "update").any():
-        return _empty()
-    piv = df.pivot_table(index=["step", "layer", "tensor"], columns="kind", values="sum_sq", aggfunc="sum")
-    piv = piv.dropna(subset=[c for c in ("weight", "update") if c in piv.columns])
-    if "weight" not in piv.columns:
-        return _empty()
-    g = piv.groupby(level=["step", "layer"], sort=False)[["weight", "update"]].sum()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        w = g["weight"].to_numpy(dtype="float64")
-        ratio = np.sqrt(g["update"].to_numpy(dtype="float64")) / np.sqrt(np.where(w > 0, w, np.nan))
-    wide = pd.Series(ratio, index=g.index).unstack("layer").sort_index()
-    return wide[ordered_layers(run, wide.columns)]
+    long = derived.update_ratio_table(run.to_pandas(kind=["weight", "update"]))
+    return derived.wide(long, "ratio", run.layers)
 
 
 def activity(run: Run) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-layer activity of the layer outputs: ``(active_rate, dead_fraction)``, wide tables (step × layer).
 
     ``active_rate`` is the fraction of all output entries of the layer that were ``!= 0``; ``dead_fraction`` the
-    fraction of its units that were never active in the step. Only outputs recorded with unit counts appear.
+    fraction of its units that were never active in the step (:func:`gradsight._derived.unit_activity`). Only
+    outputs recorded with unit counts appear.
     """
-    import pandas as pd
-
-    empty = _empty()
-    df = run.to_pandas(kind="output", units=True)
-    if df.empty:
-        return empty, empty.copy()
-    df = df[df["units_active"].notna()]
-    if df.empty:
-        return empty, empty.copy()
-    rows = []
-    for (step, layer), grp in df.groupby(["step", "layer"], sort=False):
-        active = sum(int(np.sum(u)) for u in grp["units_active"])
-        entries = sum(int(u.size) * int(t) for u, t in zip(grp["units_active"], grp["units_total"], strict=True))
-        units = sum(int(u.size) for u in grp["units_active"])
-        dead = sum(int(np.sum(u == 0)) for u in grp["units_active"])
-        rows.append((step, layer, active / entries if entries else math.nan, dead / units if units else math.nan))
-    long = pd.DataFrame(rows, columns=["step", "layer", "active", "dead"]).set_index(["step", "layer"])
-    order = ordered_layers(run, set(long.index.get_level_values("layer")))
-    active_rate = long["active"].unstack("layer").sort_index()[order]
-    dead = long["dead"].unstack("layer").sort_index()[order]
-    return active_rate, dead
+    long = derived.unit_activity(run.to_pandas(kind="output", units=True))
+    order = run.layers
+    return derived.wide(long, "active_rate", order), derived.wide(long, "dead_fraction", order)
 
 
 def _last_valid(col: pd.Series) -> float:
