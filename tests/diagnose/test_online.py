@@ -77,3 +77,36 @@ def test_online_argument_errors(synth):
         OnlineDiagnosis(s.writer, full_every=0)
     with pytest.raises(InputError, match="has no 'path'"):
         OnlineDiagnosis(object()).check()
+
+
+def test_check_args_raises_what_the_constructor_raises_without_a_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    OnlineDiagnosis.check_args()  # the defaults are valid
+    OnlineDiagnosis.check_args(on_finding=None, stop_on=(), full_every=1, thresholds={"vanish_ratio": 1e-4})
+    with pytest.raises(InputError, match=r"stop_on names unknown finding code\(s\) \['nan'\]"):
+        OnlineDiagnosis.check_args(stop_on=("nan",))
+    with pytest.raises(InputError, match="on_finding must be 'warn', a callable or None, got 'print'"):
+        OnlineDiagnosis.check_args(on_finding="print")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="full_every must be a positive integer, got 0"):
+        OnlineDiagnosis.check_args(full_every=0)
+    with pytest.raises(InputError, match=r"unknown threshold\(s\) \['vanish'\]"):
+        OnlineDiagnosis.check_args(thresholds={"vanish": 1.0})
+    assert list(tmp_path.iterdir()) == []  # no run file, no directory
+
+
+def test_stop_on_a_single_string_says_how_to_write_it(synth):
+    with pytest.raises(InputError, match=r"got the string 'non-finite'; write stop_on=\('non-finite',\)"):
+        OnlineDiagnosis(synth().writer, stop_on="non-finite")
+    with pytest.raises(InputError, match="got the string 'non-finite'"):
+        OnlineDiagnosis.check_args(stop_on="non-finite")
+
+
+def test_stop_on_accepts_codes_of_custom_rules(synth):
+    from gradsight.diagnose import DEFAULT_RULES, Rule
+
+    class Custom(Rule):
+        codes = ("my-code",)
+
+    OnlineDiagnosis.check_args(rules=[*DEFAULT_RULES, Custom()], stop_on=("my-code",))
+    with pytest.raises(InputError, match="unknown finding code"):
+        OnlineDiagnosis.check_args(stop_on=("my-code",))

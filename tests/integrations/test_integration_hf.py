@@ -104,3 +104,14 @@ def test_data_parallel_is_refused_until_summaries_are_aggregated(tmp_path):
 
     with pytest.raises(gradsight.UnsupportedError, match=r"does not support data-parallel training yet.*world_size=2"):
         GradsightTrainerCallback(on_finding=None).on_train_begin(Args(), None, None, model=_model())
+
+
+def test_diagnosis_arguments_are_checked_when_the_callback_is_built(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(gradsight.InputError, match=r"stop_on names unknown finding code\(s\) \['nan'\]"):
+        GradsightTrainerCallback(stop_on=("nan",))
+    with pytest.raises(gradsight.InputError, match="on_finding must be 'warn', a callable or None, got 'print'"):
+        GradsightTrainerCallback(on_finding="print")
+    with pytest.raises(gradsight.InputError, match="full_every must be a positive integer, got 0"):
+        GradsightTrainerCallback(diagnose_every=0)
+    assert list(tmp_path.iterdir()) == []  # checking writes nothing

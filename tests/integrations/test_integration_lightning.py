@@ -251,6 +251,18 @@ def test_refuses_an_explicit_optimizer():
         GradsightLightningCallback(optimizer=object())
 
 
+def test_diagnosis_arguments_are_checked_when_the_callback_is_built(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(gradsight.InputError, match=r"stop_on names unknown finding code\(s\) \['nan'\]"):
+        GradsightLightningCallback(stop_on=("nan",))
+    with pytest.raises(gradsight.InputError, match="on_finding must be 'warn', a callable or None, got 'print'"):
+        GradsightLightningCallback(on_finding="print")
+    with pytest.raises(gradsight.InputError, match="full_every must be a positive integer, got 0"):
+        GradsightLightningCallback(diagnose_every=0)
+    GradsightLightningCallback(diagnose=False, stop_on=("nan",))  # not checked when there is no diagnosis
+    assert list(tmp_path.iterdir()) == []  # checking writes nothing
+
+
 def test_ddp_stop_decision_on_rank_0_stops_every_rank(tmp_path):
     # Only rank 0 runs the diagnosis; if rank 1 did not stop too it would hang in DDP's all-reduce (timeout).
     run_path, ranks = _run_ddp(tmp_path, lr=1e6, max_steps=40, every=1)

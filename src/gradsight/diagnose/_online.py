@@ -1,7 +1,7 @@
 """Online diagnosis: the same rules, evaluated during training on what has been recorded so far.
 
-Call :meth:`OnlineDiagnosis.check` after each logged step (a framework adapter does it for you, e.g.
-:class:`gradsight.frameworks._keras_diagnose.KerasDiagnosisCallback`). It costs one read of the run file:
+Call :meth:`OnlineDiagnosis.check` after each logged step (a framework integration does it for you, e.g.
+``gradsight.KerasDiagnosisCallback``). It costs one read of the run file:
 
 * the non-finite rule runs on every call, over the steps recorded since the previous call only (cheap, and the
   first NaN is found at the call that follows its step);
@@ -58,6 +58,35 @@ def warn_finding(finding: Finding) -> None:
     )
 
 
+def _checked_options(
+    rules: Sequence[Rule] | None,
+    on_finding: Literal["warn"] | Callable[[Finding], Any] | None,
+    stop_on: Iterable[str],
+    full_every: int,
+) -> tuple[tuple[str, ...], Callable[[Finding], Any] | None]:
+    """``(stop_on, reporter)`` from the constructor's arguments, checked; see :meth:`OnlineDiagnosis.check_args`."""
+    if isinstance(stop_on, str):
+        raise InputError(
+            f"stop_on must be a collection of finding codes, got the string {stop_on!r}; "
+            f"write stop_on=({stop_on!r},) for one code."
+        )
+    codes = tuple(stop_on)
+    known = set(CODES) | {c for r in (rules or DEFAULT_RULES) for c in r.codes}
+    unknown = [c for c in codes if c not in known]
+    if unknown:
+        raise InputError(f"stop_on names unknown finding code(s) {unknown!r}; expected codes among {sorted(known)!r}.")
+    report: Callable[[Finding], Any] | None
+    if on_finding == "warn":
+        report = warn_finding
+    elif on_finding is None or callable(on_finding):
+        report = on_finding
+    else:
+        raise InputError(f"on_finding must be 'warn', a callable or None, got {on_finding!r}.")
+    if isinstance(full_every, bool) or not isinstance(full_every, int) or full_every < 1:
+        raise InputError(f"full_every must be a positive integer, got {full_every!r}.")
+    return codes, report
+
+
 class OnlineDiagnosis:
     """Evaluate diagnosis rules during training and report each finding once.
 
@@ -91,21 +120,7 @@ class OnlineDiagnosis:
         full_every: int = 10,
         record: bool = True,
     ) -> None:
-        self.stop_on = tuple(stop_on)
-        known = set(CODES) | {c for r in (rules or DEFAULT_RULES) for c in r.codes}
-        unknown = [c for c in self.stop_on if c not in known]
-        if unknown:
-            raise InputError(
-                f"stop_on names unknown finding code(s) {unknown!r}; expected codes among {sorted(known)!r}."
-            )
-        if on_finding == "warn":
-            self._report: Callable[[Finding], Any] | None = warn_finding
-        elif on_finding is None or callable(on_finding):
-            self._report = on_finding
-        else:
-            raise InputError(f"on_finding must be 'warn', a callable or None, got {on_finding!r}.")
-        if not isinstance(full_every, int) or full_every < 1:
-            raise InputError(f"full_every must be a positive integer, got {full_every!r}.")
+        self.stop_on, self._report = _checked_options(rules, on_finding, stop_on, full_every)
         self.rules = tuple(rules) if rules is not None else DEFAULT_RULES
         self._nonfinite = [r for r in self.rules if isinstance(r, NonFiniteRule)]
         self.thresholds = Thresholds.coerce(thresholds)
@@ -121,6 +136,36 @@ class OnlineDiagnosis:
         self.findings: list[Finding] = []
         #: The finding that flagged a stop, or ``None``.
         self.stop_finding: Finding | None = None
+
+    @staticmethod
+    def check_args(
+        *,
+        rules: Sequence[Rule] | None = None,
+        thresholds: Thresholds | Mapping[str, Any] | None = None,
+        on_finding: Literal["warn"] | Callable[[Finding], Any] | None = "warn",
+        stop_on: Iterable[str] = ("non-finite",),
+        full_every: int = 10,
+    ) -> None:
+        """Check the arguments the constructor would check, without a run: fail early, before training starts.
+
+        An integration that creates its :class:`OnlineDiagnosis` only once training has begun (a Lightning or
+        Hugging Face callback) calls this in its own constructor, so that a typo in ``stop_on`` fails when the
+        callback is built, not minutes into ``fit``::
+
+            OnlineDiagnosis.check_args(on_finding=on_finding, stop_on=stop_on, full_every=diagnose_every)
+
+        Args:
+            rules: as for the constructor (the codes they emit are valid in ``stop_on``).
+            thresholds: as for the constructor.
+            on_finding: as for the constructor.
+            stop_on: as for the constructor.
+            full_every: as for the constructor.
+
+        Raises:
+            InputError: exactly what the constructor raises for the same arguments.
+        """
+        _checked_options(rules, on_finding, stop_on, full_every)
+        Thresholds.coerce(thresholds)
 
     @property
     def should_stop(self) -> bool:

@@ -43,8 +43,8 @@ except ImportError as exc:  # pragma: no cover - depends on what is installed
         "pip install 'gradsight[transformers]'  (or: pip install transformers accelerate)"
     ) from exc
 
-from .._errors import InputError, UnsupportedError
-from ..store import default_run_path
+from gradsight import InputError, OnlineDiagnosis, UnsupportedError, watch
+from gradsight.store import default_run_path
 
 __all__ = ["GradsightTrainerCallback"]
 
@@ -103,18 +103,14 @@ class GradsightTrainerCallback(TrainerCallback):
         self._diagnosis: Any = None
         self._offset = 0  # watch step = Trainer global_step - 1 + offset
         self._pending: dict[str, float] = {}
-        if diagnose:  # validate stop_on / on_finding now, not at train time
-            from ..diagnose._online import OnlineDiagnosis
-
-            OnlineDiagnosis(os.devnull, on_finding=on_finding, stop_on=self.stop_on, full_every=diagnose_every)
+        if diagnose:  # a typo in stop_on / on_finding fails here, not minutes into training
+            OnlineDiagnosis.check_args(on_finding=on_finding, stop_on=self.stop_on, full_every=diagnose_every)
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         """Open the watch on the Trainer's model and optimizer."""
         import torch
-
-        import gradsight
 
         if args.world_size > 1:
             raise UnsupportedError(DDP_MESSAGE.format(world_size=args.world_size))
@@ -135,13 +131,11 @@ class GradsightTrainerCallback(TrainerCallback):
         config = {"integration": "transformers", "gradient_accumulation_steps": args.gradient_accumulation_steps}
         config.update(self.watch_kwargs.get("config") or {})
         kwargs_ = {k: v for k, v in self.watch_kwargs.items() if k != "config"}
-        self.watch = gradsight.watch(model, path=self.path, optimizer=optimizer, config=config, **kwargs_)
+        self.watch = watch(model, path=self.path, optimizer=optimizer, config=config, **kwargs_)
         self.path = self.watch.path
         self._offset = self.watch.current_step - state.global_step
         self._pending = {}
         if self.diagnose:
-            from ..diagnose._online import OnlineDiagnosis
-
             self._diagnosis = OnlineDiagnosis(
                 self.watch, on_finding=self.on_finding, stop_on=self.stop_on, full_every=self.diagnose_every
             )
@@ -157,7 +151,7 @@ class GradsightTrainerCallback(TrainerCallback):
         if not self.watch.schedule.is_logged(step):
             return
         if self.log_headline:
-            from ..export._scalars import headline_scalars
+            from gradsight.export import headline_scalars
 
             items = [(info, s) for _, info, s in self.watch.summaries(steps=(step, step))]
             self._pending = headline_scalars(items)

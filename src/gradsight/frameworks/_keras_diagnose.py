@@ -7,7 +7,7 @@ from typing import Any
 
 import keras
 
-from ..diagnose._online import OnlineDiagnosis
+from gradsight.diagnose import OnlineDiagnosis
 
 __all__ = ["KerasDiagnosisCallback"]
 

@@ -16,7 +16,7 @@ What it does, all through Lightning's public callback hooks:
   (``every``) it also publishes the headline scalars (``gradsight/grad_norm``, ``gradsight/update_ratio_max``,
   ``gradsight/nonfinite``, ``gradsight/dead_fraction``; see :mod:`gradsight.export._scalars`) to every logger of
   the trainer (``logger.log_metrics``), and runs the online diagnosis rules
-  (:class:`gradsight.diagnose._online.OnlineDiagnosis`): each new finding is reported once (a
+  (:class:`gradsight.OnlineDiagnosis`): each new finding is reported once (a
   ``GradsightWarning`` by default) and recorded in the run file; a finding whose code is in ``stop_on`` stops
   training gracefully (``trainer.should_stop``).
 * ``on_fit_end`` / ``on_exception``: final diagnosis, then the watch is closed and the run file complete.
@@ -69,8 +69,8 @@ except ImportError:  # pragma: no cover - depends on what is installed
             "pip install 'gradsight[lightning]'  (or: pip install lightning)"
         ) from exc
 
-from .._errors import InputError, UnsupportedError
-from ..store import default_run_path
+from gradsight import InputError, OnlineDiagnosis, UnsupportedError, watch
+from gradsight.store import default_run_path
 
 __all__ = ["GradsightLightningCallback"]
 
@@ -155,10 +155,8 @@ class GradsightLightningCallback(Callback):
         self._seen_step: int | None = None
         self._distributed = False
         self._reads = True
-        if diagnose:  # validate stop_on / on_finding now, not at fit time
-            from ..diagnose._online import OnlineDiagnosis
-
-            OnlineDiagnosis(os.devnull, on_finding=on_finding, stop_on=self.stop_on, full_every=diagnose_every)
+        if diagnose:  # a typo in stop_on / on_finding fails here, not minutes into fit
+            OnlineDiagnosis.check_args(on_finding=on_finding, stop_on=self.stop_on, full_every=diagnose_every)
 
     # ---- set-up --------------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -172,8 +170,6 @@ class GradsightLightningCallback(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Open the watch on the module and the chosen optimizer."""
-        import gradsight
-
         optimizers = trainer.optimizers
         if not optimizers:
             raise UnsupportedError(
@@ -203,13 +199,11 @@ class GradsightLightningCallback(Callback):
         config = {"integration": "lightning", "accumulate_grad_batches": trainer.accumulate_grad_batches}
         config.update(self.watch_kwargs.get("config") or {})
         kwargs = {k: v for k, v in self.watch_kwargs.items() if k != "config"}
-        self.watch = gradsight.watch(model, path=self.path, optimizer=optimizer, config=config, **kwargs)
+        self.watch = watch(model, path=self.path, optimizer=optimizer, config=config, **kwargs)
         self.path = self.watch.path  # None on a rank that writes no file
         self._losses = []
         self._seen_step = self.watch.current_step
         if self.diagnose and self._reads:
-            from ..diagnose._online import OnlineDiagnosis
-
             self._diagnosis = OnlineDiagnosis(
                 self.watch, on_finding=self.on_finding, stop_on=self.stop_on, full_every=self.diagnose_every
             )
@@ -242,7 +236,7 @@ class GradsightLightningCallback(Callback):
             self._on_logged_step_distributed(trainer, step)
             return
         if self.log_headline and trainer.loggers:
-            from ..export._scalars import headline_scalars
+            from gradsight.export import headline_scalars
 
             items = [(info, s) for _, info, s in self.watch.summaries(steps=(step, step))]
             metrics = headline_scalars(items)
@@ -259,7 +253,7 @@ class GradsightLightningCallback(Callback):
         stop = False
         if self._reads:
             if self.log_headline and trainer.loggers:
-                from ..export._scalars import headline_scalars
+                from gradsight.export import headline_scalars
 
                 items = [(info, s) for _, info, s in self.watch.summaries(steps=(step, step))]
                 metrics = headline_scalars(items)
