@@ -3,7 +3,7 @@
 import re
 
 import pytest
-from _browser import find_chromium, load_page
+from _browser import open_page, skip_reason
 from _synthetic import XSS
 
 from gradsight import InputError, StoreError
@@ -75,33 +75,42 @@ def test_report_runs_the_diagnosis_when_no_findings_are_given(make_run):
     assert "dead-units" in text
 
 
-CHROMIUM = find_chromium()
+BROWSER_SKIP = skip_reason()
 
 
-@pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="no chromium binary on PATH (apt-get install -y chromium; .ci/run installs it)",
-)
+@pytest.mark.skipif(BROWSER_SKIP is not None, reason=BROWSER_SKIP or "")
 def test_report_in_headless_chromium(make_run, tmp_path):
     run_path = make_run(layers=["dense", XSS, "out"], steps=8, nonfinite_at=(3, 1))
-    page = report(run_path, tmp_path / "report.html", findings=[_xss_finding()])
-    res = load_page(
-        CHROMIUM,
-        page,
-        {
-            "text": "document.body.innerText",
-            "injected": "document.querySelectorAll('img[src=\"x\"], img[onerror]').length",
-            "images": "[...document.images].filter(i => i.complete && i.naturalWidth > 0).length",
-            "title": "document.title",
-        },
-    )
-    assert res.console == [], f"console messages: {res.console}"
-    assert res.dialogs == [], f"the page opened dialogs: {res.dialogs}"
-    external = [u[:80] for u in res.requests if u != page.as_uri() and not u.startswith("data:")]
+    page_path = report(run_path, tmp_path / "report.html", findings=[_xss_finding()])
+    with open_page(page_path) as (page, log):
+        assert page.title().startswith("gradsight report")
+        # the sections, in reading order
+        ids = page.locator("body > section").evaluate_all("els => els.map(e => e.id)")
+        assert ids == ["findings", "figures", "layers", "metadata"]
+        assert page.locator("#findings h2").inner_text() == "Findings (1)"
+        # the finding: severity class, code, the hostile layer name shown as text, evidence folded away
+        finding = page.locator("#findings div.finding.warning")
+        assert finding.count() == 1
+        assert finding.locator("code").first.inner_text() == "dead-units"
+        assert XSS in finding.inner_text()
+        assert finding.locator("details summary").inner_text() == "evidence"
+        assert not finding.locator("details").evaluate("d => d.open")
+        # three figures, each decoded, with a caption
+        figures = page.locator("#figures figure")
+        assert figures.count() == 3
+        decoded = page.locator("#figures img").evaluate_all("imgs => imgs.map(i => i.complete && i.naturalWidth > 0)")
+        assert decoded == [True, True, True], "all three figures must decode"
+        assert page.locator("#figures figcaption").count() == 3
+        # the layer table: one row per layer, the hostile name as text in its first cell
+        cells = page.locator("#layers tr td:first-child").all_inner_texts()
+        assert [c.strip() for c in cells] == ["dense", XSS, "out"]
+        # nothing injected, nothing run, nothing fetched
+        assert page.locator('img[src="x"], img[onerror], script').count() == 0
+        screenshot = page.screenshot(full_page=True)
+    assert log.console == [], f"console messages: {log.console}"
+    assert log.errors == [], f"page errors: {log.errors}"
+    assert log.dialogs == [], f"the page opened dialogs: {log.dialogs}"
+    external = [u[:80] for u in log.requests if u != page_path.as_uri() and not u.startswith("data:")]
     assert external == [], f"the page made network requests: {external}"
-    assert res.screenshot.startswith(b"\x89PNG\r\n\x1a\n") and len(res.screenshot) > 20_000
-    (tmp_path / "screenshot.png").write_bytes(res.screenshot)
-    assert XSS in res.values["text"], "the hostile layer name must be shown as text"
-    assert res.values["injected"] == 0
-    assert res.values["images"] == 3, "all three figures must decode"
-    assert res.values["title"].startswith("gradsight report")
+    assert screenshot.startswith(b"\x89PNG\r\n\x1a\n") and len(screenshot) > 20_000
+    (tmp_path / "screenshot.png").write_bytes(screenshot)

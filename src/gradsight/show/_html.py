@@ -88,7 +88,9 @@ def _finding_html(f: Any) -> str:
     if evidence:
         data = f.to_dict()["evidence"] if hasattr(f, "to_dict") else evidence
         pre = _e(json.dumps(data, indent=1, default=str))
-        body += f"<details><summary>evidence</summary><pre>{pre}</pre></details>"
+        details = f"<details><summary>evidence</summary><pre>{pre}</pre></details>"
+        # inside the finding's box, so the evidence reads (and is found in the DOM) as part of its finding
+        body = body[: -len("</div>")] + details + "</div>" if body.endswith("</div>") else body + details
     return body
 
 
