@@ -8,8 +8,12 @@ r"""What every command (and every function that writes a file) shares, so that e
 * :func:`atomic_output` — write to a temporary file in the same folder and rename it into place, so a failure
   never leaves a partial or empty output behind.
 * :data:`FRAMEWORK_CHOICES` / :func:`framework_arg` — one spelling of ``--framework`` for every command.
+* :func:`console` / :func:`finding_renderable` — terminal output through ``rich``: markup, emoji codes and
+  highlighting off (text from a run is never parsed as ``[bold]`` markup), colour only on a terminal, and no
+  wrapping when the output is piped or captured.
 
-Nothing here imports pandas, matplotlib or a framework.
+Nothing here imports pandas, matplotlib or a framework; ``rich`` is imported only when a console is made, so
+``import gradsight`` never imports it.
 """
 
 from __future__ import annotations
@@ -19,16 +23,24 @@ import contextlib
 import os
 import re
 import secrets
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 from ._errors import InputError
+
+if TYPE_CHECKING:  # pragma: no cover - rich is imported where a console is made
+    from rich.console import Console
+    from rich.text import Text
 
 __all__ = [
     "FRAMEWORK_CHOICES",
     "FRAMEWORK_HELP",
     "atomic_output",
     "check_output",
+    "console",
+    "finding_renderable",
     "finding_text",
     "framework_arg",
     "resolve_run",
@@ -89,6 +101,46 @@ def finding_text(finding: object) -> str:
             pass
     text = finding.to_text() if hasattr(finding, "to_text") else str(finding)
     return terminal_safe(text, keep_lines=True)
+
+
+#: Width of output that is not a terminal (a pipe, a file, a test's capture): wide enough that nothing wraps.
+PLAIN_WIDTH = 1000
+#: The style of a finding's first line, by severity.
+SEVERITY_STYLES = {"error": "bold red", "warning": "bold yellow", "info": "cyan"}
+
+
+def console(file: TextIO | None = None, *, width: int | None = None) -> Console:
+    """A ``rich`` console for gradsight's terminal output.
+
+    Markup, emoji codes and automatic highlighting are off, so a layer named ``"[red]x[/]"`` or ``":smile:"``
+    prints as exactly that; every run-provided string still goes through :func:`terminal_safe` first. On a
+    terminal it colours and fits the terminal's width; anywhere else (a pipe, a file, a captured stream, or with
+    ``NO_COLOR``) it writes plain text without escape sequences and without wrapping lines.
+
+    Args:
+        file: where to write (default: ``sys.stdout`` at the time of the call).
+        width: a fixed width (default: the terminal's, or :data:`PLAIN_WIDTH` when not a terminal).
+    """
+    from rich.console import Console
+
+    stream = file if file is not None else sys.stdout
+    options = {"file": stream, "markup": False, "emoji": False, "highlight": False, "soft_wrap": True}
+    out = Console(**options, width=width)
+    if not out.is_terminal:
+        out = Console(**options, width=width or PLAIN_WIDTH, color_system=None)
+    return out
+
+
+def finding_renderable(finding: object) -> Text:
+    """A finding as ``rich`` text: :func:`finding_text` (escaped), its first line styled by severity."""
+    from rich.text import Text
+
+    text = Text(finding_text(finding))
+    first = text.plain.find("\n")
+    style = SEVERITY_STYLES.get(str(getattr(finding, "severity", "")), "")
+    if style:
+        text.stylize(style, 0, first if first >= 0 else len(text))
+    return text
 
 
 FRAMEWORK_CHOICES: tuple[str, ...] = ("torch", "pytorch", "tensorflow", "tf", "keras")

@@ -81,3 +81,16 @@ def test_cli_bad_threshold(synth, capsys):
     s.run().close()
     with pytest.raises(InputError, match="--threshold expects NAME=VALUE"):
         _run_cli([str(s.path), "--threshold", "vanish_ratio"], capsys)
+
+
+def test_cli_text_never_reads_layer_names_as_rich_markup(synth, capsys):
+    import numpy as np
+
+    name = "[bold red]fc1[/] :smile:"
+    s = synth(layers=[{"name": name, "type": "Linear"}])
+    for step in range(3):
+        s.log(step, "grad", name, np.array([[1.0, np.nan if step == 2 else 1.0]]))
+    s.run().close()
+    code, out = _run_cli([str(s.path)], capsys)
+    assert code == 1
+    assert "[ERROR] non-finite" in out and name in out and "\x1b" not in out

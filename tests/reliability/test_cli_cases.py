@@ -264,7 +264,7 @@ def test_unexpected_exceptions_become_one_paragraph(exc, status, words, run_file
     def raise_it(*a, **k):
         raise exc
 
-    monkeypatch.setattr(show_mod, "render_show", raise_it)
+    monkeypatch.setattr(show_mod, "print_show", raise_it)
     monkeypatch.delenv("GRADSIGHT_DEBUG", raising=False)
     code, _, err = cli(["show", run_file], capsys)
     assert code == status and words in err
@@ -276,7 +276,7 @@ def test_unexpected_exceptions_become_one_paragraph(exc, status, words, run_file
 def test_debug_mode_shows_our_bugs_traceback(run_file, monkeypatch):
     import gradsight.show._show as show_mod
 
-    monkeypatch.setattr(show_mod, "render_show", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(show_mod, "print_show", lambda *a, **k: 1 / 0)
     monkeypatch.setenv("GRADSIGHT_DEBUG", "1")
     with pytest.raises(ZeroDivisionError):
         main(["show", str(run_file)])

@@ -57,7 +57,62 @@ def test_progress_bar_follows_the_run_file(make_run, tmp_path):
     with ProgressBar(path, 8, label="training", stream=stream, interval=0.01):
         time.sleep(0.1)
     text = stream.getvalue()
-    assert "8/8 steps" in text and "[" + "#" * 30 + "]" in text
+    assert "8/8 steps" in text and "training 0/8 steps" in text
+    assert "\x1b" not in text and "\r" not in text  # not a terminal: plain lines only
+    assert len(text.splitlines()) <= 6  # 0 %, each further quarter, the end
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_on_a_terminal_is_a_rich_bar(make_run, monkeypatch):
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm-256color")
+    stream = _Terminal()
+    path = make_run(steps=8)
+    with ProgressBar(path, 8, label="training", stream=stream, interval=0.01):
+        time.sleep(0.1)
+    text = stream.getvalue()
+    assert "training" in text and "8/8" in text and "steps" in text
+    assert "\x1b[" in text  # drawn in place with escape sequences
+    assert "━" in text  # rich's bar
+
+
+RICH_MARKUP = "[bold red]boom[/] :smile:"
+
+
+def test_show_never_reads_names_as_rich_markup(make_run, capsys):
+    path = make_run(layers=["dense", RICH_MARKUP], steps=4)
+    assert cli.main(["show", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert RICH_MARKUP in out and "\x1b" not in out
+
+
+def test_show_on_a_terminal_is_coloured_and_still_escaped(make_run, monkeypatch):
+    from gradsight._cli_support import console
+    from gradsight.show._show import show_renderables
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm-256color")
+    stream = _Terminal()
+    out = console(stream, width=200)
+    for part in show_renderables(make_run(layers=["fc\x1b[2J", RICH_MARKUP], steps=4, dead_layer=0), width=40):
+        out.print(part)
+    text = stream.getvalue()
+    assert "\x1b[1m" in text  # bold header: rich is colouring
+    assert RICH_MARKUP in text and "fc\\x1b[2J" in text and "\x1b[2J" not in text
+
+
+def test_import_gradsight_does_not_import_rich():
+    import subprocess
+    import sys
+
+    code = "import sys, gradsight, gradsight.show, gradsight.diagnose; print('rich' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == (
+        "False"
+    )
 
 
 HAS_ZOO = importlib.util.find_spec("gradsight.zoo") is not None

@@ -1,6 +1,8 @@
 """``gradsight diagnose RUN [--json]``: print a run's findings, most severe first.
 
 Exit status: 0 when there is no warning or error finding, 1 otherwise (2, bad usage, comes from the dispatcher).
+The text form is printed with ``rich`` (each finding's first line coloured by severity on a terminal, plain text
+when piped); ``--json`` writes plain JSON.
 """
 
 from __future__ import annotations
@@ -8,8 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
-from .._cli_support import finding_text, resolve_run, terminal_safe
+from .._cli_support import console, finding_renderable, resolve_run, terminal_safe
 
 __all__ = ["add_arguments", "run"]
 
@@ -57,24 +60,35 @@ def run(args: argparse.Namespace) -> int:
     with load(path) as r:
         findings = diagnose(r, thresholds=_thresholds(args.threshold) or None)
         skipped = {} if args.json else skipped_rules(r)
-    out = sys.stdout
     if args.json:
-        json.dump([f.to_dict() for f in findings], out, indent=2, allow_nan=False)
-        out.write("\n")
+        json.dump([f.to_dict() for f in findings], sys.stdout, indent=2, allow_nan=False)
+        sys.stdout.write("\n")
     else:
-        counts = {s: sum(f.severity == s for f in findings) for s in ("error", "warning", "info")}
-        where = terminal_safe(path)
-        if findings:
-            out.write(
-                f"{len(findings)} finding(s) in {where}: {counts['error']} error, {counts['warning']} warning, "
-                f"{counts['info']} info\n\n"
-            )
-            # Layer names and evidence come from the run file: escape what could steer the terminal.
-            out.write("\n\n".join(finding_text(f) for f in findings) + "\n")
-        else:
-            out.write(f"No findings in {where}.\n")
-        if skipped:
-            out.write("\nSkipped (data not recorded):\n")
-            for name, missing in skipped.items():
-                out.write(f"  {terminal_safe(name)}: needs {terminal_safe(', '.join(missing))}\n")
+        _print_text(findings, skipped, terminal_safe(path))
     return 1 if any(f.severity in ("warning", "error") for f in findings) else 0
+
+
+def _print_text(findings: list[Any], skipped: dict[str, list[str]], where: str) -> None:
+    """The text form: a count line, the findings (escaped, as rich Text: never parsed as markup), the skips."""
+    from rich.text import Text
+
+    out = console()
+    counts = {s: sum(f.severity == s for f in findings) for s in ("error", "warning", "info")}
+    if findings:
+        out.print(
+            Text(
+                f"{len(findings)} finding(s) in {where}: {counts['error']} error, {counts['warning']} warning, "
+                f"{counts['info']} info\n"
+            )
+        )
+        # Layer names and evidence come from the run file: finding_renderable escapes what could steer the terminal.
+        for i, f in enumerate(findings):
+            if i:
+                out.print()
+            out.print(finding_renderable(f))
+    else:
+        out.print(Text(f"No findings in {where}."))
+    if skipped:
+        out.print(Text("\nSkipped (data not recorded):", style="bold"))
+        for name, missing in skipped.items():
+            out.print(Text(f"  {terminal_safe(name)}: needs {terminal_safe(', '.join(missing))}"))

@@ -21,7 +21,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from .._cli_support import FRAMEWORK_CHOICES, FRAMEWORK_HELP, finding_text, framework_arg, terminal_safe
+from .._cli_support import (
+    FRAMEWORK_CHOICES,
+    FRAMEWORK_HELP,
+    console,
+    finding_renderable,
+    framework_arg,
+    terminal_safe,
+)
 from .._errors import InputError, StoreError, UnsupportedError
 from ..store import load
 
@@ -126,26 +133,34 @@ def _clean_up(out: Path, created: bool) -> None:
 
 
 class ProgressBar:
-    """A plain-text progress bar on a stream: redrawn in place on a terminal, a line per quarter otherwise.
+    """A progress bar that follows a run file being written: a ``rich`` bar on a terminal, a line per quarter else.
 
-    It follows a run file being written (the run store can be read while training writes it): a background thread
-    reads the highest logged step every ``interval`` seconds.
+    The run store can be read while training writes it: a background thread reads the highest logged step every
+    ``interval`` seconds and redraws. On a terminal it is a :class:`rich.progress.Progress` (bar, ``done/total
+    steps``, elapsed time); anywhere else (a pipe, a log file, a captured stream) it writes a plain line at 0 %,
+    each further quarter and the end, with no escape sequences.
     """
 
     def __init__(
         self, path: Path, total: int | None, *, label: str, stream: TextIO | None = None, interval: float = 0.25
     ) -> None:
         self.path, self.total, self.label = path, total, label
-        self.stream = stream if stream is not None else sys.stderr
+        self.console = console(stream if stream is not None else sys.stderr)
         self.interval = interval
-        self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._tty = self.console.is_terminal
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="gradsight-demo-progress", daemon=True)
         self._t0 = time.monotonic()
         self._last_quarter = -1
         self._run: Any = None
+        self._progress: Any = None
+        self._task: Any = None
 
     def __enter__(self) -> ProgressBar:
+        if self._tty:
+            self._progress = _rich_progress(self.console)
+            self._task = self._progress.add_task(self.label, total=self.total)
+            self._progress.start()
         self._draw(0)
         self._thread.start()
         return self
@@ -157,9 +172,8 @@ class ProgressBar:
             self._run.close()
         if exc_type is None:
             self._draw(self.total if self.total else self._step(), final=True)
-        if self._tty:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self._progress is not None:
+            self._progress.stop()
 
     def _step(self) -> int:
         from ..store import Run
@@ -179,23 +193,36 @@ class ProgressBar:
             self._draw(self._step())
 
     def _draw(self, done: int, *, final: bool = False) -> None:
-        elapsed = time.monotonic() - self._t0
         if self.total:
             done = min(done, self.total)
-            frac = done / self.total
-            bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
-            text = f"{self.label} [{bar}] {done}/{self.total} steps  {elapsed:5.1f} s"
-        else:
-            text = f"{self.label} {done} steps  {elapsed:5.1f} s"
-        if self._tty:
-            self.stream.write("\r" + text)
-        else:
-            quarter = int(4 * done / self.total) if self.total else 0
-            if quarter == self._last_quarter and not final:
-                return
-            self._last_quarter = quarter
-            self.stream.write(text + "\n")
-        self.stream.flush()
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done)
+            self._progress.refresh()
+            return
+        quarter = int(4 * done / self.total) if self.total else 0
+        if quarter == self._last_quarter and not final:
+            return
+        self._last_quarter = quarter
+        from rich.text import Text
+
+        elapsed = time.monotonic() - self._t0
+        of = f"{done}/{self.total}" if self.total else f"{done}"
+        self.console.print(Text(f"{self.label} {of} steps  {elapsed:5.1f} s"))
+
+
+def _rich_progress(out: Any) -> Any:
+    """The terminal progress display: label, bar, ``done/total steps``, elapsed time; redrawn by the caller."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(bar_width=30),
+        MofNCompleteColumn(),
+        TextColumn("steps"),
+        TimeElapsedColumn(),
+        console=out,
+        auto_refresh=False,  # our polling thread redraws after each read of the run file
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -246,15 +273,23 @@ def _train_and_report(zoo: Any, name: str, framework: str, args: argparse.Namesp
         findings = finding_list(r, result.findings)  # the zoo already diagnosed the run
         report_path = report(r, out / "report.html", findings=findings)
     print(f"gradsight demo: trained in {t_train:.1f} s, total {time.monotonic() - t0:.1f} s", file=sys.stderr)
-    print()
-    if findings:
-        print(f"Findings ({len(findings)}):")
-        for f in findings:
-            print(finding_text(f))
-            print()
-    else:
-        print("Findings: none — no diagnosis rule fired on this run.\n")
+    _print_findings(findings)
     print(f"run file: {safe(run_path)}")
     print(f"report:   {safe(report_path)}")
     print(f"next:     gradsight show {shlex.quote(safe(out))}")
     return 0
+
+
+def _print_findings(findings: list[Any]) -> None:
+    """The demo's findings on standard output, each coloured by severity on a terminal (escaped, never markup)."""
+    from rich.text import Text
+
+    out = console()
+    out.print()
+    if findings:
+        out.print(Text(f"Findings ({len(findings)}):", style="bold"))
+        for f in findings:
+            out.print(finding_renderable(f))
+            out.print()
+    else:
+        out.print(Text("Findings: none — no diagnosis rule fired on this run.\n"))

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the summary; exit status 0 (findings do not change it)."""
-    from ._show import render_show
+    from . import _show
 
-    print(render_show(resolve_run(args.run, command="show"), width=max(8, args.width)))
+    _show.print_show(resolve_run(args.run, command="show"), width=max(8, args.width))
     return 0

@@ -1,23 +1,29 @@
-r"""``gradsight show RUN``: a plain-text summary of a run for the terminal.
+r"""``gradsight show RUN``: a summary of a run for the terminal.
 
 A header with the run's key facts and its loss, one row per layer (the last recorded value of each statistic, as
-in the HTML report's layer table), then the findings, most severe first. Plain ASCII-art table, no colours and no
-dependencies, so it can be piped and pasted into an issue. Every string that came from the run (path, layer
-names, metadata, finding texts) goes through :func:`gradsight._cli_support.terminal_safe`, so a layer named
-``"\x1b[2J"`` shows as that text instead of clearing the screen.
+in the HTML report's layer table), then the findings, most severe first. Drawn with ``rich``: coloured on a
+terminal, plain text when piped or captured, so it can be pasted into an issue. Every string that came from the
+run (path, layer names, metadata, finding texts) goes through :func:`gradsight._cli_support.terminal_safe` and
+is handed to rich as :class:`rich.text.Text` with markup off, so a layer named ``"\x1b[2J"`` shows as that text
+instead of clearing the screen, and one named ``"[red]x[/]"`` shows as that text instead of turning red.
 """
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .._cli_support import finding_text, terminal_safe
+from .._cli_support import console, finding_renderable, terminal_safe
 from ._data import RunLike, finding_list, layer_table, opened
 from ._figures import short_label
 
-__all__ = ["render_show"]
+if TYPE_CHECKING:  # pragma: no cover - rich is imported where the summary is drawn
+    import pandas as pd
+    from rich.console import RenderableType
+
+__all__ = ["print_show", "render_show", "show_renderables"]
 
 _COLUMNS = (
     ("layer", "layer", "<"),
@@ -43,35 +49,7 @@ def _num(x: Any, key: str) -> str:
     return str(x)
 
 
-def _table(rows: list[list[str]], aligns: Sequence[str]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(aligns))]
-
-    def line(r: list[str]) -> str:
-        return "  ".join(f"{c:{a}{w}}" for c, a, w in zip(r, aligns, widths, strict=True)).rstrip()
-
-    out = [line(rows[0]), "  ".join("-" * w for w in widths)]
-    out += [line(r) for r in rows[1:]]
-    return out
-
-
-def render_show(run: RunLike, *, findings: Sequence[Any] | None = None, width: int = 40) -> str:
-    """The terminal summary of a run as a string.
-
-    Args:
-        run: a :class:`~gradsight.store.Run` or the path of a run file.
-        findings: the findings to list; ``None`` (default) runs ``gradsight.diagnose.diagnose(run)``.
-        width: the most characters of a layer name to show (longer names are shortened in the middle).
-
-    Returns:
-        The text, one string of several lines, without a trailing newline.
-    """
-    with opened(run) as r:
-        meta = r.meta
-        steps = r.steps
-        scalars = r.scalars
-        table = layer_table(r)
-        found = finding_list(r, findings)
-        path = str(r.path)
+def _header(path: str, meta: dict[str, Any], steps: list[int], scalars: pd.DataFrame) -> list[str]:
     safe = terminal_safe
     lines = [f"run       {safe(path)}"]
     if meta.get("scenario"):
@@ -84,24 +62,81 @@ def render_show(run: RunLike, *, findings: Sequence[Any] | None = None, width: i
             lines.append(
                 f"loss      {loss.iloc[0]:.4g} (step {loss.index[0]}) -> {loss.iloc[-1]:.4g} (step {loss.index[-1]})"
             )
-    lines.append("")
+    return lines
+
+
+def _layers(table: pd.DataFrame, width: int) -> RenderableType:
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
     if table.empty:
-        lines.append("no tensors recorded")
-    else:
-        rows = [[head for _, head, _ in _COLUMNS]]
-        for rec in table.to_dict("records"):
-            rows.append([short_label(safe(rec["layer"]), width)] + [_num(rec[key], key) for key, _, _ in _COLUMNS[1:]])
-        lines += _table(rows, [a for _, _, a in _COLUMNS])
-        lines.append("(last recorded value of each statistic; RMS over all elements of the layer's tensors)")
-    lines.append("")
-    if found:
-        lines.append(f"findings ({len(found)}):")
-        for f in found:
-            text = finding_text(f)
-            lines.append(text.split("\n")[0] if text else "")
-            layers = getattr(f, "layers", ())
-            if layers:
-                lines.append("    layers: " + ", ".join(safe(name) for name in layers))
-    else:
-        lines.append("findings: none")
-    return "\n".join(lines)
+        return Text("no tensors recorded")
+    grid = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
+    for key, head, align in _COLUMNS:
+        grid.add_column(
+            head, justify="left" if align == "<" else "right", no_wrap=True, style="cyan" * (key == "layer")
+        )
+    for rec in table.to_dict("records"):
+        name = Text(short_label(terminal_safe(rec["layer"]), width))
+        grid.add_row(name, *(Text(_num(rec[key], key)) for key, _, _ in _COLUMNS[1:]))
+    grid.caption = "last recorded value of each statistic; RMS over all elements of the layer's tensors"
+    grid.caption_justify = "left"
+    return grid
+
+
+def _findings(found: Sequence[Any]) -> list[RenderableType]:
+    from rich.text import Text
+
+    if not found:
+        return [Text("findings: none")]
+    out: list[RenderableType] = [Text(f"findings ({len(found)}):", style="bold")]
+    for f in found:
+        text = finding_renderable(f)
+        out.append(text.split("\n")[0] if text.plain else Text(""))
+        layers = getattr(f, "layers", ())
+        if layers:
+            out.append(Text("    layers: " + ", ".join(terminal_safe(name) for name in layers)))
+    return out
+
+
+def show_renderables(run: RunLike, *, findings: Sequence[Any] | None = None, width: int = 40) -> list[RenderableType]:
+    """The terminal summary of a run as ``rich`` renderables (header, layer table, findings), in order.
+
+    Args:
+        run: a :class:`~gradsight.store.Run` or the path of a run file.
+        findings: the findings to list; ``None`` (default) runs ``gradsight.diagnose.diagnose(run)``.
+        width: the most characters of a layer name to show (longer names are shortened in the middle).
+    """
+    from rich.text import Text
+
+    with opened(run) as r:
+        header = _header(str(r.path), r.meta, r.steps, r.scalars)
+        table = layer_table(r)
+        found = finding_list(r, findings)
+    return [Text("\n".join(header)), Text(""), _layers(table, width), Text(""), *_findings(found)]
+
+
+def print_show(run: RunLike, *, findings: Sequence[Any] | None = None, width: int = 40) -> None:
+    """Print the terminal summary of a run to standard output (coloured on a terminal); see :func:`render_show`."""
+    out = console()
+    for part in show_renderables(run, findings=findings, width=width):
+        out.print(part)
+
+
+def render_show(run: RunLike, *, findings: Sequence[Any] | None = None, width: int = 40) -> str:
+    """The terminal summary of a run as plain text (no colour, no escape sequences).
+
+    Args:
+        run: a :class:`~gradsight.store.Run` or the path of a run file.
+        findings: the findings to list; ``None`` (default) runs ``gradsight.diagnose.diagnose(run)``.
+        width: the most characters of a layer name to show (longer names are shortened in the middle).
+
+    Returns:
+        The text, one string of several lines, without a trailing newline.
+    """
+    buffer = io.StringIO()
+    out = console(buffer)
+    for part in show_renderables(run, findings=findings, width=width):
+        out.print(part)
+    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines()).rstrip("\n")
