@@ -88,3 +88,12 @@ def test_problems_reports_what_is_wrong():
     assert _result("healthy-mlp", [f], inj).problems() == [
         "healthy-mlp [torch, seed 0]: NaN injected at step 3, first found at step 4"
     ]
+
+
+def test_scenario_types_are_importable_from_the_zoo():
+    # They live in a module of their own, gradsight._scenario, which the framework sides read without importing
+    # the zoo back (tests/test_architecture.py checks there is no cycle); gradsight.zoo.Scenario stays the name.
+    assert {"Scenario", "NaNInjection", "Expectation"} <= set(zoo.__all__)
+    injection = zoo.NaNInjection("fc2", "backward", step=3)
+    assert injection.expectation == zoo.Expectation("non-finite", first_layer="fc2", origin_kind=None)
+    assert isinstance(zoo.get_scenario("healthy-mlp"), zoo.Scenario)

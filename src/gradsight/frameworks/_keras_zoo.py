@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..zoo import NaNInjection, Scenario
+    from .._scenario import NaNInjection, Scenario
 
 __all__ = ["build", "train"]
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..zoo import NaNInjection, Scenario
+    from .._scenario import NaNInjection, Scenario
 
 __all__ = ["build", "train"]
 
