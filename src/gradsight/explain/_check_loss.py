@@ -20,8 +20,9 @@ import numpy as np
 
 from .._errors import GradsightError, InputError
 from .._frameworks import framework_of
-from ._losses import evaluate_loss
+from ._adapter import ExplainAdapter, adapter, framework_of_module
 from ._trace import clean_json, preview
+from .rules import LOSS_RULES, evaluate_loss
 
 __all__ = ["LossFinding", "LossReport", "check_loss"]
 
@@ -134,14 +135,18 @@ def _loss_framework(loss: Any, framework: str | None) -> str:
         return framework
     fw = framework_of(loss)
     if fw is None and callable(loss):
-        root = (getattr(loss, "__module__", "") or "").split(".", 1)[0]
-        fw = {"torch": "torch", "keras": "keras", "tensorflow": "keras", "tf_keras": "keras"}.get(root)
+        fw = framework_of_module(getattr(loss, "__module__", "") or "")
     if fw is None:
         raise InputError(
             f"cannot tell which framework the loss {loss!r:.60} belongs to (a plain function or a name). "
             "Fix: check_loss(loss, y_true, y_pred, framework='torch') or framework='tensorflow'"
         )
     return fw
+
+
+def _per_element(kind: str) -> bool:
+    rule = LOSS_RULES.get(kind)
+    return rule is not None and rule.per_element
 
 
 def _scale_formula(g: np.ndarray, e: np.ndarray, n: int, f: int) -> str | None:
@@ -168,32 +173,10 @@ def _scale_formula(g: np.ndarray, e: np.ndarray, n: int, f: int) -> str | None:
     return f"dJ/dŶ = {c:.6g}·(Ŷ − Y)"
 
 
-def check_loss(loss: Any, y_true: Any, y_pred: Any, *, framework: str | None = None) -> LossReport:
-    """Evaluate ``loss`` on the given arrays and report its effective reduction, gradient scale and traps.
+def _arrays(y_true: Any, y_pred: Any) -> tuple[np.ndarray, np.ndarray]:
+    """y_true and y_pred as numpy (y_pred float64), refusing empty and non-finite arrays."""
+    from ._explain import to_numpy
 
-    Args:
-        loss: a torch or Keras loss object or function, a loss name (with ``framework=``), or a plain callable
-            (with ``framework=``; torch callables are called ``loss(y_pred, y_true)``, Keras ones
-            ``loss(y_true, y_pred)``).
-        y_true: the targets.
-        y_pred: the predictions.
-        framework: ``"torch"`` or ``"tensorflow"``; detected from the loss when it belongs to one.
-
-    Returns:
-        The :class:`LossReport`.
-
-    Raises:
-        InputError: a loss class instead of an instance, empty or non-finite arrays, or a loss that fails on
-            the given arrays (its message is quoted).
-    """
-    from ._explain import _loss_class_error, adapter, to_numpy
-
-    if isinstance(loss, type):
-        raise _loss_class_error(loss)
-
-    fw = _loss_framework(loss, framework)
-    ad = adapter(fw)
-    fw = "torch" if ad.__name__.endswith("_torch_explain") else "keras"
     yt = to_numpy(y_true, "y_true")
     yp = to_numpy(y_pred, "y_pred").astype(np.float64)
     if yp.ndim == 0 or yp.size == 0:
@@ -206,8 +189,13 @@ def check_loss(loss: Any, y_true: Any, y_pred: Any, *, framework: str | None = N
                 f"{what} contains {int(np.sum(~np.isfinite(arr)))} NaN or infinite values; the loss and its gradient "
                 "would be NaN, so nothing could be measured. Fix: drop or impute those samples"
             )
+    return yt, yp
+
+
+def _probe(ad: ExplainAdapter, loss: Any, yt: np.ndarray, yp: np.ndarray) -> dict[str, Any]:
+    """The adapter's loss probe, with a documentary error when the loss fails on the arrays."""
     try:
-        probe = ad.loss_probe(loss, yt, yp)
+        return ad.loss_probe(loss, yt, yp)
     except GradsightError:
         raise
     except Exception as exc:
@@ -217,18 +205,16 @@ def check_loss(loss: Any, y_true: Any, y_pred: Any, *, framework: str | None = N
             f"{yp.shape!r}: {first}. Fix: pass y_true in the form the loss expects (ŷ's shape, or class indices "
             "of shape (n,) for a sparse cross-entropy)"
         ) from exc
-    value = np.asarray(probe["value"])
-    g = np.asarray(probe["grad"])
-    spec = probe["spec"]
-    display = probe["display"]
+
+
+def _pairing(
+    yt: np.ndarray, yp: np.ndarray, value: np.ndarray, sparse: bool, expand_rank: bool
+) -> tuple[np.ndarray | None, list[LossFinding]]:
+    """The error Ŷ − Y the gradient is measured against (None when it cannot be paired), and shape findings."""
     findings: list[LossFinding] = []
-    n = yp.shape[0]
-    f = int(np.prod(yp.shape[1:])) if yp.ndim > 1 else 1
-    sparse = spec is not None and spec.kind.startswith("sparse")
-    # -------------------------------------------------------------------------------------- broadcasting
     e = None
     if not sparse and yt.shape != yp.shape:
-        keras_ok = fw == "keras" and yt.ndim == yp.ndim - 1 and yp.shape[-1] == 1 and yt.shape == yp.shape[:-1]
+        keras_ok = expand_rank and yt.ndim == yp.ndim - 1 and yp.shape[-1] == 1 and yt.shape == yp.shape[:-1]
         try:
             b = np.broadcast_shapes(yt.shape, yp.shape)
         except ValueError:
@@ -266,24 +252,18 @@ def check_loss(loss: Any, y_true: Any, y_pred: Any, *, framework: str | None = N
                 )
     elif not sparse:
         e = yp - yt.astype(np.float64)
-    if fw == "keras" and e is None and not sparse and yt.shape == yp.shape[:-1]:
+    if expand_rank and e is None and not sparse and yt.shape == yp.shape[:-1]:
         e = yp - yt[..., None]
-    # ---------------------------------------------------------------------------------------- framework warnings
-    for w in probe["warnings"]:
-        findings.append(LossFinding("framework_warning", "warning", f"the loss warned: {w}", "fix the shapes it names"))
-    # ---------------------------------------------------------------------------------------------- non-scalar
-    if value.size > 1:
-        findings.append(
-            LossFinding(
-                "non_scalar",
-                "warning",
-                f"the loss returns shape {value.shape} (one value per sample), not a scalar. Autodiff "
-                f"differentiates the sum of these {value.size} values, so every gradient is {value.size}× that "
-                f"of their mean (the value printed is not what training minimises).",
-                "use the loss object (keras.losses.MeanSquaredError() / nn.MSELoss()) or reduce with .mean()",
-            )
-        )
-    # ----------------------------------------------------------------------------------------- gradient scale
+    return e, findings
+
+
+def _gradient_scale(
+    g: np.ndarray, e: np.ndarray | None, value: np.ndarray, spec: Any, yt: np.ndarray, yp: np.ndarray
+) -> tuple[str | None, list[LossFinding]]:
+    """The measured dJ/dŶ as a formula (a multiple of Ŷ − Y, or the loss rule's), and its finding."""
+    findings: list[LossFinding] = []
+    n = yp.shape[0]
+    f = int(np.prod(yp.shape[1:])) if yp.ndim > 1 else 1
     formula = None
     if e is not None and g.shape == e.shape:
         formula = _scale_formula(g, e, n, f)
@@ -306,14 +286,69 @@ def check_loss(loss: Any, y_true: Any, y_pred: Any, *, framework: str | None = N
             formula = res.formula
         except InputError:
             pass
-    # --------------------------------------------------------------------------------------- Keras last axis
-    if fw == "keras" and spec is not None and spec.kind in ("mse", "mae", "bce", "bce_logits") and yp.shape[-1] > 1:
+    return formula, findings
+
+
+def check_loss(loss: Any, y_true: Any, y_pred: Any, *, framework: str | None = None) -> LossReport:
+    """Evaluate ``loss`` on the given arrays and report its effective reduction, gradient scale and traps.
+
+    Args:
+        loss: a torch or Keras loss object or function, a loss name (with ``framework=``), or a plain callable
+            (with ``framework=``; torch callables are called ``loss(y_pred, y_true)``, Keras ones
+            ``loss(y_true, y_pred)``).
+        y_true: the targets.
+        y_pred: the predictions.
+        framework: ``"torch"`` or ``"tensorflow"``; detected from the loss when it belongs to one.
+
+    Returns:
+        The :class:`LossReport`.
+
+    Raises:
+        InputError: a loss class instead of an instance, empty or non-finite arrays, or a loss that fails on
+            the given arrays (its message is quoted).
+    """
+    from ._explain import _loss_class_error
+
+    if isinstance(loss, type):
+        raise _loss_class_error(loss)
+
+    fw = _loss_framework(loss, framework)
+    ad = adapter(fw)
+    conv = ad.CONVENTIONS
+    fw = conv.name
+    yt, yp = _arrays(y_true, y_pred)
+    probe = _probe(ad, loss, yt, yp)
+    value = np.asarray(probe["value"])
+    g = np.asarray(probe["grad"])
+    spec = probe["spec"]
+    display = probe["display"]
+    sparse = spec is not None and spec.kind.startswith("sparse")
+    e, findings = _pairing(yt, yp, value, sparse, conv.loss.expand_rank)
+    # ---------------------------------------------------------------------------------------- framework warnings
+    for w in probe["warnings"]:
+        findings.append(LossFinding("framework_warning", "warning", f"the loss warned: {w}", "fix the shapes it names"))
+    # ---------------------------------------------------------------------------------------------- non-scalar
+    if value.size > 1:
+        findings.append(
+            LossFinding(
+                "non_scalar",
+                "warning",
+                f"the loss returns shape {value.shape} (one value per sample), not a scalar. Autodiff "
+                f"differentiates the sum of these {value.size} values, so every gradient is {value.size}× that "
+                f"of their mean (the value printed is not what training minimises).",
+                "use the loss object (keras.losses.MeanSquaredError() / nn.MSELoss()) or reduce with .mean()",
+            )
+        )
+    formula, scale = _gradient_scale(g, e, value, spec, yt, yp)
+    findings += scale
+    # ------------------------------------------------------------------------------- last-axis mean (Keras)
+    if conv.loss.last_axis_mean and spec is not None and _per_element(spec.kind) and yp.shape[-1] > 1:
         findings.append(
             LossFinding(
                 "keras_last_axis_mean",
                 "info",
-                f"Keras {spec.kind.upper()} averages the last axis (f = {yp.shape[-1]}) of each sample before "
-                f"reducing over the batch: with reduction 'sum' J is 1/{yp.shape[-1]} of torch's sum and "
+                f"{conv.loss.display} {spec.kind.upper()} averages the last axis (f = {yp.shape[-1]}) of each "
+                f"sample before reducing over the batch: with reduction 'sum' J is 1/{yp.shape[-1]} of torch's sum and "
                 f"dJ/dŶ = 2/f·(Ŷ − Y) for MSE; with the default mean both agree (2/(n·f)).",
                 "",
             )

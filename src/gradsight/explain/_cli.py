@@ -7,17 +7,12 @@ turned into exit 2 by ``gradsight.cli``).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 
 from .._cli_support import FRAMEWORK_CHOICES, FRAMEWORK_HELP, framework_arg, terminal_safe
 from .._errors import InputError
 
 __all__ = ["add_arguments", "run"]
-
-
-def _default_framework() -> str:
-    return "torch" if importlib.util.find_spec("torch") is not None else "keras"
 
 
 #: The name the examples and the JSON output use for each framework.
@@ -54,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.example not in EXAMPLES:
         raise InputError(f"unknown example {args.example!r}; expected one of: {', '.join(EXAMPLES)} (see --list)")
-    framework = _DISPLAY[args.framework or _default_framework()]
+    from ._adapter import default_framework
+
+    framework = _DISPLAY[args.framework or default_framework()]
     result = EXAMPLES[args.example].run(framework, bool(args.finite_differences))
     if args.json:
         from ._trace import clean_json

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from .._errors import InputError
-from . import _rules as R
 from ._trace import clean_json
+from .rules import ELEMENTWISE, Activation, activation_rule, dense_backward, dense_forward
 
 __all__ = ["DepthSweep", "depth_sweep"]
 
@@ -213,6 +213,31 @@ def _check_sizes(widths: Any, depths: Any, n: Any, init: Any) -> tuple[list[int]
     return ds, ws
 
 
+def _numpy_chain(x: np.ndarray, weights: list[np.ndarray], rule: Activation) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Y = Ŷ − 1 and dJ/dW_l (mean MSE) of the bias-free dense chain, from the rule table in numpy."""
+    acts, zs = [x], []
+    for w in weights:
+        z = dense_forward(acts[-1], w, None)
+        zs.append(z)
+        acts.append(rule.forward(z))
+    y = acts[-1] - 1.0
+    da = 2.0 / (x.shape[0] * weights[-1].shape[1]) * (acts[-1] - y)
+    grads: list[np.ndarray] = [None] * len(weights)  # type: ignore[list-item]
+    for l in range(len(weights), 0, -1):
+        dz = da * rule.derivative(zs[l - 1])
+        grads[l - 1], _, da = dense_backward(dz, acts[l - 1], weights[l - 1])
+    return y, grads
+
+
+def _formula_text(init: str, act: str) -> str:
+    if act not in ("identity", "relu"):
+        return f"no closed form for activation {act!r}: numpy chain only"
+    return {
+        "ones": "closed form: dJ/dW_l = (2/f_L)·∏_{k<l−1} f_k·∏_{k>l} f_k per entry (equal widths: (2/f)·f^(L−1))",
+        "scaled": "closed form: W_l = 1/f_(l−1) keeps A_l = 1, so dJ/dW_l = 2/f_l per entry (flat)",
+    }.get(init, "no closed form for random inits: numpy chain only")
+
+
 def depth_sweep(
     widths: int | Sequence[int] = 3,
     depths: int | Iterable[int] = 5,
@@ -249,26 +274,18 @@ def depth_sweep(
     dmax = max(ds)
     act = activation or "identity"
     try:
-        rule = R.elementwise_rule(act)
+        if act not in ELEMENTWISE:
+            raise KeyError(act)
+        rule = activation_rule(act)
     except KeyError:
-        raise InputError(f"activation must be one of {R.ACTIVATIONS}, got {activation!r}") from None
+        raise InputError(f"activation must be one of {ELEMENTWISE}, got {activation!r}") from None
     rows: list[dict[str, Any]] = []
     for d in ds:
         rng = np.random.default_rng(seed)
         w_d = ws[: d + 1]
         weights = _weights(init, w_d, rng)
         x = np.ones((n, w_d[0]))
-        acts, zs = [x], []
-        for w in weights:
-            z = R.dense_forward(acts[-1], w, None)
-            zs.append(z)
-            acts.append(rule.forward(z))
-        y = acts[-1] - 1.0
-        da = 2.0 / (n * w_d[-1]) * (acts[-1] - y)
-        grads: list[np.ndarray] = [None] * d  # type: ignore[list-item]
-        for l in range(d, 0, -1):
-            dz = da * rule.derivative(zs[l - 1])
-            grads[l - 1], _, da = R.dense_backward(dz, acts[l - 1], weights[l - 1])
+        y, grads = _numpy_chain(x, weights, rule)
         auto = None
         if framework is not None:
             ad = adapter(framework)
@@ -294,11 +311,6 @@ def depth_sweep(
                     "ok": bool(ok),
                 }
             )
-    formula = {
-        "ones": "closed form: dJ/dW_l = (2/f_L)·∏_{k<l−1} f_k·∏_{k>l} f_k per entry (equal widths: (2/f)·f^(L−1))",
-        "scaled": "closed form: W_l = 1/f_(l−1) keeps A_l = 1, so dJ/dW_l = 2/f_l per entry (flat)",
-    }.get(init, "no closed form for random inits: numpy chain only")
-    if act not in ("identity", "relu"):
-        formula = f"no closed form for activation {act!r}: numpy chain only"
+    formula = _formula_text(init, act)
     fw_name = None if framework is None else ("torch" if framework == "torch" else "tensorflow")
     return DepthSweep(rows, init, act, ws[: dmax + 1], n, fw_name, formula)

@@ -123,15 +123,7 @@ def _training_loop(framework: str, fd: bool) -> ExampleResult:
     # ŷ through the framework (float32, as in training): explain with J = mean(Ŷ) just to run the forward pass
     y_hat = explain(model, x, np.zeros((n, 3), np.float32), "output_mean")["A3"].autodiff
     handwritten = float(1 / (2 * n) * np.sum((y - y_hat) ** 2))
-    if framework == "torch":
-        import importlib
-
-        nn = importlib.import_module("torch.nn")
-        fw_loss = nn.MSELoss()
-        fw_text = "torch.nn.MSELoss()"
-    else:
-        fw_loss = ad.keras.losses.mean_squared_error
-        fw_text = "keras.losses.mean_squared_error (= tf.keras.losses.MSE)"
+    fw_loss, fw_text = ad.example_loss()
     report = check_loss(fw_loss, y, y_hat)
     value = np.asarray(report.value)
     lines = [

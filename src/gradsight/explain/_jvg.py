@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from .._errors import InputError
-from ._rules import JACOBIAN_LIMIT_BYTES, fmt_bytes
+from ._adapter import adapter, default_framework
 from ._trace import clean_json, preview
+from .rules import JACOBIAN_LIMIT_BYTES, fmt_bytes
 
 __all__ = ["JacobianVsGradient", "jacobian_vs_gradient"]
 
@@ -127,10 +128,22 @@ class JacobianVsGradient:
         return clean_json(d)
 
 
-def _default_framework() -> str:
-    import importlib.util
-
-    return "torch" if importlib.util.find_spec("torch") is not None else "keras"
+def _closed_form(src: np.ndarray, s: np.ndarray, jac: np.ndarray, grad: np.ndarray) -> dict:
+    """The closed forms of T = X·S (Jacobian blocks Sᵀ, gradient rows = row sums of S), checked."""
+    n, _f = src.shape
+    jac_cf = np.einsum("ip,qj->ijpq", np.eye(n), s)
+    row_sums = s.sum(axis=1)
+    grad_cf = np.broadcast_to(row_sums, src.shape)
+    je = float(np.max(np.abs(jac_cf - jac)))
+    ge = float(np.max(np.abs(grad_cf - grad)))
+    closed = {
+        "jacobian_block": s.T,
+        "row_sums": row_sums,
+        "jacobian_err": je,
+        "gradient_err": ge,
+        "ok": je <= 1e-12 and ge <= 1e-12,
+    }
+    return closed
 
 
 def jacobian_vs_gradient(
@@ -153,11 +166,10 @@ def jacobian_vs_gradient(
     Returns:
         The :class:`JacobianVsGradient`.
     """
-    from ._explain import adapter, to_numpy
+    from ._explain import to_numpy
 
-    fw_name = framework or _default_framework()
-    ad = adapter(fw_name)
-    fw = "torch" if ad.__name__.endswith("_torch_explain") else "keras"
+    ad = adapter(framework or default_framework())
+    fw = ad.CONVENTIONS.name
     src = DEFAULT_Z if source is None else to_numpy(source, "source")
     if src.size == 0 or not np.all(np.isfinite(src)):
         raise InputError(
@@ -187,22 +199,8 @@ def jacobian_vs_gradient(
     summed = jac.sum(axis=t_axes) if t_axes else jac
     err = float(np.max(np.abs(summed - grad))) if grad.size else 0.0
     ok = err <= 1e-12 * max(1.0, float(np.max(np.abs(grad), initial=0.0)))
-    closed = None
-    if s is not None:
-        n, _f = src.shape
-        jac_cf = np.einsum("ip,qj->ijpq", np.eye(n), s)
-        row_sums = s.sum(axis=1)
-        grad_cf = np.broadcast_to(row_sums, src.shape)
-        je = float(np.max(np.abs(jac_cf - jac)))
-        ge = float(np.max(np.abs(grad_cf - grad)))
-        closed = {
-            "jacobian_block": s.T,
-            "row_sums": row_sums,
-            "jacobian_err": je,
-            "gradient_err": ge,
-            "ok": je <= 1e-12 and ge <= 1e-12,
-        }
-        ok = ok and closed["ok"]
+    closed = None if s is None else _closed_form(src, s, jac, grad)
+    ok = ok and (closed is None or closed["ok"])
     return JacobianVsGradient(
         framework=fw,
         description=desc,

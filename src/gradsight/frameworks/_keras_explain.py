@@ -30,13 +30,16 @@ import tensorflow as tf
 
 from .._errors import GradsightError, InputError, UnsupportedError
 from .._tolerance import tolerance_for
-from ..explain import _rules as R
-from ..explain._losses import KERAS_EPSILON, LOSS_KINDS, LossSpec
-from ..explain._spec import FrameworkRun, LayerSpec, SharedParam
+from ..explain import rules as R
+from ..explain._spec import Conventions, FrameworkRun, LayerSpec, LossConvention, LossSpec, SharedParam
+from ..explain.rules import LOSS_KINDS
 
 __all__ = [
+    "CONVENTIONS",
+    "LOSS_CONVENTION",
     "build_dense_model",
     "classify_loss",
+    "example_loss",
     "jacobian_and_gradient",
     "loss_probe",
     "matmul_target",
@@ -47,6 +50,38 @@ try:  # the class keras.Model(inputs, outputs) returns; subclassed models are no
     from keras.src.models.functional import Functional as _FUNCTIONAL
 except ImportError:  # pragma: no cover - other Keras layouts
     _FUNCTIONAL = None
+
+#: Keras' losses (3.15 sources): per-element losses average the last axis first; probabilities are clipped to
+#: [ε, 1−ε] (ε = keras.config.epsilon()); targets one rank short are expanded; TensorFlow's softmax
+#: cross-entropy gradient is softmax(Z) − Y.
+LOSS_CONVENTION = LossConvention(
+    name="keras",
+    display="Keras",
+    last_axis_mean=True,
+    expand_rank=True,
+    clip_probabilities=True,
+    softmax_ce_grad_normalised=True,
+    ce_needs_2d=False,
+    reduction_words={
+        (True, "mean"): "mean over the last axis, then over the batch",
+        (True, "sum"): "mean over the last axis, then sum over the batch",
+        (False, "mean"): "sum over classes, mean over the batch",
+        (False, "sum"): "sum over classes, sum over the batch",
+    },
+)
+
+#: what the explain core needs to know about Keras, as data.
+CONVENTIONS = Conventions(
+    name="keras",
+    display="Keras",
+    dense_weight="in_out",
+    conv_weight="hwio",
+    frozen_words="trainable=False",
+    grad_words="the variable gradient",
+    per_use_words="tape.gradient(Z, kernel, output_gradients=dJ/dZ) through this call alone",
+    logits_reason="ŷ carried _keras_logits, set by its softmax/sigmoid",
+    loss=LOSS_CONVENTION,
+)
 
 _A = keras.activations
 _ACT_FUNCS: dict[Any, tuple[str, dict]] = {
@@ -143,9 +178,7 @@ def _conv_config(layer: keras.layers.Conv2D, in_shape: tuple[int, ...]) -> dict 
     if layer.padding == "valid":
         pads = (0, 0, 0, 0)
     elif layer.padding == "same":
-        from ..explain._rules import same_padding
-
-        pads = same_padding(h, kh, sh) + same_padding(w, kw, sw)
+        pads = R.same_padding(h, kh, sh) + R.same_padding(w, kw, sw)
     else:
         return f"padding={layer.padding!r}"
     return {"stride": (sh, sw), "pads": pads, "channels_last": cl}
@@ -264,7 +297,7 @@ def classify_loss(
             raise InputError(f"unknown loss name {loss!r}; expected one of {', '.join(LOSS_KINDS)}")
         if reduction not in ("mean", "sum"):
             raise InputError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        spec = LossSpec(loss, reduction, "keras", f"{loss!r} (Keras convention, {reduction})")
+        spec = LossSpec(loss, reduction, LOSS_CONVENTION, f"{loss!r} (Keras convention, {reduction})")
         return spec, repr(loss), _make_string_loss(loss, reduction, dtype), dtype
     if isinstance(loss, keras.losses.Loss):
         kind = _CLASSES.get(type(loss).__name__)
@@ -278,7 +311,7 @@ def classify_loss(
             return None, display, loss, loss.dtype
         if kw.get("from_logits"):
             kind += "_logits"
-        spec = LossSpec(kind, red, "keras", display, float(kw.get("label_smoothing", 0.0) or 0.0), KERAS_EPSILON)
+        spec = LossSpec(kind, red, LOSS_CONVENTION, display, float(kw.get("label_smoothing", 0.0) or 0.0))
         return spec, display, loss, loss.dtype
     if not callable(loss):
         raise InputError(
@@ -288,7 +321,7 @@ def classify_loss(
     display = f"{getattr(loss, '__module__', '')}.{getattr(loss, '__name__', repr(loss))}".lstrip(".")
     kind = _FUNCS.get(loss)
     if kind is not None:
-        return LossSpec(kind, "none", "keras", display), display, loss, None
+        return LossSpec(kind, "none", LOSS_CONVENTION, display), display, loss, None
     return None, display, loss, None
 
 
@@ -300,6 +333,8 @@ def _model_dtype(layers: list[keras.layers.Layer], model: Any) -> str:
     return str(getattr(model, "compute_dtype", keras.config.floatx()))
 
 
+# long function: one persistent GradientTape spans the forward chain, the loss and every gradient read from it;
+# to be split into forward / gradients / fill-specs helpers that pass the tape along.
 def run_explain(model: Any, x: np.ndarray, y: np.ndarray, loss: Any, reduction: str = "mean") -> FrameworkRun:
     """Run ``model`` on ``x`` layer by layer under one tape and collect Keras' value of every term.
 
@@ -532,6 +567,7 @@ def run_explain(model: Any, x: np.ndarray, y: np.ndarray, loss: Any, reduction: 
         notes=notes,
         rtol_floor=floor,
         shared=shared,
+        conventions=CONVENTIONS,
     )
 
 
@@ -545,6 +581,8 @@ def _expects(ly: Any) -> str:
     return "cannot take that input"
 
 
+# long function: one Keras layer's forward, Dense / Conv2D / activation / flatten / dropout / no rule, each a few
+# lines reading the same layer attributes; to become a per-layer-type table like the rule table.
 def _layer_forward(ly: Any, h: Any, index: int, follow: Any = None) -> tuple[LayerSpec, dict[str, Any], Any]:
     L = keras.layers
     name = f"{ly.name}: {type(ly).__name__}"
@@ -703,6 +741,11 @@ def jacobian_and_gradient(fn: Callable, source: np.ndarray) -> tuple[np.ndarray,
     g = tape.gradient(out, src, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     jac = tape.jacobian(out, src, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     return _np(out), _np(jac), _np(g)
+
+
+def example_loss() -> tuple[Any, str]:
+    """``keras.losses.mean_squared_error`` (one value per sample) and its display text (an example)."""
+    return keras.losses.mean_squared_error, "keras.losses.mean_squared_error (= tf.keras.losses.MSE)"
 
 
 def build_dense_model(

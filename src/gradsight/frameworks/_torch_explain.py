@@ -30,18 +30,36 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._errors import GradsightError, InputError, UnsupportedError
-from ..explain import _rules as R
-from ..explain._losses import LOSS_KINDS, LossSpec
-from ..explain._spec import FrameworkRun, LayerSpec, SharedParam
+from ..explain import rules as R
+from ..explain._spec import Conventions, FrameworkRun, LayerSpec, LossConvention, LossSpec, SharedParam
+from ..explain.rules import LOSS_KINDS
 
 __all__ = [
+    "CONVENTIONS",
+    "LOSS_CONVENTION",
     "build_dense_model",
     "classify_loss",
+    "example_loss",
     "jacobian_and_gradient",
     "loss_probe",
     "matmul_target",
     "run_explain",
 ]
+
+#: torch's losses average (or sum) over all elements; cross-entropy needs (n, C) and returns softmax·ΣY − Y.
+LOSS_CONVENTION = LossConvention(name="torch", display="torch")
+
+#: what the explain core needs to know about torch, as data.
+CONVENTIONS = Conventions(
+    name="torch",
+    display="torch",
+    dense_weight="out_in",
+    conv_weight="oihw",
+    frozen_words="requires_grad=False",
+    grad_words=".grad",
+    per_use_words="torch.autograd.grad(Z, W, dJ/dZ) through this call alone",
+    loss=LOSS_CONVENTION,
+)
 
 _ACT_TYPES: dict[type, str] = {
     nn.ReLU: "relu",
@@ -177,7 +195,7 @@ def classify_loss(loss: Any, y: np.ndarray, reduction: str = "mean") -> tuple[Lo
 
     Args:
         loss: an ``nn`` loss module, a ``torch.nn.functional`` loss, one of
-            :data:`gradsight.explain._losses.LOSS_KINDS`, or any callable ``loss(y_hat, y)``.
+            :data:`gradsight.explain.rules.LOSS_KINDS`, or any callable ``loss(y_hat, y)``.
         y: the targets (decides sparse vs dense cross-entropy).
         reduction: the reduction for a loss given by name.
 
@@ -207,7 +225,8 @@ def classify_loss(loss: Any, y: np.ndarray, reduction: str = "mean") -> tuple[Lo
             "output_mean": lambda p, t: p.mean(),
             "output_sum": lambda p, t: p.sum(),
         }
-        return LossSpec(loss, reduction, "torch", f"{loss!r} (torch convention, {reduction})"), repr(loss), fns[loss]
+        spec = LossSpec(loss, reduction, LOSS_CONVENTION, f"{loss!r} (torch convention, {reduction})")
+        return spec, repr(loss), fns[loss]
     kind = None
     red = "mean"
     if isinstance(loss, nn.MSELoss):
@@ -247,7 +266,7 @@ def classify_loss(loss: Any, y: np.ndarray, reduction: str = "mean") -> tuple[Lo
 
     if kind is None or red not in ("mean", "sum"):
         return None, display, fn
-    return LossSpec(kind, red, "torch", display), display, fn
+    return LossSpec(kind, red, LOSS_CONVENTION, display), display, fn
 
 
 # ------------------------------------------------------------------------------------------------- explain
@@ -395,6 +414,8 @@ def _own_loss(model: nn.Module, x: np.ndarray, y: np.ndarray, loss_fn: Callable,
             m.training = flag
 
 
+# long function: one autodiff pass — the forward chain, the single autograd.grad call and the unpacking of its
+# results share one slot table of intermediates; to be split into forward / gradients / fill-specs helpers.
 def _run(model, groups, x, y, spec, display, loss_fn, dtype, frozen_ids) -> FrameworkRun:
     x_t = torch.tensor(np.asarray(x), dtype=dtype).to(torch.float64 if dtype in _LOW else dtype)
     x_t.requires_grad_(True)
@@ -586,6 +607,7 @@ def _run(model, groups, x, y, spec, display, loss_fn, dtype, frozen_ids) -> Fram
         j=float(j.detach().double()),
         dj_dyhat=_np(dj),
         shared=shared,
+        conventions=CONVENTIONS,
     )
 
 
@@ -653,6 +675,11 @@ def jacobian_and_gradient(fn: Callable, source: np.ndarray) -> tuple[np.ndarray,
     jac = torch.autograd.functional.jacobian(fn, src.detach())
     g = torch.zeros_like(src) if g is None else g
     return _np(out), _np(jac), _np(g)
+
+
+def example_loss() -> tuple[Any, str]:
+    """``nn.MSELoss()`` and its display text (the training-loop example)."""
+    return nn.MSELoss(), "torch.nn.MSELoss()"
 
 
 def build_dense_model(
