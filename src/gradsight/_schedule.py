@@ -38,12 +38,13 @@ file). A run file that another watch is writing is refused in every mode (see :m
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, TypedDict
 
 from ._errors import InputError
 
-__all__ = ["KINDS", "PRESETS", "Schedule", "schedule"]
+__all__ = ["KINDS", "PRESETS", "SETTINGS", "Schedule", "ScheduleSettings", "schedule", "schedule_from"]
 
 #: The kinds of tensor a watch can record (same as ``gradsight.store.KINDS``).
 KINDS: tuple[str, ...] = ("weight", "grad", "update", "output", "output_grad")
@@ -83,6 +84,22 @@ class Schedule:
         d = asdict(self)
         d["kinds"] = list(self.kinds)
         return d
+
+
+class ScheduleSettings(TypedDict, total=False):
+    """The schedule keyword arguments every watch entry point accepts (``**settings``); see :func:`schedule`."""
+
+    every: int | None
+    kinds: str | tuple[str, ...] | list[str] | None
+    cheap: bool | None
+    units: bool | None
+    cheap_flush: int | None
+    if_exists: str | None
+    commit_every: float | None
+
+
+#: The names of the schedule keyword arguments, in :func:`schedule`'s order.
+SETTINGS: tuple[str, ...] = tuple(ScheduleSettings.__annotations__)
 
 
 #: The presets, cheapest first.
@@ -165,3 +182,27 @@ def schedule(
             raise InputError(f"commit_every must be a positive number of seconds, got {commit_every!r}.")
         changes["commit_every"] = float(commit_every)
     return replace(base, **changes)
+
+
+def schedule_from(preset: str | Schedule, settings: Mapping[str, Any], *, where: str = "gradsight.watch") -> Schedule:
+    """:func:`schedule` from the ``**settings`` a watch entry point received; the one place they are checked.
+
+    Args:
+        preset: as for :func:`schedule`.
+        settings: keyword arguments, each one of :data:`SETTINGS`.
+        where: the entry point's name, for the error message.
+
+    Returns:
+        The schedule.
+
+    Raises:
+        TypeError: a keyword that is not a schedule setting (as Python raises for an unknown keyword).
+        InputError: a value out of range (see :func:`schedule`).
+    """
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown:
+        raise TypeError(
+            f"{where}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; the schedule settings "
+            f"are {', '.join(SETTINGS)} (see gradsight._schedule), next to path=, preset= and config=."
+        )
+    return schedule(preset, **settings)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 from ._errors import InputError, UnsupportedError
 from ._frameworks import framework_of
 
-__all__ = ["check_step", "watch"]
+__all__ = ["watch"]
 
 
 def watch(model: Any, **kwargs: Any) -> Any:
@@ -16,7 +15,8 @@ def watch(model: Any, **kwargs: Any) -> Any:
 
     Dispatches on the model's framework: a ``torch.nn.Module`` goes to the PyTorch adapter, a Keras 3 model to
     the Keras adapter. See those adapters' ``watch`` docstrings (and the README) for the keyword arguments,
-    which are the same for both where the frameworks allow.
+    which are the same for both where the frameworks allow. The framework modules are imported here, on first
+    use, so that ``import gradsight`` imports neither torch nor TensorFlow.
 
     Args:
         model: a ``torch.nn.Module`` or a ``keras.Model``.
@@ -39,7 +39,7 @@ def watch(model: Any, **kwargs: Any) -> Any:
             )
     fw = framework_of(model)
     if fw == "torch":
-        from .frameworks._torch_watch import watch_torch
+        from .frameworks._torch import watch_torch
 
         return watch_torch(model, **kwargs)
     if fw == "keras":
@@ -68,28 +68,3 @@ def _framework_of_class(cls: type) -> str | None:
         if root in ("keras", "tensorflow", "tf_keras"):
             return "keras"
     return None
-
-
-def check_step(step: Any) -> int:
-    """Check ``step`` as passed to a watch's ``log(step=...)``: a non-negative int; shared by the adapters.
-
-    Numpy integers and 0-d integer tensors are accepted.
-
-    Raises:
-        InputError: not an integer, or negative.
-    """
-    try:
-        value = -1 if isinstance(step, bool) else operator.index(step)
-    except (TypeError, RuntimeError):
-        value = None
-    if value is None or isinstance(step, bool):
-        raise InputError(
-            f"log(step=...) expects a step number, a non-negative int, got {type(step).__name__} {step!r}. "
-            "Leave it out to record at the current step, or pass a step number such as step=0."
-        )
-    if value < 0:
-        raise InputError(
-            f"log(step=...) expects a non-negative step number, got {value!r}; steps count from 0. Leave it out "
-            "to record at the current step, or pass a step number such as step=0."
-        )
-    return value

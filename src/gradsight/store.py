@@ -61,7 +61,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from ._errors import InputError, StoreError
-from .summary import HIST_BINS, TensorSummary
+from ._packing import SummaryArrays, encode_rows
+from .summary import HIST_BINS, TensorSummary, to_rows
 
 try:  # POSIX: the writer lock; elsewhere only writers in this process are kept apart
     import fcntl
@@ -373,80 +374,16 @@ def _check_kind(kind: str) -> None:
         raise InputError(f"unknown tensor kind {kind!r}; expected one of {', '.join(map(repr, KINDS))}.")
 
 
-def _encode(step: int, tensor_id: int, s: TensorSummary) -> tuple[Any, ...]:
-    nz = np.flatnonzero(s.hist)
-    if nz.size:
-        lo, hi = int(nz[0]), int(nz[-1]) + 1
-        hist_lo: int | None = lo
-        hist: bytes | None = np.ascontiguousarray(s.hist[lo:hi], dtype="<i8").tobytes()
-    else:
-        hist_lo, hist = None, None
-    units = None if s.units_active is None else np.ascontiguousarray(s.units_active, dtype="<i8").tobytes()
-    return (
-        step,
-        tensor_id,
-        int(s.count),
-        float(s.sum),
-        float(s.sum_sq),
-        float(s.min),
-        float(s.max),
-        int(s.zeros),
-        int(s.nan),
-        int(s.posinf),
-        int(s.neginf),
-        int(s.positive),
-        hist_lo,
-        hist,
-        int(s.units_total) if s.units_active is not None else None,
-        units,
-    )
+def _encode(step: int, items: SummaryArrays | Iterable[tuple[int, TensorSummary]]) -> list[tuple[Any, ...]]:
+    """The ``summaries`` records of one step: the one encoder, :func:`gradsight._packing.encode_rows`.
 
-
-@dataclass
-class SummaryArrays:
-    """Summaries of one step as arrays, for the writer's fast path (same rows in the file as ``TensorSummary``).
-
-    Row ``i`` describes tensor ``tensor_ids[i]``: ``ints[i]`` = count, zeros, nan, posinf, neginf, positive
-    (int64), ``floats[i]`` = sum, sum_sq, min, max (float64), ``hist[i]`` the 256 bins (int64), ``units[i]`` the
-    per-unit activity counts or ``None``, ``units_total[i]`` the entries per unit.
+    ``items`` are the adapters' packed rows (:class:`SummaryArrays`) or ``(tensor_id, TensorSummary)`` pairs,
+    which are packed into rows first.
     """
-
-    tensor_ids: list[int]
-    ints: np.ndarray
-    floats: np.ndarray
-    hist: np.ndarray
-    units: list[np.ndarray | None]
-    units_total: list[int]
-
-
-def _encode_arrays(step: int, a: SummaryArrays) -> list[tuple[Any, ...]]:
-    """``_encode`` for every row of ``a`` at once (column-wise array operations, then one ``zip``)."""
-    n = len(a.tensor_ids)
-    hist = np.ascontiguousarray(a.hist, dtype="<i8")
-    nz = hist != 0
-    has = nz.any(axis=1).tolist()
-    lo = nz.argmax(axis=1).tolist()
-    hi = (HIST_BINS - nz[:, ::-1].argmax(axis=1)).tolist()
-    ints = np.asarray(a.ints, dtype=np.int64).T.tolist()  # count, zeros, nan, posinf, neginf, positive
-    floats = np.asarray(a.floats, dtype=np.float64).T.tolist()  # sum, sum_sq, min, max
-    hist_lo = [lo[i] if has[i] else None for i in range(n)]
-    blobs = [hist[i, lo[i] : hi[i]].tobytes() if has[i] else None for i in range(n)]
-    totals = [None if u is None else int(t) for u, t in zip(a.units, a.units_total, strict=True)]
-    units = [None if u is None else np.ascontiguousarray(u, dtype="<i8").tobytes() for u in a.units]
-    return list(
-        zip(
-            [step] * n,
-            a.tensor_ids,
-            ints[0],
-            *floats,
-            *ints[1:],
-            hist_lo,
-            blobs,
-            totals,
-            units,
-            strict=True,
-        )
-    )
+    if not isinstance(items, SummaryArrays):
+        pairs = list(items)
+        items = SummaryArrays([tid for tid, _ in pairs], to_rows([s for _, s in pairs]))
+    return encode_rows(step, items.tensor_ids, items.rows)
 
 
 def _corrupt(where: tuple[Any, ...], what: str) -> StoreError:
@@ -730,7 +667,7 @@ class RunWriter:
 
         ``items`` may also be a zero-argument callable returning them; it is then called on the writer thread,
         which keeps unpacking work off the training thread. The callable may also return a
-        :class:`SummaryArrays` (the framework adapters' fast path: rows encoded with array operations).
+        :class:`gradsight._packing.SummaryArrays` (the adapters' packed rows, encoded with array operations).
         """
         self._put(("summaries", int(step), items))
 
@@ -974,11 +911,7 @@ class RunWriter:
             _, step, items = item
             if callable(items):
                 items = items()
-            rows = (
-                _encode_arrays(step, items)
-                if isinstance(items, SummaryArrays)
-                else [_encode(step, tid, s) for tid, s in items]
-            )
+            rows = _encode(step, items)
             con.executemany("INSERT INTO summaries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         else:
             sql, rows = item

@@ -43,20 +43,22 @@ from typing import Any
 import numpy as np
 
 from ._errors import InputError
+from ._packing import EXP_BIAS, FLOAT_FIELDS, HIST, HIST_BINS, INT_FIELDS, MAX, ROW, SUM, Rows, hist_bins
 
 __all__ = [
     "HIST_BINS",
     "TensorSummary",
+    "from_rows",
     "hist_edges",
     "merge",
     "merge_all",
     "summarize",
+    "to_rows",
 ]
 
-#: Number of log2|x| histogram bins; see the module docstring for their edges.
-HIST_BINS = 256
-#: ``floor(log2|x|) + _EXP_BIAS`` is the bin of ``x`` (clipped to 0 .. 255).
-_EXP_BIAS = 127
+# The bin rule (``floor(log2|x|) + EXP_BIAS``, clipped to 0 .. 255) and its constants live in ._packing, the
+# one place the device kernels take them from too.
+_EXP_BIAS = EXP_BIAS
 _SQRT2 = math.sqrt(2.0)
 
 
@@ -264,9 +266,7 @@ def summarize(x: Any, *, unit_axis: int | None = None) -> TensorSummary:
     nz = fin[fin != 0.0]
     hist = np.zeros(HIST_BINS, dtype=np.int64)
     if nz.size:
-        _, e = np.frexp(np.abs(nz))  # |x| = m * 2**e with m in [0.5, 1), so floor(log2|x|) = e - 1
-        bins = np.clip(e.astype(np.int64) - 1 + _EXP_BIAS, 0, HIST_BINS - 1)
-        hist += np.bincount(bins, minlength=HIST_BINS)
+        hist += np.bincount(hist_bins(nz), minlength=HIST_BINS)
     with np.errstate(over="ignore"):  # |x| > 1.3e154 squares to inf, as it would on the device
         sum_sq = float(np.dot(fin, fin)) if fin.size else 0.0
     s = TensorSummary(
@@ -345,3 +345,40 @@ def merge(a: TensorSummary, b: TensorSummary) -> TensorSummary:
 def merge_all(summaries: Iterable[TensorSummary]) -> TensorSummary:
     """Merge any number of summaries; the empty summary (the identity of :func:`merge`) when there are none."""
     return functools.reduce(merge, summaries, TensorSummary())
+
+
+def from_rows(rows: Rows) -> list[TensorSummary]:
+    """The :class:`TensorSummary` of every row of packed rows (see :mod:`gradsight._packing`), in order."""
+    out = []
+    for i in range(len(rows)):
+        r = rows.rows[i]
+        s, s2, mn, mx = (float(v) for v in r[SUM : MAX + 1].view(np.float64))
+        ints = dict(zip(INT_FIELDS, (int(v) for v in r[: len(INT_FIELDS)]), strict=True))
+        u = rows.units[i]
+        out.append(
+            TensorSummary(
+                **ints,
+                sum=s,
+                sum_sq=s2,
+                min=mn,
+                max=mx,
+                hist=r[HIST:].copy(),
+                units_active=None if u is None else np.asarray(u, dtype=np.int64).copy(),
+                units_total=rows.units_total[i] if u is not None else 0,
+            )
+        )
+    return out
+
+
+def to_rows(summaries: Iterable[TensorSummary]) -> Rows:
+    """Packed rows (see :mod:`gradsight._packing`) of some summaries, in order."""
+    ss = list(summaries)
+    rows = np.zeros((len(ss), ROW), dtype=np.int64)
+    if ss:
+        rows[:, : len(INT_FIELDS)] = [[getattr(s, f) for f in INT_FIELDS] for s in ss]
+        floats = np.array([[getattr(s, f) for f in FLOAT_FIELDS] for s in ss], dtype=np.float64)
+        rows[:, SUM : MAX + 1] = floats.view(np.int64)
+        rows[:, HIST:] = np.stack([np.asarray(s.hist, dtype=np.int64) for s in ss])
+    units = [None if s.units_active is None else np.asarray(s.units_active, dtype=np.int64) for s in ss]
+    totals = [int(s.units_total) if s.units_active is not None else 0 for s in ss]
+    return Rows(rows, units, totals)

@@ -370,7 +370,7 @@ def test_writer_failure_reaches_the_user_at_the_next_step(tmp_path, monkeypatch)
         (lambda w: w.log(loss=1.0, step=-1), InputError, r"non-negative step number, got -1"),
         (lambda w: w.log(loss=1.0, step="3"), InputError, r"expects a step number.*got str '3'"),
         (lambda w: w.log(loss=1.0, step=torch.tensor(1.5)), InputError, r"expects a step number"),
-        (lambda w: w.log(loss="low"), InputError, r"expects a number or a one-element tensor, got 'low'"),
+        (lambda w: w.log(loss="low"), InputError, r"expects a number or a one-element tensor, got str 'low'"),
     ],
     ids=["2-element", "step=-1", "step=str", "step=float-tensor", "loss=str"],
 )
@@ -487,7 +487,7 @@ def test_keras_misuse(tmp_path, keras):
             run.log(val_loss=np.ones(2))
         run.log(val_loss=np.float32(0.25), step=2)
         assert run.scalars.loc[2, "val_loss"] == 0.25
-    with pytest.raises(WatchError, match=r"log: this watch on .* is closed"):
+    with pytest.raises(WatchError, match=r"cannot log: the watch recording to .* is closed"):
         run.log(val_loss=0.3)
 
 

@@ -7,15 +7,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from gradsight._packing import SummaryArrays
 from gradsight.frameworks import _torch_summary as ts
 from gradsight.frameworks._torch_summary import summarize_tensor, summarize_tensors
-from gradsight.summary import TensorSummary, summarize
+from gradsight.summary import TensorSummary, from_rows, summarize
 
 
 @pytest.fixture(autouse=True, params=["fast", "exact"])
 def kernels(request, monkeypatch):
     """Every test here runs twice: with the fast CPU float32 kernels and with the exact (accelerator) kernels."""
-    monkeypatch.setattr(ts, "FAST_CPU", request.param == "fast")
+    if request.param == "exact":  # the fast kernels decline (return None): the exact ones run
+        monkeypatch.setattr(ts, "_rows_f32_cpu", lambda g: None)
     return request.param
 
 
@@ -142,7 +144,7 @@ def test_rows_decode_like_unpack():
     packed = ts.Flat.of(xs, [1, 1, None]).stats()
     rows = ts.to_host_rows(packed)()
     for i, (s, x) in enumerate(zip(ts.to_host(packed)(), xs, strict=True)):
-        assert_matches(rows.summary(i), s)
+        assert_matches(from_rows(rows)[i], s)
         assert_matches(s, summarize(x.numpy(), unit_axis=None if i == 2 else 1))
 
 
@@ -156,14 +158,20 @@ def test_pieces_split_large_tensors_and_give_the_same_numbers(monkeypatch):
         assert_matches(b, summarize(x.numpy()))
 
 
-def test_writer_array_encoding_is_the_per_summary_encoding():
-    from gradsight.store import SummaryArrays, _encode, _encode_arrays
+def test_store_encoding_of_packed_rows_is_the_documented_record():
+    from gradsight.store import _encode
 
     xs = [torch.randn(4, 3), torch.relu(torch.randn(2, 5)), torch.zeros(0), torch.zeros(3), torch.tensor([math.nan])]
     packed = ts.Flat.of(xs, [1, 1, None, None, None]).stats()
     rows = ts.to_host_rows(packed)()
     tids = [7, 3, 9, 1, 4]
-    arrays = SummaryArrays(tids, rows.ints, rows.floats, rows.hist, rows.units, rows.units_total)
-    want = [_encode(5, t, rows.summary(i)) for i, t in enumerate(tids)]
-    got = _encode_arrays(5, arrays)
-    assert [repr(r) for r in got] == [repr(r) for r in want]
+    got = _encode(5, SummaryArrays(tids, rows))
+    assert [repr(r) for r in got] == [repr(r) for r in _encode(5, zip(tids, from_rows(rows), strict=True))]
+    for rec, tid, x in zip(got, tids, xs, strict=True):
+        ref = summarize(x.numpy())
+        nz = np.flatnonzero(ref.hist)
+        hist_lo = int(nz[0]) if nz.size else None
+        hist = ref.hist[nz[0] : nz[-1] + 1].astype("<i8").tobytes() if nz.size else None
+        head = (5, tid, ref.count, ref.sum, ref.sum_sq, ref.min, ref.max, ref.zeros, ref.nan, ref.posinf)
+        assert rec[:10] == pytest.approx(head, rel=1e-12, nan_ok=True)
+        assert rec[10:14] == (ref.neginf, ref.positive, hist_lo, hist)

@@ -281,7 +281,7 @@ def test_bad_inputs_and_odd_models(tmp_path):
 
 
 def test_refuses_non_modules_and_bad_optimizers(tmp_path, mlp):
-    from gradsight.frameworks._torch_watch import watch_torch
+    from gradsight.frameworks._torch import watch_torch
 
     with pytest.raises(InputError, match=r"expects a torch\.nn\.Module"):
         watch_torch(object())
@@ -495,7 +495,7 @@ def test_cheap_checks_on_the_accelerator_path(tmp_path, mlp, monkeypatch):
     """The device-resident cheap checks (norms and counts copied in batches), exercised on CPU."""
     from gradsight.frameworks import _torch_watch
 
-    monkeypatch.setattr(_torch_watch, "_HOST_CHEAP", False)
+    monkeypatch.setattr(_torch_watch, "_host_cheap", lambda tensors: False)
     opt = torch.optim.SGD(mlp.parameters(), lr=0.0)
     with watch(mlp, path=tmp_path / "r.db", optimizer=opt, preset="cheap", cheap_flush=2) as run:
         norms = []

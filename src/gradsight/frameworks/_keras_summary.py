@@ -15,45 +15,22 @@ single host transfer. The kernels follow the numpy reference :func:`gradsight.su
 
 Models compiled with ``jit_compile=True`` work (tested).
 
-Packed layout for ``n`` tensors: ``[n x 10 fields] + [n x 256 bins] + for each tensor with units: [units_total,
-units_active...]``. :class:`Layout` knows the offsets; :func:`unpack` inverts the packing in numpy.
+Packed layout: the float64 wire form of the one row layout of :mod:`gradsight._packing` — ``n`` rows of
+``ROW`` words (``count, zeros, nan, posinf, neginf, positive, sum, sum_sq, min, max, hist[0..255]``), then
+``[units_total, units_active...]`` per tensor with units. :class:`gradsight._packing.Layout` knows the offsets;
+:func:`gradsight._packing.rows_from_float64` unpacks it on the host. The bin constants come from there too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
 
-from ..summary import HIST_BINS, TensorSummary
+from .._packing import F32_MANTISSA_BITS, F64_BIN_OFFSET, F64_MANTISSA_BITS, HIST_BINS, Layout
 
-__all__ = ["Layout", "cheap_grad_scalars", "pack_summaries", "unpack"]
-
-#: Fields per tensor, in :class:`TensorSummary` order.
-_NFIELDS = 10
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where each tensor's fields live in a packed vector.
-
-    Attributes:
-        units: per tensor, the number of units counted along its last axis, or ``None`` for no unit counts.
-    """
-
-    units: tuple[int | None, ...]
-
-    @property
-    def n(self) -> int:
-        """Number of tensors."""
-        return len(self.units)
-
-    @property
-    def size(self) -> int:
-        """Length of the packed float64 vector."""
-        return self.n * (_NFIELDS + HIST_BINS) + sum(1 + u for u in self.units if u)
+__all__ = ["Layout", "cheap_grad_scalars", "pack_summaries"]
 
 
 #: Per-element class codes: 0..255 the histogram bin of a finite non-zero value, then these.
@@ -79,14 +56,14 @@ def _classify(t: tf.Tensor, scale: tf.Tensor | None = None) -> tuple[tf.Tensor, 
         bits = tf.bitcast(flat, tf.int64)
         mag = tf.bitwise.bitwise_and(bits, tf.constant(0x7FFFFFFFFFFFFFFF, tf.int64))
         inf_bits = tf.constant(0x7FF0000000000000, tf.int64)
-        expo = tf.bitwise.right_shift(mag, tf.constant(52, tf.int64))
-        bins = tf.clip_by_value(expo - (1023 - 127), 0, HIST_BINS - 1)
+        expo = tf.bitwise.right_shift(mag, tf.constant(F64_MANTISSA_BITS, tf.int64))
+        bins = tf.clip_by_value(expo - F64_BIN_OFFSET, 0, HIST_BINS - 1)
     else:
         flat = tf.cast(flat, tf.float32)
         bits = tf.bitcast(flat, tf.int32)
         mag = tf.bitwise.bitwise_and(bits, tf.constant(0x7FFFFFFF, tf.int32))
         inf_bits = tf.constant(0x7F800000, tf.int32)
-        bins = tf.bitwise.right_shift(mag, tf.constant(23, tf.int32))  # the biased exponent is the bin
+        bins = tf.bitwise.right_shift(mag, tf.constant(F32_MANTISSA_BITS, tf.int32))  # the biased exponent: the bin
     negative = tf.less(bits, 0)
     code = tf.where(
         tf.equal(mag, 0),
@@ -161,74 +138,32 @@ def pack_summaries(
         flat_counts = tf.math.bincount(allcodes, minlength=n * _NCODES, maxlength=n * _NCODES, dtype=tf.float64)
     counts = tf.reshape(flat_counts, [n, _NCODES])
     r = tf.stack(rows)  # [n, 6]: count, sum, sum_sq, min, max, positive
-    stats = tf.stack(
+    packed = tf.concat(  # the one row layout: count, zeros, nan, posinf, neginf, positive, sum, sum_sq, min, max, hist
         [
-            r[:, 0],
-            r[:, 1],
-            r[:, 2],
-            r[:, 3],
-            r[:, 4],
-            counts[:, _ZERO],
-            counts[:, _NAN],
-            counts[:, _POSINF],
-            counts[:, _NEGINF],
-            r[:, 5],
+            r[:, 0:1],
+            counts[:, _ZERO : _NEGINF + 1],
+            r[:, 5:6],
+            r[:, 1:5],
+            counts[:, :HIST_BINS],
         ],
         axis=1,
     )
-    return tf.concat([tf.reshape(stats, [-1]), tf.reshape(counts[:, :HIST_BINS], [-1]), *unit_parts], 0)
+    return tf.concat([tf.reshape(packed, [-1]), *unit_parts], 0)
 
 
 def cheap_grad_scalars(grads: Sequence[tf.Tensor], scale: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
-    """Global L2 norm of the gradients and their number of non-finite elements, as float64 scalars.
+    """Per-gradient L2 norms and numbers of non-finite elements, as float64 vectors (one entry per gradient).
 
-    Cheap enough for every step: one fused square-sum and one count per gradient, no float64 copies.
-    A non-finite gradient makes the norm NaN or Inf; the count says how many elements were.
+    Cheap enough for every step: one fused square-sum and one count per gradient, no float64 copies. A
+    non-finite gradient makes its norm NaN or Inf; the count says how many elements were. The host turns them
+    into the cheap-check scalars with :func:`gradsight._watch_core.cheap_scalars` (the same as torch's).
     """
     if not grads:
-        zero = tf.constant(0.0, tf.float64)
+        zero = tf.zeros([0], tf.float64)
         return zero, zero
-    sq = tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in grads])
-    norm = tf.sqrt(tf.cast(sq, tf.float64))
+    sq = tf.stack([tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in grads])
+    norms = tf.sqrt(tf.cast(sq, tf.float64))
     if scale is not None:
-        norm = norm * scale
-    bad = tf.add_n([tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(g)), tf.float64)) for g in grads])
-    return norm, bad
-
-
-def unpack(vec: np.ndarray, layout: Layout) -> list[TensorSummary]:
-    """Invert :func:`pack_summaries` on the host.
-
-    Args:
-        vec: the packed float64 vector.
-        layout: the layout it was packed with.
-
-    Returns:
-        One :class:`TensorSummary` per tensor, in packing order.
-    """
-    n = layout.n
-    stats = vec[: n * _NFIELDS].reshape(n, _NFIELDS)
-    hist = vec[n * _NFIELDS : n * (_NFIELDS + HIST_BINS)].reshape(n, HIST_BINS)
-    pos = n * (_NFIELDS + HIST_BINS)
-    out = []
-    for i, u in enumerate(layout.units):
-        c, s, s2, mn, mx, zeros, nan, pinf, ninf, positive = stats[i]
-        summ = TensorSummary(
-            count=int(c),
-            sum=float(s),
-            sum_sq=float(s2),
-            min=float(mn),
-            max=float(mx),
-            zeros=int(zeros),
-            nan=int(nan),
-            posinf=int(pinf),
-            neginf=int(ninf),
-            positive=int(positive),
-            hist=hist[i].astype(np.int64),
-        )
-        if u:
-            summ.units_total = int(vec[pos])
-            summ.units_active = vec[pos + 1 : pos + 1 + u].astype(np.int64)
-            pos += 1 + u
-        out.append(summ)
-    return out
+        norms = norms * scale
+    bad = tf.stack([tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(g)), tf.float64)) for g in grads])
+    return norms, bad

@@ -35,26 +35,30 @@ import contextlib
 import inspect
 import math
 import os
-import platform
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from .._errors import InputError, UnsupportedError, WatchError
-from .._schedule import Schedule, schedule
-from .._watch import check_step
-from ..store import Run, RunWriter, default_run_path, load
-from ._keras_summary import Layout, cheap_grad_scalars, pack_summaries, unpack
+from .._packing import Layout, Rows, SummaryArrays, rows_from_float64
+from .._schedule import Schedule, schedule_from
+from .._watch_core import WatchCore, cheap_scalars, unit_axis
+from ._keras_summary import cheap_grad_scalars, pack_summaries
+
+if TYPE_CHECKING:  # pragma: no cover
+    from typing_extensions import Unpack
+
+    from .._schedule import ScheduleSettings
 
 __all__ = ["GradsightKerasCallback", "KerasWatch", "watch_keras", "watch_tape"]
 
-#: Scalars recorded every step, in buffer order.
-SCALARS = ("loss", "lr", "grad_norm", "grad_nonfinite")
+#: Scalars recorded every step, in buffer order, before the cheap checks' per-variable norms and counts.
+SCALARS = ("loss", "lr")
 
 
 def _check_backend() -> None:
@@ -132,19 +136,22 @@ def _is_keras_own(method: Any) -> bool:
 
 
 # ---- the watch -----------------------------------------------------------------------------------------------
-class KerasWatch:
-    r"""A watch on a Keras model (or on plain ``tf.Variable``\\s for GradientTape loops).
+class KerasWatch(WatchCore):
+    r"""A watch on a Keras model (or on plain ``tf.Variable``\s for GradientTape loops).
 
-    Created by :func:`gradsight.watch` / :func:`watch_keras` or :func:`watch_tape`. A context manager:
-    ``with gradsight.watch(model) as w: model.fit(...)`` restores the model and closes the run file on exit, also
-    on exceptions (Ctrl-C included). Reading attributes of :class:`gradsight.Run` (``to_pandas``, ``scalars``,
-    ``summaries``, ``meta``, ...) on the watch reads the run file written so far.
+    Created by :func:`gradsight.watch` / :func:`watch_keras` or :func:`watch_tape`. The public API
+    (``current_step``, ``step()``, ``log``, ``log_event``, ``flush``, ``close``, the context manager and the read
+    API of :class:`gradsight.Run`) is :class:`gradsight._watch_core.WatchCore`'s; this class captures: a
+    recording ``train_step`` for ``fit``, :meth:`record_step` for tape loops. Leaving ``with gradsight.watch(model)
+    as w: model.fit(...)`` restores the model and closes the run file, also on exceptions (Ctrl-C included).
 
     Attributes:
         path: the run file.
         schedule: the resolved :class:`gradsight._schedule.Schedule` (shared with the PyTorch watch).
         model: the watched model, or ``None`` for a tape watch.
     """
+
+    framework = "keras"
 
     def __init__(
         self,
@@ -154,38 +161,21 @@ class KerasWatch:
         sched: Schedule,
         config: Mapping[str, Any] | None = None,
     ) -> None:
-        self.schedule = sched
         self._model_ref = None if model is None else weakref.ref(model)
-        run_path = default_run_path() if path is None else path
-        if path is None:
-            os.makedirs(os.path.dirname(os.fspath(run_path)), exist_ok=True)
-        self._meta_base: dict[str, Any] = {
-            "framework": "keras",
-            "source": "fit" if model is not None else "tape",
-            "versions": {
-                "tensorflow": tf.__version__,
-                "keras": keras.__version__,
-                "python": platform.python_version(),
-                "gradsight": _gradsight_version(),
-            },
-            "backend": keras.backend.backend(),
-            "config": sched.as_dict(),
-        }
-        if config is not None:
-            self._meta_base["user_config"] = dict(config)
-        # The metadata goes into the file's first transaction: a kill at any moment leaves a run that says
-        # which framework wrote it.
-        self._writer = RunWriter(
-            run_path, meta=self._meta_base, if_exists=sched.if_exists, commit_every=sched.commit_every
-        )
-        self.path = self._writer.path
-        self._next_step = 0 if self._writer.last_step is None else self._writer.last_step + 1
-        self._closed = False
         self._notes: list[str] = []
+        self._installed = False
+        self._open(
+            model,
+            path=path,
+            sched=sched,
+            config=config,
+            meta={"source": "fit" if model is not None else "tape", "backend": keras.backend.backend()},
+        )
         # graph state, built on the first fit (the model is built by then)
         self._ready = False
         self._slots = 0
         self._vars: list[Any] = []
+        self._var_names: list[str] = []
         self._post_vars: list[Any] = []
         self._snap: list[Any] = []
         self._discovered = False
@@ -201,8 +191,10 @@ class KerasWatch:
         self._post_layout = Layout(())
         self._seen = 0
         self._callback: _WatchCallback | None = None
-        self._installed = False
-        self._run: Run | None = None
+        self._closed = False
+
+    def _versions(self) -> dict[str, str]:
+        return {"tensorflow": tf.__version__, "keras": keras.__version__}
 
     # ---- public API ----------------------------------------------------------------------------------------
     @property
@@ -217,69 +209,31 @@ class KerasWatch:
             self._callback = _WatchCallback(self)
         return self._callback
 
-    @property
-    def step(self) -> int:
-        """The number of the next step to be recorded."""
-        return self._next_step
+    def step(self) -> None:
+        """Close the current step of a ``GradientTape`` loop without recording more for it.
 
-    def log(self, values: Mapping[str, float] | None = None, *, step: int | None = None, **scalars: float) -> None:
-        """Record extra scalars (e.g. ``w.log(val_loss=0.3)``) at ``step`` (default: the last recorded step).
+        :meth:`record_step` closes the step it records already; call ``step()`` for a step that records nothing
+        (e.g. skipped by a loss scaler), so that the next one keeps its number.
 
         Raises:
-            InputError: a value is not a number or one-element tensor, or ``step`` is not an int >= 0.
-            WatchError: the watch is closed.
+            WatchError: the watch is on a model trained with ``fit``, which closes steps itself; or it is closed.
         """
-        self._check_open("log")
-        vals = {**(values or {}), **scalars}
-        for k, v in vals.items():
-            if isinstance(v, bool) or not (isinstance(v, (int, float)) or _one_element(v)):
-                raise InputError(
-                    f"log({k}=...) expects a number or a one-element tensor, got {type(v).__name__} {v!r:.80}. "
-                    f"Reduce it first, e.g. log({k}=float(keras.ops.mean(t)))."
-                )
-        vals = {k: float(np.asarray(v).reshape(())) for k, v in vals.items()}
-        self._writer.log_scalars(max(self._next_step - 1, 0) if step is None else check_step(step), vals)
+        self._check_open("step")
+        if self._installed:
+            raise WatchError(
+                "watch.step() is for GradientTape loops; this watch is on a model trained with fit, whose train "
+                "step closes each step itself. Remove the watch.step() call (or use gradsight.watch_tape(path) "
+                "with record_step(...) for a hand-written loop)."
+            )
+        self._step += 1
 
-    def log_event(self, step: int | None, kind: str, payload: Mapping[str, Any]) -> None:
-        """Record an event (e.g. an online finding) with a JSON payload in the run file."""
-        self._check_open("log_event")
-        self._writer.log_event(step, kind, payload)
+    def _default_log_step(self) -> int:
+        """The last recorded step."""
+        return max(self._step - 1, 0)
 
-    def flush(self) -> None:
-        """Block until everything recorded so far is committed to the run file."""
-        if not self._closed:
-            self._writer.flush()
-
-    def close(self) -> None:
-        """Restore the model (``train_step``, ``fit``), commit and close the run file. Safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
+    def _release(self) -> None:
+        """Restore the model (``train_step``, ``fit``)."""
         self._uninstall()
-        if self._run is not None:
-            self._run.close()
-            self._run = None
-        self._writer.close()
-
-    def __enter__(self) -> KerasWatch:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __getattr__(self, name: str) -> Any:
-        # The read API of gradsight.Run, on the file written so far.
-        if name.startswith("_") or not hasattr(Run, name):
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        if not self._closed:
-            self._writer.flush()
-        if self._run is None:
-            self._run = load(self.path)
-        return getattr(self._run, name)
-
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
-        return f"KerasWatch({str(self.path)!r}, step={self._next_step}, every={self.schedule.every}, {state})"
 
     def record_step(
         self,
@@ -338,8 +292,8 @@ class KerasWatch:
                 f"record_step: output_grads has names {extra!r} that are not in outputs {sorted(outputs)!r}; "
                 "pass each intermediate tensor in outputs= and its gradient under the same name in output_grads=."
             )
-        s = self._next_step if step is None else int(step)
-        self._next_step = s + 1
+        s = self._step if step is None else int(step)
+        self._step = s + 1
         grads = [
             tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, var_list, strict=True)
         ]
@@ -349,10 +303,10 @@ class KerasWatch:
         if lr is not None:
             scal["lr"] = float(np.asarray(lr.value if hasattr(lr, "value") and not callable(lr) else lr))
         if self.schedule.cheap:
-            norm, bad = cheap_grad_scalars(grads)
-            scal["grad_norm"], scal["grad_nonfinite"] = float(norm), float(bad)
-        if scal:
-            self._writer.log_scalars(s, scal)
+            norms, bad = cheap_grad_scalars(grads)
+            scal.update(cheap_scalars(names, norms.numpy().tolist(), bad.numpy().tolist()))
+        self._buffer_scalars(s, scal)
+        self._maybe_flush_scalars()
         logged = self.schedule.is_logged(s)
         rec = _StepRecord(self, s, names, var_list, logged and "update" in self.schedule.kinds)
         if not logged:
@@ -365,7 +319,7 @@ class KerasWatch:
             t = tf.convert_to_tensor(t)
             if not _is_float(t):
                 return
-            u = int(t.shape[-1]) if units and self.schedule.units and t.shape.rank and t.shape[-1] else None
+            u = _units(t) if units and self.schedule.units else None
             entries.append(_Entry(name, layer, kind, _shape(t), _dtype_name(t), u))
             tensors.append(t)
 
@@ -406,14 +360,7 @@ class KerasWatch:
         layout = Layout(tuple(e.units for e in entries))
         vec = pack_summaries(tensors, layout).numpy()  # eagerly: tape loops vary shapes, tracing would not pay
         tids = [e.tid for e in entries]
-        self._writer.log_summaries(step, lambda: zip(tids, unpack(vec, layout), strict=True))
-
-    def _check_open(self, what: str) -> None:
-        if self._closed:
-            raise WatchError(
-                f"{what}: this watch on {str(self.path)!r} is closed. Start a new one with gradsight.watch(model, "
-                f"path=..., if_exists='append') to continue the run."
-            )
+        self._writer.log_summaries(step, lambda: SummaryArrays(tids, rows_from_float64(vec, layout)))
 
     # ---- internals: fit path -------------------------------------------------------------------------------
     def _install(self) -> None:
@@ -434,9 +381,9 @@ class KerasWatch:
                 result = original_fit(*args, **kwargs)
             except BaseException:
                 with contextlib.suppress(Exception):  # never mask the exception that stopped fit
-                    watch._writer.flush()
+                    watch.flush()
                 raise
-            watch._writer.flush()  # a writer failure (StoreError) reaches the user here, not later
+            watch.flush()  # a writer failure (StoreError) reaches the user here, not later
             return result
 
         fit.__doc__ = original_fit.__doc__
@@ -467,8 +414,7 @@ class KerasWatch:
         self._slots = slots
         if first:
             self._prepare_forward(model)
-            self._step_var = tf.Variable(self._next_step, dtype=tf.int64, trainable=False)
-        self._scal_buf = tf.Variable(tf.zeros([slots, len(SCALARS)], tf.float64), trainable=False)
+            self._step_var = tf.Variable(self._step, dtype=tf.int64, trainable=False)
         if self._discovered:
             self._make_buffers()
         self._seen = int(self._step_var.numpy())
@@ -476,6 +422,8 @@ class KerasWatch:
         return True
 
     def _make_buffers(self) -> None:
+        width = len(SCALARS) + (2 * len(self._vars) if self.schedule.cheap else 0)  # norms, then counts
+        self._scal_buf = tf.Variable(tf.zeros([self._slots, width], tf.float64), trainable=False)
         self._pre_buf = tf.Variable(tf.zeros([self._slots, self._pre_layout.size], tf.float64), trainable=False)
         self._post_buf = tf.Variable(tf.zeros([self._slots, self._post_layout.size], tf.float64), trainable=False)
         if not self._snap:
@@ -537,7 +485,7 @@ class KerasWatch:
             for v in layer.trainable_variables:
                 owner.setdefault(id(v), layer.name)
         taken: set[str] = set()
-        names = [_var_name(v, taken) for v in self._vars]
+        names = self._var_names = [_var_name(v, taken) for v in self._vars]
         layers = [owner.get(id(v), n.rsplit("/", 1)[0]) for v, n in zip(self._vars, names, strict=True)]
         pre: list[_Entry] = []
         for kind in ("weight", "grad"):
@@ -550,7 +498,7 @@ class KerasWatch:
         for (name, layer), t, ok in zip(self._out_names, inter, self._out_mask, strict=True):
             if not ok:
                 continue
-            u = int(t.shape[-1]) if self.schedule.units and t.shape.rank and t.shape[-1] else None
+            u = _units(t) if self.schedule.units else None
             if "output" in kinds:
                 pre.append(_Entry(name, layer, "output", _batch_shape(t), t.dtype.name, u))
             if "output_grad" in kinds:
@@ -673,11 +621,11 @@ class KerasWatch:
         if opt is not None:
             with contextlib.suppress(Exception):
                 lr = tf.cast(tf.convert_to_tensor(opt.learning_rate), tf.float64)
+        head = tf.stack([tf.cast(loss, tf.float64), lr])
         if self.schedule.cheap:
-            norm, bad = cheap_grad_scalars(safe_grads, inv)
-        else:
-            norm, bad = nan, nan
-        self._scal_buf[slot].assign(tf.stack([tf.cast(loss, tf.float64), lr, norm, bad]))
+            norms, bad = cheap_grad_scalars(safe_grads, inv)
+            head = tf.concat([head, norms, bad], 0)
+        self._scal_buf[slot].assign(head)
         self._step_var.assign_add(1)
         return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
@@ -688,36 +636,52 @@ class KerasWatch:
         now = int(self._step_var.numpy())
         steps = range(self._seen, now)
         self._seen = now
-        self._next_step = max(self._next_step, now)
+        self._step = max(self._step, now)
         if not steps:
             return
         scal = self._scal_buf.numpy()
-        names = SCALARS if self.schedule.cheap else SCALARS[:2]
+        n = len(self._var_names)
         for s in steps:
-            row = scal[s % self._slots]
-            self._writer.log_scalars(s, {n: float(row[i]) for i, n in enumerate(names)})
+            row = scal[s % self._slots].tolist()
+            values = dict(zip(SCALARS, row, strict=False))
+            if self.schedule.cheap and n and len(row) >= len(SCALARS) + 2 * n:
+                k = len(SCALARS)
+                values.update(cheap_scalars(self._var_names, row[k : k + n], row[k + n : k + 2 * n]))
+            self._buffer_scalars(s, values)
+        self._maybe_flush_scalars()
         logged = [s for s in steps if self.schedule.is_logged(s)]
-        if not logged or not self._discovered:
-            return
+        if logged and self._discovered:
+            self._drain_summaries(logged)
+
+    def _drain_summaries(self, logged: list[int]) -> None:
+        """Hand the logged steps' packed buffers to the writer, unpacked on its thread into the one row layout."""
         pre = self._pre_buf.numpy() if self._pre_layout.size else None
         post = self._post_buf.numpy() if self._post_layout.size else None
-        pre_ids = [e.tid for e in self._pre]
-        post_ids = [e.tid for e in self._post]
+        tids = [e.tid for e in self._pre if pre is not None] + [e.tid for e in self._post if post is not None]
         pre_layout, post_layout = self._pre_layout, self._post_layout
         for s in logged:
             slot = s % self._slots
             a = None if pre is None else pre[slot].copy()
             b = None if post is None else post[slot].copy()
 
-            def items(a: Any = a, b: Any = b) -> list[tuple[int, Any]]:
-                out: list[tuple[int, Any]] = []
+            def items(a: Any = a, b: Any = b) -> SummaryArrays:
+                parts = []
                 if a is not None:
-                    out += list(zip(pre_ids, unpack(a, pre_layout), strict=True))
+                    parts.append(rows_from_float64(a, pre_layout))
                 if b is not None:
-                    out += list(zip(post_ids, unpack(b, post_layout), strict=True))
-                return out
+                    parts.append(rows_from_float64(b, post_layout))
+                return SummaryArrays(tids, Rows.concat(parts))
 
             self._writer.log_summaries(s, items)
+
+
+def _units(t: Any) -> int | None:
+    """The number of units of a layer output (the shared unit-axis rule; Keras layouts are channels-last)."""
+    rank = t.shape.rank
+    axis = unit_axis(rank or 0)  # channels-last: the last axis (the kernel counts along it)
+    if axis is None or not t.shape[axis]:
+        return None
+    return int(t.shape[axis])
 
 
 def _one_element(v: Any) -> bool:
@@ -733,12 +697,6 @@ def _has_training_arg(model: Any) -> bool:
         return "training" in inspect.signature(model.call).parameters
     except (TypeError, ValueError):
         return True
-
-
-def _gradsight_version() -> str:
-    from .. import __version__
-
-    return __version__
 
 
 @dataclass
@@ -800,7 +758,7 @@ class _WatchCallback(keras.callbacks.Callback):
         w = self._watch()
         if w is not None and not w._closed:
             w._drain()
-            w._writer.flush()
+            w.flush()
 
 
 class GradsightKerasCallback(keras.callbacks.Callback):
@@ -818,14 +776,8 @@ class GradsightKerasCallback(keras.callbacks.Callback):
 
     def __init__(self, path: str | os.PathLike[str] | None = None, **kwargs: Any) -> None:
         super().__init__()
-        schedule(
-            kwargs.get("preset", "default"),
-            **{
-                k: kwargs[k]
-                for k in ("every", "kinds", "cheap", "units", "cheap_flush", "if_exists", "commit_every")
-                if k in kwargs
-            },
-        )  # fail early on bad settings
+        settings = {k: v for k, v in kwargs.items() if k not in ("preset", "config")}
+        schedule_from(kwargs.get("preset", "default"), settings, where="GradsightKerasCallback")  # fail early
         self._path = path
         self._kwargs = kwargs
         self.watch: KerasWatch | None = None
@@ -863,14 +815,8 @@ def watch_keras(
     *,
     path: str | os.PathLike[str] | None = None,
     preset: str | Schedule = "default",
-    every: int | None = None,
-    kinds: str | tuple[str, ...] | list[str] | None = None,
-    cheap: bool | None = None,
-    units: bool | None = None,
-    cheap_flush: int | None = None,
-    if_exists: str | None = None,
-    commit_every: float | None = None,
     config: dict[str, Any] | None = None,
+    **settings: Unpack[ScheduleSettings],
 ) -> KerasWatch:
     """Watch a Keras 3 model (TensorFlow backend) during ``model.fit``; see the module docstring for how.
 
@@ -881,15 +827,11 @@ def watch_keras(
         model: a ``keras.Model`` (Functional, Sequential or subclassed; built or not, compiled or not).
         path: the run file (default: ``./gradsight-runs/run-<timestamp>.db``).
         preset: ``"cheap"``, ``"default"`` (summaries every 100 steps) or ``"full"`` (every step), or a Schedule.
-        every: full summaries every ``every`` steps (0: never); overrides the preset.
-        kinds: which of ``weight, grad, update, output, output_grad`` to summarise.
-        cheap: ``grad_norm`` and ``grad_nonfinite`` at every step.
-        units: per-unit activity counts of layer outputs (last axis).
-        cheap_flush: accepted for parity with the PyTorch watch; the Keras watch copies the per-step scalars
-            to the host once per ``train_function`` call (``steps_per_execution`` steps) through its callback.
-        if_exists: ``"error"`` (default), ``"append"`` (continue the run's step count) or ``"overwrite"``.
-        commit_every: the longest time in seconds between recording and commit.
         config: your own run configuration (JSON-serialisable), stored in the metadata as ``user_config``.
+        **settings: the schedule settings, the same for every framework: ``every``, ``kinds``, ``cheap``,
+            ``units``, ``cheap_flush``, ``if_exists``, ``commit_every`` (see :func:`gradsight._schedule.schedule`).
+            The per-step scalars reach the host once per ``train_function`` call (``steps_per_execution``
+            steps), through the watch's callback, and the writer every ``cheap_flush`` of them.
 
     Returns:
         A :class:`KerasWatch`: a context manager with ``close()``, ``log(...)``, ``record_step(...)``,
@@ -927,16 +869,7 @@ def watch_keras(
             f"model {model.name!r} is already watched (or has a train_step set on the instance). Close the first "
             "watch (watch.close(), or use `with gradsight.watch(model) as w:`) before watching it again."
         )
-    sched = schedule(
-        preset,
-        every=every,
-        kinds=kinds,
-        cheap=cheap,
-        units=units,
-        cheap_flush=cheap_flush,
-        if_exists=if_exists,
-        commit_every=commit_every,
-    )
+    sched = schedule_from(preset, settings)
     w = KerasWatch(model, path=path, sched=sched, config=config)
     w._install()
     return w
@@ -946,13 +879,8 @@ def watch_tape(
     path: str | os.PathLike[str] | None = None,
     *,
     preset: str | Schedule = "full",
-    every: int | None = None,
-    kinds: str | tuple[str, ...] | list[str] | None = None,
-    cheap: bool | None = None,
-    units: bool | None = None,
-    if_exists: str | None = None,
-    commit_every: float | None = None,
     config: dict[str, Any] | None = None,
+    **settings: Unpack[ScheduleSettings],
 ) -> KerasWatch:
     """A watch for a plain ``tf.GradientTape`` loop on raw variables; record with :meth:`KerasWatch.record_step`.
 
@@ -960,7 +888,5 @@ def watch_tape(
     are usually small experiments.
     """
     _check_backend()
-    sched = schedule(
-        preset, every=every, kinds=kinds, cheap=cheap, units=units, if_exists=if_exists, commit_every=commit_every
-    )
+    sched = schedule_from(preset, settings, where="watch_tape")
     return KerasWatch(None, path=path, sched=sched, config=config)

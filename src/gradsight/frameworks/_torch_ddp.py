@@ -619,13 +619,13 @@ class DDPWatch(Watch):
         """Whether this rank writes a run file (rank 0, or every rank with ``rank_paths=True``)."""
         return self._writes
 
-    def close(self) -> None:
-        """Remove every hook and commit the run file (collective-free: safe on a rank that finishes early)."""
+    def _release(self) -> None:
+        """Remove the DDP hooks too; closing is collective-free: safe on a rank that finishes early."""
         for h in self._ddp_handles:
             h.remove()
         self._ddp_handles.clear()
         self._disarm_noise()
-        super().close()
+        super()._release()
 
     def _reader(self) -> Any:
         if not self._writes:

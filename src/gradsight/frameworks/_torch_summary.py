@@ -52,7 +52,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..summary import HIST_BINS, TensorSummary
+from .._packing import (
+    COUNT,
+    F32_EXP_MASK,
+    F32_MANTISSA_BITS,
+    FREXP_BIN_OFFSET,
+    HIST,
+    HIST_BINS,
+    MAX,
+    POSITIVE,
+    ROW,
+    SUM,
+    ZEROS,
+    Rows,
+    empty_rows,
+    rows_at,
+)
+from ..summary import TensorSummary, from_rows
 
 __all__ = [
     "CHUNK_ELEMENTS",
@@ -74,15 +90,7 @@ _W64 = 516  # codes per tensor in the float64 layout
 _W9 = 512  # codes per tensor in the fast CPU float32 layout (sign, exponent field)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
-# Columns of a row (int64 words; the four float64 fields are bit-cast).
-_COUNT, _ZEROS, _NAN, _POSINF, _NEGINF, _POSITIVE = range(6)
-_SUM, _SUM_SQ, _MIN, _MAX = range(6, 10)
-_HIST = 10
-#: Width of one tensor's row in a packed buffer.
-ROW = _HIST + HIST_BINS
-
-#: Use the fast CPU float32 kernels where they apply (tests switch it off to exercise the exact kernels on CPU).
-FAST_CPU = True
+# Rows (``ROW`` int64 words per tensor, float64 fields bit-cast) follow the one layout of gradsight._packing.
 
 
 def _group_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -225,12 +233,8 @@ def _chunks(idx: list[int], numels: list[int]) -> list[list[int]]:
 
 
 def _empty_rows(numels: list[int], device: torch.device | None) -> torch.Tensor:
-    """Rows for tensors not yet summarised: ``count`` set, ``min``/``max`` the identities, the rest 0."""
-    rows = np.zeros((len(numels), ROW), dtype=np.int64)
-    rows[:, _COUNT] = numels
-    rows[:, _MIN] = np.array(math.inf).view(np.int64)
-    rows[:, _MAX] = np.array(-math.inf).view(np.int64)
-    t = torch.from_numpy(rows)
+    """Rows for tensors not yet summarised (see :func:`gradsight._packing.empty_rows`), on ``device``."""
+    t = torch.from_numpy(empty_rows(numels))
     return t if device is None or device.type == "cpu" else t.to(device)
 
 
@@ -276,7 +280,7 @@ def _starts(numels: list[int]) -> np.ndarray:
 
 def _group_rows(g: _Group) -> torch.Tensor:
     """``(n, ROW)`` int64 rows for one group's tensors, on the group's device."""
-    if FAST_CPU and g.dtype == torch.float32 and g.flat.device.type == "cpu":
+    if g.dtype == torch.float32 and g.flat.device.type == "cpu":
         rows = _rows_f32_cpu(g)
         if rows is not None:
             return rows
@@ -370,7 +374,7 @@ def _rows_f32_cpu(g: _Group) -> torch.Tensor | None:
     c = np.zeros((n, _W9), dtype=np.int64)  # per tensor: [negative, positive] x exponent field
     for p in plan:
         cp = codes[: p.hi - p.lo]
-        torch.bitwise_right_shift(bits[p.lo : p.hi], 23, out=cp)  # sign and exponent field, -256 .. 255
+        torch.bitwise_right_shift(bits[p.lo : p.hi], F32_MANTISSA_BITS, out=cp)  # sign and exponent, -256 .. 255
         if p.seg is None:
             cp.add_(256)
             c[p.index[0]] += torch.bincount(cp, minlength=_W9).numpy()
@@ -402,14 +406,14 @@ def _rows_f32_cpu(g: _Group) -> torch.Tensor | None:
         np.square(y, out=y)  # exact: a float32 squared fits a float64
         floats[i, 1] += np.add.reduceat(y, p.starts)
     rows = np.empty((n, ROW), dtype=np.int64)
-    rows[:, _COUNT] = numels
-    rows[:, _ZEROS] = exp0
-    rows[:, _NAN : _NEGINF + 1] = 0
-    hist = rows[:, _HIST:]
+    rows[:, COUNT] = numels
+    rows[:, ZEROS] = exp0
+    rows[:, ZEROS + 1 : POSITIVE] = 0  # nan, posinf, neginf
+    hist = rows[:, HIST:]
     np.add(c[:, 0], c[:, 1], out=hist)
     hist[:, 0] = 0
-    rows[:, _POSITIVE] = c[:, 1, 1:255].sum(1)
-    rows[:, _SUM : _MAX + 1] = floats.view(np.int64)
+    rows[:, POSITIVE] = c[:, 1, 1:255].sum(1)
+    rows[:, SUM : MAX + 1] = floats.view(np.int64)
     return torch.from_numpy(rows)
 
 
@@ -419,8 +423,8 @@ def _rows_exact(g: _Group) -> torch.Tensor:
     seg = _seg_codes(g.numels, _W32 if g.dtype == torch.float32 else _W64, flat.device)
     if g.dtype == torch.float32:
         bits = flat.view(torch.int32)
-        code = bits >> 23
-        code &= 0x1FF  # sign and exponent field
+        code = bits >> F32_MANTISSA_BITS
+        code &= (F32_EXP_MASK << 1) | 1  # sign and exponent field
         mant = bits & 0x7FFFFF
         mant += 0x7FFFFF  # >= 2**23 exactly when the mantissa is non-zero
         mant >>= 14
@@ -438,7 +442,7 @@ def _rows_exact(g: _Group) -> torch.Tensor:
         fin0 = torch.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0).to(torch.float64)
     else:
         _, e = torch.frexp(flat)
-        code = (e.to(torch.int32) + 126).clamp_(0, HIST_BINS - 1)
+        code = (e.to(torch.int32) + FREXP_BIN_OFFSET).clamp_(0, HIST_BINS - 1)
         code += (flat < 0).to(torch.int32) << 8
         code = torch.where(flat == 0, 512, code)
         code = torch.where(torch.isnan(flat), 513, code)
@@ -529,73 +533,8 @@ def to_host(packed: PackedStats) -> Callable[[], list[TensorSummary]]:
     return finish
 
 
-@dataclass
-class Rows:
-    """Host summaries of a packed buffer as arrays: ``rows[i]`` (``ROW`` int64 words) is tensor ``i``.
-
-    ``units[i]`` is tensor ``i``'s per-unit activity counts (``None`` when not recorded), ``units_total[i]``
-    its entries per unit.
-    """
-
-    rows: np.ndarray
-    units: list[np.ndarray | None]
-    units_total: list[int]
-
-    @property
-    def ints(self) -> np.ndarray:
-        """``(n, 6)`` int64: count, zeros, nan, posinf, neginf, positive."""
-        return self.rows[:, : _POSITIVE + 1]
-
-    @property
-    def floats(self) -> np.ndarray:
-        """``(n, 4)`` float64: sum, sum_sq, min, max."""
-        return np.ascontiguousarray(self.rows[:, _SUM : _MAX + 1]).view(np.float64)
-
-    @property
-    def hist(self) -> np.ndarray:
-        """``(n, 256)`` int64 histogram bins."""
-        return self.rows[:, _HIST:]
-
-    def summary(self, i: int) -> TensorSummary:
-        """Row ``i`` as a :class:`~gradsight.summary.TensorSummary`."""
-        r = self.rows[i]
-        s, s2, mn, mx = (float(v) for v in r[_SUM : _MAX + 1].view(np.float64))
-        u = self.units[i]
-        return TensorSummary(
-            count=int(r[_COUNT]),
-            sum=s,
-            sum_sq=s2,
-            min=mn,
-            max=mx,
-            zeros=int(r[_ZEROS]),
-            nan=int(r[_NAN]),
-            posinf=int(r[_POSINF]),
-            neginf=int(r[_NEGINF]),
-            positive=int(r[_POSITIVE]),
-            hist=r[_HIST:].copy(),
-            units_active=None if u is None else u.copy(),
-            units_total=self.units_total[i] if u is not None else 0,
-        )
-
-
-def _rows_at(
-    arr: np.ndarray, layout: _Layout, offset: int
-) -> tuple[np.ndarray, list[np.ndarray | None], list[int], int]:
-    n = len(layout.numels)
-    rows = arr[offset : offset + n * ROW].reshape(n, ROW)
-    offset += n * ROW
-    units: list[np.ndarray | None] = []
-    totals: list[int] = []
-    for u in layout.units:
-        if u is None:
-            units.append(None)
-            totals.append(0)
-            continue
-        n_units, total = u
-        units.append(arr[offset : offset + n_units])
-        totals.append(total)
-        offset += n_units
-    return rows, units, totals, offset
+def _rows_at(arr: np.ndarray, layout: _Layout, offset: int) -> tuple[Rows, int]:
+    return rows_at(arr, layout.units, offset)
 
 
 def to_host_rows(packed: PackedStats) -> Callable[[], Rows]:
@@ -606,15 +545,12 @@ def to_host_rows(packed: PackedStats) -> Callable[[], Rows]:
     def finish() -> Rows:
         wait()
         arr = host.numpy()
-        parts, units, totals = [], [], []
+        parts = []
         offset = 0
         for layout in layouts:
-            rows, us, ts, offset = _rows_at(arr, layout, offset)
+            rows, offset = _rows_at(arr, layout, offset)
             parts.append(rows)
-            units.extend(us)
-            totals.extend(ts)
-        rows = np.concatenate(parts) if len(parts) != 1 else parts[0]
-        return Rows(rows, units, totals)
+        return Rows.concat(parts)
 
     return finish
 
@@ -625,9 +561,8 @@ def unpack(arr: np.ndarray, layout: _Layout, offset: int = 0) -> tuple[list[Tens
     Returns:
         The summaries in the batch's tensor order, and the offset just past the batch's part.
     """
-    rows, units, totals, offset = _rows_at(arr, layout, offset)
-    r = Rows(rows, units, totals)
-    return [r.summary(i) for i in range(len(layout.numels))], offset
+    rows, offset = _rows_at(arr, layout, offset)
+    return from_rows(rows), offset
 
 
 def summarize_tensors(

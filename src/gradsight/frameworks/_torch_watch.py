@@ -63,42 +63,28 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import sys
-import threading
-import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping
-from datetime import datetime, timezone
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from .. import __version__
 from .._errors import InputError, WatchError
-from .._schedule import Schedule, schedule
-from .._watch import check_step
+from .._packing import Rows, SummaryArrays, merge_rows
+from .._schedule import Schedule
+from .._watch_core import WatchCore, cheap_scalars, unit_axis
 from ..diagnose._online import GradsightWarning
-from ..store import Run, RunWriter, SummaryArrays, TensorInfo, default_run_path
-from ..summary import TensorSummary, merge_all
-from ._torch_summary import Flat, PackedStats, Rows, to_host_rows
+from ..store import RunWriter
+from ..summary import TensorSummary, to_rows
+from ._torch_summary import Flat, PackedStats, to_host_rows
 
-if TYPE_CHECKING:  # pragma: no cover
-    import pandas as pd
+__all__ = ["Watch", "unit_axis_for"]
 
-__all__ = ["Watch", "unit_axis_for", "watch_torch"]
-
-_LOCK = threading.Lock()
 #: Parameter batches up to this many elements are kept until the step ends and summarised together (one kernel
 #: set per step instead of one per kind; the cost is holding the copies during ``optimizer.step()``).
 _JOIN_ELEMENTS = 1 << 22
-#: Keep CPU gradients' cheap checks as host floats (tests switch it off to exercise the accelerator path on CPU).
-_HOST_CHEAP = True
-#: model -> its open watch (weak on both sides: a forgotten watch does not keep a model alive, nor vice versa).
-_OPEN: weakref.WeakKeyDictionary[nn.Module, weakref.ref[Watch]] = weakref.WeakKeyDictionary()
 #: Backward passes without any step after which the watch warns that it records nothing (also checked at close).
 #: Large enough for gradient accumulation over many micro-batches before the first optimizer step.
 NO_STEP_WARN_AFTER = 100
@@ -120,24 +106,25 @@ _CHANNEL_FIRST: tuple[type, ...] = (
 
 
 def unit_axis_for(module: nn.Module, output: torch.Tensor, inherited: int | None = None) -> int | None:
-    """The unit axis of a module's output (see the module docstring for the rule), as a non-negative int.
+    """The unit axis of a module's output: :func:`gradsight._watch_core.unit_axis` for torch modules.
 
     Args:
-        module: the module that produced ``output``.
+        module: the module that produced ``output`` (channel-first: convolutions, norms, pooling, channel dropout).
         output: the output tensor.
         inherited: the unit axis of the module's (same-shaped) input, when that input was a recorded output.
 
     Returns:
         The axis, or ``None`` for a 0-d output.
     """
-    nd = output.dim()
-    if nd == 0:
-        return None
-    if nd >= 3 and isinstance(module, _CHANNEL_FIRST):
-        return 1
-    if inherited is not None:
-        return inherited
-    return nd - 1
+    return unit_axis(output.dim(), channel_first=isinstance(module, _CHANNEL_FIRST), inherited=inherited)
+
+
+def _host_cheap(tensors: list[torch.Tensor]) -> bool:
+    """Whether the cheap checks read their norms on the host at once: every gradient on the CPU (no device sync).
+
+    Tests replace this function to exercise the accelerator path on CPU.
+    """
+    return all(t.device.type == "cpu" for t in tensors)
 
 
 def _is_float(t: Any) -> bool:
@@ -161,14 +148,16 @@ def _output_items(out: Any) -> list[tuple[str, torch.Tensor]]:
     return []
 
 
-class Watch:
+class Watch(WatchCore):
     """An open watch on a ``torch.nn.Module``; create it with :func:`gradsight.watch`.
 
-    A context manager (``with gradsight.watch(model, optimizer=opt) as run: ...``) and a plain object with
-    :meth:`close`. It also offers the read API of :class:`gradsight.store.Run` (``to_pandas``, ``steps``,
-    ``layers``, ``scalars``, ``summaries``, ``summary``, ``meta``, ``tensors``), which first commits everything
-    recorded so far; ``os.fspath(watch)`` and ``gradsight.load(watch)`` give the run file.
+    The public API (``current_step``, ``step()``, ``log``, ``log_event``, ``flush``, ``close``, the context
+    manager and the read API of :class:`gradsight.store.Run`) is :class:`gradsight._watch_core.WatchCore`'s;
+    this class captures: hooks on the model and the optimizer, summaries computed on the device.
+    ``os.fspath(watch)`` and ``gradsight.load(watch)`` give the run file.
     """
+
+    framework = "torch"
 
     def __init__(
         self,
@@ -183,7 +172,6 @@ class Watch:
         self.schedule = sched
         self._handles: list[Any] = []
         self._leaf_handles: list[Any] = []
-        self._run: Run | None = None
         self._notes: list[str] = []
         # ---- compiled models: introspect the original module, hook only outside the compiled region -----------
         outer = model
@@ -199,8 +187,33 @@ class Watch:
             )
             self._notes.append(note)
             warnings.warn(GradsightWarning(f"gradsight: {note}"), stacklevel=4)
+        aliases, skipped = self._collect_params(model)
+        self._optimizer = optimizer
+        opt_meta = self._collect_optimizer(model, optimizer)
+        layers = self._collect_layers(model)
+        self._open(
+            model,
+            path=path,
+            sched=sched,
+            config=config,
+            meta={
+                "model": {"type": type(model).__name__, "layers": layers},
+                "aliases": aliases,
+                "skipped": skipped,
+                "optimizer": None if optimizer is None else type(optimizer).__name__,
+                "optimizer_params": opt_meta,
+                "compiled": self._compiled,
+            },
+        )
+        self._model_ref = weakref.ref(model)
+        self._init_step_state()
+        self._attach(outer, optimizer)
 
-        # ---- parameters: unique, floating-point; aliases (tied weights) and skipped ones noted --------------
+    def _versions(self) -> dict[str, str]:
+        return {"torch": torch.__version__}
+
+    def _collect_params(self, model: nn.Module) -> tuple[dict[str, list[str]], dict[str, str]]:
+        """Unique floating-point parameters; returns the aliases (tied weights) and the skipped ones, for meta."""
         params: dict[int, tuple[str, nn.Parameter]] = {}
         aliases: dict[str, list[str]] = {}
         skipped: dict[str, str] = {}
@@ -213,29 +226,36 @@ class Watch:
                 continue
             params[id(p)] = (name, p)
         self._params: list[tuple[str, nn.Parameter]] = list(params.values())
-        self._optimizer = optimizer
-        opt_meta: dict[str, Any] | None = None
-        if optimizer is not None:
-            held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-            self._update_params = [(n, p) for n, p in self._params if id(p) in held]
-            if held and not self._update_params:
-                raise InputError(
-                    f"the optimizer given ({type(optimizer).__name__}) holds {len(held)} parameter tensor(s), but "
-                    f"none of them belongs to the watched {type(model).__name__} (which has {len(self._params)}), "
-                    "so no step of this model would ever be recorded. It is probably the optimizer of another "
-                    "model (or of a copy made after the optimizer was created). Pass the optimizer that updates "
-                    "this model: gradsight.watch(model, optimizer=torch.optim.SGD(model.parameters(), lr=...))."
-                )
-            opt_meta = {
-                "type": type(optimizer).__name__,
-                "params_held": len(held),
-                "model_params_held": len(self._update_params),
-                "model_params": len(self._params),
-            }
-        else:
-            self._update_params = [(n, p) for n, p in self._params if p.requires_grad]
+        return aliases, skipped
 
-        # ---- leaf modules and layer structure -----------------------------------------------------------------
+    def _collect_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any] | None:
+        """The parameters whose updates are recorded; the optimizer's part of the metadata.
+
+        Raises:
+            InputError: the optimizer holds parameters, none of them the model's.
+        """
+        if optimizer is None:
+            self._update_params = [(n, p) for n, p in self._params if p.requires_grad]
+            return None
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        self._update_params = [(n, p) for n, p in self._params if id(p) in held]
+        if held and not self._update_params:
+            raise InputError(
+                f"the optimizer given ({type(optimizer).__name__}) holds {len(held)} parameter tensor(s), but "
+                f"none of them belongs to the watched {type(model).__name__} (which has {len(self._params)}), "
+                "so no step of this model would ever be recorded. It is probably the optimizer of another "
+                "model (or of a copy made after the optimizer was created). Pass the optimizer that updates "
+                "this model: gradsight.watch(model, optimizer=torch.optim.SGD(model.parameters(), lr=...))."
+            )
+        return {
+            "type": type(optimizer).__name__,
+            "params_held": len(held),
+            "model_params_held": len(self._update_params),
+            "model_params": len(self._params),
+        }
+
+    def _collect_layers(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Leaf modules (hooked on logged steps) and the layer structure for the metadata."""
         self._leaves: list[tuple[str, nn.Module]] = []
         layers: list[dict[str, Any]] = []
         for name, mod in model.named_modules():
@@ -246,52 +266,13 @@ class Watch:
                 if leaf and self._compiled is None:  # compiled: no hooks inside the compiled region
                     self._leaves.append((lname, mod))
                 layers.append(
-                    {
-                        "name": lname,
-                        "type": type(mod).__name__,
-                        "params": {k: list(v.shape) for k, v in own.items()},
-                    }
+                    {"name": lname, "type": type(mod).__name__, "params": {k: list(v.shape) for k, v in own.items()}}
                 )
+        return layers
 
-        # ---- refuse a second watch, then open the run file --------------------------------------------------
-        with _LOCK:
-            ref = _OPEN.get(model)
-            other = ref() if ref is not None else None
-            if other is not None and not other._closed:
-                raise WatchError(
-                    f"this {type(model).__name__} is already watched, recording to {str(other.path)!r}. "
-                    "A model can have one open watch at a time: close that one first (watch.close()), or use "
-                    "`with gradsight.watch(model) as run:` so it closes itself."
-                )
-            if path is None:
-                path = default_run_path()
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-            meta = {
-                "framework": "torch",
-                "versions": {
-                    "torch": torch.__version__,
-                    "python": sys.version.split()[0],
-                    "gradsight": __version__,
-                },
-                "model": {"type": type(model).__name__, "layers": layers},
-                "config": sched.as_dict(),
-                "user_config": dict(config or {}),
-                "started": datetime.now(timezone.utc).isoformat(),
-                "aliases": aliases,
-                "skipped": skipped,
-                "optimizer": None if optimizer is None else type(optimizer).__name__,
-                "optimizer_params": opt_meta,
-                "compiled": self._compiled,
-                "notes": list(self._notes),
-            }
-            self._writer = self._open_writer(path, meta)
-            _OPEN[model] = weakref.ref(self)
-        self.path: Path = self._writer.path
-        self._model_ref = weakref.ref(model)
-
-        # ---- step state ---------------------------------------------------------------------------------------
-        last = self._writer.last_step
-        self._step = 0 if last is None else last + 1
+    def _init_step_state(self) -> None:
+        """The per-step state, for the step the writer continues at."""
+        sched = self.schedule
         self._logged = sched.is_logged(self._step)
         self._fwd_seen = False
         self._acts: list[tuple[str, str, str, torch.Tensor, int | None]] = []  # name, layer, kind, tensor, axis
@@ -304,8 +285,6 @@ class Watch:
         self._frozen = False  # inside optimizer.step() after that capture: later closure calls are not recorded
         # (step, tensor names, norms, non-finite counts): host lists for CPU gradients, device tensors otherwise
         self._cheap: list[tuple[int, tuple[str, ...], Any, Any]] = []
-        self._scalars: list[tuple[int, str, Any]] = []
-        self._scalars_flushed_at = time.monotonic()
         self._do_weights = "weight" in sched.kinds
         self._do_update = "update" in sched.kinds
         self._do_grad = "grad" in sched.kinds
@@ -316,10 +295,13 @@ class Watch:
         self._stepped = False  # a step closed since this watch opened
         self._backwards = 0  # backward passes seen before the first step (see NO_STEP_WARN_AFTER)
         self._no_step_reported = False
+        self._unseen_noted = False
 
-        # ---- hooks: every hook holds only a weak reference to this watch ------------------------------------
+    def _attach(self, outer: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        """The hooks (each holds only a weak reference to this watch); the watch is open afterwards."""
         wref = weakref.ref(self)
         self._compiled_host: nn.Module | None = None
+        self._root_out: Any = None
         if self._compiled == "Module.compile":  # hooks would run inside the compiled _call_impl: wrap it instead
             outer._compiled_call_impl = _CompiledCall(wref, outer._compiled_call_impl)
             self._compiled_host = outer
@@ -336,11 +318,6 @@ class Watch:
             self._arm()
 
     # ---- extension points (overridden by the DDP watch in ._torch_ddp) -------------------------------------
-    def _open_writer(self, path: str | os.PathLike[str], meta: dict[str, Any]) -> RunWriter:
-        """Open the run file. The DDP watch gives ranks that write nothing a writer without a file."""
-        s = self.schedule
-        return RunWriter(path, meta=meta, if_exists=s.if_exists, commit_every=s.commit_every)
-
     def _host_summaries(self, packs: list[tuple[list[int], PackedStats]]) -> Callable[[], list[TensorSummary]]:
         """Start turning one logged step's packed device statistics into host summaries.
 
@@ -450,7 +427,7 @@ class Watch:
 
     def _note_unseen_forward(self) -> None:
         """Gradients but no forward seen in a logged step: the hooks run inside a graph compiled after watch()."""
-        if getattr(self, "_unseen_noted", False):
+        if self._unseen_noted:
             return
         self._unseen_noted = True
         note = (
@@ -581,21 +558,14 @@ class Watch:
         self._fwd_seen = False
         if not self._stepped:  # the first step: stop counting backward passes (see NO_STEP_WARN_AFTER)
             self._stepped = True
-            root_out = getattr(self, "_root_out", None)
-            if root_out is not None:
-                root_out.remove()
+            if self._root_out is not None:
+                self._root_out.remove()
         was, self._logged = self._logged, self.schedule.is_logged(self._step)
         if self._logged and not was:
             self._arm()
         elif was and not self._logged:
             self._disarm()
-        # Hand buffered scalars to the writer every `cheap_flush` steps, and at least every `commit_every` seconds
-        # so that slow steps do not keep them in memory longer than a crash is allowed to lose.
-        if (
-            len(self._cheap) + len(self._scalars) >= self.schedule.cheap_flush
-            or time.monotonic() - self._scalars_flushed_at >= self.schedule.commit_every
-        ):
-            self._flush_scalars()
+        self._maybe_flush_scalars(len(self._cheap))
 
     def _flush_step(self) -> None:
         packs, self._packs = self._packs, []
@@ -610,14 +580,10 @@ class Watch:
             return
         tids = [t for ts, _ in packs for t in ts]
 
-        def items() -> SummaryArrays | list[tuple[int, TensorSummary]]:
+        def items() -> SummaryArrays:
             summaries = finish()
-            if isinstance(summaries, Rows):
-                return _arrays(tids, summaries)
-            merged: dict[int, list[TensorSummary]] = {}
-            for tid, s in zip(tids, summaries, strict=True):
-                merged.setdefault(tid, []).append(s)
-            return [(tid, ss[0] if len(ss) == 1 else merge_all(ss)) for tid, ss in merged.items()]
+            rows = summaries if isinstance(summaries, Rows) else to_rows(summaries)
+            return SummaryArrays(*merge_rows(tids, rows))
 
         self._writer.log_summaries(self._step, items)
 
@@ -630,7 +596,7 @@ class Watch:
         # as host floats and the exact counts are computed only when there is something to count. On
         # accelerators the norms stay on the device and the counts are computed every step (no sync); both are
         # copied in one batch at the next flush. The global norm is computed on the host.
-        if _HOST_CHEAP and device.type == "cpu" and all(t.device.type == "cpu" for t in tensors):
+        if _host_cheap(tensors):
             norms = [t.item() for t in torch._foreach_norm(tensors)]
             if not all(map(math.isfinite, norms)):
                 counts = [int(torch.count_nonzero(d)) for d in torch._foreach_sub(tensors, tensors)]
@@ -645,43 +611,24 @@ class Watch:
             self._cheap_names = names
         self._cheap.append((self._step, self._cheap_names, norms, counts))
 
-    def _flush_scalars(self) -> None:
-        self._scalars_flushed_at = time.monotonic()
+    def _host_scalars(self, pending: list[tuple[int, str, Any]]) -> dict[int, dict[str, float]]:
+        """The cheap checks and the logged scalars on the host: one device->host copy for each kind."""
         cheap, self._cheap = self._cheap, []
-        pending, self._scalars = self._scalars, []
         rows: dict[int, dict[str, float]] = {}
-        if cheap:
-            on_device = [c for c in cheap if isinstance(c[2], torch.Tensor)]
-            if on_device:  # the one device->host copy of the cheap checks
-                device = on_device[0][2].device
-                parts = [c[2].to(device, torch.float64) for c in on_device]
-                parts += [c[3].to(device, torch.float64) for c in on_device if c[3] is not None]
-                host = iter(torch.cat(parts).tolist())
-                norm_lists = {id(c): [next(host) for _ in c[1]] for c in on_device}
-                count_lists = {id(c): [next(host) for _ in c[1]] for c in on_device if c[3] is not None}
-                cheap = [
-                    (c[0], c[1], norm_lists[id(c)], count_lists.get(id(c))) if isinstance(c[2], torch.Tensor) else c
-                    for c in cheap
-                ]
-            keys: dict[tuple[str, ...], list[str]] = {}
-            for step, names, norms, counts in cheap:
-                d = rows.setdefault(step, {})
-                g = math.hypot(*norms)
-                if g == math.inf and any(math.isnan(v) for v in norms):  # hypot(inf, nan) is inf; the norm is NaN
-                    g = math.nan
-                d["grad_norm"] = g
-                ks = keys.get(names)
-                if ks is None:
-                    ks = keys[names] = [f"grad_norm/{name}" for name in names]
-                d.update(zip(ks, norms, strict=True))
-                if counts is None:
-                    d["grad_nonfinite"] = 0.0
-                else:
-                    per = [float(v) for v in counts]
-                    d["grad_nonfinite"] = float(sum(per))
-                    if any(per):
-                        for name, v in zip(names, per, strict=True):
-                            d[f"grad_nonfinite/{name}"] = v
+        on_device = [c for c in cheap if isinstance(c[2], torch.Tensor)]
+        if on_device:  # the one device->host copy of the cheap checks
+            device = on_device[0][2].device
+            parts = [c[2].to(device, torch.float64) for c in on_device]
+            parts += [c[3].to(device, torch.float64) for c in on_device if c[3] is not None]
+            host = iter(torch.cat(parts).tolist())
+            norm_lists = {id(c): [next(host) for _ in c[1]] for c in on_device}
+            count_lists = {id(c): [next(host) for _ in c[1]] for c in on_device if c[3] is not None}
+            cheap = [
+                (c[0], c[1], norm_lists[id(c)], count_lists.get(id(c))) if isinstance(c[2], torch.Tensor) else c
+                for c in cheap
+            ]
+        for step, names, norms, counts in cheap:
+            rows.setdefault(step, {}).update(cheap_scalars(names, norms, counts))
         tensors = [(s, k, v) for s, k, v in pending if isinstance(v, torch.Tensor)]
         if tensors:
             host_t = torch.stack([v.detach().reshape(()).to("cpu", torch.float64) for _, _, v in tensors]).tolist()
@@ -690,68 +637,33 @@ class Watch:
         for s, k, v in pending:
             if not isinstance(v, torch.Tensor):
                 rows.setdefault(s, {})[k] = float(v)
-        many = getattr(self._writer, "log_scalars_many", None)
-        if many is not None:  # one writer item for the whole flush
-            many({step: rows[step] for step in sorted(rows)})
-        else:
-            for step in sorted(rows):
-                self._writer.log_scalars(step, rows[step])
+        return rows
 
-    # ---- the user's API -----------------------------------------------------------------------------------
-    @property
-    def current_step(self) -> int:
-        """The number of the step in progress (the next optimizer step closes it)."""
-        return self._step
+    # ---- the user's API (see WatchCore) -----------------------------------------------------------------------
+    def _default_log_step(self) -> int:
+        """The step whose forward pass ran last.
 
-    @property
-    def closed(self) -> bool:
-        """Whether the watch is closed (its hooks removed, its file complete)."""
-        return self._closed
+        ``log`` after the forward of step ``s`` (before or after ``optimizer.step()``) records at ``s``.
+        """
+        return self._step if (self._fwd_seen or self._step == 0) else self._step - 1
 
-    def _check_open(self, what: str) -> None:
-        if self._closed:
-            raise WatchError(
-                f"cannot {what}: the watch recording to {str(self.path)!r} is closed. Open a new one with "
-                "gradsight.watch(model, path=..., if_exists='append') to continue the run."
-            )
+    def _scalar_value(self, name: str, value: Any) -> Any:
+        """Tensors are kept (detached) and copied to the host in one batch at the next flush: no sync."""
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise InputError(
+                    f"log({name}=...) expects a number or a one-element tensor, got a tensor of shape "
+                    f"{tuple(value.shape)}. Reduce it first, e.g. log({name}=t.mean())."
+                )
+            return value.detach()
+        return super()._scalar_value(name, value)
 
     def log(self, loss: Any = None, *, step: int | None = None, **scalars: Any) -> None:
-        """Record scalars (e.g. the loss) for a step, without a host sync: tensors are copied in batches later.
-
-        Args:
-            loss: the loss, a number or a one-element tensor (recorded as ``loss``).
-            step: the step to record at. By default the step whose forward pass ran last: calling ``log`` after
-                the forward pass of step ``s`` (before or after ``optimizer.step()``) records at ``s``.
-            **scalars: more named scalars (numbers or one-element tensors).
-
-        Raises:
-            InputError: a value is neither a number nor a one-element tensor, or ``step`` is not an int >= 0.
-            WatchError: the watch is closed.
-        """
-        if self._closed:
-            self._check_open("log")
-        if step is None:
-            step = self._step if (self._fwd_seen or self._step == 0) else self._step - 1
-        else:
-            step = check_step(step)
-        if not scalars and type(loss) is torch.Tensor and loss.numel() == 1:  # the common call: log(loss=loss)
-            self._scalars.append((int(step), "loss", loss.detach()))
+        """See :meth:`gradsight._watch_core.WatchCore.log`; ``log(loss)`` with a tensor takes a short path."""
+        if not scalars and step is None and type(loss) is torch.Tensor and loss.numel() == 1 and not self._closed:
+            self._scalars.append((self._default_log_step(), "loss", loss.detach()))  # the common call, per step
             return
-        values = dict(scalars)
-        if loss is not None:
-            values["loss"] = loss
-        for k, v in values.items():
-            if isinstance(v, torch.Tensor):
-                if v.numel() != 1:
-                    raise InputError(
-                        f"log({k}=...) expects a number or a one-element tensor, got a tensor of shape "
-                        f"{tuple(v.shape)}. Reduce it first, e.g. log({k}=t.mean())."
-                    )
-                self._scalars.append((int(step), k, v.detach()))
-            elif isinstance(v, (int, float)) or hasattr(v, "__float__"):
-                self._scalars.append((int(step), k, float(v)))
-            else:
-                raise InputError(f"log({k}=...) expects a number or a one-element tensor, got {v!r}.")
+        super().log(loss, step=step, **scalars)
 
     def step(self) -> None:
         """Close the current step explicitly; for training loops without a ``torch.optim`` optimizer.
@@ -771,50 +683,23 @@ class Watch:
         self._before_step()
         self._after_step()
 
-    def log_event(self, step: int | None, kind: str, payload: Mapping[str, Any]) -> None:
-        """Record an event (e.g. an online finding) with a JSON payload in the run file."""
-        self._check_open("log_event")
-        self._writer.log_event(step, kind, payload)
+    def _before_close(self) -> None:
+        self._report_no_step()  # may raise: a StoreError, or the warning under an "error" warnings filter
 
-    def flush(self) -> None:
-        """Commit everything recorded so far to the run file."""
-        if not self._closed:
-            self._flush_scalars()
-            self._writer.flush()
-
-    def close(self) -> None:
-        """Remove every hook and commit the run file. Safe to call more than once.
-
-        Data of a logged step that was not completed by an optimizer step is dropped.
-        """
-        if self._closed:
-            return
-        try:
-            self._report_no_step()  # may raise: a StoreError, or the warning under an "error" warnings filter
-        finally:
-            self._closed = True
-            self._close_now()
-
-    def _close_now(self) -> None:
-        try:
-            self._flush_scalars()
-        finally:
-            self._remove_hooks()
-            self._acts.clear()
-            self._fwd, self._done = None, []
-            self._packs.clear()
-            self._param_flats.clear()
-            self._axis_of.clear()
-            self._flat_before = None
-            self._optimizer = None
-            self._params = []
-            self._update_params = []
-            self._leaves = []
-            self._finalizer.detach()
-            if self._run is not None:  # the last connection to close removes the -wal/-shm files: the writer's
-                self._run.close()
-                self._run = None
-            self._writer.close()
+    def _release(self) -> None:
+        """Remove every hook and drop the tensors held. Data of a logged step not closed by a step is dropped."""
+        self._remove_hooks()
+        self._acts.clear()
+        self._fwd, self._done = None, []
+        self._packs.clear()
+        self._param_flats.clear()
+        self._axis_of.clear()
+        self._flat_before = None
+        self._optimizer = None
+        self._params = []
+        self._update_params = []
+        self._leaves = []
+        self._finalizer.detach()
 
     def _remove_hooks(self) -> None:
         self._disarm()
@@ -827,121 +712,9 @@ class Watch:
             if isinstance(call, _CompiledCall):
                 host._compiled_call_impl = call.call
             self._compiled_host = None
-        model = self._model_ref()
-        with _LOCK:
-            if model is not None:
-                ref = _OPEN.get(model)
-                if ref is not None and ref() is self:
-                    del _OPEN[model]
 
     def __enter__(self) -> Watch:
         return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is not None and not self._closed:
-            with contextlib.suppress(Exception):  # never mask the user's exception
-                self._writer.log_event(self._step, "exception", {"type": exc_type.__name__, "message": str(exc)})
-        self.close()
-
-    def __fspath__(self) -> str:
-        return str(self.path)
-
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else f"step {self._step}"
-        return f"Watch({str(self.path)!r}, {state}, every={self.schedule.every})"
-
-    # ---- the read API, delegated to a Run on the same file --------------------------------------------------
-    def _reader(self) -> Run:
-        self.flush()
-        if self._run is None:
-            self._run = Run(self.path)
-        return self._run
-
-    def to_pandas(self, **kwargs: Any) -> pd.DataFrame:
-        """See :meth:`gradsight.store.Run.to_pandas`."""
-        return self._reader().to_pandas(**kwargs)
-
-    def summaries(self, **kwargs: Any) -> Iterator[tuple[int, TensorInfo, TensorSummary]]:
-        """See :meth:`gradsight.store.Run.summaries`."""
-        return self._reader().summaries(**kwargs)
-
-    def summary(self, tensor: str, kind: str, step: int) -> TensorSummary:
-        """See :meth:`gradsight.store.Run.summary`."""
-        return self._reader().summary(tensor, kind, step)
-
-    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
-        """See :meth:`gradsight.store.Run.events`."""
-        return self._reader().events(kind)
-
-    def snapshot(self, dest: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-        """See :meth:`gradsight.store.Run.snapshot`: a consistent copy of the run so far (safe while training)."""
-        return self._reader().snapshot(dest, overwrite=overwrite)
-
-    @property
-    def steps(self) -> list[int]:
-        """See :attr:`gradsight.store.Run.steps`."""
-        return self._reader().steps
-
-    @property
-    def layers(self) -> list[str]:
-        """See :attr:`gradsight.store.Run.layers`."""
-        return self._reader().layers
-
-    @property
-    def scalars(self) -> pd.DataFrame:
-        """See :attr:`gradsight.store.Run.scalars`."""
-        return self._reader().scalars
-
-    @property
-    def meta(self) -> dict[str, Any]:
-        """See :attr:`gradsight.store.Run.meta`."""
-        return self._reader().meta
-
-    @property
-    def tensors(self) -> list[TensorInfo]:
-        """See :attr:`gradsight.store.Run.tensors`."""
-        return self._reader().tensors
-
-
-def _arrays(tids: list[int], r: Rows) -> SummaryArrays:
-    """The writer's form of one step's rows; rows of the same tensor (micro-batches, a module called twice) merged.
-
-    Merging follows :func:`gradsight.summary.merge` field by field with array operations: counts, bins and sums
-    add (in row order), min/max take the extreme, per-unit counts add when every part has them (else none).
-    """
-    ints, floats, hist = r.ints, r.floats, r.hist
-    if len(set(tids)) == len(tids):
-        return SummaryArrays(list(tids), ints, floats, hist, r.units, r.units_total)
-    order: dict[int, int] = {}
-    for t in tids:
-        order.setdefault(t, len(order))
-    at = np.array([order[t] for t in tids], dtype=np.intp)
-    n = len(order)
-    m_ints = np.zeros((n, ints.shape[1]), dtype=np.int64)
-    np.add.at(m_ints, at, ints)
-    m_hist = np.zeros((n, hist.shape[1]), dtype=np.int64)
-    np.add.at(m_hist, at, hist)
-    m_floats = np.zeros((n, 4), dtype=np.float64)
-    np.add.at(m_floats[:, 0], at, floats[:, 0])
-    np.add.at(m_floats[:, 1], at, floats[:, 1])
-    m_floats[:, 2] = math.inf
-    m_floats[:, 3] = -math.inf
-    np.minimum.at(m_floats[:, 2], at, floats[:, 2])
-    np.maximum.at(m_floats[:, 3], at, floats[:, 3])
-    parts: list[list[tuple[np.ndarray | None, int, int]]] = [[] for _ in range(n)]
-    for k, j in enumerate(at.tolist()):
-        parts[j].append((r.units[k], r.units_total[k], int(ints[k, 0])))
-    units: list[np.ndarray | None] = []
-    totals: list[int] = []
-    for ps in parts:
-        ps = [p for p in ps if p[0] is not None or p[2]]  # the empty summary is the identity of merge
-        if ps and all(p[0] is not None and p[0].shape == ps[0][0].shape for p in ps):
-            units.append(np.sum([p[0] for p in ps], axis=0))
-            totals.append(sum(p[1] for p in ps))
-        else:
-            units.append(None)
-            totals.append(0)
-    return SummaryArrays(list(order), m_ints, m_floats, m_hist, units, totals)
 
 
 def _finalize(handles: list[Any], leaf_handles: list[Any], writer: RunWriter) -> None:
@@ -1116,84 +889,11 @@ class _CaptureAfterClosure:
         return result
 
 
-def watch_torch(
-    model: nn.Module,
-    *,
-    path: str | os.PathLike[str] | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
-    preset: str | Schedule = "default",
-    every: int | None = None,
-    kinds: str | tuple[str, ...] | list[str] | None = None,
-    cheap: bool | None = None,
-    units: bool | None = None,
-    cheap_flush: int | None = None,
-    if_exists: str | None = None,
-    commit_every: float | None = None,
-    config: dict[str, Any] | None = None,
-    batch_size: int | None = None,
-    rank_paths: bool = False,
-) -> Watch:
-    """Watch a ``torch.nn.Module``: record summaries of weights, gradients, updates, outputs and output gradients.
+def __getattr__(name: str) -> Any:
+    # ``watch_torch`` moved to ._torch (which imports this module and ._torch_ddp, so no cycle at import time);
+    # this alias keeps ``from gradsight.frameworks._torch_watch import watch_torch`` (benchmarks) working.
+    if name == "watch_torch":
+        from ._torch import watch_torch
 
-    Args:
-        model: the module to watch.
-        path: the run file to write (its directory must exist); default ``./gradsight-runs/run-<time>.db``.
-        optimizer: the ``torch.optim.Optimizer`` whose ``step()`` closes each training step (records updates
-            and learning rates). Without one, call ``watch.step()`` after each parameter update.
-        preset: ``"cheap"``, ``"default"`` or ``"full"`` (see :mod:`gradsight._schedule`), or a ``Schedule``.
-        every: full summaries every this many steps (0: never); overrides the preset.
-        kinds: which of ``weight``, ``grad``, ``update``, ``output``, ``output_grad`` to summarise.
-        cheap: cheap checks (gradient norms and non-finite counts) at every step.
-        units: per-unit activity counts of outputs.
-        cheap_flush: steps between host copies of the cheap checks and logged scalars.
-        if_exists: ``"error"`` (default: refuse an existing run file), ``"append"`` or ``"overwrite"``.
-        commit_every: seconds between commits of the run file.
-        config: your own run configuration (JSON-serialisable), stored in the metadata as ``user_config``.
-        batch_size: ``DistributedDataParallel`` only: the per-rank batch size for the gradient noise scale
-            (default: dim 0 of the model's first input). See :mod:`._torch_ddp`.
-        rank_paths: ``DistributedDataParallel`` only: every rank writes its own run file, not just rank 0.
-
-    Returns:
-        The open :class:`Watch` (a ``DDPWatch`` for a ``DistributedDataParallel`` model).
-
-    Raises:
-        InputError: ``model`` or ``optimizer`` has the wrong type, or a schedule argument is invalid.
-        WatchError: ``model`` is already being watched.
-        UnsupportedError: ``model`` is sharded with FSDP (see :mod:`._torch_ddp`).
-        StoreError: the run file cannot be created (missing or unwritable directory, existing file).
-    """
-    if not isinstance(model, nn.Module):
-        what = "a tensor" if isinstance(model, torch.Tensor) else f"{type(model).__name__}"
-        raise InputError(
-            f"gradsight.watch expects a torch.nn.Module (a model instance), got {what}: {model!r:.80}. Pass the "
-            "module whose training you want to record, e.g. gradsight.watch(model, optimizer=opt), not a tensor, "
-            "its output or its parameters."
-        )
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise InputError(
-            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}. Pass the optimizer "
-            "object (e.g. optimizer=torch.optim.Adam(model.parameters())), or none and call watch.step()."
-        )
-    sched = schedule(
-        preset,
-        every=every,
-        kinds=kinds,
-        cheap=cheap,
-        units=units,
-        cheap_flush=cheap_flush,
-        if_exists=if_exists,
-        commit_every=commit_every,
-    )
-    from ._torch_ddp import DDPWatch, distributed_wrapper  # issue 7: DDP dispatch, FSDP refusal
-
-    if distributed_wrapper(model, batch_size=batch_size, rank_paths=rank_paths) == "ddp":
-        return DDPWatch(
-            model,
-            path=path,
-            optimizer=optimizer,
-            sched=sched,
-            config=config,
-            batch_size=batch_size,
-            rank_paths=rank_paths,
-        )
-    return Watch(model, path=path, optimizer=optimizer, sched=sched, config=config)
+        return watch_torch
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

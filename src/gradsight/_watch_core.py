@@ -1,0 +1,473 @@
+"""The framework-free core of every watch: what a torch watch and a Keras watch have in common.
+
+:class:`WatchCore` holds the registry of open watches (one per model), the run writer and the metadata it starts
+with, the :class:`~gradsight._schedule.Schedule`, the buffer of scalars (logged values and cheap checks) and its
+flushing, events, the close semantics and the read API. An adapter subclasses it and only *captures*: it hooks
+into its framework, computes packed statistics (:mod:`gradsight._packing`) and hands them to the writer.
+
+The public API, identical for every adapter:
+
+``current_step``
+    the number of the step in progress (an int; it advances when a step closes).
+``step()``
+    closes a step by hand where the adapter needs it (a torch loop without a ``torch.optim`` optimizer, a Keras
+    ``GradientTape`` loop); raises :class:`~gradsight.WatchError` where steps close by themselves.
+``log(loss=None, *, step=None, **scalars)``
+    records scalars; numbers or one-element tensors.
+``log_event(step, kind, payload)``, ``flush()``, ``close()``, ``closed``
+    events, commit, idempotent close.
+the read API
+    ``to_pandas``, ``summaries``, ``summary``, ``events``, ``snapshot``, ``steps``, ``layers``, ``scalars``,
+    ``scalar_rows``, ``meta``, ``framework``, ``last_step``, ``tensors``: those of :class:`gradsight.store.Run`,
+    on the file written so far (everything recorded is committed first).
+
+A watch is a context manager; leaving the block with an exception records an event ``exception`` (its type and
+message) before closing, in every framework.
+
+This module also defines, once for every adapter, the cheap checks' scalars (:func:`cheap_scalars`) and the unit
+axis of layer outputs (:func:`unit_axis`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import operator
+import os
+import platform
+import threading
+import time
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ._errors import InputError, WatchError
+from ._schedule import Schedule
+from .store import Run, RunWriter, TensorInfo, default_run_path
+from .summary import TensorSummary
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+__all__ = ["WatchCore", "cheap_scalars", "check_step", "unit_axis"]
+
+_LOCK = threading.Lock()
+#: model -> its open watch (weak on both sides: a forgotten watch does not keep a model alive, nor vice versa).
+_OPEN: weakref.WeakKeyDictionary[Any, weakref.ref[WatchCore]] = weakref.WeakKeyDictionary()
+
+
+# ---- rules shared by every adapter ----------------------------------------------------------------------------------
+def check_step(step: Any) -> int:
+    """Check ``step`` as passed to a watch's ``log(step=...)``: a non-negative int (numpy/0-d tensors accepted).
+
+    Raises:
+        InputError: not an integer, or negative.
+    """
+    try:
+        value = -1 if isinstance(step, bool) else operator.index(step)
+    except (TypeError, RuntimeError):
+        value = None
+    if value is None or isinstance(step, bool):
+        raise InputError(
+            f"log(step=...) expects a step number, a non-negative int, got {type(step).__name__} {step!r}. "
+            "Leave it out to record at the current step, or pass a step number such as step=0."
+        )
+    if value < 0:
+        raise InputError(
+            f"log(step=...) expects a non-negative step number, got {value!r}; steps count from 0. Leave it out "
+            "to record at the current step, or pass a step number such as step=0."
+        )
+    return value
+
+
+def cheap_scalars(names: Sequence[str], norms: Sequence[float], counts: Sequence[float] | None) -> dict[str, float]:
+    """The cheap checks of one step as scalars (see :mod:`gradsight._schedule`), from per-tensor results.
+
+    Args:
+        names: the parameters that have a gradient at this step.
+        norms: the L2 norm of each one's gradient (NaN/Inf when it has non-finite entries).
+        counts: the number of NaN/±Inf entries of each one's gradient, or ``None`` when known to be all 0.
+
+    Returns:
+        ``grad_norm`` (the norm of all gradients together: NaN when any is NaN, else Inf when any is Inf),
+        ``grad_nonfinite``, ``grad_norm/<tensor>`` for every tensor and ``grad_nonfinite/<tensor>`` for every
+        tensor only when ``grad_nonfinite > 0``.
+    """
+    out: dict[str, float] = {}
+    g = math.hypot(*norms)
+    if g == math.inf and any(math.isnan(v) for v in norms):  # hypot(inf, nan) is inf; the norm is NaN
+        g = math.nan
+    out["grad_norm"] = g
+    out.update(zip([f"grad_norm/{n}" for n in names], map(float, norms), strict=True))
+    if counts is None:
+        out["grad_nonfinite"] = 0.0
+        return out
+    per = [float(v) for v in counts]
+    out["grad_nonfinite"] = float(sum(per))
+    if any(per):
+        out.update((f"grad_nonfinite/{n}", v) for n, v in zip(names, per, strict=True))
+    return out
+
+
+def unit_axis(ndim: int, *, channel_first: bool = False, inherited: int | None = None) -> int | None:
+    """The axis along which a layer output's per-unit activity is counted; the same rule for every adapter.
+
+    Dim 1 for outputs with >= 3 dims of a channel-first layer (convolution, batch/instance/group norm, pooling,
+    channel dropout in an NCHW-style layout); else the inherited axis of a parameter-free layer (activation,
+    dropout) whose input is the same-shaped output of a recorded layer; else the last dim (a dense layer on
+    ``(N, F)`` or ``(N, T, F)``, a channels-last convolution).
+
+    Args:
+        ndim: the output's number of dims.
+        channel_first: whether the layer lays channels out on dim 1.
+        inherited: the unit axis of the layer's input, when it applies (see above).
+
+    Returns:
+        The axis (non-negative), or ``None`` for a 0-d output.
+    """
+    if ndim == 0:
+        return None
+    if ndim >= 3 and channel_first:
+        return 1
+    if inherited is not None:
+        return inherited
+    return ndim - 1
+
+
+def _gradsight_version() -> str:
+    from . import __version__  # the package's __init__ imports this module's importers: read it when needed
+
+    return __version__
+
+
+# ---- the core -----------------------------------------------------------------------------------------------------
+class WatchCore:
+    """The framework-free part of a watch; see the module docstring. Adapters subclass it.
+
+    Subclasses set :attr:`framework`, call :meth:`_open` once their model is introspected, and implement
+    :meth:`_versions`; they may override :meth:`_open_writer`, :meth:`_scalar_value`, :meth:`_host_scalars`,
+    :meth:`_default_log_step`, :meth:`_before_close`, :meth:`_release` and :meth:`step`.
+
+    Attributes:
+        path: the run file.
+        schedule: the resolved :class:`~gradsight._schedule.Schedule`.
+    """
+
+    #: The framework's name, stored in the run's metadata.
+    framework: ClassVar[str] = "?"
+
+    path: Path
+    schedule: Schedule
+
+    def _open(
+        self,
+        model: Any,
+        *,
+        path: str | os.PathLike[str] | None,
+        sched: Schedule,
+        config: Mapping[str, Any] | None,
+        meta: Mapping[str, Any],
+    ) -> None:
+        """Register the watch on ``model`` (refusing a second one), open the run file, set the step counter.
+
+        Args:
+            model: the watched object (``None``: no model, nothing registered).
+            path: the run file; default ``./gradsight-runs/run-<time>.db``.
+            sched: the schedule.
+            config: the user's configuration, stored as ``user_config``.
+            meta: the adapter's own metadata (model structure, ...), added to the common fields.
+
+        Raises:
+            WatchError: ``model`` already has an open watch.
+        """
+        self._closed = True  # until fully set up, so that a failed set-up leaves nothing to close
+        self.schedule = sched
+        self._run: Run | None = None
+        self._notes: list[str] = getattr(self, "_notes", [])
+        # (step, name, value): values are floats or framework tensors, copied to the host in one batch
+        self._scalars: list[tuple[int, str, Any]] = []
+        self._scalars_flushed_at = time.monotonic()
+        with _LOCK:
+            if model is not None:
+                ref = _OPEN.get(model)
+                other = ref() if ref is not None else None
+                if other is not None and not other._closed:
+                    raise WatchError(
+                        f"this {type(model).__name__} is already watched, recording to {str(other.path)!r}. A model "
+                        "can have one open watch at a time: close that one first (watch.close()), or use "
+                        "`with gradsight.watch(model) as run:` so it closes itself."
+                    )
+            if path is None:
+                path = default_run_path()
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            full = {
+                "framework": self.framework,
+                "versions": {
+                    **self._versions(),
+                    "python": platform.python_version(),
+                    "gradsight": _gradsight_version(),
+                },
+                **meta,
+                "config": sched.as_dict(),
+                "user_config": dict(config or {}),
+                "started": datetime.now(timezone.utc).isoformat(),
+                "notes": list(self._notes),
+            }
+            # The metadata goes into the file's first transaction: a kill at any moment leaves a run that says
+            # which framework wrote it.
+            self._writer = self._open_writer(path, full)
+            if model is not None:
+                _OPEN[model] = weakref.ref(self)
+        self.path = self._writer.path
+        self._registered = weakref.ref(model) if model is not None else None
+        last = self._writer.last_step
+        self._step = 0 if last is None else last + 1
+
+    # ---- extension points -------------------------------------------------------------------------------------
+    def _versions(self) -> dict[str, str]:
+        """The framework's versions for the metadata (``python`` and ``gradsight`` are added)."""
+        return {}
+
+    def _open_writer(self, path: str | os.PathLike[str], meta: dict[str, Any]) -> Any:
+        """Open the run file (the DDP watch gives ranks that write nothing a writer without a file)."""
+        s = self.schedule
+        return RunWriter(path, meta=meta, if_exists=s.if_exists, commit_every=s.commit_every)
+
+    def _scalar_value(self, name: str, value: Any) -> Any:
+        """A value passed to :meth:`log`, checked: a float, or a one-element framework tensor kept for later.
+
+        Raises:
+            InputError: neither a number nor a one-element array or tensor.
+        """
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:
+            import numpy as np
+
+            arr = np.asarray(value)
+            ok = arr.size == 1 and arr.dtype.kind in "biuf" and not isinstance(value, bool)
+        except (TypeError, ValueError, RuntimeError):
+            ok = False
+        if not ok:
+            raise InputError(
+                f"log({name}=...) expects a number or a one-element tensor, got {type(value).__name__} "
+                f"{value!r:.80}. Reduce it first, e.g. log({name}=loss.mean())."
+            )
+        return float(arr.reshape(()))
+
+    def _host_scalars(self, pending: list[tuple[int, str, Any]]) -> dict[int, dict[str, float]]:
+        """Buffered scalars as ``{step: {name: value}}`` on the host (adapters copy device values in one batch)."""
+        rows: dict[int, dict[str, float]] = {}
+        for s, k, v in pending:
+            rows.setdefault(s, {})[k] = float(v)
+        return rows
+
+    def _default_log_step(self) -> int:
+        """The step :meth:`log` records at when none is given."""
+        return self._step
+
+    def _before_close(self) -> None:
+        """Last words before closing (may raise; the watch closes anyway)."""
+
+    def _release(self) -> None:
+        """Remove the adapter's hooks and free what it holds (the writer is closed after this)."""
+
+    # ---- scalars ------------------------------------------------------------------------------------------------
+    def _buffer_scalars(self, step: int, values: Mapping[str, Any]) -> None:
+        """Buffer already-checked scalars of one step (cheap checks, learning rates, ...)."""
+        self._scalars.extend((step, k, v) for k, v in values.items())
+
+    def _maybe_flush_scalars(self, pending: int = 0) -> None:
+        """Hand buffered scalars to the writer every ``cheap_flush`` items, and at least every ``commit_every`` s.
+
+        Slow steps therefore keep them in memory no longer than a crash is allowed to lose.
+        """
+        if (
+            len(self._scalars) + pending >= self.schedule.cheap_flush
+            or time.monotonic() - self._scalars_flushed_at >= self.schedule.commit_every
+        ):
+            self._flush_scalars()
+
+    def _flush_scalars(self) -> None:
+        """Copy the buffered scalars to the host and hand them to the writer as one item."""
+        self._scalars_flushed_at = time.monotonic()
+        pending, self._scalars = self._scalars, []
+        rows = self._host_scalars(pending)
+        if not rows:
+            return
+        many = getattr(self._writer, "log_scalars_many", None)
+        if many is not None:  # one writer item for the whole flush
+            many({step: rows[step] for step in sorted(rows)})
+        else:
+            for step in sorted(rows):
+                self._writer.log_scalars(step, rows[step])
+
+    # ---- the user's API -----------------------------------------------------------------------------------------
+    @property
+    def current_step(self) -> int:
+        """The number of the step in progress (it advances when the step closes)."""
+        return self._step
+
+    @property
+    def closed(self) -> bool:
+        """Whether the watch is closed (its hooks removed, its file complete)."""
+        return self._closed
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise WatchError(
+                f"cannot {what}: the watch recording to {str(self.path)!r} is closed. Open a new one with "
+                "gradsight.watch(model, path=..., if_exists='append') to continue the run."
+            )
+
+    def step(self) -> None:
+        """Close the current step by hand (see the adapter); the base watch closes steps by itself.
+
+        Raises:
+            WatchError: this watch closes steps by itself.
+        """
+        raise WatchError(f"{type(self).__name__} closes its steps by itself; remove the watch.step() call.")
+
+    def log(self, loss: Any = None, *, step: int | None = None, **scalars: Any) -> None:
+        """Record scalars (e.g. the loss) for a step; tensors are copied to the host in batches, later.
+
+        Args:
+            loss: the loss, a number or a one-element tensor (recorded as ``loss``).
+            step: the step to record at; by default the adapter's current one (the step whose forward ran last
+                for torch, the last step recorded for Keras).
+            **scalars: more named scalars (numbers or one-element tensors).
+
+        Raises:
+            InputError: a value is neither a number nor a one-element tensor, or ``step`` is not an int >= 0.
+            WatchError: the watch is closed.
+        """
+        self._check_open("log")
+        s = self._default_log_step() if step is None else check_step(step)
+        values = dict(scalars)
+        if loss is not None:
+            values["loss"] = loss
+        checked = {k: self._scalar_value(k, v) for k, v in values.items()}
+        self._buffer_scalars(s, checked)
+        self._maybe_flush_scalars()
+
+    def log_event(self, step: int | None, kind: str, payload: Mapping[str, Any]) -> None:
+        """Record an event (e.g. an online finding) with a JSON payload in the run file.
+
+        Raises:
+            WatchError: the watch is closed.
+        """
+        self._check_open("log_event")
+        self._writer.log_event(step, kind, payload)
+
+    def flush(self) -> None:
+        """Commit everything recorded so far to the run file (blocks until it is written)."""
+        if not self._closed:
+            self._flush_scalars()
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Remove every hook, commit and close the run file. Safe to call more than once."""
+        if self._closed:
+            return
+        try:
+            self._before_close()  # may raise: a StoreError, or a warning under an "error" warnings filter
+        finally:
+            self._closed = True
+            try:
+                self._flush_scalars()
+            finally:
+                try:
+                    self._release()
+                finally:
+                    self._unregister()
+                    if self._run is not None:  # the last connection to close removes the -wal/-shm files
+                        self._run.close()
+                        self._run = None
+                    self._writer.close()
+
+    def _unregister(self) -> None:
+        model = None if self._registered is None else self._registered()
+        with _LOCK:
+            if model is not None:
+                ref = _OPEN.get(model)
+                if ref is not None and ref() is self:
+                    del _OPEN[model]
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None and not self._closed:
+            with contextlib.suppress(Exception):  # never mask the user's exception
+                self._writer.log_event(self._step, "exception", {"type": exc_type.__name__, "message": str(exc)})
+        self.close()
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"step {self._step}"
+        return f"{type(self).__name__}({str(self.path)!r}, {state}, every={self.schedule.every})"
+
+    # ---- the read API: a Run on the same file, everything recorded committed first ---------------------------------
+    def _reader(self) -> Run:
+        self.flush()
+        if self._run is None:
+            self._run = Run(self.path)
+        return self._run
+
+    def to_pandas(self, **kwargs: Any) -> pd.DataFrame:
+        """See :meth:`gradsight.store.Run.to_pandas`."""
+        return self._reader().to_pandas(**kwargs)
+
+    def summaries(self, **kwargs: Any) -> Iterator[tuple[int, TensorInfo, TensorSummary]]:
+        """See :meth:`gradsight.store.Run.summaries`."""
+        return self._reader().summaries(**kwargs)
+
+    def summary(self, tensor: str, kind: str, step: int) -> TensorSummary:
+        """See :meth:`gradsight.store.Run.summary`."""
+        return self._reader().summary(tensor, kind, step)
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """See :meth:`gradsight.store.Run.events`."""
+        return self._reader().events(kind)
+
+    def scalar_rows(self, *args: Any, **kwargs: Any) -> Any:
+        """See :meth:`gradsight.store.Run.scalar_rows`."""
+        return self._reader().scalar_rows(*args, **kwargs)
+
+    def snapshot(self, dest: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """See :meth:`gradsight.store.Run.snapshot`: a consistent copy of the run so far (safe while training)."""
+        return self._reader().snapshot(dest, overwrite=overwrite)
+
+    @property
+    def steps(self) -> list[int]:
+        """See :attr:`gradsight.store.Run.steps`."""
+        return self._reader().steps
+
+    @property
+    def last_step(self) -> int | None:
+        """See :attr:`gradsight.store.Run.last_step`."""
+        return self._reader().last_step
+
+    @property
+    def layers(self) -> list[str]:
+        """See :attr:`gradsight.store.Run.layers`."""
+        return self._reader().layers
+
+    @property
+    def scalars(self) -> pd.DataFrame:
+        """See :attr:`gradsight.store.Run.scalars`."""
+        return self._reader().scalars
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """See :attr:`gradsight.store.Run.meta`."""
+        return self._reader().meta
+
+    @property
+    def tensors(self) -> list[TensorInfo]:
+        """See :attr:`gradsight.store.Run.tensors`."""
+        return self._reader().tensors

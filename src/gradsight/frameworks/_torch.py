@@ -1,0 +1,86 @@
+"""The PyTorch adapter's entry point: :func:`watch_torch` picks the watch class for a ``torch.nn.Module``.
+
+It imports both :mod:`._torch_watch` (the single-process :class:`Watch`) and :mod:`._torch_ddp` (its
+``DistributedDataParallel`` subclass), so that neither imports the other's dispatch (no import cycle).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .._errors import InputError
+from .._schedule import Schedule, schedule_from
+from ._torch_ddp import DDPWatch, distributed_wrapper
+from ._torch_watch import Watch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from typing_extensions import Unpack
+
+    from .._schedule import ScheduleSettings
+
+__all__ = ["watch_torch"]
+
+
+def watch_torch(
+    model: nn.Module,
+    *,
+    path: str | os.PathLike[str] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    preset: str | Schedule = "default",
+    config: dict[str, Any] | None = None,
+    batch_size: int | None = None,
+    rank_paths: bool = False,
+    **settings: Unpack[ScheduleSettings],
+) -> Watch:
+    """Watch a ``torch.nn.Module``: record summaries of weights, gradients, updates, outputs and output gradients.
+
+    Args:
+        model: the module to watch.
+        path: the run file to write (its directory must exist); default ``./gradsight-runs/run-<time>.db``.
+        optimizer: the ``torch.optim.Optimizer`` whose ``step()`` closes each training step (records updates
+            and learning rates). Without one, call ``watch.step()`` after each parameter update.
+        preset: ``"cheap"``, ``"default"`` or ``"full"`` (see :mod:`gradsight._schedule`), or a ``Schedule``.
+        config: your own run configuration (JSON-serialisable), stored in the metadata as ``user_config``.
+        batch_size: ``DistributedDataParallel`` only: the per-rank batch size for the gradient noise scale
+            (default: dim 0 of the model's first input). See :mod:`._torch_ddp`.
+        rank_paths: ``DistributedDataParallel`` only: every rank writes its own run file, not just rank 0.
+        **settings: the schedule settings, the same for every framework: ``every``, ``kinds``, ``cheap``,
+            ``units``, ``cheap_flush``, ``if_exists``, ``commit_every`` (see :func:`gradsight._schedule.schedule`).
+
+    Returns:
+        The open :class:`Watch` (a ``DDPWatch`` for a ``DistributedDataParallel`` model).
+
+    Raises:
+        InputError: ``model`` or ``optimizer`` has the wrong type, or a schedule argument is invalid.
+        WatchError: ``model`` is already being watched.
+        UnsupportedError: ``model`` is sharded with FSDP (see :mod:`._torch_ddp`).
+        StoreError: the run file cannot be created (missing or unwritable directory, existing file).
+    """
+    if not isinstance(model, nn.Module):
+        what = "a tensor" if isinstance(model, torch.Tensor) else f"{type(model).__name__}"
+        raise InputError(
+            f"gradsight.watch expects a torch.nn.Module (a model instance), got {what}: {model!r:.80}. Pass the "
+            "module whose training you want to record, e.g. gradsight.watch(model, optimizer=opt), not a tensor, "
+            "its output or its parameters."
+        )
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise InputError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}. Pass the optimizer "
+            "object (e.g. optimizer=torch.optim.Adam(model.parameters())), or none and call watch.step()."
+        )
+    sched = schedule_from(preset, settings)
+    if distributed_wrapper(model, batch_size=batch_size, rank_paths=rank_paths) == "ddp":
+        return DDPWatch(
+            model,
+            path=path,
+            optimizer=optimizer,
+            sched=sched,
+            config=config,
+            batch_size=batch_size,
+            rank_paths=rank_paths,
+        )
+    return Watch(model, path=path, optimizer=optimizer, sched=sched, config=config)
