@@ -40,6 +40,7 @@ __all__ = [
     "atomic_output",
     "check_output",
     "console",
+    "default_framework",
     "finding_renderable",
     "finding_text",
     "framework_arg",
@@ -146,6 +147,29 @@ def finding_renderable(finding: object) -> Text:
 FRAMEWORK_CHOICES: tuple[str, ...] = ("torch", "pytorch", "tensorflow", "tf", "keras")
 FRAMEWORK_HELP = "torch (alias pytorch) or tensorflow (aliases tf, keras)"
 _FRAMEWORKS = {"torch": "torch", "pytorch": "torch", "tensorflow": "keras", "tf": "keras", "keras": "keras"}
+
+
+def default_framework() -> str:
+    """The framework a command that trains uses when ``--framework`` is not given.
+
+    ``"torch"`` when PyTorch is installed, else ``"keras"``; checked without importing either. It lives here, not
+    in ``gradsight.show``, because the framework-free rooms never name a framework module.
+
+    Raises:
+        UnsupportedError: neither is installed.
+    """
+    import importlib.util
+
+    from ._errors import UnsupportedError
+
+    if importlib.util.find_spec("torch") is not None:
+        return "torch"
+    if importlib.util.find_spec("keras") is not None:
+        return "keras"
+    raise UnsupportedError(
+        "gradsight demo trains a model, so it needs PyTorch or TensorFlow/Keras, and neither is installed. "
+        "Install one: pip install 'gradsight[torch]' or pip install 'gradsight[tensorflow]'."
+    )
 
 
 def framework_arg(text: str) -> str:

@@ -111,95 +111,16 @@ class ExplodingGradientsRule(Rule):
     def check(self, data: RunData, th: Thresholds) -> list[Finding]:
         """See the class docstring."""
         k, limit = int(th.baseline_steps), th.explode_growth
-        per_layer: dict[str, dict[str, Any]] = {}
-        steps_hit: list[int] = []
-        if "grad" in data.kinds:
-            g = _finite_layer_rms(data)
-            for layer, sub in g.groupby("layer"):
-                series = sub.set_index("step")["rms"].sort_index()
-                base, peak, peak_step, _, _ = _growth(series, k)
-                if base > 0 and peak / base >= limit:
-                    rest = series.iloc[_baseline_len(len(series.dropna()), k) :]
-                    above = rest[rest / base >= limit]
-                    steps_hit += [int(above.index[0]), int(above.index[-1])]
-                    per_layer[str(layer)] = {
-                        "baseline_steps": _baseline_len(len(series.dropna()), k),
-                        "baseline_rms": base,
-                        "peak_rms": peak,
-                        "peak_step": peak_step,
-                        "growth": peak / base,
-                        "first_step": int(above.index[0]),
-                    }
-        glob: dict[str, Any] | None = None
-        if "grad_norm" in data.scalars.columns:
-            norm = data.scalars["grad_norm"].astype("float64")
-            norm = norm[np.isfinite(norm.to_numpy())]
-            source = "scalar grad_norm"
-        elif "grad" in data.kinds:
-            import pandas as pd
-
-            per_step = data.frame("grad").groupby("step")[["sum_sq", "nonfinite"]].sum()
-            norm = pd.Series(
-                global_norm(per_step["sum_sq"].to_numpy(), per_step["nonfinite"].to_numpy()), per_step.index
-            )
-            source = "grad summaries"
-        else:  # pragma: no cover - excluded by missing()
-            import pandas as pd
-
-            norm = pd.Series(dtype="float64")
-            source = ""
-        norm = norm.sort_index().dropna()
-        base, peak, peak_step, _, _ = _growth(norm, k)
-        if base > 0 and peak / base >= limit:
-            rest = norm.iloc[_baseline_len(len(norm), k) :]
-            above = rest[rest / base >= limit]
-            steps_hit += [int(above.index[0]), int(above.index[-1])]
-            glob = {
-                "baseline_steps": _baseline_len(len(norm), k),
-                "baseline_norm": base,
-                "peak_norm": peak,
-                "peak_step": peak_step,
-                "growth": peak / base,
-                "first_step": int(above.index[0]),
-                "source": source,
-            }
-
+        per_layer, layer_steps = _layer_growth(data, k, limit) if "grad" in data.kinds else ({}, [])
+        glob, global_steps = _global_growth(data, k, limit)
         depth: list[dict[str, Any]] = []
         if "grad" in data.kinds:
             prof = depth_profile(data)
-            hit = prof[prof["ratio"] > th.explode_depth_ratio]
-            depth = hit.to_dict("records")
-
+            depth = prof[prof["ratio"] > th.explode_depth_ratio].to_dict("records")
         if not per_layer and glob is None and not depth:
             return []
         layers = ordered(list(per_layer) + [d["layer"] for d in depth], data)
-        growth = max([v["growth"] for v in per_layer.values()] + ([glob["growth"]] if glob else []), default=np.nan)
-        if per_layer or glob:
-            ref = glob or max(per_layer.values(), key=lambda v: v["growth"])
-            key = "norm" if glob else "rms"
-            top = max(per_layer, key=lambda n: per_layer[n]["growth"]) if per_layer else None
-            what = "the global gradient norm" if glob else f"the gradient RMS of layer {top!r}"
-            msg = (
-                f"Gradients exploded: {what} grew {fmt(ref['growth'])}x, from {fmt(ref['baseline_' + key])} "
-                f"(median of the first {ref['baseline_steps']} logged steps) to {fmt(ref['peak_' + key])} "
-                f"at step {ref['peak_step']} (threshold {fmt(limit)}x)"
-            )
-            if per_layer:
-                msg += f"; {len(per_layer)} layer(s) above the threshold"
-            msg += "."
-            first = min(v["first_step"] for v in [*per_layer.values(), *([glob] if glob else [])])
-            last = max(steps_hit)
-            severity = "error" if growth >= limit**2 else "warning"
-        else:
-            worst = max(depth, key=lambda d: d["ratio"])
-            msg = (
-                f"Gradients grow through depth: layer {worst['layer']!r} has a median gradient RMS of "
-                f"{fmt(worst['rms'])}, {fmt(worst['ratio'])}x that of the largest later layer "
-                f"({worst['downstream_layer']!r}, {fmt(worst['downstream'])}; "
-                f"threshold {fmt(th.explode_depth_ratio)}x)."
-            )
-            first, last = None, None
-            severity = "warning"
+        msg, first, last, severity = _explode_message(per_layer, glob, depth, layer_steps + global_steps, th)
         evidence = {
             "threshold_growth": limit,
             "threshold_depth_ratio": th.explode_depth_ratio,
@@ -220,21 +141,124 @@ class ExplodingGradientsRule(Rule):
                 last_step=last,
                 evidence=evidence,
                 message=msg,
-                explanation=(
-                    "Each update moves the weights by the learning rate times the gradient; when gradients grow by "
-                    "orders of magnitude the steps overshoot, the loss rises instead of falling, the weights grow, "
-                    "which makes the gradients grow further — a feedback loop that ends in overflow (Inf, then NaN)."
-                ),
-                advice=(
-                    "Lower the learning rate (try 10x lower) and add a warm-up.",
-                    "Clip gradients: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0), or clipnorm=1.0 on a "
-                    "Keras optimizer.",
-                    "Add normalisation (BatchNorm/LayerNorm) and use a variance-preserving initialisation "
-                    "(He for ReLU, Glorot for tanh) so that the backward Jacobians do not expand.",
-                    "Check the loss scale: a sum over a large batch instead of a mean multiplies every gradient.",
-                ),
+                explanation=_EXPLODE_EXPLANATION,
+                advice=_EXPLODE_ADVICE,
             )
         ]
+
+
+_EXPLODE_EXPLANATION = (
+    "Each update moves the weights by the learning rate times the gradient; when gradients grow by "
+    "orders of magnitude the steps overshoot, the loss rises instead of falling, the weights grow, "
+    "which makes the gradients grow further — a feedback loop that ends in overflow (Inf, then NaN)."
+)
+_EXPLODE_ADVICE = (
+    "Lower the learning rate (try 10x lower) and add a warm-up.",
+    "Clip gradients: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0), or clipnorm=1.0 on a Keras optimizer.",
+    "Add normalisation (BatchNorm/LayerNorm) and use a variance-preserving initialisation "
+    "(He for ReLU, Glorot for tanh) so that the backward Jacobians do not expand.",
+    "Check the loss scale: a sum over a large batch instead of a mean multiplies every gradient.",
+)
+
+
+def _layer_growth(data: RunData, k: int, limit: float) -> tuple[dict[str, dict[str, Any]], list[int]]:
+    """Layers whose gradient RMS grew ``limit``-fold over their baseline: ``(evidence per layer, steps hit)``."""
+    per_layer: dict[str, dict[str, Any]] = {}
+    steps_hit: list[int] = []
+    for layer, sub in _finite_layer_rms(data).groupby("layer"):
+        series = sub.set_index("step")["rms"].sort_index()
+        base, peak, peak_step, _, _ = _growth(series, k)
+        if base > 0 and peak / base >= limit:
+            rest = series.iloc[_baseline_len(len(series.dropna()), k) :]
+            above = rest[rest / base >= limit]
+            steps_hit += [int(above.index[0]), int(above.index[-1])]
+            per_layer[str(layer)] = {
+                "baseline_steps": _baseline_len(len(series.dropna()), k),
+                "baseline_rms": base,
+                "peak_rms": peak,
+                "peak_step": peak_step,
+                "growth": peak / base,
+                "first_step": int(above.index[0]),
+            }
+    return per_layer, steps_hit
+
+
+def _global_norm_series(data: RunData) -> tuple[pd.Series, str]:
+    """The global gradient norm per step (the ``grad_norm`` scalar, else from the grad summaries) and its source."""
+    import pandas as pd
+
+    if "grad_norm" in data.scalars.columns:
+        norm = data.scalars["grad_norm"].astype("float64")
+        norm = norm[np.isfinite(norm.to_numpy())]
+        source = "scalar grad_norm"
+    elif "grad" in data.kinds:
+        per_step = data.frame("grad").groupby("step")[["sum_sq", "nonfinite"]].sum()
+        norm = pd.Series(global_norm(per_step["sum_sq"].to_numpy(), per_step["nonfinite"].to_numpy()), per_step.index)
+        source = "grad summaries"
+    else:  # pragma: no cover - excluded by missing()
+        norm = pd.Series(dtype="float64")
+        source = ""
+    return norm.sort_index().dropna(), source
+
+
+def _global_growth(data: RunData, k: int, limit: float) -> tuple[dict[str, Any] | None, list[int]]:
+    """The global gradient norm's growth when it reached ``limit``-fold: ``(evidence or None, steps hit)``."""
+    norm, source = _global_norm_series(data)
+    base, peak, peak_step, _, _ = _growth(norm, k)
+    if not (base > 0 and peak / base >= limit):
+        return None, []
+    rest = norm.iloc[_baseline_len(len(norm), k) :]
+    above = rest[rest / base >= limit]
+    glob = {
+        "baseline_steps": _baseline_len(len(norm), k),
+        "baseline_norm": base,
+        "peak_norm": peak,
+        "peak_step": peak_step,
+        "growth": peak / base,
+        "first_step": int(above.index[0]),
+        "source": source,
+    }
+    return glob, [int(above.index[0]), int(above.index[-1])]
+
+
+def _explode_message(
+    per_layer: dict[str, dict[str, Any]],
+    glob: dict[str, Any] | None,
+    depth: list[dict[str, Any]],
+    steps_hit: list[int],
+    th: Thresholds,
+) -> tuple[str, int | None, int | None, str]:
+    """``(message, first step, last step, severity)`` of an exploding-gradients finding."""
+    limit = th.explode_growth
+    growth = max([v["growth"] for v in per_layer.values()] + ([glob["growth"]] if glob else []), default=np.nan)
+    if per_layer or glob:
+        ref = glob or max(per_layer.values(), key=lambda v: v["growth"])
+        key = "norm" if glob else "rms"
+        top = max(per_layer, key=lambda n: per_layer[n]["growth"]) if per_layer else None
+        what = "the global gradient norm" if glob else f"the gradient RMS of layer {top!r}"
+        msg = (
+            f"Gradients exploded: {what} grew {fmt(ref['growth'])}x, from {fmt(ref['baseline_' + key])} "
+            f"(median of the first {ref['baseline_steps']} logged steps) to {fmt(ref['peak_' + key])} "
+            f"at step {ref['peak_step']} (threshold {fmt(limit)}x)"
+        )
+        if per_layer:
+            msg += f"; {len(per_layer)} layer(s) above the threshold"
+        msg += "."
+        first = min(v["first_step"] for v in [*per_layer.values(), *([glob] if glob else [])])
+        last = max(steps_hit)
+        severity = "error" if growth >= limit**2 else "warning"
+    else:
+        worst = max(depth, key=lambda d: d["ratio"])
+        msg = (
+            f"Gradients grow through depth: layer {worst['layer']!r} has a median gradient RMS of "
+            f"{fmt(worst['rms'])}, {fmt(worst['ratio'])}x that of the largest later layer "
+            f"({worst['downstream_layer']!r}, {fmt(worst['downstream'])}; "
+            f"threshold {fmt(th.explode_depth_ratio)}x)."
+        )
+        first, last = None, None
+        severity = "warning"
+
+    return msg, first, last, severity
 
 
 class VanishingGradientsRule(Rule):

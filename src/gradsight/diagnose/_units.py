@@ -208,51 +208,12 @@ class SaturatedUnitsRule(Rule):
 
     def check(self, data: RunData, th: Thresholds) -> list[Finding]:
         """See the class docstring."""
-        df = data.frame("output", hist=True)
         hits: dict[str, dict[str, Any]] = {}
-        for layer, sub in df.groupby("layer"):
+        for layer, sub in data.frame("output", hist=True).groupby("layer"):
             act = activation_of(data, str(layer))
-            if act is None:
-                continue
-            g = sub.groupby("step").agg(
-                {"sum": "sum", "sum_sq": "sum", "finite": "sum", "min": "min", "max": "max", "hist": "sum"}
-            )
-            g = g[g["finite"] > 0]
-            if g.empty:
-                continue
-            lo, hi = float(g["min"].min()), float(g["max"].max())
-            if (act == "tanh" and (lo < -1.0 or hi > 1.0)) or (act == "sigmoid" and (lo < 0.0 or hi > 1.0)):
-                continue
-            n = g["finite"].to_numpy(dtype="float64")
-            if act == "tanh":
-                gain = 1.0 - g["sum_sq"].to_numpy() / n
-            else:
-                gain = 4.0 * (g["sum"].to_numpy() - g["sum_sq"].to_numpy()) / n
-            import pandas as pd
-
-            gain = pd.Series(np.clip(gain, 0.0, 1.0), index=g.index)
-            recent = gain.iloc[-th.recent_steps :]
-            med = float(np.median(recent.to_numpy()))
-            if med >= th.saturation_gain:
-                continue
-            hist_recent = np.sum(np.stack(g["hist"].iloc[-th.recent_steps :].to_list()), axis=0)
-            big = float(hist_recent[_EXP_BIAS - 1 :].sum()) / float(g["finite"].iloc[-th.recent_steps :].sum())
-            below = gain[gain < th.saturation_gain]
-            first = int(gain.index[-1])
-            for step, v in reversed(list(gain.items())):
-                if v >= th.saturation_gain:
-                    break
-                first = int(step)
-            hits[str(layer)] = {
-                "activation": act,
-                "gain": med,
-                "gain_first_logged": float(gain.iloc[0]),
-                "share_abs_ge_0.5": big,
-                "window_steps": [int(recent.index[0]), int(recent.index[-1])],
-                "steps_below": len(below),
-                "first_step": first,
-                "last_step": int(gain.index[-1]),
-            }
+            hit = _saturation(sub, act, th) if act is not None else None
+            if hit is not None:
+                hits[str(layer)] = hit
         if not hits:
             return []
         layers = ordered(hits, data)
@@ -291,3 +252,46 @@ class SaturatedUnitsRule(Rule):
                 ),
             )
         ]
+
+
+def _saturation(sub: pd.DataFrame, act: str, th: Thresholds) -> dict[str, Any] | None:
+    """The saturation evidence of one layer's output summaries (``sub``) with activation ``act``, or None if fine."""
+    import pandas as pd
+
+    g = sub.groupby("step").agg(
+        {"sum": "sum", "sum_sq": "sum", "finite": "sum", "min": "min", "max": "max", "hist": "sum"}
+    )
+    g = g[g["finite"] > 0]
+    if g.empty:
+        return None
+    lo, hi = float(g["min"].min()), float(g["max"].max())
+    if (act == "tanh" and (lo < -1.0 or hi > 1.0)) or (act == "sigmoid" and (lo < 0.0 or hi > 1.0)):
+        return None
+    n = g["finite"].to_numpy(dtype="float64")
+    if act == "tanh":
+        gain = 1.0 - g["sum_sq"].to_numpy() / n
+    else:
+        gain = 4.0 * (g["sum"].to_numpy() - g["sum_sq"].to_numpy()) / n
+    gain = pd.Series(np.clip(gain, 0.0, 1.0), index=g.index)
+    recent = gain.iloc[-th.recent_steps :]
+    med = float(np.median(recent.to_numpy()))
+    if med >= th.saturation_gain:
+        return None
+    hist_recent = np.sum(np.stack(g["hist"].iloc[-th.recent_steps :].to_list()), axis=0)
+    big = float(hist_recent[_EXP_BIAS - 1 :].sum()) / float(g["finite"].iloc[-th.recent_steps :].sum())
+    below = gain[gain < th.saturation_gain]
+    first = int(gain.index[-1])
+    for step, v in reversed(list(gain.items())):
+        if v >= th.saturation_gain:
+            break
+        first = int(step)
+    return {
+        "activation": act,
+        "gain": med,
+        "gain_first_logged": float(gain.iloc[0]),
+        "share_abs_ge_0.5": big,
+        "window_steps": [int(recent.index[0]), int(recent.index[-1])],
+        "steps_below": len(below),
+        "first_step": first,
+        "last_step": int(gain.index[-1]),
+    }

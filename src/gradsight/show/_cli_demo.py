@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import os
 import shlex
 import sys
@@ -25,6 +24,7 @@ from .._cli_support import (
     FRAMEWORK_CHOICES,
     FRAMEWORK_HELP,
     console,
+    default_framework,
     finding_renderable,
     framework_arg,
     terminal_safe,
@@ -78,18 +78,6 @@ def _zoo() -> Any:
 def _scenario_names(zoo: Any) -> list[tuple[str, str]]:
     """(name, one-line description) of each scenario of the zoo."""
     return [(name, zoo.get_scenario(name).description) for name in zoo.list_scenarios()]
-
-
-def default_framework() -> str:
-    """``"torch"`` when PyTorch is installed, else ``"keras"`` (checked without importing either)."""
-    if importlib.util.find_spec("torch") is not None:
-        return "torch"
-    if importlib.util.find_spec("keras") is not None:
-        return "keras"
-    raise UnsupportedError(
-        "gradsight demo trains a model, so it needs PyTorch or TensorFlow/Keras, and neither is installed. "
-        "Install one: pip install 'gradsight[torch]' or pip install 'gradsight[tensorflow]'."
-    )
 
 
 def _out_dir(given: str | None) -> tuple[Path, bool]:

@@ -225,6 +225,78 @@ def _mark_findings(axes: Sequence[Axes], findings: Sequence[Any], legend_ax: Axe
         _plain(leg.get_texts())
 
 
+def _loss_panel(ax_loss: Axes, scalars: pd.DataFrame) -> None:
+    """The loss over the steps (log axis when it spans decades), or a note that none was recorded."""
+    if "loss" in scalars.columns and scalars["loss"].notna().any():
+        loss = scalars["loss"].astype("float64")
+        ax_loss.plot(loss.index.to_numpy(), loss.to_numpy(), color=OKABE_ITO["black"], lw=1.3)
+        if (loss.dropna() > 0).all() and _spans_decades(loss.to_numpy()):
+            ax_loss.set_yscale("log")
+            ax_loss.set_ylabel("loss (log)", fontsize=8)
+        else:
+            ax_loss.set_ylabel("loss", fontsize=8)
+        bad = loss.index[~np.isfinite(loss.to_numpy())]
+        for s in bad[:1]:
+            ax_loss.annotate("loss not finite", (s, 1.0), xycoords=("data", "axes fraction"), fontsize=7, va="top")
+        ax_loss.set_title("Loss", loc="left", fontsize=10)
+    else:
+        _empty_panel(ax_loss, "Loss", "no 'loss' scalar recorded — log it with watch.log(loss=...)")
+
+
+def _weight_panel(ax_w: Axes, weight: pd.DataFrame, styles: dict[str, tuple[Any, str]]) -> None:
+    """Weight RMS per layer, one line each."""
+    if weight.empty:
+        _empty_panel(ax_w, "Weight RMS per layer", "no weight summaries recorded")
+    else:
+        _lines(ax_w, weight, styles, log=_spans_decades(weight.to_numpy(dtype="float64")))
+        ax_w.set_ylabel("RMS" + (" (log)" if ax_w.get_yscale() == "log" else ""), fontsize=8)
+        ax_w.set_title("Weight RMS per layer", loc="left", fontsize=10)
+
+
+def _ratio_panel(ax_r: Axes, ratio: pd.DataFrame, styles: dict[str, tuple[Any, str]]) -> None:
+    """Update/weight ratio per layer (log axis, gaps where undefined) with the ~1e-3 reference line."""
+    if ratio.empty:
+        _empty_panel(
+            ax_r,
+            "Update / weight ratio",
+            "no update summaries recorded (updates need the optimizer step to be watched)",
+        )
+    else:
+        _lines(ax_r, ratio, styles, log=True)
+        ax_r.axhline(1e-3, color="0.4", lw=0.8, ls=(0, (1, 2)))
+        ax_r.annotate(
+            "1e-3, a common healthy ratio",
+            (0.005, 1e-3),
+            xycoords=("axes fraction", "data"),
+            fontsize=7,
+            ha="left",
+            va="bottom",
+            color="0.3",
+            bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8},
+        )
+        ax_r.set_ylabel("‖Δw‖ / ‖w‖ (log)", fontsize=8)
+        ax_r.set_title("Update / weight ratio per layer", loc="left", fontsize=10)
+
+
+def _activity_panels(
+    ax_a: Axes, ax_d: Axes, active: pd.DataFrame, dead: pd.DataFrame, styles: dict[str, tuple[Any, str]]
+) -> None:
+    """Active rate and dead-unit fraction per layer, or a note on both when no unit counts were recorded."""
+    if active.empty:
+        note = "no layer-output unit counts recorded (activations are recorded when layer outputs are watched)"
+        _empty_panel(ax_a, "Activation active rate", note)
+        _empty_panel(ax_d, "Dead-unit fraction", note)
+    else:
+        _lines(ax_a, active, styles, log=False)
+        ax_a.set_ylim(-0.03, 1.03)
+        ax_a.set_ylabel("fraction ≠ 0", fontsize=8)
+        ax_a.set_title("Activation active rate per layer (fraction of output entries ≠ 0)", loc="left", fontsize=10)
+        _lines(ax_d, dead, styles, log=False)
+        ax_d.set_ylim(-0.03, 1.03)
+        ax_d.set_ylabel("fraction of units", fontsize=8)
+        ax_d.set_title("Dead-unit fraction per layer (units never active in the step)", loc="left", fontsize=10)
+
+
 # ---- the figures ----------------------------------------------------------------------------------------------
 def plot_overview(run: RunLike, *, findings: Sequence[Any] | None = None) -> Figure:
     """The training at a glance, one panel per statistic over the steps.
@@ -282,74 +354,16 @@ def plot_overview(run: RunLike, *, findings: Sequence[Any] | None = None) -> Fig
     ax_loss, ax_grad, ax_w, ax_r, ax_a, ax_d = axes
     fig.suptitle(f"gradsight overview — {title}", fontsize=12, parse_math=False)
 
-    # loss
-    if "loss" in scalars.columns and scalars["loss"].notna().any():
-        loss = scalars["loss"].astype("float64")
-        ax_loss.plot(loss.index.to_numpy(), loss.to_numpy(), color=OKABE_ITO["black"], lw=1.3)
-        if (loss.dropna() > 0).all() and _spans_decades(loss.to_numpy()):
-            ax_loss.set_yscale("log")
-            ax_loss.set_ylabel("loss (log)", fontsize=8)
-        else:
-            ax_loss.set_ylabel("loss", fontsize=8)
-        bad = loss.index[~np.isfinite(loss.to_numpy())]
-        for s in bad[:1]:
-            ax_loss.annotate("loss not finite", (s, 1.0), xycoords=("data", "axes fraction"), fontsize=7, va="top")
-        ax_loss.set_title("Loss", loc="left", fontsize=10)
-    else:
-        _empty_panel(ax_loss, "Loss", "no 'loss' scalar recorded — log it with watch.log(loss=...)")
-
+    _loss_panel(ax_loss, scalars)
     # gradient heatmap
     if grad.empty:
         _empty_panel(ax_grad, "Gradient RMS per layer", "no gradient summaries recorded")
     else:
         _heatmap(fig, ax_grad, grad, grad_bad, heat_in, "gradient RMS (log scale)")
         ax_grad.set_title("Gradient RMS per layer (log colour scale; grey = zero or no data)", loc="left", fontsize=10)
-
-    # weight RMS
-    if weight.empty:
-        _empty_panel(ax_w, "Weight RMS per layer", "no weight summaries recorded")
-    else:
-        _lines(ax_w, weight, styles, log=_spans_decades(weight.to_numpy(dtype="float64")))
-        ax_w.set_ylabel("RMS" + (" (log)" if ax_w.get_yscale() == "log" else ""), fontsize=8)
-        ax_w.set_title("Weight RMS per layer", loc="left", fontsize=10)
-
-    # update / weight ratio
-    if ratio.empty:
-        _empty_panel(
-            ax_r,
-            "Update / weight ratio",
-            "no update summaries recorded (updates need the optimizer step to be watched)",
-        )
-    else:
-        _lines(ax_r, ratio, styles, log=True)
-        ax_r.axhline(1e-3, color="0.4", lw=0.8, ls=(0, (1, 2)))
-        ax_r.annotate(
-            "1e-3, a common healthy ratio",
-            (0.005, 1e-3),
-            xycoords=("axes fraction", "data"),
-            fontsize=7,
-            ha="left",
-            va="bottom",
-            color="0.3",
-            bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8},
-        )
-        ax_r.set_ylabel("‖Δw‖ / ‖w‖ (log)", fontsize=8)
-        ax_r.set_title("Update / weight ratio per layer", loc="left", fontsize=10)
-
-    # activity
-    if active.empty:
-        note = "no layer-output unit counts recorded (activations are recorded when layer outputs are watched)"
-        _empty_panel(ax_a, "Activation active rate", note)
-        _empty_panel(ax_d, "Dead-unit fraction", note)
-    else:
-        _lines(ax_a, active, styles, log=False)
-        ax_a.set_ylim(-0.03, 1.03)
-        ax_a.set_ylabel("fraction ≠ 0", fontsize=8)
-        ax_a.set_title("Activation active rate per layer (fraction of output entries ≠ 0)", loc="left", fontsize=10)
-        _lines(ax_d, dead, styles, log=False)
-        ax_d.set_ylim(-0.03, 1.03)
-        ax_d.set_ylabel("fraction of units", fontsize=8)
-        ax_d.set_title("Dead-unit fraction per layer (units never active in the step)", loc="left", fontsize=10)
+    _weight_panel(ax_w, weight, styles)
+    _ratio_panel(ax_r, ratio, styles)
+    _activity_panels(ax_a, ax_d, active, dead, styles)
 
     for ax in axes:
         ax.tick_params(labelsize=8)
@@ -413,6 +427,21 @@ def _pick_steps(all_steps: Sequence[int], n: int = 5) -> list[int]:
     return [all_steps[i] for i in idx]
 
 
+def _chosen_steps(recorded_steps: list[int], steps: Sequence[int] | None, kind: str) -> list[int]:
+    """The steps plot_depth_profile draws: ``steps`` checked against the recorded ones, or up to five spread out."""
+    if steps is None:
+        return _pick_steps(recorded_steps)
+    chosen = [int(s) for s in steps]
+    missing = [s for s in chosen if s not in set(recorded_steps)]
+    if missing or not chosen:
+        raise InputError(
+            f"plot_depth_profile: steps {missing or list(steps)!r} were not recorded for kind {kind!r}; "
+            f"recorded steps run from {recorded_steps[0]} to {recorded_steps[-1]} ({len(recorded_steps)} "
+            f"steps, e.g. {recorded_steps[:5]}). Pass steps=None to pick some automatically."
+        )
+    return chosen
+
+
 def plot_depth_profile(run: RunLike, *, steps: Sequence[int] | None = None, kind: str = "grad") -> Figure:
     """RMS per layer, input side to output side, one line per chosen step (log axis).
 
@@ -447,18 +476,7 @@ def plot_depth_profile(run: RunLike, *, steps: Sequence[int] | None = None, kind
                 f"plot_depth_profile: the run {str(r.path)!r} has no {kind!r} summaries; it recorded "
                 f"{recorded or 'none'}. Pass kind= one of those."
             )
-    recorded_steps = [int(s) for s in table.index]
-    if steps is None:
-        chosen = _pick_steps(recorded_steps)
-    else:
-        chosen = [int(s) for s in steps]
-        missing = [s for s in chosen if s not in set(recorded_steps)]
-        if missing or not chosen:
-            raise InputError(
-                f"plot_depth_profile: steps {missing or list(steps)!r} were not recorded for kind {kind!r}; "
-                f"recorded steps run from {recorded_steps[0]} to {recorded_steps[-1]} ({len(recorded_steps)} "
-                f"steps, e.g. {recorded_steps[:5]}). Pass steps=None to pick some automatically."
-            )
+    chosen = _chosen_steps([int(s) for s in table.index], steps, kind)
     layers = [str(c) for c in table.columns]
     n = len(layers)
     width = min(max(7.0, 0.42 * n + 3.0), 18.0)
@@ -499,6 +517,65 @@ def plot_depth_profile(run: RunLike, *, steps: Sequence[int] | None = None, kind
     return fig
 
 
+def _hist_lines(
+    ax_l: Axes,
+    steps: np.ndarray,
+    frac: np.ndarray,
+    counts: np.ndarray,
+    zeros: np.ndarray,
+    nonfin: np.ndarray,
+    y_edges: np.ndarray,
+) -> None:
+    """The right panel of plot_histograms: the histograms (``frac``: steps × drawn bins) at up to four steps."""
+    import matplotlib
+
+    cmap_l = matplotlib.colormaps[_SEQ]
+    picks = _pick_steps([int(s) for s in steps], 4)
+    centers = np.sqrt(y_edges[:-1] * y_edges[1:])
+    for i, s in enumerate(picks):
+        j = int(np.searchsorted(steps, s))
+        c = counts[j] if counts[j] else math.nan
+        lab = f"step {s}: zeros {zeros[j] / c:.1%}"
+        if nonfin[j]:
+            lab += f", NaN/Inf {nonfin[j] / c:.1%}"
+        ax_l.step(
+            centers,
+            frac[j],
+            where="mid",
+            color=cmap_l(0.85 * i / max(1, len(picks) - 1)),
+            lw=1.4,
+            ls=_LINESTYLES[i % len(_LINESTYLES)],
+            label=lab,
+        )
+    ax_l.set_xscale("log", base=2)
+    ax_l.set_xlabel("|x| (log2 axis)", fontsize=9)
+    ax_l.set_ylabel("fraction of elements", fontsize=9)
+    ax_l.set_title("histograms at chosen steps", loc="left", fontsize=10)
+    ax_l.legend(fontsize=7, framealpha=0.9)
+    ax_l.tick_params(labelsize=8)
+    ax_l.grid(True, color="0.92", lw=0.6)
+
+
+def _read_histograms(run: RunLike, tensor: str, kind: str) -> tuple[dict[int, list[Any]], bool, str]:
+    """``(summaries per step, whether tensor named a tensor rather than a layer, run title)`` for plot_histograms."""
+    with opened(run) as r:
+        infos = [t for t in r.tensors if t.kind == kind]
+        by_name = [t for t in infos if t.name == tensor]
+        chosen = by_name or [t for t in infos if t.layer == tensor]
+        if not chosen:
+            names = sorted({t.name for t in infos})
+            raise InputError(
+                f"plot_histograms: no {kind!r} tensor or layer named {tensor!r} in {str(r.path)!r}. Recorded "
+                f"{kind!r} tensors: {names[:20]}{' …' if len(names) > 20 else ''}. Pass one of those names (or a "
+                "layer name), or another kind=."
+            )
+        per_step: dict[int, list[Any]] = {}
+        for step, _, s in r.summaries(kind=kind, tensor=[t.name for t in chosen]):
+            per_step.setdefault(step, []).append(s)
+        title = _run_title(r)
+    return per_step, bool(by_name), title
+
+
 def plot_histograms(run: RunLike, tensor: str, *, kind: str = "grad") -> Figure:
     """The log2|x| histograms of one tensor over time, from the stored bins.
 
@@ -526,21 +603,7 @@ def plot_histograms(run: RunLike, tensor: str, *, kind: str = "grad") -> Figure:
         raise InputError(f"plot_histograms: unknown kind {kind!r}; expected one of {', '.join(map(repr, KINDS))}.")
     if not isinstance(tensor, str):
         raise InputError(f"plot_histograms: tensor must be a tensor or layer name (str), got {tensor!r}.")
-    with opened(run) as r:
-        infos = [t for t in r.tensors if t.kind == kind]
-        by_name = [t for t in infos if t.name == tensor]
-        chosen = by_name or [t for t in infos if t.layer == tensor]
-        if not chosen:
-            names = sorted({t.name for t in infos})
-            raise InputError(
-                f"plot_histograms: no {kind!r} tensor or layer named {tensor!r} in {str(r.path)!r}. Recorded "
-                f"{kind!r} tensors: {names[:20]}{' …' if len(names) > 20 else ''}. Pass one of those names (or a "
-                "layer name), or another kind=."
-            )
-        per_step: dict[int, list[Any]] = {}
-        for step, _, s in r.summaries(kind=kind, tensor=[t.name for t in chosen]):
-            per_step.setdefault(step, []).append(s)
-        title = _run_title(r)
+    per_step, by_name, title = _read_histograms(run, tensor, kind)
     if not per_step:
         raise InputError(f"plot_histograms: the {kind!r} tensor {tensor!r} has no recorded steps yet.")
     steps = np.array(sorted(per_step), dtype="int64")
@@ -586,30 +649,6 @@ def plot_histograms(run: RunLike, tensor: str, *, kind: str = "grad") -> Figure:
     ax_h.set_ylabel("|x| (power-of-two bins, log2 axis)", fontsize=9)
     ax_h.set_title("log2|x| histogram over steps", loc="left", fontsize=10)
 
-    cmap_l = matplotlib.colormaps[_SEQ]
-    picks = _pick_steps([int(s) for s in steps], 4)
-    centers = np.sqrt(y_edges[:-1] * y_edges[1:])
-    for i, s in enumerate(picks):
-        j = int(np.searchsorted(steps, s))
-        c = counts[j] if counts[j] else math.nan
-        lab = f"step {s}: zeros {zeros[j] / c:.1%}"
-        if nonfin[j]:
-            lab += f", NaN/Inf {nonfin[j] / c:.1%}"
-        ax_l.step(
-            centers,
-            frac[j, lo:hi],
-            where="mid",
-            color=cmap_l(0.85 * i / max(1, len(picks) - 1)),
-            lw=1.4,
-            ls=_LINESTYLES[i % len(_LINESTYLES)],
-            label=lab,
-        )
-    ax_l.set_xscale("log", base=2)
-    ax_l.set_xlabel("|x| (log2 axis)", fontsize=9)
-    ax_l.set_ylabel("fraction of elements", fontsize=9)
-    ax_l.set_title("histograms at chosen steps", loc="left", fontsize=10)
-    ax_l.legend(fontsize=7, framealpha=0.9)
-    for ax in (ax_h, ax_l):
-        ax.tick_params(labelsize=8)
-    ax_l.grid(True, color="0.92", lw=0.6)
+    _hist_lines(ax_l, steps, frac[:, lo:hi], counts, zeros, nonfin, y_edges)
+    ax_h.tick_params(labelsize=8)
     return fig
