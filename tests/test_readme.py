@@ -18,9 +18,6 @@ from pathlib import Path
 
 import pytest
 
-# One worker runs this module: its tests share one module fixture (pytest-xdist).
-pytestmark = pytest.mark.xdist_group("readme")
-
 README = Path(__file__).resolve().parents[1] / "README.md"
 _BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
@@ -44,20 +41,30 @@ def test_readme_has_complete_examples():
     assert len(COMPLETE) >= 4, "the README's runnable examples were not found"
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("readme")
+def _missing_framework(code: str) -> str | None:
+    if re.search(r"^\s*import keras|^\s*from keras", code, re.M) and importlib.util.find_spec("tensorflow") is None:
+        return "a Keras example; it needs the tensorflow extra, which is not installed"
+    if re.search(r"^\s*import torch|^\s*from torch", code, re.M) and importlib.util.find_spec("torch") is None:
+        return "a PyTorch example; it needs the torch extra, which is not installed"
+    return None
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("line", "code"), COMPLETE, ids=[f"README.md:{line}" for line, _ in COMPLETE])
-def test_readme_block_runs(line, code, workdir):
-    if re.search(r"^\s*import keras|^\s*from keras", code, re.M) and importlib.util.find_spec("tensorflow") is None:
-        pytest.skip(f"README.md:{line} is a Keras example; it needs the tensorflow extra, which is not installed")
-    if re.search(r"^\s*import torch|^\s*from torch", code, re.M) and importlib.util.find_spec("torch") is None:
-        pytest.skip(f"README.md:{line} is a PyTorch example; it needs the torch extra, which is not installed")
+def test_readme_blocks_run_in_order(tmp_path):
+    # One test, not one per block: later blocks read what earlier ones wrote, and test order across pytest-xdist
+    # workers is not guaranteed.
     env = {**os.environ, "MPLBACKEND": "agg", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=workdir, env=env, capture_output=True, text=True, timeout=240
-    )
-    assert proc.returncode == 0, f"README.md:{line} failed:\n{proc.stderr[-3000:]}"
+    failures, skipped = [], []
+    for line, code in COMPLETE:
+        reason = _missing_framework(code)
+        if reason is not None:
+            skipped.append(f"README.md:{line} is {reason}")
+            continue
+        proc = subprocess.run(
+            [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+        )
+        if proc.returncode != 0:
+            failures.append(f"README.md:{line} failed:\n{proc.stderr[-3000:]}")
+    assert not failures, "\n\n".join(failures)
+    if skipped:
+        pytest.skip("; ".join(skipped))
