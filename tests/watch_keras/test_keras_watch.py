@@ -73,7 +73,7 @@ def test_fit_summaries_equal_numpy_reference_on_an_independent_tape(tmp_path, da
             assert_close(run.summary(p, "update", 0), summarize(b - a), rtol=1e-3)
         for name in outs:
             assert_close(run.summary(name, "output", 0), summarize(outs[name].numpy(), unit_axis=-1))
-            assert_close(run.summary(name, "output_grad", 0), summarize(ogs[name].numpy()))
+            assert_close(run.summary(name, "output_grad", 0), summarize(ogs[name].numpy(), unit_axis=-1))
         sc = run.scalars
         assert math.isclose(sc.loc[0, "loss"], float(loss), rel_tol=1e-5)
         assert math.isclose(sc.loc[0, "lr"], 0.1, rel_tol=1e-6)
@@ -268,7 +268,7 @@ def test_gradient_tape_loop_helper(tmp_path):
         assert run.summary("W1", "weight", 2).approx_equal(summarize(before[0]), rtol=1e-12)
         assert run.summary("W2", "grad", 2).approx_equal(summarize(g2.numpy()), rtol=1e-12)
         assert run.summary("Z1", "output", 2).approx_equal(summarize(z1.numpy(), unit_axis=-1), rtol=1e-12)
-        assert run.summary("Z1", "output_grad", 2).approx_equal(summarize(gz1.numpy()), rtol=1e-12)
+        assert run.summary("Z1", "output_grad", 2).approx_equal(summarize(gz1.numpy(), unit_axis=-1), rtol=1e-12)
         assert_close(run.summary("W1", "update", 2), summarize(w1.numpy() - before[0]))
         assert math.isclose(run.scalars.loc[2, "lr"], 0.1, rel_tol=1e-6)
         with pytest.raises(InputError, match=r"got 1 gradients for 2 variables"):

@@ -309,8 +309,20 @@ class KerasWatch(WatchCore):
         self._maybe_flush_scalars()
         logged = self.schedule.is_logged(s)
         rec = _StepRecord(self, s, names, var_list, logged and "update" in self.schedule.kinds)
-        if not logged:
-            return rec
+        if logged:
+            self._record_tensors(s, names, var_list, grads, outputs, output_grads)
+        return rec
+
+    def _record_tensors(
+        self,
+        s: int,
+        names: list[str],
+        var_list: list[Any],
+        grads: list[Any],
+        outputs: Mapping[str, Any],
+        output_grads: Mapping[str, Any],
+    ) -> None:
+        """Summaries of a tape step's weights, gradients, outputs and output gradients (the kinds asked for)."""
         kinds = self.schedule.kinds
         entries: list[_Entry] = []
         tensors: list[Any] = []
@@ -332,9 +344,8 @@ class KerasWatch(WatchCore):
                 add(n, n, "output", t, units=True)
         for n, t in output_grads.items():
             if "output_grad" in kinds and t is not None:
-                add(n, n, "output_grad", t)
+                add(n, n, "output_grad", t, units=True)
         self._log_packed(s, entries, tensors)
-        return rec
 
     # ---- internals: tape path ------------------------------------------------------------------------------
     def _tape_variables(self, variables: Sequence[Any] | Mapping[str, Any] | None) -> tuple[list[str], list[Any]]:
@@ -502,7 +513,7 @@ class KerasWatch(WatchCore):
             if "output" in kinds:
                 pre.append(_Entry(name, layer, "output", _batch_shape(t), t.dtype.name, u))
             if "output_grad" in kinds:
-                pre.append(_Entry(name, layer, "output_grad", _batch_shape(t), t.dtype.name))
+                pre.append(_Entry(name, layer, "output_grad", _batch_shape(t), t.dtype.name, u))
         self._pre = pre
         self._post_vars = self._vars if "update" in kinds else []
         self._post = [
@@ -531,6 +542,32 @@ class KerasWatch(WatchCore):
         self._writer.set_meta("model", meta)
         self._writer.set_meta("notes", self._notes)
 
+    def _forward(self, model: Any, x: Any, y: Any, sample_weight: Any) -> tuple[Any, list[Any], Any]:
+        """The forward pass inside the train step's tape: predictions, tapped layer outputs, the loss."""
+        inter: list[Any] = []
+        if self._tap is not None:
+            flat = self._tap(x, training=True)
+            y_pred = keras.tree.pack_sequence_as(self._model_output_struct, flat[: self._tap_n_out])
+            inter = list(flat[self._tap_n_out :])
+        elif self._seq_layers is not None:
+            h = x
+            for layer in self._seq_layers:
+                h = layer(h, training=True)
+                inter.append(h)
+            y_pred = h
+        else:
+            y_pred = model(x, training=True) if _has_training_arg(model) else model(x)
+        if "training" in inspect.signature(model.compute_loss).parameters:
+            loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+        else:
+            loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
+        batch = tf.shape(next(t for t in keras.tree.flatten(x) if t is not None))[0]
+        for m in model.metrics:
+            if m.name == "loss":
+                m.update_state(loss, sample_weight=batch)
+                break
+        return y_pred, inter, loss
+
     # The recording train step (traced by Keras' make_train_function into a tf.function).
     def _train_step(self, data: Any) -> Any:
         model = self.model
@@ -544,28 +581,7 @@ class KerasWatch(WatchCore):
         opt = model.optimizer
         kinds = self.schedule.kinds
         with tf.GradientTape() as tape:
-            inter: list[Any] = []
-            if self._tap is not None:
-                flat = self._tap(x, training=True)
-                y_pred = keras.tree.pack_sequence_as(self._model_output_struct, flat[: self._tap_n_out])
-                inter = list(flat[self._tap_n_out :])
-            elif self._seq_layers is not None:
-                h = x
-                for layer in self._seq_layers:
-                    h = layer(h, training=True)
-                    inter.append(h)
-                y_pred = h
-            else:
-                y_pred = model(x, training=True) if _has_training_arg(model) else model(x)
-            if "training" in inspect.signature(model.compute_loss).parameters:
-                loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
-            else:
-                loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
-            batch = tf.shape(next(t for t in keras.tree.flatten(x) if t is not None))[0]
-            for m in model.metrics:
-                if m.name == "loss":
-                    m.update_state(loss, sample_weight=batch)
-                    break
+            y_pred, inter, loss = self._forward(model, x, y, sample_weight)
             scaled = opt.scale_loss(loss) if opt is not None else loss
         if not self._discovered:
             self._discover(model, inter)
