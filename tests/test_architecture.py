@@ -86,21 +86,6 @@ KNOWN_OFFENDERS: frozenset[tuple[str, str, str]] = frozenset(
             "_loss_class_error reads loss.__module__ to tell the framework of a loss class; that belongs in "
             "gradsight._frameworks (explain rework in progress)",
         ),
-        (
-            "long-function",
-            "gradsight.diagnose._units:SaturatedUnitsRule.check",
-            "85 lines; diagnose rules being reworked by their owner",
-        ),
-        (
-            "long-function",
-            "gradsight.frameworks._keras_watch:KerasWatch.record_step",
-            "100 lines; the Keras watch is being rebuilt on the watch core",
-        ),
-        (
-            "long-function",
-            "gradsight.frameworks._keras_watch:KerasWatch._train_step",
-            "96 lines; the Keras watch is being rebuilt on the watch core",
-        ),
     }
 )
 
