@@ -201,10 +201,9 @@ def test_step_closes_a_manual_step_and_refuses_where_steps_close_themselves(adap
 
 
 def test_exception_leaving_the_block_is_recorded(adapter, tmp_path):
-    with pytest.raises(ValueError, match="boom"):
-        with adapter.auto(tmp_path / "a.db") as w:
-            adapter.train_step(w)
-            raise ValueError("boom")
+    with pytest.raises(ValueError, match="boom"), adapter.auto(tmp_path / "a.db") as w:
+        adapter.train_step(w)
+        raise ValueError("boom")
     assert w.closed
     with gradsight.load(tmp_path / "a.db") as run:
         (event,) = run.events("exception")
@@ -212,6 +211,5 @@ def test_exception_leaving_the_block_is_recorded(adapter, tmp_path):
 
 
 def test_one_open_watch_per_model(adapter, tmp_path):
-    with adapter.auto(tmp_path / "a.db"):
-        with pytest.raises(WatchError, match=r"already watched"):
-            gradsight.watch(adapter.model, path=tmp_path / "b.db")
+    with adapter.auto(tmp_path / "a.db"), pytest.raises(WatchError, match=r"already watched"):
+        gradsight.watch(adapter.model, path=tmp_path / "b.db")

@@ -31,6 +31,7 @@ axis of layer outputs (:func:`unit_axis`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import operator
 import os
@@ -100,7 +101,7 @@ def cheap_scalars(names: Sequence[str], norms: Sequence[float], counts: Sequence
     if g == math.inf and any(math.isnan(v) for v in norms):  # hypot(inf, nan) is inf; the norm is NaN
         g = math.nan
     out["grad_norm"] = g
-    out.update(zip([f"grad_norm/{n}" for n in names], map(float, norms), strict=True))
+    out.update(zip(_norm_keys(tuple(names)), map(float, norms), strict=True))
     if counts is None:
         out["grad_nonfinite"] = 0.0
         return out
@@ -109,6 +110,12 @@ def cheap_scalars(names: Sequence[str], norms: Sequence[float], counts: Sequence
     if any(per):
         out.update((f"grad_nonfinite/{n}", v) for n, v in zip(names, per, strict=True))
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _norm_keys(names: tuple[str, ...]) -> tuple[str, ...]:
+    """``grad_norm/<tensor>`` for each name (cached: a watch has a few gradient layouts, seen at every step)."""
+    return tuple(f"grad_norm/{n}" for n in names)
 
 
 def unit_axis(ndim: int, *, channel_first: bool = False, inherited: int | None = None) -> int | None:

@@ -15,8 +15,10 @@ How it works (public Keras/TF APIs only, tested with Keras 3.15.1 on TensorFlow 
   models that override ``call``) record weights, gradients and updates only; the run's meta says so.
 * On a logged step (``step % every == 0``) one ``tf.cond`` packs all summaries into one float64 vector (see
   :mod:`._keras_summary`) and a second one packs the updates ``ΔW = W_after - W_before``. Other steps only
-  compute the cheap scalars (loss, lr, gradient norm, non-finite gradient count). The callback reads the buffers
-  once per ``train_function`` call, so ``steps_per_execution > 1`` is supported (one buffer slot per step).
+  compute the cheap scalars: loss, lr, and per variable the gradient norm and non-finite count, which the host
+  turns into ``grad_norm``, ``grad_nonfinite`` and ``grad_norm/<variable>`` exactly as for torch
+  (:func:`gradsight._watch_core.cheap_scalars`). The callback reads the buffers once per ``train_function`` call,
+  so ``steps_per_execution > 1`` is supported (one buffer slot per step).
 * Gradients are recorded unscaled: under a ``LossScaleOptimizer`` they are multiplied by ``1 / loss_scale``.
   NaN/Inf gradients are counted (``nan``/``posinf``/``neginf`` and the ``grad_nonfinite`` scalar), never dropped.
 * Steps are numbered from 0 (or after the last stored step with ``if_exists="append"``) and keep counting across
