@@ -81,3 +81,23 @@ def test_units_count_nan_as_active_and_zero_as_dead():
     s = summarize(x, unit_axis=1)
     assert s.units_active.tolist() == [0, 1, 2] and s.units_total == 2
     assert s.active_rate.tolist() == [0.0, 0.5, 1.0]
+
+
+def test_float64_wire_rows_with_nonfinite_sums_decode_without_casting_them():
+    """Regression: the Keras wire form cast NaN/Inf sums and min/max to int64 (an invalid-cast warning)."""
+    import warnings
+
+    from gradsight._packing import Layout, rows_from_float64
+    from gradsight.summary import from_rows
+
+    ref = summarize(np.array([np.inf, 1.5, np.nan], np.float32), unit_axis=0)
+    empty = summarize(np.array([np.nan], np.float32))
+    ref.sum_sq = np.inf  # a square that overflowed
+    vec = []
+    for s in (ref, empty):
+        vec += [s.count, s.zeros, s.nan, s.posinf, s.neginf, s.positive, s.sum, s.sum_sq, s.min, s.max, *s.hist]
+    vec += [ref.units_total, *ref.units_active]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = from_rows(rows_from_float64(np.array(vec, np.float64), Layout((3, None))))
+    assert got[0] == ref and got[1] == empty

@@ -208,7 +208,9 @@ def rows_from_float64(vec: np.ndarray, layout: Layout) -> Rows:
     """
     n = layout.n
     f = np.asarray(vec, dtype=np.float64)[: n * ROW].reshape(n, ROW)
-    rows = f.astype(np.int64)  # counts and bins: exact integers in float64
+    rows = np.empty((n, ROW), dtype=np.int64)
+    rows[:, :SUM] = f[:, :SUM]  # counts and bins: exact integers in float64 (the sums may be NaN/Inf: not cast)
+    rows[:, HIST:] = f[:, HIST:]
     rows[:, SUM : MAX + 1] = np.ascontiguousarray(f[:, SUM : MAX + 1]).view(np.int64)
     pos = n * ROW
     units: list[np.ndarray | None] = []
