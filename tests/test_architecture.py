@@ -54,40 +54,7 @@ LONG_FUNCTION_TAG = "# long function:"
 #:   graph without the listed edges must be acyclic.
 #: * ``("framework", "module", reason)``: a framework-free module that imports or names a framework.
 #: * ``("long-function", "module:Qual.name", reason)``: a function over the limit without its comment.
-KNOWN_OFFENDERS: frozenset[tuple[str, str, str]] = frozenset(
-    {
-        (
-            "cycle",
-            "gradsight._watch_core -> gradsight",
-            "_gradsight_version() reads __version__ from the package root, whose __init__ imports _watch, which "
-            "imports the adapters that subclass WatchCore (watch-core rework in progress)",
-        ),
-        (
-            "cycle",
-            "gradsight.frameworks._torch_watch -> gradsight.frameworks._torch",
-            "a back-compat alias (_torch_watch.watch_torch for the benchmarks) imports _torch, which imports "
-            "_torch_ddp, which imports _torch_watch (torch adapter split in progress)",
-        ),
-        (
-            "framework",
-            "gradsight.explain._adapter",
-            "_register_builtins names gradsight.frameworks._torch_explain/_keras_explain; the registration lines "
-            "belong in gradsight._frameworks (explain rework in progress)",
-        ),
-        (
-            "framework",
-            "gradsight.explain._check_loss",
-            "_loss_framework reads loss.__module__ to tell the framework of a plain-function loss; that belongs "
-            "in gradsight._frameworks.framework_of (explain rework in progress)",
-        ),
-        (
-            "framework",
-            "gradsight.explain._explain",
-            "_loss_class_error reads loss.__module__ to tell the framework of a loss class; that belongs in "
-            "gradsight._frameworks (explain rework in progress)",
-        ),
-    }
-)
+KNOWN_OFFENDERS: frozenset[tuple[str, str, str]] = frozenset()
 
 
 # ---- reading the source ----------------------------------------------------------------------------------------

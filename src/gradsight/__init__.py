@@ -8,13 +8,12 @@ every other module is private.
 from __future__ import annotations
 
 from ._errors import GradsightError, InputError, StoreError, UnsupportedError, WatchError
+from ._version import __version__
 from ._watch import watch
 from .diagnose import Finding, GradsightWarning, OnlineDiagnosis, Thresholds, TrainingStopped, diagnose
 from .explain import Term, Trace, check_loss, depth_sweep, explain, jacobian_vs_gradient
 from .store import Run, RunWriter, TensorInfo, load
 from .summary import TensorSummary, merge, summarize
-
-__version__ = "0.1.0"
 
 #: Public names resolved on first access (PEP 562): those whose modules import a framework, and the figures and
 #: report (gradsight.show), so that ``import gradsight`` stays light.

@@ -1,29 +1,110 @@
-"""Tell which framework an object belongs to, without importing any framework."""
+"""The framework registry: which frameworks gradsight knows, and how to tell an object's framework.
+
+This is the one place that names the adapter modules (as strings: nothing here imports a framework). A new
+framework is one adapter package plus one :func:`register` call below. The framework-free rooms (explain,
+diagnose, show, export, the store) reach adapters only through this registry.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import types
+from dataclasses import dataclass
+from typing import Any
 
-Framework = Literal["torch", "keras"]
-
-__all__ = ["Framework", "framework_of"]
+__all__ = ["FrameworkInfo", "framework_info", "framework_of", "frameworks", "register"]
 
 
-def framework_of(obj: Any) -> Framework | None:
-    """Return ``"torch"`` or ``"keras"`` for an object of that framework, else ``None``.
+@dataclass(frozen=True)
+class FrameworkInfo:
+    """A registered framework.
 
-    The decision reads the modules of the object's class hierarchy, so it never imports torch or TensorFlow.
+    Attributes:
+        name: the framework's name in gradsight (``"torch"``, ``"keras"``), as recorded in run files and traces.
+        module_roots: top-level package names of the framework's objects (models, layers, losses, tensors).
+        requires: the package that must be importable for the adapters to work.
+        extra: the pip extra that installs it, e.g. ``"tensorflow"``.
+        aliases: other names accepted for it (``--framework tf``), e.g. ``("tensorflow", "tf")``.
+        watch: ``"module:function"`` that :func:`gradsight.watch` hands a model of this framework to.
+        explain: the import path of the explain adapter (satisfies ``gradsight.explain``'s adapter protocol).
+        loss_example: how an instance of a loss class ``{name}`` is written in this framework, for messages.
+    """
+
+    name: str
+    module_roots: tuple[str, ...]
+    requires: str
+    extra: str
+    aliases: tuple[str, ...] = ()
+    watch: str = ""
+    explain: str = ""
+    loss_example: str = "{name}()"
+
+
+_REGISTRY: dict[str, FrameworkInfo] = {}
+
+
+def register(info: FrameworkInfo) -> None:
+    """Register a framework under its name and aliases (the first registered is the default framework)."""
+    for key in (info.name, *info.aliases):
+        _REGISTRY[key] = info
+
+
+register(
+    FrameworkInfo(
+        "torch",
+        module_roots=("torch",),
+        requires="torch",
+        extra="torch",
+        aliases=("pytorch",),
+        watch="gradsight.frameworks._torch:watch_torch",
+        explain="gradsight.frameworks._torch_explain",
+        loss_example="nn.{name}()",
+    )
+)
+register(
+    FrameworkInfo(
+        "keras",
+        module_roots=("keras", "tensorflow", "tf_keras"),
+        requires="tensorflow",
+        extra="tensorflow",
+        aliases=("tensorflow", "tf"),
+        watch="gradsight.frameworks._keras_watch:watch_keras",
+        explain="gradsight.frameworks._keras_explain",
+        loss_example="keras.losses.{name}()",
+    )
+)
+
+
+def frameworks() -> list[FrameworkInfo]:
+    """The registered frameworks, in registration order (each once)."""
+    return list(dict.fromkeys(_REGISTRY.values()))
+
+
+def framework_info(name: str) -> FrameworkInfo | None:
+    """The registered framework of ``name`` (a name or an alias), or ``None``."""
+    return _REGISTRY.get(name)
+
+
+def framework_of(obj: Any) -> str | None:
+    """Return the name of the framework an object belongs to (``"torch"``, ``"keras"``), else ``None``.
+
+    The decision reads module names only — of the object's class hierarchy, or, for a class or a plain function,
+    of the class or function itself — so it never imports a framework.
 
     Args:
-        obj: any object, typically a model, layer, tensor or loss.
+        obj: any object, typically a model, layer, tensor, loss object, loss class or loss function.
 
     Returns:
-        The framework name, or ``None`` when the object belongs to neither.
+        The framework name, or ``None`` when the object belongs to no registered framework.
     """
-    for cls in type(obj).__mro__:
-        root = (cls.__module__ or "").split(".", 1)[0]
-        if root == "torch":
-            return "torch"
-        if root in ("keras", "tensorflow", "tf_keras"):
-            return "keras"
+    if isinstance(obj, type):
+        modules = [c.__module__ for c in obj.__mro__]
+    elif isinstance(obj, (types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
+        modules = [getattr(obj, "__module__", None) or ""]
+    else:
+        modules = [c.__module__ for c in type(obj).__mro__]
+    for module in modules:
+        root = (module or "").split(".", 1)[0]
+        for info in frameworks():
+            if root in info.module_roots:
+                return info.name
     return None

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from ._errors import InputError, UnsupportedError
-from ._frameworks import framework_of
+from ._frameworks import framework_info, framework_of
 
 __all__ = ["watch"]
 
@@ -29,23 +30,19 @@ def watch(model: Any, **kwargs: Any) -> Any:
         UnsupportedError: the model belongs to neither framework (e.g. a list of parameters).
         InputError: a model class instead of an instance, or a framework object that is not a model.
     """
+    fw = framework_of(model)
     if isinstance(model, type):
-        fw_of_class = _framework_of_class(model)
-        if fw_of_class is not None:
+        if fw is not None:
             raise InputError(
                 f"gradsight.watch expects a model instance, got the class {model.__module__}.{model.__qualname__} "
                 f"itself. Create the model first and watch that object, e.g. model = {model.__name__}(...); "
                 "gradsight.watch(model, ...)."
             )
-    fw = framework_of(model)
-    if fw == "torch":
-        from .frameworks._torch import watch_torch
-
-        return watch_torch(model, **kwargs)
-    if fw == "keras":
-        from .frameworks._keras_watch import watch_keras
-
-        return watch_keras(model, **kwargs)
+    else:
+        info = framework_info(fw) if fw is not None else None
+        if info is not None and info.watch:
+            module, _, function = info.watch.partition(":")
+            return getattr(importlib.import_module(module), function)(model, **kwargs)
     given = f"{type(model).__name__} ({type(model).__module__})"
     if isinstance(model, (list, tuple, dict)) or hasattr(model, "__next__"):
         items = list(model.values()) if isinstance(model, dict) else model
@@ -57,14 +54,3 @@ def watch(model: Any, **kwargs: Any) -> Any:
         "the model itself, e.g. gradsight.watch(model, optimizer=opt), not its output, its parameters or a "
         "list of layers (wrap layers in torch.nn.Sequential(...) or keras.Sequential([...]) first)."
     )
-
-
-def _framework_of_class(cls: type) -> str | None:
-    """The framework a class belongs to (read from its MRO's module names, without importing any framework)."""
-    for c in cls.__mro__:
-        root = (c.__module__ or "").split(".", 1)[0]
-        if root == "torch":
-            return "torch"
-        if root in ("keras", "tensorflow", "tf_keras"):
-            return "keras"
-    return None

@@ -144,7 +144,7 @@ def unit_axis(ndim: int, *, channel_first: bool = False, inherited: int | None =
 
 
 def _gradsight_version() -> str:
-    from . import __version__  # the package's __init__ imports this module's importers: read it when needed
+    from ._version import __version__
 
     return __version__
 

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._packing import EXP_BIAS  # hist bin of |a| in [0.5, 1) is EXP_BIAS - 1, [1, 2) is EXP_BIAS
 from ._base import Rule, RunData, Thresholds, fmt, ordered
 from ._finding import Finding
 
@@ -40,8 +41,6 @@ if TYPE_CHECKING:  # pragma: no cover - pandas is imported where it is used, not
     import pandas as pd
 
 __all__ = ["DeadUnitsRule", "SaturatedUnitsRule", "activation_of"]
-
-_EXP_BIAS = 127  # hist bin of |a| in [0.5, 1) is 126, [1, 2) is 127
 
 
 def _recent(df: pd.DataFrame, n: int) -> pd.DataFrame:
@@ -278,7 +277,7 @@ def _saturation(sub: pd.DataFrame, act: str, th: Thresholds) -> dict[str, Any] |
     if med >= th.saturation_gain:
         return None
     hist_recent = np.sum(np.stack(g["hist"].iloc[-th.recent_steps :].to_list()), axis=0)
-    big = float(hist_recent[_EXP_BIAS - 1 :].sum()) / float(g["finite"].iloc[-th.recent_steps :].sum())
+    big = float(hist_recent[EXP_BIAS - 1 :].sum()) / float(g["finite"].iloc[-th.recent_steps :].sum())
     below = gain[gain < th.saturation_gain]
     first = int(gain.index[-1])
     for step, v in reversed(list(gain.items())):

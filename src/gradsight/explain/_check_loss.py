@@ -20,7 +20,7 @@ import numpy as np
 
 from .._errors import GradsightError, InputError
 from .._frameworks import framework_of
-from ._adapter import ExplainAdapter, adapter, framework_of_module
+from ._adapter import ExplainAdapter, adapter
 from ._trace import clean_json, preview
 from .rules import LOSS_RULES, evaluate_loss
 
@@ -134,8 +134,6 @@ def _loss_framework(loss: Any, framework: str | None) -> str:
     if framework is not None:
         return framework
     fw = framework_of(loss)
-    if fw is None and callable(loss):
-        fw = framework_of_module(getattr(loss, "__module__", "") or "")
     if fw is None:
         raise InputError(
             f"cannot tell which framework the loss {loss!r:.60} belongs to (a plain function or a name). "

@@ -15,7 +15,7 @@ import numpy as np
 
 from .._errors import InputError, UnsupportedError
 from .._frameworks import framework_of
-from ._adapter import adapter, adapter_info, framework_of_module
+from ._adapter import adapter, adapter_info
 from ._derive import derive
 from ._fd import FD_MAX_SAMPLES
 from ._trace import Trace
@@ -85,7 +85,7 @@ def _validate(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _loss_class_error(loss: type) -> InputError:
-    fw = framework_of_module(getattr(loss, "__module__", "") or "")
+    fw = framework_of(loss)
     example = (adapter_info(fw).loss_example if fw else "{name}()").format(name=loss.__name__)
     return InputError(
         f"loss is the class {loss.__name__!r}, not a loss object; explain calls the loss on (ŷ, y), which would "

@@ -887,13 +887,3 @@ class _CaptureAfterClosure:
             w._before_step()
             w._frozen = True  # later evaluations of the closure within this step are not recorded
         return result
-
-
-def __getattr__(name: str) -> Any:
-    # ``watch_torch`` moved to ._torch (which imports this module and ._torch_ddp, so no cycle at import time);
-    # this alias keeps ``from gradsight.frameworks._torch_watch import watch_torch`` (benchmarks) working.
-    if name == "watch_torch":
-        from ._torch import watch_torch
-
-        return watch_torch
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
