@@ -13,17 +13,6 @@ import pytest
 FRAMEWORKS = ["torch", "tensorflow"]
 
 
-@pytest.fixture
-def torch():
-    return pytest.importorskip("torch")
-
-
-@pytest.fixture
-def keras():
-    pytest.importorskip("tensorflow")
-    return pytest.importorskip("keras")
-
-
 @pytest.fixture(params=FRAMEWORKS)
 def framework(request):
     pytest.importorskip("torch" if request.param == "torch" else "tensorflow")

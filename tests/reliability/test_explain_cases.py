@@ -20,17 +20,6 @@ from gradsight.explain import check_loss, depth_sweep, explain, jacobian_vs_grad
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-@pytest.fixture
-def torch():
-    return pytest.importorskip("torch")
-
-
-@pytest.fixture
-def keras():
-    pytest.importorskip("tensorflow")
-    return pytest.importorskip("keras")
-
-
 # ------------------------------------------------------------------------------------------ shared modules
 def test_torch_shared_module_sums_per_use_gradients(torch):
     from torch import nn

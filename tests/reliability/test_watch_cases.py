@@ -25,12 +25,8 @@ nn = torch.nn
 
 # ---- PyTorch -------------------------------------------------------------------------------------------------------
 @pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
+def _seed_and_one_thread(torch_seeded_one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 def mlp(dtype=torch.float32):
