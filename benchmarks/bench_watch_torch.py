@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 import gradsight
-from gradsight.frameworks._torch import watch_torch
+from gradsight.frameworks.torch._dispatch import watch_torch
 
 
 def mlp() -> nn.Module:

@@ -9,7 +9,7 @@ fooled by import order or lazy imports.
   are resolved; ``importlib.import_module("gradsight.x")`` with a literal counts too.
 * **Framework-free rooms.** :data:`FRAMEWORK_FREE` (explain, diagnose, show, export, summary, store) never import
   a deep-learning framework or an adapter under ``gradsight.frameworks``, and never name one in code: no string
-  naming an adapter module (``"_torch_explain"``, ``"gradsight.frameworks._keras_watch"``), no framework module
+  naming an adapter module (``"_torch_explain"``, ``"gradsight.frameworks.keras._watch"``), no framework module
   name handed to a module lookup (``find_spec("torch")``, ``sys.modules``, ``.startswith("keras")``...), no
   reading of ``__module__`` (telling frameworks apart is :mod:`gradsight._frameworks`' job). Docstrings,
   comments and messages may talk about frameworks; framework ids such as ``"torch"`` are plain data.
@@ -242,8 +242,8 @@ def _docstring_nodes(tree: ast.Module) -> set[int]:
     return out
 
 
-#: A string naming an adapter module: ``"_torch_explain"``, ``"gradsight.frameworks._keras_watch"``.
-ADAPTER_MODULE = re.compile(r"(?:^|\.)_(?:torch|keras)_\w+$|(?:^|\.)frameworks\._\w+")
+#: A string naming an adapter module: ``"_torch_explain"``, ``"gradsight.frameworks.keras._watch"``.
+ADAPTER_MODULE = re.compile(r"(?:^|\.)_(?:torch|keras)_\w+$|(?:^|\.)frameworks\.\w+")
 #: A string naming a framework module: ``"torch"``, ``"torch.nn"``, ``"tensorflow.keras"``.
 FRAMEWORK_MODULE = re.compile(rf"^(?:{'|'.join(sorted(FRAMEWORK_ROOTS))})(?:\.\w+)*\.?$")
 #: Calls whose string arguments are module names.
@@ -309,14 +309,14 @@ def test_framework_free_rooms_neither_import_nor_name_a_framework():
 
 def test_the_framework_check_catches_what_it_should(tmp_path):
     code = (
-        '"""Docstrings may say torch, gradsight.frameworks._torch_watch and tensorflow."""\n'
+        '"""Docstrings may say torch, gradsight.frameworks.torch._watch and tensorflow."""\n'
         "import importlib.util, sys\n"
-        "from ..frameworks import _torch_watch\n"
+        "from ..frameworks.torch import _watch\n"
         "def f(x):\n"
         "    import torch.nn\n"
         "    if importlib.util.find_spec('tensorflow'): pass\n"
         "    m = sys.modules.get('keras')\n"
-        "    adapter = 'gradsight.frameworks._keras_explain'\n"
+        "    adapter = 'gradsight.frameworks.keras._explain'\n"
         "    fw = getattr(x, '__module__', '')\n"
         "    return type(x).__module__.startswith('jax')\n"
         "MESSAGE = 'expected a torch.nn.Module; see the _keras_logits note'  # words in messages are fine\n"
@@ -324,12 +324,12 @@ def test_the_framework_check_catches_what_it_should(tmp_path):
     )
     src = _fake_package(tmp_path, {"__init__.py": "", "explain/__init__.py": "", "explain/_x.py": code})
     assert _framework_mentions("gradsight.explain._x", src) == [
-        "line 3: imports gradsight.frameworks",
-        "line 3: imports gradsight.frameworks._torch_watch",
+        "line 3: imports gradsight.frameworks.torch",
+        "line 3: imports gradsight.frameworks.torch._watch",
         "line 5: imports torch.nn",
         "line 6: looks up the framework module 'tensorflow' (find_spec)",
         "line 7: looks up the framework module 'keras' (get)",
-        "line 8: names the adapter module 'gradsight.frameworks._keras_explain'",
+        "line 8: names the adapter module 'gradsight.frameworks.keras._explain'",
         "line 9: reads __module__ (use gradsight._frameworks.framework_of)",
         "line 10: looks up the framework module 'jax' (startswith)",
         "line 10: reads __module__ (use gradsight._frameworks.framework_of)",

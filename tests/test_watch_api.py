@@ -97,7 +97,7 @@ class KerasAdapter:
         self.model.fit(self.x, self.y, batch_size=8, epochs=1, verbose=0)
 
     def manual(self, path):
-        from gradsight.frameworks._keras_watch import watch_tape
+        from gradsight.frameworks.keras._watch import watch_tape
 
         self.v = self.tf.Variable(np.ones((3, 2), "float32"), name="v")
         return watch_tape(path, every=1)

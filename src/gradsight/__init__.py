@@ -22,9 +22,9 @@ _LAZY = {
     "plot_histograms": "gradsight.show",
     "plot_overview": "gradsight.show",
     "report": "gradsight.show",
-    "GradsightKerasCallback": "gradsight.frameworks._keras_watch",
-    "KerasDiagnosisCallback": "gradsight.frameworks._keras_diagnose",
-    "watch_tape": "gradsight.frameworks._keras_watch",
+    "GradsightKerasCallback": "gradsight.frameworks.keras._watch",
+    "KerasDiagnosisCallback": "gradsight.frameworks.keras._diagnose",
+    "watch_tape": "gradsight.frameworks.keras._watch",
 }
 
 

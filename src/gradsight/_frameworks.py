@@ -55,8 +55,8 @@ register(
         requires="torch",
         extra="torch",
         aliases=("pytorch",),
-        watch="gradsight.frameworks._torch:watch_torch",
-        explain="gradsight.frameworks._torch_explain",
+        watch="gradsight.frameworks.torch._dispatch:watch_torch",
+        explain="gradsight.frameworks.torch._explain",
         loss_example="nn.{name}()",
     )
 )
@@ -67,8 +67,8 @@ register(
         requires="tensorflow",
         extra="tensorflow",
         aliases=("tensorflow", "tf"),
-        watch="gradsight.frameworks._keras_watch:watch_keras",
-        explain="gradsight.frameworks._keras_explain",
+        watch="gradsight.frameworks.keras._watch:watch_keras",
+        explain="gradsight.frameworks.keras._explain",
         loss_example="keras.losses.{name}()",
     )
 )

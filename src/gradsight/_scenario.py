@@ -1,7 +1,7 @@
 """The fault zoo's plain-data types: a scenario, the findings it must produce, a NaN injection.
 
 They live apart from :mod:`gradsight.zoo` (which re-exports them) so that the framework sides of the zoo
-(``gradsight.frameworks._torch_zoo`` / ``_keras_zoo``) can read a scenario without importing the zoo that imports
+(``gradsight.frameworks.torch._zoo`` / ``_keras_zoo``) can read a scenario without importing the zoo that imports
 them: data flows zoo -> framework side, never back. Only the standard library is imported here.
 """
 

@@ -11,9 +11,9 @@ a deep-learning framework. Each integration is an optional extra::
 Names:
 
 * :class:`GradsightLightningCallback` / :func:`lightning_callback`: a ``lightning.pytorch.Callback`` that watches the
-  LightningModule (see :mod:`gradsight.frameworks._lightning`).
+  LightningModule (see :mod:`gradsight.frameworks.torch._lightning`).
 * :class:`GradsightTrainerCallback` / :func:`hf_callback`: a ``transformers.TrainerCallback`` that watches the
-  Trainer's model (see :mod:`gradsight.frameworks._hf`).
+  Trainer's model (see :mod:`gradsight.frameworks.torch._hf`).
 * :func:`to_tensorboard`, :class:`LiveTensorBoard`, :class:`TensorBoardSink`: see :mod:`gradsight.export`.
 """
 
@@ -34,8 +34,8 @@ __all__ = [  # noqa: F822 - the classes are provided lazily by __getattr__
 
 # public name -> (module, attribute)
 _LAZY: dict[str, tuple[str, str]] = {
-    "GradsightLightningCallback": ("gradsight.frameworks._lightning", "GradsightLightningCallback"),
-    "GradsightTrainerCallback": ("gradsight.frameworks._hf", "GradsightTrainerCallback"),
+    "GradsightLightningCallback": ("gradsight.frameworks.torch._lightning", "GradsightLightningCallback"),
+    "GradsightTrainerCallback": ("gradsight.frameworks.torch._hf", "GradsightTrainerCallback"),
     "LiveTensorBoard": ("gradsight.export._tensorboard", "LiveTensorBoard"),
     "TensorBoardSink": ("gradsight.export._tensorboard", "TensorBoardSink"),
     "to_tensorboard": ("gradsight.export._tensorboard", "to_tensorboard"),
@@ -61,7 +61,7 @@ def lightning_callback(**kwargs: Any) -> Any:
     """A :class:`GradsightLightningCallback` for ``lightning.pytorch.Trainer(callbacks=[...])``; imports Lightning now.
 
     Args:
-        **kwargs: see :class:`gradsight.frameworks._lightning.GradsightLightningCallback`.
+        **kwargs: see :class:`gradsight.frameworks.torch._lightning.GradsightLightningCallback`.
     """
     return __getattr__("GradsightLightningCallback")(**kwargs)
 
@@ -70,6 +70,6 @@ def hf_callback(**kwargs: Any) -> Any:
     """A :class:`GradsightTrainerCallback` for ``transformers.Trainer(callbacks=[...])``; imports transformers now.
 
     Args:
-        **kwargs: see :class:`gradsight.frameworks._hf.GradsightTrainerCallback`.
+        **kwargs: see :class:`gradsight.frameworks.torch._hf.GradsightTrainerCallback`.
     """
     return __getattr__("GradsightTrainerCallback")(**kwargs)

@@ -2,7 +2,7 @@
 
 Every scenario is plain data (:class:`Scenario`): an architecture written as a list of layer specs, the
 initialisation, the data, the loss, the optimizer and the expected findings. The framework modules
-(``gradsight.frameworks._torch_zoo`` / ``_keras_zoo``, imported lazily) build the same network in PyTorch or
+(``gradsight.frameworks.torch._zoo`` / ``_keras_zoo``, imported lazily) build the same network in PyTorch or
 Keras with the *same layer names*, train it under :func:`gradsight.watch` (full summaries at every step) on tiny
 synthetic data generated here with numpy, and return the run. Each scenario runs in about a second (PyTorch) or
 a few seconds (Keras, mostly graph tracing) on a CPU.
@@ -303,9 +303,9 @@ def run_scenario(
         path = Path(tempfile.mkdtemp(prefix=f"gradsight-zoo-{name}-")) / f"{framework}-seed{seed}.db"
     x, y = make_data(scenario, seed)
     if framework == "torch":
-        from .frameworks._torch_zoo import train
+        from .frameworks.torch._zoo import train
     else:
-        from .frameworks._keras_zoo import train
+        from .frameworks.keras._zoo import train
     run_path = train(scenario, x, y, seed=seed, path=Path(path), inject=inject)
     from .diagnose import diagnose
 

@@ -184,7 +184,7 @@ def test_loss_rule_against_torch(torch, kind, reduction):
 def test_keras_loss_convention_against_keras(keras, kind):
     import tensorflow as tf
 
-    from gradsight.frameworks._keras_explain import LOSS_CONVENTION, classify_loss
+    from gradsight.frameworks.keras._explain import LOSS_CONVENTION, classify_loss
 
     y_hat, y, _ = _loss_inputs(kind)
     spec = LossSpec(kind, "sum", LOSS_CONVENTION)
@@ -202,7 +202,7 @@ def test_keras_loss_convention_against_keras(keras, kind):
 def _torch_run(torch):
     from torch import nn
 
-    from gradsight.frameworks._torch_explain import run_explain
+    from gradsight.frameworks.torch._explain import run_explain
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()

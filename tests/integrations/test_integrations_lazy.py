@@ -30,7 +30,7 @@ def test_lazy_names_are_listed():
 
 
 #: The integration modules: glue between a library and gradsight, built on gradsight's public API only.
-INTEGRATIONS = ("_lightning.py", "_hf.py", "_keras_diagnose.py")
+INTEGRATIONS = ("torch/_lightning.py", "torch/_hf.py", "keras/_diagnose.py")
 
 
 @pytest.mark.parametrize("filename", INTEGRATIONS)

@@ -187,7 +187,7 @@ def test_backward_without_any_step_warns_and_diagnose_reports_it(tmp_path, given
 
 
 def test_no_step_warning_comes_during_training(tmp_path, monkeypatch):
-    from gradsight.frameworks import _torch_watch
+    from gradsight.frameworks.torch import _watch as _torch_watch
 
     monkeypatch.setattr(_torch_watch, "NO_STEP_WARN_AFTER", 3)
     model = mlp()

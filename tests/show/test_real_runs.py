@@ -32,7 +32,7 @@ def _draw_everything(path, tmp_path):
 @pytest.mark.torch
 def test_torch_loop_run(tmp_path):
     torch = pytest.importorskip("torch")
-    pytest.importorskip("gradsight.frameworks._torch_watch", reason="the PyTorch watch has not landed")
+    pytest.importorskip("gradsight.frameworks.torch._watch", reason="the PyTorch watch has not landed")
     from gradsight._watch import watch
 
     torch.manual_seed(0)
@@ -57,7 +57,7 @@ def test_torch_loop_run(tmp_path):
 @pytest.mark.keras
 def test_keras_fit_run(tmp_path):
     keras = pytest.importorskip("keras")
-    pytest.importorskip("gradsight.frameworks._keras_watch", reason="the Keras watch has not landed")
+    pytest.importorskip("gradsight.frameworks.keras._watch", reason="the Keras watch has not landed")
     from gradsight._watch import watch
 
     keras.utils.set_random_seed(0)

@@ -10,7 +10,7 @@ import tensorflow as tf
 import gradsight
 from gradsight import InputError, UnsupportedError, WatchError, load
 from gradsight._watch import watch
-from gradsight.frameworks._keras_watch import GradsightKerasCallback, watch_tape
+from gradsight.frameworks.keras._watch import GradsightKerasCallback, watch_tape
 from gradsight.store import RunWriter
 from gradsight.summary import summarize
 

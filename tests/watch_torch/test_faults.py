@@ -87,7 +87,7 @@ def _hooks(model, opt):
 
 
 def test_1000_watch_close_cycles_leave_no_hooks_and_no_memory(tmp_path):
-    from gradsight.frameworks._torch_watch import Watch
+    from gradsight.frameworks.torch._watch import Watch
 
     if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):  # this test is about hooks, not disks
         with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from gradsight._packing import SummaryArrays
-from gradsight.frameworks import _torch_summary as ts
-from gradsight.frameworks._torch_summary import summarize_tensor, summarize_tensors
+from gradsight.frameworks.torch import _summary as ts
+from gradsight.frameworks.torch._summary import summarize_tensor, summarize_tensors
 from gradsight.summary import TensorSummary, from_rows, summarize
 
 

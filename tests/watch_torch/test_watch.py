@@ -281,7 +281,7 @@ def test_bad_inputs_and_odd_models(tmp_path):
 
 
 def test_refuses_non_modules_and_bad_optimizers(tmp_path, mlp):
-    from gradsight.frameworks._torch import watch_torch
+    from gradsight.frameworks.torch._dispatch import watch_torch
 
     with pytest.raises(InputError, match=r"expects a torch\.nn\.Module"):
         watch_torch(object())
@@ -493,7 +493,7 @@ def test_closure_lbfgs_records_the_first_evaluation_and_trains_as_unwatched(tmp_
 
 def test_cheap_checks_on_the_accelerator_path(tmp_path, mlp, monkeypatch):
     """The device-resident cheap checks (norms and counts copied in batches), exercised on CPU."""
-    from gradsight.frameworks import _torch_watch
+    from gradsight.frameworks.torch import _watch as _torch_watch
 
     monkeypatch.setattr(_torch_watch, "_host_cheap", lambda tensors: False)
     opt = torch.optim.SGD(mlp.parameters(), lr=0.0)

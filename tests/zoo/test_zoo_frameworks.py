@@ -84,7 +84,7 @@ def test_torch_online_stops_on_nonfinite(tmp_path):
     torch = pytest.importorskip("torch")
     from gradsight._watch import watch
     from gradsight.diagnose import GradsightWarning, OnlineDiagnosis
-    from gradsight.frameworks._torch_zoo import _loss, build
+    from gradsight.frameworks.torch._zoo import _loss, build
 
     s = zoo.get_scenario("log-zero")
     x, y = zoo.make_data(s, 0)
@@ -118,8 +118,8 @@ def test_torch_online_stops_on_nonfinite(tmp_path):
 def test_keras_callback_stops_fit_on_nonfinite(tmp_path):
     keras = pytest.importorskip("keras")
     from gradsight._watch import watch
-    from gradsight.frameworks._keras_diagnose import KerasDiagnosisCallback
-    from gradsight.frameworks._keras_zoo import _loss, build
+    from gradsight.frameworks.keras._diagnose import KerasDiagnosisCallback
+    from gradsight.frameworks.keras._zoo import _loss, build
     from gradsight.store import load
 
     s = zoo.get_scenario("log-zero")

@@ -14,7 +14,7 @@ from ._finding import Finding
 
 __all__ = ["NoStepsRule"]
 
-#: The event kind the watch records (see ``gradsight.frameworks._torch_watch``).
+#: The event kind the watch records (see ``gradsight.frameworks.torch._watch``).
 EVENT = "no-optimizer-step"
 
 

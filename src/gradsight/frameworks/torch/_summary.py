@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._packing import (
+from ..._packing import (
     COUNT,
     F32_EXP_MASK,
     F32_MANTISSA_BITS,
@@ -68,7 +68,7 @@ from .._packing import (
     empty_rows,
     rows_at,
 )
-from ..summary import TensorSummary, from_rows
+from ...summary import TensorSummary, from_rows
 
 __all__ = [
     "CHUNK_ELEMENTS",

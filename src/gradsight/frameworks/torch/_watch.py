@@ -52,7 +52,7 @@ event ``no-optimizer-step`` after ``NO_STEP_WARN_AFTER`` backward passes without
 Cost: nothing but three cheap Python hooks (root forward pre-hook, optimizer pre/post hooks) and the cheap checks
 run on steps that are not logged; the leaf forward hooks are attached only for logged steps. On a logged step,
 weights, gradients, updates and outputs are summarised on their device in batches (see
-:mod:`._torch_summary`): the outputs of a micro-batch in one batch, the step's small parameter kinds (grad,
+:mod:`._summary`): the outputs of a micro-batch in one batch, the step's small parameter kinds (grad,
 weight, update; up to ``_JOIN_ELEMENTS`` each) joined into one batch at the step's end. The packed results are
 copied to the host once; the run writer's thread encodes them as arrays (no per-summary Python objects) and
 writes them.
@@ -71,14 +71,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._errors import InputError, WatchError
-from .._packing import Rows, SummaryArrays, merge_rows
-from .._schedule import Schedule
-from .._watch_core import WatchCore, cheap_scalars, unit_axis
-from ..diagnose._online import GradsightWarning
-from ..store import RunWriter
-from ..summary import TensorSummary, to_rows
-from ._torch_summary import Flat, PackedStats, to_host_rows
+from ..._errors import InputError, WatchError
+from ..._packing import Rows, SummaryArrays, merge_rows
+from ..._schedule import Schedule
+from ..._watch_core import WatchCore, cheap_scalars, unit_axis
+from ...diagnose import GradsightWarning
+from ...store import RunWriter
+from ...summary import TensorSummary, to_rows
+from ._summary import Flat, PackedStats, to_host_rows
 
 __all__ = ["Watch", "unit_axis_for"]
 
@@ -317,14 +317,14 @@ class Watch(WatchCore):
         if self._logged:
             self._arm()
 
-    # ---- extension points (overridden by the DDP watch in ._torch_ddp) -------------------------------------
+    # ---- extension points (overridden by the DDP watch in ._ddp) -------------------------------------
     def _host_summaries(self, packs: list[tuple[list[int], PackedStats]]) -> Callable[[], list[TensorSummary]]:
         """Start turning one logged step's packed device statistics into host summaries.
 
         ``packs`` are ``(tensor ids, packed statistics)`` in step order (possibly none; each pack holds either
         only rank-local kinds — outputs, output gradients — or only parameter kinds); the returned function,
         called on the run writer's thread, gives the summaries in the same order: a list of ``TensorSummary``,
-        or a :class:`._torch_summary.Rows` (the fast path, encoded by the writer with array operations). The
+        or a :class:`._summary.Rows` (the fast path, encoded by the writer with array operations). The
         DDP watch combines the ranks' statistics here, in one collective on the training thread.
         """
         if not packs:

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from .._packing import F32_MANTISSA_BITS, F64_BIN_OFFSET, F64_MANTISSA_BITS, HIST_BINS, Layout
+from ..._packing import F32_MANTISSA_BITS, F64_BIN_OFFSET, F64_MANTISSA_BITS, HIST_BINS, Layout
 
 __all__ = ["Layout", "cheap_grad_scalars", "pack_summaries"]
 

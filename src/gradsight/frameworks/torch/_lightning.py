@@ -7,7 +7,7 @@ What it does, all through Lightning's public callback hooks:
 
 * ``on_fit_start``: ``gradsight.watch(module, optimizer=trainer.optimizers[i], ...)`` — the watch's step counter
   advances at each real optimizer step, so with ``accumulate_grad_batches=k`` one gradsight step spans ``k``
-  batches and records the accumulated gradient (see :mod:`gradsight.frameworks._torch_watch`). Lightning runs
+  batches and records the accumulated gradient (see :mod:`gradsight.frameworks.torch._watch`). Lightning runs
   forward and backward inside ``optimizer.step(closure)``; the watch captures gradients right after the closure
   has run, so it records this step's gradients and outputs.
 * ``on_train_batch_end``: the loss of each batch (``outputs["loss"]``, as a tensor: no host sync; undoing
@@ -22,7 +22,7 @@ What it does, all through Lightning's public callback hooks:
 * ``on_fit_end`` / ``on_exception``: final diagnosis, then the watch is closed and the run file complete.
 
 Data-parallel training (``strategy="ddp"``, ``"ddp_spawn"``, ``"ddp_fork"``, ``"ddp_notebook"``: Lightning's
-``DDPStrategy``) goes through gradsight's cross-rank aggregation (:mod:`gradsight.frameworks._torch_ddp`):
+``DDPStrategy``) goes through gradsight's cross-rank aggregation (:mod:`gradsight.frameworks.torch._ddp`):
 
 * ``on_fit_start`` watches ``trainer.strategy.model`` — the ``DistributedDataParallel`` wrapper Lightning built
   around the module — on every rank, so ``gradsight.watch`` opens a ``DDPWatch``: layer outputs and output

@@ -29,7 +29,7 @@ The one collective per logged step
     At a logged step each rank packs a fixed-size header (magic, step, a fingerprint of its layout — tensor
     names, kinds, dtype groups, unit counts —, its payload length, local batch size, the noise-scale norms and
     the replica fingerprints) followed by the packed int64 statistics of its rank-local tensors (the buffer of
-    :class:`._torch_summary.PackedStats`) and calls ``all_gather_single`` (``all_gather_into_tensor``) once.
+    :class:`._summary.PackedStats`) and calls ``all_gather_single`` (``all_gather_into_tensor``) once.
     Every rank then checks every header — a different step, layout or length is a :class:`WatchError` raised on
     *all* ranks alike, never a hang or garbage — and the writing rank unpacks each rank's slice and merges.
 
@@ -110,12 +110,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .._errors import InputError, UnsupportedError, WatchError
-from .._schedule import Schedule
-from ..store import RunWriter, default_run_path
-from ..summary import TensorSummary, merge_all
-from ._torch_summary import PackedStats, to_host, unpack
-from ._torch_watch import Watch
+from ..._errors import InputError, UnsupportedError, WatchError
+from ..._schedule import Schedule
+from ...store import RunWriter, default_run_path
+from ...summary import TensorSummary, merge_all
+from ._summary import PackedStats, to_host, unpack
+from ._watch import Watch
 
 __all__ = ["REPLICA_RTOL", "DDPWatch", "distributed_wrapper"]
 
@@ -363,7 +363,7 @@ class DDPWatch(Watch):
             "noise_scale": {
                 "status": noise,
                 "batch_size": batch_size if batch_size is not None else "dim 0 of the model input, per step",
-                "estimator": "B_simple, McCandlish et al. 2018 (appendix A); see gradsight.frameworks._torch_ddp",
+                "estimator": "B_simple, McCandlish et al. 2018 (appendix A); see gradsight.frameworks.torch._ddp",
             },
         }
         if not self._writes:

@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._errors import GradsightError, InputError, UnsupportedError
-from ..explain import rules as R
-from ..explain._spec import Conventions, FrameworkRun, LayerSpec, LossConvention, LossSpec, SharedParam
-from ..explain.rules import LOSS_KINDS
+from ..._errors import GradsightError, InputError, UnsupportedError
+from ...explain import rules as R
+from ...explain._spec import Conventions, FrameworkRun, LayerSpec, LossConvention, LossSpec, SharedParam
+from ...explain.rules import LOSS_KINDS
 
 __all__ = [
     "CONVENTIONS",

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .._scenario import NaNInjection, Scenario
+    from ..._scenario import NaNInjection, Scenario
 
 __all__ = ["build", "train"]
 
@@ -116,7 +116,7 @@ def train(
 
 
 def _train(scenario: Scenario, x: np.ndarray, y: np.ndarray, *, seed: int, path: Path, inject: Any) -> Path:
-    from .._watch import watch
+    from ..._watch import watch
 
     torch.manual_seed(seed)
     model = build(scenario, inject)

@@ -1,6 +1,6 @@
 """The PyTorch adapter's entry point: :func:`watch_torch` picks the watch class for a ``torch.nn.Module``.
 
-It imports both :mod:`._torch_watch` (the single-process :class:`Watch`) and :mod:`._torch_ddp` (its
+It imports both :mod:`._watch` (the single-process :class:`Watch`) and :mod:`._ddp` (its
 ``DistributedDataParallel`` subclass), so that neither imports the other's dispatch (no import cycle).
 """
 
@@ -12,15 +12,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .._errors import InputError
-from .._schedule import Schedule, schedule_from
-from ._torch_ddp import DDPWatch, distributed_wrapper
-from ._torch_watch import Watch
+from ..._errors import InputError
+from ..._schedule import Schedule, schedule_from
+from ._ddp import DDPWatch, distributed_wrapper
+from ._watch import Watch
 
 if TYPE_CHECKING:  # pragma: no cover
     from typing_extensions import Unpack
 
-    from .._schedule import ScheduleSettings
+    from ..._schedule import ScheduleSettings
 
 __all__ = ["watch_torch"]
 
@@ -46,7 +46,7 @@ def watch_torch(
         preset: ``"cheap"``, ``"default"`` or ``"full"`` (see :mod:`gradsight._schedule`), or a ``Schedule``.
         config: your own run configuration (JSON-serialisable), stored in the metadata as ``user_config``.
         batch_size: ``DistributedDataParallel`` only: the per-rank batch size for the gradient noise scale
-            (default: dim 0 of the model's first input). See :mod:`._torch_ddp`.
+            (default: dim 0 of the model's first input). See :mod:`._ddp`.
         rank_paths: ``DistributedDataParallel`` only: every rank writes its own run file, not just rank 0.
         **settings: the schedule settings, the same for every framework: ``every``, ``kinds``, ``cheap``,
             ``units``, ``cheap_flush``, ``if_exists``, ``commit_every`` (see :func:`gradsight._schedule.schedule`).
@@ -57,7 +57,7 @@ def watch_torch(
     Raises:
         InputError: ``model`` or ``optimizer`` has the wrong type, or a schedule argument is invalid.
         WatchError: ``model`` is already being watched.
-        UnsupportedError: ``model`` is sharded with FSDP (see :mod:`._torch_ddp`).
+        UnsupportedError: ``model`` is sharded with FSDP (see :mod:`._ddp`).
         StoreError: the run file cannot be created (missing or unwritable directory, existing file).
     """
     if not isinstance(model, nn.Module):

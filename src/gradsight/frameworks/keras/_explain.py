@@ -28,11 +28,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from .._errors import GradsightError, InputError, UnsupportedError
-from .._tolerance import tolerance_for
-from ..explain import rules as R
-from ..explain._spec import Conventions, FrameworkRun, LayerSpec, LossConvention, LossSpec, SharedParam
-from ..explain.rules import LOSS_KINDS
+from ..._errors import GradsightError, InputError, UnsupportedError
+from ..._tolerance import tolerance_for
+from ...explain import rules as R
+from ...explain._spec import Conventions, FrameworkRun, LayerSpec, LossConvention, LossSpec, SharedParam
+from ...explain.rules import LOSS_KINDS
 
 __all__ = [
     "CONVENTIONS",

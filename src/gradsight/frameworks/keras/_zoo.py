@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .._scenario import NaNInjection, Scenario
+    from ..._scenario import NaNInjection, Scenario
 
 __all__ = ["build", "train"]
 
@@ -117,7 +117,7 @@ def train(
     scenario: Scenario, x: np.ndarray, y: np.ndarray, *, seed: int, path: Path, inject: NaNInjection | None = None
 ) -> Path:
     """Train the scenario under ``gradsight.watch`` (full summaries every step); return the run file."""
-    from .._watch import watch
+    from ..._watch import watch
 
     keras.backend.clear_session()
     keras.utils.set_random_seed(seed)

@@ -14,7 +14,7 @@ How it works (public Keras/TF APIs only, tested with Keras 3.15.1 on TensorFlow 
   Sequential model without an ``Input`` calls its layers in sequence inside the tape. Subclassed models (and
   models that override ``call``) record weights, gradients and updates only; the run's meta says so.
 * On a logged step (``step % every == 0``) one ``tf.cond`` packs all summaries into one float64 vector (see
-  :mod:`._keras_summary`) and a second one packs the updates ``ΔW = W_after - W_before``. Other steps only
+  :mod:`._summary`) and a second one packs the updates ``ΔW = W_after - W_before``. Other steps only
   compute the cheap scalars: loss, lr, and per variable the gradient norm and non-finite count, which the host
   turns into ``grad_norm``, ``grad_nonfinite`` and ``grad_norm/<variable>`` exactly as for torch
   (:func:`gradsight._watch_core.cheap_scalars`). The callback reads the buffers once per ``train_function`` call,
@@ -46,16 +46,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from .._errors import InputError, UnsupportedError, WatchError
-from .._packing import Layout, Rows, SummaryArrays, rows_from_float64
-from .._schedule import Schedule, schedule_from
-from .._watch_core import WatchCore, cheap_scalars, unit_axis
-from ._keras_summary import cheap_grad_scalars, pack_summaries
+from ..._errors import InputError, UnsupportedError, WatchError
+from ..._packing import Layout, Rows, SummaryArrays, rows_from_float64
+from ..._schedule import Schedule, schedule_from
+from ..._watch_core import WatchCore, cheap_scalars, unit_axis
+from ._summary import cheap_grad_scalars, pack_summaries
 
 if TYPE_CHECKING:  # pragma: no cover
     from typing_extensions import Unpack
 
-    from .._schedule import ScheduleSettings
+    from ..._schedule import ScheduleSettings
 
 __all__ = ["GradsightKerasCallback", "KerasWatch", "watch_keras", "watch_tape"]
 
