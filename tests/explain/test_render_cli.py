@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from gradsight import InputError
 from gradsight.cli import main
 from gradsight.explain import Term, Trace, check_loss, depth_sweep, explain
 
@@ -147,7 +148,7 @@ def test_depth_sweep_outputs():
     import matplotlib.pyplot as plt
 
     plt.close(fig)
-    with pytest.raises(Exception, match=r"init must be one of"):
+    with pytest.raises(InputError, match=r"init must be one of"):
         depth_sweep(3, 2, init="zeros")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from gradsight import InputError
 from gradsight.explain import check_loss, depth_sweep, explain, jacobian_vs_gradient
 from gradsight.explain._examples import EXAMPLE_W as SEED_W
 from gradsight.explain._explain import adapter
@@ -98,7 +99,7 @@ def test_training_loop_cell_keras(keras):
     # Keras averages the last axis: the measured gradient of the per-sample vector's sum is 2/f·(Ŷ − Y)
     assert report.gradient_formula.startswith("dJ/dŶ = 2/f·(Ŷ − Y)")
     # and explain refuses the broadcast, pointing to check_loss
-    with pytest.raises(Exception, match=r"check_loss"):
+    with pytest.raises(InputError, match=r"check_loss"):
         explain(model, x, y, keras.losses.MeanSquaredError())
 
 
