@@ -46,3 +46,28 @@ def test_flush_does_not_wait_for_a_dead_writer_thread(tmp_path, monkeypatch):
         w.flush(timeout=None)
     with pytest.raises(StoreError, match="disk I/O error"):
         w.close()
+
+
+def test_closed_run_is_one_plain_file_and_readers_leave_no_sidecars(tmp_path):
+    # A closed run leaves WAL mode, so read-only readers create no -wal/-shm files beside it.
+    from contextlib import closing
+
+    from gradsight import RunWriter, load, summarize
+
+    path = tmp_path / "run.db"
+    with RunWriter(path, meta={"framework": "torch"}) as w:
+        tid = w.tensor_id("w", "layer", "weight", (3,), "float32")
+        w.log_summaries(0, [(tid, summarize(np.array([1.0, -2.0, 0.0], dtype=np.float32)))])
+    with closing(sqlite3.connect(path)) as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    with load(path) as run:
+        assert run.steps == [0] and run.summary("w", "weight", 0).count == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.db"]
+    # appending switches it back to WAL, and closing leaves it plain again
+    with RunWriter(path, if_exists="append") as w:
+        assert w.last_step == 0
+        with closing(sqlite3.connect(path)) as con:
+            assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with load(path) as run:
+        assert run.steps == [0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.db"]

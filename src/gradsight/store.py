@@ -13,7 +13,9 @@ Guarantees
     *Self-contained when closed.* :meth:`RunWriter.flush` and :meth:`RunWriter.close` commit and then run
     ``PRAGMA wal_checkpoint(TRUNCATE)`` (waiting briefly for readers), so after ``close`` the ``.db`` file alone
     holds the whole run and can be copied. Readers never keep a read transaction open between calls, so they do
-    not hold the checkpoint back. A run still being written is copied with :meth:`Run.snapshot` (SQLite's backup
+    not hold the checkpoint back. Where no reader holds the file at ``close``, it is also switched back to a
+    rollback journal (``journal_mode=DELETE``): a plain one-file SQLite database beside which later readers
+    create no ``-wal``/``-shm`` files (``if_exists="append"`` switches it to WAL again). A run still being written is copied with :meth:`Run.snapshot` (SQLite's backup
     API), never by copying the ``.db`` alone: the last commits live in its ``-wal`` file until the next flush.
     *One writer.* A writer holds an exclusive lock (``flock`` on the sidecar ``<run file>-lock``, removed at
     close and released by the OS if the process dies) — another writer, in this process or another, is refused.
@@ -785,6 +787,19 @@ class RunWriter:
         finally:
             con.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
 
+    @staticmethod
+    def _leave_wal(con: sqlite3.Connection) -> None:
+        """Switch a finished run file back to a rollback journal, so that it is one plain SQLite file.
+
+        Readers of a WAL file create ``-wal``/``-shm`` files beside it, even read-only ones; a closed run in
+        rollback-journal mode has none. The switch needs the file to itself: while a reader holds it, the run
+        stays in WAL mode (already checkpointed, so the ``.db`` still holds everything). Appending switches it
+        back to WAL.
+        """
+        con.execute(f"PRAGMA busy_timeout={int(_FLUSH_CHECKPOINT_WAIT * 1000)}")
+        with contextlib.suppress(sqlite3.OperationalError):  # "database is locked": a reader is open
+            con.execute("PRAGMA journal_mode=DELETE").fetchall()
+
     def _loop(self) -> None:
         con: sqlite3.Connection | None = None
         try:
@@ -824,6 +839,7 @@ class RunWriter:
                         self._apply_or_note(con, item)
             self._commit(con)
             self._checkpoint(con, _CLOSE_CHECKPOINT_WAIT)
+            self._leave_wal(con)
         except BaseException as exc:  # a storage failure: stop, and tell the training thread at its next call
             self._fatal_message = self._describe_failure(con, exc)
             self._fatal = exc
