@@ -15,8 +15,9 @@ Guarantees
     holds the whole run and can be copied. Readers never keep a read transaction open between calls, so they do
     not hold the checkpoint back. Where no reader holds the file at ``close``, it is also switched back to a
     rollback journal (``journal_mode=DELETE``): a plain one-file SQLite database beside which later readers
-    create no ``-wal``/``-shm`` files (``if_exists="append"`` switches it to WAL again). A run still being written is copied with :meth:`Run.snapshot` (SQLite's backup
-    API), never by copying the ``.db`` alone: the last commits live in its ``-wal`` file until the next flush.
+    create no ``-wal``/``-shm`` files (``if_exists="append"`` switches it to WAL again). A run still being
+    written is copied with :meth:`Run.snapshot` (SQLite's backup API), never by copying the ``.db`` alone: the
+    last commits live in its ``-wal`` file until the next flush.
     *One writer.* A writer holds an exclusive lock (``flock`` on the sidecar ``<run file>-lock``, removed at
     close and released by the OS if the process dies) — another writer, in this process or another, is refused.
     ``if_exists="overwrite"`` replaces only a gradsight run file (or an empty file), ``"append"`` only a run of
