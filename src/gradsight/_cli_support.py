@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from ._errors import InputError
+from ._frameworks import default_framework as installed_framework
+from ._frameworks import framework_info, frameworks
 
 if TYPE_CHECKING:  # pragma: no cover - rich is imported where a console is made
     from rich.console import Console
@@ -144,9 +146,11 @@ def finding_renderable(finding: object) -> Text:
     return text
 
 
-FRAMEWORK_CHOICES: tuple[str, ...] = ("torch", "pytorch", "tensorflow", "tf", "keras")
-FRAMEWORK_HELP = "torch (alias pytorch) or tensorflow (aliases tf, keras)"
-_FRAMEWORKS = {"torch": "torch", "pytorch": "torch", "tensorflow": "keras", "tf": "keras", "keras": "keras"}
+FRAMEWORK_CHOICES: tuple[str, ...] = tuple(s for info in frameworks() for s in info.spellings)
+FRAMEWORK_HELP = " or ".join(
+    f"{info.spellings[0]} (alias{'es' if len(info.spellings) > 2 else ''} {', '.join(info.spellings[1:])})"
+    for info in frameworks()
+)
 
 
 def default_framework() -> str:
@@ -158,14 +162,11 @@ def default_framework() -> str:
     Raises:
         UnsupportedError: neither is installed.
     """
-    import importlib.util
-
     from ._errors import UnsupportedError
 
-    if importlib.util.find_spec("torch") is not None:
-        return "torch"
-    if importlib.util.find_spec("keras") is not None:
-        return "keras"
+    name = installed_framework()
+    if name is not None:
+        return name
     raise UnsupportedError(
         "gradsight demo trains a model, so it needs PyTorch or TensorFlow/Keras, and neither is installed. "
         "Install one: pip install 'gradsight[torch]' or pip install 'gradsight[tensorflow]'."
@@ -178,13 +179,13 @@ def framework_arg(text: str) -> str:
     Raises:
         argparse.ArgumentTypeError: any other value (argparse turns it into a usage error, exit status 2).
     """
-    key = str(text).strip().lower()
-    if key not in _FRAMEWORKS:
+    info = framework_info(text)
+    if info is None:
         raise argparse.ArgumentTypeError(
             f"invalid framework {text!r}; expected one of {', '.join(FRAMEWORK_CHOICES)} "
             "(torch and pytorch name PyTorch; tensorflow, tf and keras name TensorFlow/Keras)"
         )
-    return _FRAMEWORKS[key]
+    return info.name
 
 
 def _is_run_file(path: Path) -> bool:

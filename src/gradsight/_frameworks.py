@@ -11,7 +11,7 @@ import types
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FrameworkInfo", "framework_info", "framework_of", "frameworks", "register"]
+__all__ = ["FrameworkInfo", "default_framework", "framework_info", "framework_of", "frameworks", "register"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,12 @@ class FrameworkInfo:
     watch: str = ""
     explain: str = ""
     loss_example: str = "{name}()"
+
+    @property
+    def spellings(self) -> tuple[str, ...]:
+        """Every name accepted for it, for help texts: the package it needs, the other aliases, gradsight's name."""
+        names = (self.requires, *self.aliases, self.name)
+        return tuple(dict.fromkeys(names))
 
 
 _REGISTRY: dict[str, FrameworkInfo] = {}
@@ -80,8 +86,15 @@ def frameworks() -> list[FrameworkInfo]:
 
 
 def framework_info(name: str) -> FrameworkInfo | None:
-    """The registered framework of ``name`` (a name or an alias), or ``None``."""
-    return _REGISTRY.get(name)
+    """The registered framework of ``name`` (a name or an alias, any case), or ``None``."""
+    return _REGISTRY.get(str(name).strip().lower())
+
+
+def default_framework() -> str | None:
+    """The first registered framework whose package is installed (checked without importing it), or ``None``."""
+    import importlib.util
+
+    return next((info.name for info in frameworks() if importlib.util.find_spec(info.requires) is not None), None)
 
 
 def framework_of(obj: Any) -> str | None:

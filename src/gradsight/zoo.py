@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from ._errors import InputError
+from ._frameworks import framework_info
 from ._scenario import Expectation, NaNInjection, Scenario
 from .store import Run, load
 
@@ -49,8 +50,6 @@ __all__ = [
 
 Framework = Literal["torch", "keras"]
 FRAMEWORKS: tuple[str, ...] = ("torch", "keras")
-#: Other names accepted for a framework (the command line's ``--framework`` takes the same).
-_ALIASES = {"pytorch": "torch", "tensorflow": "keras", "tf": "keras"}
 
 
 def _mlp(act: str, widths: tuple[int, ...], n_out: int, **extra: dict[str, Any]) -> tuple[dict[str, Any], ...]:
@@ -278,7 +277,8 @@ def run_scenario(
         InputError: unknown scenario or framework, or an injection into a layer that is not a dense layer.
     """
     scenario = get_scenario(name)
-    framework = _ALIASES.get(framework, framework)  # type: ignore[assignment]
+    info = framework_info(framework) if isinstance(framework, str) else None  # aliases: as --framework takes them
+    framework = info.name if info is not None else framework  # type: ignore[assignment]
     if framework not in FRAMEWORKS:
         raise InputError(
             f"framework must be 'torch' or 'keras', got {framework!r} (aliases: 'pytorch' for 'torch'; "

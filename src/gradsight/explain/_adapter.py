@@ -18,6 +18,7 @@ import numpy as np
 
 from .._errors import InputError, UnsupportedError
 from .._frameworks import FrameworkInfo, framework_info, frameworks
+from .._frameworks import default_framework as installed_framework
 from ._spec import Conventions, FrameworkRun
 
 __all__ = [
@@ -93,9 +94,5 @@ def adapter(framework: str) -> ExplainAdapter:
 
 
 def default_framework() -> str:
-    """The first registered framework that is installed (else the first registered)."""
-    infos = [info for info in frameworks() if info.explain]
-    for info in infos:
-        if importlib.util.find_spec(info.requires) is not None:
-            return info.name
-    return infos[-1].name
+    """The framework explain uses by default: the first registered one that is installed (else the last one)."""
+    return installed_framework() or frameworks()[-1].name
