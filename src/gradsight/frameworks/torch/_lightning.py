@@ -232,9 +232,15 @@ class GradsightLightningCallback(Callback):
             self._on_logged_step(trainer, step)
 
     def _on_logged_step(self, trainer: Trainer, step: int) -> None:
-        if self._distributed:
-            self._on_logged_step_distributed(trainer, step)
-            return
+        """Read the step (under DDP on rank 0 only); stop when asked, the decision reduced over DDP's ranks."""
+        stop = self._read_step(trainer, step) if self._reads else False
+        if self._distributed and self.diagnose and self.stop_on:  # the same condition on every rank
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            trainer.should_stop = True
+
+    def _read_step(self, trainer: Trainer, step: int) -> bool:
+        """Read one logged step: headline scalars to the trainer's loggers, then the diagnosis; whether to stop."""
         if self.log_headline and trainer.loggers:
             from gradsight.export import headline_scalars
 
@@ -243,30 +249,10 @@ class GradsightLightningCallback(Callback):
             if metrics:
                 for logger in trainer.loggers:
                     logger.log_metrics(metrics, step=max(trainer.global_step - 1, 0))
-        if self._diagnosis is not None:
-            self.findings.extend(self._diagnosis.check(step))
-            if self._diagnosis.should_stop:
-                trainer.should_stop = True
-
-    def _on_logged_step_distributed(self, trainer: Trainer, step: int) -> None:
-        """DDP: reads on rank 0 only; a stop decision reduced over all ranks (every rank reaches this step)."""
-        stop = False
-        if self._reads:
-            if self.log_headline and trainer.loggers:
-                from gradsight.export import headline_scalars
-
-                items = [(info, s) for _, info, s in self.watch.summaries(steps=(step, step))]
-                metrics = headline_scalars(items)
-                if metrics:
-                    for logger in trainer.loggers:
-                        logger.log_metrics(metrics, step=max(trainer.global_step - 1, 0))
-            if self._diagnosis is not None:
-                self.findings.extend(self._diagnosis.check(step))
-                stop = bool(self._diagnosis.should_stop)
-        if self.diagnose and self.stop_on:  # the same condition on every rank: all of them take part
-            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
-        if stop:
-            trainer.should_stop = True
+        if self._diagnosis is None:
+            return False
+        self.findings.extend(self._diagnosis.check(step))
+        return bool(self._diagnosis.should_stop)
 
     # ---- the end -------------------------------------------------------------------------------------------
     def _finish(self) -> None:
