@@ -360,7 +360,7 @@ def is_run_file(path: str | os.PathLike[str]) -> bool:
         return False
     try:
         with p.open("rb") as fh:
-            if fh.read(16) != b"SQLite format 3\x00":
+            if fh.read(16) != _SQLITE_MAGIC:
                 return False
         con = sqlite3.connect(p.resolve().as_uri() + "?mode=ro", uri=True)
         try:
