@@ -11,23 +11,47 @@ Steps
     data-parallel job.
 
 Presets, by cost
-    ``"cheap"``   no full summaries at all (``every=0``), only the cheap checks below.
-    ``"default"`` full summaries every 100 steps, cheap checks at every step, per-unit activity of outputs.
-    ``"full"``    full summaries of every kind at every step (``every=1``), cheap checks, units.
+    ``"cheap"``   no full summaries at all (``every=0``), only the per-step signals below; no anomaly capture.
+    ``"default"`` full summaries every 100 steps, per-step signals, anomaly capture, per-unit activity of outputs.
+    ``"full"``    full summaries of every kind at every step (``every=1``), per-step signals, units.
 
-Cheap checks (``cheap=True``), at *every* step, recorded as scalars (table ``scalars``):
-    ``grad_norm``               L2 norm of all gradients together (non-finite entries make it NaN/Inf).
-    ``grad_nonfinite``          number of NaN/±Inf gradient entries, all tensors together.
-    ``grad_norm/<tensor>``      L2 norm of one parameter's gradient (``<tensor>`` is e.g. ``0.weight``).
-    ``grad_nonfinite/<tensor>`` NaN/±Inf entries of one parameter's gradient — recorded only at steps where
-                                ``grad_nonfinite > 0`` (absent means 0; it keeps the table small).
-    Only parameters that have a gradient at that step appear. The norms are computed in the gradients' dtype
-    (float32 accumulation for float32 gradients). They are computed on the device without a host sync and
-    copied to the host in one batch every ``cheap_flush`` steps or ``commit_every`` seconds, whichever comes
-    first (and at close / when the run is read), so a crash loses no more of them than of anything else.
+Per-step signals (``cheap=True``), at *every* optimizer step, recorded as scalars (table ``scalars``). Each name
+has one meaning in every framework:
 
-Other scalars a watch records: ``loss`` (or any name the user passes to ``log``), and ``lr`` (one optimizer
-param group) or ``lr/<i>`` (group ``i``, several groups) at logged steps.
+    ==============================  ==========================================================================
+    ``grad_norm``                   L2 norm of all gradients together **as the optimizer receives them**:
+                                    after clipping (``clip_grad_norm_``, ``max_grad_norm``,
+                                    ``gradient_clip_val``, Keras ``clipnorm``/``global_clipnorm``) and, under
+                                    mixed precision, unscaled. Non-finite entries make it NaN/Inf.
+    ``grad_norm/<tensor>``          the same for one parameter tensor (``<tensor>`` is e.g. ``0.weight``).
+    ``grad_nonfinite``              NaN/±Inf gradient entries, all tensors together.
+    ``grad_nonfinite/<tensor>``     the same per tensor, only at steps where ``grad_nonfinite > 0``.
+    ``grad_norm_preclip``           the global gradient norm as backward left it, before any clipping (unscaled
+                                    under mixed precision), with gradient accumulation the accumulated one.
+    ``grad_norm_preclip/<tensor>``  the same per tensor, only at steps where it differs from ``grad_norm/<t>``.
+    ``clip_ratio``                  ``grad_norm / grad_norm_preclip``, only at steps where the two differ (the
+                                    run's meta then has ``clipping: {"first_step": s}``).
+    ``weight_norm/<tensor>``        ‖W‖ of a parameter the optimizer holds, before this step's update.
+    ``update_norm/<tensor>``        ‖W_after − W_before‖ around this step's optimizer update (0 for a parameter
+                                    the optimizer skipped).
+    ``lr``, ``lr/<i>``              the learning rate this step's update used (one group; group ``i``).
+    ``step_skipped``                1 at a step whose update was skipped (mixed precision found Inf/NaN
+                                    gradients); such a step has no ``update_norm``. Absent otherwise.
+    ``loss``                        when the user logs it (``watch.log(loss)``; Keras ``fit`` logs it itself).
+    ==============================  ==========================================================================
+
+    Only parameters that have a gradient at that step appear in ``grad_*``; the update/weight ratio of a tensor
+    at a step is ``update_norm/<t> / weight_norm/<t>``. With gradient accumulation the signals are per optimizer
+    step, not per micro-batch. Norms are computed in the tensors' dtype on their device, without a host sync
+    where the device is an accelerator, and copied to the host in one batch every ``cheap_flush`` steps or
+    ``commit_every`` seconds, whichever comes first (and at close / when the run is read), so a crash loses no
+    more of them than of anything else. Cost: a handful of fused norm kernels per step, and one copy of the
+    optimizer's parameters, held between the start of ``optimizer.step()`` and its end, to measure the update.
+
+Anomaly capture (``anomaly=True``, the default preset): when a per-step signal is non-finite or jumps above
+``anomaly_factor`` times its running median, the step and the next ``anomaly_steps`` steps get full summaries
+regardless of ``every``, and an event ``anomaly`` is recorded; rate-limited. The rule is documented in one place,
+:mod:`gradsight._anomaly`.
 
 Run files: ``if_exists="error"`` (default) refuses an existing file — gradsight never overwrites silently;
 ``"append"`` continues it (step numbering resumes after the last stored step) and refuses a run of another model
@@ -42,6 +66,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any, TypedDict
 
+from ._anomaly import Anomalies
 from ._errors import InputError
 
 __all__ = ["KINDS", "PRESETS", "SETTINGS", "Schedule", "ScheduleSettings", "schedule", "schedule_from"]
@@ -63,6 +88,11 @@ class Schedule:
         cheap_flush: copy the cheap checks' device results to the host every this many steps.
         if_exists: ``"error"``, ``"append"`` or ``"overwrite"`` for an existing run file.
         commit_every: seconds between commits of the run file (the most a crash can lose).
+        anomaly: capture full summaries around steps whose per-step signals jump (see :mod:`gradsight._anomaly`).
+        anomaly_factor: a signal above this many times its running median is a jump.
+        anomaly_window: the number of past steps that running median is taken over.
+        anomaly_steps: steps captured in full after a triggering step.
+        anomaly_cooldown: the first gap, in steps, between two captures (it doubles while the anomaly persists).
         preset: the preset this schedule started from.
     """
 
@@ -73,11 +103,31 @@ class Schedule:
     cheap_flush: int = 200
     if_exists: str = "error"
     commit_every: float = 1.0
+    anomaly: bool = True
+    anomaly_factor: float = 10.0
+    anomaly_window: int = 20
+    anomaly_steps: int = 5
+    anomaly_cooldown: int = 20
     preset: str = "default"
 
     def is_logged(self, step: int) -> bool:
-        """Whether step ``step`` gets full summaries."""
+        """Whether step ``step`` gets full summaries by the ``every`` rule (anomaly captures come on top)."""
         return self.every > 0 and step % self.every == 0
+
+    def anomalies(self) -> Anomalies | None:
+        """A fresh anomaly detector for this schedule, or ``None`` when anomaly capture is off or pointless.
+
+        Off when ``anomaly=False``, when ``cheap=False`` (no per-step signals to judge) and when every step is
+        logged anyway (``every=1``); see :mod:`gradsight._anomaly`.
+        """
+        if not (self.anomaly and self.cheap) or self.every == 1:
+            return None
+        return Anomalies(
+            factor=self.anomaly_factor,
+            window=self.anomaly_window,
+            steps=self.anomaly_steps,
+            cooldown=self.anomaly_cooldown,
+        )
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form, stored in the run's metadata under ``config``."""
@@ -96,6 +146,11 @@ class ScheduleSettings(TypedDict, total=False):
     cheap_flush: int | None
     if_exists: str | None
     commit_every: float | None
+    anomaly: bool | None
+    anomaly_factor: float | None
+    anomaly_window: int | None
+    anomaly_steps: int | None
+    anomaly_cooldown: int | None
 
 
 #: The names of the schedule keyword arguments, in :func:`schedule`'s order.
@@ -104,9 +159,9 @@ SETTINGS: tuple[str, ...] = tuple(ScheduleSettings.__annotations__)
 
 #: The presets, cheapest first.
 PRESETS: dict[str, Schedule] = {
-    "cheap": Schedule(every=0, units=False, preset="cheap"),
+    "cheap": Schedule(every=0, units=False, anomaly=False, preset="cheap"),
     "default": Schedule(),
-    "full": Schedule(every=1, preset="full"),
+    "full": Schedule(every=1, anomaly=False, preset="full"),
 }
 
 
@@ -120,6 +175,11 @@ def schedule(
     cheap_flush: int | None = None,
     if_exists: str | None = None,
     commit_every: float | None = None,
+    anomaly: bool | None = None,
+    anomaly_factor: float | None = None,
+    anomaly_window: int | None = None,
+    anomaly_steps: int | None = None,
+    anomaly_cooldown: int | None = None,
 ) -> Schedule:
     """A :class:`Schedule` from a preset (or an existing schedule) with overrides; arguments left ``None`` keep it.
 
@@ -132,6 +192,11 @@ def schedule(
         cheap_flush: steps between host copies of the cheap checks.
         if_exists: ``"error"``, ``"append"`` or ``"overwrite"``.
         commit_every: seconds between commits.
+        anomaly: capture full summaries around anomalous steps (see :mod:`gradsight._anomaly`).
+        anomaly_factor: jump threshold, in multiples of a signal's running median (> 1).
+        anomaly_window: past steps in that running median (>= 3).
+        anomaly_steps: steps captured after a triggering step (>= 0).
+        anomaly_cooldown: first gap between two captures, in steps (>= 1).
 
     Returns:
         The schedule.
@@ -161,7 +226,7 @@ def schedule(
         if bad:
             raise InputError(f"unknown kind(s) {bad!r} in kinds={kinds!r}; expected any of {list(KINDS)!r}.")
         changes["kinds"] = tuple(k for k in KINDS if k in ks)
-    for name, value in (("cheap", cheap), ("units", units)):
+    for name, value in (("cheap", cheap), ("units", units), ("anomaly", anomaly)):
         if value is not None:
             if not isinstance(value, bool):
                 raise InputError(f"{name} must be True or False, got {value!r}.")
@@ -181,6 +246,27 @@ def schedule(
         if not (isinstance(commit_every, (int, float)) and math.isfinite(commit_every) and commit_every > 0):
             raise InputError(f"commit_every must be a positive number of seconds, got {commit_every!r}.")
         changes["commit_every"] = float(commit_every)
+    if anomaly_factor is not None:
+        if not (
+            isinstance(anomaly_factor, (int, float))
+            and not isinstance(anomaly_factor, bool)
+            and math.isfinite(anomaly_factor)
+            and anomaly_factor > 1
+        ):
+            raise InputError(
+                f"anomaly_factor must be a number > 1 (a signal above anomaly_factor times its running median "
+                f"triggers a capture), got {anomaly_factor!r}."
+            )
+        changes["anomaly_factor"] = float(anomaly_factor)
+    for name, value, low, what in (
+        ("anomaly_window", anomaly_window, 3, "past steps in the running median"),
+        ("anomaly_steps", anomaly_steps, 0, "steps captured after a triggering step"),
+        ("anomaly_cooldown", anomaly_cooldown, 1, "steps between two captures"),
+    ):
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InputError(f"{name} must be an int >= {low} ({what}), got {value!r}.")
+            changes[name] = value
     return replace(base, **changes)
 
 

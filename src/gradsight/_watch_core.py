@@ -52,7 +52,7 @@ from .summary import TensorSummary
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-__all__ = ["WatchCore", "cheap_scalars", "check_step", "unit_axis"]
+__all__ = ["WatchCore", "anomaly_values", "cheap_scalars", "check_step", "signal_scalars", "unit_axis"]
 
 _LOCK = threading.Lock()
 #: model -> its open watch (weak on both sides: a forgotten watch does not keep a model alive, nor vice versa).
@@ -109,6 +109,91 @@ def cheap_scalars(names: Sequence[str], norms: Sequence[float], counts: Sequence
     out["grad_nonfinite"] = float(sum(per))
     if any(per):
         out.update((f"grad_nonfinite/{n}", v) for n, v in zip(names, per, strict=True))
+    return out
+
+
+def signal_scalars(
+    grad_names: Sequence[str],
+    grad: Sequence[float],
+    counts: Sequence[float] | None,
+    *,
+    preclip: Sequence[float] | None = None,
+    param_names: Sequence[str] = (),
+    weight: Sequence[float] | None = None,
+    update: Sequence[float] | None = None,
+    lr: Mapping[str, float] | None = None,
+    skipped: bool = False,
+) -> dict[str, float]:
+    """One step's per-step signals as scalars, the same names and meanings for every adapter.
+
+    See the table in :mod:`gradsight._schedule`.
+
+    Args:
+        grad_names: the parameters that have a gradient at this step.
+        grad: the norm of each one's gradient as the optimizer receives it (after clipping, unscaled).
+        counts: each one's non-finite entries, or ``None`` when known to be all 0.
+        preclip: each one's gradient norm as backward left it (unscaled), ``None`` when nothing changed it.
+        param_names: the parameters whose weight and update norms follow.
+        weight: ‖W‖ of each, before the update (``None``: not measured).
+        update: ‖W_after − W_before‖ of each (``None``: not measured, or the update was skipped).
+        lr: the learning rates this step's update used, by scalar name (``lr`` or ``lr/<i>``).
+        skipped: the optimizer skipped this step's update (mixed precision found non-finite gradients).
+
+    Returns:
+        The scalars of :func:`cheap_scalars`, plus ``grad_norm_preclip`` (always, when there are gradients),
+        ``grad_norm_preclip/<t>`` and ``clip_ratio`` where the gradient changed between backward and the step,
+        ``weight_norm/<t>``, ``update_norm/<t>``, the learning rates and ``step_skipped``.
+    """
+    out = cheap_scalars(grad_names, grad, counts) if grad_names else {}
+    if grad_names:
+        total = out["grad_norm"]
+        if preclip is not None and any(a != b for a, b in zip(preclip, grad, strict=True)):
+            pre = math.hypot(*preclip)
+            if pre == math.inf and any(math.isnan(v) for v in preclip):
+                pre = math.nan
+            out["grad_norm_preclip"] = pre
+            out.update(
+                (f"grad_norm_preclip/{n}", float(a))
+                for n, a, b in zip(grad_names, preclip, grad, strict=True)
+                if a != b
+            )
+            if pre != total and math.isfinite(pre) and pre > 0:
+                out["clip_ratio"] = total / pre
+        else:
+            out["grad_norm_preclip"] = total
+    if weight is not None:
+        out.update((f"weight_norm/{n}", float(v)) for n, v in zip(param_names, weight, strict=True))
+    if update is not None:
+        out.update((f"update_norm/{n}", float(v)) for n, v in zip(param_names, update, strict=True))
+    if lr:
+        out.update((k, float(v)) for k, v in lr.items())
+    if skipped:
+        out["step_skipped"] = 1.0
+    return out
+
+
+def anomaly_values(scalars: Mapping[str, float], *, loss: bool = True) -> dict[str, float]:
+    """The signals one step feeds the anomaly detector (:mod:`gradsight._anomaly`), from its scalars.
+
+    A layer's update is judged by ``update_norm/<t>`` against its own recent updates. That is the update/weight
+    ratio's jump whenever the weights change slowly (they do, between two steps), without the ratio's false
+    alarms when a small tensor — a bias — passes through zero and its norm, the ratio's denominator, with it.
+
+    Args:
+        scalars: the step's scalars (:func:`signal_scalars`, plus ``loss`` when logged).
+        loss: judge the loss too (not under data parallelism, where it differs between ranks).
+
+    Returns:
+        ``loss``, ``grad_norm_preclip``, ``grad_norm`` and every ``update_norm/<t>``, where present, in this
+        order (upstream first).
+    """
+    out: dict[str, float] = {}
+    if loss and "loss" in scalars:
+        out["loss"] = scalars["loss"]
+    for k in ("grad_norm_preclip", "grad_norm"):  # upstream first: the first non-finite one is named
+        if k in scalars:
+            out[k] = scalars[k]
+    out.update((k, v) for k, v in scalars.items() if k.startswith("update_norm/"))
     return out
 
 
@@ -191,11 +276,15 @@ class WatchCore:
         """
         self._closed = True  # until fully set up, so that a failed set-up leaves nothing to close
         self.schedule = sched
+        self._anomalies = sched.anomalies()
+        #: Whether the loss is one of the anomaly signals (not under data parallelism: it differs between ranks).
+        self._anomaly_loss = getattr(self, "_anomaly_loss", True)
         self._run: Run | None = None
         self._notes: list[str] = getattr(self, "_notes", [])
         # (step, name, value): values are floats or framework tensors, copied to the host in one batch
         self._scalars: list[tuple[int, str, Any]] = []
         self._scalars_flushed_at = time.monotonic()
+        self._clip_noted = False
         with _LOCK:
             if model is not None:
                 ref = _OPEN.get(model)
@@ -281,6 +370,27 @@ class WatchCore:
     def _release(self) -> None:
         """Remove the adapter's hooks and free what it holds (the writer is closed after this)."""
 
+    # ---- full summaries: by schedule, or around anomalies ---------------------------------------------------------
+    def _full_step(self, step: int) -> bool:
+        """Whether ``step`` gets full summaries: by the ``every`` rule, or inside an anomaly capture window."""
+        a = self._anomalies
+        return self.schedule.is_logged(step) or (a is not None and a.capturing(step))
+
+    def _judge(self, step: int, scalars: Mapping[str, float]) -> bool:
+        """Feed one closed step's per-step signals to the anomaly detector (see :mod:`gradsight._anomaly`).
+
+        Returns:
+            Whether a capture starts at ``step``; its event ``anomaly`` is recorded then.
+        """
+        a = self._anomalies
+        if a is None:
+            return False
+        payload = a.observe(step, anomaly_values(scalars, loss=self._anomaly_loss))
+        if payload is None:
+            return False
+        self._writer.log_event(step, "anomaly", payload)
+        return True
+
     # ---- scalars ------------------------------------------------------------------------------------------------
     def _buffer_scalars(self, step: int, values: Mapping[str, Any]) -> None:
         """Buffer already-checked scalars of one step (cheap checks, learning rates, ...)."""
@@ -304,6 +414,11 @@ class WatchCore:
         rows = self._host_scalars(pending)
         if not rows:
             return
+        if not self._clip_noted:
+            first = next((s for s in sorted(rows) if "clip_ratio" in rows[s]), None)
+            if first is not None:  # gradients differ between backward and the optimizer: say so in the meta
+                self._clip_noted = True
+                self._writer.set_meta("clipping", {"first_step": first})
         many = getattr(self._writer, "log_scalars_many", None)
         if many is not None:  # one writer item for the whole flush
             many({step: rows[step] for step in sorted(rows)})

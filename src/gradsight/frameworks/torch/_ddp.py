@@ -312,6 +312,7 @@ class DDPWatch(Watch):
         config: dict[str, Any] | None,
         batch_size: int | None = None,
         rank_paths: bool = False,
+        scaler: Any = None,
     ) -> None:
         if not dist.is_initialized():
             raise WatchError(
@@ -372,7 +373,8 @@ class DDPWatch(Watch):
             base = Path(path) if path is not None else default_run_path()
             base.parent.mkdir(parents=True, exist_ok=True)
             path = base if self._rank == 0 else base.with_name(f"{base.stem}.rank{self._rank}{base.suffix}")
-        super().__init__(module, path=path, optimizer=optimizer, sched=sched, config=config)
+        self._anomaly_loss = False  # each rank has its own loss: anomalies are judged on replicated signals only
+        super().__init__(module, path=path, optimizer=optimizer, sched=sched, config=config, scaler=scaler)
         try:
             wref = weakref.ref(self)
             self._ddp_handles.append(ddp.register_forward_pre_hook(_BatchHook(wref), with_kwargs=True))
@@ -421,6 +423,14 @@ class DDPWatch(Watch):
             "every": sched.every,
             "kinds": list(sched.kinds),
             "units": sched.units,
+            "anomaly": [
+                sched.anomaly,
+                sched.cheap,
+                sched.anomaly_factor,
+                sched.anomaly_window,
+                sched.anomaly_steps,
+                sched.anomaly_cooldown,
+            ],
             "params": [(n, list(p.shape), str(p.dtype)) for n, p in module.named_parameters()],
             "leaves": [n for n, m in module.named_modules() if next(iter(m.children()), None) is None],
         }
@@ -430,8 +440,8 @@ class DDPWatch(Watch):
             raise WatchError(
                 f"gradsight.watch(ddp_model) was opened with different settings or models on different ranks "
                 f"(configuration fingerprints per rank: {[r[1] for r in rows]!r}; this is rank {self._rank}, with "
-                f"{cfg['every']=!r}, {cfg['kinds']=!r}, {cfg['units']=!r}). Every rank must call gradsight.watch "
-                "with the same every/kinds/units/preset on the same model."
+                f"{cfg['every']=!r}, {cfg['kinds']=!r}, {cfg['units']=!r}, {cfg['anomaly']=!r}). Every rank must call "
+                "gradsight.watch with the same every/kinds/units/anomaly settings/preset on the same model."
             )
         starts = {r[2] for r in rows if r[3]}
         if len(starts) > 1:
@@ -442,7 +452,7 @@ class DDPWatch(Watch):
         start = rows[0][2]
         if start != self._step:  # a rank without a file resumes where rank 0's file continues
             self._step = start
-            was, self._logged = self._logged, self.schedule.is_logged(start)
+            was, self._logged = self._logged, self._full_step(start)
             if self._logged and not was:
                 self._arm()
             elif was and not self._logged:

@@ -34,6 +34,7 @@ def watch_torch(
     config: dict[str, Any] | None = None,
     batch_size: int | None = None,
     rank_paths: bool = False,
+    scaler: Any = None,
     **settings: Unpack[ScheduleSettings],
 ) -> Watch:
     """Watch a ``torch.nn.Module``: record summaries of weights, gradients, updates, outputs and output gradients.
@@ -48,6 +49,8 @@ def watch_torch(
         batch_size: ``DistributedDataParallel`` only: the per-rank batch size for the gradient noise scale
             (default: dim 0 of the model's first input). See :mod:`._ddp`.
         rank_paths: ``DistributedDataParallel`` only: every rank writes its own run file, not just rank 0.
+        scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop, if any: pre-clip gradient norms are
+            then recorded unscaled, like everything else (see :mod:`._signals`).
         **settings: the schedule settings, the same for every framework: ``every``, ``kinds``, ``cheap``,
             ``units``, ``cheap_flush``, ``if_exists``, ``commit_every`` (see :func:`gradsight._schedule.schedule`).
 
@@ -72,6 +75,11 @@ def watch_torch(
             f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}. Pass the optimizer "
             "object (e.g. optimizer=torch.optim.Adam(model.parameters())), or none and call watch.step()."
         )
+    if scaler is not None and not (hasattr(scaler, "scale") and hasattr(scaler, "unscale_")):
+        raise InputError(
+            f"scaler must be a torch.amp.GradScaler (the object whose scale() and step() the loop calls), got "
+            f"{type(scaler).__name__}: {scaler!r:.60}. Pass the loop's GradScaler, or leave scaler= out."
+        )
     sched = schedule_from(preset, settings)
     if distributed_wrapper(model, batch_size=batch_size, rank_paths=rank_paths) == "ddp":
         return DDPWatch(
@@ -82,5 +90,6 @@ def watch_torch(
             config=config,
             batch_size=batch_size,
             rank_paths=rank_paths,
+            scaler=scaler,
         )
-    return Watch(model, path=path, optimizer=optimizer, sched=sched, config=config)
+    return Watch(model, path=path, optimizer=optimizer, sched=sched, config=config, scaler=scaler)

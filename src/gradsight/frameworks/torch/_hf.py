@@ -117,6 +117,7 @@ class GradsightTrainerCallback(TrainerCallback):
         model, optimizer = kwargs.get("model"), kwargs.get("optimizer")
         if model is None:
             raise UnsupportedError("GradsightTrainerCallback got no model from the Trainer's on_train_begin event.")
+        scaler = getattr(optimizer, "scaler", None)  # accelerate's AcceleratedOptimizer holds the GradScaler
         optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise UnsupportedError(
@@ -131,6 +132,8 @@ class GradsightTrainerCallback(TrainerCallback):
         config = {"integration": "transformers", "gradient_accumulation_steps": args.gradient_accumulation_steps}
         config.update(self.watch_kwargs.get("config") or {})
         kwargs_ = {k: v for k, v in self.watch_kwargs.items() if k != "config"}
+        if scaler is not None and hasattr(scaler, "unscale_"):  # mixed precision: pre-clip norms unscaled
+            kwargs_.setdefault("scaler", scaler)
         self.watch = watch(model, path=self.path, optimizer=optimizer, config=config, **kwargs_)
         self.path = self.watch.path
         self._offset = self.watch.current_step - state.global_step

@@ -199,6 +199,9 @@ class GradsightLightningCallback(Callback):
         config = {"integration": "lightning", "accumulate_grad_batches": trainer.accumulate_grad_batches}
         config.update(self.watch_kwargs.get("config") or {})
         kwargs = {k: v for k, v in self.watch_kwargs.items() if k != "config"}
+        scaler = getattr(trainer.precision_plugin, "scaler", None)  # 16-mixed: pre-clip norms are unscaled
+        if scaler is not None and hasattr(scaler, "unscale_"):
+            kwargs.setdefault("scaler", scaler)
         self.watch = watch(model, path=self.path, optimizer=optimizer, config=config, **kwargs)
         self.path = self.watch.path  # None on a rank that writes no file
         self._losses = []

@@ -61,7 +61,6 @@ writes them.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import warnings
 import weakref
@@ -74,10 +73,11 @@ from torch import nn
 from ..._errors import InputError, WatchError
 from ..._packing import Rows, SummaryArrays, merge_rows
 from ..._schedule import Schedule
-from ..._watch_core import WatchCore, cheap_scalars, unit_axis
+from ..._watch_core import WatchCore, signal_scalars, unit_axis
 from ...diagnose import GradsightWarning
 from ...store import RunWriter
 from ...summary import TensorSummary, to_rows
+from ._signals import Backward, StepRecord, counts_of, host_records, norms_of, scaler_scale
 from ._summary import Flat, PackedStats, to_host_rows
 
 __all__ = ["Watch", "unit_axis_for"]
@@ -167,9 +167,11 @@ class Watch(WatchCore):
         optimizer: torch.optim.Optimizer | None,
         sched: Schedule,
         config: dict[str, Any] | None,
+        scaler: Any = None,
     ) -> None:
         self._closed = True  # until fully set up, so that a failed __init__ leaves nothing to close
         self.schedule = sched
+        self._scaler = scaler
         self._handles: list[Any] = []
         self._leaf_handles: list[Any] = []
         self._notes: list[str] = []
@@ -273,7 +275,7 @@ class Watch(WatchCore):
     def _init_step_state(self) -> None:
         """The per-step state, for the step the writer continues at."""
         sched = self.schedule
-        self._logged = sched.is_logged(self._step)
+        self._logged = self._full_step(self._step)
         self._fwd_seen = False
         self._acts: list[tuple[str, str, str, torch.Tensor, int | None]] = []  # name, layer, kind, tensor, axis
         self._axis_of: dict[int, tuple[torch.Tensor, int | None]] = {}
@@ -283,8 +285,18 @@ class Watch(WatchCore):
         self._capture_pending = False  # a closure was passed to optimizer.step(): capture after its first call
         self._cheap_names: tuple[str, ...] = ()
         self._frozen = False  # inside optimizer.step() after that capture: later closure calls are not recorded
-        # (step, tensor names, norms, non-finite counts): host lists for CPU gradients, device tensors otherwise
-        self._cheap: list[tuple[int, tuple[str, ...], Any, Any]] = []
+        # ---- per-step signals (see ._signals) ----
+        self._records: list[StepRecord] = []  # steps whose signals are still on a device, until the next flush
+        self._rec: StepRecord | None = None  # the step in progress, from the start of optimizer.step() to its end
+        self._bw: Backward | None = None  # what the last backward pass of this step left
+        self._bw_queued = False  # an end-of-backward callback is queued for the backward pass in progress
+        self._lagged: StepRecord | None = None  # a device step's signals, judged at the next step (see _judge_step)
+        self._wbuf: list[torch.Tensor] | None = None  # W_before of the optimizer's parameters
+        self._wbuf_step = -1  # the step whose W_before the buffer holds
+        self._loss: tuple[int, Any] | None = None  # the last logged loss, for the anomaly judge
+        self._loss_judged = -1  # the step of the last loss fed to the judge
+        self._bw_counts: Any = None
+        self._stepped_since_bw = True
         self._do_weights = "weight" in sched.kinds
         self._do_update = "update" in sched.kinds
         self._do_grad = "grad" in sched.kinds
@@ -312,6 +324,11 @@ class Watch(WatchCore):
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(_OptHook(wref, True)))
             self._handles.append(optimizer.register_step_post_hook(_OptHook(wref, False)))
+        if self.schedule.cheap:  # the end of every backward pass: gradients as backward left them (pre-clip)
+            hook = _GradAccumulated(wref)
+            for _, p in self._params:
+                if p.requires_grad:
+                    self._handles.append(p.register_post_accumulate_grad_hook(hook))
         self._closed = False
         self._finalizer = weakref.finalize(self, _finalize, self._handles, self._leaf_handles, self._writer)
         if self._logged:
@@ -348,8 +365,11 @@ class Watch(WatchCore):
     def _on_forward(self, module: nn.Module) -> None:
         if self._frozen or not torch.is_grad_enabled():
             return
+        self._bw_queued = False  # a backward pass that raised never ran its callback
         self._fwd_seen = True
         self._axis_of.clear()
+        if self._optimizer is None and self.schedule.cheap and self._wbuf_step != self._step:
+            self._copy_weights()  # no optimizer: W_before is the weights at the step's first forward
         if self._logged:
             self._end_forward()  # a new forward: summarise the previous one now and free its tensors
             self._flush_acts()
@@ -517,10 +537,12 @@ class Watch(WatchCore):
     def _before_step(self) -> None:
         """At the optimizer's step (before it changes W): cheap checks; on logged steps grads and W_before."""
         grads = self._grads() if (self.schedule.cheap or self._logged) else []
-        if self.schedule.cheap and grads:
-            self._cheap_checks(grads)
+        if self.schedule.cheap:
+            self._signals_before(grads)
         if not self._logged:
             return
+        if not self.schedule.cheap:  # the learning rate is a per-step signal; without those, at logged steps
+            self._buffer_scalars(self._step, self._lrs())
         if grads and self._leaf_handles and not (self._fwd_seen or self._fwd or self._done or self._acts):
             self._note_unseen_forward()
         self._resolve()
@@ -538,34 +560,196 @@ class Watch(WatchCore):
         elif self._do_weights:  # no optimizer: W_before was taken at the step's first forward
             self._param_pack(weights, "weight", self._flat_before if same else None)
 
-    def _after_step(self) -> None:
+    def _after_step(self, skipped: bool = False) -> None:
+        """Close the step: the update, the per-step signals and their judge, full summaries if any; advance."""
         if self._capture_pending:  # a closure was passed but never called: capture what there is now
             self._before_step()
         self._capture_pending = self._frozen = False
+        if self._logged and not skipped and self._do_update and self._flat_before is not None and self._update_params:
+            after = Flat.of([p.detach() for _, p in self._update_params])
+            self._param_pack(self._update_params, "update", after.minus(self._flat_before, inplace=True))
+        diffs = self._signals_after(skipped) if self.schedule.cheap else None
         if self._logged:
-            if self._do_update and self._flat_before is not None and self._update_params:
-                after = Flat.of([p.detach() for _, p in self._update_params])
-                self._param_pack(self._update_params, "update", after.minus(self._flat_before, inplace=True))
-            if self._optimizer is not None:
-                groups = self._optimizer.param_groups
-                for i, g in enumerate(groups):
-                    if "lr" in g:
-                        self._scalars.append((self._step, "lr" if len(groups) == 1 else f"lr/{i}", g["lr"]))
             self._flush_step()
+        elif diffs is not None:  # an anomaly at this step: capture it now, while its tensors are at hand
+            self._capture_now(diffs)
         self._flat_before = None
         self._fwd, self._done = None, []
+        self._bw = None
         self._step += 1
         self._fwd_seen = False
         if not self._stepped:  # the first step: stop counting backward passes (see NO_STEP_WARN_AFTER)
             self._stepped = True
             if self._root_out is not None:
                 self._root_out.remove()
-        was, self._logged = self._logged, self.schedule.is_logged(self._step)
+        was, self._logged = self._logged, self._full_step(self._step)
         if self._logged and not was:
             self._arm()
         elif was and not self._logged:
             self._disarm()
-        self._maybe_flush_scalars(len(self._cheap))
+        self._maybe_flush_scalars(len(self._records))
+
+    # ---- per-step signals (see ._signals) ------------------------------------------------------------------
+    def _host(self, tensors: list[torch.Tensor]) -> bool:
+        return _host_cheap(tensors)
+
+    def _on_backward_end(self) -> None:
+        """The end of a backward pass (engine callback): note the gradients as backward left them."""
+        self._bw_queued = False
+        if self._closed or self._frozen:
+            return
+        grads = self._grads()
+        if not grads:
+            return
+        raw = [g for _, g in grads]  # identities and versions: the .grad tensors themselves
+        tensors = [g.detach() for g in raw]
+        if self._bw is not None and self._bw.replaced(raw) and self._stepped_since_bw is False:
+            self._skip_step()  # a whole iteration passed without optimizer.step(): GradScaler skipped it
+        host = self._host(tensors)
+        norms = norms_of(tensors, host)
+        self._bw = Backward(tuple(n for n, _ in grads), raw, norms)
+        self._bw_counts = counts_of(tensors, norms, host)
+        self._stepped_since_bw = False
+
+    def _copy_weights(self) -> None:
+        """Copy the optimizer's parameters into the W_before buffer (allocated once)."""
+        params = [p.detach() for _, p in self._update_params]
+        if not params:
+            return
+        with torch.no_grad():
+            if self._wbuf is None or len(self._wbuf) != len(params):
+                self._wbuf = [p.clone() for p in params]
+            else:
+                try:
+                    torch._foreach_copy_(self._wbuf, params)
+                except RuntimeError:  # mixed devices or dtypes
+                    for b, p in zip(self._wbuf, params, strict=True):
+                        b.copy_(p)
+        self._wbuf_step = self._step
+
+    def _signals_before(self, grads: list[tuple[str, torch.Tensor]]) -> None:
+        """At the start of the step: gradient norms (pre- and post-clip), W_before and its norms, the lr."""
+        rec = self._rec = StepRecord(self._step)
+        names = tuple(n for n, _ in grads)
+        if names != self._cheap_names:  # one tuple per distinct layout, shared by the steps that have it
+            self._cheap_names = names
+        rec.grad_names = self._cheap_names
+        if grads:
+            tensors = [g.detach() for _, g in grads]
+            bw = self._bw
+            if bw is not None and bw.unchanged(names, [g for _, g in grads]):
+                rec.grad, rec.counts = bw.norms, self._bw_counts
+            else:
+                host = self._host(tensors)
+                rec.grad = norms_of(tensors, host)
+                rec.counts = counts_of(tensors, rec.grad, host)
+                if bw is not None and bw.names == names:  # clipped or unscaled since backward
+                    rec.preclip = bw.norms
+                    rec.scale = scaler_scale(self._scaler)
+        if self._optimizer is not None:
+            self._copy_weights()
+            rec.lr = self._lrs()
+        if self._wbuf is not None and self._wbuf_step == self._step:
+            rec.param_names = tuple(n for n, _ in self._update_params)
+            rec.weight = norms_of(self._wbuf, self._host(self._wbuf))
+
+    def _lrs(self) -> dict[str, float]:
+        """The optimizer's learning rates now, by scalar name (``lr``, or ``lr/<i>`` for several groups)."""
+        out: dict[str, float] = {}
+        if self._optimizer is None:
+            return out
+        groups = self._optimizer.param_groups
+        for i, g in enumerate(groups):
+            lr = g.get("lr")
+            if isinstance(lr, (int, float, torch.Tensor)) and not isinstance(lr, bool):
+                out["lr" if len(groups) == 1 else f"lr/{i}"] = float(lr)
+        return out
+
+    def _signals_after(self, skipped: bool) -> list[torch.Tensor] | None:
+        """At the end of the step: update norms; judge the step. Returns the updates when a capture starts now."""
+        self._stepped_since_bw = True
+        rec, self._rec = self._rec, None
+        if rec is None:  # no start of step seen (watch.step() calls _before_step first; a closure may not)
+            return None
+        diffs = None
+        if rec.weight is not None and self._wbuf is not None and not skipped:
+            with torch.no_grad():
+                diffs = torch._foreach_sub([p.detach() for _, p in self._update_params], self._wbuf)
+            rec.update = norms_of(diffs, self._host(diffs))
+        rec.skipped = skipped
+        capture = self._judge_step(rec)
+        return diffs if capture and diffs is not None else None
+
+    def _judge_step(self, rec: StepRecord) -> bool:
+        """Record the step's signals and feed them to the anomaly judge; whether a capture starts at this step.
+
+        Host values (CPU) are judged at once. Device values are judged one step late, so that reading them waits
+        only for the previous step to finish on the device: a trigger there captures the step after it.
+        """
+        if self._anomalies is None:
+            if rec.device_parts():
+                self._records.append(rec)
+            else:
+                self._buffer_scalars(rec.step, rec.scalars(signal_scalars))
+            return False
+        capture = False
+        lagged, self._lagged = self._lagged, None
+        if lagged is not None:
+            host_records([lagged])
+            capture = self._judge_host(lagged)
+        if rec.device_parts():
+            self._lagged = rec
+            return capture
+        return self._judge_host(rec) or capture
+
+    def _judge_host(self, rec: StepRecord) -> bool:
+        scalars = rec.scalars(signal_scalars)
+        self._buffer_scalars(rec.step, scalars)
+        loss = self._loss
+        judged = dict(scalars)
+        if loss is not None and loss[0] > self._loss_judged:
+            value = loss[1]
+            if isinstance(value, torch.Tensor):
+                value = value.item() if value.device.type == "cpu" else None
+            if value is not None:
+                judged["loss"] = float(value)
+                self._loss_judged = loss[0]
+        return self._judge(rec.step, judged)
+
+    def _capture_now(self, diffs: list[torch.Tensor]) -> None:
+        """Full summaries of a step that an anomaly triggered at its end: W_before, gradients, updates."""
+        grads = self._grads()
+        if self._do_grad and grads:
+            self._param_pack([(n, g.detach()) for n, g in grads], "grad")
+        if self._do_weights and self._wbuf is not None:
+            before = dict(zip((n for n, _ in self._update_params), self._wbuf, strict=True))
+            self._param_pack([(n, before.get(n, p.detach())) for n, p in self._params], "weight")
+        if self._do_update:
+            self._param_pack(list(zip((n for n, _ in self._update_params), diffs, strict=True)), "update")
+        self._flush_step()
+
+    def _skip_step(self) -> None:
+        """Close a step whose optimizer step never ran (a GradScaler found non-finite gradients)."""
+        bw = self._bw
+        assert bw is not None
+        rec = StepRecord(self._step)
+        rec.grad_names = bw.names
+        scale = scaler_scale(self._scaler)
+        norms = bw.norms
+        if scale is not None:  # the gradients were unscaled before the skip: so are their norms
+            norms = norms / scale if isinstance(norms, torch.Tensor) else [v / float(scale) for v in norms]
+        rec.grad, rec.counts = norms, self._bw_counts
+        params = [p.detach() for _, p in self._update_params]
+        if params:
+            rec.param_names = tuple(n for n, _ in self._update_params)
+            rec.weight = norms_of(params, self._host(params))
+        self._rec = rec
+        # the forward and backward in progress belong to the next step: keep them out of the skipped one
+        fwd, acts, self._fwd, self._acts = self._fwd, self._acts, None, []
+        self._after_step(skipped=True)
+        self._fwd_seen = True
+        if self._logged:
+            self._fwd, self._acts = fwd, acts
 
     def _flush_step(self) -> None:
         packs, self._packs = self._packs, []
@@ -587,48 +771,13 @@ class Watch(WatchCore):
 
         self._writer.log_summaries(self._step, items)
 
-    def _cheap_checks(self, grads: list[tuple[str, torch.Tensor]]) -> None:
-        tensors = [g if not g.requires_grad else g.detach() for _, g in grads]
-        device = tensors[0].device
-        norms: torch.Tensor | list[float]
-        counts: torch.Tensor | list[int] | None = None
-        # Non-finite entries make a norm NaN/Inf. On CPU, reading the norms costs no device sync: they are kept
-        # as host floats and the exact counts are computed only when there is something to count. On
-        # accelerators the norms stay on the device and the counts are computed every step (no sync); both are
-        # copied in one batch at the next flush. The global norm is computed on the host.
-        if _host_cheap(tensors):
-            norms = [t.item() for t in torch._foreach_norm(tensors)]
-            if not all(map(math.isfinite, norms)):
-                counts = [int(torch.count_nonzero(d)) for d in torch._foreach_sub(tensors, tensors)]
-        else:
-            try:
-                norms = torch.stack(torch._foreach_norm(tensors))
-            except RuntimeError:  # mixed devices or dtypes
-                norms = torch.stack([torch.linalg.vector_norm(t).to(device, torch.float32) for t in tensors])
-            counts = torch.stack([torch.count_nonzero(d).to(device) for d in torch._foreach_sub(tensors, tensors)])
-        names = tuple(n for n, _ in grads)
-        if names != self._cheap_names:  # one tuple per distinct layout, shared by the steps that have it
-            self._cheap_names = names
-        self._cheap.append((self._step, self._cheap_names, norms, counts))
-
     def _host_scalars(self, pending: list[tuple[int, str, Any]]) -> dict[int, dict[str, float]]:
-        """The cheap checks and the logged scalars on the host: one device->host copy for each kind."""
-        cheap, self._cheap = self._cheap, []
+        """The per-step signals and the logged scalars on the host: one device->host copy for each kind."""
+        records, self._records = self._records, []
+        host_records(records)
         rows: dict[int, dict[str, float]] = {}
-        on_device = [c for c in cheap if isinstance(c[2], torch.Tensor)]
-        if on_device:  # the one device->host copy of the cheap checks
-            device = on_device[0][2].device
-            parts = [c[2].to(device, torch.float64) for c in on_device]
-            parts += [c[3].to(device, torch.float64) for c in on_device if c[3] is not None]
-            host = iter(torch.cat(parts).tolist())
-            norm_lists = {id(c): [next(host) for _ in c[1]] for c in on_device}
-            count_lists = {id(c): [next(host) for _ in c[1]] for c in on_device if c[3] is not None}
-            cheap = [
-                (c[0], c[1], norm_lists[id(c)], count_lists.get(id(c))) if isinstance(c[2], torch.Tensor) else c
-                for c in cheap
-            ]
-        for step, names, norms, counts in cheap:
-            rows.setdefault(step, {}).update(cheap_scalars(names, norms, counts))
+        for rec in records:
+            rows.setdefault(rec.step, {}).update(rec.scalars(signal_scalars))
         tensors = [(s, k, v) for s, k, v in pending if isinstance(v, torch.Tensor)]
         if tensors:
             host_t = torch.stack([v.detach().reshape(()).to("cpu", torch.float64) for _, _, v in tensors]).tolist()
@@ -661,9 +810,14 @@ class Watch(WatchCore):
     def log(self, loss: Any = None, *, step: int | None = None, **scalars: Any) -> None:
         """See :meth:`gradsight._watch_core.WatchCore.log`; ``log(loss)`` with a tensor takes a short path."""
         if not scalars and step is None and type(loss) is torch.Tensor and loss.numel() == 1 and not self._closed:
-            self._scalars.append((self._default_log_step(), "loss", loss.detach()))  # the common call, per step
+            s = self._default_log_step()
+            self._loss = (s, loss.detach())
+            self._scalars.append((s, "loss", self._loss[1]))  # the common call, per step
             return
         super().log(loss, step=step, **scalars)
+        if loss is not None:
+            s = self._default_log_step() if step is None else int(step)
+            self._loss = (s, self._scalars[-1][2] if self._scalars and self._scalars[-1][1] == "loss" else loss)
 
     def step(self) -> None:
         """Close the current step explicitly; for training loops without a ``torch.optim`` optimizer.
@@ -684,6 +838,10 @@ class Watch(WatchCore):
         self._after_step()
 
     def _before_close(self) -> None:
+        lagged, self._lagged = self._lagged, None
+        if lagged is not None:  # the last step's device signals, not judged: nothing follows to capture
+            host_records([lagged])
+            self._buffer_scalars(lagged.step, lagged.scalars(signal_scalars))
         self._report_no_step()  # may raise: a StoreError, or the warning under an "error" warnings filter
 
     def _release(self) -> None:
@@ -695,6 +853,8 @@ class Watch(WatchCore):
         self._param_flats.clear()
         self._axis_of.clear()
         self._flat_before = None
+        self._wbuf = self._bw = self._rec = self._lagged = None
+        self._loss = None
         self._optimizer = None
         self._params = []
         self._update_params = []
@@ -859,6 +1019,40 @@ class _OptHook:
             return (args[0], wrapped, *args[2:]), kwargs
         w._before_step()
         return None
+
+
+class _GradAccumulated:
+    """Post-accumulate-grad hook on each parameter: queues one end-of-backward callback per backward pass."""
+
+    def __init__(self, wref: Callable[[], Watch | None]) -> None:
+        self.wref = wref
+
+    def __call__(self, param: torch.Tensor) -> None:
+        w = self.wref()
+        if w is None or w._closed or w._bw_queued or _compiling():
+            return
+        w._bw_queued = True
+        torch.autograd.Variable._execution_engine.queue_callback(_EndBackward(self.wref))
+
+
+class _EndBackward:
+    """The end-of-backward callback.
+
+    Its first call queues it again, so that it runs after every callback queued during the backward pass — DDP's
+    gradient reduction among them — and sees the final gradients.
+    """
+
+    def __init__(self, wref: Callable[[], Watch | None]) -> None:
+        self.wref, self.requeued = wref, False
+
+    def __call__(self) -> None:
+        if not self.requeued:
+            self.requeued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self)
+            return
+        w = self.wref()
+        if w is not None:
+            w._on_backward_end()
 
 
 class _CaptureAfterClosure:

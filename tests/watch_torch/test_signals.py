@@ -1,0 +1,277 @@
+"""Per-step signals and anomaly captures of the torch watch, checked against values computed in the test."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import gradsight  # noqa: E402
+from gradsight._anomaly import Anomalies  # noqa: E402
+from gradsight._watch_core import anomaly_values  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("torch_seeded_one_thread")
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 1))
+
+
+def _data(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(n, 6)
+    return x, x[:, :2].sum(1, keepdim=True)
+
+
+def _norm(t: torch.Tensor) -> float:
+    return float(np.linalg.norm(t.detach().double().numpy()))
+
+
+def _row(run: gradsight.Run, step: int) -> dict[str, float]:
+    return {k: v for k, v in run.scalars.loc[step].items() if not (isinstance(v, float) and math.isnan(v))}
+
+
+def test_weight_and_update_norms_every_step_match_independent_copies(tmp_path):
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    x, y = _data()
+    before, after = [], []
+    with gradsight.watch(model, optimizer=opt, path=tmp_path / "r.db") as w:
+        for _ in range(7):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            before.append({n: p.detach().clone() for n, p in model.named_parameters()})
+            opt.step()
+            after.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    run = gradsight.load(w.path)
+    assert run.steps == [0]  # one logged step by `every`; the signals are per step all the same
+    for s in range(7):
+        row = _row(run, s)
+        for n in before[s]:
+            assert row[f"weight_norm/{n}"] == pytest.approx(_norm(before[s][n]), rel=1e-6)
+            assert row[f"update_norm/{n}"] == pytest.approx(_norm(after[s][n] - before[s][n]), rel=1e-5)
+        assert row["lr"] == 0.01
+        assert row["grad_norm_preclip"] == row["grad_norm"]  # nothing clipped: one value, no per-tensor copies
+        assert not any(k.startswith("grad_norm_preclip/") for k in row) and "clip_ratio" not in row
+
+
+def test_preclip_norm_is_the_gradient_before_clip_grad_norm(tmp_path):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = _data()
+    pre, post = [], []
+    with gradsight.watch(model, optimizer=opt, path=tmp_path / "r.db") as w:
+        for _ in range(5):
+            opt.zero_grad()
+            (10 * nn.functional.mse_loss(model(x), y)).backward()
+            pre.append({n: _norm(p.grad) for n, p in model.named_parameters()})
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+            post.append({n: _norm(p.grad) for n, p in model.named_parameters()})
+            opt.step()
+    run = gradsight.load(w.path)
+    for s in range(5):
+        row = _row(run, s)
+        total_pre = math.sqrt(sum(v * v for v in pre[s].values()))
+        assert row["grad_norm_preclip"] == pytest.approx(total_pre, rel=1e-6)
+        assert row["grad_norm"] == pytest.approx(0.1, rel=1e-5)
+        assert row["grad_norm_preclip"] > 2 * row["grad_norm"]
+        assert row["clip_ratio"] == pytest.approx(0.1 / total_pre, rel=1e-5)
+        for n in pre[s]:
+            assert row[f"grad_norm_preclip/{n}"] == pytest.approx(pre[s][n], rel=1e-6)
+            assert row[f"grad_norm/{n}"] == pytest.approx(post[s][n], rel=1e-6)
+    assert run.meta["clipping"] == {"first_step": 0}
+
+
+def test_gradient_accumulation_signals_are_per_optimizer_step(tmp_path):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = _data()
+    pre = []
+    with gradsight.watch(model, optimizer=opt, path=tmp_path / "r.db") as w:
+        for _ in range(3):
+            opt.zero_grad()
+            for k in range(4):  # four micro-batches, one optimizer step
+                nn.functional.mse_loss(model(x[16 * k : 16 * (k + 1)]), y[16 * k : 16 * (k + 1)]).backward()
+            pre.append(math.sqrt(sum(_norm(p.grad) ** 2 for p in model.parameters())))
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            opt.step()
+    run = gradsight.load(w.path)
+    assert list(run.scalars.index) == [0, 1, 2]
+    for s in range(3):
+        assert run.scalars.loc[s, "grad_norm_preclip"] == pytest.approx(pre[s], rel=1e-6)
+
+
+def test_parameters_without_gradients_and_outside_the_optimizer(tmp_path):
+    model = _mlp()
+    model[2].bias.requires_grad_(False)  # frozen: no gradient
+    opt = torch.optim.SGD([model[0].weight, model[2].weight, model[2].bias], lr=0.1)  # 0.bias not held
+    x, y = _data()
+    with gradsight.watch(model, optimizer=opt, path=tmp_path / "r.db") as w:
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+    row = _row(gradsight.load(w.path), 2)
+    assert "grad_norm/2.bias" not in row and row["grad_norm/0.bias"] > 0
+    assert row["update_norm/2.bias"] == 0.0 and row["update_norm/0.weight"] > 0
+    assert "update_norm/0.bias" not in row  # not held by the optimizer: no update is measured
+
+
+def test_loop_without_optimizer_measures_updates_from_the_first_forward(tmp_path):
+    model = _mlp()
+    x, y = _data()
+    with gradsight.watch(model, path=tmp_path / "r.db") as w:
+        for _ in range(3):
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            model.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+            w.step()
+    row = _row(gradsight.load(w.path), 2)
+    for n, p in model.named_parameters():
+        assert row[f"weight_norm/{n}"] == pytest.approx(_norm(before[n]), rel=1e-6)
+        assert row[f"update_norm/{n}"] == pytest.approx(_norm(p - before[n]), rel=1e-5)
+
+
+def _lr_spike_run(path, every=100, steps=70, spike=57):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = _data(256)
+    with gradsight.watch(model, optimizer=opt, path=path, every=every) as w:
+        for s in range(steps):
+            if s == spike:
+                for g in opt.param_groups:
+                    g["lr"] *= 1e3
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x[s % 8 * 32 : (s % 8 + 1) * 32]), y[s % 8 * 32 : (s % 8 + 1) * 32])
+            loss.backward()
+            opt.step()
+            w.log(loss)
+    return gradsight.load(w.path)
+
+
+def test_lr_spike_is_captured_at_its_step_and_the_next_ones(tmp_path):
+    run = _lr_spike_run(tmp_path / "r.db")
+    n = run.meta["config"]["anomaly_steps"]
+    assert n == 5
+    assert run.steps == [0, *range(57, 57 + n + 1)]  # step 0 by `every`, then the capture
+    (event,) = run.events("anomaly")
+    assert event["step"] == 57 and event["captured"] == [57, 57 + n]
+    assert event["signal"].startswith("update_norm/") and event["value"] > 10 * event["baseline"]
+    kinds = {(info.kind, s) for s, info, _ in run.summaries(steps=(57, 63))}
+    assert {("weight", 57), ("grad", 57), ("update", 57)} <= kinds  # the triggering step: what is still at hand
+    assert {k for k, s in kinds if s == 58} == {"weight", "grad", "update", "output", "output_grad"}
+    # the captured update equals the per-step update norm of that step
+    upd = run.summary("0.weight", "update", 57)
+    assert math.sqrt(upd.sum_sq) == pytest.approx(run.scalars.loc[57, "update_norm/0.weight"], rel=1e-5)
+
+
+def test_capture_decisions_equal_the_detector_on_the_recorded_scalars(tmp_path):
+    run = _lr_spike_run(tmp_path / "r.db")
+    det = Anomalies()
+    events = []
+    for step, row in run.scalars.iterrows():
+        values = {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
+        # the loss is logged after the step, so the watch judges it one step late: as in the recording
+        values.pop("loss", None)
+        if step > 0:
+            prev = run.scalars.loc[step - 1, "loss"]
+            values["loss"] = prev
+        ev = det.observe(int(step), anomaly_values(values))
+        if ev is not None:
+            events.append(ev["step"])
+    assert events == [e["step"] for e in run.events("anomaly")]
+
+
+def test_every_one_records_events_but_captures_nothing_twice(tmp_path):
+    run = _lr_spike_run(tmp_path / "r.db", every=1, steps=60)
+    assert run.steps == list(range(60))
+    assert run.meta["config"]["every"] == 1
+    assert run.events("anomaly") == []  # every step is logged: anomaly capture is off (nothing to add)
+
+
+def test_non_finite_every_step_is_rate_limited(tmp_path):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = _data()
+    steps = 200
+    with gradsight.watch(model, optimizer=opt, path=tmp_path / "r.db", every=0) as w:
+        for _ in range(steps):
+            opt.zero_grad()
+            (nn.functional.mse_loss(model(x), y) * torch.tensor(float("nan"))).backward()
+            opt.step()
+    run = gradsight.load(w.path)
+    events = run.events("anomaly")
+    bound = 1 + math.log2(1 + steps / run.meta["config"]["anomaly_cooldown"])
+    assert 1 <= len(events) <= bound
+    assert events[0]["reason"] == "non-finite" and events[0]["step"] == 0
+    assert len(run.steps) <= len(events) * (run.meta["config"]["anomaly_steps"] + 1)
+    assert sum(e["suppressed"] for e in events) > 0
+
+
+def test_cheap_preset_has_signals_but_no_captures(tmp_path):
+    run = _lr_spike_run(tmp_path / "r.db", every=0)  # default preset, every=0: captures only
+    assert run.steps == list(range(57, 63))
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradsight.watch(model, optimizer=opt, path=tmp_path / "c.db", preset="cheap") as w:
+        for s in range(30):
+            opt.zero_grad()
+            model(torch.randn(4, 6)).pow(2).mean().mul(1e6 if s == 20 else 1).backward()
+            opt.step()
+    run = gradsight.load(w.path)
+    assert run.steps == [] and run.events("anomaly") == []
+    assert "weight_norm/0.weight" in run.scalars.columns
+
+
+def test_grad_scaler_skipped_step_is_recorded_as_skipped(tmp_path):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x, y = _data()
+    pre = []
+    with gradsight.watch(model, optimizer=opt, path=tmp_path / "r.db", scaler=scaler) as w:
+        for s in range(6):
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y) * (float("inf") if s == 3 else 1.0)
+            scaler.scale(loss).backward()
+            pre.append(math.sqrt(sum(_norm(p.grad) ** 2 for p in model.parameters())) / scaler.get_scale())
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+            scaler.step(opt)
+            scaler.update()
+    run = gradsight.load(w.path)
+    sc = run.scalars
+    assert list(sc.index) == list(range(6))
+    assert sc.loc[3, "step_skipped"] == 1.0 and math.isnan(sc.loc[3, "update_norm/0.weight"])
+    assert not math.isfinite(sc.loc[3, "grad_norm"]) and sc.loc[3, "grad_nonfinite"] > 0
+    for s in (0, 1, 2, 4):
+        assert math.isnan(sc.loc[s, "step_skipped"]) and sc.loc[s, "update_norm/0.weight"] > 0
+        assert sc.loc[s, "grad_norm_preclip"] == pytest.approx(pre[s], rel=1e-6)  # unscaled
+        assert sc.loc[s, "grad_norm"] == pytest.approx(0.01, rel=1e-4)
+
+
+def test_bad_scaler_argument_is_refused(tmp_path):
+    model = _mlp()
+    with pytest.raises(gradsight.InputError, match=r"scaler must be a torch\.amp\.GradScaler"):
+        gradsight.watch(model, path=tmp_path / "r.db", scaler=1024.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"anomaly_factor": 1.0}, "anomaly_factor must be a number > 1"),
+        ({"anomaly_window": 2}, "anomaly_window must be an int >= 3"),
+        ({"anomaly_steps": -1}, "anomaly_steps must be an int >= 0"),
+        ({"anomaly_cooldown": 0}, "anomaly_cooldown must be an int >= 1"),
+        ({"anomaly": "yes"}, "anomaly must be True or False"),
+    ],
+)
+def test_anomaly_settings_are_checked(tmp_path, kwargs, match):
+    with pytest.raises(gradsight.InputError, match=match):
+        gradsight.watch(_mlp(), path=tmp_path / "r.db", **kwargs)
