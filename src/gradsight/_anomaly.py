@@ -45,8 +45,10 @@ from typing import Any
 
 __all__ = ["MIN_HISTORY", "Anomalies", "trigger"]
 
-#: Finite past values a signal needs before a jump can be judged against their median.
-MIN_HISTORY = 3
+#: Finite past values a signal needs before a jump can be judged against their median. One: the most common
+#: failure, a learning rate that blows the weights up, shows at step 1, with step 0 as the only reference
+#: (judged against a median of one or two values, a jump must still be ``factor`` times that value).
+MIN_HISTORY = 1
 
 
 def trigger(

@@ -201,8 +201,33 @@ def sc_fsdp(rank, world, outdir):
     _write(outdir, "fsdp", rank, res)
 
 
+def sc_signals(rank, world, outdir):
+    """Default preset, clipping, an lr spike at step 20: per-step signals and anomaly captures on every rank."""
+    model = DDP(make_mlp())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    steps = 30
+    x, y = data(world, steps=steps)
+    preclip = []
+    path = Path(outdir, "signals.db")
+    with gradsight.watch(model, optimizer=opt, path=path, rank_paths=True) as w:
+        for s in range(steps):
+            if s == 20:
+                for g in opt.param_groups:
+                    g["lr"] *= 1e3
+            opt.zero_grad()
+            xs, ys = x[s, rank * B : (rank + 1) * B], y[s, rank * B : (rank + 1) * B]
+            loss = nn.functional.cross_entropy(model(xs), ys, reduction="sum")
+            loss.backward()
+            preclip.append(float(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm()))
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.5)
+            opt.step()
+            w.log(loss=loss * (1e6 if rank == 1 and s == 10 else 1))  # a rank-local loss spike: not judged
+    _write(outdir, "signals", rank, {"path": str(w.path), "preclip": preclip})
+
+
 SCENARIOS = {
     "fsdp": sc_fsdp,
+    "signals": sc_signals,
     "merge": sc_merge,
     "clip": sc_clip,
     "rank_paths": sc_rank_paths,

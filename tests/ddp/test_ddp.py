@@ -118,8 +118,8 @@ def test_only_rank_0_writes_and_meta_says_replicas_identical(ranks):
     r1 = result(ranks, "merge", 1)
     assert r1["path"] is None and not r1["writes"] and "rank 1 writes no run file" in r1["read"]
     written = {p.name for p in ranks.iterdir() if ".db" in p.name}
-    # rank 1 wrote only the file rank_paths=True asked it for
-    assert {n for n in written if "rank1" in n} == {"rp.rank1.db"}
+    # rank 1 wrote only the files rank_paths=True asked it for
+    assert {n for n in written if "rank1" in n} == {"rp.rank1.db", "signals.rank1.db"}
     meta = load(ranks / "merge.db").meta["distributed"]
     assert meta["world_size"] == 2 and meta["backend"] == "gloo" and meta["writing_ranks"] == [0]
     rep = meta["replicas_identical"]
@@ -152,6 +152,19 @@ def test_noise_scale_matches_a_naive_recomputation(ranks, run):
     for name, want in naive_noise_scale_at_step_0().items():
         assert math.isclose(sc.loc[0, name], want, rel_tol=1e-9), (run, name, sc.loc[0, name], want)
     assert sc["noise_scale"].notna().all()  # preset full: every step is logged
+
+
+def test_per_step_signals_and_anomaly_captures_agree_on_every_rank(ranks):
+    runs = [load(result(ranks, "signals", r)["path"]) for r in range(2)]
+    want = result(ranks, "signals", 0)["preclip"]  # the all-reduced gradient, before clip_grad_norm_
+    assert want == result(ranks, "signals", 1)["preclip"]
+    for run in runs:
+        sc = run.scalars
+        np.testing.assert_allclose(sc["grad_norm_preclip"].to_numpy(), want, rtol=1e-9)
+        np.testing.assert_allclose(sc["grad_norm"].to_numpy(), np.minimum(want, 0.5), rtol=1e-6)
+    events = [[(e["step"], e["signal"], e["captured"]) for e in run.events("anomaly")] for run in runs]
+    assert events[0] == events[1] and [e[0] for e in events[0]] == [20]  # rank 1's loss spike is not judged
+    assert runs[0].steps == runs[1].steps == [0, *range(20, 26)]
 
 
 def test_rank_paths_gives_every_rank_the_same_global_summaries(ranks):

@@ -115,3 +115,20 @@ def test_diagnosis_arguments_are_checked_when_the_callback_is_built(tmp_path, mo
     with pytest.raises(gradsight.InputError, match="full_every must be a positive integer, got 0"):
         GradsightTrainerCallback(diagnose_every=0)
     assert list(tmp_path.iterdir()) == []  # checking writes nothing
+
+
+def test_clipping_trainer_records_the_norm_before_and_after_max_grad_norm(tmp_path):
+    # The Trainer clips at max_grad_norm and logs the norm it clipped (before clipping) as grad_norm.
+    cb = GradsightTrainerCallback(on_finding=None)
+    args = _args(tmp_path, max_grad_norm=0.001)
+    trainer = transformers.Trainer(model=_model(), args=args, train_dataset=_Data(), callbacks=[cb])
+    trainer.train()
+    logged = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    with gradsight.load(cb.path) as run:
+        sc = run.scalars
+        assert list(sc.index) == [0, 1, 2, 3]
+        np.testing.assert_allclose(sc["grad_norm_preclip"].to_numpy(), logged, rtol=1e-5)
+        assert (sc["grad_norm_preclip"] > 10 * 0.001).all()  # the clip bites
+        np.testing.assert_allclose(sc["grad_norm"].to_numpy(), 0.001, rtol=1e-4)
+        np.testing.assert_allclose(sc["clip_ratio"].to_numpy(), 0.001 / sc["grad_norm_preclip"].to_numpy(), rtol=1e-4)
+        assert run.meta["clipping"] == {"first_step": 0}

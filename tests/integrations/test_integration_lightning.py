@@ -271,3 +271,27 @@ def test_ddp_stop_decision_on_rank_0_stops_every_rank(tmp_path):
     assert ranks[0]["global_step"] == ranks[1]["global_step"] < 40
     with gradsight.load(run_path) as run:
         assert any(e["code"] == "non-finite" for e in run.events("finding"))
+
+
+class _PreClipNorms(L.Callback):
+    """The gradient norm Lightning has before it clips (on_before_optimizer_step runs before clipping)."""
+
+    def __init__(self):
+        self.norms = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.norms.append(math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in pl_module.parameters())))
+
+
+def test_gradient_clip_val_records_the_norm_before_and_after_clipping(tmp_path):
+    torch.manual_seed(0)
+    cb = GradsightLightningCallback(on_finding=None)
+    ref = _PreClipNorms()
+    _trainer(tmp_path, [cb, ref], gradient_clip_val=0.01).fit(TinyModule(), _data())
+    with gradsight.load(cb.path) as run:
+        sc = run.scalars
+        assert list(sc.index) == list(range(8))
+        np.testing.assert_allclose(sc["grad_norm_preclip"].to_numpy(), ref.norms, rtol=1e-5)
+        assert (sc["grad_norm_preclip"] > 10 * 0.01).all()
+        np.testing.assert_allclose(sc["grad_norm"].to_numpy(), 0.01, rtol=1e-4)
+        assert run.meta["clipping"] == {"first_step": 0}

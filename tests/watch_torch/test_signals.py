@@ -275,3 +275,38 @@ def test_bad_scaler_argument_is_refused(tmp_path):
 def test_anomaly_settings_are_checked(tmp_path, kwargs, match):
     with pytest.raises(gradsight.InputError, match=match):
         gradsight.watch(_mlp(), path=tmp_path / "r.db", **kwargs)
+
+
+def test_a_learning_rate_that_kills_relus_at_step_1_is_visible_under_the_default_preset(tmp_path):
+    # SGD lr=10 on a small ReLU CNN: the weights blow up at step 1 and the ReLUs die. Logged steps alone (0, 100)
+    # would show live units at 0; the capture around the jump shows them dead, and the per-step norms the blow-up.
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 10, (512,), generator=g)
+    x = (torch.randn(512, 1, 8, 8, generator=g) * 0.3 + y.view(-1, 1, 1, 1) / 10).clamp(0, 1)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 64, 10),
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=10)
+    with gradsight.watch(model, optimizer=opt, path=tmp_path / "r.db") as w:
+        for s in range(120):
+            i = slice(32 * (s % 16), 32 * (s % 16 + 1))
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x[i]), y[i])
+            loss.backward()
+            opt.step()
+            w.log(loss)
+    run = gradsight.load(w.path)
+    first = run.events("anomaly")[0]
+    assert first["step"] <= 2
+    sc = run.scalars
+    assert sc.loc[first["step"] + 1, "weight_norm/2.weight"] > 3 * sc.loc[0, "weight_norm/2.weight"]
+    captured = [s for s in run.steps if first["step"] < s <= first["captured"][1]]
+    assert captured
+    dead = [run.summary("3", "output", s).units_active for s in captured]
+    assert any((d == 0).all() for d in dead)  # every unit of the second ReLU is dead at a captured step
+    assert (run.summary("3", "output", 0).units_active > 0).any()  # alive at step 0: the logged step shows nothing
