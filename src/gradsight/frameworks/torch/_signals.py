@@ -18,7 +18,9 @@ torch. Per optimizer step:
 A step that the optimizer never took — ``GradScaler.step`` skips ``optimizer.step()`` when it finds Inf/NaN
 gradients — shows up as a second end of backward, with new gradient tensors (``zero_grad()`` set them to
 ``None``), before any step: the watch then closes the step as skipped (``step_skipped``; no update norms).
-Detecting it needs ``zero_grad(set_to_none=True)``, torch's default.
+Detecting it needs the scaler (``scaler=``; without one, an extra backward pass between steps — a gradient
+penalty, an analysis — must not be mistaken for a skipped step) and ``zero_grad(set_to_none=True)``, torch's
+default.
 
 Cost per step: the end-of-backward callback and one ``_foreach_norm`` over the gradients per backward pass; one
 ``_foreach_copy_`` and one ``_foreach_norm`` over the optimizer's parameters, one ``_foreach_sub`` and one

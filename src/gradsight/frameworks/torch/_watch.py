@@ -603,8 +603,8 @@ class Watch(WatchCore):
             return
         raw = [g for _, g in grads]  # identities and versions: the .grad tensors themselves
         tensors = [g.detach() for g in raw]
-        if self._bw is not None and self._bw.replaced(raw) and self._stepped_since_bw is False:
-            self._skip_step()  # a whole iteration passed without optimizer.step(): GradScaler skipped it
+        if self._scaler is not None and self._bw is not None and self._bw.replaced(raw) and not self._stepped_since_bw:
+            self._skip_step()  # a whole iteration passed without optimizer.step(): the GradScaler skipped it
         host = self._host(tensors)
         norms = norms_of(tensors, host)
         self._bw = Backward(tuple(n for n, _ in grads), raw, norms)
