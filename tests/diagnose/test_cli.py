@@ -57,6 +57,8 @@ def test_cli_json_fields(synth, rng, capsys):
         "message",
         "explanation",
         "advice",
+        "caused_by",
+        "is_root",
     }
     assert f["code"] == "loss-not-decreasing" and f["first_step"] == 0 and f["last_step"] == 11
     assert f["evidence"]["loss_start"] == 1.0

@@ -163,6 +163,12 @@ def test_nonfinite_rule_skips_an_empty_run(synth):
         "saturated-units",
         "update-ratio",
         "loss-not-decreasing",
+        "gradients-accumulating",
+        "no-gradient",
+        "not-optimized",
+        "bad-initialisation",
+        "learning-rate-too-high",
+        "gradients-clipped",
     }
 
 
@@ -393,16 +399,19 @@ def test_thresholds_validation():
         diagnose(__import__("pathlib").Path(__file__), rules=["x"])  # type: ignore[list-item]
 
 
-def test_exploding_with_a_short_run_uses_half_as_baseline(synth):
+def test_exploding_in_a_short_run_is_the_root_of_its_nan(synth):
     s = synth()
-    for step, v in enumerate([1.0, 30.0, 5000.0]):  # diverges before 2 * baseline_steps values exist
+    for step, v in enumerate([1.0, 30.0, 5000.0]):  # diverges within three steps
         s.scalars(step, grad_norm=v)
     s.scalars(3, grad_norm=float("nan"), grad_nonfinite=7)
     found = diagnose(s.run())
-    assert codes(found) == ["non-finite", "exploding-gradients"]  # error first, then the warning
-    assert found[1].severity == "warning"  # 5000x < 100**2
-    assert found[1].evidence["global"]["baseline_norm"] == 1.0
-    assert "grew 5e+03x, from 1 (median of the first 1 logged steps) to 5e+03 at step 2" in found[1].message
+    # the explosion explains the NaN that follows it: root first (an error now: it ends in NaN), then the symptom
+    assert codes(found) == ["exploding-gradients", "non-finite"]
+    root, nan = found
+    assert root.is_root and root.severity == "error" and not nan.is_root and nan.caused_by == ("exploding-gradients",)
+    assert root.evidence["global"]["baseline_norm"] == 1.0  # step 2 against the level before it, not its own
+    assert "grew 5e+03x, from 1 (its running median before step 2) to 5e+03 at step 2" in root.message
+    assert "NaN/Inf followed at step 3" in root.message
 
 
 # ---- no-steps-recorded --------------------------------------------------------------------------------------------

@@ -37,13 +37,19 @@ class Thresholds:
     ``diagnose(run, thresholds=Thresholds(vanish_ratio=1e-4))`` or ``thresholds={"vanish_ratio": 1e-4}``.
 
     Attributes:
-        baseline_steps: how many of the first logged steps (with finite gradients) form the baseline that
-            gradient growth is measured against; the median over them resists one odd first batch. A series
-            shorter than ``2 * baseline_steps`` uses its first half (at least one value).
-        explode_growth: exploding gradients over *time*: a gradient norm (global, or a layer's RMS) that grows
-            to more than this multiple of its baseline. Healthy runs keep gradient norms within about one order
-            of magnitude of their start over short runs (they usually shrink as the loss falls); two orders of
-            magnitude of growth is the signature of divergence (heuristic).
+        baseline_steps: how many of the first finite loss values form the run's starting level, against which
+            ``loss-not-decreasing`` measures (their median resists one odd first batch; a spike *after* them
+            cannot raise the starting level).
+        reference_steps: every step is judged against what came before it: the median of the up to this many
+            preceding values of the same series (the "running median"). Twenty steps span several batches of
+            minibatch noise, the median ignores a few spikes among them, and only the past enters, so a spike
+            can never hide in its own baseline (the same window as the watch's anomaly capture).
+        explode_growth: exploding gradients over *time*: a gradient norm (global, or a layer's RMS) that grows to
+            more than this multiple of the lowest running median it had before. Healthy runs keep gradient norms
+            within about one order of magnitude of their level; two orders of magnitude is the signature of
+            divergence (heuristic). Growth alone is not enough: see ``damage_*`` — growth that harms nothing is
+            a small initial gradient reaching its working level (an LSTM at initialisation), and an isolated
+            spike after which training recovers is reported as info.
         explode_depth_ratio: exploding gradients over *depth*: a layer whose median gradient RMS exceeds this
             multiple of the largest median gradient RMS of the layers after it, i.e. gradients amplified by
             three orders of magnitude on their way back (heuristic; the mirror image of ``vanish_ratio``).
@@ -51,7 +57,7 @@ class Thresholds:
             largest median gradient RMS of the layers after it. A saturating activation passes at most 1/4
             (sigmoid) of the gradient per layer, so ten such layers shrink it by ~1e-6; 1e-3 flags the early
             layers of such a stack while leaving the 1x-100x spread seen between layers of healthy nets alone.
-            Layers whose gradient is exactly zero are left to the dead-units and update-ratio rules.
+            Layers whose gradient is exactly zero are left to the dead-units, no-gradient and update-ratio rules.
         dead_fraction: dead units: warn when at least this fraction of a layer's units was exactly zero for
             every sample and position of the last ``recent_steps`` logged steps (a "dying ReLU" layer). A few dead
             units are normal; half of a layer means half of its capacity and of its gradient paths are gone.
@@ -76,9 +82,46 @@ class Thresholds:
             whose medians are compared; medians resist minibatch noise.
         loss_min_decrease: the relative decrease of the end median against the start median below which the
             loss counts as not decreasing (1 %: any run that learns at all clears it).
+        lr_step_ratio: learning-rate-too-high: a step whose update moves all parameters together by at least
+            this fraction of their norm (``‖ΔW‖ / ‖W‖`` pooled over every parameter, so a zero-initialised
+            layer cannot trigger it) *and* is followed by damage (``damage_*``). 0.5 is 500x the ~1e-3
+            heuristic: half the network rewritten in one step; even Adam's large first steps stay one to two
+            orders of magnitude below it.
+        damage_steps: the steps after a suspicious step (a large update, a gradient jump) in which its
+            consequences are looked for: a step too large shows its damage at the next forward passes; five
+            steps leave room for momentum and minibatch noise.
+        damage_weight_growth: damage: the norm of all weights together grows by this factor within
+            ``damage_steps`` steps. Healthy steps change it by about the update ratio (~1e-3 each), i.e. by a
+            few percent over such a window; doubling is a blow-up.
+        damage_loss_rise: damage: the median loss over the ``damage_steps`` steps after is this many times the
+            median over the steps up to it. Minibatch noise moves a median of five losses by far less; a step
+            that overshoots multiplies it.
+        damage_grad_jump: damage: the gradient norm after the step exceeds this many times its running median
+            (the watch's anomaly-capture factor: a jump an order of magnitude above the recent level).
+        accumulate_min_steps: gradients-accumulating needs at least this many consecutive gradient norms (a
+            monotone run of fewer is plausible by chance: eight increases in a row have probability 1/256 for a
+            norm that fluctuates randomly).
+        accumulate_monotone: gradients-accumulating: the fraction of steps at which the gradient norm rose.
+            Summed gradients grow at (almost) every step; the norm of a fresh minibatch gradient rises at about
+            half of them.
+        accumulate_growth: gradients-accumulating: the norm grew by at least this factor over the window
+            (a sum of n gradients grows like n for aligned gradients and like sqrt(n) for random ones; four
+            is sqrt(16), reached within the window lengths tried).
+        accumulate_fit: gradients-accumulating: the R² of ``log ‖g‖`` against ``log(steps since the start)``.
+            A sum over steps follows a power law ``‖g_s‖ ∝ s^p`` with ``0.4 <= p <= 1.5`` closely; a
+            diverging run grows exponentially (a straight line in ``log ‖g‖`` against ``s``, a curve here) and
+            a noisy one fits nothing.
+        init_bias_sigmas: bad-initialisation: the bias is named as the cause when its mean lies at least this
+            many standard deviations of the weight term (``W·x``, measured or estimated) away from 0: then at
+            least ~98 % of a Gaussian pre-activation is pushed to the bias's side (below 0: a dead ReLU; far
+            from 0: a saturated tanh/sigmoid); otherwise the weights' scale is named.
+        why_zero_fraction: the explanation of a near-zero gradient calls a factor "zero" (dead units, zero
+            inputs) when at least this fraction of its entries is exactly 0 — the level at which the product
+            ``Aᵀ · dJ/dZ`` loses an order of magnitude from that factor alone.
     """
 
     baseline_steps: int = 3
+    reference_steps: int = 20
     explode_growth: float = 100.0
     explode_depth_ratio: float = 1e3
     vanish_ratio: float = 1e-3
@@ -90,6 +133,17 @@ class Thresholds:
     loss_min_steps: int = 10
     loss_window: float = 0.2
     loss_min_decrease: float = 0.01
+    lr_step_ratio: float = 0.5
+    damage_steps: int = 5
+    damage_weight_growth: float = 2.0
+    damage_loss_rise: float = 2.0
+    damage_grad_jump: float = 10.0
+    accumulate_min_steps: int = 8
+    accumulate_monotone: float = 0.8
+    accumulate_growth: float = 4.0
+    accumulate_fit: float = 0.9
+    init_bias_sigmas: float = 2.0
+    why_zero_fraction: float = 0.9
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -99,11 +153,9 @@ class Thresholds:
                     f"Thresholds.{f.name} must be a finite, non-negative number, got {value!r}; "
                     f"the default is {f.default!r}."
                 )
-        if self.baseline_steps < 1 or self.recent_steps < 1:
-            raise InputError(
-                f"Thresholds.baseline_steps and recent_steps must be at least 1, got {self.baseline_steps!r} and "
-                f"{self.recent_steps!r}."
-            )
+        for name in ("baseline_steps", "recent_steps", "reference_steps", "damage_steps", "accumulate_min_steps"):
+            if getattr(self, name) < 1:
+                raise InputError(f"Thresholds.{name} must be at least 1, got {getattr(self, name)!r}.")
         if not 0 < self.loss_window <= 0.5:
             raise InputError(f"Thresholds.loss_window must be in (0, 0.5], got {self.loss_window!r}.")
         if self.update_ratio_low >= self.update_ratio_high:
@@ -111,6 +163,16 @@ class Thresholds:
                 f"Thresholds.update_ratio_low ({self.update_ratio_low!r}) must be below update_ratio_high "
                 f"({self.update_ratio_high!r})."
             )
+
+    def damage_args(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`gradsight.diagnose._series.damage` under these thresholds."""
+        return {
+            "window": int(self.damage_steps),
+            "weight_growth": self.damage_weight_growth,
+            "loss_rise": self.damage_loss_rise,
+            "grad_jump": self.damage_grad_jump,
+            "reference_window": int(self.reference_steps),
+        }
 
     @classmethod
     def coerce(cls, value: Thresholds | Mapping[str, Any] | None) -> Thresholds:
@@ -162,6 +224,8 @@ class RunData:
         self._layers: list[str] | None = None
         self._meta: dict[str, Any] | None = None
         self._events: dict[str | None, list[dict[str, Any]]] = {}
+        #: Derived series shared between rules (see :mod:`gradsight.diagnose._series`), computed once per run.
+        self.cache: dict[Any, Any] = {}
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -232,6 +296,20 @@ class RunData:
         if kind not in self._events:
             self._events[kind] = self.run.events(kind)
         return self._events[kind]
+
+    def tensor_layer(self, tensor: str) -> str:
+        """The layer of a parameter tensor.
+
+        From the recorded tensors, else from its name (``fc1.weight`` -> ``fc1``, ``dense/kernel`` -> ``dense``, a
+        name without a separator -> ``model``).
+        """
+        if "tensor_layers" not in self.cache:
+            self.cache["tensor_layers"] = {t.name: t.layer for t in self.run.tensors}
+        known = self.cache["tensor_layers"].get(tensor)
+        if known is not None:
+            return str(known)
+        sep = "/" if "/" in tensor else "."
+        return tensor.rpartition(sep)[0] or "model"
 
     def layer_info(self, layer: str) -> dict[str, Any]:
         """The model-structure entry of a layer from the metadata (``{}`` when not recorded)."""

@@ -8,21 +8,33 @@ from typing import Any
 
 from .._errors import InputError
 from ..store import Run
+from ._accumulate import GradientsAccumulatingRule
 from ._base import Rule, RunData, Thresholds
-from ._finding import CODES, Finding
+from ._chain import link, sort_chain
+from ._clip import GradientsClippedRule
+from ._finding import Finding
 from ._gradients import ExplodingGradientsRule, VanishingGradientsRule
+from ._init import BadInitialisationRule
 from ._loss import LossNotDecreasingRule
+from ._lr import LearningRateTooHighRule
 from ._nonfinite import NonFiniteRule
+from ._params import NoGradientRule, NotOptimizedRule
 from ._steps import NoStepsRule
 from ._units import DeadUnitsRule, SaturatedUnitsRule
 from ._update_ratio import UpdateRatioRule
 
-__all__ = ["DEFAULT_RULES", "diagnose", "skipped_rules", "sort_findings"]
+__all__ = ["DEFAULT_RULES", "diagnose", "evaluate", "skipped_rules", "sort_findings"]
 
 #: The rules :func:`diagnose` runs by default, cheapest first.
 DEFAULT_RULES: tuple[Rule, ...] = (
     NoStepsRule(),
     NonFiniteRule(),
+    GradientsAccumulatingRule(),
+    NoGradientRule(),
+    NotOptimizedRule(),
+    BadInitialisationRule(),
+    LearningRateTooHighRule(),
+    GradientsClippedRule(),
     ExplodingGradientsRule(),
     VanishingGradientsRule(),
     DeadUnitsRule(),
@@ -33,25 +45,14 @@ DEFAULT_RULES: tuple[Rule, ...] = (
 
 
 def sort_findings(findings: Sequence[Finding]) -> list[Finding]:
-    """Most severe first, then causes before symptoms, then by first step (none last), then by code.
+    """Root causes first (most severe first), then the symptoms in causal order.
 
-    "Causes before symptoms" follows the order of :data:`CODES`: a non-finite value or a gradient pathology
-    usually explains a bad update ratio, which in turn explains a loss that does not decrease. Codes added later
-    come after the known ones.
+    Roots are ordered by severity, then by :data:`gradsight.diagnose._chain.CAUSAL_ORDER` (a bad initialisation
+    before the dead units it causes), then by first step; symptoms by their distance from a root, then in causal
+    order, then by first step. Findings made outside a diagnosis are all roots, so they sort most severe first,
+    causes before symptoms, as before. Codes added later come after the known ones.
     """
-
-    def cause(code: str) -> int:
-        return CODES.index(code) if code in CODES else len(CODES)
-
-    return sorted(
-        findings,
-        key=lambda f: (
-            -f.rank,
-            cause(f.code),
-            f.first_step if f.first_step is not None else float("inf"),
-            f.code,
-        ),
-    )
+    return sort_chain(findings)
 
 
 def _rules(rules: Sequence[Rule] | None) -> Sequence[Rule]:
@@ -85,7 +86,8 @@ def diagnose(
         steps: an optional inclusive ``(first, last)`` window of steps to judge.
 
     Returns:
-        The findings, most severe first, then by first step.
+        The findings: root causes first (most severe first), then the symptoms they explain, in causal order;
+        each symptom's ``caused_by`` names its causes and its advice points to its root.
 
     Raises:
         StoreError: ``run`` is not a readable run file.
@@ -94,12 +96,21 @@ def diagnose(
     th = Thresholds.coerce(thresholds)
     chosen = _rules(rules)
     data = run if isinstance(run, RunData) else RunData(run, steps=steps)
+    return evaluate(data, chosen, th)
+
+
+def evaluate(data: RunData, rules: Sequence[Rule], th: Thresholds) -> list[Finding]:
+    """Run the rules that apply on ``data`` and relate their findings.
+
+    :func:`gradsight.diagnose._chain.link` puts the root causes first, the symptoms pointing at them; the one place
+    :func:`diagnose` and online diagnosis share.
+    """
     findings: list[Finding] = []
-    for rule in chosen:
+    for rule in rules:
         if rule.missing(data):
             continue
         findings.extend(rule.check(data, th))
-    return sort_findings(findings)
+    return link(findings, data)
 
 
 def skipped_rules(

@@ -21,6 +21,12 @@ CODES = (
     "update-ratio-high",
     "update-ratio-low",
     "loss-not-decreasing",
+    "learning-rate-too-high",
+    "bad-initialisation",
+    "gradients-accumulating",
+    "no-gradient",
+    "not-optimized",
+    "gradients-clipped",
 )
 #: One line per code: what it means (the rule modules' docstrings hold the details).
 CODE_DESCRIPTIONS: dict[str, str] = {
@@ -34,6 +40,17 @@ CODE_DESCRIPTIONS: dict[str, str] = {
     "update-ratio-high": "updates that rewrite a large fraction of a layer's weights at every step.",
     "update-ratio-low": "updates so small relative to the weights that the layer is effectively frozen.",
     "loss-not-decreasing": "a loss that does not fall from the start of the run to its end.",
+    "learning-rate-too-high": "steps so large that they damage the network: an update as large as the weights, "
+    "followed by weights blowing up, the loss rising, gradients jumping or NaN; names the first such step.",
+    "bad-initialisation": "a weight scale or bias that puts a layer's units out of range from step 0 (dead or "
+    "saturated): names the parameter and its statistic.",
+    "gradients-accumulating": "a gradient norm that grows steadily with the step count while the loss does not: "
+    "gradients are summed across steps (a missing zero_grad()).",
+    "no-gradient": "parameters the optimizer holds that never receive a non-zero gradient while others do "
+    "(frozen, detached or cut off from the loss).",
+    "not-optimized": "parameters that receive gradients but never move: the optimizer does not hold them.",
+    "gradients-clipped": "gradient clipping was active (info, with the pre-clip norm); a warning when clipping "
+    "hides an explosion of the pre-clip norm.",
 }
 #: Severities, least to most severe.
 SEVERITIES = ("info", "warning", "error")
@@ -54,7 +71,11 @@ class Finding:
         evidence: the numbers that triggered it (JSON-serialisable; thresholds included).
         message: one sentence, with the key numbers.
         explanation: why this breaks learning, a few sentences.
-        advice: concrete things to try, most likely first.
+        advice: concrete things to try, most likely first. A symptom's advice refers to its root cause.
+        caused_by: the codes of the findings in the same diagnosis that explain this one (its direct causes,
+            nearest first); empty for a root cause. Set by :func:`gradsight.diagnose.diagnose`.
+        is_root: whether this finding is a root cause (nothing else in the diagnosis explains it). A finding made
+            on its own, outside a diagnosis, is its own root.
     """
 
     code: str
@@ -66,6 +87,8 @@ class Finding:
     message: str = ""
     explanation: str = ""
     advice: tuple[str, ...] = ()
+    caused_by: tuple[str, ...] = ()
+    is_root: bool = True
 
     @property
     def rank(self) -> int:
@@ -77,6 +100,7 @@ class Finding:
         d = asdict(self)
         d["layers"] = list(self.layers)
         d["advice"] = list(self.advice)
+        d["caused_by"] = list(self.caused_by)
         d["evidence"] = _jsonable(self.evidence)
         return d
 
@@ -84,6 +108,8 @@ class Finding:
         """Plain-text rendering, a few lines."""
         steps = _steps(self)
         lines = [f"[{self.severity.upper()}] {self.code}{steps}: {self.message}"]
+        if self.caused_by:
+            lines.append(f"  because of: {', '.join(self.caused_by)}")
         if self.layers:
             lines.append(f"  layers: {', '.join(self.layers)}")
         if self.explanation:
@@ -94,6 +120,8 @@ class Finding:
     def to_markdown(self) -> str:
         """Markdown rendering."""
         out = [f"**{self.severity.upper()} · `{self.code}`**{_steps(self)} — {self.message}", ""]
+        if self.caused_by:
+            out += ["Because of: " + ", ".join(f"`{c}`" for c in self.caused_by), ""]
         if self.layers:
             out.append("Layers: " + ", ".join(f"`{name}`" for name in self.layers))
             out.append("")
@@ -107,9 +135,12 @@ class Finding:
         e = html.escape
         layers = ", ".join(f"<code>{e(name)}</code>" for name in self.layers)
         advice = "".join(f"<li>{e(a)}</li>" for a in self.advice)
+        because = ", ".join(f"<code>{e(c)}</code>" for c in self.caused_by)
+        role = "root" if self.is_root else "symptom"
         return (
-            f'<div class="finding {e(self.severity)}"><p><b>{e(self.severity.upper())}</b> '
+            f'<div class="finding {e(self.severity)}" data-role="{role}"><p><b>{e(self.severity.upper())}</b> '
             f"<code>{e(self.code)}</code>{e(_steps(self))}: {e(self.message)}</p>"
+            + (f'<p class="because">Because of {because}.</p>' if self.caused_by else "")
             + (f"<p>Layers: {layers}</p>" if self.layers else "")
             + (f"<p>{e(self.explanation)}</p>" if self.explanation else "")
             + (f"<ul>{advice}</ul>" if advice else "")

@@ -4,10 +4,12 @@ A layer's gradient size is the pooled RMS of all its parameter gradients (weight
 logged step, over finite elements only; steps at which a layer's gradient holds a NaN/Inf are left out (that is
 the non-finite rule's business). Two views:
 
-* over **time** (exploding): each layer's RMS, and the global gradient norm (the ``grad_norm`` scalar when
-  logged, else the norm over all recorded gradients), against its baseline — the median of the first
-  ``baseline_steps`` logged values (the first half of the values when fewer than ``2 * baseline_steps`` were
-  logged, as when a run diverges within a few steps). Growth beyond ``explode_growth`` is divergence.
+* over **time** (exploding): each layer's RMS, and the global gradient norm (the ``grad_norm`` scalar, every
+  step, when recorded, else the norm over all recorded gradients), each value against the lowest running median
+  of the values before it (:func:`growth_event`). Growth beyond ``explode_growth`` is an explosion when it did
+  harm (weights blew up, the loss rose, NaN/Inf followed; see :func:`_verdict`): a gradient that only grows from
+  a tiny start to its working level (an LSTM at initialisation) is not one, and isolated spikes that training
+  recovers from are reported as info.
 * over **depth** (vanishing, and exploding through depth): each layer's median RMS over the run against the
   largest median RMS among the layers after it in model order. Backpropagation multiplies the gradient by each
   layer's local Jacobian on the way back, so a stack of contracting (expanding) Jacobians shows as early layers
@@ -16,18 +18,22 @@ the non-finite rule's business). Two views:
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._derived import global_norm, layer_rms
+from .._derived import layer_rms
+from ._advice import lower_lr
 from ._base import Rule, RunData, Thresholds, fmt, ordered
 from ._finding import Finding
+from ._series import damage, global_weight_norm, grad_norm, loss, running_reference
+from ._why import why_small
 
 if TYPE_CHECKING:  # pragma: no cover - pandas is imported where it is used, not at import
     import pandas as pd
 
-__all__ = ["ExplodingGradientsRule", "VanishingGradientsRule", "depth_profile"]
+__all__ = ["ExplodingGradientsRule", "VanishingGradientsRule", "depth_profile", "growth_event"]
 
 
 def _finite_layer_rms(data: RunData) -> pd.DataFrame:
@@ -66,37 +72,85 @@ def depth_profile(data: RunData) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["layer", "rms", "steps", "downstream", "downstream_layer", "ratio"])
 
 
-def _baseline_len(n: int, baseline_steps: int) -> int:
-    """How many leading values form the baseline: ``baseline_steps``, or the first half of a short series.
+def growth_event(series: pd.Series, th: Thresholds) -> dict[str, Any] | None:
+    """The first jump of a norm series to ``explode_growth`` times its earlier level, or ``None``.
 
-    So a run that diverges within a few steps still has a baseline and something to compare with it.
+    Each value is compared with the *lowest* running median the series had before it (the median of the up to
+    ``reference_steps`` values preceding each earlier step): only the past is used, so an early spike cannot hide
+    in a baseline, and a level the series once settled at stays the reference. Whether the growth mattered is
+    judged separately (:func:`_verdict`).
+
+    Returns:
+        ``{"first_step", "reference", "value", "jump", "peak_step", "peak", "growth", "hits"}`` (``hits``: every
+        step at which the series stood ``explode_growth`` times above its level).
     """
-    if n < 2:
-        return 0
-    return max(1, min(baseline_steps, n // 2))
-
-
-def _growth(series: pd.Series, baseline_steps: int) -> tuple[float, float, int | None, int | None, int | None]:
-    """(baseline, peak, peak_step, first, last step after the baseline) of a step-indexed series, or NaNs."""
-    s = series.dropna()
-    s = s[s >= 0]
-    k = _baseline_len(len(s), baseline_steps)
-    if k == 0:
-        return np.nan, np.nan, None, None, None
-    base = float(np.median(s.iloc[:k].to_numpy()))
-    rest = s.iloc[k:]
+    s = series[np.isfinite(series.to_numpy())]
+    s = s[s > 0]
+    if len(s) < 2:
+        return None
+    level = running_reference(s, th.reference_steps).cummin()
+    jump = s / level
+    hits = jump[jump >= th.explode_growth]
+    if hits.empty:
+        return None
+    first = int(hits.index[0])
+    rest = s[s.index >= first]
     peak_step = int(rest.idxmax())
-    return base, float(rest.max()), peak_step, int(rest.index[0]), int(rest.index[-1])
+    ref = float(level.loc[first])
+    return {
+        "first_step": first,
+        "reference": ref,
+        "value": float(s.loc[first]),
+        "jump": float(jump.loc[first]),
+        "peak_step": peak_step,
+        "peak": float(rest.max()),
+        "growth": float(rest.max()) / ref,
+        "hits": [int(i) for i in hits.index],
+    }
+
+
+def _verdict(data: RunData, series: pd.Series, event: dict[str, Any], th: Thresholds) -> tuple[str, dict[str, Any]]:
+    """Whether a growth event harmed training: ``(verdict, damage)``.
+
+    ``"damage"``: after one of its jumps the weights blew up, the loss rose or a NaN/Inf followed
+    (:func:`gradsight.diagnose._series.damage`; a further gradient jump is part of the event, not damage);
+    ``"unknown"``: neither a loss nor weights were recorded to tell; ``"unfinished"``: the run ended within
+    ``damage_steps`` of the first jump; ``"transient"``: no damage and the series fell back to within
+    ``sqrt(explode_growth)`` of its level (a spike training recovered from); ``"sustained"``: no damage and it
+    stayed up — a small initial gradient reaching its working level, not an explosion.
+    """
+    for step in event["hits"][:64]:
+        found = damage(data, step, **th.damage_args())
+        found.pop("gradient", None)
+        if found:
+            return "damage", {"step": step, **found}
+    if not len(loss(data)) and not len(global_weight_norm(data)[0]):
+        return "unknown", {}
+    s = series[np.isfinite(series.to_numpy())]
+    later = s[s.index > event["first_step"]]
+    if int(s.index[-1]) - event["first_step"] < th.damage_steps:
+        return "unfinished", {}
+    settled = float(np.median(later.iloc[: th.reference_steps].to_numpy())) if len(later) else event["value"]
+    if settled >= math.sqrt(th.explode_growth) * event["reference"]:
+        return "sustained", {}
+    return "transient", {}
+
+
+#: Verdicts that make an exploding-gradients warning.
+_HARMFUL = ("damage", "unknown", "unfinished")
 
 
 class ExplodingGradientsRule(Rule):
     """Gradients that grow over time (or through depth) by orders of magnitude (``exploding-gradients``).
 
-    Over time: a layer's gradient RMS, or the global gradient norm, exceeds ``explode_growth`` times its
-    baseline (median of the first ``baseline_steps`` logged steps). Over depth: a layer's median gradient RMS
-    exceeds ``explode_depth_ratio`` times the largest one after it. Severity warning; error when the growth
-    reaches the square of the threshold (four orders of magnitude with the default). Needs ``grad`` summaries
-    or a ``grad_norm`` scalar.
+    Over time: the global gradient norm (``grad_norm`` per step, else the grad summaries) or a layer's gradient
+    RMS jumps to ``explode_growth`` times its earlier level (:func:`growth_event`: each step against the
+    running medians before it). A warning when the growth harmed training — weights blew up, the loss rose, a
+    NaN/Inf followed (``damage_*``), or nothing was recorded to tell — and an error when it reached the square
+    of the threshold; info when training recovered from isolated spikes; nothing when the gradient merely grew
+    from a small start to a level it kept without harm. Over depth: a layer's median gradient RMS exceeds
+    ``explode_depth_ratio`` times the largest one after it (warning). Needs ``grad`` summaries or a
+    ``grad_norm`` scalar.
     """
 
     name = "exploding-gradients"
@@ -110,41 +164,30 @@ class ExplodingGradientsRule(Rule):
 
     def check(self, data: RunData, th: Thresholds) -> list[Finding]:
         """See the class docstring."""
-        k, limit = int(th.baseline_steps), th.explode_growth
-        per_layer, layer_steps = _layer_growth(data, k, limit) if "grad" in data.kinds else ({}, [])
-        glob, global_steps = _global_growth(data, k, limit)
+        norm, source = grad_norm(data)
+        glob = growth_event(norm, th)
+        judged: dict[str, tuple[dict[str, Any], str, dict[str, Any]]] = {}
+        if glob is not None:
+            glob["source"] = source
+            verdict, harm = _verdict(data, norm, glob, th)
+            judged["global"] = (glob, verdict, harm)
+        if "grad" in data.kinds:
+            for layer, sub in _finite_layer_rms(data).groupby("layer"):
+                series = sub.set_index("step")["rms"].sort_index()
+                ev = growth_event(series, th)
+                if ev is not None:
+                    judged[str(layer)] = (ev, *_verdict(data, series, ev, th))
         depth: list[dict[str, Any]] = []
         if "grad" in data.kinds:
             prof = depth_profile(data)
             depth = prof[prof["ratio"] > th.explode_depth_ratio].to_dict("records")
-        if not per_layer and glob is None and not depth:
-            return []
-        layers = ordered(list(per_layer) + [d["layer"] for d in depth], data)
-        msg, first, last, severity = _explode_message(per_layer, glob, depth, layer_steps + global_steps, th)
-        evidence = {
-            "threshold_growth": limit,
-            "threshold_depth_ratio": th.explode_depth_ratio,
-            "baseline_steps": k,
-            "layers": per_layer,
-            "global": glob,
-            "depth": depth,
-        }
-        if first is None:
-            steps = sorted(data.frame("grad")["step"].unique())
-            first, last = (int(steps[0]), int(steps[-1])) if steps else (None, None)
-        return [
-            Finding(
-                code="exploding-gradients",
-                severity=severity,
-                layers=tuple(layers),
-                first_step=first,
-                last_step=last,
-                evidence=evidence,
-                message=msg,
-                explanation=_EXPLODE_EXPLANATION,
-                advice=_EXPLODE_ADVICE,
-            )
-        ]
+        harmful = {k: v for k, v in judged.items() if v[1] in _HARMFUL}
+        spikes = {k: v for k, v in judged.items() if v[1] == "transient"}
+        if harmful or depth:
+            return [_explode_finding(data, harmful, depth, th)]
+        if spikes:
+            return [_spike_finding(data, spikes, th)]
+        return []
 
 
 _EXPLODE_EXPLANATION = (
@@ -153,7 +196,7 @@ _EXPLODE_EXPLANATION = (
     "which makes the gradients grow further — a feedback loop that ends in overflow (Inf, then NaN)."
 )
 _EXPLODE_ADVICE = (
-    "Lower the learning rate (try 10x lower) and add a warm-up.",
+    lower_lr(" (try 10x lower) and add a warm-up."),
     "Clip gradients: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0), or clipnorm=1.0 on a Keras optimizer.",
     "Add normalisation (BatchNorm/LayerNorm) and use a variance-preserving initialisation "
     "(He for ReLU, Glorot for tanh) so that the backward Jacobians do not expand.",
@@ -161,91 +204,75 @@ _EXPLODE_ADVICE = (
 )
 
 
-def _layer_growth(data: RunData, k: int, limit: float) -> tuple[dict[str, dict[str, Any]], list[int]]:
-    """Layers whose gradient RMS grew ``limit``-fold over their baseline: ``(evidence per layer, steps hit)``."""
-    per_layer: dict[str, dict[str, Any]] = {}
-    steps_hit: list[int] = []
-    for layer, sub in _finite_layer_rms(data).groupby("layer"):
-        series = sub.set_index("step")["rms"].sort_index()
-        base, peak, peak_step, _, _ = _growth(series, k)
-        if base > 0 and peak / base >= limit:
-            rest = series.iloc[_baseline_len(len(series.dropna()), k) :]
-            above = rest[rest / base >= limit]
-            steps_hit += [int(above.index[0]), int(above.index[-1])]
-            per_layer[str(layer)] = {
-                "baseline_steps": _baseline_len(len(series.dropna()), k),
-                "baseline_rms": base,
-                "peak_rms": peak,
-                "peak_step": peak_step,
-                "growth": peak / base,
-                "first_step": int(above.index[0]),
-            }
-    return per_layer, steps_hit
+def _describe_harm(verdict: str, harm: dict[str, Any]) -> str:
+    if verdict == "unknown":
+        return "no loss or weights were recorded to tell whether it harmed training"
+    if verdict == "unfinished":
+        return "the run ended while it lasted"
+    parts = []
+    if "weights" in harm:
+        w = harm["weights"]
+        parts.append(
+            f"the weight norm grew {fmt(w['growth'])}x ({fmt(w['from'])} to {fmt(w['to'])} by step {w['step']})"
+        )
+    if "loss" in harm:
+        lo = harm["loss"]
+        parts.append(f"the loss rose {fmt(lo['rise'])}x ({fmt(lo['before'])} to {fmt(lo['after'])})")
+    if "non_finite" in harm:
+        parts.append(f"NaN/Inf followed at step {harm['non_finite']['step']}")
+    return "after it " + " and ".join(parts)
 
 
-def _global_norm_series(data: RunData) -> tuple[pd.Series, str]:
-    """The global gradient norm per step (the ``grad_norm`` scalar, else from the grad summaries) and its source."""
-    import pandas as pd
-
-    if "grad_norm" in data.scalars.columns:
-        norm = data.scalars["grad_norm"].astype("float64")
-        norm = norm[np.isfinite(norm.to_numpy())]
-        source = "scalar grad_norm"
-    elif "grad" in data.kinds:
-        per_step = data.frame("grad").groupby("step")[["sum_sq", "nonfinite"]].sum()
-        norm = pd.Series(global_norm(per_step["sum_sq"].to_numpy(), per_step["nonfinite"].to_numpy()), per_step.index)
-        source = "grad summaries"
-    else:  # pragma: no cover - excluded by missing()
-        norm = pd.Series(dtype="float64")
-        source = ""
-    return norm.sort_index().dropna(), source
-
-
-def _global_growth(data: RunData, k: int, limit: float) -> tuple[dict[str, Any] | None, list[int]]:
-    """The global gradient norm's growth when it reached ``limit``-fold: ``(evidence or None, steps hit)``."""
-    norm, source = _global_norm_series(data)
-    base, peak, peak_step, _, _ = _growth(norm, k)
-    if not (base > 0 and peak / base >= limit):
-        return None, []
-    rest = norm.iloc[_baseline_len(len(norm), k) :]
-    above = rest[rest / base >= limit]
-    glob = {
-        "baseline_steps": _baseline_len(len(norm), k),
-        "baseline_norm": base,
-        "peak_norm": peak,
-        "peak_step": peak_step,
-        "growth": peak / base,
-        "first_step": int(above.index[0]),
-        "source": source,
-    }
-    return glob, [int(above.index[0]), int(above.index[-1])]
-
-
-def _explode_message(
-    per_layer: dict[str, dict[str, Any]],
-    glob: dict[str, Any] | None,
+def _explode_finding(
+    data: RunData,
+    harmful: dict[str, tuple[dict[str, Any], str, dict[str, Any]]],
     depth: list[dict[str, Any]],
-    steps_hit: list[int],
     th: Thresholds,
-) -> tuple[str, int | None, int | None, str]:
-    """``(message, first step, last step, severity)`` of an exploding-gradients finding."""
+) -> Finding:
+    """The warning (or error) finding for harmful growth over time and/or growth through depth."""
     limit = th.explode_growth
-    growth = max([v["growth"] for v in per_layer.values()] + ([glob["growth"]] if glob else []), default=np.nan)
-    if per_layer or glob:
-        ref = glob or max(per_layer.values(), key=lambda v: v["growth"])
-        key = "norm" if glob else "rms"
-        top = max(per_layer, key=lambda n: per_layer[n]["growth"]) if per_layer else None
-        what = "the global gradient norm" if glob else f"the gradient RMS of layer {top!r}"
+    layers = ordered([k for k in harmful if k != "global"] + [d["layer"] for d in depth], data)
+    per_layer = {
+        k: {
+            "baseline_rms": ev["reference"],
+            "peak_rms": ev["peak"],
+            "peak_step": ev["peak_step"],
+            "growth": ev["growth"],
+            "first_step": ev["first_step"],
+            "verdict": verdict,
+            "damage": harm,
+        }
+        for k, (ev, verdict, harm) in harmful.items()
+        if k != "global"
+    }
+    glob = None
+    if "global" in harmful:
+        ev, verdict, harm = harmful["global"]
+        glob = {
+            "baseline_norm": ev["reference"],
+            "peak_norm": ev["peak"],
+            "peak_step": ev["peak_step"],
+            "growth": ev["growth"],
+            "first_step": ev["first_step"],
+            "source": ev["source"],
+            "verdict": verdict,
+            "damage": harm,
+        }
+    if harmful:
+        key = "global" if "global" in harmful else max(per_layer, key=lambda n: per_layer[n]["growth"])
+        ev, verdict, harm = harmful[key]
+        what = "the global gradient norm" if key == "global" else f"the gradient RMS of layer {key!r}"
         msg = (
-            f"Gradients exploded: {what} grew {fmt(ref['growth'])}x, from {fmt(ref['baseline_' + key])} "
-            f"(median of the first {ref['baseline_steps']} logged steps) to {fmt(ref['peak_' + key])} "
-            f"at step {ref['peak_step']} (threshold {fmt(limit)}x)"
+            f"Gradients exploded: {what} grew {fmt(ev['growth'])}x, from {fmt(ev['reference'])} (its running "
+            f"median before step {ev['first_step']}) to {fmt(ev['peak'])} at step {ev['peak_step']} (threshold "
+            f"{fmt(limit)}x), and {_describe_harm(verdict, harm)}"
         )
         if per_layer:
             msg += f"; {len(per_layer)} layer(s) above the threshold"
         msg += "."
-        first = min(v["first_step"] for v in [*per_layer.values(), *([glob] if glob else [])])
-        last = max(steps_hit)
+        growth = max(v[0]["growth"] for v in harmful.values())
+        first = min(v[0]["first_step"] for v in harmful.values())
+        last = max(max(v[0]["hits"]) for v in harmful.values())
         severity = "error" if growth >= limit**2 else "warning"
     else:
         worst = max(depth, key=lambda d: d["ratio"])
@@ -255,10 +282,64 @@ def _explode_message(
             f"({worst['downstream_layer']!r}, {fmt(worst['downstream'])}; "
             f"threshold {fmt(th.explode_depth_ratio)}x)."
         )
-        first, last = None, None
+        steps = sorted(data.frame("grad")["step"].unique())
+        first, last = (int(steps[0]), int(steps[-1])) if steps else (None, None)
         severity = "warning"
+    return Finding(
+        code="exploding-gradients",
+        severity=severity,  # type: ignore[arg-type]
+        layers=tuple(layers),
+        first_step=first,
+        last_step=last,
+        evidence={
+            "threshold_growth": limit,
+            "threshold_depth_ratio": th.explode_depth_ratio,
+            "reference_steps": th.reference_steps,
+            "layers": per_layer,
+            "global": glob,
+            "depth": depth,
+        },
+        message=msg,
+        explanation=_EXPLODE_EXPLANATION,
+        advice=_EXPLODE_ADVICE,
+    )
 
-    return msg, first, last, severity
+
+def _spike_finding(
+    data: RunData, spikes: dict[str, tuple[dict[str, Any], str, dict[str, Any]]], th: Thresholds
+) -> Finding:
+    """The info finding for isolated gradient spikes that training recovered from."""
+    key = "global" if "global" in spikes else max(spikes, key=lambda n: spikes[n][0]["growth"])
+    ev = spikes[key][0]
+    hits = sorted({h for v in spikes.values() for h in v[0]["hits"]})
+    what = "the global gradient norm" if key == "global" else f"the gradient RMS of layer {key!r}"
+    return Finding(
+        code="exploding-gradients",
+        severity="info",
+        layers=tuple(ordered([k for k in spikes if k != "global"], data)),
+        first_step=hits[0],
+        last_step=hits[-1],
+        evidence={
+            "threshold_growth": th.explode_growth,
+            "reference_steps": th.reference_steps,
+            "spike_steps": hits[:64],
+            "series": {k: {kk: vv for kk, vv in v[0].items() if kk != "hits"} for k, v in spikes.items()},
+        },
+        message=(
+            f"Gradient spikes: {what} jumped to {fmt(ev['peak'])} at step {ev['peak_step']}, {fmt(ev['growth'])}x "
+            f"its running median {fmt(ev['reference'])}, at {len(hits)} step(s); training recovered (no weight "
+            f"blow-up, loss rise or NaN/Inf within {th.damage_steps} steps after)."
+        ),
+        explanation=(
+            "Isolated steps with a gradient orders of magnitude above the usual level, typical of recurrent "
+            "networks crossing a steep region of the loss (a 'cliff'). Here they did no lasting harm; if they "
+            "recur or grow, one of them can throw the weights far off."
+        ),
+        advice=(
+            "Nothing to change while they stay harmless; clipping (clip_grad_norm_(params, 1.0) / clipnorm=1.0) "
+            "caps them cheaply if they do not.",
+        ),
+    )
 
 
 class VanishingGradientsRule(Rule):
@@ -288,6 +369,10 @@ class VanishingGradientsRule(Rule):
             f"({worst['downstream_layer']!r}, {fmt(worst['downstream'])}) over {int(worst['steps'])} logged steps; "
             f"{len(layers)} layer(s) below the threshold {fmt(th.vanish_ratio)}x."
         )
+        why = {layer: why_small(data, layer, th) for layer in layers}
+        reason = why[str(worst["layer"])]
+        if reason["verdict"] not in ("unknown",):
+            msg += " " + reason["sentence"]
         return [
             Finding(
                 code="vanishing-gradients",
@@ -295,13 +380,16 @@ class VanishingGradientsRule(Rule):
                 layers=layers,
                 first_step=int(steps[0]),
                 last_step=int(steps[-1]),
-                evidence={"threshold_ratio": th.vanish_ratio, "layers": hit.to_dict("records")},
+                evidence={"threshold_ratio": th.vanish_ratio, "layers": hit.to_dict("records"), "why": why},
                 message=msg,
                 explanation=(
                     "Backpropagation multiplies the gradient by every layer's local derivative on its way to the "
                     "input. Saturating activations pass at most a fraction of it per layer (sigmoid at most 1/4), "
                     "so through many layers the early layers receive a gradient that is orders of magnitude "
-                    "smaller: their weights barely move and the network cannot learn features there."
+                    "smaller: their weights barely move and the network cannot learn features there. "
+                    + reason["sentence"]
+                    + " "
+                    + reason["exact"]
                 ),
                 advice=(
                     "Use non-saturating activations (ReLU, GELU, SiLU) in hidden layers instead of sigmoid/tanh.",

@@ -21,8 +21,11 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ._base import Rule, RunData, Thresholds
+import numpy as np
+
+from ._base import Rule, RunData, Thresholds, fmt
 from ._finding import Finding
+from ._series import global_weight_norm, grad_norm, loss, running_reference
 
 __all__ = ["PHASE_OF_KIND", "NonFiniteRule"]
 
@@ -134,6 +137,17 @@ _EXPLANATION = {
         "output that depends on it is NaN too."
     ),
 }
+_EXPLANATION["loss-overflow"] = (
+    "The loss became non-finite after the network had grown ({growth}). Huge weights make huge outputs, and the "
+    "loss overflowed: Inf, or NaN from Inf - Inf or 0 * Inf inside the softmax or the square. The loss formula is "
+    "not the cause, the growth is: it follows from steps that were too large (see the findings that explain it)."
+)
+_EXPLANATION["loss-unlocated"] = (
+    "The loss is the first non-finite value recorded, but the layer outputs of that step were not recorded, so "
+    "it may have come from the forward pass (a layer overflowing) as well as from the loss formula itself (log(0), "
+    "0 * log(0) in a hand-written cross-entropy, a division by zero). Its gradient is then non-finite, "
+    "backpropagation carries it into every layer, and the next update destroys the weights."
+)
 _ADVICE = {
     "loss": (
         "Compute the loss from logits with a fused, stable formula: torch.nn.functional.cross_entropy / "
@@ -159,6 +173,35 @@ _ADVICE = {
         "For Adam-like optimizers keep eps at or above 1e-8 (1e-7 in float16/bfloat16).",
     ),
 }
+
+
+_ADVICE["loss-overflow"] = _ADVICE["update"]
+_ADVICE["loss-unlocated"] = (
+    _ADVICE["loss"][0],
+    "Record the layer outputs at that step to locate it: gradsight.watch(..., every=1) on a short rerun, or keep "
+    "the default preset, whose anomaly capture records the steps around the first NaN.",
+    _ADVICE["forward"][1],
+)
+
+
+def _growth_before(data: RunData, step: int, th: Thresholds) -> str | None:
+    """What had grown before ``step`` (weights, gradients or the loss), as text, or ``None``."""
+    w, _ = global_weight_norm(data)
+    w = w[(w.index < step) & np.isfinite(w.to_numpy()) & (w.to_numpy() > 0)]
+    if len(w) >= 2 and float(w.iloc[-1]) >= th.damage_weight_growth * float(w.iloc[0]):
+        return f"the norm of all weights grew {fmt(float(w.iloc[-1] / w.iloc[0]))}x by step {int(w.index[-1])}"
+    g, _ = grad_norm(data)
+    g = g[(g.index < step) & np.isfinite(g.to_numpy())]
+    if len(g) >= 2:
+        jump = (g / running_reference(g, th.reference_steps)).dropna()
+        if len(jump) and float(jump.max()) >= th.damage_grad_jump:
+            at = int(jump.idxmax())
+            return f"the gradient norm jumped {fmt(float(jump.max()))}x above its running median at step {at}"
+    lo = loss(data)
+    lo = lo[lo.index < step]
+    if len(lo) >= 2 and float(lo.iloc[0]) > 0 and float(lo.max()) >= th.damage_loss_rise * float(lo.iloc[0]):
+        return f"the loss rose {fmt(float(lo.max() / lo.iloc[0]))}x by step {int(lo.idxmax())}"
+    return None
 
 
 class NonFiniteRule(Rule):
@@ -262,6 +305,16 @@ class NonFiniteRule(Rule):
         phase = {"weights": "update", "loss": "loss"}.get(
             origin.phase if origin.kind != "loss" else "loss", origin.phase
         )
+        explanation = _EXPLANATION[phase if phase in _EXPLANATION else "forward"]
+        if phase == "loss":
+            growth = _growth_before(data, first_step, th)
+            outputs = "output" in data.kinds and bool((data.frame("output")["step"] == first_step).any())
+            if growth is not None:
+                phase = "loss-overflow"
+                explanation = _EXPLANATION[phase].format(growth=growth)
+            elif not outputs:
+                phase = "loss-unlocated"
+                explanation = _EXPLANATION[phase]
 
         msg = f"First non-finite value at step {first_step}: {origin.describe()}"
         if origin.layer is None and origin.kind != "loss":
@@ -274,6 +327,7 @@ class NonFiniteRule(Rule):
         msg += "."
 
         evidence: dict[str, Any] = {
+            "explained_as": phase,
             "origin": origin.to_dict(),
             "first_step": first_step,
             "last_step": last_step,
@@ -291,7 +345,7 @@ class NonFiniteRule(Rule):
                 last_step=last_step,
                 evidence=evidence,
                 message=msg,
-                explanation=_EXPLANATION[phase if phase in _EXPLANATION else "forward"],
+                explanation=explanation,
                 advice=_ADVICE[phase if phase in _ADVICE else "forward"],
             )
         ]

@@ -28,6 +28,7 @@ any correlation with the incoming gradient), i.e. exactly what saturation costs.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -110,51 +111,22 @@ class DeadUnitsRule(Rule):
 
     def check(self, data: RunData, th: Thresholds) -> list[Finding]:
         """See the class docstring."""
-        df = data.frame("output", units=True)
-        df = df[df["units_active"].notna()]
-        hits: dict[str, dict[str, Any]] = {}
-        for layer, sub in df.groupby("layer"):
-            for tensor, tsub in sub.groupby("tensor"):
-                tsub = tsub.sort_values("step")
-                recent = _recent(tsub, th.recent_steps)
-                active = np.sum(np.stack(recent["units_active"].to_list()), axis=0)
-                n_units = int(active.size)
-                if n_units == 0:
-                    continue
-                dead = int((active == 0).sum())
-                frac = dead / n_units
-                if frac < th.dead_fraction or dead == 0:
-                    continue
-                # first step of the final stretch of steps at which the per-step dead fraction held
-                per_step = [(int(r.step), float((r.units_active == 0).mean())) for r in tsub.itertuples()]
-                first = per_step[-1][0]
-                for step, f in reversed(per_step):
-                    if f < th.dead_fraction:
-                        break
-                    first = step
-                prev = hits.get(str(layer))
-                if prev is None or frac > prev["fraction"]:
-                    hits[str(layer)] = {
-                        "tensor": str(tensor),
-                        "dead": dead,
-                        "units": n_units,
-                        "fraction": frac,
-                        "window_steps": [int(recent["step"].min()), int(recent["step"].max())],
-                        "samples_per_unit": int(recent["units_total"].sum()),
-                        "first_step": first,
-                        "last_step": per_step[-1][0],
-                        "dead_units": [int(i) for i in np.flatnonzero(active == 0)[:64]],
-                    }
+        hits = dead_layers(data, th)
         if not hits:
             return []
-        layers = ordered(hits, data)
+        echoes = fold_echoes(hits, data)
+        layers = [n for n in ordered(hits, data) if n not in echoes]
         worst = max(layers, key=lambda n: (hits[n]["fraction"], -data.layer_index(n)))
         w = hits[worst]
         all_dead = [n for n in layers if hits[n]["dead"] == hits[n]["units"]]
         lo, hi = w["window_steps"]
+        echo_text = ""
+        if w.get("echoes"):
+            names = ", ".join(f"{e!r} ({data.layer_info(e).get('type', '?')})" for e in w["echoes"])
+            echo_text = f" (the parameter-free layer(s) after it, {names}, pass its zeros on and are counted with it)"
         msg = (
             f"Dead units: {w['dead']} of {w['units']} units ({w['fraction']:.0%}) of layer {worst!r} were zero for "
-            f"every one of {w['samples_per_unit']} samples over logged steps {lo}–{hi}"
+            f"every one of {w['samples_per_unit']} samples over logged steps {lo}–{hi}{echo_text}"
             f"; {len(layers)} layer(s) at or above {th.dead_fraction:.0%} dead."
         )
         return [
@@ -164,7 +136,12 @@ class DeadUnitsRule(Rule):
                 layers=tuple(layers),
                 first_step=min(hits[n]["first_step"] for n in layers),
                 last_step=max(hits[n]["last_step"] for n in layers),
-                evidence={"threshold_fraction": th.dead_fraction, "recent_steps": th.recent_steps, "layers": hits},
+                evidence={
+                    "threshold_fraction": th.dead_fraction,
+                    "recent_steps": th.recent_steps,
+                    "layers": {n: hits[n] for n in layers},
+                    "echoes": {e: echoes[e] for e in ordered(echoes, data)},
+                },
                 message=msg,
                 explanation=(
                     "A ReLU unit whose pre-activation is negative for every input outputs 0 and has derivative 0, "
@@ -182,6 +159,82 @@ class DeadUnitsRule(Rule):
                 ),
             )
         ]
+
+
+def dead_layers(data: RunData, th: Thresholds) -> dict[str, dict[str, Any]]:
+    """Per layer with at least ``dead_fraction`` dead units over the last ``recent_steps`` logged steps: evidence."""
+    df = data.frame("output", units=True)
+    df = df[df["units_active"].notna()]
+    hits: dict[str, dict[str, Any]] = {}
+    for layer, sub in df.groupby("layer"):
+        for tensor, tsub in sub.groupby("tensor"):
+            tsub = tsub.sort_values("step")
+            recent = _recent(tsub, th.recent_steps)
+            active = np.sum(np.stack(recent["units_active"].to_list()), axis=0)
+            n_units = int(active.size)
+            if n_units == 0:
+                continue
+            dead = int((active == 0).sum())
+            frac = dead / n_units
+            if frac < th.dead_fraction or dead == 0:
+                continue
+            # first step of the final stretch of steps at which the per-step dead fraction held
+            per_step = [(int(r.step), float((r.units_active == 0).mean())) for r in tsub.itertuples()]
+            first = per_step[-1][0]
+            for step, f in reversed(per_step):
+                if f < th.dead_fraction:
+                    break
+                first = step
+            prev = hits.get(str(layer))
+            if prev is None or frac > prev["fraction"]:
+                hits[str(layer)] = {
+                    "tensor": str(tensor),
+                    "dead": dead,
+                    "units": n_units,
+                    "fraction": frac,
+                    "window_steps": [int(recent["step"].min()), int(recent["step"].max())],
+                    "samples_per_unit": int(recent["units_total"].sum()),
+                    "first_step": first,
+                    "last_step": per_step[-1][0],
+                    "dead_units": [int(i) for i in np.flatnonzero(active == 0)[:64]],
+                }
+    return hits
+
+
+#: Layer types that only move, pool, drop or reshape their input: directly after a dead layer they output its
+#: zeros again (an *echo*), so they are folded into the dead layer's finding instead of reported on their own.
+_ECHO_RE = re.compile(
+    r"pool|flatten|dropout|reshape|identity|permute|unflatten|squeeze|cropping|zeropadding|upsampling", re.IGNORECASE
+)
+
+
+def is_echo_layer(data: RunData, layer: str) -> bool:
+    """A parameter-free layer whose type (model metadata) pools, drops, pads or reshapes its input."""
+    info = data.layer_info(layer)
+    kind = str(info.get("type") or info.get("class") or "")
+    if not kind or not _ECHO_RE.search(kind):
+        return False
+    has_params = bool(info.get("params")) or any(
+        t.layer == layer and t.kind in ("weight", "grad", "update") for t in data.run.tensors
+    )
+    return not has_params
+
+
+def fold_echoes(hits: dict[str, dict[str, Any]], data: RunData) -> dict[str, str]:
+    """Fold echo layers into the dead layer right before them: ``{echo: owner}``.
+
+    The owner's entry in ``hits`` gets ``"echoes": [...]``. An echo of an echo belongs to the same owner.
+    """
+    owner_of: dict[str, str] = {}
+    for layer in ordered(hits, data):
+        i = data.layer_index(layer)
+        prev = data.layers[i - 1] if 0 < i < len(data.layers) else None
+        if prev is None or prev not in hits or not is_echo_layer(data, layer):
+            continue
+        owner = owner_of.get(prev, prev)
+        owner_of[layer] = owner
+        hits[owner].setdefault("echoes", []).append(layer)
+    return owner_of
 
 
 class SaturatedUnitsRule(Rule):

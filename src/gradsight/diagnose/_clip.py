@@ -1,0 +1,166 @@
+"""Rule ``gradients-clipped``: gradient clipping was active, and whether it hid an explosion.
+
+Reads the per-step ``grad_norm_preclip`` (the global gradient norm as backward left it) next to ``grad_norm``
+(what the optimizer received), ``clip_ratio`` (their ratio, recorded at the steps where they differ) and the run
+metadata ``clipping: {"first_step": s}``. A step is *clipped* when ``clip_ratio`` was recorded below 1 there, or
+the pre-clip norm exceeds the post-clip one by more than a relative 1e-6 (float32 rounding of the same norm).
+
+* **info**: clipping was active — at how many steps, since when, the pre-clip norm's median and maximum against the
+  post-clip one.
+* **warning**: clipping hides an explosion — the *running median* of the pre-clip norm (over
+  ``reference_steps`` steps) rose to ``explode_growth`` times its lowest earlier value while the running median of
+  the post-clip norm stayed within ``sqrt(explode_growth)`` of its own. Medians, not single steps, so the
+  isolated spikes clipping is meant to catch (an LSTM's cliffs) stay info; a gradient that keeps growing behind a
+  flat clipped norm is a divergence the clipped curve does not show.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ._base import Rule, RunData, Thresholds, fmt
+from ._finding import Finding
+from ._series import grad_norm, preclip_norm
+
+__all__ = ["GradientsClippedRule"]
+
+#: Relative difference below which the pre- and post-clip norms are the same norm (float32 rounding).
+_SAME = 1e-6
+
+
+class GradientsClippedRule(Rule):
+    """Clipping was active (info), or hid an explosion of the pre-clip gradient norm (warning)."""
+
+    name = "gradients-clipped"
+    codes = ("gradients-clipped",)
+
+    def missing(self, data: RunData) -> list[str]:
+        """Needs the per-step ``grad_norm_preclip`` or ``clip_ratio`` signal."""
+        cols = set(map(str, data.scalars.columns))
+        if cols & {"grad_norm_preclip", "clip_ratio"}:
+            return []
+        return ["the per-step 'grad_norm_preclip' or 'clip_ratio' signal"]
+
+    def check(self, data: RunData, th: Thresholds) -> list[Finding]:
+        """See the module docstring."""
+        pre = preclip_norm(data)
+        post, _ = grad_norm(data)
+        post = post[np.isfinite(post.to_numpy())]
+        steps = _clipped_steps(data, pre, post)
+        if not steps:
+            return []
+        first_meta = (
+            (data.meta.get("clipping") or {}).get("first_step") if isinstance(data.meta.get("clipping"), dict) else None
+        )
+        hidden = _hidden_explosion(pre, post, th)
+        pre_c = pre.reindex(steps).dropna()
+        post_c = post.reindex(steps).dropna()
+        evidence: dict[str, Any] = {
+            "clipped_steps": len(steps),
+            "steps": len(post) or len(pre),
+            "first_step": steps[0],
+            "meta_first_step": first_meta,
+            "preclip_median": float(pre_c.median()) if len(pre_c) else math.nan,
+            "preclip_max": float(pre_c.max()) if len(pre_c) else math.nan,
+            "postclip_median": float(post_c.median()) if len(post_c) else math.nan,
+            "hidden_explosion": hidden,
+        }
+        base = (
+            f"gradients were clipped at {len(steps)} of {evidence['steps']} steps (first at step {steps[0]}): the "
+            f"pre-clip norm had median {fmt(evidence['preclip_median'])} (max {fmt(evidence['preclip_max'])}) "
+            f"against {fmt(evidence['postclip_median'])} after clipping"
+        )
+        if hidden is None:
+            return [
+                Finding(
+                    code="gradients-clipped",
+                    severity="info",
+                    layers=(),
+                    first_step=steps[0],
+                    last_step=steps[-1],
+                    evidence=evidence,
+                    message="Gradient clipping was active: " + base + ".",
+                    explanation=(
+                        "Clipping rescales the gradient when its norm exceeds a limit, so the optimizer sees at most "
+                        "that norm. Occasional clipping contains spikes; clipping at most steps means the limit, not "
+                        "the gradient, sets the step size."
+                    ),
+                    advice=(
+                        "Nothing to change while the loss falls; if clipping is active at most steps, the limit "
+                        "acts as the learning rate: compare the pre-clip norm with the limit.",
+                    ),
+                )
+            ]
+        return [
+            Finding(
+                code="gradients-clipped",
+                severity="warning",
+                layers=(),
+                first_step=hidden["first_step"],
+                last_step=steps[-1],
+                evidence=evidence,
+                message=(
+                    "Clipping hides an explosion: the pre-clip gradient norm's running median grew "
+                    f"{fmt(hidden['growth'])}x, from {fmt(hidden['from'])} to {fmt(hidden['to'])} by step "
+                    f"{hidden['step']}, while the clipped norm's stayed within {fmt(hidden['post_growth'])}x; "
+                    + base
+                    + "."
+                ),
+                explanation=(
+                    "The gradient the optimizer receives looks flat because clipping caps it, but the gradient "
+                    "backward computes keeps growing: the network is diverging underneath (weights or activations "
+                    "growing), and the capped steps only slow the divergence down. Curves of the clipped norm do not "
+                    "show it."
+                ),
+                advice=(
+                    "Find what makes the raw gradient grow (see the other findings: learning rate, initialisation, "
+                    "accumulation) instead of relying on the clip; plot grad_norm_preclip.",
+                    "Lower the learning rate until the pre-clip norm stops growing.",
+                ),
+            )
+        ]
+
+
+def _clipped_steps(data: RunData, pre: Any, post: Any) -> list[int]:
+    """Steps with ``clip_ratio < 1``, or with a pre-clip norm above the post-clip one (beyond float rounding)."""
+    clipped: set[int] = set()
+    if "clip_ratio" in data.scalars.columns:
+        ratio = data.scalars["clip_ratio"].astype("float64").dropna()
+        clipped |= {int(s) for s in ratio.index[ratio.to_numpy() < 1.0]}
+    both = pre.index.intersection(post.index)
+    if len(both):
+        p, q = pre.loc[both].to_numpy(), post.loc[both].to_numpy()
+        with np.errstate(invalid="ignore"):
+            clipped |= {int(s) for s in both[p > q * (1 + _SAME)]}
+    return sorted(clipped)
+
+
+def _hidden_explosion(pre: Any, post: Any, th: Thresholds) -> dict[str, Any] | None:
+    """The growth of the pre-clip norm's running median while the post-clip one stays flat, or ``None``."""
+    p = pre[np.isfinite(pre.to_numpy()) & (pre.to_numpy() > 0)]
+    q = post[np.isfinite(post.to_numpy()) & (post.to_numpy() > 0)]
+    if len(p) < 2 * th.damage_steps or len(q) < 2:
+        return None
+    pm = p.rolling(th.reference_steps, min_periods=1).median()
+    qm = q.rolling(th.reference_steps, min_periods=1).median()
+    low = pm.cummin()
+    growth = pm / low
+    hit = growth[growth >= th.explode_growth]
+    if hit.empty:
+        return None
+    step = int(hit.index[0])
+    qq = qm[qm.index <= step]
+    post_growth = float(qq.max() / qq.min()) if len(qq) else math.nan
+    if not post_growth < math.sqrt(th.explode_growth):
+        return None
+    return {
+        "first_step": int(low.index[int(np.argmin(low.loc[:step].to_numpy()))]),
+        "step": step,
+        "from": float(low.loc[step]),
+        "to": float(pm.loc[step]),
+        "growth": float(hit.iloc[0]),
+        "post_growth": post_growth,
+    }

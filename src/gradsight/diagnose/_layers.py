@@ -1,0 +1,152 @@
+"""Layer statistics at one step, read from the summaries: what the root-cause and "why near zero" rules share.
+
+A summary stores exact count, sum, sum of squares, zeros and positives of a tensor (see
+:class:`gradsight.summary.TensorSummary`), so a layer's mean, standard deviation, RMS, share of exact zeros and
+share of entries ``<= 0`` at a logged step are exact, pooled over its tensors of one kind.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ._base import RunData
+
+__all__ = [
+    "fan",
+    "layer_stats",
+    "param_layers",
+    "param_tensors",
+    "previous_layer",
+    "producer",
+    "unit_dead_fraction",
+]
+
+
+def param_layers(data: RunData) -> set[str]:
+    """Layers that own parameter tensors (any weight, grad or update summary, or parameters in the metadata)."""
+    if "param_layers" not in data.cache:
+        layers = {t.layer for t in data.run.tensors if t.kind in ("weight", "grad", "update")}
+        layers |= {n for n in data.layers if data.layer_info(n).get("params")}
+        data.cache["param_layers"] = layers
+    return data.cache["param_layers"]
+
+
+def param_tensors(data: RunData, layer: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{"weight": (name, shape), "bias": (name, shape)}`` of a layer's recorded weight tensors.
+
+    Either may be missing. The kernel/weight is the tensor with 2+ dimensions named ``weight`` or ``kernel`` (else the
+    largest), the bias the one named ``bias``.
+    """
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    tensors = [t for t in data.run.tensors if t.kind == "weight" and t.layer == layer]
+    for t in tensors:
+        leaf = t.name.replace("/", ".").rsplit(".", 1)[-1].split(":")[0].lower()
+        if leaf == "bias":
+            out["bias"] = (t.name, t.shape)
+        elif leaf in ("weight", "kernel") and len(t.shape) >= 2:
+            out["weight"] = (t.name, t.shape)
+    if "weight" not in out:
+        big = [t for t in tensors if len(t.shape) >= 2]
+        if big:
+            t = max(big, key=lambda t: math.prod(t.shape))
+            out["weight"] = (t.name, t.shape)
+    return out
+
+
+def fan(data: RunData, name: str, shape: tuple[int, ...]) -> tuple[int, int]:
+    """``(fan_in, fan_out)`` of a weight tensor: torch stores ``(out, in, *kernel)``, Keras ``(*kernel, in, out)``."""
+    keras = data.meta.get("framework") == "keras" or "kernel" in name.lower()
+    if len(shape) < 2:
+        return (int(shape[0]) if shape else 1), 1
+    if keras:
+        return math.prod(shape[:-1]), math.prod(shape[:-2]) * int(shape[-1])
+    return math.prod(shape[1:]), int(shape[0]) * math.prod(shape[2:])
+
+
+def layer_stats(data: RunData, kind: str, layer: str, step: int, tensor: str | None = None) -> dict[str, float] | None:
+    """Pooled exact statistics of one layer's (or one tensor's) summaries of ``kind`` at ``step``, or ``None``.
+
+    Returns:
+        ``count``, ``mean``, ``std``, ``rms``, ``zero_fraction`` (exact zeros), ``nonpositive_fraction``
+        (entries ``<= 0``), ``nonfinite`` — over the finite entries.
+    """
+    if kind not in data.kinds:
+        return None
+    f = data.frame(kind)
+    rows = f[(f["step"] == step) & (f["layer"] == layer)]
+    if tensor is not None:
+        rows = rows[rows["tensor"] == tensor]
+    if rows.empty:
+        return None
+    n = float(rows["finite"].sum())
+    if n <= 0:
+        return None
+    total, sq = float(rows["sum"].sum()), float(rows["sum_sq"].sum())
+    mean = total / n
+    return {
+        "count": n,
+        "mean": mean,
+        "std": math.sqrt(max(sq / n - mean * mean, 0.0)),
+        "rms": math.sqrt(max(sq / n, 0.0)),
+        "zero_fraction": float(rows["zeros"].sum()) / n,
+        "nonpositive_fraction": 1.0 - float(rows["positive"].sum()) / n,
+        "nonfinite": float(rows["nonfinite"].sum()),
+    }
+
+
+def producer(data: RunData, layer: str) -> str | None:
+    """The layer with parameters that computes ``layer``'s pre-activation.
+
+    The layer itself when it has parameters (a Keras ``Dense(activation=...)``), else the nearest earlier layer with
+    parameters, reached through parameter-free layers only (a torch ``Linear`` followed by ``ReLU``).
+    """
+    owners = param_layers(data)
+    if layer in owners:
+        return layer
+    i = data.layer_index(layer)
+    for name in reversed(data.layers[:i]):
+        if name in owners:
+            return name
+    return None
+
+
+def previous_layer(data: RunData, layer: str, kind: str = "output") -> str | None:
+    """The nearest layer before ``layer`` (model order) that has summaries of ``kind``: its input's producer."""
+    have = {t.layer for t in data.run.tensors if t.kind == kind}
+    i = data.layer_index(layer)
+    for name in reversed(data.layers[:i]):
+        if name in have:
+            return name
+    return None
+
+
+def unit_dead_fraction(data: RunData, layer: str, steps: list[int]) -> tuple[float, int, int] | None:
+    """``(dead fraction, dead units, units)`` of a layer's output over ``steps`` pooled.
+
+    A unit is dead when it was zero for every entry of those steps; ``None`` without unit counts.
+    """
+    if "output" not in data.kinds:
+        return None
+    f = data.frame("output", units=True)
+    rows = f[(f["layer"] == layer) & f["step"].isin(steps) & f["units_active"].notna()]
+    if rows.empty:
+        return None
+    best: tuple[float, int, int] | None = None
+    for _, sub in rows.groupby("tensor"):
+        arrays = [np.asarray(a) for a in sub["units_active"]]
+        if len({a.size for a in arrays}) != 1 or arrays[0].size == 0:
+            continue
+        active = np.sum(np.stack(arrays), axis=0)
+        dead = int((active == 0).sum())
+        frac = dead / active.size
+        if best is None or frac > best[0]:
+            best = (frac, dead, int(active.size))
+    return best
+
+
+def stats_text(stats: dict[str, float] | None) -> dict[str, Any]:
+    """The statistics as JSON-ready evidence (``{}`` when absent)."""
+    return dict(stats) if stats else {}

@@ -1,0 +1,170 @@
+"""Rule ``learning-rate-too-high``: a step so large that it damaged the network, named with its step.
+
+An optimizer step is *too large* when it moves the parameters by at least ``lr_step_ratio`` of their norm: the
+update/weight ratio ``‖ΔW‖ / ‖W‖`` pooled over **all** parameters (so a zero-initialised layer, whose own ratio
+is huge and harmless, cannot trigger it), per step from ``update_norm/<t>`` and ``weight_norm/<t>`` where
+recorded, else at the logged steps from the update and weight summaries. A large step alone is not a finding
+(Adam's first steps can be large, and a run may cope); it is one when *damage* follows within ``damage_steps``
+steps (:func:`gradsight.diagnose._series.damage`): the weights blow up (their norm doubles), the loss rises
+(doubles), the gradient norm jumps an order of magnitude above its running median, or a NaN/Inf appears.
+
+Without update norms the rule falls back on the weights alone: a step after which the norm of all weights at
+least doubles within ``damage_steps`` steps, when another consequence (loss, gradient, NaN) confirms it.
+
+The finding names the first such step, the update ratio there and per layer, what followed, and the learning
+rate of that step when recorded; its advice lowers the learning rate by the factor that brings that update
+ratio to ~1e-2 (a first guess, rounded to a power of ten), adds a warm-up, and clips gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ._advice import lower_lr
+from ._base import Rule, RunData, Thresholds, fmt, ordered
+from ._finding import Finding
+from ._series import damage, global_update_ratio, global_weight_norm, layer_update_ratios, lr
+
+__all__ = ["LearningRateTooHighRule"]
+
+#: The update/weight ratio a lowered learning rate should bring the damaging step to: the upper end of the
+#: ~1e-3 heuristic's decade (for the advice only).
+_TARGET_RATIO = 1e-2
+
+
+class LearningRateTooHighRule(Rule):
+    """A step that moved the weights by ``lr_step_ratio`` of their norm and damaged training.
+
+    A warning; an error when a NaN/Inf followed. See the module docstring. Needs update and weight norms (per step
+    or summaries), or weight norms with another consequence to confirm.
+    """
+
+    name = "learning-rate-too-high"
+    codes = ("learning-rate-too-high",)
+
+    def missing(self, data: RunData) -> list[str]:
+        """Needs weight norms: ``weight_norm/<t>`` per step or ``weight`` summaries."""
+        if "weight" in data.kinds or any(str(c).startswith("weight_norm/") for c in data.scalars.columns):
+            return []
+        return ["'weight' summaries or per-step 'weight_norm/<tensor>' signals"]
+
+    def check(self, data: RunData, th: Thresholds) -> list[Finding]:
+        """See the module docstring."""
+        ratio, source = global_update_ratio(data)
+        hit = None
+        for step, value in ratio[ratio >= th.lr_step_ratio].items():
+            harm = damage(data, int(step), **th.damage_args())
+            if harm:
+                hit = (int(step), float(value), harm)
+                break
+        if hit is None and ratio.empty:
+            hit = _weights_only(data, th)
+            source = "weight norms only (no update norms recorded)"
+        if hit is None:
+            return []
+        step, value, harm = hit
+        return [_finding(data, step, value, harm, source, th)]
+
+
+def _weights_only(data: RunData, th: Thresholds) -> tuple[int, float, dict[str, Any]] | None:
+    """Without update norms: the first step after which the weights doubled, confirmed by another consequence."""
+    w, _ = global_weight_norm(data)
+    w = w[np.isfinite(w.to_numpy()) & (w.to_numpy() > 0)]
+    for step in w.index[:-1]:
+        harm = damage(data, int(step), **th.damage_args())
+        if "weights" in harm and len(harm) > 1:
+            return int(step), math.nan, harm
+    return None
+
+
+def _consequences(harm: dict[str, Any]) -> str:
+    parts = []
+    if "weights" in harm:
+        w = harm["weights"]
+        parts.append(
+            f"the norm of all weights grew {fmt(w['growth'])}x ({fmt(w['from'])} to {fmt(w['to'])} by step {w['step']})"
+        )
+    if "loss" in harm:
+        lo = harm["loss"]
+        parts.append(f"the loss rose {fmt(lo['rise'])}x (median {fmt(lo['before'])} to {fmt(lo['after'])})")
+    if "gradient" in harm:
+        g = harm["gradient"]
+        parts.append(
+            f"the gradient norm jumped to {fmt(g['norm'])} at step {g['step']} ({fmt(g['jump'])}x its running median)"
+        )
+    if "non_finite" in harm:
+        parts.append(f"NaN/Inf appeared at step {harm['non_finite']['step']}")
+    return "; ".join(parts)
+
+
+def _finding(data: RunData, step: int, value: float, harm: dict[str, Any], source: str, th: Thresholds) -> Finding:
+    per_layer: dict[str, float] = {}
+    table, _ = layer_update_ratios(data)
+    if step in table.index:
+        row = table.loc[step]
+        per_layer = {str(k): float(v) for k, v in row.items() if np.isfinite(v)}
+    big = {k: v for k, v in per_layer.items() if v >= th.lr_step_ratio}
+    layers = ordered(big, data) if big else ()
+    rates = lr(data)
+    rate = float(rates.loc[step]) if step in rates.index else None
+    top = sorted(per_layer.items(), key=lambda kv: -kv[1])[:4]
+    detail = ", ".join(f"{name!r} {fmt(v)}" for name, v in top)
+    if math.isnan(value):
+        what = f"after step {step} the weights blew up"
+    else:
+        what = (
+            f"the update of step {step} moved the weights by {fmt(value)} of their norm (all parameters together"
+            + (f"; per layer: {detail}" if detail else "")
+            + f"; threshold {fmt(th.lr_step_ratio)}, heuristic ~1e-3)"
+        )
+    lr_text = f" The learning rate at step {step} was {fmt(rate)}." if rate is not None else ""
+    msg = f"The learning rate is too high: {what}, and within {th.damage_steps} steps {_consequences(harm)}.{lr_text}"
+    advice = [_lower_advice(value, rate, step)]
+    if step <= 10 * th.damage_steps:
+        advice.append(
+            "Add a learning-rate warm-up (start 10-100x lower and ramp up over the first few hundred steps): "
+            "the first steps, taken before the weights and optimizer statistics settle, are the largest."
+        )
+    advice.append(
+        "Clip gradients (torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0) / clipnorm=1.0 on a Keras "
+        "optimizer) so that one large gradient cannot make a huge step."
+    )
+    return Finding(
+        code="learning-rate-too-high",
+        severity="error" if "non_finite" in harm else "warning",
+        layers=tuple(layers),
+        first_step=step,
+        last_step=max([step] + [int(v["step"]) for v in harm.values() if isinstance(v, dict) and "step" in v]),
+        evidence={
+            "step": step,
+            "update_ratio": value,
+            "layer_update_ratios": per_layer,
+            "threshold_step_ratio": th.lr_step_ratio,
+            "damage": harm,
+            "damage_steps": th.damage_steps,
+            "lr": rate,
+            "source": source,
+        },
+        message=msg,
+        explanation=(
+            "A step of size learning rate x gradient that is as large as the weights themselves does not follow "
+            "the loss surface, it jumps across it: the loss rises, weights blow up, ReLU units are pushed to where "
+            "they never fire again, and gradients grow with the weights until they overflow. Everything that "
+            "goes wrong afterwards (dead units, frozen layers, a flat loss, NaN) follows from this step."
+        ),
+        advice=tuple(advice),
+    )
+
+
+def _lower_advice(value: float, rate: float | None, step: int) -> str:
+    if math.isnan(value) or value <= 0:
+        return lower_lr(" (try 10x lower), and check what made the weights grow at that step.")
+    factor = 10 ** max(1, math.ceil(math.log10(value / _TARGET_RATIO)))
+    target = f" (from {fmt(rate)} to {fmt(rate / factor)} or less)" if rate else ""
+    return lower_lr(
+        f" by about {factor:g}x{target}: the update at step {step} was {fmt(value)} of the weights' norm, and "
+        f"~{_TARGET_RATIO:g} or less per step is safe (a first guess; sweep around it)."
+    )

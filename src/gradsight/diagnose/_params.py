@@ -1,0 +1,250 @@
+"""Rules ``no-gradient`` and ``not-optimized``: parameters cut off from the loss, and ones that never move.
+
+Which parameters the optimizer holds is read from what the watch records for them: the per-step
+``weight_norm/<t>`` and ``update_norm/<t>`` signals exist for exactly the parameters the optimizer holds (see
+:mod:`gradsight._schedule`); without them, the update summaries (recorded for the parameters whose updates are
+measured: the optimizer's). Which parameters receive a gradient is read from ``grad_norm/<t>`` (present at a step
+only for parameters that have a gradient then), else from the grad summaries. A run that records neither is not
+judged.
+
+* ``no-gradient`` (warning): a parameter the optimizer holds that, at every recorded step, had **no** gradient
+  (never in the gradient record: frozen with ``requires_grad=False`` / ``trainable=False``, or not on the path
+  from the loss — a ``detach()``, ``.data``, ``torch.no_grad()``, an unused branch) or an **exactly zero** one
+  (on the path, but every route to it is multiplied by zero: dead units after it, a zero mask or weight), while
+  other parameters did receive a gradient. Parameters the metadata lists as frozen on purpose (``meta["frozen"]``)
+  are reported as info.
+* ``not-optimized`` (warning): a parameter that received a non-zero gradient but is not held by the optimizer
+  (while it holds others), or is held but never moved (its update norm 0 at every step at which it had a
+  gradient: a learning rate of 0 for its group). The torch watch's metadata ``optimizer_params`` (parameters
+  held, of the model's) is quoted as evidence.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._base import Rule, RunData, Thresholds, ordered
+from ._finding import Finding
+from ._series import per_tensor, tensor_grad_norms, update_norms
+from ._why import why_small
+
+__all__ = ["NoGradientRule", "NotOptimizedRule"]
+
+
+def held_tensors(data: RunData) -> tuple[list[str], str]:
+    """The parameter tensors the optimizer holds, and where that was read (empty when unknown)."""
+    w = per_tensor(data, "weight_norm")
+    if w.shape[1]:
+        return [str(c) for c in w.columns], "per-step weight_norm/<tensor>"
+    u = per_tensor(data, "update_norm")
+    if u.shape[1]:
+        return [str(c) for c in u.columns], "per-step update_norm/<tensor>"
+    if "update" in data.kinds:
+        names = list(dict.fromkeys(str(t) for t in data.frame("update")["tensor"]))
+        if names:
+            return names, "update summaries"
+    return [], ""
+
+
+def _grad_state(data: RunData) -> tuple[dict[str, str], str]:
+    """Per tensor with any gradient record: ``"nonzero"`` or ``"zero"``; tensors never recorded are absent."""
+    g, source = tensor_grad_norms(data)
+    out: dict[str, str] = {}
+    for t in g.columns:
+        col = g[t].to_numpy(dtype="float64")
+        seen = col[~np.isnan(col)]
+        if seen.size == 0:
+            continue
+        out[str(t)] = "nonzero" if (np.abs(seen) > 0).any() else "zero"
+    return out, source
+
+
+def _has_grad_data(data: RunData) -> bool:
+    return "grad" in data.kinds or bool(per_tensor(data, "grad_norm").shape[1])
+
+
+class NoGradientRule(Rule):
+    """Parameters the optimizer holds that never get a non-zero gradient while others do (``no-gradient``)."""
+
+    name = "no-gradient"
+    codes = ("no-gradient",)
+
+    def missing(self, data: RunData) -> list[str]:
+        """Needs gradient records and to know which parameters the optimizer holds."""
+        out = []
+        if not _has_grad_data(data):
+            out.append("'grad' summaries or per-step 'grad_norm/<tensor>' signals")
+        if not held_tensors(data)[0]:
+            out.append(
+                "per-step 'weight_norm/<tensor>' signals or 'update' summaries (which parameters the optimizer holds)"
+            )
+        return out
+
+    def check(self, data: RunData, th: Thresholds) -> list[Finding]:
+        """See the module docstring."""
+        held, held_source = held_tensors(data)
+        state, grad_source = _grad_state(data)
+        if not any(v == "nonzero" for v in state.values()):
+            return []  # nothing gets a gradient: not a matter of some parameters (see no-steps / dead units)
+        absent = [t for t in held if t not in state]
+        zero = [t for t in held if state.get(t) == "zero"]
+        if not absent and not zero:
+            return []
+        frozen = set(map(str, data.meta.get("frozen") or []))
+        unexpected = [t for t in absent + zero if t not in frozen]
+        steps = sorted(int(s) for s in tensor_grad_norms(data)[0].index)
+        tensors = absent + zero
+        layers = ordered([data.tensor_layer(t) for t in tensors], data)
+        parts = []
+        if absent:
+            parts.append(f"{len(absent)} never had a gradient ({_names(absent)})")
+        if zero:
+            parts.append(f"{len(zero)} had an exactly zero gradient at every recorded step ({_names(zero)})")
+        msg = (
+            f"No gradient: {len(tensors)} of the {len(held)} parameter tensors the optimizer holds received no "
+            f"non-zero gradient over {len(steps)} recorded step(s), while the others did: " + "; ".join(parts) + "."
+        )
+        if frozen & set(tensors):
+            msg += f" {len(frozen & set(tensors))} of them are listed as frozen on purpose in the run's metadata."
+        explanation = []
+        if absent:
+            explanation.append(
+                "A parameter without any gradient is not on the path from the loss: it is frozen "
+                "(requires_grad=False / trainable=False), or the graph to it is cut (detach(), .data, "
+                "torch.no_grad(), a branch the forward never uses, a tensor re-created inside forward)."
+            )
+        why: dict[str, Any] = {}
+        if zero:
+            explanation.append(
+                "A parameter with an exactly zero gradient is on the path, but every route from the loss to it is "
+                "multiplied by zero: dead units after it (a ReLU layer that never fires), a zero mask, a zero "
+                "weight or scale after it."
+            )
+            for layer in ordered([data.tensor_layer(t) for t in zero], data):
+                why[layer] = why_small(data, layer, th)
+                if why[layer]["verdict"] != "unknown":
+                    explanation.append(why[layer]["sentence"])
+            if why:
+                explanation.append(next(iter(why.values()))["exact"])
+        return [
+            Finding(
+                code="no-gradient",
+                severity="warning" if unexpected else "info",
+                layers=tuple(layers),
+                first_step=steps[0] if steps else None,
+                last_step=steps[-1] if steps else None,
+                evidence={
+                    "absent": absent,
+                    "zero": zero,
+                    "held": len(held),
+                    "held_source": held_source,
+                    "grad_source": grad_source,
+                    "frozen_on_purpose": sorted(frozen & set(tensors)),
+                    "why": why,
+                },
+                message=msg,
+                explanation=" ".join(explanation),
+                advice=(
+                    "If these parameters should learn: set requires_grad=True (trainable=True) and remove any "
+                    "detach(), .data or no_grad() between them and the loss; print [n for n, p in "
+                    "model.named_parameters() if p.grad is None] after backward() to see which are cut off.",
+                    "If they are frozen on purpose, leave them out of the optimizer: torch.optim.Adam([p for p in "
+                    "model.parameters() if p.requires_grad]) (this also saves the optimizer's state for them).",
+                ),
+            )
+        ]
+
+
+class NotOptimizedRule(Rule):
+    """Parameters with gradients that never move (``not-optimized``).
+
+    Not held by the optimizer, or never updated by it.
+    """
+
+    name = "not-optimized"
+    codes = ("not-optimized",)
+
+    def missing(self, data: RunData) -> list[str]:
+        """Needs gradient records and to know which parameters the optimizer holds."""
+        return NoGradientRule().missing(data)
+
+    def check(self, data: RunData, th: Thresholds) -> list[Finding]:
+        """See the module docstring."""
+        held, held_source = held_tensors(data)
+        state, grad_source = _grad_state(data)
+        outside = [t for t, v in state.items() if v == "nonzero" and t not in held]
+        still = _never_moved(data, [t for t in held if state.get(t) == "nonzero"])
+        if not outside and not still:
+            return []
+        tensors = outside + still
+        layers = ordered([data.tensor_layer(t) for t in tensors], data)
+        g, _ = tensor_grad_norms(data)
+        steps = sorted(int(s) for s in g.index)
+        parts = []
+        if outside:
+            parts.append(f"{len(outside)} are not held by the optimizer ({_names(outside)})")
+        if still:
+            parts.append(f"{len(still)} are held but their update was 0 at every step ({_names(still)})")
+        opt = data.meta.get("optimizer_params") or {}
+        held_text = ""
+        if isinstance(opt, dict) and opt.get("model_params") is not None:
+            held_text = (
+                f" The optimizer holds {opt.get('model_params_held')} of the model's {opt.get('model_params')} "
+                "parameter tensors."
+            )
+        msg = (
+            f"Not optimized: {len(tensors)} parameter tensor(s) receive a gradient but never move: "
+            + "; ".join(parts)
+            + "."
+            + held_text
+        )
+        return [
+            Finding(
+                code="not-optimized",
+                severity="warning",
+                layers=tuple(layers),
+                first_step=steps[0] if steps else None,
+                last_step=steps[-1] if steps else None,
+                evidence={
+                    "not_held": outside,
+                    "never_moved": still,
+                    "held": len(held),
+                    "held_source": held_source,
+                    "grad_source": grad_source,
+                    "optimizer_params": opt,
+                },
+                message=msg,
+                explanation=(
+                    "Backpropagation computes their gradients (at full cost), but the optimizer never applies them: "
+                    "it was built from a subset of the parameters (a list made before layers were added, one "
+                    "sub-module's parameters, a copy of the model), or their parameter group has a learning rate "
+                    "of 0. These layers keep their initial random weights for the whole run."
+                ),
+                advice=(
+                    "Build the optimizer from all trainable parameters, after the model is complete: "
+                    "torch.optim.Adam(model.parameters(), ...); check len(opt.param_groups[i]['params']).",
+                    "If they should stay fixed, set requires_grad=False on them so that no gradient is computed.",
+                ),
+            )
+        ]
+
+
+def _never_moved(data: RunData, tensors: list[str]) -> list[str]:
+    """Of ``tensors``, those whose update norm was exactly 0 at every step with an update record."""
+    u, _ = update_norms(data)
+    out = []
+    for t in tensors:
+        if t not in u.columns:
+            continue
+        col = u[t].to_numpy(dtype="float64")
+        seen = col[~np.isnan(col)]
+        if seen.size and not (np.abs(seen) > 0).any():
+            out.append(t)
+    return out
+
+
+def _names(tensors: list[str], limit: int = 6) -> str:
+    shown = ", ".join(map(repr, tensors[:limit]))
+    return shown + (f" and {len(tensors) - limit} more" if len(tensors) > limit else "")

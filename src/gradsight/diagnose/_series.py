@@ -1,0 +1,385 @@
+"""Per-step series the rules share: read from the per-step signals where recorded, else from the logged steps.
+
+A watch records two kinds of data (see :mod:`gradsight._schedule`): the *per-step signals* — scalars at every
+optimizer step (``grad_norm``, ``grad_norm/<t>``, ``grad_norm_preclip``, ``weight_norm/<t>``,
+``update_norm/<t>``, ``lr``, ``step_skipped``, ``loss``) — and full *summaries* at logged steps (every ``every``
+steps, plus anomaly captures around jumps, which are ordinary logged steps here). Older run files and runs with
+``cheap=False`` have no per-step norms of weights and updates. Every function below prefers the per-step signal
+and falls back to the summaries, and says which it used (``source``), so that a rule judges each step against the
+steps before it whenever those were recorded.
+
+All series are pandas Series indexed by step (ascending); tables are step × tensor or step × layer DataFrames.
+Results are cached on the :class:`~gradsight.diagnose.RunData` (one computation per diagnosis).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .._derived import global_norm, update_ratio, update_ratio_table
+from ._base import RunData
+
+if TYPE_CHECKING:  # pragma: no cover - pandas is imported where it is used, not at import
+    import pandas as pd
+
+__all__ = [
+    "cached",
+    "global_update_ratio",
+    "global_weight_norm",
+    "grad_norm",
+    "layer_update_ratios",
+    "loss",
+    "lr",
+    "median_between",
+    "nonfinite_steps",
+    "per_tensor",
+    "preclip_norm",
+    "running_reference",
+    "tensor_grad_norms",
+    "update_norms",
+    "weight_norms",
+]
+
+
+def cached(data: RunData, key: str, make: Callable[[], Any]) -> Any:
+    """``make()`` once per run and key."""
+    if key not in data.cache:
+        data.cache[key] = make()
+    return data.cache[key]
+
+
+def _series(values: Any = None, index: Any = None) -> pd.Series:
+    import pandas as pd
+
+    if values is None:
+        return pd.Series(dtype="float64", index=pd.Index([], name="step", dtype="int64"))
+    return pd.Series(values, index=index, dtype="float64").sort_index()
+
+
+def per_tensor(data: RunData, prefix: str) -> pd.DataFrame:
+    """The per-step signals ``<prefix>/<tensor>`` as a step × tensor table (NaN where not logged at a step).
+
+    A signal logged as NaN (stored as NULL) reads as NaN too; :func:`nonfinite_steps` tells the two apart.
+    """
+
+    def make() -> pd.DataFrame:
+        cols = [c for c in data.scalars.columns if str(c).startswith(prefix + "/")]
+        table = data.scalars[cols].astype("float64").copy()
+        table.columns = [str(c)[len(prefix) + 1 :] for c in cols]
+        return table.sort_index()
+
+    return cached(data, f"per_tensor:{prefix}", make)
+
+
+def _summary_table(data: RunData, kind: str) -> pd.DataFrame:
+    """Step × tensor table of the L2 norms of one kind's summaries (NaN where a tensor held NaN/Inf)."""
+    import pandas as pd
+
+    if kind not in data.kinds:
+        return pd.DataFrame(index=pd.Index([], name="step", dtype="int64"))
+    f = data.frame(kind)
+    if f.empty:
+        return pd.DataFrame(index=pd.Index([], name="step", dtype="int64"))
+    l2 = f["l2"].astype("float64").where(f["nonfinite"] == 0)
+    table = pd.DataFrame({"step": f["step"], "tensor": f["tensor"], "l2": l2}).pivot_table(
+        index="step", columns="tensor", values="l2", aggfunc="first", dropna=False
+    )
+    table.columns.name = None
+    return table.sort_index()
+
+
+def grad_norm(data: RunData) -> tuple[pd.Series, str]:
+    """The global gradient norm per step (non-finite kept as NaN/Inf) and its source.
+
+    The ``grad_norm`` scalar (every step, as the optimizer receives the gradient: after clipping) when recorded,
+    else the norm over all gradient summaries of each logged step.
+    """
+
+    def make() -> tuple[pd.Series, str]:
+        if "grad_norm" in data.scalars.columns:
+            s = data.scalars["grad_norm"].astype("float64").dropna()
+            for step in data.null_scalar_steps("grad_norm"):
+                s.loc[step] = math.nan
+            return s.sort_index(), "scalar grad_norm"
+        if "grad" in data.kinds:
+            per = data.frame("grad").groupby("step")[["sum_sq", "nonfinite"]].sum()
+            norm = global_norm(per["sum_sq"].to_numpy(), per["nonfinite"].to_numpy())
+            return _series(norm, per.index), "grad summaries"
+        return _series(), ""
+
+    return cached(data, "grad_norm", make)
+
+
+def preclip_norm(data: RunData) -> pd.Series:
+    """``grad_norm_preclip`` per step (the norm as backward left it, before clipping); empty when not recorded."""
+    if "grad_norm_preclip" not in data.scalars.columns:
+        return _series()
+    return data.scalars["grad_norm_preclip"].astype("float64").dropna().sort_index()
+
+
+def tensor_grad_norms(data: RunData) -> tuple[pd.DataFrame, str]:
+    """Step × tensor gradient norms: the per-step ``grad_norm/<t>`` signals, else the grad summaries."""
+
+    def make() -> tuple[pd.DataFrame, str]:
+        table = per_tensor(data, "grad_norm")
+        if not table.empty and table.shape[1]:
+            return table, "per-step grad_norm/<tensor>"
+        return _summary_table(data, "grad"), "grad summaries"
+
+    return cached(data, "tensor_grad_norms", make)
+
+
+def weight_norms(data: RunData) -> tuple[pd.DataFrame, str]:
+    """Step × tensor weight norms before each step's update: ``weight_norm/<t>``, else the weight summaries."""
+
+    def make() -> tuple[pd.DataFrame, str]:
+        table = per_tensor(data, "weight_norm")
+        if not table.empty and table.shape[1]:
+            return table, "per-step weight_norm/<tensor>"
+        return _summary_table(data, "weight"), "weight summaries"
+
+    return cached(data, "weight_norms", make)
+
+
+def update_norms(data: RunData) -> tuple[pd.DataFrame, str]:
+    """Step × tensor update norms ‖W_after − W_before‖: ``update_norm/<t>``, else the update summaries.
+
+    Steps the optimizer skipped (``step_skipped``) have no update and are left out.
+    """
+
+    def make() -> tuple[pd.DataFrame, str]:
+        table = per_tensor(data, "update_norm")
+        if not table.empty and table.shape[1]:
+            if "step_skipped" in data.scalars.columns:
+                skipped = data.scalars["step_skipped"].fillna(0) > 0
+                table = table[~skipped.reindex(table.index, fill_value=False)]
+            return table, "per-step update_norm/<tensor>"
+        return _summary_table(data, "update"), "update summaries"
+
+    return cached(data, "update_norms", make)
+
+
+def global_weight_norm(data: RunData) -> tuple[pd.Series, str]:
+    """‖W‖ of all recorded parameters together per step (steps where every tensor's norm is finite)."""
+
+    def make() -> tuple[pd.Series, str]:
+        table, source = weight_norms(data)
+        if table.empty or not table.shape[1]:
+            return _series(), source
+        arr = table.to_numpy(dtype="float64")
+        present = ~np.isnan(arr)
+        # only steps that have every tensor recorded at most steps: a step with part of the tensors is not comparable
+        full = present.sum(axis=1) >= max(1, int(np.median(present.sum(axis=1))))
+        with np.errstate(over="ignore", invalid="ignore"):
+            norm = np.sqrt(np.nansum(arr**2, axis=1))
+        return _series(norm[full], table.index[full]), source
+
+    return cached(data, "global_weight_norm", make)
+
+
+def layer_update_ratios(data: RunData) -> tuple[pd.DataFrame, str]:
+    """Step × layer update/weight ratio ‖ΔW‖/‖W‖ (see :func:`gradsight._derived.update_ratio`).
+
+    From the per-step ``update_norm/<t>`` and ``weight_norm/<t>`` (every step) where both were recorded, pooled
+    over each layer's tensors with both at that step; else from the update and weight summaries (logged steps).
+    NaN where undefined.
+    """
+
+    def make() -> tuple[pd.DataFrame, str]:
+        import pandas as pd
+
+        u, usrc = update_norms(data)
+        w, _ = weight_norms(data)
+        if usrc.startswith("per-step") and not w.empty and "per-step" in weight_norms(data)[1]:
+            common = [t for t in u.columns if t in w.columns]
+            steps = u.index.intersection(w.index)
+            uu = u.loc[steps, common].to_numpy(dtype="float64")
+            ww = w.loc[steps, common].to_numpy(dtype="float64")
+            layers = [data.tensor_layer(t) for t in common]
+            out = {}
+            for layer in dict.fromkeys(layers):
+                idx = [i for i, name in enumerate(layers) if name == layer]
+                both = ~np.isnan(uu[:, idx]) & ~np.isnan(ww[:, idx])
+                usq = np.where(both, uu[:, idx], 0.0) ** 2
+                wsq = np.where(both, ww[:, idx], 0.0) ** 2
+                bad = (~np.isfinite(usq) | ~np.isfinite(wsq)).sum(axis=1)
+                ratio = update_ratio(usq.sum(axis=1), wsq.sum(axis=1), bad)
+                ratio = np.where(both.any(axis=1), ratio, np.nan)
+                out[layer] = ratio
+            return pd.DataFrame(out, index=steps).sort_index(), "per-step update_norm / weight_norm"
+        if "update" not in data.kinds or "weight" not in data.kinds:
+            return pd.DataFrame(index=pd.Index([], name="step", dtype="int64")), ""
+        t = update_ratio_table(pd.concat([data.frame("update"), data.frame("weight")], ignore_index=True))
+        if t.empty:
+            return pd.DataFrame(index=pd.Index([], name="step", dtype="int64")), ""
+        table = t.pivot_table(index="step", columns="layer", values="ratio", aggfunc="first", dropna=False)
+        table.columns.name = None
+        return table.sort_index(), "update and weight summaries"
+
+    return cached(data, "layer_update_ratios", make)
+
+
+def global_update_ratio(data: RunData) -> tuple[pd.Series, str]:
+    """‖ΔW‖/‖W‖ over all parameters together per step (robust to a zero-initialised layer), and its source."""
+
+    def make() -> tuple[pd.Series, str]:
+        u, usrc = update_norms(data)
+        w, _ = weight_norms(data)
+        common = [t for t in u.columns if t in w.columns]
+        steps = u.index.intersection(w.index)
+        if not common or steps.empty:
+            return _series(), ""
+        uu = u.loc[steps, common].to_numpy(dtype="float64")
+        ww = w.loc[steps, common].to_numpy(dtype="float64")
+        both = ~np.isnan(uu) & ~np.isnan(ww)
+        with np.errstate(over="ignore", invalid="ignore"):
+            usq = np.where(both, uu, 0.0) ** 2
+            wsq = np.where(both, ww, 0.0) ** 2
+        bad = (~np.isfinite(usq) | ~np.isfinite(wsq)).sum(axis=1)
+        ratio = update_ratio(usq.sum(axis=1), wsq.sum(axis=1), bad)
+        ratio = np.where(both.any(axis=1), ratio, np.nan)
+        return _series(ratio, steps).dropna(), usrc
+
+    return cached(data, "global_update_ratio", make)
+
+
+def loss(data: RunData) -> pd.Series:
+    """The finite values of the loss scalar per step (empty when no loss was recorded)."""
+
+    def make() -> pd.Series:
+        name = data.loss_name()
+        if name is None:
+            return _series()
+        s = data.scalars[name].astype("float64")
+        return s[np.isfinite(s.to_numpy())].sort_index()
+
+    return cached(data, "loss", make)
+
+
+def lr(data: RunData) -> pd.Series:
+    """The learning rate per step (``lr``, else the first group's ``lr/0``); empty when not recorded."""
+    for name in ("lr", "lr/0"):
+        if name in data.scalars.columns:
+            return data.scalars[name].astype("float64").dropna().sort_index()
+    return _series()
+
+
+def nonfinite_steps(data: RunData) -> list[int]:
+    """Steps at which a NaN/Inf was recorded anywhere: the loss, the gradient checks, or any summary."""
+
+    def make() -> list[int]:
+        steps: set[int] = set()
+        sc = data.scalars
+        name = data.loss_name()
+        for col in [c for c in (name, "grad_norm", "grad_norm_preclip") if c and c in sc.columns]:
+            v = sc[col].astype("float64")
+            steps |= {int(s) for s in v.index[np.isinf(v.to_numpy())]}
+            steps |= set(data.null_scalar_steps(col))
+        if "grad_nonfinite" in sc.columns:
+            steps |= {int(s) for s in sc.index[sc["grad_nonfinite"].fillna(0).to_numpy() > 0]}
+        for kind in data.kinds:
+            f = data.frame(kind)
+            steps |= {int(s) for s in f.loc[f["nonfinite"] > 0, "step"].unique()}
+        return sorted(steps)
+
+    return cached(data, "nonfinite_steps", make)
+
+
+def running_reference(series: pd.Series, window: int) -> pd.Series:
+    """For each value, the median of the up to ``window`` finite values *before* it (NaN for the first).
+
+    What a step is compared with: only its past, so a spike is judged against what came before it and can
+    never hide in its own baseline; the median resists one earlier odd value.
+    """
+    s = series[np.isfinite(series.to_numpy())]
+    return s.shift(1).rolling(window, min_periods=1).median()
+
+
+def median_between(series: pd.Series, lo: float, hi: float) -> float:
+    """The median of the finite values with ``lo <= step <= hi`` (NaN when there are none)."""
+    idx = series.index.to_numpy()
+    v = series.to_numpy(dtype="float64")[(idx >= lo) & (idx <= hi)]
+    v = v[np.isfinite(v)]
+    return float(np.median(v)) if v.size else math.nan
+
+
+def after(series: pd.Series, step: int, window: int) -> pd.Series:
+    """The values at steps in ``(step, step + window]``, or, when none were recorded there, the next one after."""
+    idx = series.index.to_numpy()
+    inside = series[(idx > step) & (idx <= step + window)]
+    if len(inside):
+        return inside
+    return series[idx > step].iloc[:1]
+
+
+def before(series: pd.Series, step: int, window: int) -> pd.Series:
+    """The values at steps in ``[step - window, step]``, or, when none were recorded there, the last one before."""
+    idx = series.index.to_numpy()
+    inside = series[(idx >= step - window) & (idx <= step)]
+    if len(inside):
+        return inside
+    return series[idx < step].iloc[-1:]
+
+
+def damage(
+    data: RunData,
+    step: int,
+    *,
+    window: int,
+    weight_growth: float,
+    loss_rise: float,
+    grad_jump: float,
+    reference_window: int,
+) -> dict[str, Any]:
+    """What went wrong in the ``window`` steps after ``step``: the consequences of a step too large.
+
+    Returns a dict with an entry per consequence seen (empty when none):
+
+    * ``weights``: the global weight norm grew ``weight_growth``-fold or more over its value at ``step``;
+    * ``loss``: the median loss after ``step`` is ``loss_rise`` times (or more) the median over the ``window``
+      steps up to it (the loss logged at a step is computed before that step's update);
+    * ``gradient``: the gradient norm after ``step`` exceeded ``grad_jump`` times its running median (the
+      median of the ``reference_window`` values before it);
+    * ``non_finite``: a NaN/Inf was recorded after ``step`` (anywhere later in the run).
+    """
+    out: dict[str, Any] = {}
+    w, _ = global_weight_norm(data)
+    w = w[np.isfinite(w.to_numpy()) & (w.to_numpy() > 0)]
+    if len(w):
+        ref = before(w, step, window)
+        later = after(w, step, window)
+        if len(ref) and len(later):
+            start, peak = float(ref.iloc[-1]), float(later.max())
+            if start > 0 and peak / start >= weight_growth:
+                out["weights"] = {"from": start, "to": peak, "step": int(later.idxmax()), "growth": peak / start}
+    lo = loss(data)
+    if len(lo):
+        ref_loss = before(lo, step, window)
+        later_loss = after(lo, step, window)
+        if len(ref_loss) and len(later_loss):
+            a, b = float(np.median(ref_loss.to_numpy())), float(np.median(later_loss.to_numpy()))
+            if a > 0 and b / a >= loss_rise:
+                out["loss"] = {"before": a, "after": b, "rise": b / a}
+    g, _ = grad_norm(data)
+    g = g[np.isfinite(g.to_numpy())]
+    if len(g) > 1:
+        ref_g = running_reference(g, reference_window)
+        later = after(g, step, window)
+        if len(later):
+            jumps = (later / ref_g.reindex(later.index)).replace([np.inf], np.nan).dropna()
+            if len(jumps) and float(jumps.max()) >= grad_jump:
+                at = int(jumps.idxmax())
+                out["gradient"] = {
+                    "step": at,
+                    "norm": float(g.loc[at]),
+                    "running_median": float(ref_g.loc[at]),
+                    "jump": float(jumps.max()),
+                }
+    bad = [s for s in nonfinite_steps(data) if s > step]
+    if bad:
+        out["non_finite"] = {"step": bad[0]}
+    return out
