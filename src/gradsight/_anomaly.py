@@ -68,10 +68,13 @@ def trigger(
     best: tuple[float, str, float, float] | None = None
     for name, value in values.items():
         past = history.get(name)
-        base = statistics.median(past) if past and len(past) >= MIN_HISTORY else None
         if not math.isfinite(value):
+            base = statistics.median(past) if past and len(past) >= MIN_HISTORY else None
             return "non-finite", name, value, base
-        if base is not None and base > 0 and value > factor * base:
+        if not past or len(past) < MIN_HISTORY or value <= factor * min(past):
+            continue  # the median is at least the minimum: no jump (and no median to compute, the common case)
+        base = statistics.median(past)
+        if base > 0 and value > factor * base:
             ratio = value / base
             if best is None or ratio > best[0]:
                 best = (ratio, name, value, base)

@@ -52,7 +52,7 @@ from .summary import TensorSummary
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-__all__ = ["WatchCore", "anomaly_values", "cheap_scalars", "check_step", "signal_scalars", "unit_axis"]
+__all__ = ["WatchCore", "anomaly_values", "cheap_scalars", "check_step", "signal_row", "signal_scalars", "unit_axis"]
 
 _LOCK = threading.Lock()
 #: model -> its open watch (weak on both sides: a forgotten watch does not keep a model alive, nor vice versa).
@@ -112,21 +112,19 @@ def cheap_scalars(names: Sequence[str], norms: Sequence[float], counts: Sequence
     return out
 
 
-def signal_scalars(
-    grad_names: Sequence[str],
+def signal_row(
+    grad_names: tuple[str, ...],
     grad: Sequence[float],
     counts: Sequence[float] | None,
     *,
     preclip: Sequence[float] | None = None,
-    param_names: Sequence[str] = (),
+    param_names: tuple[str, ...] = (),
     weight: Sequence[float] | None = None,
     update: Sequence[float] | None = None,
     lr: Mapping[str, float] | None = None,
     skipped: bool = False,
-) -> dict[str, float]:
-    """One step's per-step signals as scalars, the same names and meanings for every adapter.
-
-    See the table in :mod:`gradsight._schedule`.
+) -> tuple[tuple[str, ...], list[float], dict[str, float]]:
+    """One step's per-step signals, the same names and meanings for every adapter (see :mod:`gradsight._schedule`).
 
     Args:
         grad_names: the parameters that have a gradient at this step.
@@ -140,36 +138,68 @@ def signal_scalars(
         skipped: the optimizer skipped this step's update (mixed precision found non-finite gradients).
 
     Returns:
-        The scalars of :func:`cheap_scalars`, plus ``grad_norm_preclip`` (always, when there are gradients),
-        ``grad_norm_preclip/<t>`` and ``clip_ratio`` where the gradient changed between backward and the step,
-        ``weight_norm/<t>``, ``update_norm/<t>``, the learning rates and ``step_skipped``.
+        ``(names, values, sparse)``: the dense signals recorded at every step — ``grad_norm``, ``grad_nonfinite``,
+        ``grad_norm_preclip``, ``grad_norm/<t>``, ``weight_norm/<t>``, ``update_norm/<t>``, the learning rates —
+        as a names tuple (shared by every step with the same layout) and their values; and the sparse ones, only
+        at steps that have them: ``grad_nonfinite/<t>``, ``grad_norm_preclip/<t>`` and ``clip_ratio`` where the
+        gradient changed between backward and the step, ``step_skipped``.
     """
-    out = cheap_scalars(grad_names, grad, counts) if grad_names else {}
+    lr = lr or {}
+    has_w = weight is not None and bool(param_names)
+    names = _signal_names(grad_names, param_names if has_w else (), has_w and update is not None, tuple(lr))
+    values: list[float] = []
+    sparse: dict[str, float] = {}
     if grad_names:
-        total = out["grad_norm"]
+        g = _total(grad)
+        pre = g
         if preclip is not None and any(a != b for a, b in zip(preclip, grad, strict=True)):
-            pre = math.hypot(*preclip)
-            if pre == math.inf and any(math.isnan(v) for v in preclip):
-                pre = math.nan
-            out["grad_norm_preclip"] = pre
-            out.update(
+            pre = _total(preclip)
+            sparse.update(
                 (f"grad_norm_preclip/{n}", float(a))
                 for n, a, b in zip(grad_names, preclip, grad, strict=True)
                 if a != b
             )
-            if pre != total and math.isfinite(pre) and pre > 0:
-                out["clip_ratio"] = total / pre
-        else:
-            out["grad_norm_preclip"] = total
-    if weight is not None:
-        out.update((f"weight_norm/{n}", float(v)) for n, v in zip(param_names, weight, strict=True))
-    if update is not None:
-        out.update((f"update_norm/{n}", float(v)) for n, v in zip(param_names, update, strict=True))
-    if lr:
-        out.update((k, float(v)) for k, v in lr.items())
+            if pre != g and math.isfinite(pre) and pre > 0:
+                sparse["clip_ratio"] = g / pre
+        bad = 0.0 if counts is None else float(sum(counts))
+        values += [g, bad, pre, *map(float, grad)]
+        if bad:
+            sparse.update((f"grad_nonfinite/{n}", float(v)) for n, v in zip(grad_names, counts or (), strict=True))
+    if has_w:
+        values += map(float, weight)  # type: ignore[arg-type]
+        if update is not None:
+            values += map(float, update)
+    values += map(float, lr.values())
     if skipped:
-        out["step_skipped"] = 1.0
-    return out
+        sparse["step_skipped"] = 1.0
+    return names, values, sparse
+
+
+def signal_scalars(*args: Any, **kwargs: Any) -> dict[str, float]:
+    """:func:`signal_row` as one ``{name: value}`` dict (dense and sparse together)."""
+    names, values, sparse = signal_row(*args, **kwargs)
+    return {**dict(zip(names, values, strict=True)), **sparse}
+
+
+def _total(norms: Sequence[float]) -> float:
+    """The norm of tensors together from their norms: NaN when any is NaN, else Inf when any is Inf."""
+    t = math.hypot(*norms)
+    if t == math.inf and any(math.isnan(v) for v in norms):  # hypot(inf, nan) is inf; the norm is NaN
+        t = math.nan
+    return t
+
+
+@functools.lru_cache(maxsize=64)
+def _signal_names(
+    grad_names: tuple[str, ...], param_names: tuple[str, ...], update: bool, lr_keys: tuple[str, ...]
+) -> tuple[str, ...]:
+    """The dense signal names of one layout (cached: a watch has a few layouts, seen at every step)."""
+    names = ["grad_norm", "grad_nonfinite", "grad_norm_preclip"] if grad_names else []
+    names += [f"grad_norm/{n}" for n in grad_names]
+    names += [f"weight_norm/{n}" for n in param_names]
+    if update:
+        names += [f"update_norm/{n}" for n in param_names]
+    return (*names, *lr_keys)
 
 
 def anomaly_values(scalars: Mapping[str, float], *, loss: bool = True) -> dict[str, float]:
@@ -283,6 +313,8 @@ class WatchCore:
         self._notes: list[str] = getattr(self, "_notes", [])
         # (step, name, value): values are floats or framework tensors, copied to the host in one batch
         self._scalars: list[tuple[int, str, Any]] = []
+        #: (step, names, values): dense per-step signals (see signal_row), one row per step
+        self._signal_rows: list[tuple[int, tuple[str, ...], list[float]]] = []
         self._scalars_flushed_at = time.monotonic()
         self._clip_noted = False
         with _LOCK:
@@ -396,13 +428,21 @@ class WatchCore:
         """Buffer already-checked scalars of one step (cheap checks, learning rates, ...)."""
         self._scalars.extend((step, k, v) for k, v in values.items())
 
+    def _buffer_signals(
+        self, step: int, names: tuple[str, ...], values: list[float], sparse: Mapping[str, float]
+    ) -> None:
+        """Buffer one step's per-step signals (:func:`signal_row`): the dense ones as one row, the sparse as scalars."""
+        self._signal_rows.append((step, names, values))
+        if sparse:
+            self._scalars.extend((step, k, v) for k, v in sparse.items())
+
     def _maybe_flush_scalars(self, pending: int = 0) -> None:
         """Hand buffered scalars to the writer every ``cheap_flush`` items, and at least every ``commit_every`` s.
 
         Slow steps therefore keep them in memory no longer than a crash is allowed to lose.
         """
         if (
-            len(self._scalars) + pending >= self.schedule.cheap_flush
+            len(self._scalars) + len(self._signal_rows) + pending >= self.schedule.cheap_flush
             or time.monotonic() - self._scalars_flushed_at >= self.schedule.commit_every
         ):
             self._flush_scalars()
@@ -411,7 +451,10 @@ class WatchCore:
         """Copy the buffered scalars to the host and hand them to the writer as one item."""
         self._scalars_flushed_at = time.monotonic()
         pending, self._scalars = self._scalars, []
-        rows = self._host_scalars(pending)
+        rows = self._host_scalars(pending)  # may add signal rows (device values copied now)
+        signals, self._signal_rows = self._signal_rows, []
+        if signals:
+            self._writer.log_signals(signals)
         if not rows:
             return
         if not self._clip_noted:

@@ -29,7 +29,8 @@ Guarantees
     every later call. Unreadable files and records raise :class:`~gradsight.StoreError`, never a raw
     ``sqlite3``/``json`` error.
 
-Schema, version 1 (``PRAGMA user_version = 1``)::
+Schema, version 2 (``PRAGMA user_version = 2``; version 1 files, without the two ``signal`` tables, are read and
+appended to — appending adds the tables)::
 
     meta(key TEXT PRIMARY KEY, value TEXT)            -- JSON values: framework, versions, model, config, ...
     tensors(id INTEGER PRIMARY KEY, name TEXT, layer TEXT, kind TEXT, shape TEXT, dtype TEXT, UNIQUE(name, kind))
@@ -40,6 +41,11 @@ Schema, version 1 (``PRAGMA user_version = 1``)::
         -- (NULL/empty when all bins are zero); units is units_active as '<i8' (NULL when not recorded)
     scalars(step INTEGER, name TEXT, value REAL, PRIMARY KEY(step, name))   -- loss, lr, ...; last write wins
     events(id INTEGER PRIMARY KEY, step INTEGER, kind TEXT, payload TEXT)   -- JSON payloads (findings, notes)
+    signal_layouts(id INTEGER PRIMARY KEY, names TEXT UNIQUE)  -- a JSON list of scalar names
+    signals(step INTEGER PRIMARY KEY, layout INTEGER, data BLOB)
+        -- the dense per-step signals of one step (grad_norm, weight_norm/<t>, ...) as '<f8' values in the order
+        -- of its layout's names: one row per step instead of one per name. Readers merge them with ``scalars``
+        -- (Run.scalars, Run.scalar_rows): to a reader they are scalars like any other.
 
 ``min``/``max`` of a summary with no finite element are stored as +Inf/-Inf, which SQLite keeps as REAL.
 """
@@ -77,7 +83,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["KINDS", "SCHEMA_VERSION", "Run", "RunWriter", "TensorInfo", "default_run_path", "is_run_file", "load"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: The kinds of tensor a run records, in the order they are produced in a step.
 KINDS = ("weight", "grad", "update", "output", "output_grad")
 #: Summary columns stored per (step, tensor), in table order.
@@ -100,7 +106,14 @@ CREATE TABLE IF NOT EXISTS scalars (
     step INTEGER NOT NULL, name TEXT NOT NULL, value REAL, PRIMARY KEY (step, name)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY, step INTEGER, kind TEXT NOT NULL, payload TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS signal_layouts (id INTEGER PRIMARY KEY, names TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS signals (
+    step INTEGER PRIMARY KEY, layout INTEGER NOT NULL, data BLOB NOT NULL);
 """
+#: The tables added by schema version 2 (absent from version 1 files).
+_V2_TABLES = ("signal_layouts", "signals")
+#: Every step that holds data (the last step of a run is its maximum).
+_STEPS_SQL = "SELECT step FROM summaries UNION ALL SELECT step FROM scalars UNION ALL SELECT step FROM signals"
 
 
 #: The tables every run file has (all created in the file's first transaction).
@@ -473,6 +486,7 @@ class RunWriter:
         self.path = _as_path(path, "RunWriter")
         self.commit_every = float(commit_every)
         self._tensors: dict[tuple[str, str], int] = {}
+        self._layouts: dict[tuple[str, ...], int] = {}  # signal layouts (names) -> id, on the writer thread
         self._stored_shapes: dict[tuple[str, str], tuple[list[int], str]] = {}
         self._stored_model: Any = None
         self._appending = False
@@ -599,10 +613,15 @@ class RunWriter:
                 if kind in _PARAM_KINDS:
                     dims = _loads(shape, f"the shape of tensor {name!r} ({kind}) in {str(path)!r}")
                     self._stored_shapes[(name, kind)] = (dims, dtype)
-            last = con.execute("SELECT max(step) FROM (SELECT step FROM summaries UNION ALL SELECT step FROM scalars)")
-            self.last_step = last.fetchone()[0]
             con.execute("PRAGMA journal_mode=WAL")
             con.execute("BEGIN")
+            for statement in _SCHEMA.split(";"):  # a version 1 file gains the version 2 tables
+                if statement.strip():
+                    con.execute(statement)
+            con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self.last_step = con.execute(f"SELECT max(step) FROM ({_STEPS_SQL})").fetchone()[0]
+            for lid, names in con.execute("SELECT id, names FROM signal_layouts"):
+                self._layouts[tuple(_loads(names, f"a signal layout of {str(path)!r}"))] = lid
             con.execute(
                 "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?), ('created', ?)",
                 (json.dumps(SCHEMA_VERSION), json.dumps(datetime.now(timezone.utc).isoformat())),
@@ -687,6 +706,15 @@ class RunWriter:
             for k, v in vs.items()
         ]
         self._put(("INSERT OR REPLACE INTO scalars VALUES (?, ?, ?)", rows))
+
+    def log_signals(self, rows: list[tuple[int, tuple[str, ...], Any]]) -> None:
+        """Record the dense per-step signals of several steps: ``(step, names, values)``, values in names' order.
+
+        Stored one row per step (table ``signals``); readers see them as scalars. A step recorded again replaces
+        its row.
+        """
+        if rows:
+            self._put(("signals", [(int(step), tuple(names), values) for step, names, values in rows]))
 
     def log_event(self, step: int | None, kind: str, payload: Mapping[str, Any]) -> None:
         """Record an event (a finding, a note) with a JSON payload."""
@@ -867,7 +895,7 @@ class RunWriter:
         else:
             if item[0] == "summaries":
                 steps = [item[1]]
-            elif "INTO scalars" in item[0]:
+            elif "INTO scalars" in item[0] or item[0] == "signals":
                 steps = [row[0] for row in item[1]]
             else:
                 steps = []
@@ -881,6 +909,8 @@ class RunWriter:
             return
         if item[0] == "summaries":
             what = f"the summaries of step {item[1]}"
+        elif item[0] == "signals":
+            what = "the per-step signals of steps " + ", ".join(str(r[0]) for r in item[1][:5])
         else:
             what = "a record for table " + item[0].split(" INTO ", 1)[-1].split()[0]
         hint = ""
@@ -903,9 +933,7 @@ class RunWriter:
             if con is not None:
                 con.rollback()
                 held = con.execute("SELECT count(DISTINCT step), max(step) FROM summaries").fetchone()
-                last = con.execute(
-                    "SELECT max(step) FROM (SELECT step FROM summaries UNION ALL SELECT step FROM scalars)"
-                ).fetchone()[0]
+                last = con.execute(f"SELECT max(step) FROM ({_STEPS_SQL})").fetchone()[0]
         if held is not None:
             saved = f"it holds {held[0]} step(s) with summaries; the last committed step is {last!r}"
         else:
@@ -922,14 +950,25 @@ class RunWriter:
             "if_exists='append' continues this run."
         )
 
-    @staticmethod
-    def _apply(con: sqlite3.Connection, item: Any) -> None:
+    def _apply(self, con: sqlite3.Connection, item: Any) -> None:
         if item[0] == "summaries":
             _, step, items = item
             if callable(items):
                 items = items()
             rows = _encode(step, items)
             con.executemany("INSERT INTO summaries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        elif item[0] == "signals":
+            out = []
+            for step, names, values in item[1]:
+                lid = self._layouts.get(names)
+                if lid is None:
+                    cur = con.execute("INSERT INTO signal_layouts (names) VALUES (?)", (json.dumps(list(names)),))
+                    lid = self._layouts[names] = int(cur.lastrowid)
+                data = np.asarray(values, dtype="<f8")
+                if data.shape != (len(names),):
+                    raise ValueError(f"step {step}: {data.size} signal values for {len(names)} names")
+                out.append((step, lid, data.tobytes()))
+            con.executemany("INSERT OR REPLACE INTO signals VALUES (?, ?, ?)", out)
         else:
             sql, rows = item
             con.executemany(sql, rows)
@@ -1010,6 +1049,7 @@ class Run:
                 f"{SCHEMA_VERSION}; upgrade gradsight to read it."
             )
         self.schema_version = version
+        self._has_signals = all(t in names for t in _V2_TABLES)
 
     # ---- basics --------------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -1168,11 +1208,51 @@ class Run:
         import pandas as pd
 
         df = pd.DataFrame(self._q("SELECT step, name, value FROM scalars"), columns=["step", "name", "value"])
-        if df.empty:
+        parts = [] if df.empty else [df.pivot(index="step", columns="name", values="value")]
+        for names, steps, values in self._signal_blocks():
+            parts.append(pd.DataFrame(values, index=pd.Index(steps, name="step"), columns=list(names)))
+        if not parts:
             return pd.DataFrame(index=pd.Index([], name="step", dtype="int64"))
-        wide = df.pivot(index="step", columns="name", values="value").sort_index()
+        wide = parts[0] if len(parts) == 1 else pd.concat(parts, axis=0)
+        if len(parts) > 1:  # one row per step: a step's scalars and signals side by side
+            wide = wide.groupby(level=0, sort=True).first()
+        wide = wide.sort_index()
+        wide.index.name = "step"
         wide.columns.name = None
         return wide
+
+    def _signal_blocks(
+        self, steps: tuple[int | None, int | None] | None = None
+    ) -> list[tuple[tuple[str, ...], list[int], np.ndarray]]:
+        """The stored per-step signals, one ``(names, steps, values[steps x names])`` block per layout."""
+        if not self._has_signals:
+            return []
+        layouts = {
+            lid: tuple(_loads(names, f"a signal layout of {str(self.path)!r}"))
+            for lid, names in self._q("SELECT id, names FROM signal_layouts")
+        }
+        sql, params = "SELECT step, layout, data FROM signals WHERE 1", []
+        if steps is not None:
+            if steps[0] is not None:
+                sql, params = sql + " AND step >= ?", [*params, int(steps[0])]
+            if steps[1] is not None:
+                sql, params = sql + " AND step <= ?", [*params, int(steps[1])]
+        by_layout: dict[int, tuple[list[int], list[bytes]]] = {}
+        for step, lid, data in self._q(sql + " ORDER BY step", params):
+            s_list, d_list = by_layout.setdefault(lid, ([], []))
+            s_list.append(int(step))
+            d_list.append(data)
+        out = []
+        for lid, (s_list, d_list) in by_layout.items():
+            names = layouts.get(lid)
+            blob = b"".join(d_list)
+            if names is None or len(blob) != 8 * len(names) * len(s_list):
+                raise StoreError(
+                    f"the per-step signals of {str(self.path)!r} are damaged (layout {lid} of steps "
+                    f"{s_list[0]}–{s_list[-1]} does not match its data). The file was altered or corrupted."
+                )
+            out.append((names, s_list, np.frombuffer(blob, dtype="<f8").reshape(len(s_list), len(names))))
+        return out
 
     def scalar_rows(
         self, *, name: str | None = None, steps: tuple[int | None, int | None] | None = None
@@ -1195,15 +1275,23 @@ class Run:
                 sql, params = sql + " AND step >= ?", [*params, int(lo)]
             if hi is not None:
                 sql, params = sql + " AND step <= ?", [*params, int(hi)]
-        return [
+        rows = [
             (int(step), str(n), math.nan if value is None else float(value))
             for step, n, value in self._q(sql + " ORDER BY step, name", params)
         ]
+        blocks = self._signal_blocks(steps)
+        if not blocks:
+            return rows
+        for names, s_list, values in blocks:
+            cols = [i for i, n in enumerate(names) if name is None or n == name]
+            rows.extend((s, names[i], float(values[r, i])) for r, s in enumerate(s_list) for i in cols)
+        return sorted(rows, key=lambda r: (r[0], r[1]))
 
     @property
     def last_step(self) -> int | None:
         """The last step with any summary or scalar (``None`` for an empty run)."""
-        return self._q("SELECT max(step) FROM (SELECT step FROM summaries UNION ALL SELECT step FROM scalars)")[0][0]
+        sql = _STEPS_SQL if self._has_signals else _STEPS_SQL.rsplit(" UNION ALL ", 1)[0]
+        return self._q(f"SELECT max(step) FROM ({sql})")[0][0]
 
     def events(self, kind: str | None = None) -> list[dict[str, Any]]:
         """Recorded events (e.g. online findings) as dicts with ``step``, ``kind`` and the payload's fields."""

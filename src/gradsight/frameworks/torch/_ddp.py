@@ -223,6 +223,9 @@ class _NullWriter:
     def log_scalars(self, step: int, values: Any) -> None:
         pass
 
+    def log_signals(self, rows: Any) -> None:
+        pass
+
     def log_event(self, step: int | None, kind: str, payload: Any) -> None:
         pass
 

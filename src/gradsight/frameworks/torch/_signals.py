@@ -33,10 +33,12 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from ..._watch_core import signal_row
 
 __all__ = ["Backward", "Norms", "StepRecord", "counts_of", "host_records", "norms_of", "scaler_scale"]
 
@@ -52,7 +54,11 @@ def norms_of(tensors: Sequence[torch.Tensor], host: bool) -> Norms:
         host: read the results at once (CPU tensors); else keep them on the device in one tensor.
     """
     if host:
-        return [t.item() for t in torch._foreach_norm(list(tensors))]
+        norms = torch._foreach_norm(list(tensors))
+        try:
+            return torch.stack(norms).tolist()  # one call instead of one .item() per tensor
+        except RuntimeError:  # mixed dtypes
+            return [t.item() for t in norms]
     device = tensors[0].device
     try:
         return torch.stack(torch._foreach_norm(list(tensors))).to(torch.float32)
@@ -138,20 +144,20 @@ class StepRecord:
         for k, v in values.items():
             setattr(self, k, v[0] if k == "scale" else v)
 
-    def scalars(self, make: Callable[..., dict[str, float]]) -> dict[str, float]:
-        """The step's scalars, by :func:`gradsight._watch_core.signal_scalars` (passed in as ``make``)."""
+    def row(self) -> tuple[tuple[str, ...], list[float], dict[str, float]]:
+        """The step's signals, by :func:`gradsight._watch_core.signal_row` (host values only)."""
         preclip = self.preclip
         if preclip is not None and self.scale is not None:
             s = float(self.scale)  # type: ignore[arg-type]
             preclip = [v / s for v in preclip]  # type: ignore[union-attr]
-        return make(
+        return signal_row(
             self.grad_names,
-            self.grad or [],
-            self.counts,
-            preclip=preclip,
+            self.grad or [],  # type: ignore[arg-type]
+            self.counts,  # type: ignore[arg-type]
+            preclip=preclip,  # type: ignore[arg-type]
             param_names=self.param_names,
-            weight=self.weight,
-            update=self.update,
+            weight=self.weight,  # type: ignore[arg-type]
+            update=self.update,  # type: ignore[arg-type]
             lr=self.lr,
             skipped=self.skipped,
         )

@@ -73,7 +73,7 @@ from torch import nn
 from ..._errors import InputError, WatchError
 from ..._packing import Rows, SummaryArrays, merge_rows
 from ..._schedule import Schedule
-from ..._watch_core import WatchCore, signal_scalars, unit_axis
+from ..._watch_core import WatchCore, unit_axis
 from ...diagnose import GradsightWarning
 from ...store import RunWriter
 from ...summary import TensorSummary, to_rows
@@ -690,7 +690,7 @@ class Watch(WatchCore):
             if rec.device_parts():
                 self._records.append(rec)
             else:
-                self._buffer_scalars(rec.step, rec.scalars(signal_scalars))
+                self._buffer_signals(rec.step, *rec.row())
             return False
         capture = False
         lagged, self._lagged = self._lagged, None
@@ -703,10 +703,10 @@ class Watch(WatchCore):
         return self._judge_host(rec) or capture
 
     def _judge_host(self, rec: StepRecord) -> bool:
-        scalars = rec.scalars(signal_scalars)
-        self._buffer_scalars(rec.step, scalars)
+        names, values, sparse = rec.row()
+        self._buffer_signals(rec.step, names, values, sparse)
         loss = self._loss
-        judged = dict(scalars)
+        judged = dict(zip(names, values, strict=True))
         if loss is not None and loss[0] > self._loss_judged:
             value = loss[1]
             if isinstance(value, torch.Tensor):
@@ -777,7 +777,10 @@ class Watch(WatchCore):
         host_records(records)
         rows: dict[int, dict[str, float]] = {}
         for rec in records:
-            rows.setdefault(rec.step, {}).update(rec.scalars(signal_scalars))
+            names, values, sparse = rec.row()
+            self._signal_rows.append((rec.step, names, values))
+            if sparse:
+                rows.setdefault(rec.step, {}).update(sparse)
         tensors = [(s, k, v) for s, k, v in pending if isinstance(v, torch.Tensor)]
         if tensors:
             host_t = torch.stack([v.detach().reshape(()).to("cpu", torch.float64) for _, _, v in tensors]).tolist()
@@ -841,7 +844,7 @@ class Watch(WatchCore):
         lagged, self._lagged = self._lagged, None
         if lagged is not None:  # the last step's device signals, not judged: nothing follows to capture
             host_records([lagged])
-            self._buffer_scalars(lagged.step, lagged.scalars(signal_scalars))
+            self._buffer_signals(lagged.step, *lagged.row())
         self._report_no_step()  # may raise: a StoreError, or the warning under an "error" warnings filter
 
     def _release(self) -> None:
