@@ -118,3 +118,55 @@ def test_uncreatable_file_says_so_regression():
     # os.access() says yes for root; SQLite then fails to create the file: the message must not blame the file.
     with pytest.raises(StoreError, match=r"cannot create the run file '/proc/gradsight-test\.db'"):
         RunWriter("/proc/gradsight-test.db")
+
+
+def test_signal_rows_read_back_as_scalars_merged_with_logged_ones(tmp_path):
+    w = RunWriter(tmp_path / "r.db")
+    names = ("grad_norm", "weight_norm/a")
+    w.log_signals([(0, names, [1.5, 2.0]), (1, names, [math.nan, 3.0]), (2, ("grad_norm",), [4.0])])
+    w.log_scalars(1, {"loss": 0.5, "clip_ratio": 0.25})
+    w.close()
+    run = load(tmp_path / "r.db")
+    sc = run.scalars
+    assert list(sc.index) == [0, 1, 2]
+    assert sc.loc[0, "grad_norm"] == 1.5 and sc.loc[1, "weight_norm/a"] == 3.0 and sc.loc[1, "loss"] == 0.5
+    assert math.isnan(sc.loc[1, "grad_norm"]) and math.isnan(sc.loc[2, "weight_norm/a"])
+    rows = run.scalar_rows(steps=(1, 2))
+    assert [(s, n) for s, n, _ in rows] == [
+        (1, "clip_ratio"),
+        (1, "grad_norm"),
+        (1, "loss"),
+        (1, "weight_norm/a"),
+        (2, "grad_norm"),
+    ]
+    assert math.isnan(rows[1][2])  # logged as NaN, not absent
+    assert run.scalar_rows(name="weight_norm/a") == [(0, "weight_norm/a", 2.0), (1, "weight_norm/a", 3.0)]
+    assert run.last_step == 2
+
+
+def test_version_1_files_are_read_and_appended_to(tmp_path):
+    path = tmp_path / "v1.db"
+    write_some(path)
+    con = sqlite3.connect(path)
+    con.executescript("DROP TABLE signals; DROP TABLE signal_layouts; PRAGMA user_version = 1;")
+    con.close()
+    run = load(path)
+    assert run.schema_version == 1 and run.last_step == 2 and "loss" in run.scalars.columns
+    run.close()
+    w = RunWriter(path, if_exists="append")
+    w.log_signals([(3, ("grad_norm",), [7.0])])
+    w.close()
+    run = load(path)
+    assert run.schema_version == 2 and run.last_step == 3 and run.scalars.loc[3, "grad_norm"] == 7.0
+
+
+def test_damaged_signal_rows_raise_a_store_error(tmp_path):
+    w = RunWriter(tmp_path / "r.db")
+    w.log_signals([(0, ("a", "b"), [1.0, 2.0])])
+    w.close()
+    con = sqlite3.connect(tmp_path / "r.db")
+    con.execute("UPDATE signals SET data = X'00'")
+    con.commit()
+    con.close()
+    with pytest.raises(StoreError, match="per-step signals .* are damaged"):
+        load(tmp_path / "r.db").scalars
