@@ -54,11 +54,7 @@ def norms_of(tensors: Sequence[torch.Tensor], host: bool) -> Norms:
         host: read the results at once (CPU tensors); else keep them on the device in one tensor.
     """
     if host:
-        norms = torch._foreach_norm(list(tensors))
-        try:
-            return torch.stack(norms).tolist()  # one call instead of one .item() per tensor
-        except RuntimeError:  # mixed dtypes
-            return [t.item() for t in norms]
+        return [t.item() for t in torch._foreach_norm(list(tensors))]
     device = tensors[0].device
     try:
         return torch.stack(torch._foreach_norm(list(tensors))).to(torch.float32)

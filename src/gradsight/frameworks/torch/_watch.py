@@ -124,7 +124,7 @@ def _host_cheap(tensors: list[torch.Tensor]) -> bool:
 
     Tests replace this function to exercise the accelerator path on CPU.
     """
-    return all(t.device.type == "cpu" for t in tensors)
+    return all(t.is_cpu for t in tensors)
 
 
 def _is_float(t: Any) -> bool:
