@@ -5,9 +5,11 @@ receives ``g_1 + g_2 + ... + g_s`` at step ``s``. Its norm then grows steadily w
 ``s`` while the minibatch gradients point the same way, like ``sqrt(s)`` when they are unrelated — and rises at
 almost every step, while a fresh minibatch gradient's norm fluctuates up and down around a level.
 
-The rule reads the global gradient norm (``grad_norm`` every step, else the grad summaries' norm at the logged
-steps) from the first recorded step, over windows of growing length (at least ``accumulate_min_steps`` values),
-and reports the longest window in which
+The rule reads the gradient norm of the parameters the optimizer holds (from the per-tensor ``grad_norm/<t>`` where
+it holds fewer parameters than have gradients: a parameter outside the optimizer is never zeroed by
+``optimizer.zero_grad()``, which is the not-optimized rule's business; else the global ``grad_norm`` every step,
+else the grad summaries' norm at the logged steps) from the first recorded step, over windows of growing length (at
+least ``accumulate_min_steps`` values), and reports the longest window in which
 
 * the norm rose at ``accumulate_monotone`` or more of the steps,
 * it grew at least ``accumulate_growth``-fold,
@@ -31,7 +33,7 @@ import numpy as np
 
 from ._base import Rule, RunData, Thresholds, fmt
 from ._finding import Finding
-from ._series import grad_norm, loss, median_between
+from ._series import held_grad_norm, loss, median_between
 
 __all__ = ["GradientsAccumulatingRule"]
 
@@ -51,7 +53,7 @@ def _fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 def accumulation_window(data: RunData, th: Thresholds) -> dict[str, Any] | None:
     """The longest window from the first step in which the gradient norm grows as a running sum, or ``None``."""
-    norm, source = grad_norm(data)
+    norm, source = held_grad_norm(data)
     g = norm[np.isfinite(norm.to_numpy())]
     g = g[g > 0]
     n_all = len(g)

@@ -18,6 +18,11 @@ LOWER = "Lower the learning rate"
 #: The lead phrase of every item that advises raising it.
 RAISE = "Raise the learning rate"
 
+_NEGATED_RE = re.compile(
+    r"\b(do not|don't|never|avoid|not)\s+(\w+\s+)?(raise|raising|increase|increasing|lower|lowering|reduce|"
+    r"reducing|decrease|decreasing)\b",
+    re.IGNORECASE,
+)
 _LOWER_RE = re.compile(r"\b(lower|reduce|decrease|smaller)\b[^.;]*\blearning rate\b", re.IGNORECASE)
 _RAISE_RE = re.compile(r"\b(raise|increase|larger|higher)\b[^.;]*\blearning rate\b", re.IGNORECASE)
 
@@ -36,9 +41,10 @@ def lr_direction(advice: str) -> int:
     """-1 when an advice item says to lower the learning rate, +1 to raise it, 0 otherwise.
 
     Reads the lead phrases of :func:`lower_lr` / :func:`raise_lr` and, for items written otherwise, a verb of
-    lowering or raising followed by "learning rate" in the same clause ("Sweep the learning rate" is neither).
+    lowering or raising followed by "learning rate" in the same clause ("Sweep the learning rate" is neither; a
+    negated verb, "Do not raise the learning rate", points nowhere).
     """
-    text = advice.strip()
+    text = _NEGATED_RE.sub(" ", advice.strip())  # "Do not raise the learning rate" points nowhere
     if text.startswith(LOWER):
         return -1
     if text.startswith(RAISE):

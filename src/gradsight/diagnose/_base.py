@@ -115,6 +115,16 @@ class Thresholds:
             many standard deviations of the weight term (``W·x``, measured or estimated) away from 0: then at
             least ~98 % of a Gaussian pre-activation is pushed to the bias's side (below 0: a dead ReLU; far
             from 0: a saturated tanh/sigmoid); otherwise the weights' scale is named.
+        init_scale_factor: bad-initialisation: a weight std at least this many times above (or below) the standard
+            scale for the activation after the layer (He ``sqrt(2/fan_in)`` for ReLU-like, Glorot
+            ``sqrt(2/(fan_in+fan_out))`` for tanh/sigmoid, LeCun ``sqrt(1/fan_in)`` for none). The standard schemes
+            and PyTorch's default (``0.58/sqrt(fan_in)``) lie within ~2.5x of one another; 4x beyond the fitting
+            one is outside all of them.
+        init_chain: bad-initialisation: that many consecutive weighted layers, with only pass-through layers
+            (activations, dropout, pooling, flatten) between them, must be off scale the same way. The error
+            compounds only along such a chain — three layers 4x off change the signal 64x before the output —
+            while normalisation layers and residual streams re-scale it: the two projections of a transformer
+            block start small by design (GPT-2's std 0.02) and are reset by LayerNorm and the residual stream.
         why_zero_fraction: the explanation of a near-zero gradient calls a factor "zero" (dead units, zero
             inputs) when at least this fraction of its entries is exactly 0 — the level at which the product
             ``Aᵀ · dJ/dZ`` loses an order of magnitude from that factor alone.
@@ -143,6 +153,8 @@ class Thresholds:
     accumulate_growth: float = 4.0
     accumulate_fit: float = 0.9
     init_bias_sigmas: float = 2.0
+    init_scale_factor: float = 4.0
+    init_chain: int = 3
     why_zero_fraction: float = 0.9
 
     def __post_init__(self) -> None:
@@ -153,7 +165,14 @@ class Thresholds:
                     f"Thresholds.{f.name} must be a finite, non-negative number, got {value!r}; "
                     f"the default is {f.default!r}."
                 )
-        for name in ("baseline_steps", "recent_steps", "reference_steps", "damage_steps", "accumulate_min_steps"):
+        for name in (
+            "baseline_steps",
+            "recent_steps",
+            "reference_steps",
+            "damage_steps",
+            "accumulate_min_steps",
+            "init_chain",
+        ):
             if getattr(self, name) < 1:
                 raise InputError(f"Thresholds.{name} must be at least 1, got {getattr(self, name)!r}.")
         if not 0 < self.loss_window <= 0.5:

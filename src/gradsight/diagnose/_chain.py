@@ -121,6 +121,11 @@ def _init_overlap(cause: Finding, effect: Finding, data: RunData | None = None) 
     return bool(set(cause.layers) & set(effect.layers))
 
 
+def _init_large(cause: Finding, effect: Finding, data: RunData | None = None) -> bool:
+    """Weights initialised too large: the huge first gradients make the first steps huge."""
+    return cause.evidence.get("direction") == "large" and _before(cause, effect)
+
+
 def _nonfinite_after(cause: Finding, effect: Finding, data: RunData | None = None) -> bool:
     """The non-finite value appeared at or after the cause's first step, and not at the very first step."""
     return _from_start(cause, effect) and (effect.first_step or 0) > 0
@@ -147,6 +152,7 @@ EXPLAINS: dict[str, dict[str, Condition]] = {
         "loss-not-decreasing": _before,
     },
     "bad-initialisation": {
+        "learning-rate-too-high": _init_large,
         "exploding-gradients": _upstream,
         "dead-units": _init_overlap,
         "saturated-units": _init_overlap,
@@ -181,6 +187,10 @@ EXPLAINS: dict[str, dict[str, Condition]] = {
         "loss-not-decreasing": _before,
     },
     "non-finite": {
+        "dead-units": _from_start,
+        "saturated-units": _from_start,
+        "update-ratio-high": _from_start,
+        "update-ratio-low": _from_start,
         "loss-not-decreasing": _before,
     },
     "dead-units": {

@@ -1,4 +1,7 @@
-"""``gradsight diagnose RUN [--json]``: print a run's findings, most severe first.
+"""``gradsight diagnose RUN [--json]``: print a run's findings, root causes first.
+
+The root causes come first (most severe first), each with its evidence and advice, then the symptoms they explain,
+each with a "because of" line naming its causes and advice that points to its root.
 
 Exit status: 0 when there is no warning or error finding, 1 otherwise (2, bad usage, comes from the dispatcher).
 The text form is printed with ``rich`` (each finding's first line coloured by severity on a terminal, plain text
@@ -68,6 +71,11 @@ def run(args: argparse.Namespace) -> int:
     return 1 if any(f.severity in ("warning", "error") for f in findings) else 0
 
 
+def is_root(finding: Any) -> bool:
+    """A root cause: marked so by the diagnosis, or (a finding from elsewhere) without recorded causes."""
+    return bool(getattr(finding, "is_root", True)) and not getattr(finding, "caused_by", ())
+
+
 def _print_text(findings: list[Any], skipped: dict[str, list[str]], where: str) -> None:
     """The text form: a count line, the findings (escaped, as rich Text: never parsed as markup), the skips."""
     from rich.text import Text
@@ -82,10 +90,19 @@ def _print_text(findings: list[Any], skipped: dict[str, list[str]], where: str) 
             )
         )
         # Layer names and evidence come from the run file: finding_renderable escapes what could steer the terminal.
-        for i, f in enumerate(findings):
-            if i:
+        roots = [f for f in findings if is_root(f)]
+        symptoms = [f for f in findings if not is_root(f)]
+        for title, group in (("Root causes", roots), ("Symptoms (because of the root causes above)", symptoms)):
+            if not group or not symptoms:  # without symptoms every finding is a root: no headings needed
+                for i, f in enumerate(group):
+                    if i:
+                        out.print()
+                    out.print(finding_renderable(f))
+                continue
+            out.print(Text(f"{title}:", style="bold"))
+            for f in group:
+                out.print(finding_renderable(f))
                 out.print()
-            out.print(finding_renderable(f))
     else:
         out.print(Text(f"No findings in {where}."))
     if skipped:

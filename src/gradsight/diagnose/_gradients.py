@@ -342,12 +342,33 @@ def _spike_finding(
     )
 
 
+def _input_side(prof: pd.DataFrame, ratio: float) -> list[int]:
+    """Rows of the depth profile that form the input side of the network with vanishing gradients.
+
+    The layers from the first one on, in model order, whose gradient RMS is below ``ratio`` times the largest
+    after them, up to the first that is not (layers with an exactly zero gradient are passed over: they are the
+    dead-units and no-gradient rules' business). Gradients vanish *towards the input* only if the input side is
+    small: a small layer after a healthy one — a LayerNorm on a weakly coupled residual branch of a transformer
+    whose embeddings, before it, get the residual stream's full gradient — is not vanishing.
+    """
+    rows = []
+    for i, rec in enumerate(prof.itertuples()):
+        if not rec.rms > 0:
+            continue
+        if not rec.ratio < ratio:
+            break
+        rows.append(i)
+    return rows
+
+
 class VanishingGradientsRule(Rule):
     """Early layers whose gradients are orders of magnitude below the later layers' (``vanishing-gradients``).
 
-    A layer is flagged when its median gradient RMS is below ``vanish_ratio`` times the largest median gradient
-    RMS among the layers after it. Layers with an exactly zero gradient are skipped (no gradient at all is a
-    dead-units / frozen-layer matter). Severity warning. Needs ``grad`` summaries of at least two layers.
+    A layer is flagged when its median gradient RMS is below ``vanish_ratio`` times the largest median gradient RMS
+    among the layers after it, and every layer with a gradient before it is flagged too (the input side of the
+    network, see :func:`_input_side`). Each flagged layer's evidence says which factor of its gradient is small
+    (:func:`gradsight.diagnose._why.why_small`). Layers with an exactly zero gradient are skipped (no gradient at
+    all is a dead-units / frozen-layer matter). Severity warning. Needs ``grad`` summaries of at least two layers.
     """
 
     name = "vanishing-gradients"
@@ -357,7 +378,7 @@ class VanishingGradientsRule(Rule):
     def check(self, data: RunData, th: Thresholds) -> list[Finding]:
         """See the class docstring."""
         prof = depth_profile(data)
-        hit = prof[(prof["rms"] > 0) & (prof["ratio"] < th.vanish_ratio)]
+        hit = prof.iloc[_input_side(prof, th.vanish_ratio)]
         if hit.empty:
             return []
         worst = hit.loc[hit["ratio"].idxmin()]

@@ -20,6 +20,7 @@ Exact statistics from the summaries: mean, std, share of entries ``<= 0``.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from ._base import Rule, RunData, Thresholds, fmt, ordered
@@ -31,37 +32,161 @@ __all__ = ["BadInitialisationRule"]
 
 
 class BadInitialisationRule(Rule):
-    """Units dead or saturated from the first step because of a parameter's initial value (warning)."""
+    """Units out of range, or a chain of weights far off scale, from the first step (warning).
+
+    See the module docstring.
+    """
 
     name = "bad-initialisation"
     codes = ("bad-initialisation",)
-    kinds = ("output", "weight")
+    kinds = ("weight",)
 
     def check(self, data: RunData, th: Thresholds) -> list[Finding]:
         """See the module docstring."""
-        out_steps = sorted(int(s) for s in data.frame("output")["step"].unique())
-        if not out_steps:
+        first = _first_step(data)
+        if first is None:
             return []
-        first = out_steps[0]
-        starts = [first]
-        if len(data.scalars.index):
-            starts.append(int(data.scalars.index.min()))
-        if first > min(starts):  # the first summary is not the run's first step: cannot speak of initialisation
-            return []
-        recent = out_steps[-th.recent_steps :]
+        chains = _scale_chains(data, first, th)
         hits: dict[str, dict[str, Any]] = {}
-        for layer in ordered({t.layer for t in data.run.tensors if t.kind == "output"}, data):
-            if is_echo_layer(data, layer):
-                continue
-            state = _out_of_range(data, layer, first, recent, th)
-            if state is None:
-                continue
-            cause = _blame(data, layer, state, first, th)
-            if cause is not None:
-                hits[layer] = cause
-        if not hits:
+        if "output" in data.kinds:
+            out_steps = sorted(int(s) for s in data.frame("output")["step"].unique())
+            if out_steps and out_steps[0] == first:
+                recent = out_steps[-th.recent_steps :]
+                for layer in ordered({t.layer for t in data.run.tensors if t.kind == "output"}, data):
+                    if is_echo_layer(data, layer):
+                        continue
+                    state = _out_of_range(data, layer, first, recent, th)
+                    cause = _blame(data, layer, state, first, th) if state is not None else None
+                    if cause is not None:
+                        hits[layer] = cause
+        if not hits and not chains:
             return []
-        return [_finding(data, hits, first, th)]
+        return [_finding(data, hits, chains, first, th)]
+
+
+def _first_step(data: RunData) -> int | None:
+    """The first step with weight summaries, when it is the run's first recorded step.
+
+    ``None`` otherwise: the initialisation was not observed.
+    """
+    steps = sorted(int(s) for s in data.frame("weight")["step"].unique())
+    if not steps:
+        return None
+    starts = [steps[0]]
+    if len(data.scalars.index):
+        starts.append(int(data.scalars.index.min()))
+    return steps[0] if steps[0] <= min(starts) else None
+
+
+#: Weighted layer types whose initial scale has a standard (LeCun, Glorot, He). HF's ``Conv1D`` (a transposed
+#: linear layer) is told apart from Keras' by the framework.
+_WEIGHTED = re.compile(
+    r"^(Linear|LazyLinear|Bilinear|Conv[123]d|ConvTranspose[123]d|Dense|Conv[123]D|Conv[123]DTranspose)$"
+)
+#: Parameter-free layers that pass a chain's signal on without re-scaling it to a fixed size.
+_PASS = re.compile(
+    r"relu|tanh|sigmoid|gelu|silu|swish|elu|softplus|mish|leaky|activation|dropout|flatten|pool|"
+    r"identity|reshape|permute",
+    re.IGNORECASE,
+)
+
+
+def _following_activation(data: RunData, layer: str) -> str:
+    """``"relu"``, ``"tanh"``, ``"sigmoid"`` or ``"none"``: the activation applied to a weighted layer's output.
+
+    The layer's own (a Keras ``activation=``), else the first activation among the pass-through layers after it,
+    before the next weighted layer.
+    """
+    i = data.layer_index(layer)
+    for name in data.layers[i : i + 4]:
+        info = data.layer_info(name)
+        kind = str(info.get("type") or "")
+        if name != layer and _WEIGHTED.match(kind):
+            break
+        act = activation_of(data, name)
+        if act is not None:
+            return act
+        text = f"{kind} {info.get('activation') or ''}".lower()
+        if any(word in text for word in ("relu", "gelu", "silu", "swish", "elu", "mish")):
+            return "relu"
+    return "none"
+
+
+def _reference(data: RunData, layer: str, fan_in: int, fan_out: int) -> tuple[float, str]:
+    """The standard initial std for a layer by the activation after it.
+
+    He for ReLU-like, Glorot for tanh and sigmoid, LeCun for none (a linear output layer).
+    """
+    act = _following_activation(data, layer)
+    if act == "relu":
+        return math.sqrt(2.0 / fan_in), "He"
+    if act in ("tanh", "sigmoid"):
+        return math.sqrt(2.0 / (fan_in + fan_out)), "Glorot"
+    return math.sqrt(1.0 / fan_in), "LeCun"
+
+
+def _scale_chains(data: RunData, step: int, th: Thresholds) -> list[dict[str, Any]]:
+    """Runs of at least ``init_chain`` consecutive weighted layers off the standard scale the same way.
+
+    Off scale: a weight std ``init_scale_factor`` times above (or below) the standard one. Consecutive: only
+    pass-through layers between them.
+    """
+    keras = data.meta.get("framework") == "keras"
+    chains: list[list[dict[str, Any]]] = [[]]
+    for layer in data.layers:
+        kind = str(data.layer_info(layer).get("type") or "")
+        weighted = bool(_WEIGHTED.match(kind)) and not (kind == "Conv1D" and not keras)
+        entry = _scale_entry(data, layer, step) if weighted else None
+        if entry is not None:
+            chains[-1].append(entry)
+        elif not (kind and _PASS.search(kind) and not data.layer_info(layer).get("params")):
+            chains.append([])
+    out = []
+    for chain in chains:
+        run: list[dict[str, Any]] = []
+        for entry in [*chain, None]:
+            direction = _direction(entry, th) if entry is not None else None
+            if run and direction == run[-1]["direction"]:
+                run.append({**entry, "direction": direction})
+                continue
+            if len(run) >= th.init_chain:
+                out.append({"direction": run[0]["direction"], "layers": run})
+            run = [{**entry, "direction": direction}] if direction is not None else []
+    return out
+
+
+def _scale_entry(data: RunData, layer: str, step: int) -> dict[str, Any] | None:
+    params = param_tensors(data, layer)
+    if "weight" not in params:
+        return None
+    name, shape = params["weight"]
+    w = layer_stats(data, "weight", layer, step, tensor=name)
+    if w is None:
+        return None
+    fan_in, fan_out = fan(data, name, shape)
+    ref, scheme = _reference(data, layer, fan_in, fan_out)
+    out = layer_stats(data, "output", layer, step) if "output" in data.kinds else None
+    return {
+        "layer": layer,
+        "tensor": name,
+        "std": w["std"],
+        "fan_in": fan_in,
+        "reference_std": ref,
+        "reference": scheme,
+        "scale": w["std"] / ref if ref > 0 else math.nan,
+        "output_rms": out["rms"] if out is not None else None,
+    }
+
+
+def _direction(entry: dict[str, Any], th: Thresholds) -> str | None:
+    scale = entry["scale"]
+    if not scale > 0:
+        return None
+    if scale >= th.init_scale_factor:
+        return "large"
+    if scale <= 1.0 / th.init_scale_factor:
+        return "small"
+    return None
 
 
 def _out_of_range(data: RunData, layer: str, first: int, recent: list[int], th: Thresholds) -> dict[str, Any] | None:
@@ -165,8 +290,16 @@ def _sentence(layer: str, h: dict[str, Any], step: int) -> str:
     )
 
 
-def _advice(hits: dict[str, dict[str, Any]]) -> tuple[str, ...]:
+def _advice(hits: dict[str, dict[str, Any]], chains: list[dict[str, Any]]) -> tuple[str, ...]:
     out = []
+    for chain in chains:
+        first = chain["layers"][0]
+        out.append(
+            f"Initialise the weights of {', '.join(repr(e['layer']) for e in chain['layers'])} with the scheme that "
+            f"fits their activation ({first['reference']}: std {fmt(first['reference_std'])} for {first['layer']!r}; "
+            "torch.nn.init.kaiming_normal_ for ReLU, xavier_uniform_ for tanh/sigmoid; Keras 'he_normal' / "
+            "'glorot_uniform'), or keep the framework's default."
+        )
     for h in hits.values():
         owner = h["producer"]
         if h["parameter"] == "bias":
@@ -191,15 +324,56 @@ def _advice(hits: dict[str, dict[str, Any]]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
-def _finding(data: RunData, hits: dict[str, dict[str, Any]], step: int, th: Thresholds) -> Finding:
+def _chain_sentence(chain: dict[str, Any], step: int) -> str:
+    layers = chain["layers"]
+    scales = [e["scale"] for e in layers]
+    worst = max(layers, key=lambda e: abs(math.log(e["scale"])))
+    word = "larger" if chain["direction"] == "large" else "smaller"
+    lo, hi = min(scales), max(scales)
+    span = f"{fmt(lo)}x" if fmt(lo) == fmt(hi) else f"{fmt(lo)}x–{fmt(hi)}x"
+    names = ", ".join(repr(e["layer"]) for e in layers)
+    rms = [e["output_rms"] for e in layers if e["output_rms"] is not None]
+    signal = ""
+    if len(rms) >= 2 and rms[0] > 0:
+        signal = f"; their outputs' RMS goes from {fmt(rms[0])} to {fmt(rms[-1])} along the chain at step {step}"
+    return (
+        f"the weights of {len(layers)} consecutive layers ({names}) start {span} {word} than the standard scale "
+        f"(e.g. {worst['layer']!r}: std {fmt(worst['std'])} against {worst['reference']}'s "
+        f"{fmt(worst['reference_std'])} for fan-in {worst['fan_in']}), with no normalisation between them, so the "
+        f"error compounds layer after layer{signal}"
+    )
+
+
+def _finding(
+    data: RunData, hits: dict[str, dict[str, Any]], chains: list[dict[str, Any]], step: int, th: Thresholds
+) -> Finding:
     layers = ordered(hits, data)
-    worst = layers[0]
     names: list[str] = []
+    sentences = [_chain_sentence(c, step) for c in chains]
+    for c in chains:
+        names += [e["layer"] for e in c["layers"]]
     for layer in layers:
         names += [hits[layer]["producer"], layer]
-    msg = "Bad initialisation: " + _sentence(worst, hits[worst], step) + "."
+    sentences += [_sentence(layer, hits[layer], step) for layer in layers[:1]]
+    msg = "Bad initialisation: " + "; and ".join(sentences) + "."
     if len(layers) > 1:
         msg += f" {len(layers) - 1} more layer(s) start out of range: " + ", ".join(map(repr, layers[1:])) + "."
+    explanation = []
+    if chains:
+        explanation.append(
+            "A layer multiplies the size of its input by about its weight std times sqrt(fan-in); the standard "
+            "initialisations choose the std so that this factor is about 1 for the activation that follows. Weights "
+            "several times larger or smaller than that, layer after layer, make activations and gradients grow or "
+            "shrink geometrically with depth: huge logits, a huge loss and huge steps at the start, or a signal and "
+            "a gradient that never reach the far end."
+        )
+    if hits:
+        explanation.append(
+            "Before the first update the units of these layers are already where they pass no gradient: a ReLU "
+            "whose pre-activation is negative for every input outputs 0 with derivative 0, and a tanh/sigmoid "
+            "driven far from 0 has a derivative near 0. Training cannot move them out, because the gradient that "
+            "would do so is the one they block."
+        )
     return Finding(
         code="bad-initialisation",
         severity="warning",
@@ -209,16 +383,15 @@ def _finding(data: RunData, hits: dict[str, dict[str, Any]], step: int, th: Thre
         evidence={
             "step": step,
             "layers": hits,
+            "scale_chains": chains,
+            "direction": chains[0]["direction"] if chains else None,
             "threshold_bias_sigmas": th.init_bias_sigmas,
             "threshold_dead_fraction": th.dead_fraction,
             "threshold_saturation_gain": th.saturation_gain,
+            "threshold_scale_factor": th.init_scale_factor,
+            "threshold_chain": th.init_chain,
         },
         message=msg,
-        explanation=(
-            "Before the first update the units of these layers are already where they pass no gradient: a ReLU "
-            "whose pre-activation is negative for every input outputs 0 with derivative 0, and a tanh/sigmoid "
-            "driven far from 0 has a derivative near 0. Training cannot move them out, because the gradient that "
-            "would do so is the one they block."
-        ),
-        advice=_advice(hits),
+        explanation=" ".join(explanation),
+        advice=_advice(hits, chains),
     )

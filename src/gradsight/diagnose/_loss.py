@@ -68,7 +68,7 @@ class LossNotDecreasingRule(Rule):
         if decrease >= th.loss_min_decrease:
             return []
         healthy = _healthy(data, th)
-        rising = end > start
+        rising = -decrease > th.loss_min_decrease  # rose by more than the noise band a flat loss may drift in
         evidence: dict[str, Any] = {
             "loss_start": start,
             "loss_initial": initial,
@@ -86,7 +86,7 @@ class LossNotDecreasingRule(Rule):
             start_text += f" (leaving out {spikes} spike(s) above {fmt(th.damage_loss_rise)}x the initial loss)"
         msg = (
             f"The loss did not decrease: the median of the last {w} logged values is {fmt(end)} against "
-            f"{start_text} ({'+' if rising else ''}{fmt(-decrease * 100)} %; at least "
+            f"{start_text} ({'+' if end > start else ''}{fmt(-decrease * 100)} %; at least "
             f"-{fmt(th.loss_min_decrease * 100)} % expected) over {n} steps."
         )
         if healthy.get("healthy") and not rising:

@@ -8,7 +8,9 @@ Call :meth:`OnlineDiagnosis.check` after each logged step (a framework integrati
 * the full rule set runs every ``full_every`` calls (and on :meth:`OnlineDiagnosis.finish`), over the whole run.
 
 Each finding is reported **once**, when it first appears: a finding is new when it names a code/layer pair not
-reported before (``non-finite`` once per run, whatever it spreads to). Reporting is a
+reported before (``non-finite`` once per run, whatever it spreads to). The full rule set relates its findings as
+:func:`gradsight.diagnose.diagnose` does: root causes are reported first, and a symptom's warning says what it is
+"because of" (its ``caused_by``; its advice points to the root). Reporting is a
 :class:`GradsightWarning` (default) or a callback. When a new finding's code is in ``stop_on`` the diagnosis
 flags :attr:`OnlineDiagnosis.should_stop` (and raises :class:`TrainingStopped` with ``raise_on_stop=True``).
 """
@@ -23,7 +25,7 @@ from typing import Any, Literal
 from .._errors import GradsightError, InputError
 from ..store import Run
 from ._base import Rule, RunData, Thresholds
-from ._diagnose import DEFAULT_RULES, sort_findings
+from ._diagnose import DEFAULT_RULES, evaluate, sort_findings
 from ._finding import CODES, Finding
 from ._nonfinite import NonFiniteRule
 
@@ -53,8 +55,10 @@ class TrainingStopped(GradsightError, RuntimeError):
 def warn_finding(finding: Finding) -> None:
     """The default reporter: a :class:`GradsightWarning` with the finding's one-line summary."""
     steps = "" if finding.first_step is None else f" at step {finding.first_step}"
+    because = f" (because of {', '.join(finding.caused_by)})" if finding.caused_by else ""
     warnings.warn(
-        GradsightWarning(f"gradsight {finding.severity} {finding.code}{steps}: {finding.message}"), stacklevel=3
+        GradsightWarning(f"gradsight {finding.severity} {finding.code}{steps}{because}: {finding.message}"),
+        stacklevel=3,
     )
 
 
@@ -204,11 +208,7 @@ class OnlineDiagnosis:
         return fresh
 
     def _evaluate(self, data: RunData, rules: Sequence[Rule]) -> list[Finding]:
-        out: list[Finding] = []
-        for rule in rules:
-            if not rule.missing(data):
-                out.extend(rule.check(data, self.thresholds))
-        return out
+        return evaluate(data, rules, self.thresholds)
 
     # ---- the API -------------------------------------------------------------------------------------------
     def check(self, step: int | None = None, *, full: bool | None = None) -> list[Finding]:

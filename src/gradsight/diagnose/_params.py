@@ -14,8 +14,9 @@ judged.
   other parameters did receive a gradient. Parameters the metadata lists as frozen on purpose (``meta["frozen"]``)
   are reported as info.
 * ``not-optimized`` (warning): a parameter that received a non-zero gradient but is not held by the optimizer
-  (while it holds others), or is held but never moved (its update norm 0 at every step at which it had a
-  gradient: a learning rate of 0 for its group). The torch watch's metadata ``optimizer_params`` (parameters
+  (while it holds others), or is held but never moved (its update norm 0 at every step at which an update was
+  expected: a learning rate of 0 for its group; see :func:`_never_moved` for why an update too small for float32
+  to represent is not counted). The torch watch's metadata ``optimizer_params`` (parameters
   held, of the model's) is quoted as evidence.
 """
 
@@ -27,25 +28,10 @@ import numpy as np
 
 from ._base import Rule, RunData, Thresholds, ordered
 from ._finding import Finding
-from ._series import per_tensor, tensor_grad_norms, update_norms
+from ._series import held_tensors, lr, per_tensor, tensor_grad_norms, update_norms, weight_norms
 from ._why import why_small
 
 __all__ = ["NoGradientRule", "NotOptimizedRule"]
-
-
-def held_tensors(data: RunData) -> tuple[list[str], str]:
-    """The parameter tensors the optimizer holds, and where that was read (empty when unknown)."""
-    w = per_tensor(data, "weight_norm")
-    if w.shape[1]:
-        return [str(c) for c in w.columns], "per-step weight_norm/<tensor>"
-    u = per_tensor(data, "update_norm")
-    if u.shape[1]:
-        return [str(c) for c in u.columns], "per-step update_norm/<tensor>"
-    if "update" in data.kinds:
-        names = list(dict.fromkeys(str(t) for t in data.frame("update")["tensor"]))
-        if names:
-            return names, "update summaries"
-    return [], ""
 
 
 def _grad_state(data: RunData) -> tuple[dict[str, str], str]:
@@ -231,16 +217,39 @@ class NotOptimizedRule(Rule):
         ]
 
 
+#: An update is representable when it changes a float32 weight: the smallest relative change float32 resolves is
+#: 2**-24 ≈ 6e-8 per element; a step whose expected relative size lr·‖g‖/‖W‖ is below 1e-6 (16x that, for the
+#: spread of element sizes) may vanish in rounding, so an update norm of exactly 0 proves nothing there.
+_REPRESENTABLE = 1e-6
+
+
 def _never_moved(data: RunData, tensors: list[str]) -> list[str]:
-    """Of ``tensors``, those whose update norm was exactly 0 at every step with an update record."""
+    """Of ``tensors``, those whose update norm was exactly 0 at every step at which an update was expected.
+
+    An update is expected where the learning rate is recorded and was 0 (the group's rate itself: the clearest
+    case), or where it was positive and ``lr·‖g‖/‖W‖`` (plain SGD's relative step; adaptive optimizers step more)
+    is at least :data:`_REPRESENTABLE` — so a weight whose update rounds away in float32 (a vanishing gradient) is
+    not called "not optimized". Without a recorded learning rate nothing is expected: the rule stays silent.
+    """
     u, _ = update_norms(data)
+    g, _ = tensor_grad_norms(data)
+    w, _ = weight_norms(data)
+    rate = lr(data)
     out = []
     for t in tensors:
-        if t not in u.columns:
+        if t not in u.columns or t not in g.columns or rate.empty:
             continue
-        col = u[t].to_numpy(dtype="float64")
-        seen = col[~np.isnan(col)]
-        if seen.size and not (np.abs(seen) > 0).any():
+        steps = u.index[u[t].notna()].intersection(g.index[g[t].notna()]).intersection(rate.index)
+        if not len(steps):
+            continue
+        upd = u.loc[steps, t].to_numpy(dtype="float64")
+        grad = g.loc[steps, t].to_numpy(dtype="float64")
+        lrs = rate.loc[steps].to_numpy(dtype="float64")
+        wn = w[t].reindex(steps).to_numpy(dtype="float64") if t in w.columns else np.full(len(steps), np.nan)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            relative = np.where(wn > 0, lrs * grad / wn, np.inf)
+        expected = (grad > 0) & ((lrs == 0) | (relative >= _REPRESENTABLE))
+        if expected.any() and not (np.abs(upd[expected]) > 0).any():
             out.append(t)
     return out
 

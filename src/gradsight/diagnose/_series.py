@@ -31,6 +31,8 @@ __all__ = [
     "global_update_ratio",
     "global_weight_norm",
     "grad_norm",
+    "held_grad_norm",
+    "held_tensors",
     "layer_update_ratios",
     "loss",
     "lr",
@@ -161,6 +163,44 @@ def update_norms(data: RunData) -> tuple[pd.DataFrame, str]:
         return _summary_table(data, "update"), "update summaries"
 
     return cached(data, "update_norms", make)
+
+
+def held_tensors(data: RunData) -> tuple[list[str], str]:
+    """The parameter tensors the optimizer holds, and where that was read (empty when unknown)."""
+    w = per_tensor(data, "weight_norm")
+    if w.shape[1]:
+        return [str(c) for c in w.columns], "per-step weight_norm/<tensor>"
+    u = per_tensor(data, "update_norm")
+    if u.shape[1]:
+        return [str(c) for c in u.columns], "per-step update_norm/<tensor>"
+    if "update" in data.kinds:
+        names = list(dict.fromkeys(str(t) for t in data.frame("update")["tensor"]))
+        if names:
+            return names, "update summaries"
+    return [], ""
+
+
+def held_grad_norm(data: RunData) -> tuple[pd.Series, str]:
+    """The gradient norm of the parameters the optimizer holds, per step, and its source.
+
+    From the per-tensor norms where it is known which parameters the optimizer holds and it holds fewer than have
+    gradients (the gradients of parameters it does not hold are never zeroed by ``optimizer.zero_grad()``: they
+    pile up, and that is the not-optimized rule's business); else :func:`grad_norm`.
+    """
+
+    def make() -> tuple[pd.Series, str]:
+        held, _ = held_tensors(data)
+        g, _ = tensor_grad_norms(data)
+        cols = [t for t in g.columns if t in set(held)]
+        if not held or not cols or len(cols) == g.shape[1]:
+            return grad_norm(data)
+        arr = g[cols].to_numpy(dtype="float64")
+        present = ~np.isnan(arr).all(axis=1)
+        with np.errstate(over="ignore", invalid="ignore"):
+            norm = np.sqrt(np.nansum(arr**2, axis=1))
+        return _series(norm[present], g.index[present]), "gradients of the parameters the optimizer holds"
+
+    return cached(data, "held_grad_norm", make)
 
 
 def global_weight_norm(data: RunData) -> tuple[pd.Series, str]:
@@ -344,7 +384,8 @@ def damage(
       steps up to it (the loss logged at a step is computed before that step's update);
     * ``gradient``: the gradient norm after ``step`` exceeded ``grad_jump`` times its running median (the
       median of the ``reference_window`` values before it);
-    * ``non_finite``: a NaN/Inf was recorded after ``step`` (anywhere later in the run).
+    * ``non_finite``: a NaN/Inf was recorded within the ``window`` steps after ``step`` (a NaN long after a step
+      is no evidence against that step).
     """
     out: dict[str, Any] = {}
     w, _ = global_weight_norm(data)
@@ -379,7 +420,7 @@ def damage(
                     "running_median": float(ref_g.loc[at]),
                     "jump": float(jumps.max()),
                 }
-    bad = [s for s in nonfinite_steps(data) if s > step]
+    bad = [s for s in nonfinite_steps(data) if step < s <= step + window]
     if bad:
         out["non_finite"] = {"step": bad[0]}
     return out

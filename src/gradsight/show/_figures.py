@@ -5,7 +5,7 @@ returns a :class:`matplotlib.figure.Figure` (never shown, never saved — call `
 
 * :func:`plot_overview` — the training at a glance: loss, per-layer gradient RMS as a layer × step heatmap on a
   log colour scale, weight RMS, update/weight ratio, activation active-rate and dead-unit fraction per layer, with
-  the findings marked on the time axis.
+  the findings marked on the time axis (each root cause's first step in bold, with a ▼ on the loss panel).
 * :func:`plot_depth_profile` — gradient (or another kind's) RMS per layer at chosen steps: the picture of
   vanishing and exploding gradients.
 * :func:`plot_histograms` — the log2|x| histograms of one tensor over time.
@@ -198,24 +198,46 @@ def _lines(ax: Axes, table: pd.DataFrame, styles: dict[str, tuple[Any, str]], *,
 
 
 def _mark_findings(axes: Sequence[Axes], findings: Sequence[Any], legend_ax: Axes) -> None:
-    """Shade each finding's steps on every panel; list them in a legend on ``legend_ax``."""
+    """Shade each finding's steps on every panel; list them in a legend on ``legend_ax``.
+
+    A root cause (a finding the diagnosis marks ``is_root``, with no ``caused_by``) is drawn with a bold solid line
+    at its first step and a ▼ at the top of ``legend_ax`` (the loss panel); symptoms with thin dashed lines. The
+    legend lists the roots first and, when there are symptoms, says "root" or "because of ..." for each.
+    """
     from matplotlib.lines import Line2D
 
     handles, labels = [], []
     shown = [f for f in findings if getattr(f, "first_step", None) is not None]
+    shown.sort(key=lambda f: not _is_root(f))  # stable: roots first, each group in the diagnosis' order
+    chained = not all(_is_root(f) for f in shown)  # name roles only when there is a chain to tell apart
     for i, f in enumerate(shown):
         colour = _SEVERITY_COLOUR.get(f.severity, OKABE_ITO["black"])
         first = f.first_step
         last = f.last_step if f.last_step is not None else first
-        ls = _LINESTYLES[i % len(_LINESTYLES)]
+        root = _is_root(f)
+        ls = "-" if root else _LINESTYLES[1 + i % (len(_LINESTYLES) - 1)]
+        lw = 2.4 if root else 1.0
         for ax in axes:
-            ax.axvline(first, color=colour, ls=ls, lw=1.2, zorder=4)
+            ax.axvline(first, color=colour, ls=ls, lw=lw, zorder=5 if root else 4)
             if last > first:
                 ax.axvspan(first, last, color=colour, alpha=0.08, lw=0, zorder=0)
+        if root:
+            legend_ax.plot(
+                [first],
+                [1.0],
+                marker="v",
+                color=colour,
+                markersize=9,
+                transform=legend_ax.get_xaxis_transform(),
+                clip_on=False,
+                zorder=6,
+                ls="none",
+            )
         if i < 6:
-            handles.append(Line2D([], [], color=colour, ls=ls, lw=1.5))
+            handles.append(Line2D([], [], color=colour, ls=ls, lw=lw + 0.3))
             steps = f"step {first}" if last == first else f"steps {first}–{last}"
-            labels.append(f"{f.severity}: {f.code} ({steps})")
+            role = ("; root" if root else "; because of " + ", ".join(getattr(f, "caused_by", ()))) if chained else ""
+            labels.append(f"{f.severity}: {f.code} ({steps}{role})")
     if len(shown) > 6:
         handles.append(Line2D([], [], color="none"))
         labels.append(f"+{len(shown) - 6} more findings (see report)")
@@ -223,6 +245,11 @@ def _mark_findings(axes: Sequence[Axes], findings: Sequence[Any], legend_ax: Axe
         leg = legend_ax.legend(handles, labels, loc="upper right", fontsize=7, framealpha=0.9, title="findings")
         leg.get_title().set_fontsize(7)
         _plain(leg.get_texts())
+
+
+def _is_root(f: Any) -> bool:
+    """A root cause: marked so by the diagnosis, or without recorded causes."""
+    return bool(getattr(f, "is_root", True)) and not getattr(f, "caused_by", ())
 
 
 def _loss_panel(ax_loss: Axes, scalars: pd.DataFrame) -> None:
@@ -304,8 +331,9 @@ def plot_overview(run: RunLike, *, findings: Sequence[Any] | None = None) -> Fig
     Panels, top to bottom, sharing the step axis: loss (log axis when it spans decades); gradient RMS per layer as
     a layer × step heatmap on a log colour scale (NaN/Inf cells marked ×); weight RMS per layer; update/weight
     ratio per layer (with the common ~1e-3 reference); activation active rate and dead-unit fraction per layer.
-    Each finding is drawn as a vertical line at its first step, shading up to its last step, coloured by
-    severity. Per-layer lines are coloured by depth (viridis, dark = input side).
+    Each finding is drawn as a vertical line at its first step, shading up to its last step, coloured by severity; a
+    root cause's line is bold and solid, with a ▼ above the loss panel at its first step. Per-layer lines are
+    coloured by depth (viridis, dark = input side).
 
     Args:
         run: a :class:`~gradsight.store.Run` or the path of a run file.

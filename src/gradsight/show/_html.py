@@ -1,11 +1,11 @@
 """The HTML report: one self-contained file, readable offline, that loads nothing.
 
-Layout: a header with the run's key facts, the findings first (severity, layers, message, explanation, advice, the
-evidence folded away), the figures (embedded as base64 PNG ``data:`` images), a per-layer table, and the full run
-metadata. The page has no JavaScript, and a strict Content-Security-Policy
-(``default-src 'none'; img-src data:; style-src 'unsafe-inline'``) so that even a hostile string could not make it
-load anything. Every string that came from the run (layer and tensor names, metadata and config values, finding
-texts) is escaped with :func:`html.escape`.
+Layout: a header with the run's key facts, the findings first — root causes (severity, layers, message, explanation,
+advice, the evidence folded away), then the symptoms they explain, each saying what it is because of — the figures
+(embedded as base64 PNG ``data:`` images), a per-layer table, and the full run metadata. The page has no JavaScript,
+and a strict Content-Security-Policy (``default-src 'none'; img-src data:; style-src 'unsafe-inline'``) so that even
+a hostile string could not make it load anything. Every string that came from the run (layer and tensor names,
+metadata and config values, finding texts) is escaped with :func:`html.escape`.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ table{border-collapse:collapse;font-size:.9em;margin:.5em 0}th,td{border:1px sol
 text-align:left;vertical-align:top}th{background:#f6f6f6}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .finding{border-left:5px solid #56B4E9;background:#f7fbfe;padding:.4em .9em;margin:.7em 0}
 .finding.warning{border-color:#E69F00;background:#fffaf0}.finding.error{border-color:#D55E00;background:#fff5f0}
-.finding p{margin:.3em 0}.counts span{margin-right:1.2em}.ok{color:#009E73}
+.finding p{margin:.3em 0}.finding[data-role=symptom]{margin-left:1.6em;opacity:.92}
+.because{font-style:italic}h3{font-size:1.05em;margin:1em 0 .3em}.counts span{margin-right:1.2em}.ok{color:#009E73}
 figure{margin:1em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}figcaption{color:#555;font-size:.9em}
 details pre{white-space:pre-wrap;font-size:.85em;background:#f8f8f8;padding:.5em}
 footer{margin-top:2em;color:#777;font-size:.85em}
@@ -94,6 +95,27 @@ def _finding_html(f: Any) -> str:
     return body
 
 
+def _is_root(f: Any) -> bool:
+    return bool(getattr(f, "is_root", True)) and not getattr(f, "caused_by", ())
+
+
+def _chain_html(found: Sequence[Any]) -> str:
+    """The findings as chains: the root causes, then the symptoms, each saying what it is because of.
+
+    Without symptoms (every finding its own root) the list is shown as it is, without headings.
+    """
+    roots = [f for f in found if _is_root(f)]
+    symptoms = [f for f in found if not _is_root(f)]
+    if not symptoms:
+        return "".join(_finding_html(f) for f in found)
+    return (
+        '<h3 id="roots">Root causes</h3>'
+        + "".join(_finding_html(f) for f in roots)
+        + '<h3 id="symptoms">Symptoms, because of the root causes above</h3>'
+        + "".join(_finding_html(f) for f in symptoms)
+    )
+
+
 def _figures(run: Run, findings: Sequence[Any]) -> list[tuple[str, str, str]]:
     """(title, caption, base64 PNG or '' with the reason in caption) for each figure."""
     from ._figures import plot_depth_profile, plot_histograms, plot_overview
@@ -109,7 +131,8 @@ def _figures(run: Run, findings: Sequence[Any]) -> list[tuple[str, str, str]]:
     add(
         "Training overview",
         "Loss, per-layer gradient RMS (layer × step, log colour scale), weight RMS, update/weight ratio and "
-        "activation statistics over the steps; findings are marked at their steps.",
+        "activation statistics over the steps; findings are marked at their steps, each root cause's first step "
+        "with a bold line and a ▼ on the loss panel.",
         lambda: plot_overview(run, findings=findings),
     )
     add(
@@ -186,7 +209,7 @@ def render_html(run: RunLike, *, findings: Sequence[Any] | None = None) -> str:
     counts = {s: sum(1 for f in found if getattr(f, "severity", "") == s) for s in ("error", "warning", "info")}
     if found:
         count_html = "".join(f"<span>{_e(s)}: <b>{n}</b></span>" for s, n in counts.items())
-        findings_html = f'<p class="counts">{count_html}</p>' + "".join(_finding_html(f) for f in found)
+        findings_html = f'<p class="counts">{count_html}</p>' + _chain_html(found)
     else:
         findings_html = '<p class="ok">No findings: none of the diagnosis rules fired on this run.</p>'
 

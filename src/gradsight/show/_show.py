@@ -1,7 +1,7 @@
 r"""``gradsight show RUN``: a summary of a run for the terminal.
 
 A header with the run's key facts and its loss, one row per layer (the last recorded value of each statistic, as
-in the HTML report's layer table), then the findings, most severe first. Drawn with ``rich``: coloured on a
+in the HTML report's layer table), then the findings, root causes first. Drawn with ``rich``: coloured on a
 terminal, plain text when piped or captured, so it can be pasted into an issue. Every string that came from the
 run (path, layer names, metadata, finding texts) goes through :func:`gradsight._cli_support.terminal_safe` and
 is handed to rich as :class:`rich.text.Text` with markup off, so a layer named ``"\x1b[2J"`` shows as that text
@@ -94,6 +94,9 @@ def _findings(found: Sequence[Any]) -> list[RenderableType]:
     for f in found:
         text = finding_renderable(f)
         out.append(text.split("\n")[0] if text.plain else Text(""))
+        causes = getattr(f, "caused_by", ())
+        if causes:
+            out.append(Text("    because of: " + ", ".join(terminal_safe(c) for c in causes)))
         layers = getattr(f, "layers", ())
         if layers:
             out.append(Text("    layers: " + ", ".join(terminal_safe(name) for name in layers)))

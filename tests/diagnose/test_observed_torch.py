@@ -1,0 +1,300 @@
+"""The runs of issue #14, built small in PyTorch, diagnosed end to end: the root cause first, the fix named.
+
+Each trains in about a second on one CPU thread (digits from scikit-learn where a real data set is needed).
+"""
+
+import math
+
+import pytest
+
+import gradsight
+from gradsight.diagnose import RunData, Thresholds
+from gradsight.diagnose._advice import lr_direction
+from gradsight.diagnose._why import why_small
+
+pytestmark = pytest.mark.torch
+
+
+def _roots(found):
+    return [f for f in found if f.is_root and f.severity in ("warning", "error")]
+
+
+def _by_code(found, code):
+    hits = [f for f in found if f.code == code]
+    assert hits, f"no {code} among {[(f.code, f.severity) for f in found]}"
+    return hits[0]
+
+
+def _no_contradiction(found):
+    directions = {lr_direction(a) for f in found for a in f.advice}
+    assert not {-1, 1} <= directions, [f.advice for f in found]
+
+
+def _digits(torch, images=True):
+    datasets = pytest.importorskip("sklearn.datasets")
+    d = datasets.load_digits()
+    x = torch.tensor(d.images / 16.0, dtype=torch.float32)
+    return (x.unsqueeze(1) if images else x.reshape(len(x), -1)), torch.tensor(d.target)
+
+
+def _train(torch, model, opt, path, x, y, *, steps, every=10, loss=None, zero_grad=True, batch=64, seed=0):
+    loss = loss or torch.nn.functional.cross_entropy
+    g = torch.Generator().manual_seed(seed)
+    with gradsight.watch(model, path=path, optimizer=opt, every=every) as w:
+        for _ in range(steps):
+            idx = torch.randint(0, len(x), (batch,), generator=g)
+            if zero_grad:
+                opt.zero_grad()
+            value = loss(model(x[idx]), y[idx])
+            value.backward()
+            opt.step()
+            w.log(loss=value)
+    return gradsight.diagnose(path)
+
+
+def test_digits_cnn_sgd_lr10_the_step_is_the_root(torch, torch_seeded_one_thread, tmp_path):
+    nn = torch.nn
+    x, y = _digits(torch)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 16, 10),
+    )  # fmt: skip
+    found = _train(torch, model, torch.optim.SGD(model.parameters(), lr=10.0), tmp_path / "r.db", x, y, steps=60)
+    root = found[0]
+    assert root.code == "learning-rate-too-high" and root.is_root and root.first_step == 0
+    assert root.evidence["update_ratio"] > 0.5 and root.evidence["lr"] == 10.0
+    assert root.advice[0].startswith("Lower the learning rate by about") and "from 10 to" in root.advice[0]
+    dead = _by_code(found, "dead-units")
+    assert not dead.is_root and "learning-rate-too-high" in dead.evidence["root_causes"]
+    assert "2" not in dead.layers and "5" not in dead.layers  # the pooling and the flatten are echoes, folded in
+    for f in found[1:]:
+        assert not f.is_root or f.severity == "info", f.code
+    _no_contradiction(found)
+
+
+def test_conv_bias_minus_6_names_the_parameter(torch, torch_seeded_one_thread, tmp_path):
+    nn = torch.nn
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 4),
+    )  # fmt: skip
+    with torch.no_grad():
+        model[2].bias.fill_(-6.0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 3, 8, 8, generator=g)
+    y = (x.mean((1, 2, 3)) > 0).long() + 2 * (x[:, 0].mean((1, 2)) > 0).long()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    found = _train(torch, model, opt, tmp_path / "r.db", x, y, steps=30, every=5, batch=32)
+    root = found[0]
+    assert root.code == "bad-initialisation" and root.layers[:2] == ("2", "3")
+    assert "the bias of '2' has mean -6 (std 0)" in root.message
+    assert "100% of the units of '3' are ≤ 0 (dead) from step 0" in root.message
+    assert root.evidence["layers"]["3"]["tensor"] == "2.bias"
+    assert any("bias of '2' at 0" in a for a in root.advice)
+    dead = _by_code(found, "dead-units")
+    assert dead.layers == ("3",) and dead.caused_by == ("bad-initialisation",)
+    assert dead.evidence["echoes"] == {"4": "3", "5": "3"}
+    # the zero gradients upstream are explained factor by factor
+    nog = _by_code(found, "no-gradient")
+    assert {k: v["verdict"] for k, v in nog.evidence["why"].items()} == {
+        "0": "incoming",  # dJ/dA at the first ReLU is exactly 0: the gradient stops at '3'
+        "2": "local_derivative",  # S of its ReLU '3' is 0 everywhere
+        "6": "input",  # its input, the flattened dead units, is all zeros
+    }
+    assert nog.evidence["why"]["0"]["incoming"]["stops_at"] == "3"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_an_lstm_that_learns_has_no_warning(torch, torch_seeded_one_thread, tmp_path, seed):
+    nn = torch.nn
+    torch.manual_seed(seed)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(1, 16, batch_first=True)
+            self.head = nn.Linear(16, 1)
+
+        def forward(self, x):
+            return self.head(self.lstm(x)[0][:, -1]).squeeze(-1)
+
+    model = Net()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2048, 10, 1, generator=g)
+    y = (x[:, 0, 0] > 0).float()
+    found = _train(
+        torch, model, torch.optim.Adam(model.parameters(), lr=1e-2), tmp_path / "r.db", x, y, steps=200,
+        batch=32, loss=nn.functional.binary_cross_entropy_with_logits, seed=seed,
+    )  # fmt: skip
+    assert not [f for f in found if f.severity != "info"], [f.message for f in found]
+
+
+def _mlp(torch):
+    nn = torch.nn
+    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_missing_zero_grad(torch, torch_seeded_one_thread, tmp_path, optimizer):
+    x, y = _digits(torch, images=False)
+    model = _mlp(torch)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    found = _train(torch, model, opt, tmp_path / "r.db", x, y, steps=80, zero_grad=False)
+    assert found[0].code == "gradients-accumulating" and found[0].is_root
+    assert any("zero_grad()" in a for a in found[0].advice)
+    _no_contradiction(found)
+
+
+def test_frozen_by_mistake_and_detached(torch, torch_seeded_one_thread, tmp_path):
+    x, y = _digits(torch, images=False)
+    model = _mlp(torch)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model[0].requires_grad_(False)
+    root = _train(torch, model, opt, tmp_path / "a.db", x, y, steps=40)[0]
+    assert root.code == "no-gradient" and root.layers == ("0",)
+    assert root.evidence["absent"] == ["0.weight", "0.bias"]
+
+    nn = torch.nn
+
+    class TwoBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.main = nn.Linear(64, 32)
+            self.aux_fc = nn.Linear(64, 32)
+            self.out = nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.out(torch.cat([torch.relu(self.main(x)), torch.relu(self.aux_fc(x)).detach()], 1))
+
+    model = TwoBranch()
+    root = _train(torch, model, torch.optim.Adam(model.parameters(), lr=1e-3), tmp_path / "b.db", x, y, steps=40)[0]
+    assert root.code == "no-gradient" and root.layers == ("aux_fc",)
+
+
+def test_a_layer_missing_from_the_optimizer(torch, torch_seeded_one_thread, tmp_path):
+    x, y = _digits(torch, images=False)
+    model = _mlp(torch)
+    opt = torch.optim.SGD([*model[2].parameters(), *model[4].parameters()], lr=0.05, momentum=0.9)
+    found = _train(torch, model, opt, tmp_path / "r.db", x, y, steps=60)
+    root = found[0]
+    assert root.code == "not-optimized" and root.layers == ("0",)
+    assert set(root.evidence["not_held"]) == {"0.weight", "0.bias"}
+    assert "gradients-accumulating" not in [f.code for f in found]  # its never-zeroed .grad is not the loop's fault
+
+
+def test_a_nan_at_the_end_of_a_divergence_is_not_blamed_on_the_loss(torch, torch_seeded_one_thread, tmp_path):
+    nn = torch.nn
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 16, generator=g) * 3
+    y = x @ torch.randn(16, 1, generator=g)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 1))
+    found = _train(
+        torch, model, torch.optim.SGD(model.parameters(), lr=0.05), tmp_path / "r.db", x, y, steps=40,
+        loss=nn.functional.mse_loss,
+    )  # fmt: skip
+    assert found[0].code == "learning-rate-too-high", [(f.code, f.caused_by) for f in found]
+    nan = _by_code(found, "non-finite")
+    assert not nan.is_root and "log(0)" not in nan.explanation
+    _no_contradiction(found)
+
+
+def test_a_transformer_on_random_tokens_sits_at_log_v_without_a_warning(torch, torch_seeded_one_thread, tmp_path):
+    nn = torch.nn
+    vocab, length = 64, 16
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(vocab, 32)
+            self.enc = nn.TransformerEncoder(
+                nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), 1, enable_nested_tensor=False
+            )
+            self.head = nn.Linear(32, vocab)
+            nn.init.zeros_(self.head.weight)  # uniform predictions from step 0: the loss starts at ln V
+            nn.init.zeros_(self.head.bias)
+
+        def forward(self, x):
+            return self.head(self.enc(self.emb(x)))
+
+    model = Tiny()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, vocab, (4096, length), generator=g)
+    y = torch.randint(0, vocab, (4096, length), generator=g)
+
+    def loss(out, target):
+        return nn.functional.cross_entropy(out.reshape(-1, vocab), target.reshape(-1))
+
+    found = _train(
+        torch, model, torch.optim.Adam(model.parameters(), lr=1e-3), tmp_path / "r.db", x, y, steps=60, every=5,
+        batch=16, loss=loss,
+    )  # fmt: skip
+    assert not [f for f in found if f.severity != "info"], [(f.code, f.message) for f in found]
+    flat = [f for f in found if f.code == "loss-not-decreasing"]
+    if flat:  # info at most, naming chance level
+        assert flat[0].evidence.get("chance_classes") == vocab
+    assert gradsight.load(tmp_path / "r.db").scalars["loss"].iloc[0] == pytest.approx(math.log(vocab), rel=1e-3)
+
+
+# ---- why is this gradient near zero: constructed cases ------------------------------------------------------------
+def _mse_run(torch, model, path, steps=3):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=g)
+    y = torch.randn(64, 2, generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with gradsight.watch(model, path=path, optimizer=opt, every=1) as w:
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            w.log(loss=loss)
+    return RunData(path)
+
+
+def test_why_near_zero_names_the_dead_input_and_the_dead_relu(torch, torch_seeded_one_thread, tmp_path):
+    nn = torch.nn
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+    with torch.no_grad():
+        model[0].bias.fill_(-10.0)  # '1' is dead: '2' gets a zero input, '0' a zero local derivative
+    data = _mse_run(torch, model, tmp_path / "r.db")
+    th = Thresholds()
+    upstream = why_small(data, "2", th)
+    assert upstream["verdict"] == "input" and upstream["input"]["layer"] == "1"
+    assert upstream["input"]["zero_fraction"] == 1.0
+    assert "its input A (the output of '1') is exactly 0 in 100% of its entries" in upstream["sentence"]
+    relu = why_small(data, "0", th)
+    assert relu["verdict"] == "local_derivative" and relu["local_derivative"]["zero_fraction"] == 1.0
+    assert "the local derivative S of its ReLU '1' is 0 for 100%" in relu["sentence"]
+    assert "explain's layer 1" in relu["exact"] and "trace['S1']" in relu["exact"]
+
+
+def test_why_near_zero_names_a_saturated_sigmoid(torch, torch_seeded_one_thread, tmp_path):
+    nn = torch.nn
+    model = nn.Sequential(nn.Linear(8, 16), nn.Sigmoid(), nn.Linear(16, 2))
+    with torch.no_grad():
+        model[0].weight.mul_(40.0)
+    data = _mse_run(torch, model, tmp_path / "r.db")
+    why = why_small(data, "0", Thresholds())
+    assert why["verdict"] == "local_derivative" and why["local_derivative"]["activation"] == "sigmoid"
+    assert why["local_derivative"]["gain"] < 0.25
+    assert "the local derivative S of its sigmoid '1' is on average" in why["sentence"]
+
+
+def test_why_near_zero_names_a_gradient_vanishing_from_above(torch, torch_seeded_one_thread, tmp_path):
+    nn = torch.nn
+    layers = [nn.Linear(8, 16), nn.Sigmoid()]
+    for _ in range(9):
+        layers += [nn.Linear(16, 16), nn.Sigmoid()]
+    model = nn.Sequential(*layers, nn.Linear(16, 2))
+    data = _mse_run(torch, model, tmp_path / "r.db")
+    why = why_small(data, "0", Thresholds())
+    assert why["verdict"] == "incoming", why["sentence"]
+    assert why["local_derivative"]["gain"] > 0.25  # the sigmoid itself is not saturated
+    assert why["incoming"]["downstream"]["ratio"] < 1e-3
+    found = gradsight.diagnose(data)
+    vanish = _by_code(found, "vanishing-gradients")
+    assert vanish.layers[0] == "0" and vanish.evidence["why"]["0"]["verdict"] == "incoming"
+    assert "gradsight.explain(model, x, y, loss)" in vanish.explanation

@@ -1,0 +1,337 @@
+"""The root-cause rules on synthetic runs whose every number the test sets: per-step signals and summaries."""
+
+import math
+import re
+
+import numpy as np
+import pytest
+
+from gradsight.diagnose import CODE_DESCRIPTIONS, CODES, Thresholds, diagnose
+from gradsight.diagnose._advice import lr_direction
+
+
+def codes(findings):
+    return [f.code for f in findings]
+
+
+def by_code(findings, code):
+    found = [f for f in findings if f.code == code]
+    assert found, f"no {code} finding among {codes(findings)}"
+    return found[0]
+
+
+def per_step(s, step, **values):
+    """Per-step signals; names with a slash (``weight_norm/fc1.weight``) are passed as a dict."""
+    s.scalars(step, **values)
+
+
+def signals(s, step, *, w, u, g, loss, lr=None, tensors=("fc1.weight", "fc2.weight")):
+    """One step of per-step signals for every tensor: weight norm w, update norm u, gradient norm g."""
+    values = {"loss": loss, "grad_norm": g * math.sqrt(len(tensors))}
+    for t in tensors:
+        values[f"weight_norm/{t}"] = w
+        values[f"update_norm/{t}"] = u
+        values[f"grad_norm/{t}"] = g
+    if lr is not None:
+        values["lr"] = lr
+    s.writer.log_scalars(step, values)
+
+
+def test_new_codes_are_public_and_described():
+    for code in (
+        "learning-rate-too-high",
+        "bad-initialisation",
+        "gradients-accumulating",
+        "no-gradient",
+        "not-optimized",
+        "gradients-clipped",
+        "no-steps-recorded",
+    ):
+        assert code in CODES and CODE_DESCRIPTIONS[code]
+
+
+# ---- learning-rate-too-high ---------------------------------------------------------------------------------
+def test_lr_too_high_names_the_first_step_that_did_damage(synth):
+    s = synth()
+    for step in range(30):
+        u = {0: 0.6, 5: 0.9}.get(step, 1e-3)  # step 0: a large step that does no harm; step 5: one that does
+        w = 1.0 if step <= 5 else 4.0
+        signals(s, step, w=w, u=u, g=1.0, loss=2.0 if step <= 5 else 6.0, lr=0.5)
+    (f,) = [f for f in diagnose(s.run()) if f.code == "learning-rate-too-high"]
+    assert f.is_root and f.first_step == 5 and f.severity == "warning"
+    assert f.evidence["update_ratio"] == pytest.approx(0.9)
+    assert f.evidence["source"] == "per-step update_norm/<tensor>"
+    assert set(f.evidence["damage"]) >= {"weights", "loss"}
+    assert "the update of step 5 moved the weights by 0.9 of their norm" in f.message
+    assert "the norm of all weights grew 4x" in f.message and "The learning rate at step 5 was 0.5." in f.message
+    assert f.advice[0].startswith("Lower the learning rate by about 100x (from 0.5 to 0.005 or less)")
+    assert all(lr_direction(a) <= 0 for a in f.advice)
+
+
+def test_a_large_step_without_damage_is_not_a_finding(synth):
+    s = synth()
+    for step in range(30):
+        signals(s, step, w=1.0, u=0.9 if step == 3 else 1e-3, g=1.0, loss=2.0 - 0.01 * step)
+    assert "learning-rate-too-high" not in codes(diagnose(s.run()))
+
+
+def test_lr_too_high_from_summaries_when_no_per_step_norms(synth, rng):
+    s = synth()
+    for step in range(12):
+        scale = 0.1 if step <= 3 else 2.0  # the weights blow up after the update of step 3
+        s.log(step, "weight", "fc1", np.full((4, 3), scale))
+        s.log(step, "update", "fc1", np.full((4, 3), 0.08 if step == 3 else 1e-4))
+        s.log(step, "grad", "fc1", rng.normal(0, 0.1, (4, 3)))
+        s.scalars(step, loss=1.0 if step <= 3 else 5.0)
+    f = by_code(diagnose(s.run()), "learning-rate-too-high")
+    assert f.first_step == 3 and f.evidence["source"] == "update summaries"
+    assert f.evidence["update_ratio"] == pytest.approx(0.8, rel=1e-6)
+
+
+# ---- bad-initialisation -------------------------------------------------------------------------------------------
+def test_bad_init_names_a_bias_inside_a_fused_keras_layer(synth, rng):
+    layers = [{"name": "fc1", "type": "Dense", "activation": "relu"}, {"name": "out", "type": "Dense"}]
+    s = synth(layers=layers, framework="keras")
+    for step in range(6):
+        s.log(step, "weight", "fc1", rng.normal(0, 0.3, (3, 8)), tensor="fc1/kernel")
+        s.log(step, "weight", "fc1", np.full(8, -10.0), tensor="fc1/bias")
+        s.log(step, "output", "fc1", np.zeros((16, 8)), unit_axis=-1)
+        s.log(step, "weight", "out", rng.normal(0, 0.3, (8, 2)), tensor="out/kernel")
+        s.log(step, "output", "out", rng.normal(size=(16, 2)), unit_axis=-1)
+    found = diagnose(s.run())
+    f = found[0]
+    assert f.code == "bad-initialisation" and f.is_root and f.layers == ("fc1",)
+    h = f.evidence["layers"]["fc1"]
+    assert h["parameter"] == "bias" and h["tensor"] == "fc1/bias" and h["bias"]["mean"] == -10.0
+    assert "unit-scale inputs" in h["weight_term_source"]
+    assert "the bias of 'fc1' has mean -10 (std 0)" in f.message
+    assert "100% of the units of 'fc1' are ≤ 0 (dead) from step 0" in f.message
+    dead = by_code(found, "dead-units")
+    assert dead.caused_by == ("bad-initialisation",) and not dead.is_root
+
+
+def _chain_run(s, rng, std, layers, width=64, steps=3):
+    for step in range(steps):
+        x = rng.normal(size=(16, width))
+        for spec in layers:
+            name = spec["name"]
+            if spec["type"] == "Linear":
+                w = rng.normal(0, std, (width, width))
+                s.log(step, "weight", name, w)
+                x = x @ w.T
+            elif spec["type"] == "ReLU":
+                x = np.maximum(x, 0)
+            else:  # a normalisation layer: back to unit scale
+                x = (x - x.mean(-1, keepdims=True)) / (x.std(-1, keepdims=True) + 1e-6)
+            s.log(step, "output", name, x, unit_axis=-1)
+
+
+def test_bad_init_weight_scale_along_a_chain(synth, rng):
+    layers = []
+    for i in range(4):
+        layers += [{"name": f"fc{i}", "type": "Linear"}, {"name": f"act{i}", "type": "ReLU"}]
+    s = synth(layers=layers)
+    _chain_run(s, rng, 1.0, layers)  # std 1 for fan-in 64: 5.7x He's sqrt(2/64)
+    f = by_code(diagnose(s.run()), "bad-initialisation")
+    (chain,) = f.evidence["scale_chains"]
+    assert chain["direction"] == "large" and [e["layer"] for e in chain["layers"]] == ["fc0", "fc1", "fc2", "fc3"]
+    assert all(
+        e["reference"] == "He" and e["scale"] == pytest.approx(1 / math.sqrt(2 / 64), rel=0.05) for e in chain["layers"]
+    )
+    assert f.layers[:4] == ("fc0", "fc1", "fc2", "fc3")
+    assert re.search(r"start 5\.\d+x–5\.\d+x larger than the standard scale \(e\.g\. 'fc\d': std ", f.message)
+
+
+def test_normalisation_breaks_a_scale_chain(synth, rng):
+    # two small projections, a LayerNorm, two more: chains of two, as in a transformer block (small by design)
+    layers = [
+        {"name": "q", "type": "Linear"},
+        {"name": "o", "type": "Linear"},
+        {"name": "ln", "type": "LayerNorm"},
+        {"name": "fc", "type": "Linear"},
+        {"name": "proj", "type": "Linear"},
+    ]
+    s = synth(layers=layers)
+    _chain_run(s, rng, 0.02, layers)
+    assert "bad-initialisation" not in codes(diagnose(s.run()))
+
+
+# ---- gradients-accumulating -----------------------------------------------------------------------------------
+def test_gradients_accumulating(synth, rng):
+    s = synth()
+    for step in range(40):
+        s.scalars(step, grad_norm=0.3 * (step + 1) * (1 + 0.03 * rng.normal()), loss=1.0 + 0.05 * rng.normal())
+    f = by_code(diagnose(s.run()), "gradients-accumulating")
+    assert f.is_root and f.first_step == 0 and f.evidence["slope"] == pytest.approx(1.0, abs=0.1)
+    assert f.evidence["rising_fraction"] >= 0.8 and f.evidence["growth"] > 20
+    assert "optimizer.zero_grad()" in f.message and any("zero_grad()" in a for a in f.advice)
+
+
+@pytest.mark.parametrize("kind", ["noisy", "exponential"])
+def test_not_accumulating(synth, rng, kind):
+    s = synth()
+    for step in range(40):
+        if kind == "noisy":  # a fresh minibatch gradient: up and down around a level
+            s.scalars(step, grad_norm=abs(1 + 0.4 * rng.normal()), loss=1.0 - 0.01 * step)
+        else:  # divergence: gradient and loss grow exponentially together
+            s.scalars(step, grad_norm=1.3**step, loss=1.6**step)
+    assert "gradients-accumulating" not in codes(diagnose(s.run()))
+
+
+# ---- no-gradient / not-optimized --------------------------------------------------------------------------------
+def _params_run(s, grads, held, updates=None, lr=0.1, steps=6):
+    for step in range(steps):
+        values = {"loss": 1.0 - 0.01 * step, "lr": lr}
+        for t in held:
+            values[f"weight_norm/{t}"] = 1.0
+            values[f"update_norm/{t}"] = (updates or {}).get(t, 0.01)
+        for t, g in grads.items():
+            values[f"grad_norm/{t}"] = g
+        s.writer.log_scalars(step, values)
+
+
+@pytest.mark.parametrize(("grad_c", "key"), [(None, "absent"), (0.0, "zero")])
+def test_no_gradient(synth, grad_c, key):
+    s = synth()
+    grads = {"fc1.weight": 0.5, "fc2.weight": 0.3}
+    if grad_c is not None:
+        grads["fc3.weight"] = grad_c
+    _params_run(s, grads, held=["fc1.weight", "fc2.weight", "fc3.weight"])
+    f = by_code(diagnose(s.run()), "no-gradient")
+    assert f.severity == "warning" and f.layers == ("fc3",) and f.evidence[key] == ["fc3.weight"]
+    assert "1 of the 3 parameter tensors the optimizer holds" in f.message
+
+
+def test_no_gradient_on_purpose_is_info(synth):
+    s = synth(frozen=["fc3.weight"])
+    _params_run(s, {"fc1.weight": 0.5}, held=["fc1.weight", "fc3.weight"])
+    f = by_code(diagnose(s.run()), "no-gradient")
+    assert f.severity == "info" and f.evidence["frozen_on_purpose"] == ["fc3.weight"]
+
+
+def test_not_optimized_not_held(synth):
+    s = synth(optimizer_params={"model_params_held": 2, "model_params": 3})
+    _params_run(s, {"fc1.weight": 0.5, "fc2.weight": 0.3, "fc3.weight": 0.2}, held=["fc2.weight", "fc3.weight"])
+    f = by_code(diagnose(s.run()), "not-optimized")
+    assert f.is_root and f.layers == ("fc1",) and f.evidence["not_held"] == ["fc1.weight"]
+    assert "The optimizer holds 2 of the model's 3 parameter tensors." in f.message
+
+
+def test_not_optimized_learning_rate_zero_but_not_a_float_rounding(synth):
+    s = synth()
+    _params_run(
+        s,
+        {"fc1.weight": 0.5, "fc2.weight": 0.3},
+        held=["fc1.weight", "fc2.weight"],
+        lr=0.0,
+        updates={"fc1.weight": 0.0, "fc2.weight": 0.0},
+    )
+    assert by_code(diagnose(s.run()), "not-optimized").evidence["never_moved"] == ["fc1.weight", "fc2.weight"]
+    # an update that rounds away in float32: lr * |g| / |W| = 1e-13 -> no finding
+    s2 = synth("b.db")
+    _params_run(
+        s2, {"fc1.weight": 1e-12, "fc2.weight": 0.3}, held=["fc1.weight", "fc2.weight"], updates={"fc1.weight": 0.0}
+    )
+    assert "not-optimized" not in codes(diagnose(s2.run()))
+
+
+# ---- gradients-clipped ----------------------------------------------------------------------------------------------
+def test_clipping_is_info_when_it_bites_now_and_then(synth, rng):
+    s = synth()
+    for step in range(60):
+        pre = 3.0 if step % 10 == 0 else 0.5 + 0.1 * rng.random()
+        s.scalars(step, grad_norm=min(pre, 1.0), grad_norm_preclip=pre, loss=2.0 - 0.02 * step)
+    f = by_code(diagnose(s.run()), "gradients-clipped")
+    assert f.severity == "info" and f.evidence["clipped_steps"] == 6 and f.first_step == 0
+    assert "pre-clip norm had median 3" in f.message
+
+
+def test_clipping_that_hides_an_explosion_is_a_warning(synth):
+    s = synth()
+    for step in range(60):
+        pre = 1.2**step  # grows 5e4x behind a clip at 1
+        s.scalars(step, grad_norm=min(pre, 1.0), grad_norm_preclip=pre, loss=1.0)
+    f = by_code(diagnose(s.run()), "gradients-clipped")
+    assert f.severity == "warning" and f.evidence["hidden_explosion"]["growth"] >= 100
+    assert f.message.startswith("Clipping hides an explosion")
+
+
+# ---- exploding-gradients: judged against the past, and by its damage ------------------------------------------------
+def test_small_initial_gradient_growing_to_its_level_is_not_an_explosion(synth, rng):
+    s = synth()
+    for step in range(60):  # an LSTM's gradient: 1e-4 at init, ~0.1 once it learns; the loss falls throughout
+        g = 1e-4 if step < 3 else 0.1 * (1 + 0.2 * rng.normal())
+        s.scalars(step, grad_norm=g, loss=0.7 * 0.97**step)
+    assert diagnose(s.run()) == []
+
+
+def test_an_isolated_spike_that_training_recovers_from_is_info(synth, rng):
+    s = synth()
+    for step in range(60):
+        g = 500.0 if step == 30 else 1.0 + 0.1 * rng.normal()
+        s.scalars(step, grad_norm=g, loss=0.7 * 0.99**step)
+    (f,) = diagnose(s.run())
+    assert f.code == "exploding-gradients" and f.severity == "info" and f.evidence["spike_steps"] == [30]
+
+
+def test_an_early_spike_cannot_hide_in_the_baseline(synth):
+    s = synth()
+    for step in range(30):
+        s.scalars(step, grad_norm=300.0 if step == 1 else 1.0, loss=2.0 if step <= 1 else 8.0)
+    f = by_code(diagnose(s.run()), "exploding-gradients")
+    assert f.severity == "warning" and f.first_step == 1
+    assert f.evidence["global"]["baseline_norm"] == 1.0 and "the loss rose 4x" in f.message
+
+
+# ---- loss-not-decreasing ---------------------------------------------------------------------------------------------
+def test_an_early_loss_spike_does_not_make_a_flat_run_look_decreasing(synth):
+    s = synth()
+    for step, v in enumerate([2.3, 9.0, 8.0] + [2.4] * 27):
+        s.scalars(step, loss=v)
+    f = by_code(diagnose(s.run()), "loss-not-decreasing")
+    assert f.severity == "warning" and f.evidence["start_spikes_left_out"] == 2
+    assert f.evidence["loss_start"] == 2.4
+
+
+def test_a_flat_loss_at_chance_with_healthy_signals_is_info(synth, rng):
+    s = synth()
+    tensors = ("fc1.weight", "fc2.weight")
+    for step in range(40):
+        signals(
+            s,
+            step,
+            w=1.0,
+            u=1e-3 * (1 + 0.1 * rng.random()),
+            g=0.1 * (1 + 0.3 * rng.random()),
+            loss=math.log(64) * (1 + 0.002 * rng.normal()),
+            tensors=tensors,
+        )
+    (f,) = diagnose(s.run())
+    assert f.code == "loss-not-decreasing" and f.severity == "info" and f.evidence["chance_classes"] == 64
+    assert "ln 64" in f.message and "healthy" in f.message
+
+
+def test_a_loss_at_its_floor_after_falling_is_fine(synth, rng):
+    s = synth()
+    for step in range(60):
+        s.scalars(step, loss=max(0.25, 2.0 * 0.8**step) * (1 + 0.02 * rng.normal()))
+    assert diagnose(s.run()) == []
+
+
+# ---- NaN at the end of a divergence ---------------------------------------------------------------------------------
+def test_a_nan_after_the_weights_grew_is_not_blamed_on_the_loss_formula(synth):
+    s = synth()
+    for step in range(12):
+        w = 1.0 * 3.0 ** max(0, step - 2)
+        signals(s, step, w=w, u=0.8 * w if step >= 2 else 1e-3, g=w, loss=w * w)
+    s.scalars(12, loss=float("inf"))
+    found = diagnose(s.run())
+    nan = by_code(found, "non-finite")
+    assert nan.evidence["explained_as"] == "loss-overflow" and "log(0)" not in nan.explanation
+    assert not nan.is_root and found[0].code == "learning-rate-too-high"
+
+
+def test_thresholds_of_the_new_rules_are_validated():
+    with pytest.raises(Exception, match="init_chain"):
+        Thresholds(init_chain=0)
+    assert Thresholds.coerce({"lr_step_ratio": 0.3}).lr_step_ratio == 0.3
