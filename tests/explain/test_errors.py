@@ -10,7 +10,8 @@ from gradsight.explain import check_loss, explain
 
 
 # ------------------------------------------------------------------------------------------------- torch
-def test_torch_branching_module_refused(torch):
+def test_torch_branching_module_is_explained_as_a_graph(torch):
+    """Formerly refused ("single chain"); issue #15: a residual module is a graph, its skip sum written out."""
     from torch import nn
 
     class Residual(nn.Module):
@@ -21,8 +22,28 @@ def test_torch_branching_module_refused(torch):
         def forward(self, x):
             return x + self.lin(x)
 
-    with pytest.raises(UnsupportedError, match=r"single chain.*'Residual'.*nn\.Sequential"):
-        explain(Residual(), torch.randn(2, 3), torch.randn(2, 3))
+    trace = explain(Residual().double(), torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64))
+    assert trace.ok and [g.name for g in trace.graph if g.op not in ("param",)] == ["x", "lin", "add"]
+    assert trace["dJ/dA[x]"].formula.startswith("dJ/dA[x] = dJ/dA[add] (skip) + dJ/dA[lin]·W[lin] (branch)")
+
+
+def test_torch_data_dependent_control_flow_refused(torch):
+    from torch import nn
+
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            if x.sum() > 0:  # a branch on a tensor's value: no single graph
+                return self.lin(x)
+            return x
+
+    with pytest.raises(
+        UnsupportedError, match=r"cannot trace 'Gate'.*Gate \(test_errors.py:\d+: `if x.sum\(\) > 0:.*torch\.where"
+    ):
+        explain(Gate().double(), torch.ones(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64))
 
 
 def test_torch_bad_inputs(torch):

@@ -17,7 +17,9 @@ from .._errors import InputError, UnsupportedError
 from .._frameworks import framework_of
 from ._adapter import adapter, adapter_info
 from ._derive import derive
+from ._derive_graph import derive_graph
 from ._fd import FD_MAX_SAMPLES
+from ._graph import GraphRun
 from ._trace import Trace
 
 __all__ = ["adapter", "check_loss_arg", "derive", "explain", "to_numpy"]
@@ -56,12 +58,12 @@ def _validate(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
             f"x is an empty batch (shape {xa.shape!r}); explain needs at least one sample. Fix: pass a batch "
             "with n >= 1 rows, e.g. x[:8]"
         )
-    if not np.issubdtype(xa.dtype, np.floating):
+    if not (np.issubdtype(xa.dtype, np.floating) or np.issubdtype(xa.dtype, np.integer)):
         raise InputError(
             f"x has dtype {xa.dtype} but the model needs floating-point inputs. Fix: x.float() (torch), "
             "x.astype('float32') (numpy) or tf.cast(x, 'float32')"
         )
-    if not np.all(np.isfinite(xa)):
+    if np.issubdtype(xa.dtype, np.floating) and not np.all(np.isfinite(xa)):
         bad, rows = _nonfinite(xa)
         raise InputError(
             f"x contains {bad} NaN or infinite values (in samples {rows}{' …' if len(rows) == 5 else ''}); every "
@@ -115,6 +117,8 @@ def check_loss_arg(loss: Any, reduction: Any) -> None:
         )
 
 
+# long function: the public entry point; most of its length is the docstring, the user's reference for chains,
+# graphs, naming and modes; the body only validates and dispatches.
 def explain(
     model: Any,
     x: Any,
@@ -125,47 +129,66 @@ def explain(
     finite_differences: bool = False,
     fd_samples: int = 32,
     fd_seed: int = 0,
+    training: bool | None = None,
 ) -> Trace:
-    """Derive backprop through ``model`` for one batch, layer by layer, and check every term against autodiff.
+    """Derive backprop through ``model`` for one batch, term by term, and check every term against autodiff.
 
-    Layer indexing: l = 1..L, A_0 = X, Ŷ = A_L; a layer is one weighted op (Linear/Dense/Conv) together with
-    the activation right after it (a torch activation module, a Keras ``activation=`` or activation layer);
-    nested Sequentials are flattened; parameter-free layers (Flatten, Dropout, a lone activation) get their
-    own index. Terms per layer: ``Z{l}``, ``S{l}``, ``A{l}``, ``dJ/dA{l}``, ``dJ/dZ{l}``, ``dJ/dW{l}``,
-    ``dJ/db{l}`` (where they exist; Flatten/Dropout/no-rule layers have ``A{l}`` and ``dJ/dA{l}`` only), plus
-    ``J`` and ``dJ/dY_hat``. Values are in the framework's own layout (see each term's ``layout``).
+    **Chains** (``nn.Sequential``, ``keras.Sequential``, a single-chain functional model) are explained layer by
+    layer: l = 1..L, A_0 = X, Ŷ = A_L; a layer is one weighted op (Linear/Dense/Conv) together with the
+    activation right after it; nested Sequentials are flattened; parameter-free layers (Flatten, Dropout, a lone
+    activation) get their own index. Terms per layer: ``Z{l}``, ``S{l}``, ``A{l}``, ``dJ/dA{l}``, ``dJ/dZ{l}``,
+    ``dJ/dW{l}``, ``dJ/db{l}`` (where they exist), plus ``J`` and ``dJ/dY_hat``.
+
+    **Graphs** (any other torch module that ``torch.fx.symbolic_trace`` or ``torch.export`` can trace, any Keras
+    functional model; also a chain fed integer ids) are explained node by node in topological order: residual
+    adds, normalisation, embeddings, attention. Terms are keyed by quantity and node: ``A[blocks.0.ln1]``,
+    ``dJ/dA[blocks.0.ln1]``, ``dJ/dW[blocks.0.attn.q_proj]``, ``dJ/db[...]``, ``dJ/dA[x]``; a node is named by
+    its module path where it has one, by its op name otherwise (``A[add_1]``). A tensor read by several nodes
+    (a skip connection) receives the sum of their gradients, and its term writes the sum out:
+    ``dJ/dA[x] = dJ/dA[add] (skip) + … (branch)``. ``trace.graph`` lists the nodes with their inputs,
+    ``trace.layer(name)`` gives one node's terms. A node without a rule is traced with autodiff values and
+    marked, never refused; a forward whose control flow depends on tensor values cannot be traced and is
+    refused with the module and line where tracing stopped.
+
+    Values are in the framework's own layout (see each term's ``layout``).
 
     Args:
-        model: a ``torch.nn.Sequential`` (nested allowed) or a built Keras Sequential / single-chain
-            functional model. Not modified: weights, ``.grad`` and ``training`` flags are left as they were.
-        x: the input batch (array or tensor, floating point).
+        model: a torch ``nn.Module`` or a built Keras model. Not modified: weights, ``.grad``, ``training``
+            flags and buffers (BatchNorm running statistics) are left as they were.
+        x: the input batch (array or tensor; floating point, or integer ids for a model starting with an
+            embedding).
         y: the targets (same shape as the output; integer class indices for sparse cross-entropy).
-        loss: a framework loss object (``nn.MSELoss()``, ``keras.losses.MeanSquaredError()``, ...), a name
-            (``"mse"``, ``"mae"``, ``"bce"``, ``"bce_logits"``, ``"cce"``, ``"cce_logits"``, ``"sparse_cce"``,
-            ``"sparse_cce_logits"``, ``"output_mean"``, ``"output_sum"``; computed in the framework's own
-            convention), or any callable returning a scalar (torch: ``loss(y_hat, y)``, Keras:
-            ``loss(y_true, y_pred)``; dJ/dŶ then comes from autodiff).
+        loss: a framework loss object (``nn.MSELoss()``, ``nn.CrossEntropyLoss(weight=w, label_smoothing=0.1)``,
+            ``keras.losses.MeanSquaredError()``, ...), a name (``"mse"``, ``"mae"``, ``"bce"``, ``"bce_logits"``,
+            ``"cce"``, ``"cce_logits"``, ``"sparse_cce"``, ``"sparse_cce_logits"``, ``"output_mean"``,
+            ``"output_sum"``; computed in the framework's own convention), or any callable returning a scalar
+            (torch: ``loss(y_hat, y)``, Keras: ``loss(y_true, y_pred)``; dJ/dŶ then comes from autodiff).
         reduction: ``"mean"`` or ``"sum"``, for a loss given by name.
         finite_differences: also check dJ/dW and dJ/db against float64 central differences of the loss
             (closed-form forward) on sampled entries.
         fd_samples: entries checked per parameter tensor (all entries when the tensor is smaller).
         fd_seed: seed of the entry sampling.
+        training: graphs only. None (default): torch modules keep their own mode (a BatchNorm in training mode
+            uses batch statistics and its gradient flows through them), Keras layers run in inference mode;
+            True: training mode (batch statistics) everywhere; False: inference mode everywhere. Dropout always
+            runs at inference (the identity), so the run is deterministic.
 
-    A module used several times in the chain is one layer per use; its per-use dJ/dW terms are checked against
+    A module used several times in a chain is one layer per use; its per-use dJ/dW terms are checked against
     autodiff through each call alone, and a term ``dJ/dW[<module>]`` states and checks their sum (the
-    parameter's ``.grad``). Frozen layers are derived and checked too. float16/bfloat16 torch models are
-    explained on a float64 copy; Keras float16/bfloat16 models are compared with that dtype's tolerance.
-    NaN/inf in x or y are refused (every term would be NaN). Works under ``torch.no_grad()`` and
-    ``torch.inference_mode()``.
+    parameter's ``.grad``); in a graph a parameter is a node, so a shared weight's term is that sum directly.
+    Frozen layers are derived and checked too. float16/bfloat16 torch models are explained on a float64 copy;
+    Keras float16/bfloat16 models are compared with that dtype's tolerance. NaN/inf in x or y are refused
+    (every term would be NaN). Works under ``torch.no_grad()`` and ``torch.inference_mode()``.
 
     Returns:
         The :class:`Trace`.
 
     Raises:
-        UnsupportedError: not a model, a model that branches / takes several inputs, a module that does not
-            map one tensor to one tensor, or Keras on a backend other than TensorFlow.
-        InputError: bad x/y (shape, dtype, NaN/inf, empty, wrong feature count), a loss class instead of an
-            instance, an invalid reduction, a loss that fails or does not return a scalar.
+        UnsupportedError: not a model, a model that cannot be traced (data-dependent control flow), a model
+            taking several inputs, or Keras on a backend other than TensorFlow.
+        InputError: bad x/y (shape, dtype, NaN/inf, empty, wrong feature count, integer x feeding anything but
+            an embedding), a loss class instead of an instance, an invalid reduction, a loss that fails or does
+            not return a scalar.
     """
     fw = framework_of(model)
     if fw is None:
@@ -181,5 +204,14 @@ def explain(
             f"fd_samples={fd_samples!r} would run {2 * fd_samples} forward passes per parameter tensor; the limit "
             f"is {FD_MAX_SAMPLES}. Fix: sample fewer entries (the default 32 covers every entry of small tensors)"
         )
-    run = adapter(fw).run_explain(model, xa, ya, loss, reduction)
+    if training is not None and not isinstance(training, bool):
+        raise InputError(f"training must be None, True or False, got {training!r}")
+    ad = adapter(fw)
+    run = (
+        ad.run_explain(model, xa, ya, loss, reduction, training)
+        if training is not None
+        else (ad.run_explain(model, xa, ya, loss, reduction))
+    )
+    if isinstance(run, GraphRun):
+        return derive_graph(run, finite_differences=finite_differences, fd_samples=fd_samples, fd_seed=fd_seed)
     return derive(run, finite_differences=finite_differences, fd_samples=fd_samples, fd_seed=fd_seed)

@@ -65,6 +65,10 @@ class LossSpec:
         display: how the user's loss is shown, e.g. ``"torch.nn.MSELoss(reduction='mean')"``.
         label_smoothing: label smoothing (bce, cce), 0 otherwise.
         epsilon: the clipping epsilon (used when ``convention.clip_probabilities``).
+        class_weights: per-class weights w_c of a softmax cross-entropy (torch ``CrossEntropyLoss(weight=...)``),
+            or None. Each sample's loss is ``−Σ_c w_c·t_c·log softmax(ŷ)_c``; with class-index targets the mean
+            divides by ``Σ_i w_{y_i}`` (torch's convention), with probability targets by n.
+        ignore_index: a class index whose samples are left out (torch ``ignore_index``), or None.
     """
 
     kind: str
@@ -73,6 +77,8 @@ class LossSpec:
     display: str = ""
     label_smoothing: float = 0.0
     epsilon: float = DEFAULT_EPSILON
+    class_weights: tuple[float, ...] | None = None
+    ignore_index: int | None = None
 
 
 @dataclass(frozen=True)

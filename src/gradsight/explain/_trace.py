@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FiniteDifference", "LayerInfo", "Term", "Trace", "clean_json"]
+__all__ = ["FiniteDifference", "GraphNodeInfo", "LayerInfo", "Term", "Trace", "clean_json"]
 
 
 def clean_json(obj: Any) -> Any:
@@ -110,6 +110,8 @@ class Term:
         fd: the finite-difference result (parameter terms, when asked for).
         note: why a term is not applicable, which upstream values came from the framework, caveats.
         layout: the array layout in words.
+        node: for a graph trace, the node (or parameter owner) the term belongs to, e.g. ``"blocks.0.ln1"``.
+        local: for a graph trace, the node's local derivative in its compact form and how backward applies it.
     """
 
     name: str
@@ -125,6 +127,8 @@ class Term:
     fd: FiniteDifference | None = None
     note: str = ""
     layout: str = ""
+    node: str = ""
+    local: str = ""
 
     @property
     def mark(self) -> str:
@@ -153,6 +157,8 @@ class Term:
                 f"    finite differences on {len(self.fd.entries)} entries: max|err| {self.fd.max_abs_err:.2e} "
                 f"{'✓' if self.fd.ok else '✗'}" + (f" ({self.fd.note})" if self.fd.note else "")
             )
+        if self.local:
+            lines.append(f"    local: {self.local}")
         if self.note:
             lines.append(f"    note: {self.note}")
         return "\n".join(lines)
@@ -173,6 +179,9 @@ class Term:
             "layout": self.layout,
             "fd": None if self.fd is None else self.fd.to_dict(),
         }
+        if self.node:
+            d["node"] = self.node
+            d["local"] = self.local
         if values:
             d["value"] = self.value
             d["autodiff"] = self.autodiff
@@ -202,10 +211,43 @@ class LayerInfo:
 
 
 @dataclass
+class GraphNodeInfo:
+    """One node of an explained graph: its name, op, inputs and whether a rule derived it.
+
+    Attributes:
+        index: its position in the topological order (1-based).
+        name: the node's name (module path, parameter name or op name).
+        op: the rule kind, ``"input"``, ``"param"`` or ``"opaque"``.
+        inputs: the names of the nodes it reads (constants shown by value).
+        type_name: what the framework calls it, e.g. ``"nn.LayerNorm"``.
+        has_rule: a closed-form rule derived it (False: autodiff only).
+        reason: why it has no rule.
+        shape: its output's shape.
+        consumers: the nodes reading its output (two or more: its gradient is a sum).
+    """
+
+    index: int
+    name: str
+    op: str
+    inputs: list[str]
+    type_name: str
+    has_rule: bool
+    reason: str = ""
+    shape: tuple[int, ...] = ()
+    consumers: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return clean_json(dict(self.__dict__))
+
+
+@dataclass
 class Trace:
     """The layer-by-layer derivation of backprop for one batch, each term checked against autodiff.
 
-    Look terms up by name: ``trace["dJ/dW2"]``. ``trace.ok`` is True when every term agreed.
+    Look terms up by name: ``trace["dJ/dW2"]`` (a chain) or ``trace["dJ/dW[blocks.0.attn.q_proj]"]`` (a graph).
+    ``trace.ok`` is True when every term agreed. A graph trace also has ``graph`` (its nodes with their
+    inputs) and ``layer(name)`` (one node's terms).
     """
 
     framework: str
@@ -218,6 +260,8 @@ class Trace:
     terms: list[Term] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     model_dtype: str = ""
+    graph: list[GraphNodeInfo] = field(default_factory=list)
+    tracer: str = ""
 
     @property
     def ok(self) -> bool:
@@ -239,6 +283,30 @@ class Trace:
             if t.name == name:
                 return t
         raise KeyError(f"no term named {name!r} in this trace; available: {', '.join(self.names)}")
+
+    def layer(self, name: str) -> list[Term]:
+        """The terms of one node (graph) or layer (chain): ``trace.layer("blocks.0.ln1")``, ``trace.layer("2")``.
+
+        For a graph, a module path also selects what lies under it: ``trace.layer("blocks.0.attn")`` gives the
+        attention node's terms and those of its projections' parameters.
+
+        Raises:
+            KeyError: no node or layer of that name.
+        """
+        if self.graph:
+            out = [t for t in self.terms if t.node == name or t.node.startswith(name + ".")]
+            if not out:
+                names = ", ".join(n.name for n in self.graph)
+                raise KeyError(f"no node named {name!r} in this graph; nodes: {names}")
+            return out
+        try:
+            index = int(name)
+        except ValueError:
+            index = next((li.index for li in self.layers if li.name == name), -1)
+        out = [t for t in self.terms if t.layer == index and index > 0]
+        if not out:
+            raise KeyError(f"no layer {name!r} in this trace; layers are 1..{len(self.layers)}")
+        return out
 
     def __contains__(self, name: object) -> bool:
         return name in self.names
@@ -263,6 +331,10 @@ class Trace:
         return [("Forward pass", fwd), ("Loss", loss), ("Backward pass", bwd)]
 
     def __str__(self) -> str:
+        if self.graph:
+            from ._render_graph import graph_text
+
+            return graph_text(self)
         n_ok = sum(1 for t in self.terms if t.mark == "✓")
         n_bad = len(self.failures)
         n_na = sum(1 for t in self.terms if t.mark == "·")
@@ -286,7 +358,11 @@ class Trace:
         return "\n".join(out)
 
     def to_markdown(self) -> str:
-        """Markdown: a header, the layer list, one table per section (formula in LaTeX)."""
+        """Markdown: a header, the layer list (or the graph), one table per section."""
+        if self.graph:
+            from ._render_graph import graph_markdown
+
+            return graph_markdown(self)
         out = [
             f"### gradsight explain — `{self.model_name}` ({self.framework}, {self.dtype}), n = {self.n}",
             "",
@@ -317,7 +393,15 @@ class Trace:
         return self.to_markdown()
 
     def _repr_html_(self) -> str:
+        if self.graph:
+            from ._render_graph import graph_html
+
+            return graph_html(self)
         return f"<pre>{html.escape(str(self))}</pre>"
+
+    def to_html(self) -> str:
+        """A self-contained HTML fragment (a graph trace: headed sections and tables; a chain: preformatted)."""
+        return self._repr_html_()
 
     def to_dict(self, values: bool = False) -> dict:
         """JSON-ready form (``json.dumps`` works); ``values=True`` includes every array."""
@@ -334,5 +418,6 @@ class Trace:
                 "terms": [t.to_dict(values=values) for t in self.terms],
                 "notes": self.notes,
                 "model_dtype": self.model_dtype,
+                **({"graph": [g.to_dict() for g in self.graph], "tracer": self.tracer} if self.graph else {}),
             }
         )

@@ -11,13 +11,20 @@ by another rule.
 * :mod:`._activations` — identity, relu, leaky_relu, elu, gelu, gelu_tanh, sigmoid, tanh, softplus, silu,
   softmax;
 * :mod:`._losses` — mse, mae, bce(_logits), cce(_logits), sparse_cce(_logits), output_mean, output_sum, and
-  :func:`evaluate_loss`, which applies a framework's loss convention (data) around an entry.
+  :func:`evaluate_loss`, which applies a framework's loss convention (data) around an entry (class weights,
+  label smoothing and ``ignore_index`` of a softmax cross-entropy included);
+* graph ops (:class:`OpRule`, walked by :mod:`gradsight.explain._derive_graph` for models that are not a
+  chain): :mod:`._ops` — add, sub, mul, div, pow, unary functions, act (any elementwise activation),
+  masked_fill, identity, detach, reshape, permute, index, concat, expand, mean, sum, max; :mod:`._nn_ops` —
+  linear, conv (1-D/2-D, stride, padding, dilation, groups), batch_norm (training and inference), layer_norm,
+  rms_norm, embedding, pool (max/avg); :mod:`._attention` — matmul, softmax, log_softmax, sdpa, mha.
 
 Importing this package registers every built-in entry.
 """
 
 from __future__ import annotations
 
+from . import _attention, _nn_ops, _ops  # noqa: F401  (registers the graph-op rules)
 from ._activations import (
     JACOBIAN_LIMIT_BYTES,
     fmt_bytes,
@@ -34,13 +41,17 @@ from ._table import (
     ACTIVATION_RULES,
     LAYER_RULES,
     LOSS_RULES,
+    OP_RULES,
     Activation,
     ActivationRule,
     LayerRule,
     LossRule,
+    OpNames,
+    OpRule,
     activation_rule,
     forward_layer,
     layer_rule,
+    op_rule,
     register,
     resolve,
 )
@@ -55,11 +66,14 @@ __all__ = [
     "LAYER_RULES",
     "LOSS_KINDS",
     "LOSS_RULES",
+    "OP_RULES",
     "Activation",
     "ActivationRule",
     "LayerRule",
     "LossResult",
     "LossRule",
+    "OpNames",
+    "OpRule",
     "activation_rule",
     "conv2d_backward",
     "conv2d_forward",
@@ -71,6 +85,7 @@ __all__ = [
     "jacobian_too_big",
     "layer_rule",
     "logits_variant",
+    "op_rule",
     "register",
     "resolve",
     "same_padding",

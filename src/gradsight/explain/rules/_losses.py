@@ -120,8 +120,17 @@ def _sparse_cce(yh: np.ndarray, t: np.ndarray, spec: LossSpec):
 
 
 def _cce_logits(yh: np.ndarray, t: np.ndarray, spec: LossSpec):
-    vals = -(t * _log_softmax(yh)).sum(axis=-1)
     s = _softmax(yh)
+    if spec.class_weights is not None:
+        wt = t * np.asarray(spec.class_weights, dtype=np.float64)
+        return (
+            -(wt * _log_softmax(yh)).sum(axis=-1),
+            s * wt.sum(axis=-1, keepdims=True) - wt,
+            "−Σ_c w_c·Y_c log softmax(Ŷ)_c",
+            r"-\sum_c w_c Y_c \log\mathrm{softmax}(\hat Y)_c",
+            "softmax(Ŷ)·Σ_c w_c Y_c − w ⊙ Y",
+        )
+    vals = -(t * _log_softmax(yh)).sum(axis=-1)
     base, lbase = "−Σ_c Y log softmax(Ŷ)", r"-\sum_c Y \log\mathrm{softmax}(\hat Y)"
     if spec.convention.softmax_ce_grad_normalised:
         return vals, s - t, base, lbase, "softmax(Ŷ) − Y"
@@ -203,6 +212,27 @@ def _targets(rule: LossRule, spec: LossSpec, yh: np.ndarray, y: np.ndarray) -> n
     return t
 
 
+def _kept(rule: LossRule, spec: LossSpec, y: np.ndarray) -> np.ndarray | None:
+    """1.0 for the samples a sparse cross-entropy keeps, 0.0 for those with ``ignore_index`` (None: all kept)."""
+    if not rule.sparse or spec.ignore_index is None:
+        return None
+    yi = np.asarray(y).reshape(-1)
+    return (yi != spec.ignore_index).astype(np.float64)
+
+
+def _weighted_count(rule: LossRule, spec: LossSpec, y: np.ndarray, n: int) -> tuple[float, str] | None:
+    """The mean's divisor of a class-weighted or ``ignore_index`` sparse cross-entropy (torch), else None."""
+    if not rule.sparse or (spec.class_weights is None and spec.ignore_index is None):
+        return None
+    yi = np.asarray(y).reshape(-1).astype(np.int64)
+    keep = _kept(rule, spec, y)
+    keep = np.ones(len(yi)) if keep is None else keep
+    if spec.class_weights is None:
+        return float(keep.sum()), "n_kept"
+    w = np.asarray(spec.class_weights, dtype=np.float64)
+    return float((w[np.where(keep > 0, yi, 0)] * keep).sum()), "Σ_i w_{y_i}"
+
+
 def _count(rule: LossRule, spec: LossSpec, yh: np.ndarray) -> tuple[int, str]:
     """How many values the mean divides by, and its name in the formula."""
     if spec.convention.last_axis_mean:
@@ -237,8 +267,16 @@ def evaluate_loss(spec: LossSpec, y_hat: np.ndarray, y: np.ndarray) -> LossResul
     yh = np.asarray(y_hat, dtype=np.float64)
     if rule.direct is not None:
         return LossResult(*rule.direct(yh))
-    t = _targets(rule, spec, yh, y)
+    y_kept = y
+    if rule.sparse and spec.ignore_index is not None:  # ignored samples: a valid index, then masked out
+        y_kept = np.where(np.asarray(y) == spec.ignore_index, 0, np.asarray(y))
+        t = _targets(rule, spec, yh, y_kept) * _kept(rule, spec, y)[:, None]
+    else:
+        t = _targets(rule, spec, yh, y)
     count, what = _count(rule, spec, yh)
+    wc = _weighted_count(rule, spec, y, yh.shape[0])
+    if wc is not None:
+        count, what = wc
     vals, g, base, lbase, gtxt = rule.pointwise(yh, t, spec)
     conv, red = spec.convention, spec.reduction
     axis_mean = conv.last_axis_mean and rule.per_element
@@ -248,7 +286,7 @@ def evaluate_loss(spec: LossSpec, y_hat: np.ndarray, y: np.ndarray) -> LossResul
     if red == "mean":
         value = float(vals.sum() / count)
         g = g / count
-        scale = f"1/({what})" if "·" in what else f"1/{what}"
+        scale = f"1/({what})" if ("·" in what or "Σ" in what) else f"1/{what}"
     else:
         value = float(vals.sum())
         scale = "1/f_L" if axis_mean else "1"

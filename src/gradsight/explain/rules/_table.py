@@ -20,13 +20,17 @@ __all__ = [
     "ACTIVATION_RULES",
     "LAYER_RULES",
     "LOSS_RULES",
+    "OP_RULES",
     "Activation",
     "ActivationRule",
     "LayerRule",
     "LossRule",
+    "OpNames",
+    "OpRule",
     "activation_rule",
     "forward_layer",
     "layer_rule",
+    "op_rule",
     "register",
     "resolve",
 ]
@@ -185,18 +189,87 @@ class LossRule:
     direct: Callable[[Array], tuple[float, Array, str, str, str]] | None = None
 
 
+@dataclass(frozen=True)
+class OpNames:
+    """The names a graph op's formula text is written with.
+
+    Attributes:
+        out: the op's output, e.g. ``"A[attn.q_proj]"``.
+        g: the gradient arriving at its output, e.g. ``"dJ/dA[attn.q_proj]"``.
+        ins: one display name per input position: ``"A[ln1]"`` for an activation, ``"W[attn.q_proj]"`` for a
+            parameter, the value for a scalar constant.
+        attrs: the op's configuration.
+    """
+
+    out: str
+    g: str
+    ins: tuple[str, ...]
+    attrs: Mapping[str, Any] = field(default_factory=dict)
+
+    def i(self, k: int) -> str:
+        """The display name of input position ``k`` (``"?"`` when absent)."""
+        return self.ins[k] if k < len(self.ins) else "?"
+
+
+def _default_contrib(nm: OpNames, k: int) -> str:
+    return f"(∂{nm.out}/∂{nm.i(k)})ᵀ·{nm.g}"
+
+
+@dataclass(frozen=True)
+class OpRule:
+    """One graph op: forward, backward (a vector-Jacobian product per input), local derivative and text.
+
+    Inputs are positional: activations, parameters and constants alike (a Linear reads ``[x, W, b]``), so a
+    parameter is a node like any other and a tensor read twice receives the sum of its consumers' gradients.
+
+    Attributes:
+        kind: the name adapters write into ``GraphNode.op``, e.g. ``"layer_norm"``.
+        forward: ``(inputs, attrs) -> output``.
+        backward: ``(g, inputs, attrs, output) -> [dJ/d(input k) or None]`` given ``g = dJ/d(output)``; never
+            builds a Jacobian.
+        text: ``OpNames -> "A[n] = …"``, the forward formula.
+        local: ``OpNames -> words``: the local derivative in its natural compact form and how backward applies
+            it (e.g. softmax: ``S ⊙ (g − Σ g⊙S)``).
+        contrib: ``(OpNames, k) -> words`` for what this op sends back to input ``k`` (the parts of a fan-in
+            sum, and the formula of a parameter's gradient); default ``(∂out/∂in_k)ᵀ·g``.
+        latex: ``OpNames -> LaTeX`` of the forward formula (default: the text).
+        identity: input positions whose vector-Jacobian product is the identity (written bare in sums).
+        roles: names of the input positions, e.g. ``("x", "W", "b")``.
+        shapes: words for the shapes it accepts.
+    """
+
+    kind: str
+    forward: Callable[[list[Array], Mapping[str, Any]], Array]
+    backward: Callable[[Array, list[Array], Mapping[str, Any], Array], list[Array | None]]
+    text: Callable[[OpNames], str]
+    local: Callable[[OpNames], str]
+    contrib: Callable[[OpNames, int], str] = _default_contrib
+    latex: Callable[[OpNames], str] | None = None
+    identity: tuple[int, ...] = ()
+    roles: tuple[str, ...] = ()
+    shapes: str = ""
+
+
 #: registered rules, by name, in registration order.
 LAYER_RULES: dict[str, LayerRule] = {}
 ACTIVATION_RULES: dict[str, ActivationRule] = {}
 LOSS_RULES: dict[str, LossRule] = {}
+OP_RULES: dict[str, OpRule] = {}
 
-_TABLES: dict[type, dict[str, Any]] = {LayerRule: LAYER_RULES, ActivationRule: ACTIVATION_RULES, LossRule: LOSS_RULES}
+_TABLES: dict[type, dict[str, Any]] = {
+    LayerRule: LAYER_RULES,
+    ActivationRule: ACTIVATION_RULES,
+    LossRule: LOSS_RULES,
+    OpRule: OP_RULES,
+}
 
 
-def register(rule: LayerRule | ActivationRule | LossRule) -> LayerRule | ActivationRule | LossRule:
-    """Add ``rule`` to its table (a layer, activation or loss rule); a name can be registered once."""
+def register(
+    rule: LayerRule | ActivationRule | LossRule | OpRule,
+) -> LayerRule | ActivationRule | LossRule | OpRule:
+    """Add ``rule`` to its table (a layer, activation, loss or graph-op rule); a name can be registered once."""
     table = _TABLES[type(rule)]
-    name = rule.kind if isinstance(rule, (LayerRule, LossRule)) else rule.name
+    name = rule.kind if isinstance(rule, (LayerRule, LossRule, OpRule)) else rule.name
     if name in table:
         raise ValueError(f"a {type(rule).__name__} named {name!r} is already registered")
     table[name] = rule
@@ -206,6 +279,11 @@ def register(rule: LayerRule | ActivationRule | LossRule) -> LayerRule | Activat
 def layer_rule(kind: str) -> LayerRule | None:
     """The layer rule of ``kind``, or None (no rule: the layer is traced with autodiff values only)."""
     return LAYER_RULES.get(kind)
+
+
+def op_rule(kind: str) -> OpRule | None:
+    """The graph-op rule of ``kind``, or None (no rule: the node is traced with autodiff values only)."""
+    return OP_RULES.get(kind)
 
 
 def activation_rule(name: str, **params: Any) -> Activation:

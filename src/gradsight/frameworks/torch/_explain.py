@@ -31,8 +31,10 @@ from torch import nn
 
 from ..._errors import GradsightError, InputError, UnsupportedError
 from ...explain import rules as R
+from ...explain._graph import GraphRun
 from ...explain._spec import Conventions, FrameworkRun, LayerSpec, LossConvention, LossSpec, SharedParam
 from ...explain.rules import LOSS_KINDS
+from ._graph import is_chain, run_graph
 
 __all__ = [
     "CONVENTIONS",
@@ -237,7 +239,7 @@ def classify_loss(loss: Any, y: np.ndarray, reduction: str = "mean") -> tuple[Lo
         kind = "bce"
     elif isinstance(loss, nn.BCEWithLogitsLoss) and loss.weight is None and loss.pos_weight is None:
         kind = "bce_logits"
-    elif isinstance(loss, nn.CrossEntropyLoss) and loss.weight is None and loss.label_smoothing == 0.0:
+    elif isinstance(loss, nn.CrossEntropyLoss):
         kind = "sparse_cce_logits" if sparse else "cce_logits"
     if isinstance(loss, nn.Module):
         red = getattr(loss, "reduction", "mean")
@@ -266,7 +268,31 @@ def classify_loss(loss: Any, y: np.ndarray, reduction: str = "mean") -> tuple[Lo
 
     if kind is None or red not in ("mean", "sum"):
         return None, display, fn
+    if isinstance(loss, nn.CrossEntropyLoss):
+        return _ce_spec(loss, kind, red, display, y, sparse), display, fn
     return LossSpec(kind, red, LOSS_CONVENTION, display), display, fn
+
+
+def _ce_spec(loss: nn.CrossEntropyLoss, kind: str, red: str, display: str, y: np.ndarray, sparse: bool) -> LossSpec:
+    """The spec of a ``CrossEntropyLoss``: its class weights, label smoothing and ``ignore_index`` included."""
+    weights = None if loss.weight is None else tuple(float(w) for w in loss.weight.detach().double().cpu())
+    ignore = loss.ignore_index if sparse and np.any(np.asarray(y) == loss.ignore_index) else None
+    extra = "".join(
+        [
+            f", weight={list(weights)}" if weights is not None else "",
+            f", label_smoothing={loss.label_smoothing:g}" if loss.label_smoothing else "",
+            f", ignore_index={ignore}" if ignore is not None else "",
+        ]
+    )
+    return LossSpec(
+        kind,
+        red,
+        LOSS_CONVENTION,
+        display[:-1] + extra + ")",
+        label_smoothing=float(loss.label_smoothing),
+        class_weights=weights,
+        ignore_index=ignore,
+    )
 
 
 # ------------------------------------------------------------------------------------------------- explain
@@ -314,23 +340,33 @@ def _call(m: nn.Module, h: torch.Tensor, idx: int, label: str, x_shape: tuple[in
 _LOW = (torch.float16, torch.bfloat16)
 
 
-def run_explain(model: nn.Module, x: np.ndarray, y: np.ndarray, loss: Any, reduction: str = "mean") -> FrameworkRun:
-    """Run ``model`` on ``x`` layer by layer and collect torch's value of every term.
+# long function: the one entry for chains and graphs; the grad-mode context, the float64 copy, the dispatch and
+# the chain's flag restore share one with-block (about half of it is the docstring).
+def run_explain(
+    model: nn.Module, x: np.ndarray, y: np.ndarray, loss: Any, reduction: str = "mean", training: bool | None = None
+) -> FrameworkRun | GraphRun:
+    """Run ``model`` on ``x`` and collect torch's value of every term: layer by layer for a chain, node by node
+    for a graph.
 
-    Works under ``torch.no_grad()`` / ``torch.inference_mode()`` (grad mode is enabled locally). Nothing the
-    user owns is changed when it returns: ``training`` and ``requires_grad`` flags are restored exactly,
+    A plain ``nn.Sequential`` (nested allowed) or a single layer is a chain (terms ``Z1``, ``A1``, ``dJ/dW1``);
+    any other module, or integer x (ids for an embedding), is traced into a graph
+    (:mod:`gradsight.frameworks.torch._graph`; terms ``A[node]``, ``dJ/dW[module]``). Works under
+    ``torch.no_grad()`` / ``torch.inference_mode()`` (grad mode is enabled locally). Nothing the user owns is
+    changed when it returns: ``training`` and ``requires_grad`` flags and buffers are restored exactly,
     ``.grad`` is never touched.
 
     Args:
-        model: an ``nn.Sequential`` (nested allowed) or a single supported layer.
+        model: an ``nn.Module``.
         x: the input batch (numpy, validated by the caller).
         y: the targets (numpy).
         loss: see :func:`classify_loss`.
         reduction: reduction of a loss given by name.
+        training: graphs only: None (each module's own mode, dropout at inference), True or False.
 
     Returns:
-        The :class:`~gradsight.explain._spec.FrameworkRun`.
-    """
+        The :class:`~gradsight.explain._spec.FrameworkRun` of a chain or the
+        :class:`~gradsight.explain._graph.GraphRun` of a graph.
+    """  # noqa: D205
     if not isinstance(model, nn.Module):
         raise UnsupportedError(f"explain needs a torch.nn.Module, got {type(model).__name__!r}")
     spec, display, loss_fn = classify_loss(loss, y, reduction)
@@ -343,17 +379,16 @@ def run_explain(model: nn.Module, x: np.ndarray, y: np.ndarray, loss: Any, reduc
         )
     notes: list[str] = []
     with torch.inference_mode(False), torch.enable_grad():
-        work = model
-        model_dtype = ""
-        if dtype in _LOW:
-            try:
-                work = copy.deepcopy(model).to(torch.float64)
-            except Exception as exc:
-                raise UnsupportedError(
-                    f"explain checks a {str(dtype)[6:]} model on a float64 copy, but {type(model).__name__!r} "
-                    f"cannot be deep-copied ({exc}). Fix: explain model.double() (a float64 copy you make)."
-                ) from exc
-            model_dtype = str(dtype).replace("torch.", "")
+        work, model_dtype = _float64_copy(model, dtype)
+        if np.issubdtype(np.asarray(x).dtype, np.integer) or not is_chain(work):
+            wdtype = torch.float64 if dtype in _LOW else dtype
+            grun = run_graph(work, x, y, spec, display, loss_fn, CONVENTIONS, wdtype, training)
+            if model_dtype:
+                grun.model_dtype = model_dtype
+                grun.notes.append(
+                    f"the model is {model_dtype}: explained on a float64 copy of its weights (exact in float64)"
+                )
+            return grun
         groups = _describe(work)
         dropout_training = [m for m in work.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
         if dropout_training:
@@ -394,6 +429,19 @@ def run_explain(model: nn.Module, x: np.ndarray, y: np.ndarray, loss: Any, reduc
             )
     run.notes = notes + run.notes
     return run
+
+
+def _float64_copy(model: nn.Module, dtype: torch.dtype) -> tuple[nn.Module, str]:
+    """``(model, "")``, or a float64 copy of a float16/bfloat16 model and its dtype's name."""
+    if dtype not in _LOW:
+        return model, ""
+    try:
+        return copy.deepcopy(model).to(torch.float64), str(dtype).replace("torch.", "")
+    except Exception as exc:
+        raise UnsupportedError(
+            f"explain checks a {str(dtype)[6:]} model on a float64 copy, but {type(model).__name__!r} "
+            f"cannot be deep-copied ({exc}). Fix: explain model.double() (a float64 copy you make)."
+        ) from exc
 
 
 def _own_loss(model: nn.Module, x: np.ndarray, y: np.ndarray, loss_fn: Callable, dtype, spec) -> float | None:

@@ -1,0 +1,386 @@
+"""PyTorch graph adapter of the Explain pillar: any traceable module → neutral graph + torch's autodiff values.
+
+Tracing: ``torch.fx.symbolic_trace`` first (torch.nn modules stay whole: a ``MultiheadAttention`` is one node),
+then ``torch.export.export`` for a module that symbolic tracing cannot follow but that runs one fixed graph for
+the given x (Python branches on shapes or config, ``*args`` unpacking, as in Hugging Face blocks). A forward
+whose control flow depends on tensor *values* has no single graph; it is refused with an
+:class:`~gradsight.UnsupportedError` that names the module and line where tracing stopped and the fix.
+
+Running: the traced graph is run once on x by a recording ``torch.fx.Interpreter`` (every node's concrete
+arguments and output kept), then one ``torch.autograd.grad`` call gives dJ/d(every intermediate) and
+dJ/d(every parameter); each node without a rule gets its vector-Jacobian products from torch too. Nothing the
+user owns is changed when it returns: training flags, ``requires_grad`` flags and buffers (BatchNorm running
+statistics, updated by a training-mode forward) are restored exactly, ``.grad`` is never touched.
+
+Modes: by default each module keeps its own ``training`` flag (a BatchNorm in training mode uses batch
+statistics, and its gradient flows through them), except dropout, which is switched to eval (the identity)
+so the run is deterministic. ``training=False`` runs everything in eval mode, ``training=True`` in training mode
+(dropout still at inference).
+"""
+
+from __future__ import annotations
+
+import linecache
+import operator
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from ..._errors import GradsightError, InputError, UnsupportedError
+from ...explain._graph import GraphRun, prune
+from ...explain._spec import Conventions, LossSpec
+from ._graph_ops import _DROPOUTS, Converter, fname
+
+__all__ = ["is_chain", "run_graph", "trace_module"]
+
+_TORCH_DIR = torch.__file__.rsplit("/", 1)[0]
+
+
+def _np(t: torch.Tensor | None) -> np.ndarray | None:
+    return None if t is None else t.detach().cpu().to(torch.float64).numpy().copy()
+
+
+def is_chain(model: nn.Module) -> bool:
+    """Whether the chain explainer can follow ``model`` (a plain ``nn.Sequential`` or one supported layer)."""
+    if isinstance(model, nn.Sequential):
+        if type(model).forward is not nn.Sequential.forward:
+            return False
+        return all(is_chain(m) for m in model.children())
+    return next(model.children(), None) is None
+
+
+# --------------------------------------------------------------------------------------------------- trace
+def _culprit(exc: BaseException) -> str:
+    """``"Module (file:line: code)"`` of the innermost user frame of a tracing error, or ``""``."""
+    best = ""
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        fn = frame.f_code.co_filename
+        if not fn.startswith(_TORCH_DIR) and "gradsight" not in fn:
+            owner = frame.f_locals.get("self")
+            what = type(owner).__name__ if isinstance(owner, nn.Module) else frame.f_code.co_name
+            code = linecache.getline(fn, tb.tb_lineno).strip()
+            best = f"{what} ({fn.rsplit('/', 1)[-1]}:{tb.tb_lineno}: `{code}`)"
+        tb = tb.tb_next
+    return best
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:240]
+
+
+def trace_module(model: nn.Module, x_t: torch.Tensor) -> tuple[fx.GraphModule, str]:
+    """The model's graph: ``(graph module, how it was traced)``.
+
+    Raises:
+        UnsupportedError: neither ``torch.fx.symbolic_trace`` nor ``torch.export`` can trace it.
+    """
+    try:
+        return fx.symbolic_trace(model), "torch.fx.symbolic_trace"
+    except Exception as exc:
+        fx_exc = exc
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ep = torch.export.export(model, (x_t,), strict=False)
+        return ep.module(), "torch.export (symbolic_trace failed: " + _first_line(fx_exc) + ")"
+    except Exception as exc:
+        where = _culprit(exc) or _culprit(fx_exc) or type(model).__name__
+        raise UnsupportedError(
+            f"explain cannot trace {type(model).__name__!r} into a graph: tracing stopped in {where}. "
+            f"torch.fx.symbolic_trace said: {_first_line(fx_exc)}; torch.export said: {_first_line(exc)}. A forward "
+            "whose control flow depends on tensor values (`if x.sum() > 0:`, `while err > tol:`, `.item()` in a "
+            "condition) has no single graph to derive. Fix: write the branch with tensor ops "
+            "(torch.where(cond, a, b)), move it out of forward(), or explain the traceable sub-modules before "
+            "and after it, e.g. explain(model.encoder, x, y)."
+        ) from exc
+
+
+# ----------------------------------------------------------------------------------------------------- run
+_INPLACE_OPERATORS = {
+    operator.iadd: operator.add,
+    operator.isub: operator.sub,
+    operator.imul: operator.mul,
+    operator.itruediv: operator.truediv,
+}
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph node by node, keeping every node's concrete arguments and output.
+
+    In-place ops run out of place, so no recorded value is overwritten.
+    """
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.rec: dict[str, tuple[tuple, dict, Any]] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        with self._set_current_node(n):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            target = n.target
+            if (
+                n.op == "call_method"
+                and isinstance(target, str)
+                and target.endswith("_")
+                and not target.startswith("_")
+            ):
+                target = target[:-1]  # x.add_(y) -> x.add(y)
+            elif n.op == "call_function" and isinstance(target, torch._ops.OpOverload):
+                name = target._opname
+                if name.endswith("_") and not name.startswith("_") and hasattr(torch.ops.aten, name[:-1]):
+                    target = (
+                        getattr(torch.ops.aten, name[:-1]).default
+                        if target._overloadname == "default"
+                        else getattr(getattr(torch.ops.aten, name[:-1]), target._overloadname, target)
+                    )
+            elif n.op == "call_function" and target in _INPLACE_OPERATORS:
+                target = _INPLACE_OPERATORS[target]
+            out = getattr(self, n.op)(target, args, kwargs)
+        self.rec[n.name] = (args, kwargs, out)
+        return out
+
+
+def _input_placeholder(gm: fx.GraphModule) -> str:
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            return n.name
+    raise UnsupportedError("the traced graph has no input")
+
+
+def _check_int_input(gm: fx.GraphModule, x: np.ndarray, name: str) -> None:
+    """Integer x may only feed an embedding (or an op on ids); float x must not feed an embedding."""
+    x_node = next(n for n in gm.graph.nodes if n.name == name)
+    for user in x_node.users:
+        if user.op == "call_module":
+            m = gm.get_submodule(str(user.target))
+            what, kind = f"{user.target} ({type(m).__name__})", "embedding" if isinstance(m, nn.Embedding) else "other"
+        else:
+            what = f"{user.name} ({fname(user)})"
+            kind = "embedding" if fname(user) == "embedding" else ("ids" if fname(user) in _ID_OPS else "other")
+        if np.issubdtype(x.dtype, np.integer) and kind == "other":
+            raise InputError(
+                f"x has dtype {x.dtype} but the first op reading it, {what}, needs floating-point inputs; integer "
+                "inputs are token/category ids, which need an embedding first. Fix: x.float() (torch) or "
+                "x.astype('float32') if these are features, or put an nn.Embedding before it if they are ids"
+            )
+        if not np.issubdtype(x.dtype, np.integer) and kind == "embedding":
+            raise InputError(
+                f"x has dtype {x.dtype} but feeds {what}, which looks rows up by integer id. Fix: pass the ids as "
+                "integers, e.g. x.long()"
+            )
+
+
+_ID_OPS = frozenset(
+    {"getitem", "size", "eq", "ne", "lt", "gt", "le", "ge", "select", "slice", "long", "int", "to", "view", "reshape"}
+)
+
+
+_INPLACE_MODULES: list[nn.Module] = []  # modules whose inplace=True is switched off for the run
+
+
+def _modes(model: nn.Module, training: bool | None) -> list[tuple[nn.Module, bool]]:
+    """Set the run's training flags (see the module docstring); returns what to restore."""
+    flags = [(m, m.training) for m in model.modules()]
+    for m in model.modules():
+        if getattr(m, "inplace", False) is True:  # nn.ReLU(inplace=True) would overwrite a recorded value
+            m.inplace = False
+            _INPLACE_MODULES.append(m)
+    if training is not None:
+        model.train(bool(training))
+    for m in model.modules():
+        if isinstance(m, _DROPOUTS):
+            m.eval()
+    return flags
+
+
+def _loss_value(loss_fn: Callable, y_hat: torch.Tensor, y_t: torch.Tensor, display: str) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        try:
+            j = loss_fn(y_hat, y_t)
+        except UserWarning as exc:
+            raise InputError(f"the loss {display} warned: {exc}. Run gradsight.check_loss to inspect it.") from exc
+        except GradsightError:
+            raise
+        except Exception as exc:
+            raise InputError(
+                f"the loss {display} failed on ŷ of shape {tuple(y_hat.shape)!r} ({y_hat.dtype}) and y of shape "
+                f"{tuple(y_t.shape)!r} ({y_t.dtype}): {_first_line(exc)}. Fix: pass y in the form this loss expects "
+                "(class indices of shape (n,) for cross-entropy, ŷ's shape otherwise)."
+            ) from exc
+    if not isinstance(j, torch.Tensor) or j.numel() != 1 or j.ndim > 1:
+        shape = tuple(j.shape) if isinstance(j, torch.Tensor) else type(j).__name__
+        raise InputError(
+            f"the loss {display} returned {shape!r}, not a scalar; autodiff would differentiate its sum, which "
+            "changes every gradient's scale. Fix: reduce it (reduction='mean')."
+        )
+    return j
+
+
+def _check_y(spec: LossSpec | None, y_t: torch.Tensor, y_hat: torch.Tensor, display: str) -> None:
+    pairs = spec is not None and spec.kind not in ("output_mean", "output_sum") and not spec.kind.startswith("sparse")
+    if pairs and tuple(y_t.shape) != tuple(y_hat.shape):
+        raise InputError(
+            f"y has shape {tuple(y_t.shape)!r} but the model's output ŷ has shape {tuple(y_hat.shape)!r}; "
+            f"{display} would broadcast them (or fail). Pass y with the output's shape, or run "
+            "gradsight.check_loss(loss, y, y_hat) to see what the broadcast does."
+        )
+
+
+# long function: one autodiff pass — trace, recorded run, loss, the single autograd.grad call and the opaque
+# nodes' vector-Jacobian products share the recorded tensors; the restore of every flag sits in its finally.
+def run_graph(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    spec: LossSpec | None,
+    display: str,
+    loss_fn: Callable,
+    conventions: Conventions,
+    dtype: torch.dtype,
+    training: bool | None = None,
+) -> GraphRun:
+    """Trace ``model``, run it once on ``x`` recording every node, and collect torch's value of every term.
+
+    Args:
+        model: any ``nn.Module`` that ``torch.fx`` or ``torch.export`` can trace (float64 for ✓ to mean 1e-9).
+        x: the input batch (floating point, or integer ids for a model that starts with an embedding).
+        y: the targets.
+        spec: the neutral loss (None for an arbitrary callable).
+        display: how the loss is shown.
+        loss_fn: ``loss_fn(ŷ, y) -> J``.
+        conventions: torch's conventions.
+        dtype: the model's dtype (autodiff runs in it).
+        training: None (each module's own flag, dropout at inference), True or False (see the module docstring).
+
+    Returns:
+        The :class:`~gradsight.explain._graph.GraphRun`.
+    """
+    int_x = np.issubdtype(np.asarray(x).dtype, np.integer)
+    x_t = torch.tensor(np.asarray(x), dtype=torch.long if int_x else dtype)
+    sparse = (spec is not None and spec.kind.startswith("sparse")) or np.issubdtype(np.asarray(y).dtype, np.integer)
+    y_t = torch.tensor(np.asarray(y), dtype=torch.long if sparse else dtype)
+    notes: list[str] = []
+    flags = _modes(model, training)
+    buffers = {k: b.detach().clone() for k, b in model.named_buffers()}
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        gm, tracer = trace_module(model, x_t)
+        name = _input_placeholder(gm)
+        _check_int_input(gm, np.asarray(x), name)
+        if not int_x:
+            x_t.requires_grad_(True)
+        params = dict(gm.named_parameters(remove_duplicate=True))
+        for p in params.values():
+            if not p.requires_grad:
+                frozen.append(p)
+                p.requires_grad_(True)
+        rec = _Recorder(gm)
+        try:
+            rec.run(x_t)
+        except GradsightError:
+            raise
+        except Exception as exc:
+            raise InputError(
+                f"{type(model).__name__} failed on x of shape {tuple(x_t.shape)!r} ({x_t.dtype}): {_first_line(exc)}. "
+                "Fix: pass x with the shape and dtype the model was built for."
+            ) from exc
+        keys = {id(p): k for k, p in params.items()}
+        frozen_ids = {id(p) for p in frozen}
+        conv = Converter(gm, rec.rec, keys, frozen_ids, name)
+        conv.convert()
+        notes += conv.notes
+        conv.nodes, dropped = prune(conv.nodes, conv.output)
+        if dropped:
+            notes.append(f"node(s) {dropped} do not reach the output (no gradient flows through them): left out")
+        y_hat = conv.tensors[conv.output]
+        _check_y(spec, y_t, y_hat, display)
+        j = _loss_value(loss_fn, y_hat, y_t, display)
+        if not j.requires_grad:
+            raise InputError(f"the loss {display} does not depend on ŷ; autodiff has nothing to check.")
+        names = [nd.name for nd in conv.nodes if nd.op != "param"]
+        wrt = [conv.tensors[n] for n in names]
+        wrt_ok = [t for t in wrt if isinstance(t, torch.Tensor) and t.requires_grad]
+        grads = torch.autograd.grad(j, wrt_ok + list(params.values()), allow_unused=True, retain_graph=True)
+        g_of: dict[int, torch.Tensor | None] = {id(t): g for t, g in zip(wrt_ok, grads[: len(wrt_ok)], strict=True)}
+        param_grads = {
+            k: _np(g if g is not None else torch.zeros_like(p))
+            for (k, p), g in zip(params.items(), grads[len(wrt_ok) :], strict=True)
+        }
+        for nd in conv.nodes:
+            t = conv.tensors[nd.name]
+            nd.out = _np(t) if t.is_floating_point() else np.asarray(t.detach().cpu().numpy())
+            if nd.op == "param":
+                continue
+            if t.requires_grad:
+                g = g_of.get(id(t))
+                nd.grad = _np(g if g is not None else torch.zeros_like(t))
+            if nd.op == "opaque":
+                nd.input_grads = _vjps(t, g_of.get(id(t)), conv.opaque_ins[nd.name])
+    finally:
+        for m, flag in flags:
+            m.training = flag
+        while _INPLACE_MODULES:
+            _INPLACE_MODULES.pop().inplace = True
+        for p in frozen:
+            p.requires_grad_(False)
+        with torch.no_grad():
+            for k, b in model.named_buffers():
+                if k in buffers and b.shape == buffers[k].shape:
+                    b.copy_(buffers[k])
+    if any(isinstance(m, _DROPOUTS) and f and m.p > 0 for m, f in flags):
+        notes.append("dropout modules in training mode were run at inference (the identity); their flags are restored")
+    if (
+        any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
+        and training is not False
+    ):
+        notes.append(
+            "BatchNorm in training mode: batch statistics, with the gradient flowing through the batch mean and "
+            "variance; its running statistics were restored after the run (explain(..., training=False) derives "
+            "inference mode)"
+        )
+    if frozen:
+        notes.append(f"{len(frozen)} frozen parameter tensor(s): their gradients were derived and checked anyway")
+    return GraphRun(
+        framework="torch",
+        model_name=type(model).__name__,
+        tracer=tracer,
+        nodes=conv.nodes,
+        output=conv.output,
+        x=np.asarray(x) if int_x else _np(x_t),
+        y=np.asarray(y) if sparse else _np(y_t),
+        dtype=str(dtype).replace("torch.", ""),
+        loss=spec,
+        loss_display=display,
+        j=float(j.detach().double()),
+        dj_dyhat=_np(g_of.get(id(y_hat))) if g_of.get(id(y_hat)) is not None else np.zeros(tuple(y_hat.shape)),
+        param_grads=param_grads,
+        notes=notes,
+        conventions=conventions,
+    )
+
+
+def _vjps(out: torch.Tensor, g: torch.Tensor | None, ins: list[torch.Tensor | None]) -> list[np.ndarray | None]:
+    """Torch's vector-Jacobian product of ``out`` into each input, given its dJ/d(out) ``g``."""
+    live = [t for t in ins if isinstance(t, torch.Tensor) and t.requires_grad]
+    if g is None or not live or not out.requires_grad:
+        return [None if t is None else np.zeros(tuple(t.shape)) for t in ins]
+    got = torch.autograd.grad(out, live, grad_outputs=g, allow_unused=True, retain_graph=True)
+    by_id = {id(t): r for t, r in zip(live, got, strict=True)}
+    res: list[np.ndarray | None] = []
+    for t in ins:
+        if t is None or id(t) not in by_id:
+            res.append(None)
+        else:
+            r = by_id[id(t)]
+            res.append(_np(r) if r is not None else np.zeros(tuple(t.shape)))
+    return res
