@@ -19,6 +19,7 @@ import numpy as np
 from .._errors import InputError, UnsupportedError
 from .._frameworks import FrameworkInfo, framework_info, frameworks
 from .._frameworks import default_framework as installed_framework
+from ._graph import GraphRun
 from ._spec import Conventions, FrameworkRun
 
 __all__ = [
@@ -39,8 +40,10 @@ class ExplainAdapter(Protocol):
 
     CONVENTIONS: Conventions
 
-    def run_explain(self, model: Any, x: np.ndarray, y: np.ndarray, loss: Any, reduction: str) -> FrameworkRun:
-        """Layer specs and the framework's autodiff value of every term (see :class:`FrameworkRun`)."""
+    def run_explain(
+        self, model: Any, x: np.ndarray, y: np.ndarray, loss: Any, reduction: str, training: bool | None = None
+    ) -> FrameworkRun | GraphRun:
+        """Layer specs (a chain) or nodes (a graph) and the framework's autodiff value of every term."""
 
     def loss_probe(self, loss: Any, y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, Any]:
         """``{"value", "grad" (of the sum), "warnings", "spec", "display"}`` of a loss on given arrays."""
@@ -62,6 +65,9 @@ class ExplainAdapter(Protocol):
 
     def example_loss(self) -> tuple[Any, str]:
         """The framework's usual MSE loss, as a training loop calls it, and its display text (an example)."""
+
+    def build_graph_example(self, name: str, seed: int = 0) -> tuple[Any, np.ndarray, np.ndarray, Any, str]:
+        """``(model, x, y, loss, description)`` of a built-in graph example (``"transformer-block"``, ...)."""
 
 
 def adapter_info(framework: str) -> FrameworkInfo:

@@ -304,6 +304,7 @@ def _graph_info(st: _State) -> list[GraphNodeInfo]:
                 reason,
                 tuple(np.shape(st.values.get(nd.name))),
                 users.get(nd.name, []),
+                nd.grad_term,
             )
         )
     return out

@@ -1,8 +1,9 @@
 """Built-in examples, one per classic backprop surprise (``gradsight explain --example NAME``).
 
 Each example builds its model through the framework adapter (``build_dense_model`` takes kernels in the
-``(in, out)`` layout), runs the explainer, and returns the text to print, a JSON-ready dict and whether
-every verification passed.
+``(in, out)`` layout; ``build_graph_example`` builds the graph examples: a transformer block, a ResNet block,
+an embedding classifier), runs the explainer, and returns the text to print, a JSON-ready dict and whether
+every verification passed. The graph examples always check finite differences too.
 """
 
 from __future__ import annotations
@@ -151,6 +152,21 @@ def _depth(framework: str, fd: bool) -> ExampleResult:
     return ExampleResult(text, {"ones": a.to_dict(), "scaled": b.to_dict()}, a.ok and b.ok)
 
 
+def _graph_example(name: str) -> Callable[[str, bool], ExampleResult]:
+    """A built-in graph example: built by the framework's adapter, explained with finite differences (float64)."""
+
+    def run(framework: str, fd: bool) -> ExampleResult:
+        model, x, y, loss, intro = adapter(framework).build_graph_example(name)
+        tr = explain(model, x, y, loss, finite_differences=True)
+        fd_terms = [t for t in tr.terms if t.fd is not None]
+        summary = f"\n{len(fd_terms)} parameter gradients also checked against float64 central differences: " + (
+            "all agree ✓" if all(t.fd.ok for t in fd_terms) else "some disagree ✗"
+        )
+        return ExampleResult(f"{intro}\n\n{tr}{summary}", {"trace": tr.to_dict()}, tr.ok)
+
+    return run
+
+
 EXAMPLES: dict[str, Example] = {
     e.name: e
     for e in (
@@ -171,6 +187,21 @@ EXAMPLES: dict[str, Example] = {
         ),
         Example(
             "depth-sweep", "per-layer gradient RMS for depths 1..5: 0.667, 2, 6, 18, 54; flat 0.667 scaled", _depth
+        ),
+        Example(
+            "transformer-block",
+            "pre-norm block: LayerNorm → multi-head self-attention → + x → LayerNorm → GELU MLP → + residual",
+            _graph_example("transformer-block"),
+        ),
+        Example(
+            "resnet-block",
+            "conv → BatchNorm (training) → ReLU → conv → BatchNorm → + skip → ReLU",
+            _graph_example("resnet-block"),
+        ),
+        Example(
+            "embedding-classifier",
+            "ids → embedding (sparse gradient rows) → mean → LayerNorm → logits, weighted label-smoothed CE",
+            _graph_example("embedding-classifier"),
         ),
     )
 }

@@ -43,14 +43,25 @@ def _output(trace: Any) -> str:
     return ops[-1].name if ops else "?"
 
 
-def _node_line(g: Any) -> tuple[str, str, str]:
+def _shown(trace: Any) -> dict[str, str]:
+    """How each node is written in the listing: a parameter as ``W[owner]``/``b[owner]``, others by name."""
+    return {g.name: (g.term[4:] if g.op == "param" and g.term.startswith("dJ/d") else g.name) for g in trace.graph}
+
+
+def _listed(trace: Any) -> list[Any]:
+    """The nodes the listing shows: every op and the input; a parameter only when several nodes read it."""
+    return [g for g in trace.graph if g.op != "param" or len(g.consumers) > 1]
+
+
+def _node_line(g: Any, shown: dict[str, str] | None = None) -> tuple[str, str, str]:
     """(what it computes, type, remark) of a node for the graph listing."""
+    shown = shown or {}
     if g.op == "input":
         what = "input X"
     elif g.op == "param":
-        what = "parameter"
+        what = f"parameter {shown.get(g.name, g.name)}, shared"
     else:
-        what = f"{g.op}({', '.join(g.inputs)})"
+        what = f"{g.op}({', '.join(shown.get(i, i) for i in g.inputs)})"
     remark = "" if g.has_rule else f"[autodiff only: {g.reason}]"
     return what, g.type_name, remark
 
@@ -58,16 +69,19 @@ def _node_line(g: Any) -> tuple[str, str, str]:
 def graph_text(trace: Any) -> str:
     """Plain-text rendering of a graph trace."""
     n_ok, n_bad, n_na = _counts(trace)
+    shown = _shown(trace)
+    listed = _listed(trace)
+    n_params = sum(1 for g in trace.graph if g.op == "param")
     out = [
         _head(trace),
         f"graph traced by {trace.tracer}" if trace.tracer else "graph",
         f"loss: {trace.loss}",
-        f"graph: {len(trace.graph)} nodes in topological order (A[x] = X, Ŷ = A[{_output(trace)}]); ⇉ marks a "
-        "tensor read by several nodes (its gradient is a sum):",
+        f"graph: {len(trace.graph) - n_params} nodes and {n_params} parameters (W[owner], b[owner]) in topological "
+        f"order, A[x] = X, Ŷ = A[{_output(trace)}]; ⇉ marks a tensor read by several nodes (its gradient is a sum):",
     ]
-    width = max((len(g.name) for g in trace.graph), default=4)
-    for g in trace.graph:
-        what, type_name, remark = _node_line(g)
+    width = max((len(g.name) for g in listed), default=4)
+    for g in listed:
+        what, type_name, remark = _node_line(g, shown)
         fan = f"  ⇉ {', '.join(g.consumers)}" if len(g.consumers) > 1 else ""
         out.append(f"  {g.index:>3}. {g.name:<{width}}  {what}  [{type_name}] {tuple(g.shape)}{fan} {remark}".rstrip())
     for title, terms in _sections(trace):
@@ -92,8 +106,9 @@ def graph_markdown(trace: Any) -> str:
         "| # | node | computes | type | shape | read by |",
         "|---|---|---|---|---|---|",
     ]
-    for g in trace.graph:
-        what, type_name, remark = _node_line(g)
+    shown = _shown(trace)
+    for g in _listed(trace):
+        what, type_name, remark = _node_line(g, shown)
         fan = ("⇉ " if len(g.consumers) > 1 else "") + ", ".join(f"`{c}`" for c in g.consumers)
         out.append(
             f"| {g.index} | `{g.name}` | {_md(what)}{(' — *' + _md(remark) + '*') if remark else ''} | "
@@ -129,8 +144,9 @@ def graph_html(trace: Any) -> str:
         "<table><thead><tr><th>#</th><th>node</th><th>computes</th><th>type</th><th>shape</th><th>read by</th>"
         "</tr></thead><tbody>",
     ]
-    for g in trace.graph:
-        what, type_name, remark = _node_line(g)
+    shown = _shown(trace)
+    for g in _listed(trace):
+        what, type_name, remark = _node_line(g, shown)
         fan = ("⇉ " if len(g.consumers) > 1 else "") + ", ".join(g.consumers)
         out.append(
             f"<tr><td>{g.index}</td><td><code>{e(g.name)}</code></td><td>{e(what)} <em>{e(remark)}</em></td>"

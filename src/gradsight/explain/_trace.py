@@ -224,6 +224,7 @@ class GraphNodeInfo:
         reason: why it has no rule.
         shape: its output's shape.
         consumers: the nodes reading its output (two or more: its gradient is a sum).
+        term: the name of its gradient term (``dJ/dW[fc]`` for a parameter, ``dJ/dA[name]`` otherwise).
     """
 
     index: int
@@ -235,6 +236,7 @@ class GraphNodeInfo:
     reason: str = ""
     shape: tuple[int, ...] = ()
     consumers: list[str] = field(default_factory=list)
+    term: str = ""
 
     def to_dict(self) -> dict:
         """JSON-ready form."""

@@ -35,11 +35,13 @@ from ...explain._graph import GraphRun
 from ...explain._spec import Conventions, FrameworkRun, LayerSpec, LossConvention, LossSpec, SharedParam
 from ...explain.rules import LOSS_KINDS
 from ._graph import is_chain, run_graph
+from ._graph_examples import build_graph_example
 
 __all__ = [
     "CONVENTIONS",
     "LOSS_CONVENTION",
     "build_dense_model",
+    "build_graph_example",
     "classify_loss",
     "example_loss",
     "jacobian_and_gradient",
@@ -269,7 +271,8 @@ def classify_loss(loss: Any, y: np.ndarray, reduction: str = "mean") -> tuple[Lo
     if kind is None or red not in ("mean", "sum"):
         return None, display, fn
     if isinstance(loss, nn.CrossEntropyLoss):
-        return _ce_spec(loss, kind, red, display, y, sparse), display, fn
+        spec = _ce_spec(loss, kind, red, display, y, sparse)
+        return spec, spec.display, fn
     return LossSpec(kind, red, LOSS_CONVENTION, display), display, fn
 
 

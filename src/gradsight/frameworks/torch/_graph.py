@@ -50,7 +50,7 @@ def is_chain(model: nn.Module) -> bool:
         if type(model).forward is not nn.Sequential.forward:
             return False
         return all(is_chain(m) for m in model.children())
-    return next(model.children(), None) is None
+    return next(model.children(), None) is None and not isinstance(model, nn.Embedding)  # ids: a graph
 
 
 # --------------------------------------------------------------------------------------------------- trace

@@ -169,26 +169,38 @@ class Converter:
         self.notes: list[str] = []
         self.output: str = ""
         self.scope_ops: dict[str, int] = {}  # module path -> how many tensor ops run directly in it
+        self.scope_last: dict[str, str] = {}  # module path -> the last node run in it or in its sub-modules
         for n in gm.graph.nodes:
-            if n.op in ("call_function", "call_method") and isinstance(rec.get(n.name, (0, 0, None))[2], torch.Tensor):
+            if n.op not in ("call_function", "call_method", "call_module"):
+                continue
+            if not isinstance(rec.get(n.name, (0, 0, None))[2], (torch.Tensor, tuple, list)):
+                continue
+            for path in self._scopes(n):
+                self.scope_last[path] = n.name
+            if n.op != "call_module":
                 sc = self._scope(n)
                 self.scope_ops[sc] = self.scope_ops.get(sc, 0) + 1
 
     # ----------------------------------------------------------------------------------------- plumbing
+    def _scopes(self, n: fx.Node) -> list[str]:
+        """The module paths a node runs in, outermost first (from ``nn_module_stack``)."""
+        out = []
+        for v in (n.meta.get("nn_module_stack") or {}).values():
+            path = v[0] if isinstance(v, tuple) else v
+            out.append(str(path).replace("L['self'].", "").replace("L__self___", ""))
+        return out
+
     def _scope(self, n: fx.Node) -> str:
-        stack = n.meta.get("nn_module_stack") or {}
-        if not stack:
-            return ""
-        path = list(stack.values())[-1]
-        path = path[0] if isinstance(path, tuple) else str(path)
-        return str(path).replace("L['self'].", "").replace("L__self___", "")
+        scopes = self._scopes(n)
+        return scopes[-1] if scopes else ""
 
     def _name(self, n: fx.Node, base: str | None = None, owners: frozenset[str] = frozenset()) -> str:
         if n.op == "call_module" and base is None:
             return unique_name(str(n.target), self.taken)
         scope = self._scope(n)
-        if scope and scope not in self.taken and (scope in owners or self.scope_ops.get(scope) == 1):
-            self.taken.add(scope)  # the op a module consists of, or the one reading its parameters: its path
+        single = self.scope_ops.get(scope) == 1 and self.scope_last.get(scope) == n.name
+        if scope and scope not in self.taken and (scope in owners or single):
+            self.taken.add(scope)  # the one op a module's output comes from, or the one reading its parameters
             return scope
         op = base or fname(n)
         k = self.counts.get((scope, op), 0)
@@ -280,18 +292,13 @@ class Converter:
 
         It reads every tensor argument of ``args_of`` (default ``n``) and the ``extra`` parameters.
         """
-        src_node = args_of or n
-        args, kwargs, _ = self.rec[src_node.name]
         ins: list[tuple[str, Any]] = []
         tens: list[torch.Tensor | None] = []
-        flat_fx = list(_flat(src_node.args)) + list(_flat(src_node.kwargs))
-        flat_v = list(_flat(args)) + list(_flat(kwargs))
-        for a, v in zip(flat_fx, flat_v, strict=False):
-            if isinstance(a, fx.Node) and isinstance(v, torch.Tensor):
-                src, _ = self.inp(a, v)
-                if src:
-                    ins.append((src, None))
-                    tens.append(v)
+        for a, v in self._tensor_args(args_of or n):
+            src, _ = self.inp(a, v)
+            if src and src not in [i for i, _ in ins]:
+                ins.append((src, None))
+                tens.append(v)
         for p in extra:
             ins.append((self.param(p), None))
             tens.append(p)
@@ -299,6 +306,19 @@ class Converter:
         self.nodes[-1].reason = reason
         self.opaque_ins[name] = tens
         return name
+
+    def _tensor_args(self, n: fx.Node, depth: int = 0):
+        """``(fx node, tensor)`` of every tensor argument of ``n``.
+
+        An argument that is a tuple of tensors (an LSTM's state) stands for the tensor arguments of its producer.
+        """
+        args, kwargs, _ = self.rec[n.name]
+        for a, v in [*_pairs(n.args, args), *_pairs(n.kwargs, kwargs)]:
+            r = self.ref.get(a.name)
+            if isinstance(r, _Tuple) and depth < 8:
+                yield from self._tensor_args(r.fx_node, depth + 1)
+            elif isinstance(v, torch.Tensor):
+                yield a, v
 
     # --------------------------------------------------------------------------------------------- walk
     def convert(self) -> None:
@@ -314,7 +334,7 @@ class Converter:
                 self.ref[n.name] = (
                     ("param", out) if isinstance(out, nn.Parameter) or id(out) in self.param_keys else Const(out)
                 )
-            elif isinstance(out, (tuple, list)) and out and all(isinstance(o, torch.Tensor) for o in out):
+            elif isinstance(out, (tuple, list)) and any(isinstance(o, torch.Tensor) for o in _flat(out)):
                 self._tuple(n, args, kwargs, out)
             elif not isinstance(out, torch.Tensor) or not _differentiable(out):
                 self.ref[n.name] = Const(out)
@@ -355,7 +375,7 @@ class Converter:
             self.ref[n.name] = _Tuple(n, "split")
         elif f in ("unbind",):
             self.ref[n.name] = _Tuple(n, "unbind")
-        elif f in ("max", "min") and len(out) == 2 and not out[1].is_floating_point():
+        elif f in ("max", "min") and len(out) == 2 and out[1] is not None and not out[1].is_floating_point():
             self.ref[n.name] = _Tuple(n, "max")
         elif isinstance(mod, nn.MultiheadAttention):
             name = self._mha(n, mod, args, kwargs, out[0])
@@ -477,6 +497,18 @@ def _flat(obj: Any):
             yield from _flat(o)
     else:
         yield obj
+
+
+def _pairs(fx_obj: Any, value: Any):
+    """``(fx node, its concrete value)`` for every node in an fx argument structure (lists, tuples, dicts)."""
+    if isinstance(fx_obj, fx.Node):
+        yield fx_obj, value
+    elif isinstance(fx_obj, (list, tuple)) and isinstance(value, (list, tuple)):
+        for a, v in zip(fx_obj, value, strict=False):
+            yield from _pairs(a, v)
+    elif isinstance(fx_obj, dict) and isinstance(value, dict):
+        for k, a in fx_obj.items():
+            yield from _pairs(a, value.get(k))
 
 
 def _np_const(v: Any) -> Any:
