@@ -175,32 +175,6 @@ def sc_early_exit(rank, world, outdir):
     _write(outdir, "early_exit", rank, res)
 
 
-def sc_fsdp(rank, world, outdir):
-    """Real FSDP1 and FSDP2 (fully_shard) models on CPU: refused with UnsupportedError, nothing written."""
-    from gradsight import UnsupportedError
-
-    res = {}
-    for kind in ("fsdp1", "fsdp2"):
-        try:
-            if kind == "fsdp1":
-                from torch.distributed.fsdp import FullyShardedDataParallel
-
-                model = FullyShardedDataParallel(make_mlp(torch.float32), device_id=torch.device("cpu"))
-            else:
-                from torch.distributed.fsdp import fully_shard
-
-                model = fully_shard(make_mlp(torch.float32))
-        except Exception as e:  # this torch cannot build it on CPU: nothing to test
-            res[kind] = f"skipped: {type(e).__name__}: {e}"
-            continue
-        try:
-            gradsight.watch(model, path=Path(outdir, f"{kind}.db")).close()
-            res[kind] = "accepted"
-        except UnsupportedError as e:
-            res[kind] = f"refused: {e}"
-    _write(outdir, "fsdp", rank, res)
-
-
 def sc_signals(rank, world, outdir):
     """Default preset, clipping, an lr spike at step 20: per-step signals and anomaly captures on every rank."""
     model = DDP(make_mlp())
@@ -226,7 +200,6 @@ def sc_signals(rank, world, outdir):
 
 
 SCENARIOS = {
-    "fsdp": sc_fsdp,
     "signals": sc_signals,
     "merge": sc_merge,
     "clip": sc_clip,

@@ -90,7 +90,9 @@ When collectives happen — and why nothing of ours can hang
     (the shadow all-reduces of joined ranks do not take part in the watch's gather).
 
 FSDP
-    Refused with :class:`gradsight.UnsupportedError` (see :func:`distributed_wrapper` for the message).
+    Sharded models (``fully_shard``, ``FullyShardedDataParallel(use_orig_params=True)``) get the FSDP watch of
+    :mod:`._fsdp`, a sibling of :class:`DDPWatch`: both build on :class:`RankedWatch` (ranks, the writing rank,
+    the check at open and the one gather per logged step), defined here.
 """
 
 from __future__ import annotations
@@ -98,7 +100,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import weakref
 import zlib
 from collections.abc import Callable
@@ -110,14 +111,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..._errors import InputError, UnsupportedError, WatchError
+from ..._errors import InputError, WatchError
 from ..._schedule import Schedule
 from ...store import RunWriter, default_run_path
 from ...summary import TensorSummary, merge_all
 from ._summary import PackedStats, to_host, unpack
 from ._watch import Watch
 
-__all__ = ["REPLICA_RTOL", "DDPWatch", "distributed_wrapper"]
+__all__ = ["REPLICA_RTOL", "DDPWatch", "RankedWatch", "check_rank_args", "distributed_wrapper"]
 
 #: Ranks count as identical when every replica fingerprint agrees to this relative deviation.
 REPLICA_RTOL = 1e-6
@@ -132,57 +133,34 @@ _N_FLOAT = 6
 _HEADER = _N_INT + _N_FLOAT
 
 
-# ---- detection and the FSDP refusal -------------------------------------------------------------------------------
-def _fsdp_classes() -> tuple[type, ...]:
-    # A model can only be sharded if the user imported FSDP (importing it here would cost ~0.5 s per watch).
-    if not dist.is_available() or "torch.distributed.fsdp" not in sys.modules:
-        return ()
-    out: list[type] = []
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        out.append(FullyShardedDataParallel)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from torch.distributed.fsdp import FSDPModule
-
-        out.append(FSDPModule)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(out)
-
-
-def distributed_wrapper(model: nn.Module, *, batch_size: int | None = None, rank_paths: bool = False) -> str | None:
-    """``"ddp"`` for a ``DistributedDataParallel`` model, ``None`` for a plain one; refuses FSDP.
+# ---- detection -----------------------------------------------------------------------------------------------------
+def check_rank_args(batch_size: int | None, rank_paths: bool) -> None:
+    """Check the data-parallel keyword arguments of ``gradsight.watch`` (their types and values).
 
     Raises:
-        UnsupportedError: the model (or a submodule) is sharded with FSDP (``FullyShardedDataParallel`` or
-            ``fully_shard``) or has ``DTensor`` parameters.
-        InputError: ``batch_size``/``rank_paths`` given for a model that is not DDP, or invalid.
+        InputError: ``rank_paths`` is not a bool or ``batch_size`` is not a positive int.
     """
-    fsdp = _fsdp_classes()
-    sharded = [n or "model" for n, m in model.named_modules() if fsdp and isinstance(m, fsdp)]
-    if not sharded:  # tensor-parallel / FSDP2 parameters are DTensors
-        sharded = [n for n, p in model.named_parameters() if type(p).__name__ == "DTensor"][:3]
-    if sharded or type(model).__name__ in ("FullyShardedDataParallel", "FSDPModule"):
-        raise UnsupportedError(
-            f"gradsight.watch does not support FSDP/sharded models yet (got {type(model).__name__}; sharded: "
-            f"{sharded[:3]!r}). FSDP keeps a 1/world shard of every parameter and gradient on each rank, so what "
-            "is missing is (1) a hook into FSDP's unshard/reduce-scatter to summarise each rank's shard of "
-            "weights, gradients and updates and (2) the cross-rank merge of those shard summaries (DDP's merge "
-            "covers only layer outputs; FSDP's weights and gradients are not replicated). Until then: watch a "
-            "DistributedDataParallel copy of the model, or the unwrapped model in a single process."
-        )
-    is_ddp = dist.is_available() and isinstance(model, nn.parallel.DistributedDataParallel)
     if not isinstance(rank_paths, bool):
         raise InputError(f"rank_paths must be True or False, got {rank_paths!r}.")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise InputError(f"batch_size must be a positive int (samples per rank per step), got {batch_size!r}.")
+
+
+def distributed_wrapper(model: nn.Module, *, batch_size: int | None = None, rank_paths: bool = False) -> str | None:
+    """``"ddp"`` for a ``DistributedDataParallel`` model, ``None`` for a plain one.
+
+    Sharded models are told apart before this is called (:func:`._fsdp.sharding`).
+
+    Raises:
+        InputError: ``batch_size``/``rank_paths`` given for a model that is not DDP, or invalid.
+    """
+    is_ddp = dist.is_available() and isinstance(model, nn.parallel.DistributedDataParallel)
+    check_rank_args(batch_size, rank_paths)
     if not is_ddp and (batch_size is not None or rank_paths):
         raise InputError(
-            f"batch_size= and rank_paths= apply to DistributedDataParallel models only; got a "
-            f"{type(model).__name__}. Wrap it first (DistributedDataParallel(model)) or drop those arguments."
+            f"batch_size= and rank_paths= apply to distributed models only (rank_paths= to DistributedDataParallel "
+            f"and FSDP, batch_size= to DistributedDataParallel); got a {type(model).__name__}. Wrap it first "
+            "(DistributedDataParallel(model)) or drop those arguments."
         )
     return "ddp" if is_ddp else None
 
@@ -301,8 +279,202 @@ def _crc(obj: Any) -> int:
     return zlib.crc32(json.dumps(obj, sort_keys=True, default=str).encode())
 
 
-# ---- the watch ----------------------------------------------------------------------------------------------------
-class DDPWatch(Watch):
+# ---- what the DDP and FSDP watches share ---------------------------------------------------------------------------
+class RankedWatch(Watch):
+    """A :class:`Watch` opened on every rank of a process group: the writing rank, the check at open, the gather.
+
+    The DDP watch (here) and the FSDP watch (:mod:`._fsdp`) subclass it. A subclass calls :meth:`_init_ranks`
+    before ``Watch.__init__`` and :meth:`_sync_start` after it; at logged steps it calls :meth:`_exchange` (the
+    one gather) and :func:`_merged_summaries` on the gathered rows. See the module docstring for the protocol.
+    """
+
+    _mismatch_event = "ddp_mismatch"
+
+    def _init_ranks(
+        self, pg: Any, *, rank_paths: bool, path: str | os.PathLike[str] | None, meta: dict[str, Any]
+    ) -> str | os.PathLike[str] | None:
+        """Rank, world, writing rank and collective device of ``pg``; returns the path this rank writes to.
+
+        ``meta`` (the run's ``meta["distributed"]``) gets ``backend``, ``world_size``, ``writing_ranks`` and
+        ``rank``.
+        """
+        self._pg = pg
+        self._rank = dist.get_rank(pg)
+        self._world = dist.get_world_size(pg)
+        self._writes = self._rank == 0 or rank_paths
+        backend = str(dist.get_backend(pg))
+        self._coll_device = (
+            torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+        )
+        self._cap = 0  # agreed payload capacity (int64 words), identical on all ranks
+        self._anomaly_loss = False  # each rank has its own loss: anomalies are judged on identical signals only
+        meta.update(
+            backend=backend,
+            world_size=self._world,
+            writing_ranks="all (rank_paths=True)" if rank_paths else [0],
+            rank=self._rank,
+        )
+        self._dmeta = meta
+        if not self._writes:
+            return os.devnull  # never opened: this rank's writer stores nothing
+        if rank_paths:
+            base = Path(path) if path is not None else default_run_path()
+            base.parent.mkdir(parents=True, exist_ok=True)
+            return base if self._rank == 0 else base.with_name(f"{base.stem}.rank{self._rank}{base.suffix}")
+        return path
+
+    def _open_writer(self, path: str | os.PathLike[str], meta: dict[str, Any]) -> Any:
+        meta["distributed"] = self._dmeta
+        if not self._writes:
+            return _NullWriter()
+        s = self.schedule
+        return _DDPRunWriter(path, meta=meta, if_exists=s.if_exists, commit_every=s.commit_every)
+
+    def _sync_start(self, params: list[Any], leaves: list[str], sched: Schedule) -> None:
+        """The one collective at open: same schedule and parameters on every rank; agree on the start step.
+
+        Args:
+            params: ``(name, global shape, dtype)`` of every parameter, the same on every rank.
+            leaves: the leaf modules' names.
+            sched: the schedule.
+        """
+        cfg = {
+            "every": sched.every,
+            "kinds": list(sched.kinds),
+            "units": sched.units,
+            "anomaly": [
+                sched.anomaly,
+                sched.cheap,
+                sched.anomaly_factor,
+                sched.anomaly_window,
+                sched.anomaly_steps,
+                sched.anomaly_cooldown,
+            ],
+            "params": params,
+            "leaves": leaves,
+        }
+        mine = torch.tensor([_MAGIC, _crc(cfg), self._step, int(self._writes)], dtype=torch.int64)
+        rows = self._all_gather(mine).tolist()
+        if any(r[0] != _MAGIC for r in rows) or len({r[1] for r in rows}) > 1:
+            raise WatchError(
+                f"gradsight.watch({self._dmeta.get('wrapper', 'model')}) was opened with different settings or "
+                f"models on different ranks (configuration fingerprints per rank: {[r[1] for r in rows]!r}; this is "
+                f"rank {self._rank}, with {cfg['every']=!r}, {cfg['kinds']=!r}, {cfg['units']=!r}, "
+                f"{cfg['anomaly']=!r}). Every rank must call gradsight.watch with the same every/kinds/units/anomaly "
+                "settings/preset on the same model."
+            )
+        starts = {r[2] for r in rows if r[3]}
+        if len(starts) > 1:
+            raise WatchError(
+                f"the ranks' run files resume at different steps ({sorted(starts)!r}); with rank_paths=True and "
+                "if_exists='append', every rank's file must come from the same run."
+            )
+        start = rows[0][2]
+        if start != self._step:  # a rank without a file resumes where rank 0's file continues
+            self._step = start
+            was, self._logged = self._logged, self._full_step(start)
+            if self._logged and not was:
+                self._arm()
+            elif was and not self._logged:
+                self._disarm()
+
+    def _all_gather(self, send: torch.Tensor) -> np.ndarray:
+        send = send.to(self._coll_device)
+        recv = send.new_empty(self._world * send.numel())
+        _gather_fn()(recv, send, group=self._pg)
+        return recv.view(self._world, -1).cpu().numpy()
+
+    def _exchange(self, ints: torch.Tensor, floats: torch.Tensor, payload: torch.Tensor) -> np.ndarray:
+        """The gather: one collective, or two when a payload outgrows the agreed capacity (then all ranks agree)."""
+        head = torch.cat([ints.to(self._coll_device), floats.to(self._coll_device).view(torch.int64)])
+        n = payload.numel()
+        while True:
+            cap = self._cap
+            if n == cap:
+                body = payload
+            elif n < cap:
+                body = torch.cat([payload, payload.new_zeros(cap - n)])
+            else:
+                body = payload.new_zeros(cap)
+            rows = self._all_gather(torch.cat([head, body]))
+            self._check_headers(rows)
+            lengths = rows[:, _I_LEN]
+            need = int(lengths.max())
+            if need > cap:
+                self._cap = need
+                continue
+            self._cap = need
+            return rows
+
+    def _check_headers(self, rows: np.ndarray) -> None:
+        magic, steps, fps, lens = (rows[:, i].tolist() for i in (_I_MAGIC, _I_STEP, _I_FP, _I_LEN))
+        if any(m != _MAGIC for m in magic) or len(set(steps)) > 1 or len(set(fps)) > 1 or len(set(lens)) > 1:
+            detail = {"step": steps, "layout_fingerprint": fps, "payload_words": lens}
+            with_writer = self._writer if self._writes else None
+            if with_writer is not None:
+                with_writer.log_event(self._step, self._mismatch_event, detail)
+            raise WatchError(
+                f"the ranks disagree at a logged step (per rank: {detail!r}; this is rank {self._rank}). Every rank "
+                "must record the same tensors at the same step: look for rank-dependent control flow in "
+                "forward (a module called on some ranks only), a different model or watch settings on one rank, or "
+                "ranks that called optimizer.step() a different number of times. gradsight raised this on every "
+                "rank instead of merging mismatched statistics."
+            )
+
+    # ---- the user's API -----------------------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        """This process's rank in the process group."""
+        return self._rank
+
+    @property
+    def writes(self) -> bool:
+        """Whether this rank writes a run file (rank 0, or every rank with ``rank_paths=True``)."""
+        return self._writes
+
+    def _reader(self) -> Any:
+        if not self._writes:
+            raise WatchError(
+                f"rank {self._rank} writes no run file (only rank 0 does); read the run on rank 0, e.g. "
+                "`if watch.writes: df = watch.to_pandas()`, or pass rank_paths=True to give every rank its own file."
+            )
+        return super()._reader()
+
+    def __fspath__(self) -> str:
+        if not self._writes:
+            raise WatchError(
+                f"rank {self._rank} writes no run file (only rank 0 does); see {type(self).__name__}.writes."
+            )
+        return super().__fspath__()
+
+
+def _merged_summaries(rows: np.ndarray, layouts: list[Any], own: int) -> list[TensorSummary]:
+    """Every rank's summaries of the same tensors (the gathered ``rows``), merged tensor by tensor.
+
+    Args:
+        rows: the gathered buffer, one row per rank: header, then the packed statistics of ``layouts``.
+        layouts: this rank's layouts of the packed statistics (every rank's have the same rows and units).
+        own: this rank (its counts are in its layout; the others' are rebuilt from their fields).
+    """
+    per_rank: list[list[TensorSummary]] = []
+    for r in range(rows.shape[0]):
+        arr = rows[r, _HEADER:]
+        out: list[TensorSummary] = []
+        off = 0
+        for lay in layouts:
+            ss, off = unpack(arr, lay, off)
+            out.extend(ss)
+        if r != own:  # counts come from the layout (this rank's numels); rebuild them from the fields
+            for s in out:
+                s.count = s.zeros + int(s.hist.sum()) + s.nan + s.posinf + s.neginf
+                if s.units_active is not None and s.units_active.size:
+                    s.units_total = s.count // s.units_active.size
+        per_rank.append(out)
+    return [merge_all(col) for col in zip(*per_rank, strict=True)]
+
+
+# ---- the DDP watch ------------------------------------------------------------------------------------------------
+class DDPWatch(RankedWatch):
     """A :class:`Watch` on a ``DistributedDataParallel`` model; see the module docstring. Open one on every rank."""
 
     def __init__(
@@ -322,17 +494,7 @@ class DDPWatch(Watch):
                 "gradsight.watch(ddp_model) needs an initialised process group; call "
                 "torch.distributed.init_process_group(...) on every rank first (DDP itself needs it too)."
             )
-        pg = ddp.process_group
-        self._pg = pg
-        self._rank = dist.get_rank(pg)
-        self._world = dist.get_world_size(pg)
-        self._writes = self._rank == 0 or rank_paths
-        backend = str(dist.get_backend(pg))
-        self._coll_device = (
-            torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
-        )
         self._batch_size = batch_size
-        self._cap = 0  # agreed payload capacity (int64 words), identical on all ranks
         self._local_sq: dict[int, torch.Tensor] = {}
         self._reduced_sq: torch.Tensor | None = None
         self._syncs = 0  # synchronising backward passes seen in this logged step
@@ -345,13 +507,8 @@ class DDPWatch(Watch):
         self._ddp_handles: list[Any] = []
         module = ddp.module
         self._fp_params = [p for p in dict.fromkeys(module.parameters()) if p.is_floating_point()]
-        noise = "recorded" if self._world > 1 else "not recorded: world_size is 1"
-        self._dmeta: dict[str, Any] = {
+        meta: dict[str, Any] = {
             "wrapper": "DistributedDataParallel",
-            "backend": backend,
-            "world_size": self._world,
-            "writing_ranks": "all (rank_paths=True)" if rank_paths else [0],
-            "rank": self._rank,
             "collective": "all_gather_single of one int64 buffer (header + rank-local statistics) per logged step",
             "merged_kinds": list(LOCAL_KINDS),
             "replicated_kinds": ["weight", "grad", "update"],
@@ -364,37 +521,26 @@ class DDPWatch(Watch):
                 "how": "sum and sum of squares of all gradients and all weights, compared across ranks at each "
                 "logged step in the same collective",
             },
-            "noise_scale": {
-                "status": noise,
-                "batch_size": batch_size if batch_size is not None else "dim 0 of the model input, per step",
-                "estimator": "B_simple, McCandlish et al. 2018 (appendix A); see gradsight.frameworks.torch._ddp",
-            },
         }
-        if not self._writes:
-            path = os.devnull  # never opened: this rank's writer stores nothing
-        elif rank_paths:
-            base = Path(path) if path is not None else default_run_path()
-            base.parent.mkdir(parents=True, exist_ok=True)
-            path = base if self._rank == 0 else base.with_name(f"{base.stem}.rank{self._rank}{base.suffix}")
-        self._anomaly_loss = False  # each rank has its own loss: anomalies are judged on replicated signals only
+        path = self._init_ranks(ddp.process_group, rank_paths=rank_paths, path=path, meta=meta)
+        meta["noise_scale"] = {
+            "status": "recorded" if self._world > 1 else "not recorded: world_size is 1",
+            "batch_size": batch_size if batch_size is not None else "dim 0 of the model input, per step",
+            "estimator": "B_simple, McCandlish et al. 2018 (appendix A); see gradsight.frameworks.torch._ddp",
+        }
         super().__init__(module, path=path, optimizer=optimizer, sched=sched, config=config, scaler=scaler)
         try:
             wref = weakref.ref(self)
             self._ddp_handles.append(ddp.register_forward_pre_hook(_BatchHook(wref), with_kwargs=True))
-            self._sync_start(module, sched)
+            params = [(n, list(p.shape), str(p.dtype)) for n, p in module.named_parameters()]
+            leaves = [n for n, m in module.named_modules() if next(iter(m.children()), None) is None]
+            self._sync_start(params, leaves, sched)
         except BaseException:
             self.close()
             raise
         self._writer.set_meta("distributed", self._dmeta)
 
     # ---- set-up -------------------------------------------------------------------------------------------------
-    def _open_writer(self, path: str | os.PathLike[str], meta: dict[str, Any]) -> Any:
-        meta["distributed"] = self._dmeta
-        if not self._writes:
-            return _NullWriter()
-        s = self.schedule
-        return _DDPRunWriter(path, meta=meta, if_exists=s.if_exists, commit_every=s.commit_every)
-
     def _arm_noise(self) -> None:
         wref = weakref.ref(self)
         for i, p in enumerate(self._fp_params):
@@ -419,53 +565,6 @@ class DDPWatch(Watch):
         grads = [p.grad.detach() for p in self._fp_params if p.grad is not None and p.grad.layout == torch.strided]
         if grads:
             self._reduced_sq = _sum_sq(grads)
-
-    def _sync_start(self, module: nn.Module, sched: Schedule) -> None:
-        """The one collective at open: same schedule and parameters on every rank; agree on the start step."""
-        cfg = {
-            "every": sched.every,
-            "kinds": list(sched.kinds),
-            "units": sched.units,
-            "anomaly": [
-                sched.anomaly,
-                sched.cheap,
-                sched.anomaly_factor,
-                sched.anomaly_window,
-                sched.anomaly_steps,
-                sched.anomaly_cooldown,
-            ],
-            "params": [(n, list(p.shape), str(p.dtype)) for n, p in module.named_parameters()],
-            "leaves": [n for n, m in module.named_modules() if next(iter(m.children()), None) is None],
-        }
-        mine = torch.tensor([_MAGIC, _crc(cfg), self._step, int(self._writes)], dtype=torch.int64)
-        rows = self._all_gather(mine).tolist()
-        if any(r[0] != _MAGIC for r in rows) or len({r[1] for r in rows}) > 1:
-            raise WatchError(
-                f"gradsight.watch(ddp_model) was opened with different settings or models on different ranks "
-                f"(configuration fingerprints per rank: {[r[1] for r in rows]!r}; this is rank {self._rank}, with "
-                f"{cfg['every']=!r}, {cfg['kinds']=!r}, {cfg['units']=!r}, {cfg['anomaly']=!r}). Every rank must call "
-                "gradsight.watch with the same every/kinds/units/anomaly settings/preset on the same model."
-            )
-        starts = {r[2] for r in rows if r[3]}
-        if len(starts) > 1:
-            raise WatchError(
-                f"the ranks' run files resume at different steps ({sorted(starts)!r}); with rank_paths=True and "
-                "if_exists='append', every rank's file must come from the same run."
-            )
-        start = rows[0][2]
-        if start != self._step:  # a rank without a file resumes where rank 0's file continues
-            self._step = start
-            was, self._logged = self._logged, self._full_step(start)
-            if self._logged and not was:
-                self._arm()
-            elif was and not self._logged:
-                self._disarm()
-
-    def _all_gather(self, send: torch.Tensor) -> np.ndarray:
-        send = send.to(self._coll_device)
-        recv = send.new_empty(self._world * send.numel())
-        _gather_fn()(recv, send, group=self._pg)
-        return recv.view(self._world, -1).cpu().numpy()
 
     # ---- the logged step ----------------------------------------------------------------------------------------
     def _host_summaries(self, packs: list[tuple[list[int], PackedStats]]) -> Callable[[], list[TensorSummary]]:
@@ -499,24 +598,10 @@ class DDPWatch(Watch):
             return list
         replicated = [p for (_, p), loc in zip(packs, is_local, strict=True) if not loc]
         rep_finish = to_host(PackedStats.concat(replicated)) if replicated else list
-        own, world, n_local = self._rank, self._world, len(local_tids)
+        own, n_local = self._rank, len(local_tids)
 
         def finish() -> list[TensorSummary]:
-            per_rank: list[list[TensorSummary]] = []
-            for r in range(world):
-                arr = rows[r, _HEADER:]
-                out: list[TensorSummary] = []
-                off = 0
-                for lay in layouts:
-                    ss, off = unpack(arr, lay, off)
-                    out.extend(ss)
-                if r != own:  # counts come from the layout (this rank's numels); rebuild them from the fields
-                    for s in out:
-                        s.count = s.zeros + int(s.hist.sum()) + s.nan + s.posinf + s.neginf
-                        if s.units_active is not None and s.units_active.size:
-                            s.units_total = s.count // s.units_active.size
-                per_rank.append(out)
-            merged = iter([merge_all(col) for col in zip(*per_rank, strict=True)] if n_local else [])
+            merged = iter(_merged_summaries(rows, layouts, own) if n_local else [])
             reps = iter(rep_finish())
             result: list[TensorSummary] = []
             for (tids, _), loc in zip(packs, is_local, strict=True):
@@ -542,43 +627,6 @@ class DDPWatch(Watch):
         local = torch.stack([v.to(dev) for v in self._local_sq.values()]).sum() if self._local_sq else nan
         reduced = nan if self._reduced_sq is None else self._reduced_sq.to(dev)
         return torch.stack([local, reduced, g_sum, g_sq, w_sum, w_sq]).to(torch.float64)
-
-    def _exchange(self, ints: torch.Tensor, floats: torch.Tensor, payload: torch.Tensor) -> np.ndarray:
-        """The gather: one collective, or two when a payload outgrows the agreed capacity (then all ranks agree)."""
-        head = torch.cat([ints.to(self._coll_device), floats.to(self._coll_device).view(torch.int64)])
-        n = payload.numel()
-        while True:
-            cap = self._cap
-            if n == cap:
-                body = payload
-            elif n < cap:
-                body = torch.cat([payload, payload.new_zeros(cap - n)])
-            else:
-                body = payload.new_zeros(cap)
-            rows = self._all_gather(torch.cat([head, body]))
-            self._check_headers(rows)
-            lengths = rows[:, _I_LEN]
-            need = int(lengths.max())
-            if need > cap:
-                self._cap = need
-                continue
-            self._cap = need
-            return rows
-
-    def _check_headers(self, rows: np.ndarray) -> None:
-        magic, steps, fps, lens = (rows[:, i].tolist() for i in (_I_MAGIC, _I_STEP, _I_FP, _I_LEN))
-        if any(m != _MAGIC for m in magic) or len(set(steps)) > 1 or len(set(fps)) > 1 or len(set(lens)) > 1:
-            detail = {"step": steps, "layout_fingerprint": fps, "payload_words": lens}
-            with_writer = self._writer if self._writes else None
-            if with_writer is not None:
-                with_writer.log_event(self._step, "ddp_mismatch", detail)
-            raise WatchError(
-                f"the ranks disagree at a logged step (per rank: {detail!r}; this is rank {self._rank}). Every rank "
-                "must record the same layer outputs at the same step: look for rank-dependent control flow in "
-                "forward (a module called on some ranks only), a different model or watch settings on one rank, or "
-                "ranks that called optimizer.step() a different number of times. gradsight raised this on every "
-                "rank instead of merging mismatched statistics."
-            )
 
     def _after_gather(self, step: int, rows: np.ndarray) -> None:
         """Replica check and noise scale from the gathered headers (cheap numpy on every rank)."""
@@ -621,17 +669,6 @@ class DDPWatch(Watch):
         noise = trace / grad_sq if grad_sq != 0.0 else math.nan
         self.log(step=step, **{"noise_scale": noise, "noise_scale/grad_sq": grad_sq, "noise_scale/trace": trace})
 
-    # ---- the user's API -----------------------------------------------------------------------------------------
-    @property
-    def rank(self) -> int:
-        """This process's rank in the DDP process group."""
-        return self._rank
-
-    @property
-    def writes(self) -> bool:
-        """Whether this rank writes a run file (rank 0, or every rank with ``rank_paths=True``)."""
-        return self._writes
-
     def _release(self) -> None:
         """Remove the DDP hooks too; closing is collective-free: safe on a rank that finishes early."""
         for h in self._ddp_handles:
@@ -639,16 +676,3 @@ class DDPWatch(Watch):
         self._ddp_handles.clear()
         self._disarm_noise()
         super()._release()
-
-    def _reader(self) -> Any:
-        if not self._writes:
-            raise WatchError(
-                f"rank {self._rank} writes no run file (only rank 0 does); read the run on rank 0, e.g. "
-                "`if watch.writes: df = watch.to_pandas()`, or pass rank_paths=True to give every rank its own file."
-            )
-        return super()._reader()
-
-    def __fspath__(self) -> str:
-        if not self._writes:
-            raise WatchError(f"rank {self._rank} writes no run file (only rank 0 does); see DDPWatch.writes.")
-        return super().__fspath__()

@@ -1,7 +1,8 @@
 """The PyTorch adapter's entry point: :func:`watch_torch` picks the watch class for a ``torch.nn.Module``.
 
-It imports both :mod:`._watch` (the single-process :class:`Watch`) and :mod:`._ddp` (its
-``DistributedDataParallel`` subclass), so that neither imports the other's dispatch (no import cycle).
+It imports :mod:`._watch` (the single-process :class:`Watch`), :mod:`._ddp` (its ``DistributedDataParallel``
+subclass) and :mod:`._fsdp` (its subclass for sharded models), so that none imports another's dispatch (no
+import cycle).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from torch import nn
 
 from ..._errors import InputError
 from ..._schedule import Schedule, schedule_from
-from ._ddp import DDPWatch, distributed_wrapper
+from ._ddp import DDPWatch, check_rank_args, distributed_wrapper
+from ._fsdp import FSDPWatch, sharding
 from ._watch import Watch
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -23,6 +25,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..._schedule import ScheduleSettings
 
 __all__ = ["watch_torch"]
+
+NO_BATCH_SIZE = (
+    "batch_size= sets the per-rank batch of the gradient noise scale, which is recorded under "
+    "DistributedDataParallel only (under FSDP it would need the gradients before the reduce-scatter). "
+    "Drop batch_size= for this sharded model."
+)
 
 
 def watch_torch(
@@ -48,19 +56,21 @@ def watch_torch(
         config: your own run configuration (JSON-serialisable), stored in the metadata as ``user_config``.
         batch_size: ``DistributedDataParallel`` only: the per-rank batch size for the gradient noise scale
             (default: dim 0 of the model's first input). See :mod:`._ddp`.
-        rank_paths: ``DistributedDataParallel`` only: every rank writes its own run file, not just rank 0.
+        rank_paths: ``DistributedDataParallel`` and FSDP only: every rank writes its own run file, not just rank 0.
         scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop, if any: pre-clip gradient norms are
             then recorded unscaled, like everything else (see :mod:`._signals`).
         **settings: the schedule settings, the same for every framework: ``every``, ``kinds``, ``cheap``,
             ``units``, ``cheap_flush``, ``if_exists``, ``commit_every`` (see :func:`gradsight._schedule.schedule`).
 
     Returns:
-        The open :class:`Watch` (a ``DDPWatch`` for a ``DistributedDataParallel`` model).
+        The open :class:`Watch` (a ``DDPWatch`` for a ``DistributedDataParallel`` model, an ``FSDPWatch`` for a
+        model sharded with ``fully_shard`` or ``FullyShardedDataParallel(use_orig_params=True)``).
 
     Raises:
         InputError: ``model`` or ``optimizer`` has the wrong type, or a schedule argument is invalid.
         WatchError: ``model`` is already being watched.
-        UnsupportedError: ``model`` is sharded with FSDP (see :mod:`._ddp`).
+        UnsupportedError: ``model`` is sharded in a way gradsight cannot merge exactly (FSDP1 without
+            ``use_orig_params``, hybrid sharding, tensor parallelism, DeepSpeed; see :mod:`._fsdp`).
         StoreError: the run file cannot be created (missing or unwritable directory, existing file).
     """
     if not isinstance(model, nn.Module):
@@ -81,6 +91,13 @@ def watch_torch(
             f"{type(scaler).__name__}: {scaler!r:.60}. Pass the loop's GradScaler, or leave scaler= out."
         )
     sched = schedule_from(preset, settings)
+    kind = sharding(model)
+    if kind is not None:
+        check_rank_args(batch_size, rank_paths)
+        if batch_size is not None:
+            raise InputError(NO_BATCH_SIZE)
+        common = {"path": path, "optimizer": optimizer, "sched": sched, "config": config, "scaler": scaler}
+        return FSDPWatch(model, kind=kind, rank_paths=rank_paths, **common)
     if distributed_wrapper(model, batch_size=batch_size, rank_paths=rank_paths) == "ddp":
         return DDPWatch(
             model,
