@@ -27,6 +27,7 @@ from typing import Any
 from ._advice import lr_direction
 from ._base import RunData
 from ._finding import SEVERITIES, Finding
+from ._layers import param_layers
 
 __all__ = ["CAUSAL_ORDER", "EXPLAINS", "link", "sort_chain"]
 
@@ -93,15 +94,9 @@ def _upstream(cause: Finding, effect: Finding, data: RunData | None = None) -> b
     limit = last
     for name in data.layers[last + 1 :]:
         limit = data.layer_index(name)
-        if data.layer_info(name).get("params") or name in _param_layers(data):
+        if name in param_layers(data):
             break
     return any(_index(data, n) <= limit for n in effect.layers) and _before(cause, effect)
-
-
-def _param_layers(data: RunData) -> set[str]:
-    if "param_layers" not in data.cache:
-        data.cache["param_layers"] = {t.layer for t in data.run.tensors if t.kind in ("weight", "grad", "update")}
-    return data.cache["param_layers"]
 
 
 def _zero_grads_upstream(cause: Finding, effect: Finding, data: RunData | None = None) -> bool:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .._derived import update_ratio_table
 from ._base import Rule, RunData, Thresholds, fmt, ordered
 from ._finding import Finding
+from ._series import layer_update_ratios
 
 if TYPE_CHECKING:  # pragma: no cover - pandas is imported where it is used, not at import
     import pandas as pd
@@ -36,6 +37,15 @@ def update_ratios(data: RunData) -> pd.DataFrame:
     import pandas as pd
 
     return update_ratio_table(pd.concat([data.frame("update"), data.frame("weight")], ignore_index=True))
+
+
+def _ratios(data: RunData) -> pd.DataFrame:
+    """Long (step, layer, ratio) table: per step from the per-step norms where recorded, else :func:`update_ratios`."""
+    table, source = layer_update_ratios(data)
+    if source.startswith("per-step"):
+        long = table.rename_axis("step").reset_index().melt(id_vars="step", var_name="layer", value_name="ratio")
+        return long
+    return update_ratios(data)
 
 
 _HIGH = {
@@ -69,17 +79,26 @@ _LOW = {
 class UpdateRatioRule(Rule):
     """Per-layer update/weight ratio far above or below ~1e-3 (``update-ratio-high`` / ``update-ratio-low``).
 
-    Warns when a layer's median ratio over logged steps exceeds ``update_ratio_high`` or falls below
-    ``update_ratio_low``. Needs ``update`` and ``weight`` summaries.
+    Warns when a layer's median ratio over the steps exceeds ``update_ratio_high`` or falls below
+    ``update_ratio_low``: every step from the per-step ``update_norm/<t>`` and ``weight_norm/<t>`` where recorded
+    (pooled per layer as :func:`gradsight._derived.update_ratio` defines it), else the logged steps' ``update`` and
+    ``weight`` summaries.
     """
 
     name = "update-ratio"
     codes = ("update-ratio-high", "update-ratio-low")
     kinds = ("update", "weight")
 
+    def missing(self, data: RunData) -> list[str]:
+        """Needs ``update`` and ``weight`` summaries, or the per-step ``update_norm/<t>`` and ``weight_norm/<t>``."""
+        cols = [str(c) for c in data.scalars.columns]
+        if any(c.startswith("update_norm/") for c in cols) and any(c.startswith("weight_norm/") for c in cols):
+            return []
+        return super().missing(data)
+
     def check(self, data: RunData, th: Thresholds) -> list[Finding]:
         """See the class docstring."""
-        r = update_ratios(data)
+        r = _ratios(data)
         if r.empty:
             return []
         defined = r[r["ratio"].notna()]
