@@ -1,5 +1,7 @@
 """GradsightTrainerCallback on a tiny transformers model built from a config (nothing is downloaded)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -98,12 +100,173 @@ def test_online_diagnosis_stops_training_on_non_finite_gradients(tmp_path):
         assert any(e["code"] == "non-finite" for e in run.events("finding"))
 
 
-def test_data_parallel_is_refused_until_summaries_are_aggregated(tmp_path):
+def test_multi_process_without_a_process_group_is_refused(tmp_path):
     class Args:
         world_size = 2
 
-    with pytest.raises(gradsight.UnsupportedError, match=r"does not support data-parallel training yet.*world_size=2"):
-        GradsightTrainerCallback(on_finding=None).on_train_begin(Args(), None, None, model=_model())
+    opt = torch.optim.SGD(_model().parameters(), lr=0.1)
+    with pytest.raises(gradsight.UnsupportedError, match=r"runs 2 processes .* no initialised process group"):
+        GradsightTrainerCallback(on_finding=None).on_train_begin(Args(), None, None, model=_model(), optimizer=opt)
+
+
+DDP_SCRIPT = r"""
+import json, os, sys, warnings
+warnings.simplefilter("ignore")
+import torch, transformers
+torch.set_num_threads(1)
+sys.path.insert(0, sys.argv[2])
+from test_integration_hf import _Data, _model
+from gradsight.integrations import GradsightTrainerCallback
+
+out, rank = sys.argv[1], int(os.environ["RANK"])
+
+
+def train(name, model, max_steps, **cb_kwargs):
+    cb = GradsightTrainerCallback(path=f"{out}/{name}.db", on_finding=None, **cb_kwargs)
+    args = transformers.TrainingArguments(
+        output_dir=f"{out}/{name}", per_device_train_batch_size=4, logging_steps=1, report_to="none",
+        save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0, max_steps=max_steps, ddp_backend="gloo",
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Data(64), callbacks=[cb])
+    trainer.train()
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    info = {"path": None if cb.path is None else str(cb.path), "global_step": trainer.state.global_step,
+            "findings": [f.code for f in cb.findings], "closed": cb.watch is None, "history": history}
+    with open(f"{out}/{name}.rank{rank}.json", "w") as f:
+        json.dump(info, f)
+
+
+train("ddp", _model(), 4, preset="full")
+nan = _model()
+with torch.no_grad():
+    nan.classifier.weight.fill_(float("nan"))
+train("stop", nan, 20, every=1, stop_on=("non-finite",))
+
+# FSDP2: Accelerate shards only on accelerators, so the Trainer's events are played by hand around a sharded model
+from types import SimpleNamespace
+from torch.distributed.fsdp import fully_shard
+
+model = _model()
+for layer in model.bert.encoder.layer:
+    fully_shard(layer)
+fully_shard(model)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+args = SimpleNamespace(world_size=2, output_dir=f"{out}/fsdp", gradient_accumulation_steps=1)
+state, control = transformers.TrainerState(), transformers.TrainerControl()
+cb = GradsightTrainerCallback(path=f"{out}/fsdp.db", on_finding=None, preset="full", stop_on=("non-finite",))
+cb.on_train_begin(args, state, control, model=model, optimizer=opt)
+data = _Data(64)
+for step in range(3):
+    batch = {k: v[8 * step + 4 * rank : 8 * step + 4 * rank + 4] for k, v in data[:].items()}
+    loss = model(**batch).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    state.global_step += 1
+    cb.on_step_end(args, state, control)
+    cb.on_log(args, state, control, logs={"loss": float(loss)})
+cb.on_train_end(args, state, control)
+with open(f"{out}/fsdp.rank{rank}.json", "w") as f:
+    json.dump({"path": None if cb.path is None else str(cb.path), "stop": control.should_training_stop,
+               "log": control.should_log}, f)
+"""
+
+
+def _run_two_ranks(tmp_path, script, timeout=55):
+    """Run ``script`` as 2 CPU ranks (torchrun's environment, gloo on loopback) with a hard timeout."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    (tmp_path / "train.py").write_text(script)
+    with socket.socket() as s:  # a free loopback port for the process group
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    here = str(Path(__file__).parent)
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONWARNINGS": "ignore"}
+        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(tmp_path / "train.py"), str(tmp_path), here],
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own group: a timeout kills it and anything it started
+            )
+        )
+    logs = []
+    try:
+        for p in procs:
+            try:
+                logs.append(p.communicate(timeout=timeout)[0].decode())
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the 2-rank Trainer run did not finish within {timeout} s (a hang)")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(5)
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log[-4000:]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf_ddp")
+    _run_two_ranks(out, DDP_SCRIPT)
+    return out
+
+
+def _rank(out, name, rank):
+    import json
+
+    return json.loads((out / f"{name}.rank{rank}.json").read_text())
+
+
+def test_ddp_two_processes_write_one_run_file_with_merged_outputs(two_ranks):
+    r0, r1 = _rank(two_ranks, "ddp", 0), _rank(two_ranks, "ddp", 1)
+    assert r0["path"] == str(two_ranks / "ddp.db") and r1["path"] is None  # rank 1 writes nothing
+    assert r0["global_step"] == r1["global_step"] == 4 and r0["closed"] and r1["closed"]
+    assert sorted(p.name for p in two_ranks.glob("ddp*.db")) == ["ddp.db"]
+    with gradsight.load(two_ranks / "ddp.db") as run:
+        meta = run.meta["distributed"]
+        assert meta["wrapper"] == "DistributedDataParallel" and meta["world_size"] == 2
+        assert meta["replicas_identical"]["verified"] is True
+        assert run.steps == [0, 1, 2, 3]
+        assert "bert.embeddings.word_embeddings.weight" in {t.name for t in run.tensors}  # no "module." prefix
+        # 2 ranks x 4 samples x 2 logits: the classifier's output merged over the global batch
+        assert run.summary("classifier", "output", 0).count == 2 * 4 * 2
+        np.testing.assert_allclose(run.scalars["loss"].to_numpy(), [h["loss"] for h in r0["history"]], rtol=1e-6)
+    # the headline scalars reach rank 0's logs; the Trainer logged at the same steps on both ranks
+    assert all("gradsight/grad_norm" in h for h in r0["history"])
+    assert [h["step"] for h in r0["history"]] == [h["step"] for h in r1["history"]]
+
+
+def test_fsdp2_model_gets_the_fsdp_aggregation_through_the_callback(two_ranks):
+    r0, r1 = _rank(two_ranks, "fsdp", 0), _rank(two_ranks, "fsdp", 1)
+    assert r0["path"] == str(two_ranks / "fsdp.db") and r1["path"] is None
+    assert r0["stop"] is r1["stop"] is False and r0["log"] is r1["log"] is True
+    with gradsight.load(two_ranks / "fsdp.db") as run:
+        assert run.meta["distributed"]["wrapper"] == "fully_shard (FSDP2)"
+        assert run.steps == [0, 1, 2]
+        info = next(t for t in run.tensors if t.name == "bert.embeddings.word_embeddings.weight" and t.kind == "grad")
+        assert tuple(info.shape) == (32, 8)  # the global shape; each rank holds 16 rows
+        assert run.summary("bert.embeddings.word_embeddings.weight", "weight", 0).count == 32 * 8
+        assert run.summary("classifier", "output", 0).count == 2 * 4 * 2
+        assert len(run.scalars["loss"].dropna()) == 3
+
+
+def test_ddp_stop_decision_on_rank_0_stops_every_rank_at_the_same_step(two_ranks):
+    r0, r1 = _rank(two_ranks, "stop", 0), _rank(two_ranks, "stop", 1)
+    assert r0["findings"][:1] == ["non-finite"] and r1["findings"] == []  # reads on rank 0 only
+    assert r0["global_step"] == r1["global_step"] < 20
+    with gradsight.load(two_ranks / "stop.db") as run:
+        assert any(e["code"] == "non-finite" for e in run.events("finding"))
 
 
 def test_diagnosis_arguments_are_checked_when_the_callback_is_built(tmp_path, monkeypatch):

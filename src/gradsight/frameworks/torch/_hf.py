@@ -23,9 +23,25 @@ What it does, through the public ``TrainerCallback`` events:
   ``trainer.callback_handler.callbacks.insert(0, callback)``, or use :mod:`gradsight.export` for TensorBoard.
 * ``on_train_end``: final diagnosis, then the watch is closed.
 
-Data-parallel training (``world_size > 1``) is refused at ``on_train_begin`` with an
-:class:`~gradsight.UnsupportedError`: the callback does not yet hand the Trainer's DDP-wrapped model to
-gradsight's cross-rank aggregation (which ``gradsight.watch(ddp_model)`` provides for plain DDP loops).
+Multi-process training (``world_size > 1``: DDP, and FSDP through Accelerate) goes through gradsight's cross-rank
+aggregation (:mod:`gradsight.frameworks.torch._ddp`, :mod:`gradsight.frameworks.torch._fsdp`):
+
+* ``on_train_begin`` opens the watch on every rank on the model that does the data parallelism: under FSDP the
+  Trainer's model itself (``fully_shard`` shards it in place; FSDP1 wraps it, ``use_orig_params=True``), which
+  opens an FSDP watch; under DDP the ``DistributedDataParallel`` wrapper that Accelerate built around the model.
+  The Trainer hands callbacks the unwrapped model only, so the callback finds that wrapper once among the live
+  objects (``gc.get_objects()``: the ``DistributedDataParallel`` whose ``module`` is the model; a fraction of a
+  second, once). Tensor names are the model's own (no ``module.`` prefix).
+* Rank 0 writes the one run file (the default path is rank 0's, broadcast to every rank); ``callback.path`` is
+  ``None`` on the other ranks. The Trainer's logged ``loss`` is already averaged over ranks.
+* Reads — the headline scalars, the online diagnosis, the final diagnosis — run on rank 0 only, so findings are
+  reported once and ``callback.findings`` is filled on rank 0. ``control.should_log`` is set on every rank at
+  logged steps (the Trainer gathers the loss across ranks when it logs: a rank logging alone would hang), and a
+  stop decision (``stop_on``) made on rank 0 is made the same on every rank by one ``all_reduce(MAX)`` of a
+  flag at each logged step — logged steps are decided by the global step, identical on every rank — so every
+  rank stops at the same step.
+* Not supported: DeepSpeed (refused by ``gradsight.watch``). On CPU, Accelerate never shards with FSDP
+  (``use_cpu=True`` runs are DDP whatever ``fsdp=`` says).
 """
 
 from __future__ import annotations
@@ -46,14 +62,64 @@ except ImportError as exc:  # pragma: no cover - depends on what is installed
 from gradsight import InputError, OnlineDiagnosis, UnsupportedError, watch
 from gradsight.store import default_run_path
 
+from ._fsdp import sharding
+
 __all__ = ["GradsightTrainerCallback"]
 
-DDP_MESSAGE = (
-    "GradsightTrainerCallback does not support data-parallel training yet (world_size={world_size}): each rank "
-    "would record only its own shard of the batch, and the callback does not yet connect the Trainer's "
-    "DDP-wrapped model to gradsight's cross-rank aggregation. Train on one process to watch the run, or remove "
-    "the callback for the distributed run."
+NO_GROUP_MESSAGE = (
+    "GradsightTrainerCallback: the Trainer runs {world_size} processes (world_size={world_size}) but "
+    "torch.distributed has no initialised process group in this one, so the ranks' statistics cannot be merged. "
+    "Launch the training with torchrun or accelerate launch, which initialise it."
 )
+NO_WRAPPER_MESSAGE = (
+    "GradsightTrainerCallback: the Trainer runs {world_size} processes, but the model ({model}) is neither sharded "
+    "with FSDP nor wrapped in a DistributedDataParallel module that gradsight could find, so the ranks' "
+    "statistics cannot be merged. Supported multi-process set-ups: DDP and FSDP (FSDP1 with use_orig_params=True, "
+    "or FSDP2) through Accelerate."
+)
+
+
+def _data_parallel_model(model: Any, world_size: int) -> Any:
+    """The module to watch in a multi-process run: the sharded model itself, or the DDP wrapper around it.
+
+    Raises:
+        UnsupportedError: no process group, or neither FSDP nor a DDP wrapper of ``model``.
+    """
+    import gc
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise UnsupportedError(NO_GROUP_MESSAGE.format(world_size=world_size))
+    if isinstance(model, DistributedDataParallel) or sharding(model) is not None:  # sharding refuses DeepSpeed
+        return model
+    # The Trainer passes callbacks the unwrapped model; Accelerate's DDP wrapper is held by the Trainer only.
+    found = [o for o in gc.get_objects() if issubclass(type(o), DistributedDataParallel) and o.module is model]
+    if not found:
+        raise UnsupportedError(NO_WRAPPER_MESSAGE.format(world_size=world_size, model=type(model).__name__))
+    return found[-1]
+
+
+def _any_rank(flag: bool) -> bool:
+    """``flag`` OR-ed over every rank: one ``all_reduce(MAX)`` of one number (every rank must call it)."""
+    import torch
+    import torch.distributed as dist
+
+    nccl = "nccl" in str(dist.get_backend())
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _broadcast_path(path: Path) -> Path:
+    """Rank 0's path on every rank (default paths carry a time stamp, different on each rank)."""
+    import torch.distributed as dist
+
+    box = [str(path)]
+    dist.broadcast_object_list(box, src=0)
+    return Path(box[0])
 
 
 class GradsightTrainerCallback(TrainerCallback):
@@ -103,6 +169,8 @@ class GradsightTrainerCallback(TrainerCallback):
         self._diagnosis: Any = None
         self._offset = 0  # watch step = Trainer global_step - 1 + offset
         self._pending: dict[str, float] = {}
+        self._distributed = False
+        self._reads = True  # this rank reads the run (headline, diagnosis): rank 0, or the only process
         if diagnose:  # a typo in stop_on / on_finding fails here, not minutes into training
             OnlineDiagnosis.check_args(on_finding=on_finding, stop_on=self.stop_on, full_every=diagnose_every)
 
@@ -112,8 +180,6 @@ class GradsightTrainerCallback(TrainerCallback):
         """Open the watch on the Trainer's model and optimizer."""
         import torch
 
-        if args.world_size > 1:
-            raise UnsupportedError(DDP_MESSAGE.format(world_size=args.world_size))
         model, optimizer = kwargs.get("model"), kwargs.get("optimizer")
         if model is None:
             raise UnsupportedError("GradsightTrainerCallback got no model from the Trainer's on_train_begin event.")
@@ -124,21 +190,30 @@ class GradsightTrainerCallback(TrainerCallback):
                 f"GradsightTrainerCallback needs the Trainer's torch optimizer, got {type(optimizer).__name__}. "
                 "gradsight closes a step at each optimizer.step(); use a torch.optim optimizer."
             )
+        self._distributed = args.world_size > 1
+        if self._distributed:
+            import torch.distributed as dist
+
+            model = _data_parallel_model(model, args.world_size)
+            self._reads = dist.get_rank() == 0
         if self._path is not None:
             self.path = Path(self._path)
         else:
             self.path = Path(args.output_dir) / "gradsight-runs" / default_run_path().name
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self._reads:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self._distributed:
+            self.path = _broadcast_path(self.path)
         config = {"integration": "transformers", "gradient_accumulation_steps": args.gradient_accumulation_steps}
         config.update(self.watch_kwargs.get("config") or {})
         kwargs_ = {k: v for k, v in self.watch_kwargs.items() if k != "config"}
         if scaler is not None and hasattr(scaler, "unscale_"):  # mixed precision: pre-clip norms unscaled
             kwargs_.setdefault("scaler", scaler)
         self.watch = watch(model, path=self.path, optimizer=optimizer, config=config, **kwargs_)
-        self.path = self.watch.path
+        self.path = self.watch.path  # None on a rank that writes no file
         self._offset = self.watch.current_step - state.global_step
         self._pending = {}
-        if self.diagnose:
+        if self.diagnose and self._reads:
             self._diagnosis = OnlineDiagnosis(
                 self.watch, on_finding=self.on_finding, stop_on=self.stop_on, full_every=self.diagnose_every
             )
@@ -153,17 +228,21 @@ class GradsightTrainerCallback(TrainerCallback):
         step = self._step_of(state)
         if not self.watch.schedule.is_logged(step):
             return
-        if self.log_headline:
+        if self.log_headline and self._reads:
             from gradsight.export import headline_scalars
 
             items = [(info, s) for _, info, s in self.watch.summaries(steps=(step, step))]
             self._pending = headline_scalars(items)
-            if self._pending:
-                control.should_log = True
+        if self.log_headline and (self._pending or self._distributed):
+            control.should_log = True  # on every rank alike: the Trainer gathers the loss across ranks to log
+        stop = False
         if self._diagnosis is not None:
             self.findings.extend(self._diagnosis.check(step))
-            if self._diagnosis.should_stop:
-                control.should_training_stop = True
+            stop = bool(self._diagnosis.should_stop)
+        if self._distributed and self.diagnose and self.stop_on:  # the same condition on every rank
+            stop = _any_rank(stop)
+        if stop:
+            control.should_training_stop = True
 
     def on_log(
         self,
