@@ -268,10 +268,17 @@ class RunData:
             return len(self.layers)
 
     @property
+    def tensors(self) -> list[Any]:
+        """Every recorded tensor (:attr:`gradsight.Run.tensors`), read once."""
+        if "tensors" not in self.cache:
+            self.cache["tensors"] = self.run.tensors
+        return self.cache["tensors"]
+
+    @property
     def kinds(self) -> set[str]:
         """The tensor kinds that have registered tensors in the run."""
         if self._kinds is None:
-            self._kinds = {t.kind for t in self.run.tensors}
+            self._kinds = {t.kind for t in self.tensors}
         return self._kinds
 
     def frame(self, kind: str, *, hist: bool = False, units: bool = False) -> pd.DataFrame:
@@ -323,7 +330,7 @@ class RunData:
         name without a separator -> ``model``).
         """
         if "tensor_layers" not in self.cache:
-            self.cache["tensor_layers"] = {t.name: t.layer for t in self.run.tensors}
+            self.cache["tensor_layers"] = {t.name: t.layer for t in self.tensors}
         known = self.cache["tensor_layers"].get(tensor)
         if known is not None:
             return str(known)

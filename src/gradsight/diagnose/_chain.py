@@ -43,8 +43,8 @@ CAUSAL_ORDER: tuple[str, ...] = (
     "non-finite",
     "dead-units",
     "saturated-units",
-    "no-gradient",
     "vanishing-gradients",
+    "no-gradient",
     "update-ratio-high",
     "update-ratio-low",
     "loss-not-decreasing",
@@ -205,6 +205,7 @@ EXPLAINS: dict[str, dict[str, Condition]] = {
         "loss-not-decreasing": _before,
     },
     "vanishing-gradients": {
+        "no-gradient": _zero_grads_upstream,
         "update-ratio-low": _overlap,
         "loss-not-decreasing": _before,
     },

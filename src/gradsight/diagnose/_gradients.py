@@ -48,6 +48,8 @@ def depth_profile(data: RunData) -> pd.DataFrame:
         Columns ``layer``, ``rms`` (median), ``steps``, ``downstream`` (largest median RMS after it, NaN for the
         last layer), ``downstream_layer`` and ``ratio = rms / downstream``.
     """
+    if "depth_profile" in data.cache:
+        return data.cache["depth_profile"]
     import pandas as pd
 
     g = _finite_layer_rms(data)
@@ -69,7 +71,9 @@ def depth_profile(data: RunData) -> pd.DataFrame:
                 "ratio": ratio,
             }
         )
-    return pd.DataFrame(rows, columns=["layer", "rms", "steps", "downstream", "downstream_layer", "ratio"])
+    out = pd.DataFrame(rows, columns=["layer", "rms", "steps", "downstream", "downstream_layer", "ratio"])
+    data.cache["depth_profile"] = out
+    return out
 
 
 def growth_event(series: pd.Series, th: Thresholds) -> dict[str, Any] | None:

@@ -52,7 +52,7 @@ class BadInitialisationRule(Rule):
             out_steps = sorted(int(s) for s in data.frame("output")["step"].unique())
             if out_steps and out_steps[0] == first:
                 recent = out_steps[-th.recent_steps :]
-                for layer in ordered({t.layer for t in data.run.tensors if t.kind == "output"}, data):
+                for layer in ordered({t.layer for t in data.tensors if t.kind == "output"}, data):
                     if is_echo_layer(data, layer):
                         continue
                     state = _out_of_range(data, layer, first, recent, th)

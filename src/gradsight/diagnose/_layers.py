@@ -28,7 +28,7 @@ __all__ = [
 def param_layers(data: RunData) -> set[str]:
     """Layers that own parameter tensors (any weight, grad or update summary, or parameters in the metadata)."""
     if "param_layers" not in data.cache:
-        layers = {t.layer for t in data.run.tensors if t.kind in ("weight", "grad", "update")}
+        layers = {t.layer for t in data.tensors if t.kind in ("weight", "grad", "update")}
         layers |= {n for n in data.layers if data.layer_info(n).get("params")}
         data.cache["param_layers"] = layers
     return data.cache["param_layers"]
@@ -41,7 +41,7 @@ def param_tensors(data: RunData, layer: str) -> dict[str, tuple[str, tuple[int, 
     largest), the bias the one named ``bias``.
     """
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
-    tensors = [t for t in data.run.tensors if t.kind == "weight" and t.layer == layer]
+    tensors = [t for t in data.tensors if t.kind == "weight" and t.layer == layer]
     for t in tensors:
         leaf = t.name.replace("/", ".").rsplit(".", 1)[-1].split(":")[0].lower()
         if leaf == "bias":
@@ -75,25 +75,32 @@ def layer_stats(data: RunData, kind: str, layer: str, step: int, tensor: str | N
     """
     if kind not in data.kinds:
         return None
-    f = data.frame(kind)
-    rows = f[(f["step"] == step) & (f["layer"] == layer)]
-    if tensor is not None:
-        rows = rows[rows["tensor"] == tensor]
-    if rows.empty:
-        return None
-    n = float(rows["finite"].sum())
+    key = ("layer_stats", kind, step, tensor is not None)
+    if key not in data.cache:  # one pass over the step's rows for every layer (or tensor): rules ask many
+        f = data.frame(kind)
+        rows = f[f["step"] == step]
+        by = ["layer", "tensor"] if tensor is not None else ["layer"]
+        cols = ["finite", "sum", "sum_sq", "zeros", "positive", "nonfinite"]
+        data.cache[key] = {
+            (k if isinstance(k, tuple) else (k,)): _stats(g) for k, g in rows.groupby(by)[cols].sum().iterrows()
+        }
+    return data.cache[key].get((layer, tensor) if tensor is not None else (layer,))
+
+
+def _stats(row: Any) -> dict[str, float] | None:
+    n = float(row["finite"])
     if n <= 0:
         return None
-    total, sq = float(rows["sum"].sum()), float(rows["sum_sq"].sum())
+    total, sq = float(row["sum"]), float(row["sum_sq"])
     mean = total / n
     return {
         "count": n,
         "mean": mean,
         "std": math.sqrt(max(sq / n - mean * mean, 0.0)),
         "rms": math.sqrt(max(sq / n, 0.0)),
-        "zero_fraction": float(rows["zeros"].sum()) / n,
-        "nonpositive_fraction": 1.0 - float(rows["positive"].sum()) / n,
-        "nonfinite": float(rows["nonfinite"].sum()),
+        "zero_fraction": float(row["zeros"]) / n,
+        "nonpositive_fraction": 1.0 - float(row["positive"]) / n,
+        "nonfinite": float(row["nonfinite"]),
     }
 
 
@@ -115,7 +122,10 @@ def producer(data: RunData, layer: str) -> str | None:
 
 def previous_layer(data: RunData, layer: str, kind: str = "output") -> str | None:
     """The nearest layer before ``layer`` (model order) that has summaries of ``kind``: its input's producer."""
-    have = {t.layer for t in data.run.tensors if t.kind == kind}
+    key = ("layers_with", kind)
+    if key not in data.cache:
+        data.cache[key] = {t.layer for t in data.tensors if t.kind == kind}
+    have = data.cache[key]
     i = data.layer_index(layer)
     for name in reversed(data.layers[:i]):
         if name in have:
@@ -126,25 +136,27 @@ def previous_layer(data: RunData, layer: str, kind: str = "output") -> str | Non
 def unit_dead_fraction(data: RunData, layer: str, steps: list[int]) -> tuple[float, int, int] | None:
     """``(dead fraction, dead units, units)`` of a layer's output over ``steps`` pooled.
 
-    A unit is dead when it was zero for every entry of those steps; ``None`` without unit counts.
+    A unit is dead when it was zero for every entry of those steps; ``None`` without unit counts. Of a layer with
+    several output tensors, the one with the largest dead fraction.
     """
     if "output" not in data.kinds:
         return None
-    f = data.frame("output", units=True)
-    rows = f[(f["layer"] == layer) & f["step"].isin(steps) & f["units_active"].notna()]
-    if rows.empty:
-        return None
-    best: tuple[float, int, int] | None = None
-    for _, sub in rows.groupby("tensor"):
-        arrays = [np.asarray(a) for a in sub["units_active"]]
-        if len({a.size for a in arrays}) != 1 or arrays[0].size == 0:
-            continue
-        active = np.sum(np.stack(arrays), axis=0)
-        dead = int((active == 0).sum())
-        frac = dead / active.size
-        if best is None or frac > best[0]:
-            best = (frac, dead, int(active.size))
-    return best
+    key = ("unit_dead_fraction", tuple(steps))
+    if key not in data.cache:  # every layer at once: rules ask for many
+        f = data.frame("output", units=True)
+        rows = f[f["step"].isin(steps) & f["units_active"].notna()]
+        out: dict[str, tuple[float, int, int]] = {}
+        for (name, _), sub in rows.groupby(["layer", "tensor"]):
+            arrays = [np.asarray(a) for a in sub["units_active"]]
+            if len({a.size for a in arrays}) != 1 or arrays[0].size == 0:
+                continue
+            active = np.sum(np.stack(arrays), axis=0)
+            dead = int((active == 0).sum())
+            value = (dead / active.size, dead, int(active.size))
+            if str(name) not in out or value[0] > out[str(name)][0]:
+                out[str(name)] = value
+        data.cache[key] = out
+    return data.cache[key].get(layer)
 
 
 def stats_text(stats: dict[str, float] | None) -> dict[str, Any]:

@@ -191,7 +191,7 @@ def _healthy(data: RunData, th: Thresholds) -> dict[str, Any]:
         return out
     if "output" in data.kinds:
         steps = sorted(int(s) for s in data.frame("output")["step"].unique())[-th.recent_steps :]
-        for layer in {t.layer for t in data.run.tensors if t.kind == "output"}:
+        for layer in {t.layer for t in data.tensors if t.kind == "output"}:
             dead = unit_dead_fraction(data, layer, steps)
             if dead is not None and dead[0] >= th.dead_fraction:
                 out["reason"] = f"layer {layer!r} has {dead[0]:.0%} dead units"

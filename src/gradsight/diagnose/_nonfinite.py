@@ -254,7 +254,7 @@ class NonFiniteRule(Rule):
         events: list[_Event] = []
         sc = data.scalars
         loss = data.loss_name()
-        grad_layer = {t.name: t.layer for t in data.run.tensors if t.kind == "grad"}
+        grad_layer = {t.name: t.layer for t in data.tensors if t.kind == "grad"}
         for name in self._scalar_names(data):
             col = sc[name]
             base, _, tensor = name.partition("/")

@@ -215,7 +215,7 @@ def is_echo_layer(data: RunData, layer: str) -> bool:
     if not kind or not _ECHO_RE.search(kind):
         return False
     has_params = bool(info.get("params")) or any(
-        t.layer == layer and t.kind in ("weight", "grad", "update") for t in data.run.tensors
+        t.layer == layer and t.kind in ("weight", "grad", "update") for t in data.tensors
     )
     return not has_params
 
@@ -253,7 +253,7 @@ class SaturatedUnitsRule(Rule):
         """Needs output summaries of at least one identifiable tanh/sigmoid layer."""
         out = super().missing(data)
         if not out:
-            layers = {t.layer for t in data.run.tensors if t.kind == "output"}
+            layers = {t.layer for t in data.tensors if t.kind == "output"}
             if not any(activation_of(data, n) for n in layers):
                 out.append("output summaries of a layer identifiable as tanh or sigmoid (model metadata or name)")
         return out
