@@ -1,5 +1,6 @@
 """Autodiff references for graph traces, computed here with the frameworks' own APIs (independent of gradsight).
 
+Keras: every operation's output of a functional model becomes an output of one probe model run under a tape.
 Torch: forward hooks on every leaf module capture its output (and, on request, a module's input, which is the
 output of a functional node such as a residual add); ``torch.autograd.grad`` then gives dJ/d(each of them),
 dJ/dX and dJ/d(every parameter). Term names are written here from the module paths, the way issue #15 specifies
@@ -103,9 +104,12 @@ def torch_reference(
     return ref
 
 
-def assert_matches(trace, ref: dict, *, require: tuple[str, ...] = ("dJ/dW[", "dJ/db[", "dJ/dA["), skip=()) -> int:
+def assert_matches(
+    trace, ref: dict, *, require: tuple[str, ...] = ("dJ/dW[", "dJ/db[", "dJ/dA["), skip=(), rtol: float = 1e-9
+) -> int:
     """Every reference term the trace has agrees (normwise, float64: 1e-9·max + 1e-12); every trace term
-    starting with one of ``require`` has a reference (unless in ``skip``). Returns how many were compared.
+    starting with one of ``require`` has a reference (unless it ends with one of ``skip``). Returns how many were
+    compared.
     """
     compared = 0
     for name, want in ref.items():
@@ -116,8 +120,59 @@ def assert_matches(trace, ref: dict, *, require: tuple[str, ...] = ("dJ/dW[", "d
         got, want = np.asarray(got), np.asarray(want)
         assert got.shape == want.shape, f"{name}: shape {got.shape} vs reference {want.shape}"
         err = float(np.max(np.abs(got - want))) if got.size else 0.0
-        assert err <= 1e-12 + 1e-9 * float(np.max(np.abs(want), initial=0.0)), f"{name}: max|err| {err:.3g}"
+        assert err <= 1e-12 + rtol * float(np.max(np.abs(want), initial=0.0)), f"{name}: max|err| {err:.3g}"
         compared += 1
-    missing = [t.name for t in trace.terms if t.name.startswith(require) and t.name not in ref and t.name not in skip]
+    missing = [
+        t.name for t in trace.terms if t.name.startswith(require) and t.name not in ref and not t.name.endswith(skip)
+    ]
     assert not missing, f"terms without an independent reference: {missing}"
     return compared
+
+
+def keras_param_term(path: str) -> str:
+    """``"attn/query/kernel"`` → ``"dJ/dW[attn.query]"``; ``bias``/``beta`` → ``dJ/db[…]``."""
+    owner, last = path.rsplit("/", 1)
+    owner = owner.replace("/", ".")
+    if last in ("bias", "beta"):
+        return f"dJ/db[{owner}]"
+    if last in ("kernel", "gamma", "embeddings", "scale"):
+        return f"dJ/dW[{owner}]"
+    return f"dJ/dW[{owner}.{last}]"
+
+
+def keras_reference(model, x, y, loss_fn, training: bool = False) -> dict:
+    """Term name → float64 autodiff value of a Keras functional model (see the module docstring).
+
+    Every operation's output (layers and ``keras.ops`` calls) becomes an output of one multi-output model, run
+    under a tape; its moving statistics are restored afterwards.
+    """
+    import keras
+    import tensorflow as tf
+
+    ops = [op for op in model.operations if not isinstance(op, keras.layers.InputLayer)]
+    probe = keras.Model(model.inputs, [op.output for op in ops])
+    state = [(v, v.numpy().copy()) for v in model.non_trainable_weights]
+    int_x = np.issubdtype(np.asarray(x).dtype, np.integer)
+    xt = tf.constant(np.asarray(x))
+    yt = tf.constant(np.asarray(y))
+    try:
+        with tf.GradientTape() as tape:
+            if not int_x:
+                tape.watch(xt)
+            outs = probe(xt, training=training)
+            j = loss_fn(yt, outs[-1] if ops[-1].output is model.outputs[0] else model(xt, training=training))
+        variables = list(model.trainable_weights)
+        grads = tape.gradient(j, list(outs) + ([] if int_x else [xt]) + variables)
+    finally:
+        for v, val in state:
+            v.assign(val)
+    ref: dict[str, np.ndarray] = {"J": np.float64(j.numpy())}
+    for op, o, g in zip(ops, outs, grads[: len(ops)], strict=True):
+        ref[f"A[{op.name}]"] = np.asarray(o, dtype=np.float64)
+        ref[f"dJ/dA[{op.name}]"] = np.zeros(o.shape) if g is None else np.asarray(g, dtype=np.float64)
+    if not int_x:
+        ref[f"dJ/dA[{model.inputs[0].name}]"] = np.asarray(grads[len(ops)], dtype=np.float64)
+    for v, g in zip(variables, grads[len(ops) + (0 if int_x else 1) :], strict=True):
+        g = None if g is None else tf.convert_to_tensor(g)  # an Embedding's gradient arrives as IndexedSlices
+        ref[keras_param_term(v.path)] = np.zeros(v.shape) if g is None else np.asarray(g, dtype=np.float64)
+    return ref

@@ -148,12 +148,13 @@ def test_arbitrary_callable_loss(torch):
 
 
 # ------------------------------------------------------------------------------------------------- keras
-def test_keras_branching_and_multi_input_refused(keras):
-    inp = keras.Input((3,))
-    a = keras.layers.Dense(3)(inp)
-    out = keras.layers.Add()([inp, a])
-    with pytest.raises(UnsupportedError, match=r"single chain.*'add'.*2 inputs"):
-        explain(keras.Model(inp, out), np.ones((2, 3), "float32"), np.ones((2, 3), "float32"))
+def test_keras_branching_is_a_graph_multi_input_refused(keras):
+    """Formerly refused ("single chain"); issue #15: a residual functional model is explained as a graph."""
+    inp = keras.Input((3,), dtype="float64", name="x")
+    a = keras.layers.Dense(3, dtype="float64", name="d")(inp)
+    out = keras.layers.Add(dtype="float64", name="add")([inp, a])
+    trace = explain(keras.Model(inp, out), np.ones((2, 3)), np.zeros((2, 3)))
+    assert trace.ok and trace["dJ/dA[x]"].formula == "dJ/dA[x] = dJ/dA[add] (skip) + dJ/dA[d]·W[d]ᵀ (branch)"
     i1, i2 = keras.Input((3,)), keras.Input((3,))
     two = keras.Model([i1, i2], keras.layers.Concatenate()([i1, i2]))
     with pytest.raises(UnsupportedError, match=r"2 inputs and 1 outputs"):

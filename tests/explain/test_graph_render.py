@@ -20,7 +20,7 @@ def tb_trace():
     pytest.importorskip("torch")
     from gradsight.frameworks.torch._graph_examples import build_graph_example
 
-    model, x, y, loss, _ = build_graph_example("transformer-block")
+    model, x, y, loss, _, _ = build_graph_example("transformer-block")
     return explain(model, x, y, loss, finite_differences=True)
 
 
@@ -133,3 +133,10 @@ def test_cli_lists_and_runs_the_graph_examples(capsys, torch):
     assert main(["explain", "--example", "resnet-block", "--framework", "torch"]) == 0
     text = capsys.readouterr().out
     assert "dJ/dA[x] = dJ/dA[block.add] (skip) + conv_transpose" in text and "parameter gradients also checked" in text
+
+
+def test_cli_keras_graph_example(capsys, keras):
+    assert main(["explain", "--example", "transformer-block", "--framework", "tensorflow"]) == 0
+    text = capsys.readouterr().out
+    assert "graph traced by Keras functional graph" in text and "dJ/dA[x] = dJ/dA[add] (skip)" in text
+    assert "all agree ✓" in text

@@ -29,7 +29,7 @@ def _example(name):
 
 # --------------------------------------------------------------------------------------------- examples
 def test_transformer_block_example(torch):
-    model, x, y, loss, _ = _example("transformer-block")
+    model, x, y, loss, _, _ = _example("transformer-block")
     trace = explain(model, x, y, loss, finite_differences=True)
     assert trace.ok and trace.tracer == "torch.fx.symbolic_trace"
     ref = torch_reference(model, x, y, loss, inputs_of={"block.add": "block.ln2"}, output="block.add_1")
@@ -44,7 +44,7 @@ def test_transformer_block_example(torch):
 
 
 def test_resnet_block_example_batchnorm_training(torch):
-    model, x, y, loss, _ = _example("resnet-block")
+    model, x, y, loss, _, _ = _example("resnet-block")
     state = {k: v.clone() for k, v in model.state_dict().items()}
     trace = explain(model, x, y, loss, finite_differences=True)
     assert trace.ok
@@ -59,7 +59,7 @@ def test_resnet_block_example_batchnorm_training(torch):
 
 
 def test_resnet_block_eval_mode(torch):
-    model, x, y, loss, _ = _example("resnet-block")
+    model, x, y, loss, _, _ = _example("resnet-block")
     trace = explain(model, x, y, loss, training=False, finite_differences=True)
     assert trace.ok and "running statistics" in trace["A[block.bn1]"].formula
     assert model.training  # restored
@@ -70,7 +70,7 @@ def test_resnet_block_eval_mode(torch):
 
 
 def test_embedding_classifier_example(torch):
-    model, ids, y, loss, _ = _example("embedding-classifier")
+    model, ids, y, loss, _, _ = _example("embedding-classifier")
     trace = explain(model, ids, y, loss, finite_differences=True)
     assert trace.ok
     ref = torch_reference(model, ids, y, loss, x_name="ids", inputs_of={"mean": "norm"})
@@ -314,7 +314,7 @@ def test_shared_module_sums_its_uses(torch):
 
 
 def test_trace_graph_and_layer(torch):
-    model, x, y, loss, _ = _example("transformer-block")
+    model, x, y, loss, _, _ = _example("transformer-block")
     trace = explain(model, x, y, loss)
     names = [g.name for g in trace.graph]
     assert names[0] == "x" and names[-1] == "block.add_1"
@@ -380,7 +380,7 @@ def test_integer_input_needs_an_embedding(torch):
 def test_nothing_mutated_in_graph_mode(torch):
     from torch import nn
 
-    model, x, y, loss, _ = _example("resnet-block")
+    model, x, y, loss, _, _ = _example("resnet-block")
     model.block.bn2.eval()  # a mixed state comes back exactly
     flags = [m.training for m in model.modules()]
     model.block.conv1.weight.requires_grad_(False)  # frozen: derived anyway, flag restored

@@ -66,8 +66,8 @@ class ExplainAdapter(Protocol):
     def example_loss(self) -> tuple[Any, str]:
         """The framework's usual MSE loss, as a training loop calls it, and its display text (an example)."""
 
-    def build_graph_example(self, name: str, seed: int = 0) -> tuple[Any, np.ndarray, np.ndarray, Any, str]:
-        """``(model, x, y, loss, description)`` of a built-in graph example (``"transformer-block"``, ...)."""
+    def build_graph_example(self, name: str, seed: int = 0) -> tuple[Any, np.ndarray, np.ndarray, Any, str, dict]:
+        """``(model, x, y, loss, description, explain options)`` of a built-in graph example."""
 
 
 def adapter_info(framework: str) -> FrameworkInfo:

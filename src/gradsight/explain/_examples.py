@@ -156,8 +156,8 @@ def _graph_example(name: str) -> Callable[[str, bool], ExampleResult]:
     """A built-in graph example: built by the framework's adapter, explained with finite differences (float64)."""
 
     def run(framework: str, fd: bool) -> ExampleResult:
-        model, x, y, loss, intro = adapter(framework).build_graph_example(name)
-        tr = explain(model, x, y, loss, finite_differences=True)
+        model, x, y, loss, intro, options = adapter(framework).build_graph_example(name)
+        tr = explain(model, x, y, loss, finite_differences=True, **options)
         fd_terms = [t for t in tr.terms if t.fd is not None]
         summary = f"\n{len(fd_terms)} parameter gradients also checked against float64 central differences: " + (
             "all agree ✓" if all(t.fd.ok for t in fd_terms) else "some disagree ✗"

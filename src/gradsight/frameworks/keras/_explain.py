@@ -31,13 +31,17 @@ import tensorflow as tf
 from ..._errors import GradsightError, InputError, UnsupportedError
 from ..._tolerance import tolerance_for
 from ...explain import rules as R
+from ...explain._graph import GraphRun
 from ...explain._spec import Conventions, FrameworkRun, LayerSpec, LossConvention, LossSpec, SharedParam
 from ...explain.rules import LOSS_KINDS
+from ._graph import is_functional_graph, run_graph
+from ._graph_examples import build_graph_example
 
 __all__ = [
     "CONVENTIONS",
     "LOSS_CONVENTION",
     "build_dense_model",
+    "build_graph_example",
     "classify_loss",
     "example_loss",
     "jacobian_and_gradient",
@@ -333,20 +337,55 @@ def _model_dtype(layers: list[keras.layers.Layer], model: Any) -> str:
     return str(getattr(model, "compute_dtype", keras.config.floatx()))
 
 
+def _as_graph(model: Any, x: np.ndarray) -> bool:
+    """Explain ``model`` as a graph: integer ids, or a functional model the chain walker refuses (it branches)."""
+    if np.issubdtype(np.asarray(x).dtype, np.integer):
+        return isinstance(model, keras.Model)
+    if not is_functional_graph(model):
+        return False
+    try:
+        _chain(model)
+    except UnsupportedError as exc:
+        return "single chain" in str(exc) or "called" in str(exc)
+    return False
+
+
+def _run_graph(model: Any, x: np.ndarray, y: np.ndarray, loss: Any, reduction: str, training: bool | None):
+    layers = [ly for ly in model._flatten_layers(include_self=False) if ly.weights]
+    dtype = str(layers[0].compute_dtype) if layers else str(getattr(model, "compute_dtype", keras.config.floatx()))
+    spec, display, loss_fn, loss_dtype = classify_loss(loss, reduction, dtype)
+    if spec is not None and spec.reduction == "none":
+        spec = None
+    run = run_graph(model, x, y, spec, display, loss_fn, CONVENTIONS, dtype, training)
+    rank = {"float64": 2, "float32": 1}
+    if loss_dtype is not None and rank.get(str(loss_dtype), 0) < rank.get(dtype, 0):
+        run.dtype = str(loss_dtype)
+        run.notes.append(f"the loss computes in {loss_dtype}: terms are compared with {loss_dtype}'s tolerance")
+    return run
+
+
 # long function: one persistent GradientTape spans the forward chain, the loss and every gradient read from it;
 # to be split into forward / gradients / fill-specs helpers that pass the tape along.
-def run_explain(model: Any, x: np.ndarray, y: np.ndarray, loss: Any, reduction: str = "mean") -> FrameworkRun:
-    """Run ``model`` on ``x`` layer by layer under one tape and collect Keras' value of every term.
+def run_explain(
+    model: Any, x: np.ndarray, y: np.ndarray, loss: Any, reduction: str = "mean", training: bool | None = None
+) -> FrameworkRun | GraphRun:
+    """Run ``model`` on ``x`` under one tape and collect Keras' value of every term.
+
+    A ``keras.Sequential`` or a single-chain functional model is a chain (layer by layer, terms ``Z1``...); a
+    functional model that branches (residual adds, attention, several consumers of a tensor), or any model fed
+    integer ids, is a graph (:mod:`gradsight.frameworks.keras._graph`; terms ``A[layer]``, ``dJ/dW[layer]``).
 
     Args:
-        model: a built ``keras.Sequential`` (nested allowed), a single-chain functional model, or a layer.
+        model: a built ``keras.Sequential`` (nested allowed), a functional model, or a layer.
         x: the input batch.
         y: the targets.
         loss: see :func:`classify_loss`; callables are called as ``loss(y_true, y_pred)``.
         reduction: reduction of a loss given by name.
+        training: graphs only: True runs BatchNormalization on batch statistics; otherwise inference mode.
 
     Returns:
-        The :class:`~gradsight.explain._spec.FrameworkRun`.
+        The :class:`~gradsight.explain._spec.FrameworkRun` of a chain or the
+        :class:`~gradsight.explain._graph.GraphRun` of a graph.
     """
     _require_tf_backend()
     if isinstance(model, keras.Model) and not model.built:
@@ -354,6 +393,8 @@ def run_explain(model: Any, x: np.ndarray, y: np.ndarray, loss: Any, reduction: 
             f"the Keras model {model.name!r} is not built yet, so it has no weights to explain. Fix: give it an "
             "input shape, e.g. keras.Sequential([keras.Input((3,)), ...]), or call model.build((None, 3))."
         )
+    if _as_graph(model, x):
+        return _run_graph(model, x, y, loss, reduction, training)
     layers = _chain(model)
     dtype = _model_dtype(layers, model)
     spec, display, loss_fn, loss_dtype = classify_loss(loss, reduction, dtype)

@@ -100,7 +100,7 @@ class EmbeddingClassifier(nn.Module):
         return self.head(self.norm(self.emb(ids).mean(dim=1)))
 
 
-def _transformer(rng: np.random.Generator) -> tuple[nn.Module, np.ndarray, np.ndarray, Any, str]:
+def _transformer(rng: np.random.Generator) -> tuple[nn.Module, np.ndarray, np.ndarray, Any, str, dict]:
     model = TransformerExample().double()
     x = rng.normal(size=(2, 5, 16))
     y = rng.normal(size=(2, 5, 16))
@@ -113,10 +113,11 @@ def _transformer(rng: np.random.Generator) -> tuple[nn.Module, np.ndarray, np.nd
             "A pre-norm transformer block (d = 16, 4 heads, MLP 16→32→16 with GELU), x of shape (2, 5, 16), "
             "mean-squared error: LayerNorm → multi-head self-attention → + x → LayerNorm → MLP → + residual."
         ),
+        {},
     )
 
 
-def _resnet(rng: np.random.Generator) -> tuple[nn.Module, np.ndarray, np.ndarray, Any, str]:
+def _resnet(rng: np.random.Generator) -> tuple[nn.Module, np.ndarray, np.ndarray, Any, str, dict]:
     model = ResNetExample().double().train()
     x = rng.normal(size=(4, 3, 5, 5))
     y = rng.normal(size=(4, 3, 5, 5))
@@ -129,10 +130,11 @@ def _resnet(rng: np.random.Generator) -> tuple[nn.Module, np.ndarray, np.ndarray
             "A ResNet basic block (3 channels, 3×3 convolutions, BatchNorm in training mode: batch statistics), x of "
             "shape (4, 3, 5, 5), mean-squared error: conv → BN → ReLU → conv → BN → + x → ReLU."
         ),
+        {},
     )
 
 
-def _embedding(rng: np.random.Generator) -> tuple[nn.Module, np.ndarray, np.ndarray, Any, str]:
+def _embedding(rng: np.random.Generator) -> tuple[nn.Module, np.ndarray, np.ndarray, Any, str, dict]:
     model = EmbeddingClassifier().double()
     ids = rng.integers(0, 12, size=(6, 4))
     y = rng.integers(0, 3, size=6)
@@ -147,13 +149,14 @@ def _embedding(rng: np.random.Generator) -> tuple[nn.Module, np.ndarray, np.ndar
             "sequence → LayerNorm → linear logits (3 classes), cross-entropy with class weights [1, 2, 0.5] and label "
             "smoothing 0.1. The embedding's gradient is sparse: only the rows of ids that occur are non-zero."
         ),
+        {},
     )
 
 
 GRAPH_EXAMPLES = {"transformer-block": _transformer, "resnet-block": _resnet, "embedding-classifier": _embedding}
 
 
-def build_graph_example(name: str, seed: int = 0) -> tuple[nn.Module, np.ndarray, np.ndarray, Any, str]:
-    """``(model, x, y, loss, description)`` of a built-in graph example (float64, seeded)."""
+def build_graph_example(name: str, seed: int = 0) -> tuple[nn.Module, np.ndarray, np.ndarray, Any, str, dict]:
+    """``(model, x, y, loss, description, explain keyword arguments)`` of a built-in graph example."""
     torch.manual_seed(seed)
     return GRAPH_EXAMPLES[name](np.random.default_rng(seed))
