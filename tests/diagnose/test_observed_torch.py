@@ -63,6 +63,7 @@ def test_digits_cnn_sgd_lr10_the_step_is_the_root(torch, torch_seeded_one_thread
     root = found[0]
     assert root.code == "learning-rate-too-high" and root.is_root and root.first_step == 0
     assert root.evidence["update_ratio"] > 0.5 and root.evidence["lr"] == 10.0
+    assert isinstance(root.evidence["anomaly_events"], list)  # the watch's captures around the step, when any
     assert root.advice[0].startswith("Lower the learning rate by about") and "from 10 to" in root.advice[0]
     dead = _by_code(found, "dead-units")
     assert not dead.is_root and "learning-rate-too-high" in dead.evidence["root_causes"]

@@ -27,7 +27,7 @@ from .._derived import layer_rms
 from ._advice import lower_lr
 from ._base import Rule, RunData, Thresholds, fmt, ordered
 from ._finding import Finding
-from ._series import damage, global_weight_norm, grad_norm, loss, running_reference
+from ._series import anomalies_near, damage, global_weight_norm, grad_norm, loss, running_reference
 from ._why import why_small
 
 if TYPE_CHECKING:  # pragma: no cover - pandas is imported where it is used, not at import
@@ -302,6 +302,7 @@ def _explode_finding(
             "layers": per_layer,
             "global": glob,
             "depth": depth,
+            "anomaly_events": anomalies_near(data, first, last) if first is not None and last is not None else [],
         },
         message=msg,
         explanation=_EXPLODE_EXPLANATION,

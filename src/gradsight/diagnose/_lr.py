@@ -26,7 +26,7 @@ import numpy as np
 from ._advice import lower_lr
 from ._base import Rule, RunData, Thresholds, fmt, ordered
 from ._finding import Finding
-from ._series import damage, global_update_ratio, global_weight_norm, layer_update_ratios, lr
+from ._series import anomalies_near, damage, global_update_ratio, global_weight_norm, layer_update_ratios, lr
 
 __all__ = ["LearningRateTooHighRule"]
 
@@ -147,6 +147,7 @@ def _finding(data: RunData, step: int, value: float, harm: dict[str, Any], sourc
             "damage_steps": th.damage_steps,
             "lr": rate,
             "source": source,
+            "anomaly_events": anomalies_near(data, step, step + th.damage_steps),
         },
         message=msg,
         explanation=(

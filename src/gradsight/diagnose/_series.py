@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover - pandas is imported where it is used, not
     import pandas as pd
 
 __all__ = [
+    "anomalies_near",
     "cached",
     "global_update_ratio",
     "global_weight_norm",
@@ -327,6 +328,16 @@ def nonfinite_steps(data: RunData) -> list[int]:
         return sorted(steps)
 
     return cached(data, "nonfinite_steps", make)
+
+
+def anomalies_near(data: RunData, first: int, last: int) -> list[dict[str, Any]]:
+    """The watch's ``anomaly`` events (see :mod:`gradsight._anomaly`) at steps ``first..last``: what it captured."""
+    keys = ("step", "reason", "signal", "value", "baseline", "captured")
+    return [
+        {k: e.get(k) for k in keys}
+        for e in data.events("anomaly")
+        if isinstance(e.get("step"), int) and first <= e["step"] <= last
+    ][:8]
 
 
 def running_reference(series: pd.Series, window: int) -> pd.Series:
