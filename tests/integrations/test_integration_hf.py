@@ -12,6 +12,9 @@ pytest.importorskip("accelerate")
 import gradsight  # noqa: E402
 from gradsight.integrations import GradsightTrainerCallback, hf_callback  # noqa: E402
 
+# The 2-process tests share one module fixture: keep them on one worker (pytest-xdist).
+pytestmark = pytest.mark.xdist_group("hf")
+
 
 def _model():
     torch.manual_seed(0)

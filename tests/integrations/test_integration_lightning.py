@@ -15,6 +15,8 @@ import gradsight  # noqa: E402
 from gradsight.integrations import GradsightLightningCallback, lightning_callback  # noqa: E402
 
 pytestmark = [
+    # The 2-process tests share one module fixture: keep them on one worker (pytest-xdist).
+    pytest.mark.xdist_group("lightning"),
     # Lightning 2.6 itself calls torch's deprecated pytree LeafSpec under torch 2.13 (not gradsight's code).
     pytest.mark.filterwarnings(r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated:FutureWarning"),
     # Lightning's advice to use DataLoader workers, for a 32-sample CPU test.
@@ -129,13 +131,13 @@ def test_online_diagnosis_reports_and_can_stop_training(tmp_path):
         assert any(e["code"] == "non-finite" for e in run.events("finding"))
 
 
-def test_multi_process_strategies_other_than_ddp_are_refused(tmp_path):
+def test_multi_process_strategies_other_than_ddp_and_fsdp_are_refused(tmp_path):
     class FakeTrainer:
         world_size = 2
-        strategy = object()  # e.g. FSDP: not a DDPStrategy
+        strategy = object()  # e.g. DeepSpeed: neither DDP nor FSDP
 
     cb = GradsightLightningCallback(on_finding=None)
-    with pytest.raises(gradsight.UnsupportedError, match=r"only through Lightning's DDPStrategy.*world_size=2"):
+    with pytest.raises(gradsight.UnsupportedError, match=r"through Lightning's DDPStrategy .*world_size=2"):
         cb.setup(FakeTrainer(), TinyModule(), "fit")
 
 
@@ -146,45 +148,73 @@ import torch
 import lightning.pytorch as L
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from lightning.pytorch.strategies import ModelParallelStrategy
 from gradsight.integrations import GradsightLightningCallback
 
 
 class TinyModule(L.LightningModule):
-    def __init__(self):
+    def __init__(self, lr):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        self.lr = lr
+
+    def configure_model(self):
+        if isinstance(self.trainer.strategy, ModelParallelStrategy):  # the module shards itself (FSDP2)
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            fully_shard(self.net[0], mesh=mesh)
+            fully_shard(self.net, mesh=mesh)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         return nn.functional.mse_loss(self.net(x), y)
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=float(sys.argv[3]))
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
-if __name__ == "__main__":
-    out, run_path = sys.argv[1], sys.argv[2]
+def fit(out, name, strategy, lr, max_steps, every):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 4, generator=g)
     data = DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=4)
-    max_steps, every = int(sys.argv[4]), int(sys.argv[5])
-    cb = GradsightLightningCallback(path=run_path, every=every, preset="full", on_finding=None, stop_on=("non-finite",))
+    cb = GradsightLightningCallback(
+        path=f"{out}/{name}.db", every=every, preset="full", on_finding=None, stop_on=("non-finite",)
+    )
+    if strategy == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     trainer = L.Trainer(
-        strategy="ddp", accelerator="cpu", devices=2, max_steps=max_steps, callbacks=[cb], default_root_dir=out,
+        strategy=strategy, accelerator="cpu", devices=2, max_steps=max_steps, callbacks=[cb], default_root_dir=out,
         logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
         num_sanity_val_steps=0,
     )
-    trainer.fit(TinyModule(), data)
+    trainer.fit(TinyModule(lr), data)
     rank = trainer.global_rank
     info = {"rank": rank, "path": None if cb.path is None else str(cb.path), "global_step": trainer.global_step,
             "watch": cb.watch is None, "findings": [f.code for f in cb.findings]}
-    with open(f"{out}/rank{rank}.json", "w") as f:
+    with open(f"{out}/{name}.rank{rank}.json", "w") as f:
         json.dump(info, f)
+
+
+if __name__ == "__main__":
+    for run in json.loads(sys.argv[2]):  # every fit in the same 2 processes (one launch: CI's 2 cores are slow)
+        fit(sys.argv[1], **run)
 """
 
 
-def _run_ddp(tmp_path, lr, max_steps, every):
+#: The 2-process fits, run one after the other in the same 2 processes: name -> settings.
+FITS = {
+    "merge": {"strategy": "ddp", "lr": 0.05, "max_steps": 6, "every": 2},
+    "stop": {"strategy": "ddp", "lr": 1e6, "max_steps": 40, "every": 1},
+    "fsdp2": {"strategy": "fsdp2", "lr": 0.05, "max_steps": 4, "every": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
     """Run DDP_SCRIPT (Lightning's "ddp" launcher, 2 CPU ranks, gloo on loopback) with a hard timeout."""
     import contextlib
     import json
@@ -194,46 +224,54 @@ def _run_ddp(tmp_path, lr, max_steps, every):
     import subprocess
     import sys
 
-    script = tmp_path / "train_ddp.py"
+    out = tmp_path_factory.mktemp("lightning_2p")
+    script = out / "train_ddp.py"
     script.write_text(DDP_SCRIPT)
-    run_path = tmp_path / "run.db"
     with socket.socket() as s:  # a free loopback port for the process group
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONWARNINGS": "ignore"}
     for k in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE"):
         env.pop(k, None)
+    runs = json.dumps([{"name": k, **v} for k, v in FITS.items()])
     # Lightning's "ddp" launcher re-runs the script for rank 1; its own session lets a timeout kill both ranks.
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(tmp_path), str(run_path), str(lr), str(max_steps), str(every)],
-        cwd=tmp_path,
+        [sys.executable, str(script), str(out), runs],
+        cwd=out,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     try:
-        log, _ = proc.communicate(timeout=50)
+        log, _ = proc.communicate(timeout=90)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         log, _ = proc.communicate()
-        pytest.fail(f"DDP training did not finish within 50 s:\n{log.decode()[-4000:]}")
+        pytest.fail(f"the 2-process fits did not finish within 90 s:\n{log.decode()[-4000:]}")
     finally:
         with contextlib.suppress(ProcessLookupError):  # rank 1 is in the same session: never leave it behind
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, log.decode()[-4000:]
-    missing = [r for r in (0, 1) if not (tmp_path / f"rank{r}.json").exists()]
-    assert not missing, f"rank(s) {missing} did not finish fit:\n{log.decode()[-4000:]}"
-    ranks = {r: json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)}
-    return run_path, ranks
+    missing = [(n, r) for n in FITS for r in (0, 1) if not (out / f"{n}.rank{r}.json").exists()]
+    assert not missing, f"(fit, rank) {missing} did not finish:\n{log.decode()[-4000:]}"
+    return out
 
 
-def test_ddp_two_cpu_processes_merge_outputs_into_one_run_file(tmp_path):
-    run_path, ranks = _run_ddp(tmp_path, lr=0.05, max_steps=6, every=2)
+def _ranks(out, name):
+    import json
+
+    return out / f"{name}.db", {r: json.loads((out / f"{name}.rank{r}.json").read_text()) for r in (0, 1)}
+
+
+def test_ddp_two_cpu_processes_merge_outputs_into_one_run_file(two_ranks):
+    run_path, ranks = _ranks(two_ranks, "merge")
     assert ranks[0]["path"] == str(run_path)
     assert ranks[1]["path"] is None  # rank 1 writes nothing
     assert all(info["global_step"] == 6 and info["watch"] for info in ranks.values())
-    assert sorted(p.name for p in tmp_path.glob("*.db*") if not p.name.endswith(("-wal", "-shm"))) == ["run.db"]
+    assert sorted(p.name for p in two_ranks.glob("*.db*") if not p.name.endswith(("-wal", "-shm"))) == [
+        f"{name}.db" for name in sorted(FITS)
+    ]
     with gradsight.load(run_path) as run:
         assert run.meta["distributed"]["world_size"] == 2
         assert run.steps == [0, 2, 4]
@@ -244,6 +282,24 @@ def test_ddp_two_cpu_processes_merge_outputs_into_one_run_file(tmp_path):
             assert run.summary("net.0.weight", "grad", step).count == 8 * 4  # replicated: recorded once
         assert run.meta["distributed"]["replicas_identical"]["verified"] is True
         assert len(run.scalars["loss"]) == 6
+
+
+def test_fsdp2_model_parallel_strategy_two_cpu_processes_merge_shards_into_one_run_file(two_ranks):
+    run_path, ranks = _ranks(two_ranks, "fsdp2")
+    assert ranks[0]["path"] == str(run_path) and ranks[1]["path"] is None
+    assert all(info["global_step"] == 4 and info["watch"] for info in ranks.values())
+    with gradsight.load(run_path) as run:
+        meta = run.meta["distributed"]
+        assert meta["wrapper"] == "fully_shard (FSDP2)" and meta["world_size"] == 2
+        assert run.steps == [0, 2]
+        for step in run.steps:
+            assert run.summary("net.0", "output", step).count == 2 * 4 * 8  # merged over the global batch
+            assert run.summary("net.0.weight", "grad", step).count == 8 * 4  # 2 shards of 4 x 4, merged
+            assert run.summary("net.2.bias", "weight", step).count == 1  # 1 element: rank 1's shard is empty
+        info = next(t for t in run.tensors if t.name == "net.0.weight" and t.kind == "weight")
+        assert tuple(info.shape) == (8, 4)
+        sc = run.scalars
+        assert len(sc["loss"].dropna()) == 4 and sc["grad_norm"].notna().all() and len(sc) == 4
 
 
 def test_refuses_an_explicit_optimizer():
@@ -263,9 +319,9 @@ def test_diagnosis_arguments_are_checked_when_the_callback_is_built(tmp_path, mo
     assert list(tmp_path.iterdir()) == []  # checking writes nothing
 
 
-def test_ddp_stop_decision_on_rank_0_stops_every_rank(tmp_path):
+def test_ddp_stop_decision_on_rank_0_stops_every_rank(two_ranks):
     # Only rank 0 runs the diagnosis; if rank 1 did not stop too it would hang in DDP's all-reduce (timeout).
-    run_path, ranks = _run_ddp(tmp_path, lr=1e6, max_steps=40, every=1)
+    run_path, ranks = _ranks(two_ranks, "stop")
     assert "non-finite" in ranks[0]["findings"]
     assert ranks[1]["findings"] == []  # reads happen on rank 0 only
     assert ranks[0]["global_step"] == ranks[1]["global_step"] < 40

@@ -21,15 +21,19 @@ What it does, all through Lightning's public callback hooks:
   training gracefully (``trainer.should_stop``).
 * ``on_fit_end`` / ``on_exception``: final diagnosis, then the watch is closed and the run file complete.
 
-Data-parallel training (``strategy="ddp"``, ``"ddp_spawn"``, ``"ddp_fork"``, ``"ddp_notebook"``: Lightning's
-``DDPStrategy``) goes through gradsight's cross-rank aggregation (:mod:`gradsight.frameworks.torch._ddp`):
+Multi-process training goes through gradsight's cross-rank aggregation (:mod:`gradsight.frameworks.torch._ddp`,
+:mod:`gradsight.frameworks.torch._fsdp`) under Lightning's ``DDPStrategy`` (``strategy="ddp"``, ``"ddp_spawn"``,
+``"ddp_fork"``, ``"ddp_notebook"``), ``FSDPStrategy`` (``strategy="fsdp"``: FSDP1, which Lightning configures with
+``use_orig_params=True``; Lightning runs it on GPUs only) and ``ModelParallelStrategy`` with FSDP2 data
+parallelism (``fully_shard`` in ``configure_model``, ``tensor_parallel_size=1``):
 
-* ``on_fit_start`` watches ``trainer.strategy.model`` — the ``DistributedDataParallel`` wrapper Lightning built
-  around the module — on every rank, so ``gradsight.watch`` opens a ``DDPWatch``: layer outputs and output
-  gradients are merged over the whole global batch at each logged step (one ``all_gather``), weights, gradients
-  (after DDP's all-reduce) and updates are recorded once. Tensor names are the module's own (``net.0.weight``):
-  Lightning 2.x wraps the LightningModule itself in DDP (``training_step`` is redirected through DDP's forward),
-  so there is no wrapper prefix. The default path is broadcast from rank 0, so every rank agrees on it.
+* ``on_fit_start`` watches ``trainer.strategy.model`` on every rank — the ``DistributedDataParallel`` wrapper
+  Lightning built around the module (a ``DDPWatch``: layer outputs and output gradients merged over the global
+  batch at each logged step, weights, gradients after DDP's all-reduce and updates recorded once), the FSDP1
+  wrapper, or the module sharded in place by ``fully_shard`` (an ``FSDPWatch``: shards of weights, gradients and
+  updates merged as well, per-step norms summed over ranks). Tensor names are the module's own
+  (``net.0.weight``): Lightning 2.x wraps the LightningModule itself, and FSDP1's prefixes are removed. The
+  default path is broadcast from rank 0, so every rank agrees on it.
 * Rank 0 writes the run file; ``callback.path`` is that file on rank 0 and ``None`` on the other ranks (which
   write nothing). Each rank logs its own batch loss as ``loss`` — only rank 0's is recorded.
 * Every read — the headline scalars, the online diagnosis and the final diagnosis — runs on rank 0 only
@@ -40,13 +44,13 @@ Data-parallel training (``strategy="ddp"``, ``"ddp_spawn"``, ``"ddp_fork"``, ``"
   Logged steps are decided by the global step, identical on all ranks, so that collective is reached by all.
 * Not recorded under Lightning: the gradient noise scale (Lightning hands DDP's forward ``(batch, batch_idx)``,
   so the watch cannot see the per-rank batch size; under DDP, pass the per-rank ``batch_size=`` in the callback's
-  keyword arguments to enable it).
+  keyword arguments to enable it; under FSDP it is not recorded).
 * With ``ddp_spawn`` the callback object in the launching process is a copy that never ran: read the run from the
   path you passed (``GradsightLightningCallback(path=...)``) or from ``<log_dir>/gradsight-runs/``.
 
-Other multi-process strategies (FSDP, DeepSpeed, model-parallel, ...) are refused in ``setup`` with an
-:class:`~gradsight.UnsupportedError`: their parameters and gradients are sharded across ranks, and gradsight has no
-cross-rank merge for sharded weights and gradients yet.
+Other multi-process strategies (DeepSpeed, tensor parallelism, ...) are refused in ``setup`` with an
+:class:`~gradsight.UnsupportedError`: DeepSpeed partitions parameters, gradients and optimizer state inside its
+own engine, and tensor-parallel shards are split or replicated in ways gradsight does not merge.
 """
 
 from __future__ import annotations
@@ -72,25 +76,35 @@ except ImportError:  # pragma: no cover - depends on what is installed
 from gradsight import InputError, OnlineDiagnosis, UnsupportedError, watch
 from gradsight.store import default_run_path
 
+from ._fsdp import sharding
+
 __all__ = ["GradsightLightningCallback"]
 
 UNSUPPORTED_STRATEGY_MESSAGE = (
-    "GradsightLightningCallback supports multi-process training only through Lightning's DDPStrategy "
-    "(strategy='ddp', 'ddp_spawn', 'ddp_fork' or 'ddp_notebook'); got strategy {strategy} with "
-    "world_size={world_size}. What is missing for it: that strategy shards (or otherwise distributes) parameters "
-    "and gradients across ranks, and gradsight can merge only rank-local layer outputs across ranks, not sharded "
-    "weights, gradients and updates. Train with strategy='ddp' or on one device (Trainer(devices=1)) to watch the "
-    "run, or remove the callback for this run."
+    "GradsightLightningCallback supports multi-process training through Lightning's DDPStrategy (strategy='ddp', "
+    "'ddp_spawn', 'ddp_fork' or 'ddp_notebook'), FSDPStrategy (strategy='fsdp') and ModelParallelStrategy with "
+    "tensor_parallel_size=1 (fully_shard in configure_model); got strategy {strategy} with world_size={world_size}. "
+    "What is missing for it: DeepSpeed partitions parameters, gradients and optimizer state inside its own engine "
+    "(its step is not a torch.optim step on the module's parameters), and tensor parallelism splits or replicates "
+    "shards in ways gradsight does not merge. Train with strategy='ddp' or 'fsdp', or on one device "
+    "(Trainer(devices=1)) to watch the run, or remove the callback for this run."
 )
 
 
-def _is_ddp_strategy(strategy: Any) -> bool:
-    """Lightning's DDPStrategy (any start method), not a subclass that shards (DeepSpeed)."""
+def _strategies() -> tuple[type, ...]:
     try:
-        from lightning.pytorch.strategies import DDPStrategy
+        from lightning.pytorch import strategies
     except ImportError:  # pragma: no cover - the standalone package
-        from pytorch_lightning.strategies import DDPStrategy
-    return isinstance(strategy, DDPStrategy) and "deepspeed" not in type(strategy).__name__.lower()
+        from pytorch_lightning import strategies  # type: ignore[no-redef]
+    names = ("DDPStrategy", "FSDPStrategy", "ModelParallelStrategy")
+    return tuple(getattr(strategies, n) for n in names if hasattr(strategies, n))
+
+
+def _is_supported_strategy(strategy: Any) -> bool:
+    """DDP, FSDP1 or FSDP2 data parallelism; not a subclass that partitions otherwise (DeepSpeed), not TP."""
+    if "deepspeed" in type(strategy).__name__.lower() or not isinstance(strategy, _strategies()):
+        return False
+    return getattr(strategy, "_tensor_parallel_size", 1) in (1, "auto")
 
 
 def _default_path(trainer: Trainer) -> Path:
@@ -160,8 +174,8 @@ class GradsightLightningCallback(Callback):
 
     # ---- set-up --------------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Refuse multi-process strategies other than DDP (see the module docstring)."""
-        if stage == "fit" and trainer.world_size > 1 and not _is_ddp_strategy(trainer.strategy):
+        """Refuse multi-process strategies other than DDP, FSDP and model-parallel FSDP2 (see the module docstring)."""
+        if stage == "fit" and trainer.world_size > 1 and not _is_supported_strategy(trainer.strategy):
             raise UnsupportedError(
                 UNSUPPORTED_STRATEGY_MESSAGE.format(
                     world_size=trainer.world_size, strategy=type(trainer.strategy).__name__
@@ -187,12 +201,15 @@ class GradsightLightningCallback(Callback):
         model: Any = pl_module
         path = Path(self._path) if self._path is not None else _default_path(trainer)
         if self._distributed:
-            model = trainer.strategy.model  # the DistributedDataParallel wrapper around pl_module
-            if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = trainer.strategy.model  # DDP's wrapper, FSDP1's wrapper, or the module sharded in place
+            is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+            if not is_ddp and sharding(model) is None:
                 raise UnsupportedError(
                     f"GradsightLightningCallback expected trainer.strategy.model to be a DistributedDataParallel "
-                    f"module under {type(trainer.strategy).__name__} (world_size={trainer.world_size}), got "
-                    f"{type(model).__name__}; gradsight aggregates across ranks only for DDP-wrapped modules."
+                    f"or FSDP-sharded module under {type(trainer.strategy).__name__} (world_size="
+                    f"{trainer.world_size}), got an unsharded {type(model).__name__}; gradsight aggregates across "
+                    "ranks only for DDP-wrapped and FSDP-sharded modules (ModelParallelStrategy: call fully_shard "
+                    "in configure_model)."
                 )
             path = Path(trainer.strategy.broadcast(str(path)))  # the same path on every rank (rank 0's)
         self.path = path
