@@ -23,14 +23,28 @@ Packed layout: the float64 wire form of the one row layout of :mod:`gradsight._p
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
+from ..._anomaly import MIN_HISTORY, Anomalies
 from ..._packing import F32_MANTISSA_BITS, F64_BIN_OFFSET, F64_MANTISSA_BITS, HIST_BINS, Layout
 
-__all__ = ["Layout", "cheap_grad_scalars", "pack_summaries"]
+__all__ = [
+    "CLIP_KINDS",
+    "GraphAnomalies",
+    "Layout",
+    "cheap_grad_scalars",
+    "clip_rule",
+    "clipped_norms",
+    "global_norm",
+    "nonfinite_counts",
+    "norms",
+    "pack_summaries",
+]
 
 
 #: Per-element class codes: 0..255 the histogram bin of a finite non-zero value, then these.
@@ -151,6 +165,27 @@ def pack_summaries(
     return tf.concat([tf.reshape(packed, [-1]), *unit_parts], 0)
 
 
+def norms(tensors: Sequence[tf.Tensor], scale: tf.Tensor | None = None) -> tf.Tensor:
+    """The L2 norm of each tensor as a float64 vector (NaN/Inf when it has non-finite entries).
+
+    One fused square-sum per tensor, accumulated in float32 (float64 for float64 tensors, which keep their
+    precision); the square root in float64. ``scale`` (a float64 scalar, e.g. ``1 / loss_scale``) multiplies the
+    results.
+    """
+    if not tensors:
+        return tf.zeros([0], tf.float64)
+    sq = [tf.reduce_sum(tf.square(t if t.dtype == tf.float64 else tf.cast(t, tf.float32))) for t in tensors]
+    out = tf.sqrt(tf.stack([tf.cast(v, tf.float64) for v in sq]))
+    return out if scale is None else out * scale
+
+
+def nonfinite_counts(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
+    """The number of NaN/±Inf entries of each tensor, as a float64 vector."""
+    if not tensors:
+        return tf.zeros([0], tf.float64)
+    return tf.stack([tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(t)), tf.float64)) for t in tensors])
+
+
 def cheap_grad_scalars(grads: Sequence[tf.Tensor], scale: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
     """Per-gradient L2 norms and numbers of non-finite elements, as float64 vectors (one entry per gradient).
 
@@ -158,12 +193,158 @@ def cheap_grad_scalars(grads: Sequence[tf.Tensor], scale: tf.Tensor | None = Non
     non-finite gradient makes its norm NaN or Inf; the count says how many elements were. The host turns them
     into the cheap-check scalars with :func:`gradsight._watch_core.cheap_scalars` (the same as torch's).
     """
-    if not grads:
-        zero = tf.zeros([0], tf.float64)
-        return zero, zero
-    sq = tf.stack([tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in grads])
-    norms = tf.sqrt(tf.cast(sq, tf.float64))
-    if scale is not None:
-        norms = norms * scale
-    bad = tf.stack([tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(g)), tf.float64)) for g in grads])
-    return norms, bad
+    return norms(grads, scale), nonfinite_counts(grads)
+
+
+# ---- gradient clipping, as the Keras optimizer does it -------------------------------------------------------
+#: The clipping arguments of a Keras optimizer, in the order ``BaseOptimizer._clip_gradients`` checks them.
+CLIP_KINDS = ("clipnorm", "global_clipnorm", "clipvalue")
+
+
+def clip_rule(optimizer: Any) -> tuple[str, float] | None:
+    """The clipping a Keras optimizer applies to the gradients it receives: ``(kind, value)`` or ``None``.
+
+    Keras 3 clips inside ``optimizer.apply`` (after unscaling), with the first of ``clipnorm``,
+    ``global_clipnorm``, ``clipvalue`` that is set and positive. A ``LossScaleOptimizer`` refuses them itself;
+    its ``inner_optimizer`` clips.
+    """
+    inner = getattr(optimizer, "inner_optimizer", None)
+    opt = inner if inner is not None else optimizer
+    for kind in CLIP_KINDS:
+        value = getattr(opt, kind, None)
+        if value is not None and not isinstance(value, bool) and value > 0:
+            return kind, float(value)
+    return None
+
+
+def global_norm(norms64: tf.Tensor) -> tf.Tensor:
+    """The norm of several tensors together from their norms (NaN when any is NaN, else Inf when any is Inf)."""
+    return tf.sqrt(tf.reduce_sum(tf.square(norms64)))
+
+
+def clipped_norms(
+    pre: tf.Tensor,
+    grads: Sequence[tf.Tensor],
+    scale: tf.Tensor | None,
+    rule: tuple[str, float] | None,
+) -> tf.Tensor:
+    """The norm of each gradient as the optimizer receives it, after its clipping (``rule``), as float64.
+
+    Computed the way ``keras.optimizers.Optimizer`` clips (``_clip_gradients``), from the unclipped norms
+    ``pre`` where that is exact: where clipping does not bite the result *is* ``pre`` (so the two compare
+    equal), where it bites it is
+
+    * ``clipnorm=c``: ``c`` (each gradient is rescaled to norm ``c``); NaN for a non-finite gradient, which
+      Keras' rescaling turns into NaN;
+    * ``global_clipnorm=c``: ``pre * c / G`` with ``G`` the global norm, when ``G > c``; NaN for every gradient
+      when ``G`` is non-finite (Keras' scale is then NaN);
+    * ``clipvalue=v``: the norm of ``clip(g, -v, v)`` where some entry exceeds ``v`` in magnitude (one more
+      fused reduction per gradient, only with this rule).
+    """
+    if rule is None or not grads:
+        return pre
+    kind, c = rule
+    nan = tf.constant(math.nan, tf.float64)
+    c64 = tf.constant(c, tf.float64)
+    if kind == "clipnorm":
+        return tf.where(tf.math.is_finite(pre), tf.minimum(pre, c64), nan)
+    if kind == "global_clipnorm":
+        g = global_norm(pre)
+        clipped = tf.where(tf.greater(g, c64), pre * (c64 / g), pre)
+        return tf.where(tf.math.is_finite(g), clipped, tf.fill(tf.shape(pre), nan))
+    out = []
+    for t, p in zip(grads, tf.unstack(pre), strict=True):
+        if scale is not None:
+            t = t * tf.cast(scale, t.dtype)
+        bites = tf.reduce_any(tf.greater(tf.abs(t), tf.cast(c, t.dtype)))
+        out.append(tf.where(bites, norms([tf.clip_by_value(t, -c, c)])[0], p))
+    return tf.stack(out)
+
+
+# ---- anomaly capture, decided in the graph -------------------------------------------------------------------
+class GraphAnomalies:
+    """The rule of :class:`gradsight._anomaly.Anomalies`, evaluated inside the compiled train step.
+
+    The same decisions from the same values: each signal's last ``window`` finite values live in a ring buffer
+    (a ``[signals, window]`` float64 variable), whose median (sorted, the middle value or the mean of the two
+    middle ones, as :func:`statistics.median`) is the baseline; the capture window, the next allowed start, the
+    gap and the suppressed count are one int64 variable. All signals are judged together with vectorised ops: a
+    sort of ``signals x window`` values and a few dozen scalar ops per step, whatever the model's size.
+
+    Deciding in the graph lets a capture include its triggering step: its weights (before the update),
+    gradients, updates, layer outputs and output gradients are all still at hand when the decision is taken,
+    after ``optimizer.apply``.
+
+    Create it eagerly (its variables); call :meth:`observe` once per step inside the graph.
+    """
+
+    def __init__(self, rule: Anomalies, n_signals: int) -> None:
+        self.factor, self.window, self.steps, self.cooldown = rule.factor, rule.window, rule.steps, rule.cooldown
+        self.hist = tf.Variable(tf.zeros([n_signals, self.window], tf.float64), trainable=False)
+        self.count = tf.Variable(tf.zeros([n_signals], tf.int64), trainable=False)
+        # first, last (the capture window), next (first step a capture may start), gap, suppressed
+        self.state = tf.Variable([-1, -1, 0, self.cooldown, 0], dtype=tf.int64, trainable=False)
+
+    def observe(self, step: tf.Tensor, values: tf.Tensor, present: tf.Tensor) -> dict[str, tf.Tensor]:
+        """Judge one step's signals, as :meth:`gradsight._anomaly.Anomalies.observe` does, and update the state.
+
+        Args:
+            step: the step (int64 scalar).
+            values: float64 ``[signals]``, this step's values (non-finite allowed).
+            present: bool ``[signals]``, which signals the step has (absent ones are neither judged nor kept).
+
+        Returns:
+            ``captured`` (the step lies in a capture window, the one it may have started included), ``start``
+            (a capture starts at this step), and the event's fields for a start: ``signal`` (index), ``reason``
+            (1: non-finite, 0: jump), ``value``, ``baseline`` (NaN for none), ``suppressed``, ``last``.
+        """
+        w = self.window
+        hist, count = self.hist.read_value(), self.count.read_value()
+        n = tf.minimum(count, w)
+        col = tf.range(w, dtype=tf.int64)
+        inf = tf.constant(math.inf, tf.float64)
+        srt = tf.sort(tf.where(col[None, :] < n[:, None], hist, inf), axis=1)  # the finite past values first
+        lo = tf.gather(srt, tf.maximum(n - 1, 0)[:, None] // 2, batch_dims=1)[:, 0]
+        hi = tf.gather(srt, (n // 2)[:, None], batch_dims=1)[:, 0]
+        median = tf.where(tf.equal(n % 2, 1), hi, (lo + hi) / 2)
+        has_base = tf.greater_equal(n, MIN_HISTORY)
+        finite = tf.math.is_finite(values)
+        nonfinite = tf.logical_and(present, tf.logical_not(finite))
+        factor = tf.constant(self.factor, tf.float64)
+        jump = present & finite & has_base & tf.greater(median, 0) & tf.greater(values, factor * median)
+        any_nonfinite, any_jump = tf.reduce_any(nonfinite), tf.reduce_any(jump)
+        hit = any_nonfinite | any_jump
+        ratio = tf.where(jump, values / tf.where(jump, median, tf.ones_like(median)), -inf)
+        signal = tf.where(
+            any_nonfinite,
+            tf.argmax(tf.cast(nonfinite, tf.int32), output_type=tf.int64),
+            tf.argmax(ratio, output_type=tf.int64),
+        )
+        # keep this step's finite values (after judging it, as the host rule does)
+        keep = present & finite
+        slot = tf.logical_and(tf.equal(col[None, :], (count % w)[:, None]), keep[:, None])
+        self.hist.assign(tf.where(slot, values[:, None], hist))
+        self.count.assign(count + tf.cast(keep, tf.int64))
+        # the capture window and its rate limit
+        first, last, nxt, gap, sup = tf.unstack(self.state.read_value())
+        suppress = hit & (tf.less(step, nxt) | tf.less_equal(step, last))
+        start = hit & tf.logical_not(suppress)
+        grown = tf.where(tf.greater_equal(last, 0), tf.where(tf.greater(sup, 0), gap * 2, self.cooldown), gap)
+        gap2 = tf.where(start, grown, gap)
+        first2 = tf.where(start, step, first)
+        last2 = tf.where(start, step + self.steps, last)
+        next2 = tf.where(start, last2 + 1 + gap2, nxt)
+        sup2 = tf.where(start, tf.zeros_like(sup), tf.where(suppress, sup + 1, sup))
+        self.state.assign(tf.stack([first2, last2, next2, gap2, sup2]))
+        return {
+            "captured": tf.logical_and(tf.less_equal(first2, step), tf.less_equal(step, last2)),
+            "start": start,
+            "signal": signal,
+            "reason": tf.cast(any_nonfinite, tf.int64),
+            "value": tf.gather(values, signal),
+            "baseline": tf.where(
+                tf.gather(has_base, signal), tf.gather(median, signal), tf.constant(math.nan, tf.float64)
+            ),
+            "suppressed": sup,
+            "last": last2,
+        }

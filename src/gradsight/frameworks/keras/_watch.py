@@ -13,22 +13,51 @@ How it works (public Keras/TF APIs only, tested with Keras 3.15.1 on TensorFlow 
   exposes the intermediates, whose gradients come from the same ``tape.gradient`` call as the weights'. A
   Sequential model without an ``Input`` calls its layers in sequence inside the tape. Subclassed models (and
   models that override ``call``) record weights, gradients and updates only; the run's meta says so.
-* On a logged step (``step % every == 0``) one ``tf.cond`` packs all summaries into one float64 vector (see
-  :mod:`._summary`) and a second one packs the updates ``ΔW = W_after - W_before``. Other steps only
-  compute the cheap scalars: loss, lr, and per variable the gradient norm and non-finite count, which the host
-  turns into ``grad_norm``, ``grad_nonfinite`` and ``grad_norm/<variable>`` exactly as for torch
-  (:func:`gradsight._watch_core.cheap_scalars`). The callback reads the buffers once per ``train_function`` call,
-  so ``steps_per_execution > 1`` is supported (one buffer slot per step).
+* Every step (``cheap=True``), in the graph, the per-step signals of :mod:`gradsight._schedule`'s table, with
+  the same names and meanings as for torch: ``loss``; ``lr``, read *before* ``optimizer.apply`` (under a
+  ``LearningRateSchedule`` the rate this step's update uses); ``grad_norm`` and ``grad_norm/<variable>`` of the
+  gradients as the optimizer receives them — unscaled, and after its ``clipnorm`` / ``global_clipnorm`` /
+  ``clipvalue``, which Keras 3 applies inside ``apply`` and the watch computes from the same settings the same
+  way (:func:`._summary.clipped_norms`); ``grad_norm_preclip`` (the tape's gradients, unscaled), and where
+  clipping changed them ``grad_norm_preclip/<variable>`` and ``clip_ratio``; ``grad_nonfinite[/<variable>]``;
+  ``weight_norm/<variable>`` (‖W‖ before the update) and ``update_norm/<variable>`` (‖W_after − W_before‖);
+  ``step_skipped`` at a step whose update the optimizer skipped (its ``iterations`` did not advance: a
+  ``LossScaleOptimizer`` that found non-finite gradients), which then has no ``update_norm``. W_before is a read
+  of each variable taken before ``apply``: TensorFlow copies a variable's buffer before updating it in place
+  while a read of it is alive, so the read stays W_before (no persistent snapshot variables).
+* Anomaly capture (the default preset; off for ``every=1``, ``"cheap"``, ``anomaly=False``): the rule of
+  :mod:`gradsight._anomaly`, fed :func:`gradsight._watch_core.anomaly_values`' signals (``loss``,
+  ``grad_norm_preclip``, ``grad_norm``, ``update_norm/<variable>``), runs in the graph
+  (:class:`._summary.GraphAnomalies`: a ring buffer per signal for the running median, the capture window and
+  rate limit in one int64 variable), after ``apply``. A triggering step is therefore captured itself, in full:
+  its W_before, gradients, updates, layer outputs and output gradients are still at hand. Its event ``anomaly``
+  is written by the host from the fields the graph left in the step's buffer row.
+* On a step with full summaries (``step % every == 0``, or an anomaly capture) one ``tf.cond`` after ``apply``
+  packs all summaries into one float64 vector (see :mod:`._summary`) and the updates ``ΔW = W_after - W_before``
+  into a second. The callback reads the buffers once per ``train_function`` call (one host copy of the per-step
+  row buffer), so ``steps_per_execution > 1`` is supported (one buffer slot per step, written with a scatter
+  whose index XLA takes at run time).
+* Cost per step, on top of Keras' own step (``cheap=True``, no full summaries): per trainable variable one fused
+  square-sum of its gradient, one of W_before and a subtraction and square-sum for ΔW, a non-finite count, and
+  the clipping rule's few scalar ops (``clipvalue``: one clip and square-sum more); the optimizer's in-place
+  update writes to a fresh buffer (one copy of the weights, as W_before is alive); the anomaly judge's ~50 small
+  ops on ``(3 + variables) x window`` values, whatever the model's size; one row of ``13 + 5 x variables``
+  float64 values written to the buffer. Measured with ``benchmarks/bench_watch_keras.py`` (MLP 784-128-64-10,
+  batch 32, CPU): see the benchmark's ``ratio_default``.
 * Gradients are recorded unscaled: under a ``LossScaleOptimizer`` they are multiplied by ``1 / loss_scale``.
   NaN/Inf gradients are counted (``nan``/``posinf``/``neginf`` and the ``grad_nonfinite`` scalar), never dropped.
 * Steps are numbered from 0 (or after the last stored step with ``if_exists="append"``) and keep counting across
   ``fit`` calls with the same watch. Weights are recorded *before* the step's update.
+* Not modelled: Keras' ``gradient_accumulation_steps`` (the signals are per ``train_step``, i.e. per
+  micro-batch, and ``grad_norm`` is not the accumulated, clipped gradient); ``use_ema`` (the weights are the
+  trained ones, not their moving average).
 
 JAX and torch backends are refused with :class:`~gradsight.UnsupportedError`: the watch relies on
 ``tf.GradientTape`` inside the TensorFlow train step.
 
 For plain ``tf.GradientTape`` loops use :func:`watch_tape` (no model needed) or a model watch's
-:meth:`KerasWatch.record_step`.
+:meth:`KerasWatch.record_step`: the same per-step signals (pass ``optimizer=`` for its clipping, loss scale,
+learning rate and skipped steps), judged on the host by :class:`gradsight._anomaly.Anomalies`.
 """
 
 from __future__ import annotations
@@ -50,7 +79,15 @@ from ..._errors import InputError, UnsupportedError, WatchError
 from ..._packing import Layout, Rows, SummaryArrays, rows_from_float64
 from ..._schedule import Schedule, schedule_from
 from ..._watch_core import WatchCore, cheap_scalars, unit_axis
-from ._summary import cheap_grad_scalars, pack_summaries
+from ._summary import (
+    GraphAnomalies,
+    clip_rule,
+    clipped_norms,
+    global_norm,
+    nonfinite_counts,
+    norms,
+    pack_summaries,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from typing_extensions import Unpack
@@ -59,8 +96,28 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["GradsightKerasCallback", "KerasWatch", "watch_keras", "watch_tape"]
 
-#: Scalars recorded every step, in buffer order, before the cheap checks' per-variable norms and counts.
-SCALARS = ("loss", "lr")
+#: The head of a step's row in the per-step buffer (float64), before the per-variable blocks.
+HEAD = (
+    "loss",
+    "lr",
+    "grad_norm",  # global, after clipping, unscaled
+    "grad_norm_preclip",  # global, as the tape left it, unscaled
+    "skipped",  # 1: the optimizer skipped the update (a LossScaleOptimizer found non-finite gradients)
+    "record",  # 1: full summaries were packed at this step (``every`` or an anomaly capture)
+    "anomaly",  # 1: an anomaly capture starts at this step; the event's fields follow
+    "anomaly_signal",
+    "anomaly_reason",  # 1: non-finite, 0: jump
+    "anomaly_value",
+    "anomaly_baseline",  # NaN: none
+    "anomaly_suppressed",
+    "anomaly_last",
+)
+_H = {name: i for i, name in enumerate(HEAD)}
+#: The per-variable blocks that follow the head when ``cheap``, each one value per trainable variable.
+BLOCKS = ("grad_norm", "grad_norm_preclip", "grad_nonfinite", "weight_norm", "update_norm")
+#: The anomaly signals judged every step, then ``update_norm/<variable>`` for each variable (none at a skipped
+#: step): :func:`gradsight._watch_core.anomaly_values`' signals, in its order.
+ANOMALY_SIGNALS = ("loss", "grad_norm_preclip", "grad_norm")
 
 
 def _check_backend() -> None:
@@ -179,7 +236,10 @@ class KerasWatch(WatchCore):
         self._vars: list[Any] = []
         self._var_names: list[str] = []
         self._post_vars: list[Any] = []
-        self._snap: list[Any] = []
+        self._clip: tuple[str, float] | None = None
+        self._graph_anomalies: GraphAnomalies | None = None
+        self._signal_names: list[str] = []
+        self._pending: _StepRecord | None = None  # a record_step whose step is not closed yet
         self._discovered = False
         self._structure = "unknown"
         self._out_names: list[tuple[str, str]] = []
@@ -227,6 +287,7 @@ class KerasWatch(WatchCore):
                 "step closes each step itself. Remove the watch.step() call (or use gradsight.watch_tape(path) "
                 "with record_step(...) for a hand-written loop)."
             )
+        self._close_pending()
         self._step += 1
 
     def _default_log_step(self) -> int:
@@ -247,18 +308,22 @@ class KerasWatch(WatchCore):
         loss: Any = None,
         lr: float | Any = None,
         step: int | None = None,
+        optimizer: Any = None,
     ) -> _StepRecord:
         """Record one step of a plain ``tf.GradientTape`` loop (eager), given the tape's gradients.
 
-        Weights, gradients, outputs and output gradients are summarised at once; updates when the returned
-        object is used as a context manager around the optimizer call (``ΔW`` = weights at exit minus weights
-        now). Tensor summaries follow the schedule (``every``); scalars are recorded every step.
+        Call it after ``tape.gradient`` and before the optimizer's update; use the returned object as a context
+        manager around the update to also record it (``update_norm/<variable>`` every step, ``ΔW`` summaries on
+        logged steps). The step closes when that block exits (or at the next ``record_step``, ``step()``,
+        ``flush()``, read or ``close()`` when there is none): its scalars are recorded every step, tensor
+        summaries (weights as they were at this call, gradients, outputs, output gradients, updates) at logged
+        steps and at steps an anomaly captures (see :mod:`gradsight._anomaly`).
 
         Example::
 
             grads = tape.gradient(loss, [W1, W2, Z1])
             with watch.record_step(grads[:2], {"W1": W1, "W2": W2}, outputs={"Z1": Z1},
-                                   output_grads={"Z1": grads[2]}, loss=loss, lr=0.1):
+                                   output_grads={"Z1": grads[2]}, loss=loss, optimizer=optimizer):
                 optimizer.apply(grads[:2], [W1, W2])
 
         Args:
@@ -268,8 +333,14 @@ class KerasWatch(WatchCore):
             outputs: intermediate tensors by layer name (unit axis: the last).
             output_grads: their gradients ``dJ/dA`` by the same names.
             loss: the step's loss (a scalar).
-            lr: the learning rate (a number, a variable, or an optimizer's ``learning_rate``).
+            lr: the learning rate (a number, a variable, or an optimizer's ``learning_rate``); default: the
+                ``optimizer``'s, read now (before its update).
             step: the step number; default: one after the last recorded step.
+            optimizer: the Keras optimizer that applies ``gradients``, if any: its clipping (``clipnorm``,
+                ``global_clipnorm``, ``clipvalue``) defines ``grad_norm`` (``grad_norm_preclip`` is then the
+                gradients as given), a ``LossScaleOptimizer``'s scale is divided out of the gradients, and a
+                step whose update it skipped is recorded as ``step_skipped``. Without it the gradients as
+                given are what the optimizer receives.
 
         Returns:
             A :class:`_StepRecord`; use it as a context manager to also record updates.
@@ -279,13 +350,9 @@ class KerasWatch(WatchCore):
             WatchError: the watch is closed.
         """
         self._check_open("record_step")
+        self._close_pending()
         names, var_list = self._tape_variables(variables)
-        grads = list(gradients)
-        if len(grads) != len(var_list):
-            raise InputError(
-                f"record_step: got {len(grads)} gradients for {len(var_list)} variables; pass one gradient per "
-                "variable, in the same order (grads = tape.gradient(loss, variables))."
-            )
+        grads = _tape_gradients(gradients, var_list)
         outputs = dict(outputs or {})
         output_grads = dict(output_grads or {})
         extra = sorted(set(output_grads) - set(outputs))
@@ -296,24 +363,64 @@ class KerasWatch(WatchCore):
             )
         s = self._step if step is None else int(step)
         self._step = s + 1
-        grads = [
-            tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, var_list, strict=True)
-        ]
-        scal: dict[str, float] = {}
-        if loss is not None:
-            scal["loss"] = float(np.asarray(loss))
-        if lr is not None:
-            scal["lr"] = float(np.asarray(lr.value if hasattr(lr, "value") and not callable(lr) else lr))
+        rec = _StepRecord(self, s, names, var_list, grads=grads, outputs=outputs, output_grads=output_grads)
+        rec.start(loss, lr, optimizer)
+        self._pending = rec
+        return rec
+
+    def flush(self) -> None:
+        """Close a pending ``record_step`` step, then commit everything recorded so far (see WatchCore)."""
+        if not self._closed:
+            self._close_pending()
+        super().flush()
+
+    def _before_close(self) -> None:
+        self._close_pending()
+
+    def _close_pending(self) -> None:
+        rec, self._pending = self._pending, None
+        if rec is not None and not rec.closed:
+            self._close_tape_step(rec)
+
+    def _close_tape_step(self, rec: _StepRecord) -> None:
+        """Record a ``record_step`` step: its scalars, the anomaly judge, and its summaries when it is full."""
+        rec.closed = True
+        if self._pending is rec:
+            self._pending = None
+        s, scal = rec.step, dict(rec.scalars)
+        skipped = rec.skipped()
         if self.schedule.cheap:
-            norms, bad = cheap_grad_scalars(grads)
-            scal.update(cheap_scalars(names, norms.numpy().tolist(), bad.numpy().tolist()))
+            pre = norms(rec.grads, rec.scale)
+            post = clipped_norms(pre, rec.grads, rec.scale, rec.rule)
+            update = norms(rec.deltas).numpy().tolist() if rec.deltas is not None else None
+            scal.update(
+                _signal_scalars(
+                    rec.names,
+                    post=post.numpy().tolist(),
+                    pre=pre.numpy().tolist(),
+                    bad=nonfinite_counts(rec.grads).numpy().tolist(),
+                    g=float(global_norm(post)),
+                    g_pre=float(global_norm(pre)),
+                    weight=norms(rec.before).numpy().tolist(),
+                    update=update,
+                    clipping=rec.rule is not None,
+                )
+            )
+        if skipped:
+            scal["step_skipped"] = 1.0
+            for n in rec.names:
+                scal.pop(f"update_norm/{n}", None)
         self._buffer_scalars(s, scal)
         self._maybe_flush_scalars()
-        logged = self.schedule.is_logged(s)
-        rec = _StepRecord(self, s, names, var_list, logged and "update" in self.schedule.kinds)
-        if logged:
-            self._record_tensors(s, names, var_list, grads, outputs, output_grads)
-        return rec
+        if self._judge(s, scal) or self._full_step(s):  # the judge first: it opens a capture at s
+            grads = rec.grads if rec.scale is None else [g * tf.cast(rec.scale, g.dtype) for g in rec.grads]
+            self._record_tensors(s, rec.names, rec.before, grads, rec.outputs, rec.output_grads)
+            if rec.deltas is not None and "update" in self.schedule.kinds:
+                entries = [
+                    _Entry(n, n.rsplit("/", 1)[0], "update", _shape(d), _dtype_name(d))
+                    for n, d in zip(rec.names, rec.deltas, strict=True)
+                ]
+                self._log_packed(s, entries, rec.deltas)
 
     def _record_tensors(
         self,
@@ -435,12 +542,14 @@ class KerasWatch(WatchCore):
         return True
 
     def _make_buffers(self) -> None:
-        width = len(SCALARS) + (2 * len(self._vars) if self.schedule.cheap else 0)  # norms, then counts
+        width = len(HEAD) + (len(BLOCKS) * len(self._vars) if self.schedule.cheap else 0)
         self._scal_buf = tf.Variable(tf.zeros([self._slots, width], tf.float64), trainable=False)
         self._pre_buf = tf.Variable(tf.zeros([self._slots, self._pre_layout.size], tf.float64), trainable=False)
         self._post_buf = tf.Variable(tf.zeros([self._slots, self._post_layout.size], tf.float64), trainable=False)
-        if not self._snap:
-            self._snap = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False) for v in self._post_vars]
+        rule = self.schedule.anomalies()
+        if rule is not None and self._graph_anomalies is None:  # its state outlives a change of buffer size
+            self._signal_names = [*ANOMALY_SIGNALS, *(f"update_norm/{n}" for n in self._var_names)]
+            self._graph_anomalies = GraphAnomalies(rule, len(self._signal_names))
 
     def _prepare_forward(self, model: Any) -> None:
         """Decide how the train step exposes layer outputs: a tap model, a layer loop, or not at all."""
@@ -581,14 +690,13 @@ class KerasWatch(WatchCore):
             )
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         opt = model.optimizer
-        kinds = self.schedule.kinds
         with tf.GradientTape() as tape:
             y_pred, inter, loss = self._forward(model, x, y, sample_weight)
             scaled = opt.scale_loss(loss) if opt is not None else loss
         if not self._discovered:
             self._discover(model, inter)
         inter = [t for t, ok in zip(inter, self._out_mask, strict=True) if ok]
-        need_inter = bool(inter) and "output_grad" in kinds
+        need_inter = bool(inter) and "output_grad" in self.schedule.kinds
         all_grads = tape.gradient(scaled, self._vars + (inter if need_inter else []))
         grads = list(all_grads[: len(self._vars)])
         inter_grads = list(all_grads[len(self._vars) :]) if need_inter else [None] * len(inter)
@@ -596,56 +704,107 @@ class KerasWatch(WatchCore):
         if opt is not None:
             inv = tf.math.reciprocal(tf.cast(opt.scale_loss(tf.constant(1.0, tf.float32)), tf.float64))
         safe_grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, self._vars, strict=True)]
+        self._clip = clip_rule(opt)
 
         step = self._step_var.read_value()
-        slot = tf.cast(step % self._slots, tf.int32)
-        log_now = tf.equal(step % self.schedule.every, 0) if self.schedule.every > 0 else tf.constant(False)
-        xla = bool(getattr(model, "jit_compile", False))
-
-        def record_pre() -> tf.Tensor:
-            tensors: list[Any] = []
-            scales: list[Any] = []
-            if "weight" in kinds:
-                tensors += [v.value for v in self._vars]
-                scales += [None] * len(self._vars)
-            if "grad" in kinds:
-                tensors += safe_grads
-                scales += [inv] * len(self._vars)
-            for t, g in zip(inter, inter_grads, strict=True):
-                if "output" in kinds:
-                    tensors.append(t)
-                    scales.append(None)
-                if "output_grad" in kinds:
-                    tensors.append(tf.zeros_like(t) if g is None else g)
-                    scales.append(inv)
-            if self._pre_layout.size:
-                self._pre_buf[slot].assign(pack_summaries(tensors, self._pre_layout, scales, xla=xla))
-            for s, v in zip(self._snap, self._post_vars, strict=True):
-                s.assign(v.value)
-            return tf.constant(True)
-
-        tf.cond(log_now, record_pre, lambda: tf.constant(False))
+        # W_before: reads, which the optimizer's in-place updates leave intact (TensorFlow copies a variable's
+        # buffer before updating it while a read of it is alive): one copy of the weights per step.
+        before = [tf.identity(v.value) for v in self._vars]
+        lr = _learning_rate(opt)  # before apply: a schedule reads the iteration this update uses
+        iterations = _iterations(opt)
         opt.apply(grads, self._vars)
+        skipped = tf.constant(False) if iterations is None else tf.equal(_iterations(opt), iterations)
+        deltas = self._deltas(before) if self.schedule.cheap else None  # else only where packed
 
-        def record_post() -> tf.Tensor:
-            if self._post_layout.size:
-                deltas = [v.value - s for v, s in zip(self._post_vars, self._snap, strict=True)]
-                self._post_buf[slot].assign(pack_summaries(deltas, self._post_layout, xla=xla))
-            return tf.constant(True)
-
-        tf.cond(log_now, record_post, lambda: tf.constant(False))
-        nan = tf.constant(math.nan, tf.float64)
-        lr = nan
-        if opt is not None:
-            with contextlib.suppress(Exception):
-                lr = tf.cast(tf.convert_to_tensor(opt.learning_rate), tf.float64)
-        head = tf.stack([tf.cast(loss, tf.float64), lr])
+        head = dict.fromkeys(HEAD, tf.constant(0.0, tf.float64))
+        head.update(loss=tf.cast(loss, tf.float64), lr=lr, skipped=tf.cast(skipped, tf.float64))
+        record = tf.equal(step % self.schedule.every, 0) if self.schedule.every > 0 else tf.constant(False)
+        blocks: list[Any] = []
         if self.schedule.cheap:
-            norms, bad = cheap_grad_scalars(safe_grads, inv)
-            head = tf.concat([head, norms, bad], 0)
-        self._scal_buf[slot].assign(head)
+            record, blocks = self._signals(step, head, record, safe_grads, inv, before, deltas, skipped)
+        head["record"] = tf.cast(record, tf.float64)
+        slot = tf.cast(step % self._slots, tf.int32)
+        packed = (safe_grads, inv, before, deltas, inter, inter_grads)
+        xla = bool(getattr(model, "jit_compile", False))
+        tf.cond(record, lambda: self._pack(slot, *packed, xla=xla), lambda: tf.constant(False))
+        _write_slot(self._scal_buf, slot, tf.concat([tf.stack([head[k] for k in HEAD]), *blocks], 0))
         self._step_var.assign_add(1)
         return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _deltas(self, before: list[Any]) -> list[Any]:
+        """``W_after - W_before`` of every variable (after ``apply``)."""
+        return [tf.identity(v.value) - b for v, b in zip(self._vars, before, strict=True)]
+
+    def _signals(
+        self,
+        step: tf.Tensor,
+        head: dict[str, Any],
+        record: tf.Tensor,
+        grads: list[Any],
+        inv: tf.Tensor | None,
+        before: list[Any],
+        deltas: list[Any],
+        skipped: tf.Tensor,
+    ) -> tuple[tf.Tensor, list[Any]]:
+        """The per-step signals (in graph) and the anomaly judge; returns ``(record, per-variable blocks)``."""
+        pre = norms(grads, inv)
+        post = clipped_norms(pre, grads, inv, self._clip)
+        weight, update = norms(before), norms(deltas)
+        head["grad_norm_preclip"] = global_norm(pre)
+        head["grad_norm"] = head["grad_norm_preclip"] if self._clip is None else global_norm(post)
+        judge = self._graph_anomalies
+        if judge is not None:
+            values = tf.concat([tf.stack([head["loss"], head["grad_norm_preclip"], head["grad_norm"]]), update], 0)
+            has_update = tf.fill([len(self._vars)], tf.logical_not(skipped))  # no update_norm at a skipped step
+            present = tf.concat([tf.ones([len(ANOMALY_SIGNALS)], tf.bool), has_update], 0)
+            a = judge.observe(step, values, present)
+            record = tf.logical_or(record, a["captured"])
+            head.update(
+                anomaly=tf.cast(a["start"], tf.float64),
+                anomaly_signal=tf.cast(a["signal"], tf.float64),
+                anomaly_reason=tf.cast(a["reason"], tf.float64),
+                anomaly_value=a["value"],
+                anomaly_baseline=a["baseline"],
+                anomaly_suppressed=tf.cast(a["suppressed"], tf.float64),
+                anomaly_last=tf.cast(a["last"], tf.float64),
+            )
+        return record, [post, pre, nonfinite_counts(grads), weight, update]
+
+    def _pack(
+        self,
+        slot: tf.Tensor,
+        grads: list[Any],
+        inv: tf.Tensor | None,
+        before: list[Any],
+        deltas: list[Any] | None,
+        inter: list[Any],
+        inter_grads: list[Any],
+        *,
+        xla: bool,
+    ) -> tf.Tensor:
+        """Full summaries of this step into its buffer slot (after the update: W_before is a read taken before)."""
+        kinds = self.schedule.kinds
+        tensors: list[Any] = []
+        scales: list[Any] = []
+        if "weight" in kinds:
+            tensors += before
+            scales += [None] * len(before)
+        if "grad" in kinds:
+            tensors += grads
+            scales += [inv] * len(grads)
+        for t, g in zip(inter, inter_grads, strict=True):
+            if "output" in kinds:
+                tensors.append(t)
+                scales.append(None)
+            if "output_grad" in kinds:
+                tensors.append(tf.zeros_like(t) if g is None else g)
+                scales.append(inv)
+        if self._pre_layout.size:
+            _write_slot(self._pre_buf, slot, pack_summaries(tensors, self._pre_layout, scales, xla=xla))
+        if self._post_layout.size:
+            deltas = self._deltas(before) if deltas is None else deltas
+            _write_slot(self._post_buf, slot, pack_summaries(deltas, self._post_layout, xla=xla))
+        return tf.constant(True)
 
     # Host side: called by the callback after each train_function call.
     def _drain(self) -> None:
@@ -655,21 +814,59 @@ class KerasWatch(WatchCore):
         steps = range(self._seen, now)
         self._seen = now
         self._step = max(self._step, now)
-        if not steps:
+        if not steps or not self._discovered:
             return
         scal = self._scal_buf.numpy()
-        n = len(self._var_names)
+        full: list[int] = []
         for s in steps:
-            row = scal[s % self._slots].tolist()
-            values = dict(zip(SCALARS, row, strict=False))
-            if self.schedule.cheap and n and len(row) >= len(SCALARS) + 2 * n:
-                k = len(SCALARS)
-                values.update(cheap_scalars(self._var_names, row[k : k + n], row[k + n : k + 2 * n]))
-            self._buffer_scalars(s, values)
+            row = scal[s % self._slots]
+            self._buffer_scalars(s, self._row_scalars(s, row))
+            if row[_H["anomaly"]]:
+                self._writer.log_event(s, "anomaly", self._anomaly_event(s, row))
+            if row[_H["record"]]:
+                full.append(s)
         self._maybe_flush_scalars()
-        logged = [s for s in steps if self.schedule.is_logged(s)]
-        if logged and self._discovered:
-            self._drain_summaries(logged)
+        if full:
+            self._drain_summaries(full)
+
+    def _row_scalars(self, s: int, row: Any) -> dict[str, float]:
+        """One step's scalars from its buffer row (see :data:`HEAD`, :data:`BLOCKS` and the schedule's table)."""
+        values = {"loss": float(row[_H["loss"]]), "lr": float(row[_H["lr"]])}
+        skipped = bool(row[_H["skipped"]])
+        n = len(self._var_names)
+        if self.schedule.cheap and n:
+            k = len(HEAD)
+            post, pre, bad, weight, update = (row[k + i * n : k + (i + 1) * n].tolist() for i in range(len(BLOCKS)))
+            values.update(
+                _signal_scalars(
+                    self._var_names,
+                    post=post,
+                    pre=pre,
+                    bad=bad,
+                    g=float(row[_H["grad_norm"]]),
+                    g_pre=float(row[_H["grad_norm_preclip"]]),
+                    weight=weight,
+                    update=None if skipped else update,
+                    clipping=self._clip is not None,
+                )
+            )
+        if skipped:
+            values["step_skipped"] = 1.0
+        return values
+
+    def _anomaly_event(self, s: int, row: Any) -> dict[str, Any]:
+        """The ``anomaly`` event's payload of a capture the graph started at step ``s`` (as ``Anomalies``')."""
+        base = float(row[_H["anomaly_baseline"]])
+        return {
+            "step": s,
+            "reason": "non-finite" if row[_H["anomaly_reason"]] else "jump",
+            "signal": self._signal_names[int(row[_H["anomaly_signal"]])],
+            "value": _json_float(float(row[_H["anomaly_value"]])),
+            "baseline": None if math.isnan(base) else base,
+            "factor": self.schedule.anomaly_factor,
+            "captured": [s, int(row[_H["anomaly_last"]])],
+            "suppressed": int(row[_H["anomaly_suppressed"]]),
+        }
 
     def _drain_summaries(self, logged: list[int]) -> None:
         """Hand the logged steps' packed buffers to the writer, unpacked on its thread into the one row layout."""
@@ -691,6 +888,87 @@ class KerasWatch(WatchCore):
                 return SummaryArrays(tids, Rows.concat(parts))
 
             self._writer.log_summaries(s, items)
+
+
+def _tape_gradients(gradients: Sequence[Any | None], variables: list[Any]) -> list[Any]:
+    """``record_step``'s gradients as tensors, one per variable (zeros for ``None``: an unconnected variable).
+
+    Raises:
+        InputError: not one gradient per variable.
+    """
+    grads = list(gradients)
+    if len(grads) != len(variables):
+        raise InputError(
+            f"record_step: got {len(grads)} gradients for {len(variables)} variables; pass one gradient per "
+            "variable, in the same order (grads = tape.gradient(loss, variables))."
+        )
+    return [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, variables, strict=True)]
+
+
+def _write_slot(buf: tf.Variable, slot: tf.Tensor, row: tf.Tensor) -> None:
+    """``buf[slot] = row`` with a scatter, whose index XLA takes at run time.
+
+    (``buf[slot].assign`` is a strided slice, whose bounds XLA needs as compile-time constants: under
+    ``jit_compile=True`` it recompiled the train step at every step, the slot being computed from the step.)
+    """
+    buf.scatter_nd_update(tf.reshape(slot, [1, 1]), row[None, :])
+
+
+def _learning_rate(opt: Any) -> tf.Tensor:
+    """The optimizer's current learning rate as a float64 scalar (NaN when it has none)."""
+    if opt is not None:
+        with contextlib.suppress(Exception):
+            return tf.cast(tf.convert_to_tensor(opt.learning_rate), tf.float64)
+    return tf.constant(math.nan, tf.float64)
+
+
+def _iterations(opt: Any) -> tf.Tensor | None:
+    """A read of the optimizer's update counter (a ``LossScaleOptimizer``'s: its inner optimizer's), or ``None``.
+
+    It does not advance at a step whose update was skipped.
+    """
+    it = getattr(opt, "iterations", None)
+    if it is None:
+        return None
+    return tf.identity(getattr(it, "value", it))
+
+
+def _signal_scalars(
+    names: Sequence[str],
+    *,
+    post: list[float],
+    pre: list[float],
+    bad: list[float],
+    g: float,
+    g_pre: float,
+    weight: list[float],
+    update: list[float] | None,
+    clipping: bool,
+) -> dict[str, float]:
+    """One step's per-step signals by the table of :mod:`gradsight._schedule`, from its norms (both paths)."""
+    values = cheap_scalars(names, post, bad)
+    values["grad_norm"] = g  # the graph's own sum (cheap_scalars' hypot may differ in the last bit)
+    values["grad_norm_preclip"] = g_pre
+    if clipping:
+        values.update(
+            (f"grad_norm_preclip/{n}", a) for n, a, b in zip(names, pre, post, strict=True) if not _same(a, b)
+        )
+        if not _same(g, g_pre) and math.isfinite(g_pre) and g_pre > 0:
+            values["clip_ratio"] = g / g_pre  # WatchCore notes the first one in the meta (``clipping``)
+    values.update((f"weight_norm/{n}", v) for n, v in zip(names, weight, strict=True))
+    if update is not None:
+        values.update((f"update_norm/{n}", v) for n, v in zip(names, update, strict=True))
+    return values
+
+
+def _same(a: float, b: float) -> bool:
+    """Whether two norms are the same value (NaN is the same as NaN)."""
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def _json_float(v: float) -> float | str:
+    """A float for a JSON payload: non-finite values as ``"nan"``, ``"inf"``, ``"-inf"`` (JSON has none)."""
+    return v if math.isfinite(v) else str(v)
 
 
 def _units(t: Any) -> int | None:
@@ -719,30 +997,59 @@ def _has_training_arg(model: Any) -> bool:
 
 @dataclass
 class _StepRecord:
-    """Returned by :meth:`KerasWatch.record_step`; as a context manager it records the step's updates."""
+    """Returned by :meth:`KerasWatch.record_step`; as a context manager it records the step's update.
+
+    It holds the step until it closes: at the block's exit (with ``ΔW = W_after - W_before``), or without an
+    update when the watch moves on (the next ``record_step``, ``step()``, ``flush()``, a read, ``close()``).
+    """
 
     watch: KerasWatch
     step: int
     names: list[str]
     variables: list[Any]
-    want_update: bool
-    _before: list[Any] = field(default_factory=list)
+    grads: list[Any] = field(default_factory=list)
+    scale: Any = None
+    rule: tuple[str, float] | None = None
+    before: list[Any] = field(default_factory=list)
+    iterations: Any = None
+    optimizer: Any = None
+    outputs: Mapping[str, Any] = field(default_factory=dict)
+    output_grads: Mapping[str, Any] = field(default_factory=dict)
+    scalars: dict[str, float] = field(default_factory=dict)
+    deltas: list[Any] | None = None
+    closed: bool = False
+
+    def start(self, loss: Any, lr: Any, optimizer: Any) -> None:
+        """Read what the step starts from: W_before, the loss, the learning rate, the optimizer's state."""
+        self.before = [tf.identity(tf.convert_to_tensor(v)) for v in self.variables]  # updates leave a read intact
+        if loss is not None:
+            self.scalars["loss"] = float(np.asarray(loss))
+        if lr is None and optimizer is not None:
+            lr = _learning_rate(optimizer)  # now, before the update: the rate this update uses
+        if lr is not None:
+            self.scalars["lr"] = float(np.asarray(lr.value if hasattr(lr, "value") and not callable(lr) else lr))
+        if optimizer is not None:
+            self.optimizer = optimizer
+            self.scale = tf.math.reciprocal(tf.cast(optimizer.scale_loss(tf.constant(1.0, tf.float32)), tf.float64))
+            self.rule = clip_rule(optimizer)
+            self.iterations = _iterations(optimizer)
+
+    def skipped(self) -> bool:
+        """Whether the optimizer skipped this step's update (its update counter did not advance)."""
+        if self.deltas is None or self.iterations is None:
+            return False
+        return bool(tf.equal(_iterations(self.optimizer), self.iterations))
 
     def __enter__(self) -> _StepRecord:
-        if self.want_update:
-            self._before = [tf.identity(tf.convert_to_tensor(v)) for v in self.variables]
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
-        if not self.want_update or exc_type is not None or not self._before:
+        if self.closed:
             return
-        after = [tf.convert_to_tensor(v) for v in self.variables]
-        deltas = [a - b for a, b in zip(after, self._before, strict=True)]
-        entries = [
-            _Entry(n, n.rsplit("/", 1)[0], "update", _shape(d), _dtype_name(d))
-            for n, d in zip(self.names, deltas, strict=True)
-        ]
-        self.watch._log_packed(self.step, entries, deltas)
+        if exc_type is None:
+            self.deltas = [tf.convert_to_tensor(v) - b for v, b in zip(self.variables, self.before, strict=True)]
+        if not self.watch.closed:
+            self.watch._close_tape_step(self)
 
 
 # ---- the callback ---------------------------------------------------------------------------------------------
