@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from _graph_reference import assert_matches, torch_reference
 
-from gradsight import InputError
+from gradsight import InputError, UnsupportedError
 from gradsight.explain import explain
 
 pytestmark = pytest.mark.torch
@@ -391,3 +391,31 @@ def test_nothing_mutated_in_graph_mode(torch):
     assert not model.block.conv1.weight.requires_grad
     assert torch.equal(model.block.conv2.weight.grad, torch.full_like(model.block.conv2.weight, 3.0))
     assert isinstance(model.block.relu, nn.ReLU) and model.block.relu.inplace
+
+
+def test_forward_with_several_inputs(torch):
+    from torch import nn
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x, mask=None):  # an optional argument: traced at its default
+            h = self.fc(x)
+            return h if mask is None else h * mask
+
+    class Two(Masked):
+        def forward(self, x, mask):
+            return self.fc(x) * mask
+
+    x, y = np.ones((2, 3)), np.zeros((2, 3))
+    assert explain(Masked().double(), x, y).ok
+    with pytest.raises(UnsupportedError, match=r"Two\.forward takes 2 inputs \(x, mask\).*wrap it"):
+        explain(Two().double(), x, y)
+
+
+def test_embedding_gradient_says_how_sparse(torch):
+    model, ids, y, loss, _, _ = _example("embedding-classifier")
+    note = explain(model, ids, y, loss)["dJ/dW[emb]"].note
+    assert f"sparse: {len(np.unique(ids))} of 12 rows are non-zero" in note

@@ -271,6 +271,9 @@ def _backward(st: _State, g_loss: np.ndarray | None, disp: dict[str, str]) -> No
             note = _join(f"fan-out: used by {len(parts)} consumers, so its gradient is their sum", note)
         if nd.op == "param":
             autodiff = run.param_grads.get(nd.key)
+            if parts and all(p.op == "embedding" for p in parts) and g.ndim == 2:
+                rows = int(np.count_nonzero(np.any(g != 0, axis=1)))
+                note = _join(note, f"sparse: {rows} of {g.shape[0]} rows are non-zero (the looked-up ids)")
             if nd.frozen:
                 note = _join(note, f"frozen ({run.conventions.frozen_words}): derived and checked, not updated")
             t = _term(nd.grad_term, index[nd.name], _sum_text(nd, parts), "", g, autodiff, note, nd.layout)

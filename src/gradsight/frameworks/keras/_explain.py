@@ -200,8 +200,9 @@ def _chain(model: Any) -> list[keras.layers.Layer]:
     if isinstance(model, keras.Model):
         if _FUNCTIONAL is None or not isinstance(model, _FUNCTIONAL):
             raise UnsupportedError(
-                f"explain cannot follow the subclassed Keras model {type(model).__name__!r}: its call() may "
-                "branch. Fix: express it as keras.Sequential([...]) or a single-chain functional model."
+                f"explain cannot follow the subclassed Keras model {type(model).__name__!r}: its call() is Python "
+                "code with no graph to read. Fix: express it as a functional model, keras.Model(inputs, outputs) "
+                "(branches, residual adds and attention are fine), or keras.Sequential([...])."
             )
         try:
             inputs, outputs = model.inputs, model.outputs

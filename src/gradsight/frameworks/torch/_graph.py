@@ -75,6 +75,26 @@ def _first_line(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:240]
 
 
+def _defaults(model: nn.Module) -> dict[str, Any] | None:
+    """The forward's optional arguments at their defaults (``mask=None``), as ``concrete_args``.
+
+    explain passes x alone, so they are constants of the graph, and a branch on them (``if mask is None``) is
+    traced the way the call takes it.
+    """
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    out = {
+        p.name: p.default
+        for p in params
+        if p.default is not inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+    return out or None
+
+
 def trace_module(model: nn.Module, x_t: torch.Tensor) -> tuple[fx.GraphModule, str]:
     """The model's graph: ``(graph module, how it was traced)``.
 
@@ -82,7 +102,7 @@ def trace_module(model: nn.Module, x_t: torch.Tensor) -> tuple[fx.GraphModule, s
         UnsupportedError: neither ``torch.fx.symbolic_trace`` nor ``torch.export`` can trace it.
     """
     try:
-        return fx.symbolic_trace(model), "torch.fx.symbolic_trace"
+        return fx.symbolic_trace(model, concrete_args=_defaults(model)), "torch.fx.symbolic_trace"
     except Exception as exc:
         fx_exc = exc
     try:
@@ -147,11 +167,19 @@ class _Recorder(fx.Interpreter):
         return out
 
 
-def _input_placeholder(gm: fx.GraphModule) -> str:
-    for n in gm.graph.nodes:
-        if n.op == "placeholder":
-            return n.name
-    raise UnsupportedError("the traced graph has no input")
+def _input_placeholder(gm: fx.GraphModule, model: nn.Module) -> str:
+    """The placeholder x feeds; a forward that needs more than one tensor is refused (explain passes one x)."""
+    holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if not holders:
+        raise UnsupportedError("the traced graph has no input")
+    required = [n.name for n in holders if not n.args]  # a placeholder with a default value has args
+    if len(required) > 1:
+        raise UnsupportedError(
+            f"{type(model).__name__}.forward takes {len(required)} inputs ({', '.join(required)}), but explain "
+            "feeds one batch x. Fix: wrap it in a module that fixes the others, e.g. class One(nn.Module): "
+            f"def forward(self, x): return model(x, mask) — then explain(One(), x, y)"
+        )
+    return holders[0].name
 
 
 def _check_int_input(gm: fx.GraphModule, x: np.ndarray, name: str) -> None:
@@ -275,7 +303,7 @@ def run_graph(
         for p in frozen:
             p.requires_grad_(True)
         gm, tracer = trace_module(model, x_t)
-        name = _input_placeholder(gm)
+        name = _input_placeholder(gm, model)
         _check_int_input(gm, np.asarray(x), name)
         if not int_x:
             x_t.requires_grad_(True)
