@@ -101,6 +101,57 @@ def sc_merge(rank, world, outdir):
     _write(outdir, "merge", rank, res)
 
 
+def sc_fsdp1(rank, world, outdir):
+    """FSDP1 with use_orig_params=True (each Linear its own flat parameter): the same run as sc_merge."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    net = make_net()
+    wrap = ModuleWrapPolicy({nn.Linear})
+    model = FSDP(net, device_id=torch.device("cpu"), use_orig_params=True, auto_wrap_policy=wrap)
+    opt = torch.optim.SGD(_params(model), lr=LR)
+    x, y = data(world)
+    with gradsight.watch(model, optimizer=opt, path=Path(outdir, "fsdp1.db"), preset="full"):
+        for s in range(STEPS):
+            xs, ys = local_batch(x, y, s, 0, rank)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xs), ys, reduction="sum").backward()
+            opt.step()
+    _write(outdir, "fsdp1", rank, {})
+
+
+def sc_refusals(rank, world, outdir):
+    """Real models gradsight cannot merge exactly: refused with UnsupportedError on every rank, nothing written."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    from gradsight import UnsupportedError
+
+    def flat():  # FSDP1 with its default, use_orig_params=False
+        return FSDP(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), device_id=torch.device("cpu"))
+
+    def hsdp():  # a 2-D mesh: shards replicated over a second dimension
+        return fully_shard(nn.Linear(4, 3), mesh=init_device_mesh("cpu", (1, world), mesh_dim_names=("r", "s")))
+
+    def tensor_parallel():  # DTensor parameters without FSDP
+        net = nn.Linear(4, 2)
+        mesh = init_device_mesh("cpu", (world,))
+        net.weight = nn.Parameter(distribute_tensor(net.weight.detach(), mesh, [Replicate()]))
+        return net
+
+    res = {}
+    for kind, build in (("fsdp1_flat", flat), ("hsdp", hsdp), ("tensor_parallel", tensor_parallel)):
+        model = build()
+        try:
+            gradsight.watch(model, path=Path(outdir, f"refused_{kind}.db")).close()
+            res[kind] = "accepted"
+        except UnsupportedError as e:
+            res[kind] = f"refused: {e}"
+    _write(outdir, "refusals", rank, res)
+
+
 def sc_accum(rank, world, outdir):
     """Gradient accumulation, 2 micro-batches per step, the first under set_requires_gradient_sync(False)."""
     model = shard(make_net())
@@ -227,6 +278,8 @@ def sc_rank_raises(rank, world, outdir):
 
 SCENARIOS = {
     "merge": sc_merge,
+    "fsdp1": sc_fsdp1,
+    "refusals": sc_refusals,
     "accum": sc_accum,
     "signals": sc_signals,
     "mixed": sc_mixed,

@@ -115,9 +115,13 @@ def assert_runs_equal(ref, run):
     assert (got["grad_nonfinite"] == 0).all()
 
 
-def test_every_recorded_field_equals_one_process_on_the_concatenated_batch(ranks, tmp_path):
-    run = load(ranks / "merge.db")
-    ref = single_process_run(tmp_path / "single.db")
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return single_process_run(tmp_path_factory.mktemp("single") / "single.db")
+
+
+def test_every_recorded_field_equals_one_process_on_the_concatenated_batch(ranks, reference):
+    run, ref = load(ranks / "merge.db"), reference
     assert sorted(run.steps) == [0, 1, 2]
     assert_runs_equal(ref, run)
     # uneven shards (7 rows on 2 ranks: 4 + 3), an empty shard on rank 1 (temp, 1 element), a frozen parameter
@@ -127,6 +131,14 @@ def test_every_recorded_field_equals_one_process_on_the_concatenated_batch(ranks
     assert frozen == {"weight"}  # no gradient, and the optimizer does not hold it: no update
     out = run.summary("body.0", "output", 0)
     assert out.count == 2 * W.B * 7 and out.units_total == 2 * W.B  # 2 ranks x b samples x 7 units
+
+
+def test_fsdp1_with_use_orig_params_equals_one_process_too(ranks, reference):
+    run = load(ranks / "fsdp1.db")
+    assert run.meta["distributed"]["wrapper"] == "FullyShardedDataParallel (use_orig_params=True)"
+    # the model's own names: FSDP1's _fsdp_wrapped_module components are removed, shapes are the global ones
+    assert run.layers == ["model", "body.0", "body.1", "body.2", "body.3", "body.4"]
+    assert_runs_equal(reference, run)
 
 
 def test_gradient_accumulation_without_gradient_sync_equals_one_process(ranks, tmp_path):
@@ -196,6 +208,15 @@ def test_a_rank_that_raises_leaves_at_once_and_the_other_fails_instead_of_hangin
     run = load(ranks / "raises.db")
     assert run.steps == [0, 2]
     assert [e["type"] for e in run.events("exception")] == ["RuntimeError"]
+
+
+def test_shardings_that_cannot_be_merged_exactly_are_refused_on_every_rank(ranks):
+    for r in (0, 1):
+        res = result(ranks, "refusals", r)
+        assert res["fsdp1_flat"].startswith("refused: gradsight.watch does not support FullyShardedDataParallel wi")
+        assert "on a 2-D device mesh: hybrid sharding (HSDP)" in res["hsdp"]
+        assert "DTensor parameters without FSDP" in res["tensor_parallel"]
+    assert not list(ranks.glob("refused_*"))
 
 
 # ---- refusals and arguments, in one process ----------------------------------------------------------------------

@@ -26,9 +26,13 @@ What is recorded, and how it is merged
       batch, merged over the global batch (outputs of a mixed-precision forward are in ``param_dtype``, and are
       summarised exactly: bfloat16/float16 are upcast to float32, which is exact).
 
-    Tensor names are the model's own, unsharded names (``0.weight``; FSDP1's ``_fsdp_wrapped_module.`` prefixes
-    are removed) and the recorded shapes are the **global** shapes, so a run reads like a single-process run of
-    the same model. Layer outputs are recorded with each rank's local shape (its slice of the batch).
+    Tensor names are the model's own, unsharded names (``0.weight``; FSDP1's ``_fsdp_wrapped_module``
+    components are removed) and the recorded shapes are the **global** shapes, so a run reads like a
+    single-process run of the same model. Layer outputs are recorded with each rank's local shape (its slice of
+    the batch). A rank whose shard holds no element of a parameter (a parameter smaller than the world, or,
+    under FSDP1, one that falls entirely into other ranks' parts of the flat parameter) contributes an empty
+    summary — FSDP1 leaves such a parameter's ``.grad`` at ``None`` on that rank while its flat parameter has a
+    gradient, and the watch counts it as an empty gradient so that every rank records the same tensors.
 
 The collectives
     *At logged steps* (every ``every`` steps, and in anomaly captures): one ``all_gather_single`` of one int64
@@ -113,7 +117,8 @@ from ._watch import _JOIN_ELEMENTS, _EndBackward, _is_float, _output_items
 
 __all__ = ["FSDPWatch", "sharding"]
 
-_FSDP1_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+#: Module names that wrappers insert into parameter and module names (FSDP1, activation checkpointing, compile).
+_WRAPPER_NAMES = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
 
 
 # ---- what kind of sharding, or a refusal --------------------------------------------------------------------------
@@ -251,29 +256,26 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _clean(name: str) -> str:
-    """A parameter or module name without FSDP1's (and activation checkpointing's) wrapper prefixes."""
-    for prefix in _FSDP1_PREFIXES:
-        name = name.replace(prefix, "")
-        if name == prefix[:-1]:
-            return ""
-    return name
+    """A parameter or module name without FSDP1's (and activation checkpointing's) wrapper components."""
+    return ".".join(c for c in name.split(".") if c not in _WRAPPER_NAMES)
 
 
-def _fsdp1_shapes(model: nn.Module) -> dict[int, tuple[int, ...]]:
-    """FSDP1 (``use_orig_params=True``): the global shape of every original parameter, by ``id``.
+def _fsdp1_params(model: nn.Module) -> dict[int, tuple[tuple[int, ...], Any]]:
+    """FSDP1 (``use_orig_params=True``): every original parameter's global shape and flat parameter, by ``id``.
 
-    Outside forward/backward each original parameter is a 1-D view of its part of the local flat shard; its
-    shape is in the flat parameter's metadata (``_params`` and ``_shapes``, in the same order).
+    Outside forward/backward each original parameter is a 1-D view of its part of the local flat shard (empty
+    when the shard holds none of it); its shape is in the flat parameter's metadata (``_params`` and ``_shapes``,
+    in the same order).
     """
-    shapes: dict[int, tuple[int, ...]] = {}
+    out: dict[int, tuple[tuple[int, ...], Any]] = {}
     for m in model.modules():
         handle = getattr(m, "_handle", None)
         flat = getattr(handle, "flat_param", None)
         if flat is None:
             continue
         for p, shape in zip(getattr(flat, "_params", None) or [], getattr(flat, "_shapes", None) or [], strict=False):
-            shapes[id(p)] = tuple(int(d) for d in shape)
-    return shapes
+            out[id(p)] = (tuple(int(d) for d in shape), flat)
+    return out
 
 
 def _process_group(model: nn.Module, kind: str) -> Any:
@@ -486,7 +488,8 @@ class FSDPWatch(RankedWatch):
         self._kind = kind
         self._fsdp_handles: list[Any] = []
         self._gathers = 0
-        self._shapes1 = _fsdp1_shapes(model) if kind == "fsdp1" else {}
+        self._flat1 = _fsdp1_params(model) if kind == "fsdp1" else {}
+        self._shapes1 = {k: shape for k, (shape, _) in self._flat1.items()}
         wrapper = "fully_shard (FSDP2)" if kind == "fully_shard" else "FullyShardedDataParallel (use_orig_params=True)"
         meta: dict[str, Any] = {
             "wrapper": wrapper,
@@ -556,6 +559,10 @@ class FSDPWatch(RankedWatch):
         out = []
         for n, p in self._dparams:
             g = p.grad
+            if g is None and self._flat1 and p.requires_grad and p.numel() == 0:
+                flat = self._flat1.get(id(p), (None, None))[1]
+                if flat is not None and flat.grad is not None:  # FSDP1: this rank holds none of it, others do
+                    g = p.detach()
             if g is not None and g.layout == torch.strided:
                 out.append((n, _local(g)))
         return out
