@@ -419,3 +419,36 @@ def test_embedding_gradient_says_how_sparse(torch):
     model, ids, y, loss, _, _ = _example("embedding-classifier")
     note = explain(model, ids, y, loss)["dJ/dW[emb]"].note
     assert f"sparse: {len(np.unique(ids))} of 12 rows are non-zero" in note
+
+
+def test_vit_with_a_torch_transformer_encoder(torch):
+    """symbolic_trace keeps nn.TransformerEncoder whole (no rule); explain re-traces with torch.export to see in."""
+    from torch import nn
+
+    class ViT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch = nn.Conv2d(3, 8, 4, 4)
+            self.cls = nn.Parameter(torch.zeros(1, 1, 8))
+            self.pos = nn.Parameter(torch.randn(1, 5, 8) * 0.02)
+            layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, norm_first=True)
+            self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x):
+            p = self.patch(x).flatten(2).transpose(1, 2)
+            p = torch.cat([self.cls.expand(x.shape[0], -1, -1), p], dim=1) + self.pos
+            return self.head(self.enc(p)[:, 0])
+
+    torch.manual_seed(0)
+    vit = ViT().double()
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(2, 3, 8, 8)), rng.integers(0, 4, 2)
+    trace = explain(vit, x, y, torch.nn.CrossEntropyLoss())
+    assert trace.ok and trace.tracer.startswith("torch.export (symbolic_trace keeps enc (TransformerEncoder) whole")
+    assert not [g.name for g in trace.graph if not g.has_rule]
+    assert {"A[enc.layers.1.self_attn.in_proj]", "dJ/dW[enc.layers.0.self_attn.in_proj]", "dJ/dW[cls]"} <= set(
+        trace.names
+    )
+    ref = torch_reference(vit, x, y, torch.nn.CrossEntropyLoss())
+    assert assert_matches(trace, ref, require=("dJ/dW[", "dJ/db[")) >= 20

@@ -37,6 +37,9 @@ from ._graph_ops import _DROPOUTS, Converter, fname
 
 __all__ = ["is_chain", "run_graph", "trace_module"]
 
+#: torch.nn modules with sub-modules that have a rule of their own (symbolic_trace keeps them whole)
+_KNOWN_CONTAINERS = (nn.MultiheadAttention,)
+
 _TORCH_DIR = torch.__file__.rsplit("/", 1)[0]
 
 
@@ -95,6 +98,23 @@ def _defaults(model: nn.Module) -> dict[str, Any] | None:
     return out or None
 
 
+def _export(model: nn.Module, x_t: torch.Tensor) -> fx.GraphModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.export(model, (x_t,), strict=False).module()
+
+
+def _opaque_containers(gm: fx.GraphModule) -> list[str]:
+    """The torch.nn modules symbolic_trace kept whole that have sub-modules and no rule (nn.TransformerEncoder)."""
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            m = gm.get_submodule(str(n.target))
+            if next(m.children(), None) is not None and not isinstance(m, _KNOWN_CONTAINERS):
+                out.append(f"{n.target} ({type(m).__name__})")
+    return out
+
+
 def trace_module(model: nn.Module, x_t: torch.Tensor) -> tuple[fx.GraphModule, str]:
     """The model's graph: ``(graph module, how it was traced)``.
 
@@ -102,14 +122,19 @@ def trace_module(model: nn.Module, x_t: torch.Tensor) -> tuple[fx.GraphModule, s
         UnsupportedError: neither ``torch.fx.symbolic_trace`` nor ``torch.export`` can trace it.
     """
     try:
-        return fx.symbolic_trace(model, concrete_args=_defaults(model)), "torch.fx.symbolic_trace"
+        gm = fx.symbolic_trace(model, concrete_args=_defaults(model))
     except Exception as exc:
         fx_exc = exc
+    else:
+        whole = _opaque_containers(gm)
+        if not whole:
+            return gm, "torch.fx.symbolic_trace"
+        try:  # torch.export looks inside nn.TransformerEncoder & co., which symbolic_trace keeps whole
+            return _export(model, x_t), f"torch.export (symbolic_trace keeps {', '.join(whole)} whole)"
+        except Exception:
+            return gm, "torch.fx.symbolic_trace"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ep = torch.export.export(model, (x_t,), strict=False)
-        return ep.module(), "torch.export (symbolic_trace failed: " + _first_line(fx_exc) + ")"
+        return _export(model, x_t), "torch.export (symbolic_trace failed: " + _first_line(fx_exc) + ")"
     except Exception as exc:
         where = _culprit(exc) or _culprit(fx_exc) or type(model).__name__
         raise UnsupportedError(

@@ -202,6 +202,10 @@ class Converter:
         if scope and scope not in self.taken and (scope in owners or single):
             self.taken.add(scope)  # the one op a module's output comes from, or the one reading its parameters
             return scope
+        owner = next(iter(owners)) if len(owners) == 1 else ""
+        if owner and owner.startswith(scope) and owner not in self.taken:
+            self.taken.add(owner)  # F.linear(x, self.out_proj.weight, ...): named after its parameters' owner
+            return owner
         op = base or fname(n)
         k = self.counts.get((scope, op), 0)
         self.counts[(scope, op)] = k + 1
