@@ -159,3 +159,17 @@ def test_multi_input_still_refused(keras):
     two = keras.Model([i1, i2], L.Add()([i1, i2]))
     with pytest.raises(UnsupportedError, match=r"2 inputs and 1 outputs"):
         explain(two, np.ones((2, 3), "float32"), np.ones((2, 3), "float32"))
+
+
+def test_keras_graph_renders_like_torch(keras):
+    model, ids, y, loss, _, opts = _example("embedding-classifier")
+    trace = explain(model, ids, y, loss, **opts)
+    text, md, page = str(trace), trace.to_markdown(), trace.to_html()
+    assert text.index("── Forward pass") < text.index("── Loss") < text.index("── Backward pass")
+    assert "graph traced by Keras functional graph" in text and "embedding(ids, W[emb])" in text
+    assert [ln[5:].split(" (")[0] for ln in md.splitlines() if ln.startswith("#### ")] == [
+        "Forward pass",
+        "Loss",
+        "Backward pass",
+    ]
+    assert page.count("<table>") == 4 and page.count("</table>") == 4 and "dJ/dW[emb]" in page

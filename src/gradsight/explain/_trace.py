@@ -97,8 +97,8 @@ class Term:
 
     Attributes:
         name: ``Z{l}``, ``S{l}``, ``A{l}``, ``dJ/dA{l}``, ``dJ/dZ{l}``, ``dJ/dW{l}``, ``dJ/db{l}``, ``J`` or
-            ``dJ/dY_hat``.
-        layer: l (0 for the loss terms J and dJ/dY_hat).
+            ``dJ/dY_hat`` (a chain); ``A[node]``, ``dJ/dA[node]``, ``dJ/dW[owner]``, ``dJ/db[owner]`` (a graph).
+        layer: l (a chain) or the node's position in the topological order (a graph); 0 for J and dJ/dY_hat.
         formula: plain-text formula.
         latex: LaTeX formula.
         shape: the value's shape.
