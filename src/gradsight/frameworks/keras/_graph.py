@@ -18,6 +18,8 @@ the logits, so the graph's output becomes the logits node.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -66,8 +68,6 @@ _ACT = {
 
 def _act_of(fn: Any) -> tuple[str, dict] | None:
     """``(op, attrs)`` of a Keras activation function: ``("act", {...})``, ``("softmax", {...})``, identity."""
-    import functools
-
     kw: dict = {}
     if isinstance(fn, functools.partial):
         kw, fn = dict(fn.keywords), fn.func
@@ -171,16 +171,16 @@ class _Walker:
         return nm
 
     # --------------------------------------------------------------------------------------------- walk
-    def steps(self) -> list[tuple[Any, Any, list[Any], tuple, dict]]:
-        """``(operation, node, input KerasTensors, args, kwargs)`` in topological order."""
+    def steps(self) -> list[tuple[Any, Any, list[Any]]]:
+        """``(operation, node, input KerasTensors)`` in topological order (a Sequential: its layers in order)."""
         if isinstance(self.model, keras.Sequential):
-            return [(ly, None, [], (), {}) for ly in self.model.layers if not isinstance(ly, L.InputLayer)]
+            return [(ly, None, []) for ly in self.model.layers if not isinstance(ly, L.InputLayer)]
         out = []
         for depth in sorted(self.model._nodes_by_depth, reverse=True):
             for node in self.model._nodes_by_depth[depth]:
                 if node.operation is None or node.is_input:
                     continue
-                out.append((node.operation, node, list(node.input_tensors), (), {}))
+                out.append((node.operation, node, list(node.input_tensors)))
         return out
 
     def run(self, x_t: Any, input_name: str) -> str:
@@ -192,7 +192,7 @@ class _Walker:
                 h = self.call_layer(op, (h,), {}, [h])
             return self.by_id[id(h)]
         values = {id(self.model.inputs[0]): x_t}
-        for op, node, kts, _, _ in self.steps():
+        for op, node, kts in self.steps():
             if any(id(k) not in values for k in kts):
                 continue
             args, kwargs = node.arguments.fill_in(values)
@@ -231,13 +231,17 @@ class _Walker:
         return op(*args, **kwargs)
 
 
-def _takes_training(op: Any) -> bool:
-    import inspect
-
+@functools.cache
+def _call_params(cls: type) -> frozenset[str]:
     try:
-        return "training" in inspect.signature(op.call).parameters
+        return frozenset(inspect.signature(cls.call).parameters)
     except (TypeError, ValueError):  # pragma: no cover
-        return False
+        return frozenset()
+
+
+def _takes_training(op: Any) -> bool:
+    """Whether the layer's ``call`` takes ``training=``."""
+    return "training" in _call_params(type(op))
 
 
 # --------------------------------------------------------------------------------------------- handlers

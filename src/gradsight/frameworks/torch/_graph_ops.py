@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from ...explain._graph import GraphNode, param_term, unique_name
@@ -1137,4 +1136,3 @@ _FUNCTIONS: dict[str, Callable[..., bool]] = {
     "adaptive_avg_pool2d": _f_adaptive,
     "masked_fill": _f_masked_fill,
 }
-_ = F  # torch.nn.functional spellings map through fname(): F.gelu -> "gelu", F.linear -> "linear", ...
