@@ -173,3 +173,19 @@ def test_keras_graph_renders_like_torch(keras):
         "Backward pass",
     ]
     assert page.count("<table>") == 4 and page.count("</table>") == 4 and "dJ/dW[emb]" in page
+
+
+def test_sequential_fed_ids_is_a_graph(keras):
+    model = keras.Sequential(
+        [
+            keras.Input((4,), dtype="int64"),
+            keras.layers.Embedding(10, 3, dtype=F64, name="emb"),
+            keras.layers.GlobalAveragePooling1D(dtype=F64, name="pool"),
+            keras.layers.Dense(2, dtype=F64, name="out"),
+        ]
+    )
+    ids = np.random.default_rng(0).integers(0, 10, (5, 4))
+    trace = explain(model, ids, np.zeros((5, 2)), finite_differences=True)
+    assert trace.ok and trace.tracer == "Keras Sequential layers"
+    assert [g.name for g in trace.graph if g.op != "param"] == ["x", "emb", "pool", "out"]
+    assert "rows are non-zero" in trace["dJ/dW[emb]"].note and trace["dJ/dW[emb]"].fd.ok

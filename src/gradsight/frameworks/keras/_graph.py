@@ -115,10 +115,11 @@ class _Walker:
         if id(v) in self.var_names:
             return self.var_names[id(v)]
         key = str(getattr(v, "path", v.name))
-        term, _ = param_term(key)
+        shown = key.removeprefix(f"{self.model.name}/")  # a Sequential's variables: "sequential/dense/kernel"
+        term, _ = param_term(shown)
         if any(nd.term == term for nd in self.nodes):
-            term = f"dJ/dW[{key.replace('/', '.')}]"
-        name = unique_name(key.replace("/", "."), self.taken)
+            term = f"dJ/dW[{shown.replace('/', '.')}]"
+        name = unique_name(shown.replace("/", "."), self.taken)
         self.nodes.append(
             GraphNode(
                 name,
