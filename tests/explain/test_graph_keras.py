@@ -189,3 +189,23 @@ def test_sequential_fed_ids_is_a_graph(keras):
     assert trace.ok and trace.tracer == "Keras Sequential layers"
     assert [g.name for g in trace.graph if g.op != "param"] == ["x", "emb", "pool", "out"]
     assert "rows are non-zero" in trace["dJ/dW[emb]"].note and trace["dJ/dW[emb]"].fd.ok
+
+
+def test_layers_and_ops_without_a_rule_are_autodiff_only(keras):
+    from keras import layers as L
+    from keras import ops
+
+    x = keras.Input((4, 3), dtype=F64, name="x")
+    h = L.Dense(3, dtype=F64, name="d")(x)
+    r = L.LSTM(3, return_sequences=True, dtype=F64, name="rnn")(ops.cumsum(h, axis=1))
+    model = keras.Model(x, L.Dense(2, dtype=F64, name="o")(L.Add(dtype=F64, name="res")([r, h])))
+    xs = np.random.default_rng(0).normal(size=(2, 4, 3))
+    trace = explain(model, xs, np.zeros((2, 4, 2)), finite_differences=True)
+    assert trace.ok
+    assert {g.name for g in trace.graph if not g.has_rule} == {"cumsum", "rnn"}
+    assert trace["A[rnn]"].value is None and "no rule for LSTM" in trace["A[rnn]"].note
+    assert "through node(s) ['cumsum', 'rnn']" in trace["dJ/dW[d]"].note and trace["dJ/dW[o]"].fd.ok
+    assert trace["dJ/dA[d]"].formula.startswith("dJ/dA[d] = dJ/dA[res] (skip) + ")
+    ref = keras_reference(model, xs, np.zeros((2, 4, 2)), keras.losses.MeanSquaredError(dtype=F64))
+    ref = {k: v for k, v in ref.items() if k.startswith(("dJ/dW[", "dJ/db[", "dJ/dA["))}  # A[rnn]: autodiff only
+    assert assert_matches(trace, ref) >= 10
