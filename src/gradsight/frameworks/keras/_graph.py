@@ -672,7 +672,9 @@ def run_graph(
     y_t = tf.constant(np.asarray(y), dtype="int64" if sparse else dtype)
     bn_state = [(v, v.numpy().copy()) for ly in model._flatten_layers() for v in ly.non_trainable_weights]
     notes: list[str] = []
-    input_name = "x" if isinstance(model, keras.Sequential) else model.inputs[0].name or "x"
+    input_name = "x" if isinstance(model, keras.Sequential) else (model.inputs[0].name or "x")
+    if input_name.startswith(("keras_tensor", "input_layer")):
+        input_name = "x"  # an automatic name says nothing; X is what the derivation calls it
     try:
         with tf.GradientTape(persistent=True) as tape:
             if not int_x:
