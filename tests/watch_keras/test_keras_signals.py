@@ -120,7 +120,7 @@ def test_weight_and_update_norms_equal_norms_of_independently_copied_weights(ker
                 assert math.isclose(sc[s][f"weight_norm/{p}"], norm64(a), rel_tol=1e-6)
                 assert math.isclose(sc[s][f"update_norm/{p}"], norm64(b - a), rel_tol=1e-5)
                 assert sc[s][f"update_norm/{p}"] > 0
-            assert "step_skipped" not in sc[s]
+            assert "step_skipped" not in sc[s] and sc[s]["grad_nonfinite"] == 0
         # logged steps: the weight and update summaries are of the same tensors as the per-step norms
         assert run.steps == [0, 3]
         for s in run.steps:
@@ -324,13 +324,19 @@ def test_lr_times_1000_at_step_57_is_captured_at_step_57(keras, watch, tmp_path)
         run.close()
 
 
-def test_non_finite_gradients_at_every_step_are_rate_limited(keras, watch, tmp_path):
+def test_non_finite_gradients_at_every_step_are_rate_limited(keras, tf, watch, tmp_path):
     x, y = data(300)
     x[:, 3] = np.nan  # every batch: NaN loss and gradients from step 0 on
     m = dense(keras, keras.optimizers.SGD(0.01))
+    with tf.GradientTape() as tape:  # step 0's gradients, independently
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y[:1], m(x[:1], training=True))
+    bad = [int(np.sum(~np.isfinite(g.numpy()))) for g in tape.gradient(loss, m.trainable_variables)]
     with watch(m, path=tmp_path / "nan.db") as w:
         m.fit(x, y, batch_size=1, epochs=1, shuffle=False, verbose=0)
         run = load(w.path)
+        sc0 = rows(run)[0]
+        assert sc0["grad_nonfinite"] == sum(bad) > 0
+        assert [sc0.get(f"grad_nonfinite/{v.path}", 0) for v in m.trainable_variables] == bad
         sched = w.schedule
         events = run.events("anomaly")
         bound = 1 + math.log2(1 + 300 / sched.anomaly_cooldown)  # gradsight._anomaly's documented bound

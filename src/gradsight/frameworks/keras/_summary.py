@@ -179,11 +179,22 @@ def norms(tensors: Sequence[tf.Tensor], scale: tf.Tensor | None = None) -> tf.Te
     return out if scale is None else out * scale
 
 
-def nonfinite_counts(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
-    """The number of NaN/±Inf entries of each tensor, as a float64 vector."""
+def nonfinite_counts(tensors: Sequence[tf.Tensor], norms64: tf.Tensor | None = None) -> tf.Tensor:
+    """The number of NaN/±Inf entries of each tensor, as a float64 vector.
+
+    With ``norms64`` (the tensors' norms, :func:`norms`) the counting — a pass over every element, the dearest
+    of the per-step checks — runs only at steps where some norm is non-finite: finite norms mean no NaN/Inf
+    entry (a non-finite norm without one, a float32 square-sum that overflowed, counts 0).
+    """
     if not tensors:
         return tf.zeros([0], tf.float64)
-    return tf.stack([tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(t)), tf.float64)) for t in tensors])
+
+    def count() -> tf.Tensor:
+        return tf.stack([tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(t)), tf.float64)) for t in tensors])
+
+    if norms64 is None:
+        return count()
+    return tf.cond(tf.reduce_all(tf.math.is_finite(norms64)), lambda: tf.zeros([len(tensors)], tf.float64), count)
 
 
 def cheap_grad_scalars(grads: Sequence[tf.Tensor], scale: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
@@ -193,7 +204,8 @@ def cheap_grad_scalars(grads: Sequence[tf.Tensor], scale: tf.Tensor | None = Non
     non-finite gradient makes its norm NaN or Inf; the count says how many elements were. The host turns them
     into the cheap-check scalars with :func:`gradsight._watch_core.cheap_scalars` (the same as torch's).
     """
-    return norms(grads, scale), nonfinite_counts(grads)
+    n = norms(grads, scale)
+    return n, nonfinite_counts(grads, n)
 
 
 # ---- gradient clipping, as the Keras optimizer does it -------------------------------------------------------

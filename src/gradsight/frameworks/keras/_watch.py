@@ -398,7 +398,7 @@ class KerasWatch(WatchCore):
                     rec.names,
                     post=post.numpy().tolist(),
                     pre=pre.numpy().tolist(),
-                    bad=nonfinite_counts(rec.grads).numpy().tolist(),
+                    bad=nonfinite_counts(rec.grads, pre).numpy().tolist(),
                     g=float(global_norm(post)),
                     g_pre=float(global_norm(pre)),
                     weight=norms(rec.before).numpy().tolist(),
@@ -768,7 +768,7 @@ class KerasWatch(WatchCore):
                 anomaly_suppressed=tf.cast(a["suppressed"], tf.float64),
                 anomaly_last=tf.cast(a["last"], tf.float64),
             )
-        return record, [post, pre, nonfinite_counts(grads), weight, update]
+        return record, [post, pre, nonfinite_counts(grads, pre), weight, update]
 
     def _pack(
         self,
