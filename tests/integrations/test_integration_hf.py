@@ -112,6 +112,16 @@ def test_multi_process_without_a_process_group_is_refused(tmp_path):
         GradsightTrainerCallback(on_finding=None).on_train_begin(Args(), None, None, model=_model(), optimizer=opt)
 
 
+def test_deepspeed_is_refused_with_the_reason(tmp_path):
+    class Args:
+        world_size = 1
+        deepspeed = "ds_config.json"
+
+    with pytest.raises(gradsight.UnsupportedError, match=r"does not support DeepSpeed: ZeRO partitions"):
+        GradsightTrainerCallback(on_finding=None).on_train_begin(Args(), None, None, model=_model())
+    assert list(tmp_path.iterdir()) == []
+
+
 DDP_SCRIPT = r"""
 import json, os, sys, warnings
 warnings.simplefilter("ignore")

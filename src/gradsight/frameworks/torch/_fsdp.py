@@ -66,8 +66,10 @@ The collectives
     The end of backward: FSDP's gradients are final only after its own end-of-backward callback has waited for
     the reduce-scatter, and autograd accumulates into FSDP's unsharded parameters, not into the sharded ones that
     the model exposes, so the single-process post-accumulate-grad hooks never fire. The FSDP watch hooks the
-    gradients of the model's outputs instead (a tensor hook per floating-point output of each training forward):
-    the first one to fire queues the same end-of-backward callback, which runs after FSDP's.
+    gradients of the outputs of the model and of every FSDP module instead (a tensor hook per floating-point
+    output of each training forward; FSDP modules because they always run through ``__call__``, which the model
+    may not: Lightning's ``ModelParallelStrategy`` calls ``training_step`` directly): the first one to fire in a
+    backward pass queues the same end-of-backward callback, which runs after FSDP's.
 
 When collectives happen — no hang of our making
     As under DDP: one all-gather at open (settings, parameter names, global shapes and dtypes, start step: ranks
@@ -157,7 +159,7 @@ def _refuse(what: str, why: str) -> UnsupportedError:
 
 
 def _refuse_deepspeed(model: nn.Module) -> None:
-    engine = type(model).__name__ == "DeepSpeedEngine" or "deepspeed" in type(model).__module__
+    engine = type(model).__name__ == "DeepSpeedEngine" or type(model).__module__.split(".")[0] == "deepspeed"
     if engine or any(hasattr(p, "ds_id") for p in model.parameters()):
         raise _refuse(
             "DeepSpeed (ZeRO)",
@@ -278,6 +280,16 @@ def _fsdp1_params(model: nn.Module) -> dict[int, tuple[tuple[int, ...], Any]]:
     return out
 
 
+def _sharded_modules(model: nn.Module) -> list[nn.Module]:
+    """The model and its FSDP modules: where the output hooks that detect a backward pass go.
+
+    FSDP modules are always called through ``__call__`` (FSDP's own hooks depend on it), while the model itself
+    may not be: Lightning calls ``training_step`` directly under ``ModelParallelStrategy``.
+    """
+    classes = tuple(c for c in (_fsdp1_class(), _fsdp2_class()) if c is not None)
+    return [model, *(m for m in model.modules() if m is not model and isinstance(m, classes))]
+
+
 def _process_group(model: nn.Module, kind: str) -> Any:
     if kind == "fully_shard":
         p = next(p for p in model.parameters() if _is_dtensor(p))
@@ -292,7 +304,8 @@ def _policies(model: nn.Module, kind: str) -> dict[str, Any]:
     mp: Any = None
     offload: Any = None
     if kind == "fully_shard":
-        state = model._get_fsdp_state() if hasattr(model, "_get_fsdp_state") else None
+        root = next((m for m in model.modules() if hasattr(m, "_get_fsdp_state")), None)
+        state = root._get_fsdp_state() if root is not None else None
         group = getattr(state, "_fsdp_param_group", None)
         mp, offload = getattr(group, "mp_policy", None), getattr(group, "offload_policy", None)
         offload = None if offload is None or type(offload).__name__ == "OffloadPolicy" else offload
@@ -508,8 +521,9 @@ class FSDPWatch(RankedWatch):
         try:
             self._signals = _SignalLayout(tuple(n for n, _ in self._params), tuple(n for n, _ in self._update_params))
             meta["per_step_bytes"] = 8 * self._signals.size if sched.cheap else 0
-            if sched.cheap:
-                self._fsdp_handles.append(model.register_forward_hook(_RootOutputs(weakref.ref(self))))
+            if sched.cheap:  # the model and every FSDP module: whichever runs through __call__ (see _sharded_modules)
+                hook = _RootOutputs(weakref.ref(self))
+                self._fsdp_handles.extend(m.register_forward_hook(hook) for m in _sharded_modules(model))
             params = [(n, list(self._gshape[n]), str(p.dtype)) for n, p in self._dparams]
             leaves = [n for n, _ in self._leaves]
             self._sync_start(params, leaves, sched)

@@ -66,6 +66,12 @@ from ._fsdp import sharding
 
 __all__ = ["GradsightTrainerCallback"]
 
+DEEPSPEED_MESSAGE = (
+    "GradsightTrainerCallback does not support DeepSpeed: ZeRO partitions parameters, gradients and optimizer "
+    "states inside the DeepSpeed engine, whose step is not a torch.optim step on the model's parameters, so "
+    "gradsight would see neither the partitioned gradients nor the step that closes a training step. Train with "
+    "DDP or FSDP (TrainingArguments(fsdp=...)) to watch the run, or remove the callback for this run."
+)
 NO_GROUP_MESSAGE = (
     "GradsightTrainerCallback: the Trainer runs {world_size} processes (world_size={world_size}) but "
     "torch.distributed has no initialised process group in this one, so the ranks' statistics cannot be merged. "
@@ -180,6 +186,8 @@ class GradsightTrainerCallback(TrainerCallback):
         """Open the watch on the Trainer's model and optimizer."""
         import torch
 
+        if getattr(args, "deepspeed", None):
+            raise UnsupportedError(DEEPSPEED_MESSAGE)
         model, optimizer = kwargs.get("model"), kwargs.get("optimizer")
         if model is None:
             raise UnsupportedError("GradsightTrainerCallback got no model from the Trainer's on_train_begin event.")
