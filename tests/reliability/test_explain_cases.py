@@ -62,12 +62,21 @@ def test_keras_shared_layer_sums_per_use_gradients(keras):
     np.testing.assert_allclose(trace[f"dJ/dW[{d.name}]"].value, gk.numpy(), rtol=1e-12, atol=1e-14)
 
 
-def test_keras_functional_layer_called_twice_refused(keras):
-    inp = keras.Input((3,))
-    d = keras.layers.Dense(3)
-    model = keras.Model(inp, keras.layers.Dense(2)(d(d(inp))))
-    with pytest.raises(UnsupportedError, match=r"called 2 times.*keras\.Sequential"):
-        explain(model, np.ones((2, 3), "float32"), np.ones((2, 2), "float32"))
+def test_keras_functional_layer_called_twice_is_a_graph_with_the_shared_gradient_summed(keras):
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((3,), dtype="float64")
+    d = keras.layers.Dense(3, dtype="float64", name="d")
+    model = keras.Model(inp, keras.layers.Dense(2, dtype="float64")(d(d(inp))))
+    x, y = np.random.default_rng(0).normal(size=(2, 3)), np.ones((2, 2))
+    trace = explain(model, x, y, keras.losses.MeanSquaredError())
+    with tf.GradientTape() as tape:
+        j = tf.reduce_mean(tf.square(model(x) - y))  # in float64 (a Keras loss object would compute in float32)
+    (g,) = tape.gradient(j, [d.kernel])
+    assert trace.ok
+    np.testing.assert_allclose(trace["dJ/dW[d]"].value, g.numpy(), rtol=1e-10, atol=1e-12)
+    assert "d#2" in trace["dJ/dW[d]"].formula  # the sum over both uses is written out
 
 
 # ------------------------------------------------------------------------------------------------ frozen
@@ -272,12 +281,24 @@ def test_torch_unsupported_modules(torch):
     with pytest.raises(UnsupportedError, match=r"returned a tuple, not a tensor"):
         explain(nn.Sequential(nn.LSTM(3, 2)), torch.ones(4, 3), torch.ones(4, 2))
 
+
+def test_torch_sequential_subclass_overriding_forward_is_traced_through_its_forward(torch):
+    from torch import nn
+
     class MySeq(nn.Sequential):
         def forward(self, x):
             return super().forward(x) * 2
 
-    with pytest.raises(UnsupportedError, match=r"'MySeq' overrides forward\(\)"):
-        explain(MySeq(nn.Linear(3, 2)), torch.ones(4, 3), torch.ones(4, 2))
+    torch.manual_seed(0)
+    model = MySeq(nn.Linear(3, 2)).double()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    trace = explain(model, x, y, nn.MSELoss())
+    j = nn.MSELoss()(model(x), y)
+    (g,) = torch.autograd.grad(j, model[0].weight)
+    j = j.detach()
+    assert trace.ok and trace["J"].value == pytest.approx(j.item(), rel=1e-12)  # the override's * 2 is in it
+    (key,) = [k for k in trace.names if k.startswith("dJ/dW[")]
+    np.testing.assert_allclose(trace[key].value, g.numpy(), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("train", [True, False])
