@@ -165,6 +165,7 @@ PRESETS: dict[str, Schedule] = {
 }
 
 
+# long function: one flat checklist, a few lines per setting, each with its own message; read best top to bottom
 def schedule(
     preset: str | Schedule = "default",
     *,
@@ -246,28 +247,38 @@ def schedule(
         if not (isinstance(commit_every, (int, float)) and math.isfinite(commit_every) and commit_every > 0):
             raise InputError(f"commit_every must be a positive number of seconds, got {commit_every!r}.")
         changes["commit_every"] = float(commit_every)
-    if anomaly_factor is not None:
+    changes.update(_anomaly_changes(anomaly_factor, anomaly_window, anomaly_steps, anomaly_cooldown))
+    return replace(base, **changes)
+
+
+def _anomaly_changes(
+    factor: float | None, window: int | None, steps: int | None, cooldown: int | None
+) -> dict[str, Any]:
+    """The checked anomaly settings of :func:`schedule` that were given.
+
+    Raises:
+        InputError: a value out of range.
+    """
+    changes: dict[str, Any] = {}
+    if factor is not None:
         if not (
-            isinstance(anomaly_factor, (int, float))
-            and not isinstance(anomaly_factor, bool)
-            and math.isfinite(anomaly_factor)
-            and anomaly_factor > 1
+            isinstance(factor, (int, float)) and not isinstance(factor, bool) and math.isfinite(factor) and factor > 1
         ):
             raise InputError(
                 f"anomaly_factor must be a number > 1 (a signal above anomaly_factor times its running median "
-                f"triggers a capture), got {anomaly_factor!r}."
+                f"triggers a capture), got {factor!r}."
             )
-        changes["anomaly_factor"] = float(anomaly_factor)
+        changes["anomaly_factor"] = float(factor)
     for name, value, low, what in (
-        ("anomaly_window", anomaly_window, 3, "past steps in the running median"),
-        ("anomaly_steps", anomaly_steps, 0, "steps captured after a triggering step"),
-        ("anomaly_cooldown", anomaly_cooldown, 1, "steps between two captures"),
+        ("anomaly_window", window, 3, "past steps in the running median"),
+        ("anomaly_steps", steps, 0, "steps captured after a triggering step"),
+        ("anomaly_cooldown", cooldown, 1, "steps between two captures"),
     ):
         if value is not None:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise InputError(f"{name} must be an int >= {low} ({what}), got {value!r}.")
             changes[name] = value
-    return replace(base, **changes)
+    return changes
 
 
 def schedule_from(preset: str | Schedule, settings: Mapping[str, Any], *, where: str = "gradsight.watch") -> Schedule:
