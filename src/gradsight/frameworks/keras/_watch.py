@@ -63,6 +63,7 @@ learning rate and skipped steps), judged on the host by :class:`gradsight._anoma
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 import os
@@ -234,12 +235,13 @@ class KerasWatch(WatchCore):
         self._ready = False
         self._slots = 0
         self._vars: list[Any] = []
-        self._var_names: list[str] = []
+        self._var_names: tuple[str, ...] = ()
         self._post_vars: list[Any] = []
         self._clip: tuple[str, float] | None = None
         self._graph_anomalies: GraphAnomalies | None = None
         self._signal_names: list[str] = []
         self._pending: _StepRecord | None = None  # a record_step whose step is not closed yet
+        self._fit_flushed = False  # whether the callback committed at the end of the current fit
         self._discovered = False
         self._structure = "unknown"
         self._out_names: list[tuple[str, str]] = []
@@ -395,7 +397,7 @@ class KerasWatch(WatchCore):
             update = norms(rec.deltas).numpy().tolist() if rec.deltas is not None else None
             scal.update(
                 _signal_scalars(
-                    rec.names,
+                    tuple(rec.names),
                     post=post.numpy().tolist(),
                     pre=pre.numpy().tolist(),
                     bad=nonfinite_counts(rec.grads, pre).numpy().tolist(),
@@ -497,13 +499,15 @@ class KerasWatch(WatchCore):
             if isinstance(cbs, list) and not any(c is watch._callback for c in cbs if watch._callback is not None):
                 cbs.insert(0, watch.callback)
                 kwargs["callbacks"] = cbs
+            watch._fit_flushed = False
             try:
                 result = original_fit(*args, **kwargs)
             except BaseException:
                 with contextlib.suppress(Exception):  # never mask the exception that stopped fit
                     watch.flush()
                 raise
-            watch.flush()  # a writer failure (StoreError) reaches the user here, not later
+            if not watch._fit_flushed:  # the callback's on_train_end commits (and raises a writer failure) already
+                watch.flush()  # a writer failure (StoreError) reaches the user here, not later
             return result
 
         fit.__doc__ = original_fit.__doc__
@@ -607,7 +611,7 @@ class KerasWatch(WatchCore):
             for v in layer.trainable_variables:
                 owner.setdefault(id(v), layer.name)
         taken: set[str] = set()
-        names = self._var_names = [_var_name(v, taken) for v in self._vars]
+        names = self._var_names = tuple(_var_name(v, taken) for v in self._vars)
         layers = [owner.get(id(v), n.rsplit("/", 1)[0]) for v, n in zip(self._vars, names, strict=True)]
         pre: list[_Entry] = []
         for kind in ("weight", "grad"):
@@ -934,7 +938,7 @@ def _iterations(opt: Any) -> tf.Tensor | None:
 
 
 def _signal_scalars(
-    names: Sequence[str],
+    names: tuple[str, ...],
     *,
     post: list[float],
     pre: list[float],
@@ -955,10 +959,16 @@ def _signal_scalars(
         )
         if not _same(g, g_pre) and math.isfinite(g_pre) and g_pre > 0:
             values["clip_ratio"] = g / g_pre  # WatchCore notes the first one in the meta (``clipping``)
-    values.update((f"weight_norm/{n}", v) for n, v in zip(names, weight, strict=True))
+    values.update(zip(_keys("weight_norm/", names), weight, strict=True))
     if update is not None:
-        values.update((f"update_norm/{n}", v) for n, v in zip(names, update, strict=True))
+        values.update(zip(_keys("update_norm/", names), update, strict=True))
     return values
+
+
+@functools.lru_cache(maxsize=64)
+def _keys(prefix: str, names: tuple[str, ...]) -> tuple[str, ...]:
+    """``prefix + name`` for each name (cached: a watch has one variable list, seen at every step)."""
+    return tuple(prefix + n for n in names)
 
 
 def _same(a: float, b: float) -> bool:
@@ -1084,6 +1094,7 @@ class _WatchCallback(keras.callbacks.Callback):
         if w is not None and not w._closed:
             w._drain()
             w.flush()
+            w._fit_flushed = True
 
 
 class GradsightKerasCallback(keras.callbacks.Callback):
