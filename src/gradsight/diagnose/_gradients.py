@@ -227,15 +227,10 @@ def _describe_harm(verdict: str, harm: dict[str, Any]) -> str:
     return "after it " + " and ".join(parts)
 
 
-def _explode_finding(
-    data: RunData,
+def _explode_evidence(
     harmful: dict[str, tuple[dict[str, Any], str, dict[str, Any]]],
-    depth: list[dict[str, Any]],
-    th: Thresholds,
-) -> Finding:
-    """The warning (or error) finding for harmful growth over time and/or growth through depth."""
-    limit = th.explode_growth
-    layers = ordered([k for k in harmful if k != "global"] + [d["layer"] for d in depth], data)
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
+    """The per-layer and global evidence of harmful growth events."""
     per_layer = {
         k: {
             "baseline_rms": ev["reference"],
@@ -262,6 +257,19 @@ def _explode_finding(
             "verdict": verdict,
             "damage": harm,
         }
+    return per_layer, glob
+
+
+def _explode_finding(
+    data: RunData,
+    harmful: dict[str, tuple[dict[str, Any], str, dict[str, Any]]],
+    depth: list[dict[str, Any]],
+    th: Thresholds,
+) -> Finding:
+    """The warning (or error) finding for harmful growth over time and/or growth through depth."""
+    limit = th.explode_growth
+    layers = ordered([k for k in harmful if k != "global"] + [d["layer"] for d in depth], data)
+    per_layer, glob = _explode_evidence(harmful)
     if harmful:
         key = "global" if "global" in harmful else max(per_layer, key=lambda n: per_layer[n]["growth"])
         ev, verdict, harm = harmful[key]
