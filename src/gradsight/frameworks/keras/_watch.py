@@ -1106,8 +1106,8 @@ class GradsightKerasCallback(keras.callbacks.Callback):
 
     Args:
         path: the run file (default: ``./gradsight-runs/run-<timestamp>.db``).
-        **kwargs: as for :func:`watch_keras` (``preset``, ``every``, ``kinds``, ``cheap``, ``units``,
-            ``cheap_flush``, ``if_exists``, ``commit_every``, ``config``).
+        **kwargs: as for :func:`watch_keras` (``preset``, ``config`` and the schedule settings: ``every``,
+            ``kinds``, ``cheap``, ``units``, ``cheap_flush``, ``if_exists``, ``commit_every``, ``anomaly``...).
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None, **kwargs: Any) -> None:
@@ -1165,7 +1165,8 @@ def watch_keras(
         preset: ``"cheap"``, ``"default"`` (summaries every 100 steps) or ``"full"`` (every step), or a Schedule.
         config: your own run configuration (JSON-serialisable), stored in the metadata as ``user_config``.
         **settings: the schedule settings, the same for every framework: ``every``, ``kinds``, ``cheap``,
-            ``units``, ``cheap_flush``, ``if_exists``, ``commit_every`` (see :func:`gradsight._schedule.schedule`).
+            ``units``, ``cheap_flush``, ``if_exists``, ``commit_every``, ``anomaly``, ``anomaly_factor``,
+            ``anomaly_window``, ``anomaly_steps``, ``anomaly_cooldown`` (see :func:`gradsight._schedule.schedule`).
             The per-step scalars reach the host once per ``train_function`` call (``steps_per_execution``
             steps), through the watch's callback, and the writer every ``cheap_flush`` of them.
 
