@@ -4,8 +4,9 @@ Method: each rank holds two FSDP2 copies of the same model (``fully_shard`` on e
 one unwatched, one watched with gradsight's defaults (full summaries every 100 steps, per-step signals every
 step with their one ``all_reduce`` of squared shard norms, anomaly capture, one ``all_gather`` per logged step).
 They train in alternating blocks of ``every`` steps (so a block holds exactly one logged step, at its true
-frequency, and machine-load drift hits both alike), after a warm-up block each. A block's cost is its mean step
-time on rank 0; reported are the medians over blocks and their ratio (target <= 1.10x), for two models:
+frequency, and machine-load drift hits both alike; which of the pair goes first alternates), after a warm-up block
+each. A block's cost is its mean step time on rank 0; ``ratio`` is the median over pairs of watched / baseline
+(target <= 1.10x), ``ratio_of_medians`` the ratio of the per-variant medians, for two models:
 
 * ``mlp``: MLP 784-128-64-10, batch 32 per rank, Adam (the single-process and DDP benchmarks' model);
 * ``transformer``: 2 pre-norm encoder layers (d_model 64, 4 heads, feed-forward 256), sequence 32, batch 8 per
@@ -114,9 +115,13 @@ def bench_model(kind: str, rank: int, args: dict, tmp: str) -> dict:
     for name in models:
         block(name)  # warm-up
     tb, tw, logged, plain = [], [], [], []
-    for _ in range(args["blocks"]):
-        tb.append(block("baseline")[0])
-        mean, times = block("watched")
+    for i in range(args["blocks"]):
+        if i % 2:  # alternate which variant goes first: an order bias cancels out
+            mean, times = block("watched")
+            tb.append(block("baseline")[0])
+        else:
+            tb.append(block("baseline")[0])
+            mean, times = block("watched")
         tw.append(mean)
         logged.append(times[0])  # the block's first step is the logged one
         plain.append(statistics.median(times[1:]))
@@ -124,16 +129,18 @@ def bench_model(kind: str, rank: int, args: dict, tmp: str) -> dict:
     meta = w.meta["distributed"] if w.writes else {}
     w.close()
     mb, mw = statistics.median(tb), statistics.median(tw)
+    ratio = statistics.median(a / b for a, b in zip(tw, tb, strict=True))  # the median of paired block ratios
     n_params = sum(1 for _ in models["watched"][0].parameters())
     return {
         "model": kind,
         "parameter_tensors": n_params,
         "baseline_ms_per_step": round(mb * 1e3, 4),
         "watched_ms_per_step": round(mw * 1e3, 4),
-        "ratio": round(mw / mb, 4),
+        "ratio": round(ratio, 4),
+        "ratio_of_medians": round(mw / mb, 4),
         "ratio_of_means": round(statistics.mean(tw) / statistics.mean(tb), 4),
         "target": TARGET,
-        "target_met": mw / mb <= TARGET,
+        "target_met": ratio <= TARGET,
         "logged_step_ms_median": round(statistics.median(logged) * 1e3, 3),
         "unlogged_step_ms_median": round(statistics.median(plain) * 1e3, 3),
         "block_ratios": [round(a / b, 3) for a, b in zip(tw, tb, strict=True)],
