@@ -449,3 +449,34 @@ def test_tape_loop_records_the_same_signals(keras, tf, tmp_path):
         assert sc[s]["grad_norm_preclip"] == pytest.approx(math.hypot(norm64(gw), norm64(gb)), rel=1e-5)
         assert sc[s]["grad_norm/W"] == pytest.approx(min(norm64(gw), 0.1), rel=1e-5)
         assert sc[s]["update_norm/W"] == pytest.approx(sc[s]["lr"] * min(norm64(gw), 0.1), rel=1e-4)
+
+
+def test_tape_loop_with_a_loss_scale_optimizer_records_skipped_steps(keras, tf, tmp_path):
+    from gradsight.frameworks.keras._watch import watch_tape
+
+    rng = np.random.default_rng(4)
+    W = tf.Variable(rng.normal(size=(4, 2)).astype("float32"), name="W")
+    x = tf.constant(rng.normal(size=(16, 4)).astype("float32"))
+    opt = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1), initial_scale=2.0**127)
+    with watch_tape(tmp_path / "lso.db", preset="cheap") as w:
+        changed, true_norms = [], []
+        for _ in range(6):
+            with tf.GradientTape(persistent=True) as tape:
+                loss = tf.reduce_mean(tf.square(x @ W))
+                scaled = opt.scale_loss(loss)  # inf while the scale is near float32's maximum
+            grads = tape.gradient(scaled, [W])
+            true_norms.append(norm64(tape.gradient(loss, W).numpy()))
+            before = W.numpy().copy()
+            with w.record_step(grads, {"W": W}, loss=loss, optimizer=opt):
+                opt.apply(grads, [W])
+            changed.append(not np.array_equal(before, W.numpy()))
+        sc = rows(w)
+    assert changed[0] is False and changed[-1] is True  # skipped at first, then the scale came down
+    for s in range(6):
+        assert (sc[s].get("step_skipped") == 1.0) == (not changed[s])
+        assert ("update_norm/W" in sc[s]) == changed[s]
+        if changed[s]:  # unscaled: the norm of the loss's own gradient, not of the scaled one
+            assert sc[s]["grad_norm"] == pytest.approx(true_norms[s], rel=1e-5)
+            assert sc[s]["update_norm/W"] == pytest.approx(0.1 * true_norms[s], rel=1e-4)
+        else:
+            assert not math.isfinite(sc[s]["grad_norm"])

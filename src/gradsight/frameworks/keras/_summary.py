@@ -170,13 +170,19 @@ def norms(tensors: Sequence[tf.Tensor], scale: tf.Tensor | None = None) -> tf.Te
 
     One fused square-sum per tensor, accumulated in float32 (float64 for float64 tensors, which keep their
     precision); the square root in float64. ``scale`` (a float64 scalar, e.g. ``1 / loss_scale``) multiplies the
-    results.
+    values *before* they are squared: a loss-scaled gradient's square-sum would overflow float32 from a scale of
+    about ``2**64`` on (``LossScaleOptimizer`` starts at ``2**15`` but grows), so it costs one multiplication per
+    element under mixed precision.
     """
     if not tensors:
         return tf.zeros([0], tf.float64)
-    sq = [tf.reduce_sum(tf.square(t if t.dtype == tf.float64 else tf.cast(t, tf.float32))) for t in tensors]
-    out = tf.sqrt(tf.stack([tf.cast(v, tf.float64) for v in sq]))
-    return out if scale is None else out * scale
+    sq = []
+    for t in tensors:
+        t = t if t.dtype == tf.float64 else tf.cast(t, tf.float32)
+        if scale is not None:
+            t = t * tf.cast(scale, t.dtype)
+        sq.append(tf.reduce_sum(tf.square(t)))
+    return tf.sqrt(tf.stack([tf.cast(v, tf.float64) for v in sq]))
 
 
 def nonfinite_counts(tensors: Sequence[tf.Tensor], norms64: tf.Tensor | None = None) -> tf.Tensor:
