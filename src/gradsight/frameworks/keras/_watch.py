@@ -38,12 +38,15 @@ How it works (public Keras/TF APIs only, tested with Keras 3.15.1 on TensorFlow 
   row buffer), so ``steps_per_execution > 1`` is supported (one buffer slot per step, written with a scatter
   whose index XLA takes at run time).
 * Cost per step, on top of Keras' own step (``cheap=True``, no full summaries): per trainable variable one fused
-  square-sum of its gradient, one of W_before and a subtraction and square-sum for ΔW, a non-finite count, and
-  the clipping rule's few scalar ops (``clipvalue``: one clip and square-sum more); the optimizer's in-place
-  update writes to a fresh buffer (one copy of the weights, as W_before is alive); the anomaly judge's ~50 small
-  ops on ``(3 + variables) x window`` values, whatever the model's size; one row of ``13 + 5 x variables``
-  float64 values written to the buffer. Measured with ``benchmarks/bench_watch_keras.py`` (MLP 784-128-64-10,
-  batch 32, CPU): see the benchmark's ``ratio_default``.
+  square-sum of its gradient (under mixed precision after one multiplication by ``1 / loss_scale``), one of
+  W_before, and a subtraction and a square-sum for ΔW; the non-finite counts (a pass over every gradient
+  element) only at steps where a gradient norm is non-finite; the clipping rule's few scalar ops
+  (``clipvalue``: one clip and square-sum more per gradient); the optimizer's in-place update writes to a fresh
+  buffer while W_before is alive (one copy of the weights); the anomaly judge's ~50 small ops on
+  ``(3 + variables) x window`` values, whatever the model's size; one row of ``13 + 5 x variables`` float64
+  values into the buffer. On the host, per ``train_function`` call: one copy of that buffer and the scalars'
+  bookkeeping. ``benchmarks/bench_watch_keras.py`` (MLP 784-128-64-10, batch 32, CPU) measures it as
+  ``ratio_default``; the signals cost less than the per-element non-finite count they replaced.
 * Gradients are recorded unscaled: under a ``LossScaleOptimizer`` they are multiplied by ``1 / loss_scale``.
   NaN/Inf gradients are counted (``nan``/``posinf``/``neginf`` and the ``grad_nonfinite`` scalar), never dropped.
 * Steps are numbered from 0 (or after the last stored step with ``if_exists="append"``) and keep counting across
