@@ -46,7 +46,8 @@ How it works (public Keras/TF APIs only, tested with Keras 3.15.1 on TensorFlow 
   ``(3 + variables) x window`` values, whatever the model's size; one row of ``13 + 5 x variables`` float64
   values into the buffer. On the host, per ``train_function`` call: one copy of that buffer and the scalars'
   bookkeeping. ``benchmarks/bench_watch_keras.py`` (MLP 784-128-64-10, batch 32, CPU) measures it as
-  ``ratio_default``; the signals cost less than the per-element non-finite count they replaced.
+  ``ratio_default``: side by side with the watch before these signals it did not grow (the non-finite count,
+  now conditional, pays for them).
 * Gradients are recorded unscaled: under a ``LossScaleOptimizer`` they are multiplied by ``1 / loss_scale``.
   NaN/Inf gradients are counted (``nan``/``posinf``/``neginf`` and the ``grad_nonfinite`` scalar), never dropped.
 * Steps are numbered from 0 (or after the last stored step with ``if_exists="append"``) and keep counting across
