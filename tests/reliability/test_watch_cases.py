@@ -354,6 +354,7 @@ def test_writer_failure_reaches_the_user_at_the_next_step(tmp_path, monkeypatch)
         step(model, opt, torch.randn(4, 12))
     monkeypatch.setattr(run._writer, "log_scalars_many", fail, raising=False)
     monkeypatch.setattr(run._writer, "log_scalars", fail)
+    monkeypatch.setattr(run._writer, "log_signals", fail)  # the per-step signals of the step
     with pytest.raises(StoreError, match="simulated"):
         run.close()
     assert run.closed

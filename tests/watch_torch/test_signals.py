@@ -310,3 +310,13 @@ def test_a_learning_rate_that_kills_relus_at_step_1_is_visible_under_the_default
     dead = [run.summary("3", "output", s).units_active for s in captured]
     assert any((d == 0).all() for d in dead)  # every unit of the second ReLU is dead at a captured step
     assert (run.summary("3", "output", 0).units_active > 0).any()  # alive at step 0: the logged step shows nothing
+
+
+def test_meta_names_frozen_parameters_and_those_the_optimizer_does_not_hold(tmp_path):
+    model = _mlp()
+    model[0].bias.requires_grad_(False)
+    opt = torch.optim.SGD([model[0].weight, model[2].weight], lr=0.1)
+    with gradsight.watch(model, optimizer=opt, path=tmp_path / "r.db") as w:
+        meta = w.meta
+    assert meta["frozen"] == ["0.bias"]
+    assert meta["optimizer_params"]["not_held"] == ["0.bias", "2.bias"]

@@ -204,6 +204,7 @@ class Watch(WatchCore):
                 "skipped": skipped,
                 "optimizer": None if optimizer is None else type(optimizer).__name__,
                 "optimizer_params": opt_meta,
+                "frozen": [n for n, p in self._params if not p.requires_grad],  # requires_grad=False at watch()
                 "compiled": self._compiled,
             },
         )
@@ -249,11 +250,13 @@ class Watch(WatchCore):
                 "model (or of a copy made after the optimizer was created). Pass the optimizer that updates "
                 "this model: gradsight.watch(model, optimizer=torch.optim.SGD(model.parameters(), lr=...))."
             )
+        held_names = {n for n, _ in self._update_params}
         return {
             "type": type(optimizer).__name__,
             "params_held": len(held),
             "model_params_held": len(self._update_params),
             "model_params": len(self._params),
+            "not_held": [n for n, _ in self._params if n not in held_names],  # the model's, by name
         }
 
     def _collect_layers(self, model: nn.Module) -> list[dict[str, Any]]:
@@ -561,32 +564,40 @@ class Watch(WatchCore):
             self._param_pack(weights, "weight", self._flat_before if same else None)
 
     def _after_step(self, skipped: bool = False) -> None:
-        """Close the step: the update, the per-step signals and their judge, full summaries if any; advance."""
-        if self._capture_pending:  # a closure was passed but never called: capture what there is now
-            self._before_step()
-        self._capture_pending = self._frozen = False
-        if self._logged and not skipped and self._do_update and self._flat_before is not None and self._update_params:
-            after = Flat.of([p.detach() for _, p in self._update_params])
-            self._param_pack(self._update_params, "update", after.minus(self._flat_before, inplace=True))
-        diffs = self._signals_after(skipped) if self.schedule.cheap else None
-        if self._logged:
-            self._flush_step()
-        elif diffs is not None:  # an anomaly at this step: capture it now, while its tensors are at hand
-            self._capture_now(diffs)
-        self._flat_before = None
-        self._fwd, self._done = None, []
-        self._bw = None
-        self._step += 1
-        self._fwd_seen = False
+        """Close the step: the update, the per-step signals and their judge, full summaries if any; advance.
+
+        The step advances even when recording it fails (a StoreError from the writer reaches the user, and the
+        next step keeps its own number).
+        """
         if not self._stepped:  # the first step: stop counting backward passes (see NO_STEP_WARN_AFTER)
             self._stepped = True
             if self._root_out is not None:
                 self._root_out.remove()
-        was, self._logged = self._logged, self._full_step(self._step)
-        if self._logged and not was:
-            self._arm()
-        elif was and not self._logged:
-            self._disarm()
+        try:
+            if self._capture_pending:  # a closure was passed but never called: capture what there is now
+                self._before_step()
+            self._capture_pending = self._frozen = False
+            before = self._flat_before if (self._logged and not skipped and self._do_update) else None
+            if before is not None and self._update_params:
+                after = Flat.of([p.detach() for _, p in self._update_params])
+                self._param_pack(self._update_params, "update", after.minus(before, inplace=True))
+            diffs = self._signals_after(skipped) if self.schedule.cheap else None
+            if self._logged:
+                self._flush_step()
+            elif diffs is not None:  # an anomaly at this step: capture it now, while its tensors are at hand
+                self._capture_now(diffs)
+        finally:
+            self._capture_pending = self._frozen = False
+            self._flat_before = None
+            self._fwd, self._done = None, []
+            self._bw = None
+            self._step += 1
+            self._fwd_seen = False
+            was, self._logged = self._logged, self._full_step(self._step)
+            if self._logged and not was:
+                self._arm()
+            elif was and not self._logged:
+                self._disarm()
         self._maybe_flush_scalars(len(self._records))
 
     # ---- per-step signals (see ._signals) ------------------------------------------------------------------
