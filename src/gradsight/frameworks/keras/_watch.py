@@ -708,9 +708,7 @@ class KerasWatch(WatchCore):
         all_grads = tape.gradient(scaled, self._vars + (inter if need_inter else []))
         grads = list(all_grads[: len(self._vars)])
         inter_grads = list(all_grads[len(self._vars) :]) if need_inter else [None] * len(inter)
-        inv = None
-        if opt is not None:
-            inv = tf.math.reciprocal(tf.cast(opt.scale_loss(tf.constant(1.0, tf.float32)), tf.float64))
+        inv = _unscale(opt)
         safe_grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, self._vars, strict=True)]
         self._clip = clip_rule(opt)
 
@@ -922,6 +920,18 @@ def _write_slot(buf: tf.Variable, slot: tf.Tensor, row: tf.Tensor) -> None:
     buf.scatter_nd_update(tf.reshape(slot, [1, 1]), row[None, :])
 
 
+def _unscale(opt: Any) -> tf.Tensor | None:
+    """``1 / loss_scale`` as a float64 scalar for an optimizer that scales the loss, else ``None`` (nothing to undo).
+
+    A ``LossScaleOptimizer`` (its dynamic scale) or any optimizer with a ``loss_scale_factor``.
+    """
+    if opt is None:
+        return None
+    if getattr(opt, "inner_optimizer", None) is None and getattr(opt, "loss_scale_factor", None) is None:
+        return None
+    return tf.math.reciprocal(tf.cast(opt.scale_loss(tf.constant(1.0, tf.float32)), tf.float64))
+
+
 def _learning_rate(opt: Any) -> tf.Tensor:
     """The optimizer's current learning rate as a float64 scalar (NaN when it has none)."""
     if opt is not None:
@@ -1044,7 +1054,7 @@ class _StepRecord:
             self.scalars["lr"] = float(np.asarray(lr.value if hasattr(lr, "value") and not callable(lr) else lr))
         if optimizer is not None:
             self.optimizer = optimizer
-            self.scale = tf.math.reciprocal(tf.cast(optimizer.scale_loss(tf.constant(1.0, tf.float32)), tf.float64))
+            self.scale = _unscale(optimizer)
             self.rule = clip_rule(optimizer)
             self.iterations = _iterations(optimizer)
 
