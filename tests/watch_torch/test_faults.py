@@ -58,8 +58,15 @@ def test_sigkill_at_random_moments_leaves_a_readable_file_with_every_committed_s
         state = ctx.Array("l", [0, -1, 0], lock=False)
         p = ctx.Process(target=_child, args=(str(path), state), daemon=True)
         p.start()
-        # Mostly while training; one kill in five during start-up, when the file is being created.
-        time.sleep(rng.uniform(0.0, 0.03) if trial % 5 == 0 else rng.uniform(0.03, 0.35))
+        # Mostly while training; one kill in five during start-up, when the file is being created. A training-time
+        # kill waits for the watch to exist first, so that a loaded machine's slow start-up cannot turn it into one.
+        if trial % 5 == 0:
+            time.sleep(rng.uniform(0.0, 0.03))
+        else:
+            deadline = time.monotonic() + 60
+            while not state[0] and time.monotonic() < deadline and p.is_alive():
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0.0, 0.3))
         os.kill(p.pid, signal.SIGKILL)
         p.join()
         constructed, flushed = state[0], state[1]
