@@ -129,6 +129,8 @@ def test_every_recorded_field_equals_one_process_on_the_concatenated_batch(ranks
     assert run.summary("temp", "grad", 1).count == 1
     frozen = {t.kind for t in run.tensors if t.name == "body.0.bias"}
     assert frozen == {"weight"}  # no gradient, and the optimizer does not hold it: no update
+    assert run.meta["frozen"] == ref.meta["frozen"] == ["body.0.bias"]
+    assert run.meta["optimizer_params"]["not_held"] == ["body.0.bias"]
     out = run.summary("body.0", "output", 0)
     assert out.count == 2 * W.B * 7 and out.units_total == 2 * W.B  # 2 ranks x b samples x 7 units
 
@@ -139,6 +141,7 @@ def test_fsdp1_with_use_orig_params_equals_one_process_too(ranks, reference):
     # the model's own names: FSDP1's _fsdp_wrapped_module components are removed, shapes are the global ones
     assert run.layers == ["model", "body.0", "body.1", "body.2", "body.3", "body.4"]
     assert_runs_equal(reference, run)
+    assert run.meta["frozen"] == ["body.0.bias"]
 
 
 def test_gradient_accumulation_without_gradient_sync_equals_one_process(ranks, tmp_path):

@@ -524,6 +524,8 @@ class FSDPWatch(RankedWatch):
             if sched.cheap:  # the model and every FSDP module: whichever runs through __call__ (see _sharded_modules)
                 hook = _RootOutputs(weakref.ref(self))
                 self._fsdp_handles.extend(m.register_forward_hook(hook) for m in _sharded_modules(model))
+            # the local shards do not require grad (the DTensors do): name the frozen parameters from the model's
+            self._writer.set_meta("frozen", [n for n, p in self._dparams if not p.requires_grad])
             params = [(n, list(self._gshape[n]), str(p.dtype)) for n, p in self._dparams]
             leaves = [n for n, _ in self._leaves]
             self._sync_start(params, leaves, sched)
