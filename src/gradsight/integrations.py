@@ -15,6 +15,10 @@ Names:
 * :class:`GradsightTrainerCallback` / :func:`hf_callback`: a ``transformers.TrainerCallback`` that watches the
   Trainer's model (see :mod:`gradsight.frameworks.torch._hf`).
 * :func:`to_tensorboard`, :class:`LiveTensorBoard`, :class:`TensorBoardSink`: see :mod:`gradsight.export`.
+* :func:`torch_sharding`: how a ``torch.nn.Module`` is sharded — ``"fully_shard"`` (FSDP2), ``"fsdp1"`` (FSDP1 with
+  ``use_orig_params=True``) or ``None`` — raising :class:`~gradsight.UnsupportedError` for a sharding gradsight
+  cannot merge exactly (for integrations that pick the module to watch; see
+  :mod:`gradsight.frameworks.torch._fsdp`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ __all__ = [  # noqa: F822 - the classes are provided lazily by __getattr__
     "hf_callback",
     "lightning_callback",
     "to_tensorboard",
+    "torch_sharding",
 ]
 
 # public name -> (module, attribute)
@@ -39,6 +44,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "LiveTensorBoard": ("gradsight.export._tensorboard", "LiveTensorBoard"),
     "TensorBoardSink": ("gradsight.export._tensorboard", "TensorBoardSink"),
     "to_tensorboard": ("gradsight.export._tensorboard", "to_tensorboard"),
+    "torch_sharding": ("gradsight.frameworks.torch._fsdp", "sharding"),
 }
 
 

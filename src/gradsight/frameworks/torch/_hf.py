@@ -60,9 +60,8 @@ except ImportError as exc:  # pragma: no cover - depends on what is installed
     ) from exc
 
 from gradsight import InputError, OnlineDiagnosis, UnsupportedError, watch
+from gradsight.integrations import torch_sharding as sharding
 from gradsight.store import default_run_path
-
-from ._fsdp import sharding
 
 __all__ = ["GradsightTrainerCallback"]
 
