@@ -303,8 +303,17 @@ class GraphAnomalies:
         # first, last (the capture window), next (first step a capture may start), gap, suppressed
         self.state = tf.Variable([-1, -1, 0, self.cooldown, 0], dtype=tf.int64, trainable=False)
 
+    #: The fields :meth:`observe` returns, in the order of its ``tf.cond`` branches' outputs.
+    FIELDS = ("captured", "start", "signal", "reason", "value", "baseline", "suppressed", "last")
+
     def observe(self, step: tf.Tensor, values: tf.Tensor, present: tf.Tensor) -> dict[str, tf.Tensor]:
         """Judge one step's signals, as :meth:`gradsight._anomaly.Anomalies.observe` does, and update the state.
+
+        Most steps cannot trigger: no signal is non-finite and none exceeds ``factor`` times the *smallest* of
+        its past values (a jump must exceed ``factor`` times their median, which is no smaller). Those steps
+        cost a minimum and a few comparisons; the median (a sort), the trigger and the rate limit run in a
+        ``tf.cond`` branch only at the others, with the same result as if they ran at every step (the state
+        changes only at a trigger).
 
         Args:
             step: the step (int64 scalar).
@@ -317,34 +326,59 @@ class GraphAnomalies:
             (1: non-finite, 0: jump), ``value``, ``baseline`` (NaN for none), ``suppressed``, ``last``.
         """
         w = self.window
-        hist, count = self.hist.read_value(), self.count.read_value()
+        hist, count, state = self.hist.read_value(), self.count.read_value(), self.state.read_value()
         n = tf.minimum(count, w)
         col = tf.range(w, dtype=tf.int64)
-        inf = tf.constant(math.inf, tf.float64)
-        srt = tf.sort(tf.where(col[None, :] < n[:, None], hist, inf), axis=1)  # the finite past values first
+        past = tf.where(col[None, :] < n[:, None], hist, tf.constant(math.inf, tf.float64))  # +inf: no value
+        finite = tf.math.is_finite(values)
+        keep = present & finite
+        factor = tf.constant(self.factor, tf.float64)
+        maybe = tf.reduce_any(present & tf.logical_not(finite)) | tf.reduce_any(
+            keep & tf.greater_equal(n, MIN_HISTORY) & tf.greater(values, factor * tf.reduce_min(past, axis=1))
+        )
+
+        def quiet() -> tuple[tf.Tensor, ...]:
+            first, last, sup = state[0], state[1], state[4]
+            zero, nan = tf.constant(0, tf.int64), tf.constant(math.nan, tf.float64)
+            captured = tf.logical_and(tf.less_equal(first, step), tf.less_equal(step, last))
+            return captured, tf.constant(False), zero, zero, nan, nan, sup, last
+
+        out = tf.cond(maybe, lambda: self._judge(step, values, present, finite, past, n, state), quiet)
+        # keep this step's finite values (after judging it, as the host rule does)
+        slot = tf.logical_and(tf.equal(col[None, :], (count % w)[:, None]), keep[:, None])
+        self.hist.assign(tf.where(slot, values[:, None], hist))
+        self.count.assign(count + tf.cast(keep, tf.int64))
+        return dict(zip(self.FIELDS, out, strict=True))
+
+    def _judge(
+        self,
+        step: tf.Tensor,
+        values: tf.Tensor,
+        present: tf.Tensor,
+        finite: tf.Tensor,
+        past: tf.Tensor,
+        n: tf.Tensor,
+        state: tf.Tensor,
+    ) -> tuple[tf.Tensor, ...]:
+        """The trigger (:func:`gradsight._anomaly.trigger`) and the rate limit, at a step that may trigger."""
+        srt = tf.sort(past, axis=1)  # the past values first, then +inf
         lo = tf.gather(srt, tf.maximum(n - 1, 0)[:, None] // 2, batch_dims=1)[:, 0]
         hi = tf.gather(srt, (n // 2)[:, None], batch_dims=1)[:, 0]
         median = tf.where(tf.equal(n % 2, 1), hi, (lo + hi) / 2)
         has_base = tf.greater_equal(n, MIN_HISTORY)
-        finite = tf.math.is_finite(values)
         nonfinite = tf.logical_and(present, tf.logical_not(finite))
         factor = tf.constant(self.factor, tf.float64)
         jump = present & finite & has_base & tf.greater(median, 0) & tf.greater(values, factor * median)
-        any_nonfinite, any_jump = tf.reduce_any(nonfinite), tf.reduce_any(jump)
-        hit = any_nonfinite | any_jump
-        ratio = tf.where(jump, values / tf.where(jump, median, tf.ones_like(median)), -inf)
+        any_nonfinite = tf.reduce_any(nonfinite)
+        hit = any_nonfinite | tf.reduce_any(jump)
+        ratio = tf.where(jump, values / tf.where(jump, median, tf.ones_like(median)), -math.inf)
         signal = tf.where(
             any_nonfinite,
             tf.argmax(tf.cast(nonfinite, tf.int32), output_type=tf.int64),
             tf.argmax(ratio, output_type=tf.int64),
         )
-        # keep this step's finite values (after judging it, as the host rule does)
-        keep = present & finite
-        slot = tf.logical_and(tf.equal(col[None, :], (count % w)[:, None]), keep[:, None])
-        self.hist.assign(tf.where(slot, values[:, None], hist))
-        self.count.assign(count + tf.cast(keep, tf.int64))
         # the capture window and its rate limit
-        first, last, nxt, gap, sup = tf.unstack(self.state.read_value())
+        first, last, nxt, gap, sup = tf.unstack(state)
         suppress = hit & (tf.less(step, nxt) | tf.less_equal(step, last))
         start = hit & tf.logical_not(suppress)
         grown = tf.where(tf.greater_equal(last, 0), tf.where(tf.greater(sup, 0), gap * 2, self.cooldown), gap)
@@ -354,15 +388,15 @@ class GraphAnomalies:
         next2 = tf.where(start, last2 + 1 + gap2, nxt)
         sup2 = tf.where(start, tf.zeros_like(sup), tf.where(suppress, sup + 1, sup))
         self.state.assign(tf.stack([first2, last2, next2, gap2, sup2]))
-        return {
-            "captured": tf.logical_and(tf.less_equal(first2, step), tf.less_equal(step, last2)),
-            "start": start,
-            "signal": signal,
-            "reason": tf.cast(any_nonfinite, tf.int64),
-            "value": tf.gather(values, signal),
-            "baseline": tf.where(
-                tf.gather(has_base, signal), tf.gather(median, signal), tf.constant(math.nan, tf.float64)
-            ),
-            "suppressed": sup,
-            "last": last2,
-        }
+        baseline = tf.where(tf.gather(has_base, signal), tf.gather(median, signal), tf.constant(math.nan, tf.float64))
+        captured = tf.logical_and(tf.less_equal(first2, step), tf.less_equal(step, last2))
+        return (
+            captured,
+            start,
+            signal,
+            tf.cast(any_nonfinite, tf.int64),
+            tf.gather(values, signal),
+            baseline,
+            sup,
+            last2,
+        )
