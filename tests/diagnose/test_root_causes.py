@@ -202,11 +202,14 @@ def test_no_gradient(synth, grad_c, key):
     assert "1 of the 3 parameter tensors the optimizer holds" in f.message
 
 
-def test_no_gradient_on_purpose_is_info(synth):
+def test_no_gradient_of_a_frozen_parameter_the_optimizer_holds_is_named_frozen(synth):
+    # Frozen on purpose (fine-tuning) or by mistake look the same in a run: the optimizer holds a parameter that can
+    # never move. A warning either way, naming it frozen, with the advice to leave it out of the optimizer.
     s = synth(frozen=["fc3.weight"])
     _params_run(s, {"fc1.weight": 0.5}, held=["fc1.weight", "fc3.weight"])
     f = by_code(diagnose(s.run()), "no-gradient")
-    assert f.severity == "info" and f.evidence["frozen_on_purpose"] == ["fc3.weight"]
+    assert f.severity == "warning" and f.evidence["frozen"] == ["fc3.weight"]
+    assert "requires_grad=False" in f.message and any("leave them out of the optimizer" in a for a in f.advice)
 
 
 def test_not_optimized_not_held(synth):

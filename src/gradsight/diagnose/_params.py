@@ -11,8 +11,10 @@ judged.
   (never in the gradient record: frozen with ``requires_grad=False`` / ``trainable=False``, or not on the path
   from the loss — a ``detach()``, ``.data``, ``torch.no_grad()``, an unused branch) or an **exactly zero** one
   (on the path, but every route to it is multiplied by zero: dead units after it, a zero mask or weight), while
-  other parameters did receive a gradient. Parameters the metadata lists as frozen on purpose (``meta["frozen"]``)
-  are reported as info.
+  other parameters did receive a gradient. Parameters the metadata lists as frozen (``meta["frozen"]``:
+  ``requires_grad=False`` when the watch opened) are named as such; it stays a warning, because the run cannot
+  tell a layer frozen on purpose for fine-tuning from one frozen by mistake, and in both cases the optimizer holds
+  parameters that can never move (the advice says how to leave them out when intended).
 * ``not-optimized`` (warning): a parameter that received a non-zero gradient but is not held by the optimizer
   (while it holds others), or is held but never moved (its update norm 0 at every step at which an update was
   expected: a learning rate of 0 for its group; see :func:`_never_moved` for why an update too small for float32
@@ -79,7 +81,6 @@ class NoGradientRule(Rule):
         if not absent and not zero:
             return []
         frozen = set(map(str, data.meta.get("frozen") or []))
-        unexpected = [t for t in absent + zero if t not in frozen]
         steps = sorted(int(s) for s in tensor_grad_norms(data)[0].index)
         tensors = absent + zero
         layers = ordered([data.tensor_layer(t) for t in tensors], data)
@@ -93,7 +94,10 @@ class NoGradientRule(Rule):
             f"non-zero gradient over {len(steps)} recorded step(s), while the others did: " + "; ".join(parts) + "."
         )
         if frozen & set(tensors):
-            msg += f" {len(frozen & set(tensors))} of them are listed as frozen on purpose in the run's metadata."
+            msg += (
+                f" {len(frozen & set(tensors))} of them had requires_grad=False when the watch opened (frozen), yet "
+                "the optimizer holds them."
+            )
         explanation = []
         if absent:
             explanation.append(
@@ -117,7 +121,7 @@ class NoGradientRule(Rule):
         return [
             Finding(
                 code="no-gradient",
-                severity="warning" if unexpected else "info",
+                severity="warning",
                 layers=tuple(layers),
                 first_step=steps[0] if steps else None,
                 last_step=steps[-1] if steps else None,
@@ -127,7 +131,7 @@ class NoGradientRule(Rule):
                     "held": len(held),
                     "held_source": held_source,
                     "grad_source": grad_source,
-                    "frozen_on_purpose": sorted(frozen & set(tensors)),
+                    "frozen": sorted(frozen & set(tensors)),
                     "why": why,
                 },
                 message=msg,
