@@ -270,6 +270,7 @@ def test_graph_judge_decides_as_the_host_rule_on_random_signals(keras, tf):
     values[rng.random((steps, k)) < 0.02] = np.nan
     values[rng.random((steps, k)) < 0.01] = np.inf
     values[rng.random((steps, k)) < 0.01] = 0.0
+    values[:, 4] = rng.normal(size=steps)  # a signal that goes negative (a loss can): median <= 0 never jumps
     present = rng.random((steps, k)) > 0.1
     reasons = []
     for s in range(steps):
