@@ -202,3 +202,39 @@ def test_findings_are_marked_on_the_time_axis(make_run):
 def test_real_write_synthetic_run_helper_has_keras_names(tmp_path):
     run = load(write_synthetic_run(tmp_path / "k.db", framework="keras", n_layers=2))
     assert run.framework == "keras" and run.layers == ["dense_0", "dense_1"]
+
+
+def test_overview_draws_per_step_signals_and_anomaly_captures(tmp_path):
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    import gradsight
+    from gradsight.show._data import step_update_ratio, update_ratio
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(32, 4)
+    with gradsight.watch(model, optimizer=opt, path=tmp_path / "r.db") as w:
+        for s in range(40):
+            if s == 30:
+                opt.param_groups[0]["lr"] = 10.0
+            opt.zero_grad()
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            opt.step()
+            w.log(loss)
+    run = gradsight.load(tmp_path / "r.db")
+    ratio = update_ratio(run)
+    assert list(ratio.index) == list(range(40))  # every step, not only the logged step 0
+    sc = run.scalars
+    want = np.sqrt(sc["update_norm/0.weight"] ** 2 + sc["update_norm/0.bias"] ** 2) / np.sqrt(
+        sc["weight_norm/0.weight"] ** 2 + sc["weight_norm/0.bias"] ** 2
+    )
+    np.testing.assert_allclose(ratio["0"].to_numpy(), want.to_numpy(), rtol=1e-12)
+    assert step_update_ratio(run) is not None
+    fig = plot_overview(run, findings=[])
+    labels = [ln.get_label() for ax in fig.axes for ln in ax.lines]  # the loss panel's right axis
+    assert "gradient norm" in labels and "before clipping" in labels
+    assert any("anomaly capture" in t.get_text() for t in fig.axes[0].texts)

@@ -31,6 +31,7 @@ __all__ = [
     "nonfinite",
     "opened",
     "ordered_layers",
+    "step_update_ratio",
     "update_ratio",
 ]
 
@@ -95,11 +96,40 @@ def nonfinite(run: Run, kind: str) -> pd.DataFrame:
 def update_ratio(run: Run) -> pd.DataFrame:
     """Wide table of ``||update|| / ||weight||`` per layer and step (:func:`gradsight._derived.update_ratio`).
 
-    Pooled over the layer's tensors that have both a weight and an update summary at that step; NaN where the
-    ratio is undefined (a NaN/Inf among them, or a zero weight norm), so such steps show as gaps.
+    From the per-step signals ``update_norm/<t>`` and ``weight_norm/<t>`` where the run has them (every step),
+    else from the logged steps' summaries. Pooled over the layer's tensors that have both at that step; NaN where
+    the ratio is undefined (a NaN/Inf among them, a zero weight norm, a skipped update), so such steps show as gaps.
     """
+    per_step = step_update_ratio(run)
+    if per_step is not None:
+        return per_step
     long = derived.update_ratio_table(run.to_pandas(kind=["weight", "update"]))
     return derived.wide(long, "ratio", run.layers)
+
+
+def step_update_ratio(run: Run) -> pd.DataFrame | None:
+    """:func:`update_ratio` at every step, from the per-step signals; ``None`` when the run has none."""
+    import pandas as pd
+
+    sc = run.scalars
+    names = [c[len("update_norm/") :] for c in sc.columns if c.startswith("update_norm/")]
+    names = [n for n in names if f"weight_norm/{n}" in sc.columns]
+    if not names:
+        return None
+    layer_of = {t.name: t.layer for t in run.tensors if t.kind in ("weight", "grad", "update")}
+    layers: dict[str, list[str]] = {}
+    for n in names:
+        layers.setdefault(layer_of.get(n) or n.rpartition(".")[0] or "model", []).append(n)
+    table = {}
+    for layer, tensors in layers.items():
+        u = sc[[f"update_norm/{n}" for n in tensors]].to_numpy(dtype="float64")
+        w = sc[[f"weight_norm/{n}" for n in tensors]].to_numpy(dtype="float64")
+        bad = (~np.isfinite(u)).sum(axis=1) + (~np.isfinite(w)).sum(axis=1)  # a gap also where not recorded
+        table[layer] = derived.update_ratio(np.nansum(u * u, axis=1), np.nansum(w * w, axis=1), bad)
+    wide = pd.DataFrame(table, index=sc.index)
+    wide = wide[ordered_layers(run, wide.columns)]
+    wide.columns.name = "layer"
+    return wide
 
 
 def activity(run: Run) -> tuple[pd.DataFrame, pd.DataFrame]:

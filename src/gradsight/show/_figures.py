@@ -270,6 +270,54 @@ def _loss_panel(ax_loss: Axes, scalars: pd.DataFrame) -> None:
         _empty_panel(ax_loss, "Loss", "no 'loss' scalar recorded — log it with watch.log(loss=...)")
 
 
+def _grad_norm_overlay(ax_loss: Axes, scalars: pd.DataFrame, anomalies: Sequence[dict[str, Any]]) -> None:
+    """On the loss panel: the gradient norm of every step, and a marker at each anomaly capture.
+
+    The global norm as the optimizer received it on a right axis (log when it spans decades), dashed as backward
+    left it where clipping changed it.
+    """
+    if "grad_norm" in scalars.columns and scalars["grad_norm"].notna().any():
+        ax_g = ax_loss.twinx()
+        g = scalars["grad_norm"].astype("float64")
+        ax_g.plot(g.index.to_numpy(), g.to_numpy(), color=OKABE_ITO["blue"], lw=0.9, label="gradient norm")
+        if "grad_norm_preclip" in scalars.columns:
+            pre = scalars["grad_norm_preclip"].astype("float64")
+            if (pre.dropna() != g.reindex(pre.dropna().index)).any():
+                ax_g.plot(
+                    pre.index.to_numpy(),
+                    pre.to_numpy(),
+                    color=OKABE_ITO["blue"],
+                    lw=0.9,
+                    ls="--",
+                    label="before clipping",
+                )
+        positive = g[np.isfinite(g) & (g > 0)]
+        if len(positive) and _spans_decades(positive.to_numpy()):
+            ax_g.set_yscale("log")
+        ax_g.set_ylabel("gradient norm", fontsize=8, color=OKABE_ITO["blue"])
+        ax_g.tick_params(labelsize=7, colors=OKABE_ITO["blue"])
+        ax_g.legend(loc="lower right", fontsize=7, frameon=False)
+    for e in anomalies:
+        ax_loss.annotate(
+            "◆",
+            (e["step"], 0.0),
+            xycoords=("data", "axes fraction"),
+            fontsize=8,
+            ha="center",
+            va="bottom",
+            color=OKABE_ITO["purple"],
+        )
+    if anomalies:
+        ax_loss.annotate(
+            "◆ anomaly capture",
+            (0.005, 0.02),
+            xycoords="axes fraction",
+            fontsize=7,
+            color=OKABE_ITO["purple"],
+            va="bottom",
+        )
+
+
 def _weight_panel(ax_w: Axes, weight: pd.DataFrame, styles: dict[str, tuple[Any, str]]) -> None:
     """Weight RMS per layer, one line each."""
     if weight.empty:
@@ -328,12 +376,14 @@ def _activity_panels(
 def plot_overview(run: RunLike, *, findings: Sequence[Any] | None = None) -> Figure:
     """The training at a glance, one panel per statistic over the steps.
 
-    Panels, top to bottom, sharing the step axis: loss (log axis when it spans decades); gradient RMS per layer as
-    a layer × step heatmap on a log colour scale (NaN/Inf cells marked ×); weight RMS per layer; update/weight
-    ratio per layer (with the common ~1e-3 reference); activation active rate and dead-unit fraction per layer.
-    Each finding is drawn as a vertical line at its first step, shading up to its last step, coloured by severity; a
-    root cause's line is bold and solid, with a ▼ above the loss panel at its first step. Per-layer lines are
-    coloured by depth (viridis, dark = input side).
+    Panels, top to bottom, sharing the step axis: loss (log axis when it spans decades), with the global gradient
+    norm at every step on a right axis (dashed: before clipping, where clipping changed it) and a ◆ at each anomaly
+    capture; gradient RMS per layer as a layer × step heatmap on a log colour scale (NaN/Inf cells marked ×); weight
+    RMS per layer; update/weight ratio per layer at every step where the per-step signals were recorded (with the
+    common ~1e-3 reference); activation active rate and dead-unit fraction per layer. Each finding is drawn as a
+    vertical line at its first step, shading up to its last step, coloured by severity; a root cause's line is bold
+    and solid, with a ▼ above the loss panel at its first step. Per-layer lines are coloured by depth (viridis, dark
+    = input side).
 
     Args:
         run: a :class:`~gradsight.store.Run` or the path of a run file.
@@ -362,6 +412,7 @@ def plot_overview(run: RunLike, *, findings: Sequence[Any] | None = None) -> Fig
         ratio = update_ratio(r)
         active, dead = activity(r)
         found = finding_list(r, findings)
+        anomalies = r.events("anomaly")
         order = r.layers
         title = _run_title(r)
 
@@ -383,6 +434,7 @@ def plot_overview(run: RunLike, *, findings: Sequence[Any] | None = None) -> Fig
     fig.suptitle(f"gradsight overview — {title}", fontsize=12, parse_math=False)
 
     _loss_panel(ax_loss, scalars)
+    _grad_norm_overlay(ax_loss, scalars, anomalies)
     # gradient heatmap
     if grad.empty:
         _empty_panel(ax_grad, "Gradient RMS per layer", "no gradient summaries recorded")
