@@ -21,8 +21,9 @@ has one meaning in every framework:
     ==============================  ==========================================================================
     ``grad_norm``                   L2 norm of all gradients together **as the optimizer receives them**:
                                     after clipping (``clip_grad_norm_``, ``max_grad_norm``,
-                                    ``gradient_clip_val``, Keras ``clipnorm``/``global_clipnorm``) and, under
-                                    mixed precision, unscaled. Non-finite entries make it NaN/Inf.
+                                    ``gradient_clip_val``, Keras ``clipnorm``/``global_clipnorm``/
+                                    ``clipvalue``) and, under mixed precision, unscaled. Non-finite entries make
+                                    it NaN/Inf.
     ``grad_norm/<tensor>``          the same for one parameter tensor (``<tensor>`` is e.g. ``0.weight``).
     ``grad_nonfinite``              NaN/±Inf gradient entries, all tensors together.
     ``grad_nonfinite/<tensor>``     the same per tensor, only at steps where ``grad_nonfinite > 0``.
