@@ -162,7 +162,13 @@ def test_optimizer_holding_some_parameters_is_fine(tmp_path):
         step(model, opt, torch.randn(4, 12))
         meta = run.meta["optimizer_params"]
         updates = {t.name for t in run.tensors if t.kind == "update"}
-    assert meta == {"type": "SGD", "params_held": 2, "model_params_held": 2, "model_params": 4}
+    assert meta == {
+        "type": "SGD",
+        "params_held": 2,
+        "model_params_held": 2,
+        "model_params": 4,
+        "not_held": ["2.weight", "2.bias"],
+    }
     assert updates == {"0.weight", "0.bias"}
 
 

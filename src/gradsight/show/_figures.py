@@ -318,6 +318,15 @@ def _grad_norm_overlay(ax_loss: Axes, scalars: pd.DataFrame, anomalies: Sequence
         )
 
 
+def _grad_panel(fig: Figure, ax_grad: Axes, grad: pd.DataFrame, grad_bad: pd.DataFrame, heat_in: float) -> None:
+    """Gradient RMS per layer as a layer x step heatmap (log colour scale), or a note that none was recorded."""
+    if grad.empty:
+        _empty_panel(ax_grad, "Gradient RMS per layer", "no gradient summaries recorded")
+    else:
+        _heatmap(fig, ax_grad, grad, grad_bad, heat_in, "gradient RMS (log scale)")
+        ax_grad.set_title("Gradient RMS per layer (log colour scale; grey = zero or no data)", loc="left", fontsize=10)
+
+
 def _weight_panel(ax_w: Axes, weight: pd.DataFrame, styles: dict[str, tuple[Any, str]]) -> None:
     """Weight RMS per layer, one line each."""
     if weight.empty:
@@ -435,12 +444,7 @@ def plot_overview(run: RunLike, *, findings: Sequence[Any] | None = None) -> Fig
 
     _loss_panel(ax_loss, scalars)
     _grad_norm_overlay(ax_loss, scalars, anomalies)
-    # gradient heatmap
-    if grad.empty:
-        _empty_panel(ax_grad, "Gradient RMS per layer", "no gradient summaries recorded")
-    else:
-        _heatmap(fig, ax_grad, grad, grad_bad, heat_in, "gradient RMS (log scale)")
-        ax_grad.set_title("Gradient RMS per layer (log colour scale; grey = zero or no data)", loc="left", fontsize=10)
+    _grad_panel(fig, ax_grad, grad, grad_bad, heat_in)
     _weight_panel(ax_w, weight, styles)
     _ratio_panel(ax_r, ratio, styles)
     _activity_panels(ax_a, ax_d, active, dead, styles)
