@@ -168,5 +168,5 @@ def test_damaged_signal_rows_raise_a_store_error(tmp_path):
     con.execute("UPDATE signals SET data = X'00'")
     con.commit()
     con.close()
-    with pytest.raises(StoreError, match="per-step signals .* are damaged"):
-        load(tmp_path / "r.db").scalars
+    with pytest.raises(StoreError, match=r"per-step signals .* are damaged"):
+        _ = load(tmp_path / "r.db").scalars
