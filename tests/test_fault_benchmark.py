@@ -21,25 +21,10 @@ from types import SimpleNamespace
 
 import pytest
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("GRADSIGHT_SKIP_FAULT_BENCH") == "1", reason="GRADSIGHT_SKIP_FAULT_BENCH=1"
-)
+from gradsight.diagnose import CODES
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "diagnosis"
-
-#: The codes the diagnosis emits before and after the root-cause rewrite (issue #14): the labels may use these.
-CODES_BEFORE = (
-    "non-finite",
-    "no-steps-recorded",
-    "exploding-gradients",
-    "vanishing-gradients",
-    "dead-units",
-    "saturated-units",
-    "update-ratio-high",
-    "update-ratio-low",
-    "loss-not-decreasing",
-)
-NEW_CODES = (
+#: The root-cause codes the diagnosis issue asks for: each must be some scenario's label.
+ROOT_CAUSE_CODES = (
     "learning-rate-too-high",
     "bad-initialisation",
     "gradients-accumulating",
@@ -47,6 +32,12 @@ NEW_CODES = (
     "not-optimized",
     "gradients-clipped",
 )
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("GRADSIGHT_SKIP_FAULT_BENCH") == "1", reason="GRADSIGHT_SKIP_FAULT_BENCH=1"
+)
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "diagnosis"
 
 
 def _bench():
@@ -72,20 +63,12 @@ NAMES = [
 ]
 
 
-def _valid_codes() -> set[str]:
-    from gradsight.diagnose import CODES
-
-    # Once the diagnosis has the new codes, the labels must be codes it knows; until then, the local list.
-    return set(CODES) if set(NEW_CODES) <= set(CODES) else {*CODES_BEFORE, *NEW_CODES}
-
-
 def test_scenarios_and_labels():
     scenarios = list(sc.SCENARIOS.values())
     assert len(scenarios) >= 30
     assert sum(s.healthy for s in scenarios) >= 8
     assert {s.framework for s in scenarios} == {"torch", "keras"}
-    valid = _valid_codes()
-    assert set(sc.LOCAL_CODES) == {*CODES_BEFORE, *NEW_CODES}
+    valid = set(CODES)  # the labels are codes the diagnosis knows
     for s in scenarios:
         assert s.name.startswith(f"{s.framework}-"), s.name
         assert s.expected_root is None or s.expected_root in valid, (s.name, s.expected_root)
@@ -115,7 +98,7 @@ def test_scenarios_and_labels():
     ):
         assert required in sc.SCENARIOS, required
     roots = {s.expected_root for s in scenarios}
-    assert set(NEW_CODES) <= roots
+    assert set(ROOT_CAUSE_CODES) <= roots
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -41,35 +41,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import gradsight
 
-#: Finding codes a label may use: the diagnosis' codes before the root-cause rewrite, and the root-cause codes it
-#: adds (a public contract). Once ``gradsight.diagnose.CODES`` holds the new codes, :func:`known_codes` uses it.
-LOCAL_CODES: tuple[str, ...] = (
-    "non-finite",
-    "no-steps-recorded",
-    "exploding-gradients",
-    "vanishing-gradients",
-    "dead-units",
-    "saturated-units",
-    "update-ratio-high",
-    "update-ratio-low",
-    "loss-not-decreasing",
-    "learning-rate-too-high",
-    "bad-initialisation",
-    "gradients-accumulating",
-    "no-gradient",
-    "not-optimized",
-    "gradients-clipped",
-)
-
 Exhibit = Callable[[gradsight.Run], "str | None"]
 Trainer = Callable[[int, Path, Mapping[str, Any]], Path]
-
-
-def known_codes() -> tuple[str, ...]:
-    """The codes a label may use: the diagnosis' ``CODES`` and the local list (before the new codes land)."""
-    from gradsight.diagnose import CODES
-
-    return tuple(dict.fromkeys((*CODES, *LOCAL_CODES)))
 
 
 @dataclass(frozen=True)
