@@ -24,7 +24,7 @@ the read API
 A watch is a context manager; leaving the block with an exception records an event ``exception`` (its type and
 message) before closing, in every framework.
 
-This module also defines, once for every adapter, the cheap checks' scalars (:func:`cheap_scalars`) and the unit
+This module also defines, once for every adapter, the per-step signals' scalars (:func:`signal_row`) and the unit
 axis of layer outputs (:func:`unit_axis`).
 """
 
@@ -52,7 +52,7 @@ from .summary import TensorSummary
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-__all__ = ["WatchCore", "anomaly_values", "cheap_scalars", "check_step", "signal_row", "signal_scalars", "unit_axis"]
+__all__ = ["WatchCore", "anomaly_values", "check_step", "signal_row", "signal_scalars", "unit_axis"]
 
 _LOCK = threading.Lock()
 #: model -> its open watch (weak on both sides: a forgotten watch does not keep a model alive, nor vice versa).
@@ -83,35 +83,6 @@ def check_step(step: Any) -> int:
     return value
 
 
-def cheap_scalars(names: Sequence[str], norms: Sequence[float], counts: Sequence[float] | None) -> dict[str, float]:
-    """The cheap checks of one step as scalars (see :mod:`gradsight._schedule`), from per-tensor results.
-
-    Args:
-        names: the parameters that have a gradient at this step.
-        norms: the L2 norm of each one's gradient (NaN/Inf when it has non-finite entries).
-        counts: the number of NaN/±Inf entries of each one's gradient, or ``None`` when known to be all 0.
-
-    Returns:
-        ``grad_norm`` (the norm of all gradients together: NaN when any is NaN, else Inf when any is Inf),
-        ``grad_nonfinite``, ``grad_norm/<tensor>`` for every tensor and ``grad_nonfinite/<tensor>`` for every
-        tensor only when ``grad_nonfinite > 0``.
-    """
-    out: dict[str, float] = {}
-    g = math.hypot(*norms)
-    if g == math.inf and any(math.isnan(v) for v in norms):  # hypot(inf, nan) is inf; the norm is NaN
-        g = math.nan
-    out["grad_norm"] = g
-    out.update(zip(_norm_keys(tuple(names)), map(float, norms), strict=True))
-    if counts is None:
-        out["grad_nonfinite"] = 0.0
-        return out
-    per = [float(v) for v in counts]
-    out["grad_nonfinite"] = float(sum(per))
-    if any(per):
-        out.update((f"grad_nonfinite/{n}", v) for n, v in zip(names, per, strict=True))
-    return out
-
-
 def signal_row(
     grad_names: tuple[str, ...],
     grad: Sequence[float],
@@ -123,6 +94,7 @@ def signal_row(
     update: Sequence[float] | None = None,
     lr: Mapping[str, float] | None = None,
     skipped: bool = False,
+    totals: tuple[float, float] | None = None,
 ) -> tuple[tuple[str, ...], list[float], dict[str, float]]:
     """One step's per-step signals, the same names and meanings for every adapter (see :mod:`gradsight._schedule`).
 
@@ -136,6 +108,8 @@ def signal_row(
         update: ‖W_after − W_before‖ of each (``None``: not measured, or the update was skipped).
         lr: the learning rates this step's update used, by scalar name (``lr`` or ``lr/<i>``).
         skipped: the optimizer skipped this step's update (mixed precision found non-finite gradients).
+        totals: the global norms ``(grad_norm, grad_norm_preclip)`` where the adapter computed them itself (the
+            Keras graph judges anomalies on its own sums, which may differ from ``hypot`` in the last bit).
 
     Returns:
         ``(names, values, sparse)``: the dense signals recorded at every step — ``grad_norm``, ``grad_nonfinite``,
@@ -150,16 +124,16 @@ def signal_row(
     values: list[float] = []
     sparse: dict[str, float] = {}
     if grad_names:
-        g = _total(grad)
+        g = _total(grad) if totals is None else totals[0]
         pre = g
-        if preclip is not None and any(a != b for a, b in zip(preclip, grad, strict=True)):
-            pre = _total(preclip)
+        if preclip is not None and any(_differ(a, b) for a, b in zip(preclip, grad, strict=True)):
+            pre = _total(preclip) if totals is None else totals[1]
             sparse.update(
                 (f"grad_norm_preclip/{n}", float(a))
                 for n, a, b in zip(grad_names, preclip, grad, strict=True)
-                if a != b
+                if _differ(a, b)
             )
-            if pre != g and math.isfinite(pre) and pre > 0:
+            if _differ(pre, g) and math.isfinite(pre) and pre > 0:
                 sparse["clip_ratio"] = g / pre
         bad = 0.0 if counts is None else float(sum(counts))
         values += [g, bad, pre, *map(float, grad)]
@@ -179,6 +153,11 @@ def signal_scalars(*args: Any, **kwargs: Any) -> dict[str, float]:
     """:func:`signal_row` as one ``{name: value}`` dict (dense and sparse together)."""
     names, values, sparse = signal_row(*args, **kwargs)
     return {**dict(zip(names, values, strict=True)), **sparse}
+
+
+def _differ(a: float, b: float) -> bool:
+    """Whether two norms differ (NaN equals NaN here: a NaN gradient clipped is still the same NaN gradient)."""
+    return a != b and not (math.isnan(a) and math.isnan(b))
 
 
 def _total(norms: Sequence[float]) -> float:
@@ -225,12 +204,6 @@ def anomaly_values(scalars: Mapping[str, float], *, loss: bool = True) -> dict[s
             out[k] = scalars[k]
     out.update((k, v) for k, v in scalars.items() if k.startswith("update_norm/"))
     return out
-
-
-@functools.lru_cache(maxsize=64)
-def _norm_keys(names: tuple[str, ...]) -> tuple[str, ...]:
-    """``grad_norm/<tensor>`` for each name (cached: a watch has a few gradient layouts, seen at every step)."""
-    return tuple(f"grad_norm/{n}" for n in names)
 
 
 def unit_axis(ndim: int, *, channel_first: bool = False, inherited: int | None = None) -> int | None:

@@ -37,7 +37,6 @@ __all__ = [
     "CLIP_KINDS",
     "GraphAnomalies",
     "Layout",
-    "cheap_grad_scalars",
     "clip_rule",
     "clipped_norms",
     "global_norm",
@@ -201,17 +200,6 @@ def nonfinite_counts(tensors: Sequence[tf.Tensor], norms64: tf.Tensor | None = N
     if norms64 is None:
         return count()
     return tf.cond(tf.reduce_all(tf.math.is_finite(norms64)), lambda: tf.zeros([len(tensors)], tf.float64), count)
-
-
-def cheap_grad_scalars(grads: Sequence[tf.Tensor], scale: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
-    """Per-gradient L2 norms and numbers of non-finite elements, as float64 vectors (one entry per gradient).
-
-    Cheap enough for every step: one fused square-sum and one count per gradient, no float64 copies. A
-    non-finite gradient makes its norm NaN or Inf; the count says how many elements were. The host turns them
-    into the cheap-check scalars with :func:`gradsight._watch_core.cheap_scalars` (the same as torch's).
-    """
-    n = norms(grads, scale)
-    return n, nonfinite_counts(grads, n)
 
 
 # ---- gradient clipping, as the Keras optimizer does it -------------------------------------------------------

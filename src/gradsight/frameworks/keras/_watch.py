@@ -67,7 +67,6 @@ learning rate and skipped steps), judged on the host by :class:`gradsight._anoma
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import math
 import os
@@ -83,7 +82,7 @@ import tensorflow as tf
 from ..._errors import InputError, UnsupportedError, WatchError
 from ..._packing import Layout, Rows, SummaryArrays, rows_from_float64
 from ..._schedule import Schedule, schedule_from
-from ..._watch_core import WatchCore, cheap_scalars, unit_axis
+from ..._watch_core import WatchCore, signal_scalars, unit_axis
 from ._summary import (
     GraphAnomalies,
     clip_rule,
@@ -963,31 +962,21 @@ def _signal_scalars(
     update: list[float] | None,
     clipping: bool,
 ) -> dict[str, float]:
-    """One step's per-step signals by the table of :mod:`gradsight._schedule`, from its norms (both paths)."""
-    values = cheap_scalars(names, post, bad)
-    values["grad_norm"] = g  # the graph's own sum (cheap_scalars' hypot may differ in the last bit)
-    values["grad_norm_preclip"] = g_pre
-    if clipping:
-        values.update(
-            (f"grad_norm_preclip/{n}", a) for n, a, b in zip(names, pre, post, strict=True) if not _same(a, b)
-        )
-        if not _same(g, g_pre) and math.isfinite(g_pre) and g_pre > 0:
-            values["clip_ratio"] = g / g_pre  # WatchCore notes the first one in the meta (``clipping``)
-    values.update(zip(_keys("weight_norm/", names), weight, strict=True))
-    if update is not None:
-        values.update(zip(_keys("update_norm/", names), update, strict=True))
-    return values
+    """One step's per-step signals by the table of :mod:`gradsight._schedule`, from its norms (both paths).
 
-
-@functools.lru_cache(maxsize=64)
-def _keys(prefix: str, names: tuple[str, ...]) -> tuple[str, ...]:
-    """``prefix + name`` for each name (cached: a watch has one variable list, seen at every step)."""
-    return tuple(prefix + n for n in names)
-
-
-def _same(a: float, b: float) -> bool:
-    """Whether two norms are the same value (NaN is the same as NaN)."""
-    return a == b or (math.isnan(a) and math.isnan(b))
+    :func:`gradsight._watch_core.signal_scalars`, given the graph's own global sums (``g``, ``g_pre``), which its
+    anomaly judge used.
+    """
+    return signal_scalars(
+        names,
+        post,
+        bad,
+        preclip=pre if clipping else None,
+        param_names=names,
+        weight=weight,
+        update=update,
+        totals=(g, g_pre),
+    )
 
 
 def _json_float(v: float) -> float | str:
