@@ -182,6 +182,9 @@ cb.on_train_end(args, state, control)
 with open(f"{out}/fsdp.rank{rank}.json", "w") as f:
     json.dump({"path": None if cb.path is None else str(cb.path), "stop": control.should_training_stop,
                "log": control.should_log}, f)
+# leave the process group before exit: otherwise gloo's worker threads can abort the interpreter's teardown
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
 """
 
 

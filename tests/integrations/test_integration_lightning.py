@@ -202,6 +202,10 @@ def fit(out, name, strategy, lr, max_steps, every, clip=None):
 if __name__ == "__main__":
     for run in json.loads(sys.argv[2]):  # every fit in the same 2 processes (one launch: CI's 2 cores are slow)
         fit(sys.argv[1], **run)
+    # leave the process group before exit: otherwise gloo's worker threads can abort the interpreter's teardown
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 """
 
 
