@@ -14,14 +14,18 @@ __all__ = ["watch"]
 def watch(model: Any, **kwargs: Any) -> Any:
     """Record per-step statistics of a model's weights, gradients, updates, layer outputs and output gradients.
 
-    Dispatches on the model's framework: a ``torch.nn.Module`` goes to the PyTorch adapter, a Keras 3 model to
-    the Keras adapter. See those adapters' ``watch`` docstrings (and the README) for the keyword arguments,
-    which are the same for both where the frameworks allow. The framework modules are imported here, on first
-    use, so that ``import gradsight`` imports neither torch nor TensorFlow.
+    Dispatches on the model's framework: a ``torch.nn.Module`` goes to the PyTorch adapter
+    (:func:`gradsight.frameworks.torch._dispatch.watch_torch`), a Keras 3 model to the Keras adapter
+    (:func:`gradsight.frameworks.keras._watch.watch_keras`). Their keyword arguments are the same where the
+    frameworks allow: ``path``, ``preset`` (``"cheap"``, ``"default"`` or ``"full"``), ``config`` and the schedule
+    settings (``every``, ``kinds``, ``cheap``, ``anomaly``, ``if_exists``, ...; see
+    :func:`gradsight._schedule.schedule`); PyTorch adds ``optimizer``, ``scaler``, ``batch_size`` and
+    ``rank_paths``. The framework modules are imported here, on first use, so that ``import gradsight`` imports
+    neither torch nor TensorFlow.
 
     Args:
         model: a ``torch.nn.Module`` or a ``keras.Model``.
-        **kwargs: passed to the framework adapter (``path``, ``optimizer``, ``every``, ...).
+        **kwargs: passed to the framework adapter (``path``, ``optimizer``, ``preset``, ``every``, ...).
 
     Returns:
         A watch: a context manager with ``close()``, ``log(...)`` and the read API of :class:`gradsight.Run`.
