@@ -101,8 +101,9 @@ def assert_runs_equal(ref, run):
     assert rows.keys() == ref_rows.keys()
     assert {k[2] for k in rows} == {"weight", "grad", "update", "output", "output_grad"}
     for key, r in ref_rows.items():
-        # FSDP's gradient is the mean of the two ranks' sum-losses: half the single process's sum-loss gradient.
-        assert_same(r, rows[key], scale=0.5 if key[2] == "grad" else 1.0, what=key)
+        # FSDP differentiates the mean of the two ranks' sum-losses: its gradients (and dJ/dA) are half the single
+        # process's sum-loss gradients.
+        assert_same(r, rows[key], scale=0.5 if key[2] in ("grad", "output_grad") else 1.0, what=key)
     shapes = {(t.name, t.kind): tuple(t.shape) for t in run.tensors if t.kind in PARAM_KINDS}
     assert shapes == {(t.name, t.kind): tuple(t.shape) for t in ref.tensors if t.kind in PARAM_KINDS}
     # the per-step signals: gradient norms half the reference's, weight and update norms equal

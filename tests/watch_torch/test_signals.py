@@ -58,6 +58,32 @@ def test_weight_and_update_norms_every_step_match_independent_copies(tmp_path):
         assert not any(k.startswith("grad_norm_preclip/") for k in row) and "clip_ratio" not in row
 
 
+def test_weight_norm_sees_writes_to_the_weights_between_steps(tmp_path):
+    """‖W_before‖ is the weights as the step found them, whatever wrote to them since the last step."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = _data()
+    before = []
+    with gradsight.watch(model, optimizer=opt, path=tmp_path / "r.db") as w:
+        for step in range(6):
+            with torch.no_grad():
+                if step == 2:
+                    model[0].weight.mul_(3.0)  # in place: a new version of the same tensor
+                if step == 3:
+                    model[0].bias.data.clamp_(-0.01, 0.01)  # through .data: no version counter sees this write
+                if step == 4:
+                    model[2].weight.data = torch.full_like(model[2].weight, 0.5)  # a new tensor behind the parameter
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            before.append({n: _norm(p) for n, p in model.named_parameters()})
+            opt.step()
+    run = gradsight.load(w.path)
+    for s, norms in enumerate(before):
+        row = _row(run, s)
+        for n, v in norms.items():
+            assert row[f"weight_norm/{n}"] == pytest.approx(v, rel=1e-6), (s, n)
+
+
 def test_preclip_norm_is_the_gradient_before_clip_grad_norm(tmp_path):
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)

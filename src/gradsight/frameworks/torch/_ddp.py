@@ -8,7 +8,12 @@ What each kind means under DDP
     ``output``, ``output_grad`` are rank-local (each rank sees its own slice of the batch). At each logged step
     every rank's summaries are combined with :func:`gradsight.summary.merge` into the summary of the whole
     global batch: counts and histogram bins exactly, ``sum``/``sum_sq`` to float64 rounding, min/max exactly —
-    the same numbers one process would record on the concatenated batch (``world * b`` samples).
+    the same numbers one process would record on the concatenated batch (``world * b`` samples). The loss is the
+    one DDP differentiates: averaging the ranks' gradients makes it the mean of the ranks' losses,
+    ``J = (1/world) sum_r J_r``, so ``output_grad`` is each rank's dJ_r/dA divided by ``world`` (exact when
+    ``world`` is a power of two). With a mean-reduced loss that is the one-process gradient on the global batch;
+    with a sum-reduced one, it is ``1/world`` of it, like ``grad``. Either way ``output_grad`` and ``grad`` keep
+    the one-process relation dJ/dW = Aᵀ·dJ/dZ.
     ``weight``, ``grad`` (the gradient after DDP's all-reduce, the one the optimizer sees) and ``update`` are
     identical on every rank, so they are *not* reduced again: the writing rank records its own. The assumption is
     verified cheaply at every logged step: the sum and the sum of squares of all gradients and of all weights
@@ -289,6 +294,17 @@ class RankedWatch(Watch):
     """
 
     _mismatch_event = "ddp_mismatch"
+
+    def _on_output_grad(self, tname: str, layer: str, axis: int | None, grad: Any, fwd: Any) -> None:
+        """Record dJ/dA for the loss the ranks train together: the mean of their losses (see the module docstring).
+
+        DDP and FSDP average the ranks' parameter gradients, which is the gradient of ``J = (1/world) sum_r J_r``;
+        each rank's backward gives dJ_r/dA, so dJ/dA on its slice of the batch is that divided by ``world``.
+        Recording it keeps ``output_grad`` and ``grad`` of one run related as in one process (dJ/dW = Aᵀ·dJ/dZ).
+        """
+        if self._world > 1 and self._logged and "output_grad" in self.schedule.kinds:
+            grad = grad.detach() / self._world
+        super()._on_output_grad(tname, layer, axis, grad, fwd)
 
     def _init_ranks(
         self, pg: Any, *, rank_paths: bool, path: str | os.PathLike[str] | None, meta: dict[str, Any]
