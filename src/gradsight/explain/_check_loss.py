@@ -167,6 +167,8 @@ def _scale_formula(g: np.ndarray, e: np.ndarray, n: int, f: int) -> str | None:
     }
     for name, v in cands.items():
         if abs(c - v) <= 1e-5 * abs(v):
+            if name in ("1", "2"):  # no n or f in it: nothing to evaluate
+                return f"dJ/dŶ = {name}·(Ŷ − Y)" if name == "2" else "dJ/dŶ = Ŷ − Y"
             return f"dJ/dŶ = {name}·(Ŷ − Y) (n = {n}, f = {f}: {name} = {v:.6g})"
     return f"dJ/dŶ = {c:.6g}·(Ŷ − Y)"
 
