@@ -75,9 +75,27 @@ def hist_edges() -> np.ndarray:
 
 @dataclass(eq=False)
 class TensorSummary:
-    """Mergeable statistics of one tensor at one step (see the module docstring for each field's definition).
+    """Mergeable statistics of one tensor at one step.
 
-    Build one with :func:`summarize` (numpy) or a framework adapter; combine with :func:`merge`.
+    Build one with :func:`summarize` (numpy) or a framework adapter; combine with :func:`merge`. Every field but
+    ``min`` and ``max`` is additive, so the summary of a concatenation is the merge of its parts' summaries.
+
+    Attributes:
+        count: number of elements, non-finite ones included.
+        sum: sum of the finite elements, accumulated in float64.
+        sum_sq: sum of the squares of the finite elements, accumulated in float64.
+        min: smallest finite element (``+inf`` when there is none).
+        max: largest finite element (``-inf`` when there is none).
+        zeros: elements exactly equal to 0 (either sign).
+        nan: NaN elements.
+        posinf: +Inf elements.
+        neginf: -Inf elements.
+        positive: finite elements > 0.
+        hist: 256 bin counts of ``log2|x|`` over the finite, non-zero elements: bin ``f`` (1 to 254) counts
+            ``2**(f-127) <= |x| < 2**(f-126)``; bin 0 counts ``0 < |x| < 2**-126``, bin 255 ``|x| >= 2**128``.
+        units_active: layer outputs only: for each unit (feature or channel), the entries that were ``!= 0``
+            (NaN counts as active); ``None`` when not recorded.
+        units_total: layer outputs only: the entries per unit (samples times positions); 0 when not recorded.
     """
 
     count: int = 0

@@ -62,6 +62,8 @@ def _mlp(act: str, widths: tuple[int, ...], n_out: int, **extra: dict[str, Any])
     return tuple(layers)
 
 
+#: Every scenario of the zoo by name, healthy ones first: what :func:`list_scenarios` lists and
+#: :func:`run_scenario` runs.
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
