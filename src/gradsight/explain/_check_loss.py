@@ -292,6 +292,10 @@ def _gradient_scale(
 def check_loss(loss: Any, y_true: Any, y_pred: Any, *, framework: str | None = None) -> LossReport:
     """Evaluate ``loss`` on the given arrays and report its effective reduction, gradient scale and traps.
 
+    Precision: torch losses are evaluated in float64. Keras losses run in their own ``dtype``: float32 for a loss
+    function and for a loss object created without ``dtype=`` (Keras' default float type), whatever the arrays'
+    dtype; create the loss object with ``dtype="float64"`` to check it to float64 precision.
+
     Args:
         loss: a torch or Keras loss object or function, a loss name (with ``framework=``), or a plain callable
             (with ``framework=``; torch callables are called ``loss(y_pred, y_true)``, Keras ones
