@@ -94,6 +94,52 @@ def _classify(t: tf.Tensor, scale: tf.Tensor | None = None) -> tuple[tf.Tensor, 
     return tf.cast(flat, tf.float64), tf.cast(code, tf.int32), negative
 
 
+def _tensor_stats(flat: tf.Tensor, scale: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+    """One tensor's reductions ``[count, sum, sum_sq, min, max, positive]`` (float64) and its class codes."""
+    x, code, neg = _classify(flat, scale)
+    fin = tf.less(code, _NAN)  # bins and zeros
+    xf = tf.where(fin, x, tf.zeros_like(x))
+    inf = tf.constant(np.inf, tf.float64)
+    # per-tensor reductions: multi-threaded and vectorised (segmented reductions are not, on CPU)
+    row = tf.stack(
+        [
+            tf.cast(tf.size(x), tf.float64),
+            tf.reduce_sum(xf),
+            tf.reduce_sum(tf.square(xf)),
+            tf.reduce_min(tf.where(fin, x, tf.fill(tf.shape(x), inf))),  # +inf when no finite element
+            tf.reduce_max(tf.where(fin, x, tf.fill(tf.shape(x), -inf))),
+            tf.reduce_sum(tf.cast(tf.logical_and(tf.less(code, _ZERO), tf.logical_not(neg)), tf.float64)),
+        ]
+    )
+    return row, code
+
+
+#: One traced :func:`_tensor_stats` per (dtype, scaled), shared by every graph that summarises tensors.
+_STATS_FNS: dict[tuple[tf.DType, bool], Any] = {}
+
+
+def _stats_fn(dtype: tf.DType, scaled: bool) -> Any:
+    """:func:`_tensor_stats` as a ``tf.function`` over flat tensors of any length (``input_signature [None]``).
+
+    Inside a train step each tensor's summary is then one call op instead of ~40 ops: the step's graph is
+    traced, optimised and (under ``jit_compile``) compiled faster, and the function body is traced once per
+    dtype per process. It is not inlined (``_noinline``): the runtime optimises and instantiates the body once
+    and runs it per call, instead of optimising one inlined copy per tensor at the step's first call.
+    """
+    key = (dtype, scaled)
+    fn = _STATS_FNS.get(key)
+    if fn is None:
+        sig = [tf.TensorSpec([None], dtype)] + ([tf.TensorSpec([], tf.float64)] if scaled else [])
+        fn = tf.function(
+            _tensor_stats, input_signature=sig, autograph=False, experimental_attributes={"_noinline": _NOINLINE}
+        )
+        _STATS_FNS[key] = fn
+    return fn
+
+
+_NOINLINE = True
+
+
 def pack_summaries(
     tensors: Sequence[tf.Tensor],
     layout: Layout,
@@ -119,25 +165,17 @@ def pack_summaries(
     if n == 0:
         return tf.zeros([0], tf.float64)
     scales = scales if scales is not None else [None] * n
-    inf = tf.constant(np.inf, tf.float64)
+    graph = tf.inside_function()
     rows, codes, unit_parts = [], [], []
     for i, (t, s, u) in enumerate(zip(tensors, scales, layout.units, strict=True)):
-        x, code, neg = _classify(t, s)
-        fin = tf.less(code, _NAN)  # bins and zeros
-        xf = tf.where(fin, x, tf.zeros_like(x))
-        # per-tensor reductions: multi-threaded and vectorised (segmented reductions are not, on CPU)
-        rows.append(
-            tf.stack(
-                [
-                    tf.cast(tf.size(x), tf.float64),
-                    tf.reduce_sum(xf),
-                    tf.reduce_sum(tf.square(xf)),
-                    tf.reduce_min(tf.where(fin, x, tf.fill(tf.shape(x), inf))),  # +inf when no finite element
-                    tf.reduce_max(tf.where(fin, x, tf.fill(tf.shape(x), -inf))),
-                    tf.reduce_sum(tf.cast(tf.logical_and(tf.less(code, _ZERO), tf.logical_not(neg)), tf.float64)),
-                ]
-            )
-        )
+        flat = tf.reshape(t, [-1])
+        if not graph:  # eagerly (tape loops, whose shapes vary): the ops themselves
+            row, code = _tensor_stats(flat, s)
+        elif s is None:
+            row, code = _stats_fn(flat.dtype, False)(flat)
+        else:
+            row, code = _stats_fn(flat.dtype, True)(flat, tf.cast(s, tf.float64))
+        rows.append(row)
         codes.append(code + i * _NCODES)
         if u:
             active = tf.reshape(tf.cast(tf.not_equal(code, _ZERO), tf.float64), [-1, u])  # NaN counts as active

@@ -542,7 +542,10 @@ class KerasWatch(WatchCore):
         if first:
             self._prepare_forward(model)
             self._step_var = tf.Variable(self._step, dtype=tf.int64, trainable=False)
-        if self._discovered:
+            specs = self._output_specs(model)
+            if specs is not None:  # discover now, eagerly: no variable is then created while tracing the step
+                self._discover(model, specs)
+        elif self._discovered:
             self._make_buffers()
         self._seen = int(self._step_var.numpy())
         self._ready = True
@@ -600,8 +603,41 @@ class KerasWatch(WatchCore):
         if skipped:
             self._notes.append(f"outputs of layers called more than once (shared layers) are not recorded: {skipped!r}")
 
+    def _output_specs(self, model: Any) -> list[tf.TensorSpec] | None:
+        r"""The tapped layer outputs' specs, known before any trace, or ``None`` when only a trace can tell.
+
+        ``fit`` builds the model (and its optimizer) before its callbacks' ``on_train_begin``, so the weights
+        exist by then; a tap model's outputs are symbolic tensors with their dtypes and shapes. A Sequential
+        model's layers (called in a loop) have an output each once the model is built. Models that are not
+        built yet and outputs with an unknown non-batch dimension (whose traced shape the run's metadata
+        records) are discovered at the first trace instead.
+
+        Discovering before the trace matters for start-up: the watch creates its buffers (``tf.Variable``\s)
+        at discovery, and a ``tf.function`` whose first trace creates variables is traced a second time.
+        """
+        if not getattr(model, "built", False):
+            return None
+        if self._seq_layers is not None:
+            try:  # a built Sequential model's layers were called once, on its symbolic input
+                outs = [layer.output for layer in self._seq_layers]
+            except (AttributeError, ValueError, RuntimeError):
+                return None
+        elif self._tap is not None:
+            outs = list(self._tap.outputs[self._tap_n_out :])
+        else:
+            return []
+        specs = []
+        for t in outs:
+            if not isinstance(t, keras.KerasTensor):
+                return None
+            shape = tuple(t.shape)
+            if any(d is None for d in shape[1:]):
+                return None
+            specs.append(tf.TensorSpec(shape, tf.as_dtype(_dtype_name(t))))
+        return specs
+
     def _discover(self, model: Any, inter: list[Any]) -> None:
-        """At the first trace, after the forward pass (so deferred-build models have their weights)."""
+        """Once: the variables, the recorded tensors, the buffers; before the first trace or during it."""
         kinds = self.schedule.kinds
         self._vars = list(model.trainable_variables)
         if not self._vars:
