@@ -98,10 +98,20 @@ def test_torch_contract(tmp_path, dtype):
 
 # ---- Keras ----------------------------------------------------------------------------------------------------
 @pytest.mark.keras
-def test_keras_contract(tmp_path):
+@pytest.mark.parametrize(
+    ("policy", "dtype"),
+    [("float32", "float32"), ("mixed_float16", "float16"), ("mixed_bfloat16", "bfloat16")],
+)
+def test_keras_contract(tmp_path, policy, dtype):
+    """Keras' mixed-precision policies: float32 weights, gradients and updates; layer outputs and their gradients
+    in the compute dtype. Under ``mixed_float16`` Keras wraps the optimizer in a ``LossScaleOptimizer``: the watch
+    records the gradients unscaled (``/ loss_scale``, a power of two: exact), so the reference is the scaled
+    loss's gradients divided by the same scale, widened to float32 first (float16 outputs' gradients, unscaled,
+    may leave float16's range; the kernels widen float16/bfloat16 to float32 exactly before anything is read)."""
     keras = pytest.importorskip("keras")
     tf = pytest.importorskip("tensorflow")
     keras.utils.set_random_seed(0)
+    keras.mixed_precision.set_global_policy(policy)
     try:
         inp = keras.Input((6,), name="x")
         h = keras.layers.Dense(5, activation="relu", name="d1")(inp)
@@ -110,6 +120,9 @@ def test_keras_contract(tmp_path):
         # run_eagerly: the test's own tape and the watch's train step run the same eager kernels, so the captured
         # tensors are bit for bit the ones the watch summarises (a compiled step may round the last bit otherwise)
         model.compile(keras.optimizers.SGD(0.1), loss_fn, run_eagerly=True)
+        opt = model.optimizer
+        scale = float(opt.initial_scale) if hasattr(opt, "inner_optimizer") else 1.0  # a LossScaleOptimizer's
+        assert (scale != 1.0) == (policy == "mixed_float16"), (policy, type(opt).__name__)
         rng = np.random.default_rng(0)
         x = rng.normal(size=(8, 6)).astype("float32")
         y = rng.normal(size=(8, 3)).astype("float32")
@@ -117,19 +130,34 @@ def test_keras_contract(tmp_path):
             h1 = model.get_layer("d1")(x)
             out = model.get_layer("head")(h1)
             loss = loss_fn(y, out)
+            scaled = loss * tf.cast(scale, loss.dtype)  # LossScaleOptimizer.scale_loss before it is built
+        assert h1.dtype.name == out.dtype.name == dtype, (h1.dtype, out.dtype)
         variables = list(model.trainable_variables)
-        grads = tape.gradient(loss, [*variables, h1, out])
+        grads = tape.gradient(scaled, [*variables, h1, out])
+
+        def unscaled(g):
+            return np.asarray(g.numpy(), dtype=np.float32) * np.float32(1.0 / scale)
+
         refs: dict[tuple[str, str], tuple[np.ndarray, int | None]] = {}
         before = [v.numpy().copy() for v in variables]
         with gradsight.watch(model, path=tmp_path / "k.db", preset="full"):
             model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
         for v, b, g in zip(variables, before, grads, strict=False):
+            assert v.dtype == "float32", v.dtype
             refs[(v.path, "weight")] = (b, None)
-            refs[(v.path, "grad")] = (g.numpy(), None)
+            refs[(v.path, "grad")] = (unscaled(g), None)
             refs[(v.path, "update")] = (v.numpy() - b, None)
         for name, t, g in (("d1", h1, grads[-2]), ("head", out, grads[-1])):
-            refs[(name, "output")] = (t.numpy(), -1)
-            refs[(name, "output_grad")] = (g.numpy(), -1)
-        check_run(tmp_path / "k.db", refs, "float32")
+            refs[(name, "output")] = (np.asarray(t.numpy(), dtype=np.float32), -1)  # exact widening
+            refs[(name, "output_grad")] = (unscaled(g), -1)
+        with gradsight.load(tmp_path / "k.db") as run:  # check_run, with each tensor's own dtype's tolerance
+            stored = {(info.name, info.kind): info.dtype for info in run.tensors}
+            assert set(stored) == set(refs), sorted(set(stored) ^ set(refs))
+            for (name, kind), (arr, axis) in refs.items():
+                want = dtype if kind in ("output", "output_grad") else "float32"
+                assert stored[(name, kind)] == want, (name, kind, stored[(name, kind)])
+                ref = summarize(arr, unit_axis=axis)
+                assert_contract(run.summary(name, kind, 0), ref, want, f"{policy}: {name} {kind}")
     finally:
+        keras.mixed_precision.set_global_policy("float32")
         keras.backend.clear_session()

@@ -43,7 +43,7 @@ How it works (public Keras/TF APIs only, tested with Keras 3.15.1 on TensorFlow 
   element) only at steps where a gradient norm is non-finite; the clipping rule's few scalar ops
   (``clipvalue``: one clip and square-sum more per gradient); the optimizer's in-place update writes to a fresh
   buffer while W_before is alive (one copy of the weights); the anomaly judge's ~50 small ops on
-  ``(3 + variables) x window`` values, whatever the model's size; one row of ``13 + 5 x variables`` float64
+  ``(3 + variables) x window`` values, whatever the model's size; one row of ``14 + 5 x variables`` float64
   values into the buffer. On the host, per ``train_function`` call: one copy of that buffer and the scalars'
   bookkeeping. ``benchmarks/bench_watch_keras.py`` (MLP 784-128-64-10, batch 32, CPU) measures it as
   ``ratio_default``: side by side with the watch before these signals it did not grow (the non-finite count,
@@ -115,6 +115,7 @@ HEAD = (
     "anomaly_baseline",  # NaN: none
     "anomaly_suppressed",
     "anomaly_last",
+    "step",  # the row's step (-1: no step written yet), so that the host learns the step count from this one read
 )
 _H = {name: i for i, name in enumerate(HEAD)}
 #: The per-variable blocks that follow the head when ``cheap``, each one value per trainable variable.
@@ -553,7 +554,9 @@ class KerasWatch(WatchCore):
 
     def _make_buffers(self) -> None:
         width = len(HEAD) + (len(BLOCKS) * len(self._vars) if self.schedule.cheap else 0)
-        self._scal_buf = tf.Variable(tf.zeros([self._slots, width], tf.float64), trainable=False)
+        init = np.zeros([self._slots, width])
+        init[:, _H["step"]] = -1.0
+        self._scal_buf = tf.Variable(tf.constant(init, tf.float64), trainable=False)
         self._pre_buf = tf.Variable(tf.zeros([self._slots, self._pre_layout.size], tf.float64), trainable=False)
         self._post_buf = tf.Variable(tf.zeros([self._slots, self._post_layout.size], tf.float64), trainable=False)
         rule = self.schedule.anomalies()
@@ -758,7 +761,9 @@ class KerasWatch(WatchCore):
         deltas = self._deltas(before) if self.schedule.cheap else None  # else only where packed
 
         head = dict.fromkeys(HEAD, tf.constant(0.0, tf.float64))
-        head.update(loss=tf.cast(loss, tf.float64), lr=lr, skipped=tf.cast(skipped, tf.float64))
+        head.update(
+            loss=tf.cast(loss, tf.float64), lr=lr, skipped=tf.cast(skipped, tf.float64), step=tf.cast(step, tf.float64)
+        )
         record = tf.equal(step % self.schedule.every, 0) if self.schedule.every > 0 else tf.constant(False)
         blocks: list[Any] = []
         if self.schedule.cheap:
@@ -849,15 +854,15 @@ class KerasWatch(WatchCore):
 
     # Host side: called by the callback after each train_function call.
     def _drain(self) -> None:
-        if not self._ready:
+        if not self._ready or not self._discovered:  # not discovered: the train step has not run yet
             return
-        now = int(self._step_var.numpy())
+        scal = self._scal_buf.numpy()  # the one device read per train_function call: the rows carry their step
+        now = max(self._seen, int(scal[:, _H["step"]].max()) + 1)
         steps = range(self._seen, now)
         self._seen = now
         self._step = max(self._step, now)
-        if not steps or not self._discovered:
+        if not steps:
             return
-        scal = self._scal_buf.numpy()
         full: list[int] = []
         for s in steps:
             row = scal[s % self._slots]
