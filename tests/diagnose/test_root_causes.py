@@ -110,6 +110,22 @@ def test_bad_init_names_a_bias_inside_a_fused_keras_layer(synth, rng):
     assert dead.caused_by == ("bad-initialisation",) and not dead.is_root
 
 
+def test_dead_units_behind_weights_at_he_scale_get_no_he_advice(synth, rng):
+    """Weights at He's scale did not kill the units: advising He's scheme would change nothing."""
+    layers = [{"name": "fc1", "type": "Linear", "activation": "relu"}, {"name": "out", "type": "Linear"}]
+    s = synth(layers=layers)
+    for step in range(6):
+        s.log(step, "weight", "fc1", rng.normal(0, math.sqrt(2 / 8), (16, 8)), tensor="fc1.weight")  # He: fan-in 8
+        s.log(step, "output", "fc1", np.zeros((16, 16)), unit_axis=-1)  # dead anyway: the inputs are the cause
+        s.log(step, "weight", "out", rng.normal(0, 0.3, (2, 16)), tensor="out.weight")
+        s.log(step, "output", "out", rng.normal(size=(16, 2)), unit_axis=-1)
+    f = by_code(diagnose(s.run()), "bad-initialisation")
+    h = f.evidence["layers"]["fc1"]
+    assert h["parameter"] == "weight" and h["standard_scale"]
+    assert "the inputs it receives, not its weights, are off" in f.message
+    assert not any("He's scheme" in a for a in f.advice) and any("normalisation" in a for a in f.advice)
+
+
 def _chain_run(s, rng, std, layers, width=64, steps=3):
     for step in range(steps):
         x = rng.normal(size=(16, width))
@@ -332,6 +348,18 @@ def test_a_nan_after_the_weights_grew_is_not_blamed_on_the_loss_formula(synth):
     nan = by_code(found, "non-finite")
     assert nan.evidence["explained_as"] == "loss-overflow" and "log(0)" not in nan.explanation
     assert not nan.is_root and found[0].code == "learning-rate-too-high"
+
+
+def test_a_nan_after_slow_ordinary_weight_growth_is_still_the_loss_formula(synth, rng):
+    """Weights that grow 4x over 80 healthy steps (learning) are no blow-up: a NaN loss then is the formula's."""
+    s = synth()
+    for step in range(80):
+        w = 1.0 * 4.0 ** (step / 79)  # about 1.8% per step: under 1.1x in any 5 steps
+        signals(s, step, w=w, u=2e-3 * w, g=0.1 * (1 + 0.1 * rng.random()), loss=2.0 * 0.99**step)
+    s.scalars(80, loss=float("nan"))
+    nan = by_code(diagnose(s.run()), "non-finite")
+    assert nan.evidence["explained_as"] == "loss-unlocated", nan.explanation  # no outputs recorded at step 80
+    assert nan.advice[0].startswith("Compute the loss from logits")  # the formula first, not the learning rate
 
 
 def test_thresholds_of_the_new_rules_are_validated():

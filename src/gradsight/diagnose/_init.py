@@ -257,7 +257,9 @@ def _blame(data: RunData, layer: str, state: dict[str, Any], step: int, th: Thre
         "pre_activation": pre,
         "reference_std": reference,
         "reference": ref_name,
-        "weight_scale": w["std"] / reference if reference > 0 else math.nan,
+        "weight_scale": (scale := w["std"] / reference if reference > 0 else math.nan),
+        # within init_scale_factor of the standard std: the weights are not what is off (the inputs they get are)
+        "standard_scale": 1.0 / th.init_scale_factor < scale < th.init_scale_factor,
     }
 
 
@@ -284,9 +286,10 @@ def _sentence(layer: str, h: dict[str, Any], step: int) -> str:
         if pre is not None
         else ""
     )
+    standard = " (a standard scale: the inputs it receives, not its weights, are off)" if h["standard_scale"] else ""
     return (
         f"the weights of {owner!r} have std {fmt(w['std'])}, {fmt(h['weight_scale'])}x {h['reference']}'s "
-        f"{fmt(h['reference_std'])} for fan-in {h['fan_in']}{pre_text}, so {effect}"
+        f"{fmt(h['reference_std'])} for fan-in {h['fan_in']}{standard}{pre_text}, so {effect}"
     )
 
 
@@ -307,6 +310,8 @@ def _advice(hits: dict[str, dict[str, Any]], chains: list[dict[str, Any]]) -> tu
                 f"Initialise the bias of {owner!r} at 0 (torch.nn.init.zeros_(bias) / bias_initializer='zeros'); "
                 f"it starts at mean {fmt(h['bias']['mean'])}."
             )
+        elif h["standard_scale"]:  # re-initialising to the scale they already have would change nothing
+            continue
         elif h.get("activation", "relu") == "relu":
             out.append(
                 f"Initialise the weights of {owner!r} with He's scheme (std sqrt(2/fan_in) = {fmt(h['reference_std'])}"

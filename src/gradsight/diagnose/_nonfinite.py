@@ -178,8 +178,8 @@ _ADVICE = {
 _ADVICE["loss-overflow"] = _ADVICE["update"]
 _ADVICE["loss-unlocated"] = (
     _ADVICE["loss"][0],
-    "Record the layer outputs at that step to locate it: gradsight.watch(..., every=1) on a short rerun, or keep "
-    "the default preset, whose anomaly capture records the steps around the first NaN.",
+    "Record the layer outputs of that step to locate it: a short rerun with gradsight.watch(..., every=1) (an "
+    "anomaly capture cannot: it records layer outputs from the step after the one that triggered it).",
     _ADVICE["forward"][1],
 )
 
@@ -188,8 +188,18 @@ def _growth_before(data: RunData, step: int, th: Thresholds) -> str | None:
     """What had grown before ``step`` (weights, gradients or the loss), as text, or ``None``."""
     w, _ = global_weight_norm(data)
     w = w[(w.index < step) & np.isfinite(w.to_numpy()) & (w.to_numpy() > 0)]
-    if len(w) >= 2 and float(w.iloc[-1]) >= th.damage_weight_growth * float(w.iloc[0]):
-        return f"the norm of all weights grew {fmt(float(w.iloc[-1] / w.iloc[0]))}x by step {int(w.index[-1])}"
+    if len(w) >= 2:
+        # growth within damage_steps steps (a blow-up), not over the whole run (learning grows weights slowly too)
+        steps, values = w.index.to_numpy(dtype=np.int64), w.to_numpy(dtype=np.float64)
+        # the first recorded step of each window; with sparse records (no per-step signals), the one before
+        start = np.minimum(np.searchsorted(steps, steps - th.damage_steps), np.maximum(np.arange(len(steps)) - 1, 0))
+        ratio = values / values[start]
+        at = int(np.argmax(ratio))
+        if ratio[at] >= th.damage_weight_growth:
+            return (
+                f"the norm of all weights grew {fmt(float(ratio[at]))}x between steps {int(steps[start[at]])} and "
+                f"{int(steps[at])}"
+            )
     g, _ = grad_norm(data)
     g = g[(g.index < step) & np.isfinite(g.to_numpy())]
     if len(g) >= 2:
