@@ -226,12 +226,14 @@ def test_manual_steps_do_not_warn(tmp_path):
 # -- 3. compiled models ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("how", ["torch.compile", "Module.compile"])
 def test_compiled_model_is_watched_without_graph_breaks(tmp_path, how):
+    from torch._dynamo.testing import CompileCounter
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     model = mlp()
-    compiled = torch.compile(model, backend="eager") if how == "torch.compile" else model
+    frames = CompileCounter()  # the eager backend, counting the frames dynamo compiles
+    compiled = torch.compile(model, backend=frames) if how == "torch.compile" else model
     if how == "Module.compile":
         model.compile(backend="eager")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -246,6 +248,8 @@ def test_compiled_model_is_watched_without_graph_breaks(tmp_path, how):
         meta = run.meta
         kinds = {t.kind for t in run.tensors}
     assert dict(counters["graph_break"]) == {}
+    if how == "torch.compile":  # compiled once: the logged steps (all 10) cause no recompilation
+        assert frames.frame_count == 1
     assert run.steps == list(range(10)) and kinds == {"weight", "grad", "update"}
     assert_summary(w5, summarize(weights[5].numpy()))
     assert meta["compiled"] == how and "not recorded" in meta["notes"][0]
