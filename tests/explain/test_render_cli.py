@@ -115,6 +115,12 @@ def test_keras_sum_mse_scale(keras):
     assert "2/(n·f_L)·(Ŷ − Y)" in tm["dJ/dY_hat"].formula
 
 
+def test_check_loss_names_a_keras_loss_function_by_its_public_name():
+    keras = pytest.importorskip("keras")
+    r = check_loss(keras.losses.mean_squared_error, np.ones((4, 2)), np.zeros((4, 2)))
+    assert r.loss == "keras.losses.mean_squared_error"  # not its private module path, keras.src.losses.…
+
+
 def test_check_loss_render_and_formulas(framework):
     if framework == "torch":
         import torch

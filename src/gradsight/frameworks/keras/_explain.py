@@ -323,7 +323,11 @@ def classify_loss(
             "loss must be a Keras loss (e.g. keras.losses.MeanSquaredError()), a loss name such as 'mse', or a "
             f"callable loss(y_true, y_pred) returning a scalar; got {loss!r}"
         )
-    display = f"{getattr(loss, '__module__', '')}.{getattr(loss, '__name__', repr(loss))}".lstrip(".")
+    name = getattr(loss, "__name__", repr(loss))
+    if getattr(keras.losses, name, None) is loss:  # a Keras loss function: its public name, not keras.src.…
+        display = f"keras.losses.{name}"
+    else:
+        display = f"{getattr(loss, '__module__', '')}.{name}".lstrip(".")
     kind = _FUNCS.get(loss)
     if kind is not None:
         return LossSpec(kind, "none", LOSS_CONVENTION, display), display, loss, None
