@@ -13,7 +13,8 @@ What each kind means under DDP
     ``J = (1/world) sum_r J_r``, so ``output_grad`` is each rank's dJ_r/dA divided by ``world`` (exact when
     ``world`` is a power of two). With a mean-reduced loss that is the one-process gradient on the global batch;
     with a sum-reduced one, it is ``1/world`` of it, like ``grad``. Either way ``output_grad`` and ``grad`` keep
-    the one-process relation dJ/dW = Aᵀ·dJ/dZ.
+    the one-process relation dJ/dW = Aᵀ·dJ/dZ. The shape recorded for a layer output (``run.tensors``) is the
+    writing rank's local one; its summary counts the whole global batch.
     ``weight``, ``grad`` (the gradient after DDP's all-reduce, the one the optimizer sees) and ``update`` are
     identical on every rank, so they are *not* reduced again: the writing rank records its own. The assumption is
     verified cheaply at every logged step: the sum and the sum of squares of all gradients and of all weights
