@@ -287,8 +287,10 @@ def built_site(tmp_path_factory):
 
 def test_the_site_builds_strictly(built_site):
     returncode, log, _ = built_site
-    errors = [line for line in log.splitlines() if line.startswith(("WARNING", "ERROR"))]
-    assert returncode == 0, "mkdocs build --strict failed:\n" + "\n".join(errors or log.splitlines()[-40:])
+    lines = log.splitlines()
+    first = next((i for i, line in enumerate(lines) if line.startswith(("WARNING", "ERROR"))), max(len(lines) - 40, 0))
+    # from the first warning on: a failing code block's traceback follows its WARNING line
+    assert returncode == 0, "mkdocs build --strict failed:\n" + "\n".join(lines[first : first + 120])
 
 
 def test_every_internal_link_and_anchor_of_the_site_resolves(built_site):
