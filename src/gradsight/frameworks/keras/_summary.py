@@ -131,13 +131,10 @@ def _stats_fn(dtype: tf.DType, scaled: bool) -> Any:
     if fn is None:
         sig = [tf.TensorSpec([None], dtype)] + ([tf.TensorSpec([], tf.float64)] if scaled else [])
         fn = tf.function(
-            _tensor_stats, input_signature=sig, autograph=False, experimental_attributes={"_noinline": _NOINLINE}
+            _tensor_stats, input_signature=sig, autograph=False, experimental_attributes={"_noinline": True}
         )
         _STATS_FNS[key] = fn
     return fn
-
-
-_NOINLINE = True
 
 
 def pack_summaries(
