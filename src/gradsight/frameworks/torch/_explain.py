@@ -34,7 +34,7 @@ from ...explain import rules as R
 from ...explain._graph import GraphRun
 from ...explain._spec import Conventions, FrameworkRun, LayerSpec, LossConvention, LossSpec, SharedParam
 from ...explain.rules import LOSS_KINDS
-from ._graph import is_chain, run_graph
+from ._graph import check_y, is_chain, loss_value, run_graph
 from ._graph_examples import build_graph_example
 
 __all__ = [
@@ -523,42 +523,14 @@ def _run(model, groups, x, y, spec, display, loss_fn, dtype, frozen_ids) -> Fram
         tensors.append(rec)
         h = a
     y_hat = h
-    pairs = spec is not None and spec.kind not in ("output_mean", "output_sum") and not spec.kind.startswith("sparse")
-    if pairs and tuple(y_t.shape) != tuple(y_hat.shape):
-        raise InputError(
-            f"y has shape {tuple(y_t.shape)!r} but the model's output ŷ has shape {tuple(y_hat.shape)!r}; "
-            f"{display} would broadcast them (or fail). Pass y with the output's shape, or run "
-            "gradsight.check_loss(loss, y, y_hat) to see what the broadcast does."
-        )
+    check_y(spec, y_t, y_hat, display)
     if spec is not None and spec.kind.startswith("sparse") and y_t.numel() != y_hat.shape[0]:
         raise InputError(
             f"{display} with integer targets needs one class index per sample: y has shape {tuple(y_t.shape)!r} "
             f"but ŷ has shape {tuple(y_hat.shape)!r} ({y_hat.shape[0]} samples). Fix: pass y of shape "
             f"({y_hat.shape[0]},) with class indices, or float class probabilities of ŷ's shape."
         )
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        try:
-            j = loss_fn(y_hat, y_t)
-        except UserWarning as exc:
-            raise InputError(f"the loss {display} warned: {exc}. Run gradsight.check_loss to inspect it.") from exc
-        except GradsightError:
-            raise
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InputError(
-                f"the loss {display} failed on ŷ of shape {tuple(y_hat.shape)!r} ({y_hat.dtype}) and y of shape "
-                f"{tuple(y_t.shape)!r} ({y_t.dtype}): {first}. Fix: pass y in the form this loss expects (class "
-                "indices of shape (n,) for cross-entropy, ŷ's shape otherwise); gradsight.check_loss(loss, y, "
-                "y_hat) shows what the loss does with them."
-            ) from exc
-    if not isinstance(j, torch.Tensor) or j.numel() != 1 or j.ndim > 1:
-        shape = tuple(j.shape) if isinstance(j, torch.Tensor) else type(j).__name__
-        raise InputError(
-            f"the loss {display} returned {shape!r}, not a scalar; autodiff would differentiate its sum, which "
-            "changes every gradient's scale. Fix: reduce it (reduction='mean'), or run gradsight.check_loss to "
-            "see the consequence."
-        )
+    j = loss_value(loss_fn, y_hat, y_t, display)
     if not j.requires_grad:
         raise InputError(
             f"the loss {display} returned a value that does not depend on ŷ (no gradient flows back); autodiff "

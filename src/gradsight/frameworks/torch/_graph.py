@@ -35,7 +35,7 @@ from ...explain._graph import GraphRun, prune
 from ...explain._spec import Conventions, LossSpec
 from ._graph_ops import _DROPOUTS, Converter, fname
 
-__all__ = ["is_chain", "run_graph", "trace_module"]
+__all__ = ["check_y", "is_chain", "loss_value", "run_graph", "trace_module"]
 
 #: torch.nn modules with sub-modules that have a rule of their own (symbolic_trace keeps them whole)
 _KNOWN_CONTAINERS = (nn.MultiheadAttention,)
@@ -253,7 +253,8 @@ def _modes(model: nn.Module, training: bool | None) -> list[tuple[nn.Module, boo
     return flags
 
 
-def _loss_value(loss_fn: Callable, y_hat: torch.Tensor, y_t: torch.Tensor, display: str) -> torch.Tensor:
+def loss_value(loss_fn: Callable, y_hat: torch.Tensor, y_t: torch.Tensor, display: str) -> torch.Tensor:
+    """``loss_fn(ŷ, y)``, refusing a loss that warns, fails or is not a scalar (the chain and graph explain alike)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         try:
@@ -266,18 +267,21 @@ def _loss_value(loss_fn: Callable, y_hat: torch.Tensor, y_t: torch.Tensor, displ
             raise InputError(
                 f"the loss {display} failed on ŷ of shape {tuple(y_hat.shape)!r} ({y_hat.dtype}) and y of shape "
                 f"{tuple(y_t.shape)!r} ({y_t.dtype}): {_first_line(exc)}. Fix: pass y in the form this loss expects "
-                "(class indices of shape (n,) for cross-entropy, ŷ's shape otherwise)."
+                "(class indices of shape (n,) for cross-entropy, ŷ's shape otherwise); gradsight.check_loss(loss, y, "
+                "y_hat) shows what the loss does with them."
             ) from exc
     if not isinstance(j, torch.Tensor) or j.numel() != 1 or j.ndim > 1:
         shape = tuple(j.shape) if isinstance(j, torch.Tensor) else type(j).__name__
         raise InputError(
             f"the loss {display} returned {shape!r}, not a scalar; autodiff would differentiate its sum, which "
-            "changes every gradient's scale. Fix: reduce it (reduction='mean')."
+            "changes every gradient's scale. Fix: reduce it (reduction='mean'), or run gradsight.check_loss to "
+            "see the consequence."
         )
     return j
 
 
-def _check_y(spec: LossSpec | None, y_t: torch.Tensor, y_hat: torch.Tensor, display: str) -> None:
+def check_y(spec: LossSpec | None, y_t: torch.Tensor, y_hat: torch.Tensor, display: str) -> None:
+    """Refuse targets whose shape differs from ŷ's where the loss pairs them elementwise (it would broadcast)."""
     pairs = spec is not None and spec.kind not in ("output_mean", "output_sum") and not spec.kind.startswith("sparse")
     if pairs and tuple(y_t.shape) != tuple(y_hat.shape):
         raise InputError(
@@ -356,8 +360,8 @@ def run_graph(
         if dropped:
             notes.append(f"node(s) {dropped} do not reach the output (no gradient flows through them): left out")
         y_hat = conv.tensors[conv.output]
-        _check_y(spec, y_t, y_hat, display)
-        j = _loss_value(loss_fn, y_hat, y_t, display)
+        check_y(spec, y_t, y_hat, display)
+        j = loss_value(loss_fn, y_hat, y_t, display)
         if not j.requires_grad:
             raise InputError(f"the loss {display} does not depend on ŷ; autodiff has nothing to check.")
         names = [nd.name for nd in conv.nodes if nd.op != "param"]
