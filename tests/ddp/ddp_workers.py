@@ -7,7 +7,6 @@ step (same number of collectives).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import traceback
@@ -20,6 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gradsight
+from _ranks import Branchy, write_result
 from gradsight import WatchError
 
 B = 4  # per-rank batch
@@ -37,10 +37,6 @@ def data(world, dtype=torch.float64, steps=STEPS):
     x = torch.randn(steps, world * B, 12, generator=g, dtype=dtype)
     y = torch.randint(0, 3, (steps, world * B), generator=g)
     return x, y
-
-
-def _write(outdir, name, rank, result):
-    Path(outdir, f"{name}.rank{rank}.json").write_text(json.dumps(result))
 
 
 def sc_merge(rank, world, outdir):
@@ -64,7 +60,7 @@ def sc_merge(rank, world, outdir):
             res["read"] = "ok"
         except WatchError as e:
             res["read"] = str(e)
-    _write(outdir, "merge", rank, res)
+    write_result(outdir, "merge", rank, res)
 
 
 def sc_clip(rank, world, outdir):
@@ -78,7 +74,7 @@ def sc_clip(rank, world, outdir):
         nn.functional.cross_entropy(model(xs), ys, reduction="sum").backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e-3)
         opt.step()
-    _write(outdir, "clip", rank, {})
+    write_result(outdir, "clip", rank, {})
 
 
 def sc_rank_paths(rank, world, outdir):
@@ -89,7 +85,7 @@ def sc_rank_paths(rank, world, outdir):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x[0, rank * B : (rank + 1) * B]), y[0, rank * B : (rank + 1) * B]).backward()
         opt.step()
-    _write(outdir, "rank_paths", rank, {"path": str(w.path)})
+    write_result(outdir, "rank_paths", rank, {"path": str(w.path)})
 
 
 def sc_config_mismatch(rank, world, outdir):
@@ -101,22 +97,7 @@ def sc_config_mismatch(rank, world, outdir):
         res["error"] = None
     except WatchError as e:
         res["error"] = str(e)
-    _write(outdir, "config_mismatch", rank, res)
-
-
-class Branchy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(12, 8)
-        self.idn = nn.Identity()
-        self.b = nn.Linear(8, 3)
-        self.extra = False
-
-    def forward(self, x):
-        h = self.a(x)
-        if self.extra:  # rank-dependent control flow: one more recorded output on one rank
-            h = self.idn(h)
-        return self.b(h)
+    write_result(outdir, "config_mismatch", rank, res)
 
 
 def sc_layout_mismatch(rank, world, outdir):
@@ -139,7 +120,7 @@ def sc_layout_mismatch(rank, world, outdir):
         res["error"], res["step"] = str(e), s
     finally:
         w.close()
-    _write(outdir, "layout_mismatch", rank, res)
+    write_result(outdir, "layout_mismatch", rank, res)
 
 
 def sc_early_exit(rank, world, outdir):
@@ -172,7 +153,7 @@ def sc_early_exit(rank, world, outdir):
         sc = run.scalars
         res["loss_steps"] = sorted(sc.loc[sc["name"] == "loss", "step"].tolist()) if "name" in sc else None
         res["scalars"] = sc.to_dict(orient="list") if "name" in sc else sc.reset_index().to_dict(orient="list")
-    _write(outdir, "early_exit", rank, res)
+    write_result(outdir, "early_exit", rank, res)
 
 
 def sc_signals(rank, world, outdir):
@@ -196,7 +177,7 @@ def sc_signals(rank, world, outdir):
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.5)
             opt.step()
             w.log(loss=loss * (1e6 if rank == 1 and s == 10 else 1))  # a rank-local loss spike: not judged
-    _write(outdir, "signals", rank, {"path": str(w.path), "preclip": preclip})
+    write_result(outdir, "signals", rank, {"path": str(w.path), "preclip": preclip})
 
 
 SCENARIOS = {

@@ -4,20 +4,16 @@ The global summaries of 2 ranks x batch b are compared against a single process 
 the noise scale against a naive recomputation from per-half gradients written here.
 """
 
-import json
 import math
-import socket
-import time
-from pathlib import Path
 
 import ddp_workers as W
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 import gradsight
+from _ranks import assert_same, result, spawn_ranks
 from gradsight import InputError
 from gradsight.store import load
 
@@ -25,40 +21,12 @@ from gradsight.store import load
 pytestmark = pytest.mark.xdist_group("ddp")
 
 TIMEOUT_S = 120  # the whole spawn (all scenarios); a hang fails the test instead of blocking CI
-FLOAT64 = {"rtol": 1e-9, "atol": 1e-12}
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    names = list(W.SCENARIOS)
-    t0 = time.perf_counter()
-    ctx = mp.start_processes(
-        W.run_rank, args=(2, _free_port(), str(out), names), nprocs=2, join=False, start_method="spawn"
-    )
-    try:
-        while not ctx.join(timeout=max(0.1, TIMEOUT_S - (time.perf_counter() - t0))):
-            if time.perf_counter() - t0 > TIMEOUT_S:
-                pytest.fail(
-                    f"DDP ranks did not finish within {TIMEOUT_S} s (a hang); results so far: "
-                    f"{sorted(p.name for p in out.iterdir())}"
-                )
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    return out
-
-
-def result(out, name, rank):
-    return json.loads(Path(out, f"{name}.rank{rank}.json").read_text())
+    return spawn_ranks(W.run_rank, out, list(W.SCENARIOS), "DDP", TIMEOUT_S)
 
 
 def single_process_run(path):
@@ -72,30 +40,6 @@ def single_process_run(path):
             nn.functional.cross_entropy(model(x[s]), y[s], reduction="sum").backward()
             opt.step()
     return load(path)
-
-
-def assert_same(a, b, scale=1.0, what=""):
-    """b == a * scale (scale a power of two): counts, bins and units exactly, sums/min/max to float64 tolerance."""
-    shift = int(math.log2(scale))
-    for k in ("count", "zeros", "nan", "posinf", "neginf", "positive", "units_total"):
-        assert getattr(a, k) == getattr(b, k), (what, k, getattr(a, k), getattr(b, k))
-    ha, hb = a.hist, b.hist
-    if shift:
-        ha = np.roll(ha, shift)
-    assert np.array_equal(ha, hb), (what, "hist", np.flatnonzero(ha != hb))
-    if a.units_active is None:
-        assert b.units_active is None, what
-    else:
-        assert np.array_equal(a.units_active, b.units_active), (what, "units")
-    for k, p in (("sum", 1), ("sum_sq", 2), ("min", 1), ("max", 1)):
-        assert math.isclose(
-            getattr(a, k) * scale**p, getattr(b, k), rel_tol=FLOAT64["rtol"], abs_tol=FLOAT64["atol"]
-        ), (
-            what,
-            k,
-            getattr(a, k) * scale**p,
-            getattr(b, k),
-        )
 
 
 def test_global_summaries_equal_one_process_on_the_concatenated_batch(ranks, tmp_path):

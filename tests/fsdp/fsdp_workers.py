@@ -7,7 +7,6 @@ step (same number of collectives); the one where a rank raises runs last.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import traceback
@@ -19,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 import gradsight
+from _ranks import Branchy, write_result
 from gradsight import WatchError
 
 B = 4  # per-rank batch
@@ -69,10 +69,6 @@ def local_batch(x, y, s, k, rank):
     return x[s, k, rank * B : (rank + 1) * B], y[s, k, rank * B : (rank + 1) * B]
 
 
-def _write(outdir, name, rank, result):
-    Path(outdir, f"{name}.rank{rank}.json").write_text(json.dumps(result))
-
-
 def _params(model):
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -98,7 +94,7 @@ def sc_merge(rank, world, outdir):
             res["read"] = "ok"
         except WatchError as e:
             res["read"] = str(e)
-    _write(outdir, "merge", rank, res)
+    write_result(outdir, "merge", rank, res)
 
 
 def sc_fsdp1(rank, world, outdir):
@@ -117,7 +113,7 @@ def sc_fsdp1(rank, world, outdir):
             opt.zero_grad()
             nn.functional.cross_entropy(model(xs), ys, reduction="sum").backward()
             opt.step()
-    _write(outdir, "fsdp1", rank, {})
+    write_result(outdir, "fsdp1", rank, {})
 
 
 def sc_refusals(rank, world, outdir):
@@ -149,7 +145,7 @@ def sc_refusals(rank, world, outdir):
             res[kind] = "accepted"
         except UnsupportedError as e:
             res[kind] = f"refused: {e}"
-    _write(outdir, "refusals", rank, res)
+    write_result(outdir, "refusals", rank, res)
 
 
 def sc_accum(rank, world, outdir):
@@ -165,7 +161,7 @@ def sc_accum(rank, world, outdir):
                 xs, ys = local_batch(x, y, s, k, rank)
                 nn.functional.cross_entropy(model(xs), ys, reduction="sum").backward()
             opt.step()
-    _write(outdir, "accum", rank, {})
+    write_result(outdir, "accum", rank, {})
 
 
 def sc_signals(rank, world, outdir):
@@ -193,7 +189,7 @@ def sc_signals(rank, world, outdir):
             torch.nn.utils.clip_grad_norm_(_params(model), max_norm=0.5)
             opt.step()
             w.log(loss=loss * (1e6 if rank == 1 and s == 10 else 1))  # a rank-local loss spike: not judged
-    _write(outdir, "signals", rank, {"path": str(w.path), "preclip": preclip, "per_tensor": reference})
+    write_result(outdir, "signals", rank, {"path": str(w.path), "preclip": preclip, "per_tensor": reference})
 
 
 def sc_mixed(rank, world, outdir):
@@ -210,22 +206,7 @@ def sc_mixed(rank, world, outdir):
             opt.zero_grad()
             nn.functional.cross_entropy(model(xs).float(), ys).backward()
             opt.step()
-    _write(outdir, "mixed", rank, {})
-
-
-class Branchy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(12, 8)
-        self.idn = nn.Identity()
-        self.b = nn.Linear(8, 3)
-        self.extra = False
-
-    def forward(self, x):
-        h = self.a(x)
-        if self.extra:  # rank-dependent control flow: one more recorded output on one rank
-            h = self.idn(h)
-        return self.b(h)
+    write_result(outdir, "mixed", rank, {})
 
 
 def sc_layout_mismatch(rank, world, outdir):
@@ -249,7 +230,7 @@ def sc_layout_mismatch(rank, world, outdir):
         res["error"], res["step"] = str(e), s
     finally:
         w.close()
-    _write(outdir, "layout_mismatch", rank, res)
+    write_result(outdir, "layout_mismatch", rank, res)
 
 
 def sc_rank_raises(rank, world, outdir):
@@ -273,7 +254,7 @@ def sc_rank_raises(rank, world, outdir):
     res["seconds"] = time.perf_counter() - t0
     if rank == 1:
         dist.destroy_process_group()  # leave: the others' pending collective fails instead of waiting
-    _write(outdir, "rank_raises", rank, res)
+    write_result(outdir, "rank_raises", rank, res)
 
 
 SCENARIOS = {

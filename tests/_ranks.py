@@ -1,0 +1,95 @@
+"""What the 2-rank DDP and FSDP suites share: spawning the ranks, their result files, comparing summaries.
+
+Importable by the test modules and by the spawned ranks (``tests/`` is on ``sys.path``, which the children inherit).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch.multiprocessing as mp
+from torch import nn
+
+#: Tolerance of float64 sums against a one-process reference.
+FLOAT64 = {"rtol": 1e-9, "atol": 1e-12}
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for the process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(run_rank: Callable, out: Path, names: list[str], what: str, timeout: float = 120.0) -> Path:
+    """Spawn 2 ranks running ``run_rank(rank, 2, port, out, names)``; fail (never hang) after ``timeout`` s."""
+    t0 = time.perf_counter()
+    ctx = mp.start_processes(
+        run_rank, args=(2, free_port(), str(out), names), nprocs=2, join=False, start_method="spawn"
+    )
+    try:
+        while not ctx.join(timeout=max(0.1, timeout - (time.perf_counter() - t0))):
+            if time.perf_counter() - t0 > timeout:
+                pytest.fail(
+                    f"{what} ranks did not finish within {timeout:.0f} s (a hang); results so far: "
+                    f"{sorted(p.name for p in out.iterdir())}"
+                )
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    return out
+
+
+def write_result(outdir: str | Path, name: str, rank: int, result: Any) -> None:
+    """In a rank: write what scenario ``name`` found, for the test to read with :func:`result`."""
+    Path(outdir, f"{name}.rank{rank}.json").write_text(json.dumps(result))
+
+
+def result(out: str | Path, name: str, rank: int) -> Any:
+    """What rank ``rank`` wrote for scenario ``name``."""
+    return json.loads(Path(out, f"{name}.rank{rank}.json").read_text())
+
+
+def assert_same(a: Any, b: Any, scale: float = 1.0, what: Any = "") -> None:
+    """b == a * scale (scale a power of two): counts, bins and units exactly, sums/min/max to float64 tolerance."""
+    shift = int(math.log2(scale))
+    for k in ("count", "zeros", "nan", "posinf", "neginf", "positive", "units_total"):
+        assert getattr(a, k) == getattr(b, k), (what, k, getattr(a, k), getattr(b, k))
+    ha, hb = a.hist, b.hist
+    if shift:
+        ha = np.roll(ha, shift)
+    assert np.array_equal(ha, hb), (what, "hist", np.flatnonzero(ha != hb))
+    if a.units_active is None:
+        assert b.units_active is None, what
+    else:
+        assert np.array_equal(a.units_active, b.units_active), (what, "units")
+    for k, p in (("sum", 1), ("sum_sq", 2), ("min", 1), ("max", 1)):
+        want, got = getattr(a, k) * scale**p, getattr(b, k)
+        assert math.isclose(want, got, rel_tol=FLOAT64["rtol"], abs_tol=FLOAT64["atol"]), (what, k, want, got)
+
+
+class Branchy(nn.Module):
+    """A model whose recorded outputs depend on a flag: set it on one rank for a layout that differs across ranks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(12, 8)
+        self.idn = nn.Identity()
+        self.b = nn.Linear(8, 3)
+        self.extra = False
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.extra:  # rank-dependent control flow: one more recorded output on one rank
+            h = self.idn(h)
+        return self.b(h)
