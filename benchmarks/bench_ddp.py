@@ -19,9 +19,7 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
-import sys
 import tempfile
 import time
 from datetime import timedelta
@@ -29,9 +27,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+from _spawn import run_two_ranks
 
 TARGET = 1.10
 
@@ -133,22 +132,7 @@ def main() -> None:
     ap.add_argument("--out", type=str, default=None, help="also write the JSON here")
     a = ap.parse_args()
     args = {"blocks": 4 if a.quick else a.blocks, "every": a.every}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = str(Path(tmp) / "result.json")
-        ctx = mp.start_processes(rank_main, args=(2, port, args, out), nprocs=2, join=False, start_method="spawn")
-        deadline = time.monotonic() + 600
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                sys.exit("bench_ddp: ranks did not finish within 600 s")
-        text = Path(out).read_text()
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text + "\n")
+    run_two_ranks(rank_main, args, "bench_ddp", 600, a.out)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,7 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
-import sys
 import tempfile
 import time
 from datetime import timedelta
@@ -37,8 +35,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
+
+from _spawn import run_two_ranks
 
 TARGET = 1.10
 
@@ -192,22 +191,7 @@ def main() -> None:
         "every": 50 if a.quick else a.every,
         "models": [m for m in a.models.split(",") if m],
     }
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = str(Path(tmp) / "result.json")
-        ctx = mp.start_processes(rank_main, args=(2, port, args, out), nprocs=2, join=False, start_method="spawn")
-        deadline = time.monotonic() + 1200
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                sys.exit("bench_fsdp: ranks did not finish within 1200 s")
-        text = Path(out).read_text()
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text + "\n")
+    run_two_ranks(rank_main, args, "bench_fsdp", 1200, a.out)
 
 
 if __name__ == "__main__":
