@@ -175,3 +175,50 @@ def test_store_encoding_of_packed_rows_is_the_documented_record():
         head = (5, tid, ref.count, ref.sum, ref.sum_sq, ref.min, ref.max, ref.zeros, ref.nan, ref.posinf)
         assert rec[:10] == pytest.approx(head, rel=1e-12, nan_ok=True)
         assert rec[10:14] == (ref.neginf, ref.positive, hist_lo, hist)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    a=hnp.arrays(
+        np.float32,
+        hnp.array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=7),
+        elements=st.sampled_from([0.0, -0.0, 1.0, -2.5, math.nan, math.inf, 2.0**-130]),
+    ),
+    axis=st.integers(0, 3),
+    piece=st.sampled_from([1, 2, 5, 16, 1 << 17]),
+)
+def test_unit_counts_in_blocks_match_reference(a, axis, piece):
+    # The numpy unit counts walk the tensor in blocks of rows, or of units within a row, when it exceeds the
+    # scratch (_PIECE elements): every block size, axis position and NaN/-0.0 entry counts like the reference.
+    axis %= a.ndim
+    old = ts._PIECE
+    ts._PIECE = piece
+    try:
+        got = summarize_tensors([torch.from_numpy(a.copy())], [axis])[0]
+    finally:
+        ts._PIECE = old
+    ref_active = np.count_nonzero(np.moveaxis(a != 0, axis, 0).reshape(a.shape[axis], -1), axis=1)
+    np.testing.assert_array_equal(got.units_active, ref_active)
+    assert got.units_total == a.size // a.shape[axis]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_batch_read_in_place_matches_the_copied_batch(monkeypatch, dtype):
+    # copy=False reads large contiguous tensors in place (a group each) and copies the rest together; the
+    # numbers are those of the copied batch and of the reference.
+    monkeypatch.setattr(ts, "_ALONE", 50)
+    xs = [
+        torch.relu(torch.randn(8, 16)).to(dtype),
+        torch.randn(3, 4).to(dtype),
+        torch.randn(20, 5).t().to(dtype),  # large but not contiguous: copied
+        torch.randn(64).to(dtype),
+    ]
+    axes = [1, None, 0, None]
+    flat = ts.Flat.of(xs, axes, copy=False)
+    in_place = [g.index for g in flat.groups if g.flat.data_ptr() in {x.data_ptr() for x in xs}]
+    expected = [[0], [3]] if dtype != torch.float16 else []  # float16 is upcast: a copy either way
+    assert sorted(in_place) == expected
+    copied = ts.to_host(ts.Flat.of(xs, axes).stats())()
+    for got, ref, x, ax in zip(ts.to_host(flat.stats())(), copied, xs, axes, strict=True):
+        assert_matches(got, ref)
+        assert_matches(got, summarize(x.float().numpy() if dtype == torch.float16 else x.numpy(), unit_axis=ax))

@@ -295,6 +295,10 @@ class RankedWatch(Watch):
     """
 
     _mismatch_event = "ddp_mismatch"
+    # The rank-local summaries are gathered in one layout that every rank must share, whatever its batch size:
+    # no size-dependent choices (summarised in the hook or later, read in place or copied).
+    _now_elements = math.inf
+    _pack_in_place = False
 
     def _on_output_grad(self, tname: str, layer: str, axis: int | None, grad: Any, fwd: Any) -> None:
         """Record dJ/dA for the loss the ranks train together: the mean of their losses (see the module docstring).

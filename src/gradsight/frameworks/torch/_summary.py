@@ -22,7 +22,7 @@ Two kernel sets compute the rows; both are exact for every count, bin, min and m
 * **fast, CPU float32** (:func:`_rows_f32_cpu`), used where reading a result costs no device sync: a 9-bit code
   ``bits >> 23`` (sign and exponent field, two integer passes instead of eight) and ``bincount``. The bins it
   cannot split — exponent 0 (zeros vs subnormals) and 255 (infinities vs NaN) — are checked on the host right
-  away: a tensor with exponent-0 elements gets one ``count_nonzero`` to confirm they are all zeros; any
+  away: a tensor with exponent-0 elements gets one count of its non-zeros (numpy) to confirm they are all zeros; any
   exponent-255 element, or any subnormal, sends the group to the exact kernels (rare: a broken step). Min/max and
   the float64 sums then need no masking (every element is finite): numpy ``reduceat`` over the float32 data and
   over a float64 copy (``sum``, then squared in place for ``sum_sq``; a float32 squared is exact in float64).
@@ -126,12 +126,18 @@ class Flat:
     unit_counts: list[torch.Tensor] = field(default_factory=list)
 
     @classmethod
-    def of(cls, tensors: Sequence[torch.Tensor], unit_axes: Sequence[int | None] | None = None) -> Flat:
+    def of(
+        cls, tensors: Sequence[torch.Tensor], unit_axes: Sequence[int | None] | None = None, *, copy: bool = True
+    ) -> Flat:
         """Copy ``tensors`` into per-dtype flat buffers; count per-unit activity where ``unit_axes`` says.
 
         Args:
             tensors: floating-point tensors on one device (any shapes, zero-size allowed).
             unit_axes: per tensor, the unit axis for activity counts, or ``None`` for none.
+            copy: ``False`` when the batch is summarised at once and the tensors don't change before that: a
+                contiguous tensor of at least ``_ALONE`` elements in its group's dtype then becomes a group of
+                its own, read in place instead of copied (small tensors are still copied together, so that one
+                kernel set summarises them).
 
         Returns:
             The batch.
@@ -143,6 +149,12 @@ class Flat:
                 by_dtype.setdefault(_group_dtype(t.dtype), []).append(i)
         groups: list[_Group] = []
         for dtype, idx in by_dtype.items():
+            if not copy:
+                alone = [j for j in idx if _in_place(tensors[j], dtype)]
+                groups.extend(_Group(dtype, [j], [numels[j]], tensors[j].detach().reshape(-1)) for j in alone)
+                if alone:
+                    taken = set(alone)
+                    idx = [j for j in idx if j not in taken]
             for chunk in _chunks(idx, numels):
                 parts = [tensors[j].detach().reshape(-1) for j in chunk]
                 flat = torch.cat([p.to(dtype) if p.dtype != dtype else p for p in parts])
@@ -157,12 +169,7 @@ class Flat:
                 n_units = int(t.shape[axis])
                 units.append((n_units, numels[i] // n_units if n_units else 0))
                 if n_units:
-                    # NaN != 0, so a unit emitting NaN counts as active, as in the reference.
-                    dims = tuple(d for d in range(t.dim()) if d != axis % t.dim())
-                    if dims:  # (count_nonzero reads an empty dim tuple as "all dims")
-                        unit_counts.append(torch.count_nonzero(t.detach(), dim=dims).reshape(-1))
-                    else:
-                        unit_counts.append(t.detach().ne(0).to(torch.int64))
+                    unit_counts.append(_unit_counts(t.detach(), axis % t.dim()))
         else:
             units = [None] * len(tensors)
         return cls(groups, numels, units, unit_counts)
@@ -215,6 +222,65 @@ class Flat:
         buf = torch.cat([rows.reshape(-1), *self.unit_counts]) if self.unit_counts else rows.reshape(-1)
         layout = [(g.dtype == torch.float64, g.index) for g in self.groups]
         return PackedStats(buf, [_Layout(self.numels, layout, self.units)])
+
+
+def _in_place(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``Flat.of(..., copy=False)`` reads ``t`` in place: large, contiguous, already in ``dtype``."""
+    return t.dtype == dtype and t.numel() >= _ALONE and t.is_contiguous()
+
+
+def _unit_counts(t: torch.Tensor, axis: int) -> torch.Tensor:
+    """The number of non-zero entries of each unit (index along ``axis``) of ``t``, int64, on ``t``'s device.
+
+    NaN != 0, so a unit emitting NaN counts as active, as in the reference. CPU float32/float64 tensors are
+    counted by numpy (:func:`_unit_counts_np`; torch's ``count_nonzero`` over several dims is ~10x slower there).
+    """
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and t.is_contiguous():
+        return torch.from_numpy(_unit_counts_np(t.numpy(), axis))
+    dims = tuple(d for d in range(t.dim()) if d != axis)
+    if dims:  # (count_nonzero reads an empty dim tuple as "all dims")
+        return torch.count_nonzero(t, dim=dims).reshape(-1)
+    return t.ne(0).to(torch.int64)
+
+
+def _unit_counts_np(a: np.ndarray, axis: int) -> np.ndarray:
+    """:func:`_unit_counts` of a C-contiguous array: ``!= 0`` into a reused bool scratch, block by block.
+
+    The array is seen as ``(pre, units, post)``; blocks of whole ``(units, post)`` rows (or of units within one
+    row, when a row is larger than the scratch) are compared and their bytes summed per unit.
+    """
+    pre = math.prod(a.shape[:axis])
+    units = a.shape[axis]
+    post = math.prod(a.shape[axis + 1 :])
+    a3 = a.reshape(pre, units, post)
+    counts = np.zeros(units, dtype=np.int64)
+    ublock = units if units * post <= _PIECE else max(1, _PIECE // max(post, 1))
+    rows = max(1, _PIECE // max(ublock * post, 1))
+    scratch = _WS.bools(rows * ublock * post)
+    inner = np.uint16 if post < (1 << 16) else np.int64  # per (row, unit) sums: no overflow
+    for r in range(0, pre, rows):
+        for u in range(0, units, ublock):
+            x = a3[r : r + rows, u : u + ublock]
+            m = scratch[: x.size].reshape(x.shape)
+            np.not_equal(x, 0, out=m)
+            b = m.view(np.uint8)
+            if post == 1:
+                counts[u : u + ublock] += np.add.reduce(b[:, :, 0], axis=0, dtype=np.int64)
+            else:
+                counts[u : u + ublock] += np.add.reduce(b, axis=2, dtype=inner).sum(0, dtype=np.int64)
+    return counts
+
+
+def _count_nonzero_np(a: np.ndarray) -> int:
+    """Non-zero entries of a 1-d array (NaN counts), through the reused bool scratch, piece by piece."""
+    scratch = _WS.bools(min(a.size, _PIECE))
+    n = 0
+    for lo in range(0, a.size, _PIECE):
+        x = a[lo : lo + _PIECE]
+        m = scratch[: x.size]
+        np.not_equal(x, 0, out=m)
+        n += int(np.count_nonzero(m))
+    return n
 
 
 def _chunks(idx: list[int], numels: list[int]) -> list[list[int]]:
@@ -297,6 +363,13 @@ class _Workspace(threading.local):
     def __init__(self) -> None:
         self.codes = torch.empty(0, dtype=torch.int32)
         self.f64 = torch.empty(0, dtype=torch.float64)
+        self.bool = np.empty(0, dtype=bool)
+
+    def bools(self, n: int) -> np.ndarray:
+        """A bool scratch array of at least ``n`` elements (grown to at least ``_PIECE``, never shrunk)."""
+        if self.bool.size < n:
+            self.bool = np.empty(max(n, _PIECE), dtype=bool)
+        return self.bool
 
     def get(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.codes.numel() < _PIECE:
@@ -306,6 +379,7 @@ class _Workspace(threading.local):
 
 
 _PIECE = 1 << 17
+_ALONE = _PIECE  # Flat.of(copy=False): tensors this large are read in place, in a group of their own
 _WS = _Workspace()
 
 
@@ -385,12 +459,12 @@ def _rows_f32_cpu(g: _Group) -> torch.Tensor | None:
     if c[:, :, 255].any():  # an Inf or NaN: the exact kernels split them
         return None
     exp0 = c[:, 0, 0] + c[:, 1, 0]
+    a = flat.numpy()
     if exp0.any():  # exponent-0 elements are zeros unless some are subnormals
         starts = _starts(numels)
         for k in np.flatnonzero(exp0).tolist():
-            if numels[k] - int(torch.count_nonzero(flat[starts[k] : starts[k] + numels[k]])) != exp0[k]:
+            if numels[k] - _count_nonzero_np(a[starts[k] : starts[k] + numels[k]]) != exp0[k]:
                 return None
-    a = flat.numpy()
     floats = np.zeros((n, 4), dtype=np.float64)
     floats[:, 2] = math.inf
     floats[:, 3] = -math.inf

@@ -85,6 +85,9 @@ __all__ = ["Watch", "unit_axis_for"]
 #: Parameter batches up to this many elements are kept until the step ends and summarised together (one kernel
 #: set per step instead of one per kind; the cost is holding the copies during ``optimizer.step()``).
 _JOIN_ELEMENTS = 1 << 22
+#: Layer outputs and output gradients of at least this many elements are summarised in their hooks, read in place;
+#: smaller ones are kept (outputs as copies) and summarised together at the end of the forward or at the step.
+_NOW_ELEMENTS = 1 << 17
 #: Backward passes without any step after which the watch warns that it records nothing (also checked at close).
 #: Large enough for gradient accumulation over many micro-batches before the first optimizer step.
 NO_STEP_WARN_AFTER = 100
@@ -158,6 +161,10 @@ class Watch(WatchCore):
     """
 
     framework = "torch"
+    #: Layer outputs and output gradients this large are summarised in their hooks (see ``_NOW_ELEMENTS``).
+    _now_elements: float = _NOW_ELEMENTS
+    #: Whether ``_pack`` reads large tensors in place (``Flat.of(copy=False)``) instead of copying them.
+    _pack_in_place = True
 
     def __init__(
         self,
@@ -295,6 +302,7 @@ class Watch(WatchCore):
         self._bw_queued = False  # an end-of-backward callback is queued for the backward pass in progress
         self._lagged: StepRecord | None = None  # a device step's signals, judged at the next step (see _judge_step)
         self._wbuf: list[torch.Tensor] | None = None  # W_before of the optimizer's parameters
+        self._dbuf: list[torch.Tensor] | None = None  # their update W_after - W_before
         self._wbuf_step = -1  # the step whose W_before the buffer holds
         self._loss: tuple[int, Any] | None = None  # the last logged loss, for the anomaly judge
         self._loss_judged = -1  # the step of the last loss fed to the judge
@@ -389,10 +397,13 @@ class Watch(WatchCore):
         """
         fwd, self._fwd = self._fwd, None
         self._done = [(f, p) for f, p in self._done if f.backed or f.training]
-        if fwd is None or not fwd.acts:
+        if fwd is None or not (fwd.acts or fwd.packs):
             return
         acts, fwd.acts = fwd.acts, []
-        self._done.append((fwd, self._pack(acts)))
+        packs, fwd.packs = fwd.packs, []
+        if acts:
+            packs.extend(self._pack(acts))
+        self._done.append((fwd, packs))
         waiting = [i for i, (f, _) in enumerate(self._done) if not f.backed]
         if len(waiting) > _MAX_PENDING_FORWARDS:
             del self._done[waiting[0]]
@@ -487,7 +498,10 @@ class Watch(WatchCore):
             self._axis_of[id(t)] = (t, axis)
             tname = name + suffix
             if "output" in self.schedule.kinds:
-                fwd.acts.append((tname, name, "output", t.detach().clone(), axis if units else None))
+                if t.numel() >= self._now_elements:  # summarised now, as the layer left it: no copy to keep
+                    fwd.packs.extend(self._pack([(tname, name, "output", t.detach(), axis if units else None)]))
+                else:  # copied (a later in-place op must not change it) and summarised with the others
+                    fwd.acts.append((tname, name, "output", t.detach().clone(), axis if units else None))
             if t.requires_grad:  # also when output_grad is not recorded: the hook tells that the forward counts
                 t.register_hook(_GradHook(weakref.ref(self), tname, name, axis if units else None, fwd))
 
@@ -495,7 +509,10 @@ class Watch(WatchCore):
         if self._logged and not self._closed and not self._frozen:
             fwd.backed = True
             if "output_grad" in self.schedule.kinds:
-                self._acts.append((tname, layer, "output_grad", grad.detach(), axis))
+                if grad.numel() >= self._now_elements:  # summarised now: the gradient need not be held to the step
+                    self._packs.extend(self._pack([(tname, layer, "output_grad", grad.detach(), axis)]))
+                else:
+                    self._acts.append((tname, layer, "output_grad", grad.detach(), axis))
 
     def _pack(self, acts: list[tuple[str, str, str, torch.Tensor, int | None]]) -> list[tuple[list[int], PackedStats]]:
         """Summarise layer outputs or output gradients on their devices: one pack per device."""
@@ -505,7 +522,8 @@ class Watch(WatchCore):
             by_device.setdefault(a[3].device, []).append(i)
         packs = []
         for idx in by_device.values():
-            flat = Flat.of([acts[i][3] for i in idx], [acts[i][4] for i in idx])
+            # summarised at once: large tensors are read in place (outputs are already private clones)
+            flat = Flat.of([acts[i][3] for i in idx], [acts[i][4] for i in idx], copy=not self._pack_in_place)
             packs.append(([tids[i] for i in idx], flat.stats()))
         return packs
 
@@ -518,12 +536,13 @@ class Watch(WatchCore):
 
     def _param_pack(self, named: list[tuple[str, torch.Tensor]], kind: str, flat: Flat | None = None) -> Flat:
         tensors = [t for _, t in named]
-        if flat is None:
-            flat = Flat.of(tensors)
+        small = sum(t.numel() for t in tensors) <= _JOIN_ELEMENTS
+        if flat is None:  # a large batch is summarised at once: its large tensors can be read in place
+            flat = Flat.of(tensors, copy=small)
         tids = [
             self._writer.tensor_id(n, n.rpartition(".")[0] or "model", kind, t.shape, str(t.dtype)) for n, t in named
         ]
-        if sum(flat.numels) <= _JOIN_ELEMENTS:  # small: summarised with the step's other parameter kinds at once
+        if small:  # summarised with the step's other parameter kinds at once
             self._param_flats.append((tids, flat))
         else:  # large: summarise now, so that the copy can go
             self._packs.append((tids, flat.stats()))
@@ -555,7 +574,11 @@ class Watch(WatchCore):
         weights = [(n, p.detach()) for n, p in self._params]
         same = [id(p) for _, p in self._update_params] == [id(p) for _, p in self._params]
         if self._optimizer is not None or self._flat_before is None:
-            before = Flat.of([p for _, p in weights]) if (self._do_weights or self._do_update) else None
+            before = None
+            if self._do_weights or self._do_update:  # W_before: the signals' copy of it if there is one
+                before = self._wbuf_batch() if same else None
+                if before is None:
+                    before = Flat.of([p for _, p in weights])
             if self._do_weights and before is not None:
                 self._param_pack(weights, "weight", before)
             if self._do_update and self._optimizer is not None:
@@ -577,14 +600,18 @@ class Watch(WatchCore):
             if self._capture_pending:  # a closure was passed but never called: capture what there is now
                 self._before_step()
             self._capture_pending = self._frozen = False
+            diffs, capture = self._signals_after(skipped) if self.schedule.cheap else (None, False)
             before = self._flat_before if (self._logged and not skipped and self._do_update) else None
             if before is not None and self._update_params:
-                after = Flat.of([p.detach() for _, p in self._update_params])
-                self._param_pack(self._update_params, "update", after.minus(before, inplace=True))
-            diffs = self._signals_after(skipped) if self.schedule.cheap else None
+                params = [p.detach() for _, p in self._update_params]
+                if diffs is not None and all(p.dtype in (torch.float32, torch.float64) for p in params):
+                    update = Flat.of(diffs, copy=False)  # the signals' W_after - W_before, computed already
+                else:  # (low precision: the difference of the float32 upcasts, not of the rounded values)
+                    update = Flat.of(params).minus(before, inplace=True)
+                self._param_pack(self._update_params, "update", update)
             if self._logged:
                 self._flush_step()
-            elif diffs is not None:  # an anomaly at this step: capture it now, while its tensors are at hand
+            elif capture and diffs is not None:  # an anomaly at this step: capture it now, at hand
                 self._capture_now(diffs)
         finally:
             self._capture_pending = self._frozen = False
@@ -627,15 +654,7 @@ class Watch(WatchCore):
         params = [p.detach() for _, p in self._update_params]
         if not params:
             return
-        with torch.no_grad():
-            if self._wbuf is None or len(self._wbuf) != len(params):
-                self._wbuf = [p.clone() for p in params]
-            else:
-                try:
-                    torch._foreach_copy_(self._wbuf, params)
-                except RuntimeError:  # mixed devices or dtypes
-                    for b, p in zip(self._wbuf, params, strict=True):
-                        b.copy_(p)
+        self._wbuf = _copy_into(self._wbuf, params)
         self._wbuf_step = self._step
 
     def _signals_before(self, grads: list[tuple[str, torch.Tensor]]) -> None:
@@ -676,20 +695,37 @@ class Watch(WatchCore):
                 out["lr" if len(groups) == 1 else f"lr/{i}"] = float(lr)
         return out
 
-    def _signals_after(self, skipped: bool) -> list[torch.Tensor] | None:
-        """At the end of the step: update norms; judge the step. Returns the updates when a capture starts now."""
+    def _wbuf_batch(self) -> Flat | None:
+        """This step's W_before buffer as a batch (large tensors read in place), if the signals copied it."""
+        if self._wbuf is None or self._wbuf_step != self._step:
+            return None
+        return Flat.of(self._wbuf, copy=False)
+
+    def _signals_after(self, skipped: bool) -> tuple[list[torch.Tensor] | None, bool]:
+        """At the end of the step: update norms; judge the step.
+
+        Returns:
+            The updates ``W_after - W_before`` of the optimizer's parameters (``None`` when not measured), and
+            whether an anomaly capture starts at this step.
+        """
         self._stepped_since_bw = True
         rec, self._rec = self._rec, None
         if rec is None:  # no start of step seen (watch.step() calls _before_step first; a closure may not)
-            return None
+            return None, False
         diffs = None
         if rec.weight is not None and self._wbuf is not None and not skipped:
+            # W_after - W_before into a second persistent buffer (a fresh one each step costs more, in page faults
+            # on CPU, than the subtraction)
+            self._dbuf = diffs = _copy_into(self._dbuf, [p.detach() for _, p in self._update_params])
             with torch.no_grad():
-                diffs = torch._foreach_sub([p.detach() for _, p in self._update_params], self._wbuf)
+                try:
+                    torch._foreach_sub_(diffs, self._wbuf)
+                except RuntimeError:  # mixed devices or dtypes
+                    for d, w in zip(diffs, self._wbuf, strict=True):
+                        d.sub_(w)
             rec.update = norms_of(diffs, self._host(diffs))
         rec.skipped = skipped
-        capture = self._judge_step(rec)
-        return diffs if capture and diffs is not None else None
+        return diffs, self._judge_step(rec)
 
     def _judge_step(self, rec: StepRecord) -> bool:
         """Record the step's signals and feed them to the anomaly judge; whether a capture starts at this step.
@@ -867,7 +903,7 @@ class Watch(WatchCore):
         self._param_flats.clear()
         self._axis_of.clear()
         self._flat_before = None
-        self._wbuf = self._bw = self._rec = self._lagged = None
+        self._wbuf = self._dbuf = self._bw = self._rec = self._lagged = None
         self._loss = None
         self._optimizer = None
         self._params = []
@@ -917,15 +953,29 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def _copy_into(buf: list[torch.Tensor] | None, src: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``src`` copied into the persistent buffer ``buf`` (cloned from ``src`` when there is none yet); returns it."""
+    with torch.no_grad():
+        if buf is None or len(buf) != len(src):
+            return [t.clone() for t in src]
+        try:
+            torch._foreach_copy_(buf, src)
+        except RuntimeError:  # mixed devices or dtypes
+            for b, t in zip(buf, src, strict=True):
+                b.copy_(t)
+    return buf
+
+
 class _Forward:
     """One forward pass of a logged step: its layer outputs, until a backward pass shows that it counts."""
 
-    __slots__ = ("acts", "backed", "training")
+    __slots__ = ("acts", "backed", "packs", "training")
 
     def __init__(self, training: bool) -> None:
         self.training = training
         self.backed = False  # an output's gradient hook fired: a backward pass went through this forward
-        self.acts: list[tuple[str, str, str, torch.Tensor, int | None]] = []
+        self.acts: list[tuple[str, str, str, torch.Tensor, int | None]] = []  # small outputs (clones)
+        self.packs: list[tuple[list[int], PackedStats]] = []  # large outputs, summarised in their hooks
 
 
 class _RootPreHook:
