@@ -282,6 +282,46 @@ def test_grad_scaler_skipped_step_is_recorded_as_skipped(tmp_path):
         assert sc.loc[s, "grad_norm"] == pytest.approx(0.01, rel=1e-4)
 
 
+def test_grad_scaler_output_grads_are_unscaled_and_stay_with_their_step(tmp_path):
+    # dJ/dA from the backward of a GradScaler's scaled loss is recorded divided by the scale (as the parameter
+    # gradients the optimizer receives are). Around the skipped step, the output gradients of the backward in
+    # progress when the watch notices the skip belong to the next step, not to the skipped one.
+    from gradsight.summary import summarize
+
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x, y = _data()
+    ref: dict[int, np.ndarray] = {}
+    it = [0]
+
+    def keep(module, args, out):
+        s = it[0]
+        out.register_hook(lambda g: ref.__setitem__(s, (g / scaler.get_scale()).numpy().copy()))
+
+    model[0].register_forward_hook(keep)
+    with gradsight.watch(
+        model, optimizer=opt, path=tmp_path / "r.db", scaler=scaler, every=1, kinds=("output_grad",)
+    ) as w:
+        for s in range(6):
+            it[0] = s
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y) * (float("inf") if s == 3 else 1.0)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    run = gradsight.load(w.path)
+    assert run.scalars.loc[3, "step_skipped"] == 1.0
+    df = run.to_pandas(kind="output_grad")
+    assert sorted(df[df.tensor == "0"]["step"]) == list(range(6))  # one summary per step, none twice
+    for s in range(6):
+        got, want = run.summary("0", "output_grad", s), summarize(ref[s])
+        assert got.nan + got.posinf + got.neginf == want.nan + want.posinf + want.neginf
+        if s != 3:
+            assert got.nan + got.posinf + got.neginf == 0
+            assert got.sum_sq == pytest.approx(want.sum_sq, rel=1e-6) and got.max == pytest.approx(want.max)
+
+
 def test_bad_scaler_argument_is_refused(tmp_path):
     model = _mlp()
     with pytest.raises(gradsight.InputError, match=r"scaler must be a torch\.amp\.GradScaler"):

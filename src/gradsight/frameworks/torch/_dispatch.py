@@ -57,8 +57,9 @@ def watch_torch(
         batch_size: ``DistributedDataParallel`` only: the per-rank batch size for the gradient noise scale
             (default: dim 0 of the model's first input). See :mod:`._ddp`.
         rank_paths: ``DistributedDataParallel`` and FSDP only: every rank writes its own run file, not just rank 0.
-        scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop, if any: pre-clip gradient norms are
-            then recorded unscaled, like everything else (see :mod:`._signals`).
+        scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop, if any: pre-clip gradient norms and the
+            layers' output gradients (from the backward of the scaled loss) are then recorded unscaled, like
+            everything else (see :mod:`._signals`).
         **settings: the schedule settings, the same for every framework: ``every``, ``kinds``, ``cheap``,
             ``units``, ``cheap_flush``, ``if_exists``, ``commit_every`` (see :func:`gradsight._schedule.schedule`).
 

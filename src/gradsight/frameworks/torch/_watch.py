@@ -288,6 +288,7 @@ class Watch(WatchCore):
         self._logged = self._full_step(self._step)
         self._fwd_seen = False
         self._acts: list[tuple[str, str, str, torch.Tensor, int | None]] = []  # name, layer, kind, tensor, axis
+        self._act_packs: list[tuple[list[int], PackedStats]] = []  # large output gradients, summarised in hooks
         self._axis_of: dict[int, tuple[torch.Tensor, int | None]] = {}
         self._packs: list[tuple[list[int], PackedStats]] = []
         self._param_flats: list[tuple[list[int], Flat]] = []  # small parameter batches, summarised together
@@ -509,8 +510,11 @@ class Watch(WatchCore):
         if self._logged and not self._closed and not self._frozen:
             fwd.backed = True
             if "output_grad" in self.schedule.kinds:
+                scale = scaler_scale(self._scaler)
+                if scale is not None:  # the backward of a GradScaler's scaled loss: record dJ/dA unscaled
+                    grad = grad.detach() / scale
                 if grad.numel() >= self._now_elements:  # summarised now: the gradient need not be held to the step
-                    self._packs.extend(self._pack([(tname, layer, "output_grad", grad.detach(), axis)]))
+                    self._act_packs.extend(self._pack([(tname, layer, "output_grad", grad.detach(), axis)]))
                 else:
                     self._acts.append((tname, layer, "output_grad", grad.detach(), axis))
 
@@ -529,6 +533,9 @@ class Watch(WatchCore):
 
     def _flush_acts(self) -> None:
         """Summarise the output gradients seen so far (they come from a backward pass, so they always count)."""
+        if self._act_packs:
+            self._packs.extend(self._act_packs)
+            self._act_packs = []
         if not self._acts:
             return
         acts, self._acts = self._acts, []
@@ -565,7 +572,11 @@ class Watch(WatchCore):
             return
         if not self.schedule.cheap:  # the learning rate is a per-step signal; without those, at logged steps
             self._buffer_scalars(self._step, self._lrs())
-        if grads and self._leaf_handles and not (self._fwd_seen or self._fwd or self._done or self._acts):
+        if (
+            grads
+            and self._leaf_handles
+            and not (self._fwd_seen or self._fwd or self._done or self._acts or self._act_packs)
+        ):
             self._note_unseen_forward()
         self._resolve()
         self._flush_acts()
@@ -792,11 +803,12 @@ class Watch(WatchCore):
             rec.weight = norms_of(params, self._host(params))
         self._rec = rec
         # the forward and backward in progress belong to the next step: keep them out of the skipped one
-        fwd, acts, self._fwd, self._acts = self._fwd, self._acts, None, []
+        fwd, acts, act_packs = self._fwd, self._acts, self._act_packs
+        self._fwd, self._acts, self._act_packs = None, [], []
         self._after_step(skipped=True)
         self._fwd_seen = True
         if self._logged:
-            self._fwd, self._acts = fwd, acts
+            self._fwd, self._acts, self._act_packs = fwd, acts, act_packs
 
     def _flush_step(self) -> None:
         packs, self._packs = self._packs, []
@@ -804,6 +816,7 @@ class Watch(WatchCore):
         if flats:  # every small parameter batch of the step (grad, weight, update) in one kernel set
             packs.append(([t for ts, _ in flats for t in ts], Flat.join([f for _, f in flats]).stats()))
         self._acts.clear()
+        self._act_packs.clear()
         self._fwd, self._done = None, []
         self._axis_of.clear()
         finish = self._host_summaries(packs)  # called even without packs: the DDP watch's collective needs it
@@ -898,6 +911,7 @@ class Watch(WatchCore):
         """Remove every hook and drop the tensors held. Data of a logged step not closed by a step is dropped."""
         self._remove_hooks()
         self._acts.clear()
+        self._act_packs.clear()
         self._fwd, self._done = None, []
         self._packs.clear()
         self._param_flats.clear()
