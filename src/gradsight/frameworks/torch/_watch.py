@@ -303,7 +303,6 @@ class Watch(WatchCore):
         self._bw_queued = False  # an end-of-backward callback is queued for the backward pass in progress
         self._lagged: StepRecord | None = None  # a device step's signals, judged at the next step (see _judge_step)
         self._wbuf: list[torch.Tensor] | None = None  # W_before of the optimizer's parameters
-        self._dbuf: list[torch.Tensor] | None = None  # their update W_after - W_before
         self._wbuf_step = -1  # the step whose W_before the buffer holds
         self._loss: tuple[int, Any] | None = None  # the last logged loss, for the anomaly judge
         self._loss_judged = -1  # the step of the last loss fed to the judge
@@ -725,15 +724,8 @@ class Watch(WatchCore):
             return None, False
         diffs = None
         if rec.weight is not None and self._wbuf is not None and not skipped:
-            # W_after - W_before into a second persistent buffer (a fresh one each step costs more, in page faults
-            # on CPU, than the subtraction)
-            self._dbuf = diffs = _copy_into(self._dbuf, [p.detach() for _, p in self._update_params])
             with torch.no_grad():
-                try:
-                    torch._foreach_sub_(diffs, self._wbuf)
-                except RuntimeError:  # mixed devices or dtypes
-                    for d, w in zip(diffs, self._wbuf, strict=True):
-                        d.sub_(w)
+                diffs = torch._foreach_sub([p.detach() for _, p in self._update_params], self._wbuf)
             rec.update = norms_of(diffs, self._host(diffs))
         rec.skipped = skipped
         return diffs, self._judge_step(rec)
@@ -917,7 +909,7 @@ class Watch(WatchCore):
         self._param_flats.clear()
         self._axis_of.clear()
         self._flat_before = None
-        self._wbuf = self._dbuf = self._bw = self._rec = self._lagged = None
+        self._wbuf = self._bw = self._rec = self._lagged = None
         self._loss = None
         self._optimizer = None
         self._params = []
