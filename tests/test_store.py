@@ -54,6 +54,49 @@ def test_readable_while_writing(tmp_path):
         w.log_scalars(2, {"x": 1.0})
 
 
+def test_flush_and_close_do_not_wait_for_the_writers_burst(tmp_path):
+    # The writer thread waits between bursts of work (store._BURST_S); a flush or close wakes it at once, and a
+    # commit never waits past commit_every. With a burst of 30 s, each would otherwise take up to 30 s.
+    import time
+
+    w = RunWriter(tmp_path / "r.db", commit_every=30.0)
+    w._burst = 30.0
+    tid = w.tensor_id("a", "a", "grad", (1,), "float32")
+
+    def timed(fn):
+        t0 = time.monotonic()
+        fn()
+        return time.monotonic() - t0
+
+    for s in range(3):
+        w.log_summaries(s, [(tid, summarize(np.ones(1)))])
+        time.sleep(0.3)  # the writer has applied it by now, and waits for more
+        assert timed(w.flush) < 10
+        with Run(tmp_path / "r.db") as run:
+            assert run.steps == list(range(s + 1))
+    w.log_summaries(3, [(tid, summarize(np.ones(1)))])
+    time.sleep(0.3)
+    assert timed(w.close) < 10
+    with Run(tmp_path / "r.db") as run:
+        assert run.steps == [0, 1, 2, 3]
+
+    w = RunWriter(tmp_path / "r2.db", commit_every=0.2)  # a commit is not held back by a burst either
+    w._burst = 30.0
+    tid = w.tensor_id("a", "a", "grad", (1,), "float32")
+    w.log_summaries(0, [(tid, summarize(np.ones(1)))])
+
+    def committed():
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with Run(tmp_path / "r2.db") as run:
+                if run.steps == [0]:
+                    return
+            time.sleep(0.05)
+
+    assert timed(committed) < 10
+    w.close()
+
+
 def test_existing_file_is_refused_appended_or_overwritten(tmp_path):
     p = write_some(tmp_path / "r.db")
     with pytest.raises(StoreError, match="already exists and gradsight never overwrites silently"):

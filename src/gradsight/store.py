@@ -126,6 +126,11 @@ _FLUSH_CHECKPOINT_WAIT = 0.25
 _CLOSE_CHECKPOINT_WAIT = 2.0
 #: The busy timeout of the writer's connection otherwise (readers never block a WAL writer; this is slack).
 _BUSY_TIMEOUT_MS = 5000
+#: After emptying its queue the writer thread waits this long (never past a due commit; a flush or close wakes
+#: it at once) so that it works in bursts: it then takes Python's GIL a few times per second instead of at every
+#: step, which the training thread's hooks would otherwise wait for. Measured on the MLP benchmark with
+#: ``preset="full"`` (every step logged): about 9% of its step time.
+_BURST_S = 0.05
 
 
 def _as_path(path: Any, what: str) -> Path:
@@ -521,6 +526,8 @@ class RunWriter:
             self._lock.release()
             raise
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._urgent = threading.Event()  # set by flush and close: the writer stops waiting for a burst
+        self._burst = _BURST_S
         self._thread = threading.Thread(target=self._loop, name=f"gradsight-writer:{self.path.name}", daemon=True)
         self._thread.start()
 
@@ -747,6 +754,7 @@ class RunWriter:
             return
         done = threading.Event()
         self._put(("flush", done))
+        self._urgent.set()
         deadline = None if timeout is None else time.monotonic() + timeout
         while not done.wait(0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic()))):
             if not self._thread.is_alive():
@@ -767,6 +775,7 @@ class RunWriter:
             return
         self._closed = True
         self._queue.put(("stop", None))
+        self._urgent.set()
         self._thread.join()
         self._lock.release()
         self._raise_if_failed()
@@ -858,6 +867,10 @@ class RunWriter:
                 if dirty and time.monotonic() - last_commit >= self.commit_every:
                     self._commit(con)
                     dirty, last_commit = False, time.monotonic()
+                if item is not None and self._queue.empty():  # work in bursts (see _BURST_S)
+                    due = self.commit_every - (time.monotonic() - last_commit) if dirty else self._burst
+                    if self._urgent.wait(max(0.0, min(self._burst, due))):
+                        self._urgent.clear()
             # Whatever is left (e.g. items enqueued by another thread as "stop" was seen), then the final commit.
             with contextlib.suppress(queue.Empty):
                 while True:
