@@ -21,7 +21,7 @@ trigger):
 Storage: bytes of the run file per (tensor, logged step) with the "full" preset (target <= 1 KiB).
 Memory: RSS samples over a long default-preset run (10k steps; ``--long`` for 100k), should stay flat.
 
-Usage: python benchmarks/bench_watch_torch.py [--threads 1] [--long] [--quick]
+Usage: python benchmarks/bench_watch_torch.py [--threads 1] [--long] [--quick] [--only NAMES] [--blocks N]
 """
 
 from __future__ import annotations
@@ -215,9 +215,17 @@ def main() -> None:
         "--only", default="", help="comma-separated config names to run (default: all), e.g. mlp_default,cnn_default"
     )
     ap.add_argument("--no-memory", action="store_true", help="skip the storage and long memory runs")
+    ap.add_argument(
+        "--blocks", type=int, default=0, help="blocks per config instead of each config's own number (more: less noise)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     q = args.quick
+    nb = args.blocks
+
+    def blocks(quick: int, full: int) -> int:
+        return nb if nb > 0 else (quick if q else full)
+
     torch.manual_seed(0)
     xm, ym = torch.randn(32, 784), torch.randint(0, 10, (32,))
     xc, yc = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
@@ -238,14 +246,14 @@ def main() -> None:
     ids = torch.randint(0, 512, (4, 128), generator=g)
     xt, yt = ids, torch.randint(0, 512, (4 * 128,), generator=g)
     configs = {
-        "mlp_default": (lambda: compare(mlp, xm, ym, {}, block=100, blocks=6 if q else 30, warmup=200), 1.08),
-        "mlp_full": (lambda: compare(mlp, xm, ym, {"preset": "full"}, 20, 4 if q else 30, 50), 2.0),
-        "cnn_default": (lambda: compare(cnn_3c3d, xc, yc, {}, block=100, blocks=1 if q else 5, warmup=10), 1.02),
-        "cnn_full": (lambda: compare(cnn_3c3d, xc, yc, {"preset": "full"}, 5, 2 if q else 10, 3), 1.3),
-        "transformer_default": (lambda: compare(gpt, xt, yt, {}, 100, 1 if q else 3, 5), 1.02),
-        "transformer_full": (lambda: compare(gpt, xt, yt, {"preset": "full"}, 5, 2 if q else 8, 3), 1.3),
+        "mlp_default": (lambda: compare(mlp, xm, ym, {}, block=100, blocks=blocks(6, 30), warmup=200), 1.08),
+        "mlp_full": (lambda: compare(mlp, xm, ym, {"preset": "full"}, 20, blocks(4, 30), 50), 2.0),
+        "cnn_default": (lambda: compare(cnn_3c3d, xc, yc, {}, block=100, blocks=blocks(1, 5), warmup=10), 1.02),
+        "cnn_full": (lambda: compare(cnn_3c3d, xc, yc, {"preset": "full"}, 5, blocks(2, 10), 3), 1.3),
+        "transformer_default": (lambda: compare(gpt, xt, yt, {}, 100, blocks(1, 3), 5), 1.02),
+        "transformer_full": (lambda: compare(gpt, xt, yt, {"preset": "full"}, 5, blocks(2, 8), 3), 1.3),
         "mlp_compiled_default": (
-            lambda: compare(mlp, xm, ym, {}, block=100, blocks=6 if q else 20, warmup=200, compiled=True),
+            lambda: compare(mlp, xm, ym, {}, block=100, blocks=blocks(6, 20), warmup=200, compiled=True),
             None,
         ),
     }
