@@ -308,7 +308,7 @@ def summarize(x: Any, *, unit_axis: int | None = None) -> TensorSummary:
             )
         active = np.moveaxis(a.astype(np.float64, copy=False) != 0.0, unit_axis, -1)
         n_units = active.shape[-1]
-        s.units_active = active.reshape(-1, n_units).sum(axis=0).astype(np.int64)
+        s.units_active = active.reshape(-1, n_units).sum(axis=0).astype(np.int64) if n_units else np.zeros(0, np.int64)
         s.units_total = int(a.size // n_units) if n_units else 0
     return s
 

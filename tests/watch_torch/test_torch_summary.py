@@ -67,8 +67,9 @@ def test_batch_with_mixed_dtypes_shapes_empty_and_units():
         torch.relu(torch.randn(2, 3, 4, 4)),
         torch.randn(6).half(),
         torch.tensor(3.0),
+        torch.zeros(4, 0),  # no units at all (the reference raised on it: regression)
     ]
-    axes = [1, None, 0, 1, None, None]
+    axes = [1, None, 0, 1, None, None, 1]
     got = summarize_tensors(xs, axes)
     for x, a, g in zip(xs, axes, got, strict=True):
         assert_matches(g, summarize(x.float().numpy() if x.dtype == torch.float16 else x.numpy(), unit_axis=a))
