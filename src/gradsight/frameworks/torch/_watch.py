@@ -664,7 +664,15 @@ class Watch(WatchCore):
         params = [p.detach() for _, p in self._update_params]
         if not params:
             return
-        self._wbuf = _copy_into(self._wbuf, params)
+        with torch.no_grad():
+            if self._wbuf is None or len(self._wbuf) != len(params):
+                self._wbuf = [p.clone() for p in params]
+            else:
+                try:
+                    torch._foreach_copy_(self._wbuf, params)
+                except RuntimeError:  # mixed devices or dtypes
+                    for b, p in zip(self._wbuf, params, strict=True):
+                        b.copy_(p)
         self._wbuf_step = self._step
 
     def _signals_before(self, grads: list[tuple[str, torch.Tensor]]) -> None:
@@ -957,19 +965,6 @@ def _compiled_kind(model: nn.Module) -> str | None:
 def _compiling() -> bool:
     """Whether Dynamo is tracing: every hook then returns at once, so it adds nothing to a compiled graph."""
     return torch.compiler.is_compiling()
-
-
-def _copy_into(buf: list[torch.Tensor] | None, src: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``src`` copied into the persistent buffer ``buf`` (cloned from ``src`` when there is none yet); returns it."""
-    with torch.no_grad():
-        if buf is None or len(buf) != len(src):
-            return [t.clone() for t in src]
-        try:
-            torch._foreach_copy_(buf, src)
-        except RuntimeError:  # mixed devices or dtypes
-            for b, t in zip(buf, src, strict=True):
-                b.copy_(t)
-    return buf
 
 
 class _Forward:
