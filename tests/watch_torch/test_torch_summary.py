@@ -7,15 +7,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from gradsight import _kernels
 from gradsight._packing import SummaryArrays
 from gradsight.frameworks.torch import _summary as ts
 from gradsight.frameworks.torch._summary import summarize_tensor, summarize_tensors
 from gradsight.summary import TensorSummary, from_rows, summarize
 
 
-@pytest.fixture(autouse=True, params=["fast", "exact"])
+@pytest.fixture(autouse=True, params=["compiled", "fast", "exact"])
 def kernels(request, monkeypatch):
-    """Every test here runs twice: with the fast CPU float32 kernels and with the exact (accelerator) kernels."""
+    """Every test here runs three times, once per CPU float32 kernel set.
+
+    ``compiled``: the one-pass C kernel (gradsight._ckernels); ``fast``: the numpy/torch kernels that stand in
+    for it when no C compiler was available; ``exact``: the kernels of accelerators (the fast ones decline).
+    """
+    if request.param == "compiled" and not _kernels.available():
+        pytest.skip("the compiled kernel was not built (no C compiler at install time)")
+    if request.param == "fast":
+        monkeypatch.setattr(_kernels, "_C", None)
     if request.param == "exact":  # the fast kernels decline (return None): the exact ones run
         monkeypatch.setattr(ts, "_rows_f32_cpu", lambda g: None)
     return request.param

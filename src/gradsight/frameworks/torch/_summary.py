@@ -19,6 +19,10 @@ Two kernel sets compute the rows; both are exact for every count, bin, min and m
   -inf) because their bins reach 0 and 255 differently. Sums over the finite elements (non-finite replaced by
   0) in float64, min/max per tensor with ``torch._foreach_max`` over the finite elements. The 1024 counts are
   folded into rows on the device.
+* **compiled, CPU float32** (:func:`gradsight._kernels.rows_f32`, through :func:`_rows_f32_cpu`): where the C
+  kernel ``gradsight._ckernels`` was built at install time, one pass over each element gives everything (the 512
+  sign-and-exponent codes, zeros and infinities that split their edge bins, float64 sums, min and max), ≈ 0.7 ns
+  per element against ≈ 2.5 ns for the numpy/torch kernels below, which stand in for it where it was not built.
 * **fast, CPU float32** (:func:`_rows_f32_cpu`), used where reading a result costs no device sync: a 9-bit code
   ``bits >> 23`` (sign and exponent field, two integer passes instead of eight) and ``bincount``. The bins it
   cannot split — exponent 0 (zeros vs subnormals) and 255 (infinities vs NaN) — are checked on the host right
@@ -52,6 +56,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ... import _kernels
 from ..._packing import (
     COUNT,
     F32_EXP_MASK,
@@ -441,6 +446,9 @@ def _plan(numels: list[int]) -> list[_Piece]:
 
 def _rows_f32_cpu(g: _Group) -> torch.Tensor | None:
     """The fast CPU float32 kernels (see the module docstring); ``None`` when the exact kernels are needed."""
+    rows = _kernels.rows_f32(g.flat.numpy(), g.numels)  # the compiled one-pass kernel, where it was built
+    if rows is not None:
+        return torch.from_numpy(rows)
     flat, numels, n = g.flat, g.numels, len(g.numels)
     plan = _plan(numels)
     codes, f64 = _WS.get()

@@ -1,0 +1,275 @@
+/*
+ * gradsight._ckernels: the fused one-pass summary kernel for float32 data on the CPU.
+ *
+ * One read of each element computes everything a summary row needs: the counts of the 512 (sign, exponent
+ * field) codes, the zeros, positive zeros and signed infinities that split the codes' edge bins, and the
+ * float64 sum, sum of squares, min and max over the finite elements. Python (gradsight._kernels) folds those
+ * into the rows of gradsight._packing; the numpy reference (gradsight.summary.summarize) defines the numbers.
+ *
+ * Built at install time when a C compiler is there (setup.py, optional); without it gradsight uses its
+ * numpy/torch kernels, which compute the same counts and bins and the same sums up to float64 rounding.
+ *
+ * The GIL is released while the kernel runs. Plain C99, no numpy headers: arrays arrive through the buffer
+ * protocol.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+#define CODES 512   /* bits >> 23: sign (bit 8) and exponent field (bits 0-7) */
+#define SPECIALS 4  /* zeros (either sign), positive zeros, +inf, -inf */
+#define FLOATS 4    /* sum, sum of squares, min, max (finite elements, float64) */
+#define BLOCK 4096  /* elements per block: counted, then summed while in cache */
+#define BIG 4096    /* segments at least this long count into four sub-histograms (independent increments) */
+
+/* A segment's running float64 sums (eight lanes, added up at the end), extremes and special counts. */
+typedef struct {
+    double s[8], q[8];
+    float lo, hi;
+    int64_t zeros, pzeros, pinf, ninf;
+} Acc;
+
+static inline float as_float(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Any elements: non-finite ones are left out of the sums and extremes; zeros and infinities are counted. */
+static void block_scalar(const uint32_t *b, Py_ssize_t m, Acc *acc) {
+    for (Py_ssize_t i = 0; i < m; i++) {
+        uint32_t u = b[i], a = u << 1;
+        acc->zeros += a == 0;
+        acc->pzeros += u == 0;
+        acc->pinf += u == 0x7F800000u;
+        acc->ninf += u == 0xFF800000u;
+        if ((a >> 24) == 0xFF) continue; /* Inf or NaN */
+        float x = as_float(u);
+        double v = (double)x;
+        acc->s[0] += v;
+        acc->q[0] += v * v;
+        if (x < acc->lo) acc->lo = x;
+        if (x > acc->hi) acc->hi = x;
+    }
+}
+
+#if defined(__SSE2__)
+static void fold(Acc *acc, __m128d s0, __m128d s1, __m128d s2, __m128d s3, __m128d q0, __m128d q1, __m128d q2,
+                 __m128d q3, __m128 lo, __m128 hi) {
+    double t[8];
+    _mm_storeu_pd(t, s0);
+    _mm_storeu_pd(t + 2, s1);
+    _mm_storeu_pd(t + 4, s2);
+    _mm_storeu_pd(t + 6, s3);
+    for (int k = 0; k < 8; k++) acc->s[k] += t[k];
+    _mm_storeu_pd(t, q0);
+    _mm_storeu_pd(t + 2, q1);
+    _mm_storeu_pd(t + 4, q2);
+    _mm_storeu_pd(t + 6, q3);
+    for (int k = 0; k < 8; k++) acc->q[k] += t[k];
+    float l[4], h[4];
+    _mm_storeu_ps(l, lo);
+    _mm_storeu_ps(h, hi);
+    for (int k = 0; k < 4; k++) {
+        if (l[k] < acc->lo) acc->lo = l[k];
+        if (h[k] > acc->hi) acc->hi = h[k];
+    }
+}
+
+/* Only normal numbers (no zero, subnormal, Inf or NaN: the block's histogram said so): no masks needed. */
+static void block_clean(const uint32_t *b, Py_ssize_t m, Acc *acc) {
+    __m128d s0 = _mm_setzero_pd(), s1 = s0, s2 = s0, s3 = s0, q0 = s0, q1 = s0, q2 = s0, q3 = s0;
+    __m128 lo = _mm_set1_ps(INFINITY), hi = _mm_set1_ps(-INFINITY);
+    Py_ssize_t i = 0;
+    for (; i + 8 <= m; i += 8) {
+        __m128 x0 = _mm_loadu_ps((const float *)(b + i)), x1 = _mm_loadu_ps((const float *)(b + i + 4));
+        lo = _mm_min_ps(lo, _mm_min_ps(x0, x1));
+        hi = _mm_max_ps(hi, _mm_max_ps(x0, x1));
+        __m128d a = _mm_cvtps_pd(x0), c = _mm_cvtps_pd(_mm_movehl_ps(x0, x0));
+        __m128d d = _mm_cvtps_pd(x1), e = _mm_cvtps_pd(_mm_movehl_ps(x1, x1));
+        s0 = _mm_add_pd(s0, a);
+        s1 = _mm_add_pd(s1, c);
+        s2 = _mm_add_pd(s2, d);
+        s3 = _mm_add_pd(s3, e);
+        q0 = _mm_add_pd(q0, _mm_mul_pd(a, a));
+        q1 = _mm_add_pd(q1, _mm_mul_pd(c, c));
+        q2 = _mm_add_pd(q2, _mm_mul_pd(d, d));
+        q3 = _mm_add_pd(q3, _mm_mul_pd(e, e));
+    }
+    fold(acc, s0, s1, s2, s3, q0, q1, q2, q3, lo, hi);
+    block_scalar(b + i, m - i, acc);
+}
+
+/* Any elements, four at a time: non-finite ones masked out of the sums and extremes. */
+static void block_masked(const uint32_t *b, Py_ssize_t m, Acc *acc) {
+    const __m128i em = _mm_set1_epi32((int)0xFF000000u), zero = _mm_setzero_si128();
+    const __m128i pinf = _mm_set1_epi32(0x7F800000), ninf = _mm_set1_epi32((int)0xFF800000u);
+    const __m128 inf_ps = _mm_castsi128_ps(pinf), ninf_ps = _mm_castsi128_ps(ninf);
+    __m128d s0 = _mm_setzero_pd(), s1 = s0, q0 = s0, q1 = s0;
+    __m128 lo = _mm_set1_ps(INFINITY), hi = _mm_set1_ps(-INFINITY);
+    __m128i z = zero, pz = zero, pi = zero, ni = zero; /* int32 lanes: a block is far below 2**31 */
+    Py_ssize_t i = 0;
+    for (; i + 4 <= m; i += 4) {
+        __m128i u = _mm_loadu_si128((const __m128i *)(b + i));
+        __m128i a = _mm_slli_epi32(u, 1);
+        __m128i nf = _mm_cmpeq_epi32(_mm_and_si128(a, em), em); /* all ones where Inf or NaN */
+        __m128 x = _mm_castsi128_ps(_mm_andnot_si128(nf, u)); /* those read as +0 */
+        __m128 nfp = _mm_castsi128_ps(nf);
+        lo = _mm_min_ps(lo, _mm_or_ps(x, _mm_and_ps(nfp, inf_ps)));   /* and as +Inf for the min */
+        hi = _mm_max_ps(hi, _mm_or_ps(x, _mm_and_ps(nfp, ninf_ps))); /* and as -Inf for the max */
+        __m128d d0 = _mm_cvtps_pd(x), d1 = _mm_cvtps_pd(_mm_movehl_ps(x, x));
+        s0 = _mm_add_pd(s0, d0);
+        s1 = _mm_add_pd(s1, d1);
+        q0 = _mm_add_pd(q0, _mm_mul_pd(d0, d0));
+        q1 = _mm_add_pd(q1, _mm_mul_pd(d1, d1));
+        z = _mm_sub_epi32(z, _mm_cmpeq_epi32(a, zero));
+        pz = _mm_sub_epi32(pz, _mm_cmpeq_epi32(u, zero));
+        pi = _mm_sub_epi32(pi, _mm_cmpeq_epi32(u, pinf));
+        ni = _mm_sub_epi32(ni, _mm_cmpeq_epi32(u, ninf));
+    }
+    __m128d nought = _mm_setzero_pd();
+    fold(acc, s0, s1, nought, nought, q0, q1, nought, nought, lo, hi);
+    int32_t t[4];
+    _mm_storeu_si128((__m128i *)t, z);
+    acc->zeros += (int64_t)t[0] + t[1] + t[2] + t[3];
+    _mm_storeu_si128((__m128i *)t, pz);
+    acc->pzeros += (int64_t)t[0] + t[1] + t[2] + t[3];
+    _mm_storeu_si128((__m128i *)t, pi);
+    acc->pinf += (int64_t)t[0] + t[1] + t[2] + t[3];
+    _mm_storeu_si128((__m128i *)t, ni);
+    acc->ninf += (int64_t)t[0] + t[1] + t[2] + t[3];
+    block_scalar(b + i, m - i, acc);
+}
+#else
+#define block_clean block_scalar
+#define block_masked block_scalar
+#endif
+
+/* Counts of the codes 0, 255, 256 and 511 (exponent field 0 or 255, either sign) in a histogram. */
+static inline int64_t edges(const int64_t *h) { return h[0] + h[255] + h[256] + h[511]; }
+
+/* One segment: codes into h (CODES counts, added to), specials into sp, floats into fl (both written).
+ * Block by block: the codes first (four sub-histograms for long segments, so that increments of the same bin do
+ * not wait on each other), then the floats while the block is in cache, without masks when the block's codes
+ * show only normal numbers. */
+static void segment(const uint32_t *b, Py_ssize_t n, int64_t *h, int64_t *sp, double *fl, int64_t *scratch) {
+    Acc acc;
+    memset(&acc, 0, sizeof acc);
+    acc.lo = INFINITY;
+    acc.hi = -INFINITY;
+    int64_t *h1 = scratch, *h2 = scratch + CODES, *h3 = scratch + 2 * CODES;
+    int split = n >= BIG;
+    if (split) memset(scratch, 0, 3 * CODES * sizeof(int64_t));
+    int64_t seen = 0; /* edge codes counted so far */
+    for (Py_ssize_t lo = 0; lo < n; lo += BLOCK) {
+        const uint32_t *p = b + lo;
+        Py_ssize_t m = n - lo < BLOCK ? n - lo : BLOCK, i = 0;
+        if (split) {
+            for (; i + 4 <= m; i += 4) {
+                h[p[i] >> 23]++;
+                h1[p[i + 1] >> 23]++;
+                h2[p[i + 2] >> 23]++;
+                h3[p[i + 3] >> 23]++;
+            }
+        }
+        for (; i < m; i++) h[p[i] >> 23]++;
+        int64_t now = edges(h) + (split ? edges(h1) + edges(h2) + edges(h3) : 0);
+        if (now == seen)
+            block_clean(p, m, &acc);
+        else
+            block_masked(p, m, &acc);
+        seen = now;
+    }
+    if (split)
+        for (int k = 0; k < CODES; k++) h[k] += h1[k] + h2[k] + h3[k];
+    sp[0] = acc.zeros;
+    sp[1] = acc.pzeros;
+    sp[2] = acc.pinf;
+    sp[3] = acc.ninf;
+    fl[0] = ((acc.s[0] + acc.s[1]) + (acc.s[2] + acc.s[3])) + ((acc.s[4] + acc.s[5]) + (acc.s[6] + acc.s[7]));
+    fl[1] = ((acc.q[0] + acc.q[1]) + (acc.q[2] + acc.q[3])) + ((acc.q[4] + acc.q[5]) + (acc.q[6] + acc.q[7]));
+    fl[2] = (double)acc.lo;
+    fl[3] = (double)acc.hi;
+}
+
+static int check(Py_buffer *buf, const char *name, Py_ssize_t itemsize, Py_ssize_t items) {
+    if (buf->len != itemsize * items) {
+        PyErr_Format(PyExc_ValueError, "stats_f32: %s has %zd bytes; expected %zd (%zd items of %zd bytes)", name,
+                     buf->len, itemsize * items, items, itemsize);
+        return 0;
+    }
+    return 1;
+}
+
+PyDoc_STRVAR(stats_f32_doc,
+             "stats_f32(data, offsets, codes, specials, floats)\n\n"
+             "Summarise the segments data[offsets[k]:offsets[k+1]] of a float32 buffer in one pass.\n\n"
+             "data: float32 buffer (C-contiguous). offsets: int64, n+1 non-decreasing offsets ending at len(data).\n"
+             "Outputs (written, C-contiguous): codes int64 (n, 512), counts of bits >> 23 (sign, exponent field);\n"
+             "specials int64 (n, 4): zeros, positive zeros, +inf, -inf; floats float64 (n, 4): sum, sum of\n"
+             "squares, min, max over the finite elements (min +inf and max -inf when there are none).");
+
+static PyObject *stats_f32(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer data, offsets, codes, specials, floats;
+    if (!PyArg_ParseTuple(args, "y*y*w*w*w*", &data, &offsets, &codes, &specials, &floats)) return NULL;
+    PyObject *result = NULL;
+    int64_t *scratch = NULL;
+    Py_ssize_t n = offsets.len / (Py_ssize_t)sizeof(int64_t) - 1;
+    if (n < 0 || !check(&offsets, "offsets", sizeof(int64_t), n + 1) || !check(&codes, "codes", sizeof(int64_t), n * CODES) ||
+        !check(&specials, "specials", sizeof(int64_t), n * SPECIALS) || !check(&floats, "floats", sizeof(double), n * FLOATS))
+        goto done;
+    if (data.len % 4) {
+        PyErr_Format(PyExc_ValueError, "stats_f32: data has %zd bytes, not a whole number of float32", data.len);
+        goto done;
+    }
+    const int64_t *off = (const int64_t *)offsets.buf;
+    Py_ssize_t total = data.len / 4;
+    int ok = off[0] == 0 && off[n] == total;
+    for (Py_ssize_t k = 0; ok && k < n; k++) ok = off[k] <= off[k + 1];
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "stats_f32: offsets must start at 0, not decrease, and end at len(data)");
+        goto done;
+    }
+    scratch = PyMem_RawMalloc(3 * CODES * sizeof(int64_t));
+    if (scratch == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS;
+    const uint32_t *bits = (const uint32_t *)data.buf;
+    int64_t *c = (int64_t *)codes.buf, *sp = (int64_t *)specials.buf;
+    double *fl = (double *)floats.buf;
+    memset(c, 0, (size_t)n * CODES * sizeof(int64_t));
+    for (Py_ssize_t k = 0; k < n; k++)
+        segment(bits + off[k], (Py_ssize_t)(off[k + 1] - off[k]), c + k * CODES, sp + k * SPECIALS, fl + k * FLOATS,
+                scratch);
+    Py_END_ALLOW_THREADS;
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyMem_RawFree(scratch);
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&offsets);
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&specials);
+    PyBuffer_Release(&floats);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"stats_f32", stats_f32, METH_VARARGS, stats_f32_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_ckernels", "gradsight's compiled summary kernel (see gradsight._kernels).", -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__ckernels(void) { return PyModule_Create(&module); }

@@ -1,0 +1,71 @@
+"""The compiled one-pass summary kernel for float32 data on the CPU, folded into summary rows.
+
+``gradsight._ckernels`` (``_ckernels.c``, built at install time where a C compiler is available) reads each
+element once and returns, per tensor, the counts of the 512 (sign, exponent field) codes ``bits >> 23``, the
+zeros, positive zeros and signed infinities, and the float64 sum, sum of squares, min and max of the finite
+elements. :func:`rows_f32` folds those into the rows of :mod:`gradsight._packing`: every count and bin exact, the
+sums accumulated in float64 in eight interleaved lanes (so they agree with the numpy reference,
+:func:`gradsight.summary.summarize`, to float64 rounding, like the other kernels).
+
+Without the compiled module :func:`rows_f32` returns ``None`` and the callers use their numpy/torch kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ._packing import COUNT, HIST, MAX, NAN, NEGINF, POSINF, POSITIVE, ROW, SUM, ZEROS
+
+try:
+    from . import _ckernels as _C
+except ImportError:  # built without a C compiler: the numpy/torch kernels stand in
+    _C = None
+
+__all__ = ["available", "rows_f32"]
+
+
+def available() -> bool:
+    """Whether the compiled kernel was built (a C compiler was available at install time)."""
+    return _C is not None
+
+
+def rows_f32(data: np.ndarray, numels: Sequence[int]) -> np.ndarray | None:
+    """Summary rows of the consecutive segments of a float32 buffer, or ``None`` without the compiled kernel.
+
+    Args:
+        data: 1-d C-contiguous float32 array: the tensors, flattened and concatenated.
+        numels: the tensors' sizes, in order; they add up to ``data.size``.
+
+    Returns:
+        ``(len(numels), ROW)`` int64 rows (float64 fields bit-cast), as :func:`gradsight._packing.empty_rows`
+        lays them out.
+    """
+    if _C is None:
+        return None
+    if data.dtype != np.float32 or data.ndim != 1 or not data.flags.c_contiguous:
+        raise ValueError(f"rows_f32 takes a 1-d C-contiguous float32 array; got {data.dtype} of shape {data.shape}.")
+    n = len(numels)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(numels, out=offsets[1:])
+    if offsets[-1] != data.size:
+        raise ValueError(f"rows_f32: the sizes add up to {int(offsets[-1])}, but the data has {data.size} elements.")
+    codes = np.empty((n, 2, 256), dtype=np.int64)  # [sign, exponent field]
+    specials = np.empty((n, 4), dtype=np.int64)  # zeros, positive zeros, +inf, -inf
+    floats = np.empty((n, 4), dtype=np.float64)  # sum, sum of squares, min, max
+    _C.stats_f32(data, offsets, codes, specials, floats)
+    zeros, pzeros, pinf, ninf = specials.T
+    rows = np.empty((n, ROW), dtype=np.int64)
+    rows[:, COUNT] = offsets[1:] - offsets[:-1]
+    rows[:, ZEROS] = zeros
+    rows[:, NAN] = codes[:, 0, 255] + codes[:, 1, 255] - pinf - ninf
+    rows[:, POSINF] = pinf
+    rows[:, NEGINF] = ninf
+    rows[:, POSITIVE] = codes[:, 0, :255].sum(1) - pzeros  # positive, finite, non-zero
+    hist = rows[:, HIST:]
+    np.add(codes[:, 0], codes[:, 1], out=hist)
+    hist[:, 0] -= zeros  # bin 0: the subnormals
+    hist[:, 255] = 0  # Inf and NaN have no bin
+    rows[:, SUM : MAX + 1] = floats.view(np.int64)
+    return rows

@@ -1,0 +1,119 @@
+"""The compiled one-pass kernel (gradsight._ckernels through gradsight._kernels.rows_f32) against the numpy reference.
+
+The kernel walks each tensor in blocks of 4096 elements, counts long tensors into four sub-histograms, and takes a
+mask-free path through blocks whose codes show only normal numbers: these tests put zeros, subnormals, infinities
+and NaN in some blocks and not others, and use sizes around every boundary, so that each path and each hand-over
+between them is compared with :func:`gradsight.summarize`.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sysconfig
+
+import numpy as np
+import pytest
+
+from gradsight import _kernels
+from gradsight._packing import Rows
+from gradsight.summary import from_rows, summarize
+
+needs_kernel = pytest.mark.skipif(not _kernels.available(), reason="the compiled kernel was not built")
+
+SPECIALS = np.array(
+    [0.0, -0.0, np.nan, np.inf, -np.inf, 2.0**-130, -(2.0**-140), 1e-45, 3.4e38, -3.4e38], dtype=np.float32
+)
+
+
+def assert_same(got, ref, where):
+    for k in ("count", "zeros", "nan", "posinf", "neginf", "positive"):
+        assert getattr(got, k) == getattr(ref, k), (where, k, getattr(got, k), getattr(ref, k))
+    np.testing.assert_array_equal(got.hist, ref.hist, err_msg=where)
+    assert (got.min, got.max) == (ref.min, ref.max), where
+    # float64 accumulation of float32 data: error of the order of count * eps64 * the scale
+    big = max(abs(ref.min), abs(ref.max)) if ref.finite else 0.0
+    assert abs(got.sum - ref.sum) <= 1e-12 * ref.count * big + 1e-300, (where, got.sum, ref.sum)
+    assert abs(got.sum_sq - ref.sum_sq) <= 1e-12 * ref.count * big * big + 1e-300, (where, got.sum_sq, ref.sum_sq)
+
+
+def summaries(data, numels):
+    rows = _kernels.rows_f32(data, numels)
+    return from_rows(Rows(rows, [None] * len(numels), [0] * len(numels)))
+
+
+def check(arrays, where):
+    data = np.concatenate([a.reshape(-1) for a in arrays]).astype(np.float32)
+    for i, (got, a) in enumerate(zip(summaries(data, [a.size for a in arrays]), arrays, strict=True)):
+        with np.errstate(over="ignore", invalid="ignore"):
+            assert_same(got, summarize(a), f"{where}, tensor {i} of size {a.size}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("size", [1, 3, 4, 7, 8, 9, 4095, 4096, 4097, 8191, 8192, 8200, 3 * 4096 + 5])
+@pytest.mark.parametrize("specials", ["none", "one block", "scattered"])
+def test_sizes_around_the_block_and_lane_boundaries(size, specials):
+    rng = np.random.default_rng(size)
+    a = (rng.standard_normal(size) * 10.0 ** rng.uniform(-30, 30)).astype(np.float32)
+    if specials == "one block" and size > 4096:  # only the second block has specials: the first and third go clean
+        at = rng.integers(4096, min(size, 8192), 20)
+        a[at] = rng.choice(SPECIALS, 20)
+    elif specials != "none":
+        at = rng.integers(0, size, max(1, size // 50))
+        a[at] = rng.choice(SPECIALS, at.size)
+    check([a], f"size {size}, specials {specials}")
+
+
+@needs_kernel
+def test_many_segments_of_mixed_sizes_in_one_call():
+    rng = np.random.default_rng(0)
+    arrays = []
+    for k, size in enumerate([5, 0, 4096, 1, 10_000, 33, 0, 70_000, 8, 4097]):
+        a = (rng.standard_normal(size) * 3.0**k).astype(np.float32)
+        if k % 3 == 0 and size:
+            a[rng.integers(0, size, 1 + size // 100)] = rng.choice(SPECIALS, 1 + size // 100)
+        if k == 4:
+            a = np.maximum(a, 0)  # a ReLU output: half zeros
+        arrays.append(a)
+    check(arrays, "mixed segments")
+
+
+@needs_kernel
+@pytest.mark.parametrize("value", [0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, 1.0])
+def test_a_long_tensor_of_one_value(value):
+    check([np.full(10_000, value, dtype=np.float32)], f"all {value}")
+
+
+@needs_kernel
+def test_extremes_of_float32_sum_in_float64_without_overflow():
+    a = np.full(5000, np.finfo(np.float32).max, dtype=np.float32)
+    rows = summaries(a, [a.size])[0]
+    assert rows.sum == pytest.approx(5000 * float(np.finfo(np.float32).max), rel=1e-15)
+    assert math.isfinite(rows.sum_sq)
+
+
+@needs_kernel
+def test_bad_input_is_refused_with_what_was_given():
+    with pytest.raises(ValueError, match="float32"):
+        _kernels.rows_f32(np.zeros(4, dtype=np.float64), [4])
+    with pytest.raises(ValueError, match="add up to 3, but the data has 4"):
+        _kernels.rows_f32(np.zeros(4, dtype=np.float32), [1, 2])
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _kernels.rows_f32(np.zeros(8, dtype=np.float32)[::2], [4])
+    c = _kernels._C
+    data, offsets = np.zeros(4, np.float32), np.array([0, 4], np.int64)
+    with pytest.raises(ValueError, match="codes has"):
+        c.stats_f32(data, offsets, np.empty(3, np.int64), np.empty(4, np.int64), np.empty(4, np.float64))
+    with pytest.raises(ValueError, match="offsets must"):
+        c.stats_f32(data, np.array([0, 5], np.int64), np.empty(512, np.int64), np.empty(4, np.int64), np.empty(4))
+    with pytest.raises(ValueError, match="offsets must"):
+        c.stats_f32(data, np.array([1, 4], np.int64), np.empty(512, np.int64), np.empty(4, np.int64), np.empty(4))
+
+
+def test_the_kernel_is_built_where_a_compiler_is():
+    """A C compiler was there at install time, so the kernel must have been built (a failing build is skipped
+    quietly by setuptools: this catches it)."""
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(cc) is None:
+        pytest.skip(f"no C compiler ({cc}) here: gradsight runs on its numpy/torch kernels")
+    assert _kernels.available(), "gradsight._ckernels is missing: reinstall (pip install -e .) and read the build log"
