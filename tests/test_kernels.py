@@ -117,3 +117,26 @@ def test_the_kernel_is_built_where_a_compiler_is():
     if shutil.which(cc) is None:
         pytest.skip(f"no C compiler ({cc}) here: gradsight runs on its numpy/torch kernels")
     assert _kernels.available(), "gradsight._ckernels is missing: reinstall (pip install -e .) and read the build log"
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (4, 6, 9), (2, 3, 4, 5), (1, 1), (0, 3), (3, 0, 2), (64, 8, 33)])
+def test_unit_counts_match_the_reference_on_every_axis(shape):
+    rng = np.random.default_rng(len(shape))
+    a = np.maximum(rng.standard_normal(shape), 0).astype(np.float32)  # half zeros
+    flat = a.reshape(-1)
+    flat[::7] = np.nan  # counts as active
+    flat[::11] = -0.0  # does not
+    for axis in range(a.ndim):
+        ref = summarize(a, unit_axis=axis).units_active
+        np.testing.assert_array_equal(_kernels.unit_counts_f32(a, axis), ref, err_msg=f"axis {axis}")
+
+
+@needs_kernel
+def test_unit_counts_refuse_bad_input():
+    with pytest.raises(ValueError, match="axis in"):
+        _kernels.unit_counts_f32(np.zeros((2, 3), np.float32), 2)
+    with pytest.raises(ValueError, match="C-contiguous: False"):
+        _kernels.unit_counts_f32(np.zeros((4, 3), np.float32).T, 0)
+    with pytest.raises(ValueError, match="data has 8 bytes"):
+        _kernels._C.units_f32(np.zeros(2, np.float32), 1, 3, 1, np.zeros(3, np.int64))

@@ -200,7 +200,7 @@ static void segment(const uint32_t *b, Py_ssize_t n, int64_t *h, int64_t *sp, do
 
 static int check(Py_buffer *buf, const char *name, Py_ssize_t itemsize, Py_ssize_t items) {
     if (buf->len != itemsize * items) {
-        PyErr_Format(PyExc_ValueError, "stats_f32: %s has %zd bytes; expected %zd (%zd items of %zd bytes)", name,
+        PyErr_Format(PyExc_ValueError, "%s has %zd bytes; expected %zd (%zd items of %zd bytes)", name,
                      buf->len, itemsize * items, items, itemsize);
         return 0;
     }
@@ -263,7 +263,62 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(units_f32_doc,
+             "units_f32(data, pre, units, post, out)\n\n"
+             "Add to out[u] (int64, units entries) the number of non-zero elements of unit u of a float32 buffer\n"
+             "seen as (pre, units, post), C order. NaN counts as non-zero, -0.0 as zero (like x != 0).");
+
+static PyObject *units_f32(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer data, out;
+    Py_ssize_t pre, units, post;
+    if (!PyArg_ParseTuple(args, "y*nnnw*", &data, &pre, &units, &post, &out)) return NULL;
+    PyObject *result = NULL;
+    uint32_t *tmp = NULL; /* post == 1: per-unit uint32 counts over up to 2**31 rows (vectorised adds) */
+    if (pre < 0 || units < 0 || post < 0 || (units && post && pre > PY_SSIZE_T_MAX / units / post) ||
+        !check(&data, "data", 4, pre * units * post) || !check(&out, "out", sizeof(int64_t), units))
+        goto done;
+    if (post == 1 && units && (tmp = PyMem_RawCalloc((size_t)units, sizeof(uint32_t))) == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS;
+    const uint32_t *b = (const uint32_t *)data.buf;
+    int64_t *o = (int64_t *)out.buf;
+    for (Py_ssize_t r = 0; r < pre; r++) {
+        const uint32_t *row = b + r * units * post;
+        if (post == 1) {
+            for (Py_ssize_t u = 0; u < units; u++) tmp[u] += (row[u] << 1) != 0;
+            if ((r & 0x7FFFFFFF) == 0x7FFFFFFF || r == pre - 1) {
+                for (Py_ssize_t u = 0; u < units; u++) o[u] += tmp[u];
+                memset(tmp, 0, (size_t)units * sizeof(uint32_t));
+            }
+            continue;
+        }
+        for (Py_ssize_t u = 0; u < units; u++) {
+            const uint32_t *p = row + u * post;
+            int64_t total = 0;
+            for (Py_ssize_t lo = 0; lo < post; lo += (Py_ssize_t)1 << 30) { /* uint32 counts: vectorised */
+                Py_ssize_t hi = post - lo < ((Py_ssize_t)1 << 30) ? post : lo + ((Py_ssize_t)1 << 30);
+                uint32_t c = 0;
+                for (Py_ssize_t k = lo; k < hi; k++) c += (p[k] << 1) != 0;
+                total += c;
+            }
+            o[u] += total;
+        }
+    }
+    Py_END_ALLOW_THREADS;
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyMem_RawFree(tmp);
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"units_f32", units_f32, METH_VARARGS, units_f32_doc},
     {"stats_f32", stats_f32, METH_VARARGS, stats_f32_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -12,6 +12,7 @@ Without the compiled module :func:`rows_f32` returns ``None`` and the callers us
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,7 +24,7 @@ try:
 except ImportError:  # built without a C compiler: the numpy/torch kernels stand in
     _C = None
 
-__all__ = ["available", "rows_f32"]
+__all__ = ["available", "rows_f32", "unit_counts_f32"]
 
 
 def available() -> bool:
@@ -69,3 +70,21 @@ def rows_f32(data: np.ndarray, numels: Sequence[int]) -> np.ndarray | None:
     hist[:, 255] = 0  # Inf and NaN have no bin
     rows[:, SUM : MAX + 1] = floats.view(np.int64)
     return rows
+
+
+def unit_counts_f32(a: np.ndarray, axis: int) -> np.ndarray | None:
+    """Non-zero entries per index along ``axis`` of a float32 array (NaN counts, ``-0.0`` does not), int64.
+
+    ``None`` without the compiled kernel. ``a`` must be C-contiguous and ``0 <= axis < a.ndim``.
+    """
+    if _C is None:
+        return None
+    if a.dtype != np.float32 or not a.flags.c_contiguous or not 0 <= axis < a.ndim:
+        raise ValueError(
+            f"unit_counts_f32 takes a C-contiguous float32 array and an axis in [0, ndim); got {a.dtype} of shape "
+            f"{a.shape} (C-contiguous: {a.flags.c_contiguous}) and axis {axis}."
+        )
+    counts = np.zeros(a.shape[axis], dtype=np.int64)
+    pre, post = math.prod(a.shape[:axis]), math.prod(a.shape[axis + 1 :])
+    _C.units_f32(a.reshape(-1), pre, a.shape[axis], post, counts)
+    return counts

@@ -237,11 +237,14 @@ def _in_place(t: torch.Tensor, dtype: torch.dtype) -> bool:
 def _unit_counts(t: torch.Tensor, axis: int) -> torch.Tensor:
     """The number of non-zero entries of each unit (index along ``axis``) of ``t``, int64, on ``t``'s device.
 
-    NaN != 0, so a unit emitting NaN counts as active, as in the reference. CPU float32/float64 tensors are
-    counted by numpy (:func:`_unit_counts_np`; torch's ``count_nonzero`` over several dims is ~10x slower there).
+    NaN != 0, so a unit emitting NaN counts as active, as in the reference. CPU float32 tensors are counted by the
+    compiled kernel where it was built (:func:`gradsight._kernels.unit_counts_f32`), else, like float64 ones, by
+    numpy (:func:`_unit_counts_np`; torch's ``count_nonzero`` over several dims is ~10x slower there).
     """
     if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and t.is_contiguous():
-        return torch.from_numpy(_unit_counts_np(t.numpy(), axis))
+        a = t.numpy()
+        counts = _kernels.unit_counts_f32(a, axis) if a.dtype == np.float32 else None  # compiled, where built
+        return torch.from_numpy(counts if counts is not None else _unit_counts_np(a, axis))
     dims = tuple(d for d in range(t.dim()) if d != axis)
     if dims:  # (count_nonzero reads an empty dim tuple as "all dims")
         return torch.count_nonzero(t, dim=dims).reshape(-1)
