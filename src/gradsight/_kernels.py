@@ -32,6 +32,23 @@ def available() -> bool:
     return _C is not None
 
 
+_OFFSETS: dict[tuple[int, ...], np.ndarray] = {}
+
+
+def _offsets(numels: Sequence[int]) -> np.ndarray:
+    """``[0, n0, n0 + n1, ...]`` as int64 (cached for a few layouts: a watch summarises the same ones each step)."""
+    key = tuple(numels)
+    offsets = _OFFSETS.get(key)
+    if offsets is None:
+        offsets = np.zeros(len(key) + 1, dtype=np.int64)
+        np.cumsum(key, out=offsets[1:])
+        offsets.flags.writeable = False
+        if len(_OFFSETS) >= 64:
+            _OFFSETS.pop(next(iter(_OFFSETS)))
+        _OFFSETS[key] = offsets
+    return offsets
+
+
 def rows_f32(data: np.ndarray, numels: Sequence[int]) -> np.ndarray | None:
     """Summary rows of the consecutive segments of a float32 buffer, or ``None`` without the compiled kernel.
 
@@ -48,8 +65,7 @@ def rows_f32(data: np.ndarray, numels: Sequence[int]) -> np.ndarray | None:
     if data.dtype != np.float32 or data.ndim != 1 or not data.flags.c_contiguous:
         raise ValueError(f"rows_f32 takes a 1-d C-contiguous float32 array; got {data.dtype} of shape {data.shape}.")
     n = len(numels)
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(numels, out=offsets[1:])
+    offsets = _offsets(numels)
     if offsets[-1] != data.size:
         raise ValueError(f"rows_f32: the sizes add up to {int(offsets[-1])}, but the data has {data.size} elements.")
     codes = np.empty((n, 2, 256), dtype=np.int64)  # [sign, exponent field]

@@ -449,9 +449,10 @@ def _plan(numels: list[int]) -> list[_Piece]:
 
 def _rows_f32_cpu(g: _Group) -> torch.Tensor | None:
     """The fast CPU float32 kernels (see the module docstring); ``None`` when the exact kernels are needed."""
-    rows = _kernels.rows_f32(g.flat.numpy(), g.numels)  # the compiled one-pass kernel, where it was built
-    if rows is not None:
-        return torch.from_numpy(rows)
+    if _kernels.available() and g.flat.is_contiguous():  # the compiled one-pass kernel, where it was built
+        rows = _kernels.rows_f32(g.flat.numpy(), g.numels)
+        if rows is not None:
+            return torch.from_numpy(rows)
     flat, numels, n = g.flat, g.numels, len(g.numels)
     plan = _plan(numels)
     codes, f64 = _WS.get()
