@@ -140,3 +140,39 @@ def test_unit_counts_refuse_bad_input():
         _kernels.unit_counts_f32(np.zeros((4, 3), np.float32).T, 0)
     with pytest.raises(ValueError, match="data has 8 bytes"):
         _kernels._C.units_f32(np.zeros(2, np.float32), 1, 3, 1, np.zeros(3, np.int64))
+
+
+@needs_kernel
+def test_copy_and_difference_norms_match_float64_references():
+    rng = np.random.default_rng(3)
+    sizes = [1, 7, 15, 16, 17, 1000, 4096 + 3]
+    src = [rng.standard_normal(n).astype(np.float32) * 10.0 ** rng.uniform(-20, 20) for n in sizes]
+    src[2][3] = np.inf
+    src[4][5] = np.nan
+    dst = [np.empty_like(a) for a in src]
+    got = _kernels.copy_norms_f32(src, dst)
+    for a, b, g in zip(src, dst, got, strict=True):
+        np.testing.assert_array_equal(a, b)  # the copy is exact (NaN in the same places)
+        ref = float(np.sqrt(np.sum(a.astype(np.float64) ** 2)))
+        assert g == pytest.approx(ref, rel=1e-14, nan_ok=True)
+    after = [a + np.float32(1e-3) * rng.standard_normal(a.size).astype(np.float32) for a in dst]
+    got = _kernels.diff_norms_f32(after, dst)
+    for a, b, g in zip(after, dst, got, strict=True):
+        with np.errstate(invalid="ignore"):  # inf - inf
+            d = (a - b).astype(np.float64)  # the float32 difference, as torch's subtraction rounds it
+        assert g == pytest.approx(float(np.sqrt(np.sum(d * d))), rel=1e-14, nan_ok=True)
+
+
+@needs_kernel
+def test_norm_kernels_refuse_mismatched_lists():
+    a, b = [np.zeros(4, np.float32)], [np.zeros(5, np.float32)]
+    with pytest.raises(ValueError, match="array 0 of the second list is not a float32 array of the size"):
+        _kernels.copy_norms_f32(a, b)
+    with pytest.raises(ValueError, match="lists of 1 and 2 arrays"):
+        _kernels.diff_norms_f32(a, [*a, *a])
+    with pytest.raises(ValueError, match="array 0 of the first list is not a float32"):
+        _kernels.diff_norms_f32([np.zeros(4)], a)
+    with pytest.raises(ValueError, match=r"read-only|writable"):
+        ro = np.zeros(4, np.float32)
+        ro.flags.writeable = False
+        _kernels.copy_norms_f32(a, [ro])

@@ -1,7 +1,10 @@
 /*
- * gradsight._ckernels: the fused one-pass summary kernel for float32 data on the CPU.
+ * gradsight._ckernels: fused one-pass kernels for float32 data on the CPU.
  *
- * One read of each element computes everything a summary row needs: the counts of the 512 (sign, exponent
+ * stats_f32 and units_f32 summarise tensors (a watch's logged steps); copy_sumsq_f32 and diff_sumsq_f32 give the
+ * per-step weight and update norms, each fused with the copy or the difference it needs.
+ *
+ * stats_f32 reads each element once for everything a summary row needs: the counts of the 512 (sign, exponent
  * field) codes, the zeros, positive zeros and signed infinities that split the codes' edge bins, and the
  * float64 sum, sum of squares, min and max over the finite elements. Python (gradsight._kernels) folds those
  * into the rows of gradsight._packing; the numpy reference (gradsight.summary.summarize) defines the numbers.
@@ -9,7 +12,7 @@
  * Built at install time when a C compiler is there (setup.py, optional); without it gradsight uses its
  * numpy/torch kernels, which compute the same counts and bins and the same sums up to float64 rounding.
  *
- * The GIL is released while the kernel runs. Plain C99, no numpy headers: arrays arrive through the buffer
+ * The GIL is released while a kernel runs. Plain C99, no numpy headers: arrays arrive through the buffer
  * protocol.
  */
 #define PY_SSIZE_T_CLEAN
@@ -317,7 +320,131 @@ done:
     return result;
 }
 
+/* ---- per-step norms: sums of squares of float32 tensors, in float64, fused with a copy or a difference ---- */
+
+/* Sum of squares in float64 of x while copying it to y (op 1), or of the float32 difference x - y (op 2:
+ * rounded as the float32 subtraction rounds it, then squared and summed in float64). */
+static double sumsq(const float *x, float *y, Py_ssize_t n, int op) {
+    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    Py_ssize_t i = 0;
+#if defined(__SSE2__)
+    /* sixteen floats per round into eight accumulators: enough independent adds to keep up with memory */
+    __m128d a[8];
+    for (int k = 0; k < 8; k++) a[k] = _mm_setzero_pd();
+    for (; i + 16 <= n; i += 16) {
+        for (int j = 0; j < 4; j++) {
+            __m128 v = _mm_loadu_ps(x + i + 4 * j);
+            if (op == 1)
+                _mm_storeu_ps(y + i + 4 * j, v);
+            else
+                v = _mm_sub_ps(v, _mm_loadu_ps(y + i + 4 * j));
+            __m128d lo = _mm_cvtps_pd(v), hi = _mm_cvtps_pd(_mm_movehl_ps(v, v));
+            a[2 * j] = _mm_add_pd(a[2 * j], _mm_mul_pd(lo, lo));
+            a[2 * j + 1] = _mm_add_pd(a[2 * j + 1], _mm_mul_pd(hi, hi));
+        }
+    }
+    double t[16];
+    for (int k = 0; k < 8; k++) _mm_storeu_pd(t + 2 * k, a[k]);
+    s0 = (t[0] + t[1]) + (t[2] + t[3]);
+    s1 = (t[4] + t[5]) + (t[6] + t[7]);
+    s2 = (t[8] + t[9]) + (t[10] + t[11]);
+    s3 = (t[12] + t[13]) + (t[14] + t[15]);
+#endif
+    for (; i < n; i++) {
+        float v = x[i];
+        if (op == 1)
+            y[i] = v;
+        else
+            v = v - y[i];
+        double d = (double)v;
+        s0 += d * d;
+    }
+    return (s0 + s1) + (s2 + s3);
+}
+
+/* Acquire the k-th buffer of a sequence: float32, C-contiguous, writable if asked, of len bytes if len >= 0. */
+static int get_f32(PyObject *seq, Py_ssize_t k, Py_buffer *view, int writable, Py_ssize_t len, const char *name,
+                   const char *which) {
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, k), view, flags) < 0) return 0;
+    if (view->itemsize != 4 || view->format == NULL || strcmp(view->format, "f") != 0 || (len >= 0 && view->len != len)) {
+        PyErr_Format(PyExc_ValueError, "%s: array %zd of %s is not a float32 array%s", name, k, which,
+                     len >= 0 ? " of the size of the first list's" : "");
+        PyBuffer_Release(view);
+        return 0;
+    }
+    return 1;
+}
+
+/* The op over two lists of arrays (xs, ys), float32 and C-contiguous; a list of float64 sums of squares. */
+static PyObject *sumsq_lists(PyObject *args, int op, const char *name) {
+    PyObject *xs, *ys, *fx = NULL, *fy = NULL, *result = NULL;
+    Py_buffer *bx = NULL, *by = NULL;
+    double *out = NULL;
+    Py_ssize_t n = 0, got = 0, goty = 0;
+    if (!PyArg_ParseTuple(args, "OO", &xs, &ys)) return NULL;
+    if ((fx = PySequence_Fast(xs, "expected a list of float32 arrays")) == NULL ||
+        (fy = PySequence_Fast(ys, "expected a list of float32 arrays")) == NULL)
+        goto done;
+    n = PySequence_Fast_GET_SIZE(fx);
+    if (PySequence_Fast_GET_SIZE(fy) != n) {
+        PyErr_Format(PyExc_ValueError, "%s: lists of %zd and %zd arrays; expected as many", name, n,
+                     PySequence_Fast_GET_SIZE(fy));
+        goto done;
+    }
+    bx = PyMem_Calloc((size_t)n + 1, sizeof(Py_buffer));
+    by = PyMem_Calloc((size_t)n + 1, sizeof(Py_buffer));
+    out = PyMem_Calloc((size_t)n + 1, sizeof(double));
+    if (bx == NULL || by == NULL || out == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; got < n; got++)
+        if (!get_f32(fx, got, &bx[got], 0, -1, name, "the first list")) goto done;
+    for (; goty < n; goty++)
+        if (!get_f32(fy, goty, &by[goty], op == 1, bx[goty].len, name, "the second list")) goto done;
+    Py_BEGIN_ALLOW_THREADS;
+    for (Py_ssize_t k = 0; k < n; k++) out[k] = sumsq((const float *)bx[k].buf, (float *)by[k].buf, bx[k].len / 4, op);
+    Py_END_ALLOW_THREADS;
+    if ((result = PyList_New(n)) == NULL) goto done;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *v = PyFloat_FromDouble(out[k]);
+        if (v == NULL) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyList_SET_ITEM(result, k, v);
+    }
+done:
+    for (Py_ssize_t k = 0; k < got; k++) PyBuffer_Release(&bx[k]);
+    for (Py_ssize_t k = 0; k < goty; k++) PyBuffer_Release(&by[k]);
+    PyMem_Free(bx);
+    PyMem_Free(by);
+    PyMem_Free(out);
+    Py_XDECREF(fx);
+    Py_XDECREF(fy);
+    return result;
+}
+
+PyDoc_STRVAR(copy_sumsq_f32_doc,
+             "copy_sumsq_f32(xs, ys) -> list: copy each float32 array xs[k] into ys[k] and return the sums of\n"
+             "squares (float64) of what was copied.");
+static PyObject *copy_sumsq_f32(PyObject *self, PyObject *args) {
+    (void)self;
+    return sumsq_lists(args, 1, "copy_sumsq_f32");
+}
+
+PyDoc_STRVAR(diff_sumsq_f32_doc,
+             "diff_sumsq_f32(xs, ys) -> list: per pair, the float64 sum of squares of the float32 difference\n"
+             "xs[k] - ys[k] (each difference rounded to float32, as a float32 subtraction gives it).");
+static PyObject *diff_sumsq_f32(PyObject *self, PyObject *args) {
+    (void)self;
+    return sumsq_lists(args, 2, "diff_sumsq_f32");
+}
+
 static PyMethodDef methods[] = {
+    {"copy_sumsq_f32", copy_sumsq_f32, METH_VARARGS, copy_sumsq_f32_doc},
+    {"diff_sumsq_f32", diff_sumsq_f32, METH_VARARGS, diff_sumsq_f32_doc},
     {"units_f32", units_f32, METH_VARARGS, units_f32_doc},
     {"stats_f32", stats_f32, METH_VARARGS, stats_f32_doc},
     {NULL, NULL, 0, NULL},

@@ -24,7 +24,7 @@ try:
 except ImportError:  # built without a C compiler: the numpy/torch kernels stand in
     _C = None
 
-__all__ = ["available", "rows_f32", "unit_counts_f32"]
+__all__ = ["available", "copy_norms_f32", "diff_norms_f32", "rows_f32", "unit_counts_f32"]
 
 
 def available() -> bool:
@@ -104,3 +104,25 @@ def unit_counts_f32(a: np.ndarray, axis: int) -> np.ndarray | None:
     pre, post = math.prod(a.shape[:axis]), math.prod(a.shape[axis + 1 :])
     _C.units_f32(a.reshape(-1), pre, a.shape[axis], post, counts)
     return counts
+
+
+# ---- per-step norms (the watch's every-step signals) -----------------------------------------------------------
+# L2 norms of float32 arrays, accumulated in float64 (torch's float32 norms agree to float32 rounding), each fused
+# with the copy or the difference the signals need: one pass over the inputs, no temporaries.
+
+
+def copy_norms_f32(src: Sequence[np.ndarray], dst: Sequence[np.ndarray]) -> list[float] | None:
+    """Copy each ``src[k]`` into ``dst[k]`` (same size) and return the copies' norms, in one pass."""
+    if _C is None:
+        return None
+    return [math.sqrt(v) for v in _C.copy_sumsq_f32(src, dst)]
+
+
+def diff_norms_f32(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> list[float] | None:
+    """The norm of each float32 difference ``a[k] - b[k]``, in one pass, without storing the difference.
+
+    Each difference is rounded to float32, as torch's float32 subtraction rounds it, then squared in float64.
+    """
+    if _C is None:
+        return None
+    return [math.sqrt(v) for v in _C.diff_sumsq_f32(a, b)]

@@ -14,6 +14,12 @@ from gradsight.frameworks.torch._summary import summarize_tensor, summarize_tens
 from gradsight.summary import TensorSummary, from_rows, summarize
 
 
+@pytest.fixture(autouse=True)
+def summarise_when():
+    """These kernel tests choose their kernels themselves (below), not by the package's watch modes."""
+    return "later"
+
+
 @pytest.fixture(autouse=True, params=["compiled", "fast", "exact"])
 def kernels(request, monkeypatch):
     """Every test here runs three times, once per CPU float32 kernel set.

@@ -67,9 +67,11 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from ... import _kernels
 from ..._errors import InputError, WatchError
 from ..._packing import Rows, SummaryArrays, merge_rows
 from ..._schedule import Schedule
@@ -77,7 +79,7 @@ from ..._watch_core import WatchCore, unit_axis
 from ...diagnose import GradsightWarning
 from ...store import RunWriter
 from ...summary import TensorSummary, to_rows
-from ._signals import Backward, StepRecord, counts_of, host_records, norms_of, scaler_scale
+from ._signals import Backward, StepRecord, counts_of, host_records, norms_of, np_f32, scaler_scale
 from ._summary import Flat, PackedStats, to_host_rows
 
 __all__ = ["Watch", "unit_axis_for"]
@@ -303,6 +305,7 @@ class Watch(WatchCore):
         self._bw_queued = False  # an end-of-backward callback is queued for the backward pass in progress
         self._lagged: StepRecord | None = None  # a device step's signals, judged at the next step (see _judge_step)
         self._wbuf: list[torch.Tensor] | None = None  # W_before of the optimizer's parameters
+        self._wbuf_np: list[np.ndarray] | None = None  # its numpy views, for the compiled kernels (CPU float32)
         self._wbuf_step = -1  # the step whose W_before the buffer holds
         self._loss: tuple[int, Any] | None = None  # the last logged loss, for the anomaly judge
         self._loss_judged = -1  # the step of the last loss fed to the judge
@@ -659,14 +662,26 @@ class Watch(WatchCore):
         self._bw_counts = counts_of(tensors, norms, host)
         self._stepped_since_bw = False
 
-    def _copy_weights(self) -> None:
-        """Copy the optimizer's parameters into the W_before buffer (allocated once)."""
+    def _copy_weights(self) -> list[float] | None:
+        """Copy the optimizer's parameters into the W_before buffer (allocated once).
+
+        Returns:
+            The copies' norms where the compiled kernel computed them on the way (CPU float32), else ``None``.
+        """
         params = [p.detach() for _, p in self._update_params]
         if not params:
-            return
+            return None
+        norms = None
         with torch.no_grad():
             if self._wbuf is None or len(self._wbuf) != len(params):
                 self._wbuf = [p.clone() for p in params]
+                self._wbuf_np = np_f32(self._wbuf)
+            elif self._wbuf_np is not None and (views := np_f32(params)) is not None:
+                try:
+                    norms = _kernels.copy_norms_f32(views, self._wbuf_np)
+                except ValueError:  # a parameter changed size (its .data replaced): copy as torch does
+                    norms = None
+                    torch._foreach_copy_(self._wbuf, params)
             else:
                 try:
                     torch._foreach_copy_(self._wbuf, params)
@@ -674,6 +689,7 @@ class Watch(WatchCore):
                     for b, p in zip(self._wbuf, params, strict=True):
                         b.copy_(p)
         self._wbuf_step = self._step
+        return norms
 
     def _signals_before(self, grads: list[tuple[str, torch.Tensor]]) -> None:
         """At the start of the step: gradient norms (pre- and post-clip), W_before and its norms, the lr."""
@@ -694,12 +710,13 @@ class Watch(WatchCore):
                 if bw is not None and bw.names == names:  # clipped or unscaled since backward
                     rec.preclip = bw.norms
                     rec.scale = scaler_scale(self._scaler)
+        copied = None
         if self._optimizer is not None:
-            self._copy_weights()
+            copied = self._copy_weights()
             rec.lr = self._lrs()
         if self._wbuf is not None and self._wbuf_step == self._step:
             rec.param_names = tuple(n for n, _ in self._update_params)
-            rec.weight = norms_of(self._wbuf, self._host(self._wbuf))
+            rec.weight = copied if copied is not None else norms_of(self._wbuf, self._host(self._wbuf))
 
     def _lrs(self) -> dict[str, float]:
         """The optimizer's learning rates now, by scalar name (``lr``, or ``lr/<i>`` for several groups)."""
@@ -731,12 +748,21 @@ class Watch(WatchCore):
         if rec is None:  # no start of step seen (watch.step() calls _before_step first; a closure may not)
             return None, False
         diffs = None
+        params = [p.detach() for _, p in self._update_params]
         if rec.weight is not None and self._wbuf is not None and not skipped:
-            with torch.no_grad():
-                diffs = torch._foreach_sub([p.detach() for _, p in self._update_params], self._wbuf)
-            rec.update = norms_of(diffs, self._host(diffs))
+            views = np_f32(params) if (self._wbuf_np is not None and not self._logged) else None
+            if views is not None:  # the norms only, in one pass: the differences are not stored
+                rec.update = _kernels.diff_norms_f32(views, self._wbuf_np)
+            else:
+                with torch.no_grad():
+                    diffs = torch._foreach_sub(params, self._wbuf)
+                rec.update = norms_of(diffs, self._host(diffs))
         rec.skipped = skipped
-        return diffs, self._judge_step(rec)
+        capture = self._judge_step(rec)
+        if capture and diffs is None and rec.update is not None:  # W_after and W_before are intact: take them now
+            with torch.no_grad():
+                diffs = torch._foreach_sub(params, self._wbuf)
+        return diffs, capture
 
     def _judge_step(self, rec: StepRecord) -> bool:
         """Record the step's signals and feed them to the anomaly judge; whether a capture starts at this step.
@@ -917,7 +943,7 @@ class Watch(WatchCore):
         self._param_flats.clear()
         self._axis_of.clear()
         self._flat_before = None
-        self._wbuf = self._bw = self._rec = self._lagged = None
+        self._wbuf = self._wbuf_np = self._bw = self._rec = self._lagged = None
         self._loss = None
         self._optimizer = None
         self._params = []
