@@ -8,7 +8,7 @@ from test_torch_summary import assert_matches
 from torch import nn
 
 import gradsight
-from gradsight import InputError, StoreError, WatchError
+from gradsight import InputError, StoreError, WatchError, _kernels
 from gradsight._schedule import PRESETS, schedule
 from gradsight._watch import watch
 from gradsight.store import load
@@ -277,6 +277,7 @@ def test_bad_inputs_and_odd_models(tmp_path):
     assert set(df[df.tensor == "frozen.weight"]["kind"]) == {"weight"}
     assert set(df[df.layer == "act"]["kind"]) == {"output", "output_grad"}
     assert meta["framework"] == "torch" and meta["versions"]["torch"] == torch.__version__
+    assert meta["cpu_kernels"] == ("compiled" if _kernels.available() else "numpy/torch")
     assert [layer["name"] for layer in meta["model"]["layers"]] == ["model", "a", "frozen", "unused", "act", "tied"]
 
 

@@ -215,6 +215,8 @@ class Watch(WatchCore):
                 "optimizer_params": opt_meta,
                 "frozen": [n for n, p in self._params if not p.requires_grad],  # requires_grad=False at watch()
                 "compiled": self._compiled,
+                # which CPU kernels computed the float32 sums and norms (they agree to float64/float32 rounding)
+                "cpu_kernels": "compiled" if _kernels.available() else "numpy/torch",
             },
         )
         self._model_ref = weakref.ref(model)
