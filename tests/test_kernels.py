@@ -96,18 +96,35 @@ def test_extremes_of_float32_sum_in_float64_without_overflow():
 def test_bad_input_is_refused_with_what_was_given():
     with pytest.raises(ValueError, match="float32"):
         _kernels.rows_f32(np.zeros(4, dtype=np.float64), [4])
-    with pytest.raises(ValueError, match="add up to 3, but the data has 4"):
+    with pytest.raises(ValueError, match="sizes add up to 3, but it has 4"):
         _kernels.rows_f32(np.zeros(4, dtype=np.float32), [1, 2])
     with pytest.raises(ValueError, match="C-contiguous"):
         _kernels.rows_f32(np.zeros(8, dtype=np.float32)[::2], [4])
+    with pytest.raises(ValueError, match="buffer 1 is float64"):
+        _kernels.rows_f32_many([np.zeros(4, np.float32), np.zeros(4)], [[4], [4]])
     c = _kernels._C
     data, offsets = np.zeros(4, np.float32), np.array([0, 4], np.int64)
     with pytest.raises(ValueError, match="codes has"):
-        c.stats_f32(data, offsets, np.empty(3, np.int64), np.empty(4, np.int64), np.empty(4, np.float64))
-    with pytest.raises(ValueError, match="offsets must"):
-        c.stats_f32(data, np.array([0, 5], np.int64), np.empty(512, np.int64), np.empty(4, np.int64), np.empty(4))
-    with pytest.raises(ValueError, match="offsets must"):
-        c.stats_f32(data, np.array([1, 4], np.int64), np.empty(512, np.int64), np.empty(4, np.int64), np.empty(4))
+        c.stats_f32([data], [offsets], np.empty(3, np.int64), np.empty(4, np.int64), np.empty(4, np.float64))
+    for bad in ([0, 5], [1, 4], [0, 3, 2, 4]):
+        with pytest.raises(ValueError, match="buffer 0: its offsets must"):
+            c.stats_f32(
+                [data], [np.array(bad, np.int64)], np.empty(512 * 3, np.int64), np.empty(12, np.int64), np.empty(12)
+            )
+    with pytest.raises(ValueError, match="1 buffers but 2 offset arrays"):
+        c.stats_f32([data], [offsets, offsets], np.empty(512, np.int64), np.empty(4, np.int64), np.empty(4))
+
+
+@needs_kernel
+def test_several_buffers_in_one_call_equal_one_buffer_each():
+    rng = np.random.default_rng(5)
+    datas = [rng.standard_normal(n).astype(np.float32) for n in (5, 4100, 1, 300)]
+    datas[1][::9] = 0.0
+    sizes = [[5], [4000, 0, 100], [1], [100, 200]]
+    many = _kernels.rows_f32_many(datas, sizes)
+    one = np.concatenate([_kernels.rows_f32(d, s) for d, s in zip(datas, sizes, strict=True)])
+    np.testing.assert_array_equal(many, one)
+    assert many.shape[0] == 7
 
 
 def test_the_kernel_is_built_where_a_compiler_is():

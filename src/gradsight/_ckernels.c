@@ -211,58 +211,84 @@ static int check(Py_buffer *buf, const char *name, Py_ssize_t itemsize, Py_ssize
 }
 
 PyDoc_STRVAR(stats_f32_doc,
-             "stats_f32(data, offsets, codes, specials, floats)\n\n"
-             "Summarise the segments data[offsets[k]:offsets[k+1]] of a float32 buffer in one pass.\n\n"
-             "data: float32 buffer (C-contiguous). offsets: int64, n+1 non-decreasing offsets ending at len(data).\n"
-             "Outputs (written, C-contiguous): codes int64 (n, 512), counts of bits >> 23 (sign, exponent field);\n"
-             "specials int64 (n, 4): zeros, positive zeros, +inf, -inf; floats float64 (n, 4): sum, sum of\n"
-             "squares, min, max over the finite elements (min +inf and max -inf when there are none).");
+             "stats_f32(datas, offsets, codes, specials, floats)\n\n"
+             "Summarise, in one pass, the segments datas[b][offsets[b][k]:offsets[b][k+1]] of float32 buffers,\n"
+             "buffer after buffer: n segments in all.\n\n"
+             "datas: float32 buffers (C-contiguous). offsets: one int64 array per buffer, non-decreasing from 0 to\n"
+             "the buffer's length. Outputs (written, C-contiguous): codes int64 (n, 512), counts of bits >> 23\n"
+             "(sign, exponent field); specials int64 (n, 4): zeros, positive zeros, +inf, -inf; floats float64\n"
+             "(n, 4): sum, sum of squares, min, max over the finite elements (min +inf, max -inf when none).");
 
 static PyObject *stats_f32(PyObject *self, PyObject *args) {
     (void)self;
-    Py_buffer data, offsets, codes, specials, floats;
-    if (!PyArg_ParseTuple(args, "y*y*w*w*w*", &data, &offsets, &codes, &specials, &floats)) return NULL;
-    PyObject *result = NULL;
+    PyObject *datas, *offs, *fd = NULL, *fo = NULL, *result = NULL;
+    Py_buffer codes = {0}, specials = {0}, floats = {0};
+    Py_buffer *bd = NULL, *bo = NULL;
+    Py_ssize_t m = 0, got = 0, goto_ = 0, n = 0;
     int64_t *scratch = NULL;
-    Py_ssize_t n = offsets.len / (Py_ssize_t)sizeof(int64_t) - 1;
-    if (n < 0 || !check(&offsets, "offsets", sizeof(int64_t), n + 1) || !check(&codes, "codes", sizeof(int64_t), n * CODES) ||
-        !check(&specials, "specials", sizeof(int64_t), n * SPECIALS) || !check(&floats, "floats", sizeof(double), n * FLOATS))
+    if (!PyArg_ParseTuple(args, "OOw*w*w*", &datas, &offs, &codes, &specials, &floats)) return NULL;
+    if ((fd = PySequence_Fast(datas, "stats_f32: expected a list of float32 buffers")) == NULL ||
+        (fo = PySequence_Fast(offs, "stats_f32: expected a list of int64 offset arrays")) == NULL)
         goto done;
-    if (data.len % 4) {
-        PyErr_Format(PyExc_ValueError, "stats_f32: data has %zd bytes, not a whole number of float32", data.len);
-        goto done;
-    }
-    const int64_t *off = (const int64_t *)offsets.buf;
-    Py_ssize_t total = data.len / 4;
-    int ok = off[0] == 0 && off[n] == total;
-    for (Py_ssize_t k = 0; ok && k < n; k++) ok = off[k] <= off[k + 1];
-    if (!ok) {
-        PyErr_SetString(PyExc_ValueError, "stats_f32: offsets must start at 0, not decrease, and end at len(data)");
+    m = PySequence_Fast_GET_SIZE(fd);
+    if (PySequence_Fast_GET_SIZE(fo) != m) {
+        PyErr_Format(PyExc_ValueError, "stats_f32: %zd buffers but %zd offset arrays", m, PySequence_Fast_GET_SIZE(fo));
         goto done;
     }
+    bd = PyMem_Calloc((size_t)m + 1, sizeof(Py_buffer));
+    bo = PyMem_Calloc((size_t)m + 1, sizeof(Py_buffer));
     scratch = PyMem_RawMalloc(3 * CODES * sizeof(int64_t));
-    if (scratch == NULL) {
+    if (bd == NULL || bo == NULL || scratch == NULL) {
         PyErr_NoMemory();
         goto done;
     }
+    for (; got < m; got++)
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fd, got), &bd[got], PyBUF_SIMPLE) < 0) goto done;
+    for (; goto_ < m; goto_++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fo, goto_), &bo[goto_], PyBUF_SIMPLE) < 0) goto done;
+        Py_ssize_t k = goto_, segs = bo[k].len / (Py_ssize_t)sizeof(int64_t) - 1;
+        const int64_t *off = (const int64_t *)bo[k].buf;
+        int ok = segs >= 0 && bo[k].len % (Py_ssize_t)sizeof(int64_t) == 0 && bd[k].len % 4 == 0;
+        ok = ok && off[0] == 0 && off[segs] == bd[k].len / 4;
+        for (Py_ssize_t j = 0; ok && j < segs; j++) ok = off[j] <= off[j + 1];
+        if (!ok) {
+            PyErr_Format(PyExc_ValueError, "stats_f32: buffer %zd: its offsets must be int64, start at 0, not "
+                         "decrease, and end at its length in float32 (%zd)", k, bd[k].len / 4);
+            goto_++;
+            goto done;
+        }
+        n += segs;
+    }
+    if (!check(&codes, "codes", sizeof(int64_t), n * CODES) || !check(&specials, "specials", sizeof(int64_t), n * SPECIALS) ||
+        !check(&floats, "floats", sizeof(double), n * FLOATS))
+        goto done;
     Py_BEGIN_ALLOW_THREADS;
-    const uint32_t *bits = (const uint32_t *)data.buf;
     int64_t *c = (int64_t *)codes.buf, *sp = (int64_t *)specials.buf;
     double *fl = (double *)floats.buf;
     memset(c, 0, (size_t)n * CODES * sizeof(int64_t));
-    for (Py_ssize_t k = 0; k < n; k++)
-        segment(bits + off[k], (Py_ssize_t)(off[k + 1] - off[k]), c + k * CODES, sp + k * SPECIALS, fl + k * FLOATS,
-                scratch);
+    Py_ssize_t at = 0;
+    for (Py_ssize_t k = 0; k < m; k++) {
+        const uint32_t *bits = (const uint32_t *)bd[k].buf;
+        const int64_t *off = (const int64_t *)bo[k].buf;
+        Py_ssize_t segs = bo[k].len / (Py_ssize_t)sizeof(int64_t) - 1;
+        for (Py_ssize_t j = 0; j < segs; j++, at++)
+            segment(bits + off[j], (Py_ssize_t)(off[j + 1] - off[j]), c + at * CODES, sp + at * SPECIALS,
+                    fl + at * FLOATS, scratch);
+    }
     Py_END_ALLOW_THREADS;
     result = Py_None;
     Py_INCREF(result);
 done:
+    for (Py_ssize_t k = 0; k < got; k++) PyBuffer_Release(&bd[k]);
+    for (Py_ssize_t k = 0; k < goto_; k++) PyBuffer_Release(&bo[k]);
+    PyMem_Free(bd);
+    PyMem_Free(bo);
     PyMem_RawFree(scratch);
-    PyBuffer_Release(&data);
-    PyBuffer_Release(&offsets);
     PyBuffer_Release(&codes);
     PyBuffer_Release(&specials);
     PyBuffer_Release(&floats);
+    Py_XDECREF(fd);
+    Py_XDECREF(fo);
     return result;
 }
 

@@ -24,7 +24,7 @@ try:
 except ImportError:  # built without a C compiler: the numpy/torch kernels stand in
     _C = None
 
-__all__ = ["available", "copy_norms_f32", "diff_norms_f32", "rows_f32", "unit_counts_f32"]
+__all__ = ["available", "copy_norms_f32", "diff_norms_f32", "rows_f32", "rows_f32_many", "unit_counts_f32"]
 
 
 def available() -> bool:
@@ -60,21 +60,35 @@ def rows_f32(data: np.ndarray, numels: Sequence[int]) -> np.ndarray | None:
         ``(len(numels), ROW)`` int64 rows (float64 fields bit-cast), as :func:`gradsight._packing.empty_rows`
         lays them out.
     """
+    return rows_f32_many([data], [numels])
+
+
+def rows_f32_many(datas: Sequence[np.ndarray], numels: Sequence[Sequence[int]]) -> np.ndarray | None:
+    """:func:`rows_f32` of several buffers in one call: their rows in order (buffer after buffer).
+
+    Reading tensors where they are, one buffer each, costs no copy into a shared buffer, and one call folds the
+    rows of all of them.
+    """
     if _C is None:
         return None
-    if data.dtype != np.float32 or data.ndim != 1 or not data.flags.c_contiguous:
-        raise ValueError(f"rows_f32 takes a 1-d C-contiguous float32 array; got {data.dtype} of shape {data.shape}.")
-    n = len(numels)
-    offsets = _offsets(numels)
-    if offsets[-1] != data.size:
-        raise ValueError(f"rows_f32: the sizes add up to {int(offsets[-1])}, but the data has {data.size} elements.")
+    offsets = []
+    for k, (data, sizes) in enumerate(zip(datas, numels, strict=True)):
+        if data.dtype != np.float32 or data.ndim != 1 or not data.flags.c_contiguous:
+            raise ValueError(
+                f"rows_f32 takes 1-d C-contiguous float32 arrays; buffer {k} is {data.dtype} of shape {data.shape}."
+            )
+        off = _offsets(sizes)
+        if off[-1] != data.size:
+            raise ValueError(f"rows_f32: buffer {k}'s sizes add up to {int(off[-1])}, but it has {data.size} elements.")
+        offsets.append(off)
+    n = sum(len(o) - 1 for o in offsets)
     codes = np.empty((n, 2, 256), dtype=np.int64)  # [sign, exponent field]
     specials = np.empty((n, 4), dtype=np.int64)  # zeros, positive zeros, +inf, -inf
     floats = np.empty((n, 4), dtype=np.float64)  # sum, sum of squares, min, max
-    _C.stats_f32(data, offsets, codes, specials, floats)
+    _C.stats_f32(datas, offsets, codes, specials, floats)
     zeros, pzeros, pinf, ninf = specials.T
     rows = np.empty((n, ROW), dtype=np.int64)
-    rows[:, COUNT] = offsets[1:] - offsets[:-1]
+    rows[:, COUNT] = np.concatenate([o[1:] - o[:-1] for o in offsets]) if len(offsets) != 1 else np.diff(offsets[0])
     rows[:, ZEROS] = zeros
     rows[:, NAN] = codes[:, 0, 255] + codes[:, 1, 255] - pinf - ninf
     rows[:, POSINF] = pinf

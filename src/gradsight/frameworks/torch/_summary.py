@@ -19,10 +19,12 @@ Two kernel sets compute the rows; both are exact for every count, bin, min and m
   -inf) because their bins reach 0 and 255 differently. Sums over the finite elements (non-finite replaced by
   0) in float64, min/max per tensor with ``torch._foreach_max`` over the finite elements. The 1024 counts are
   folded into rows on the device.
-* **compiled, CPU float32** (:func:`gradsight._kernels.rows_f32`, through :func:`_rows_f32_cpu`): where the C
+* **compiled, CPU float32** (:func:`gradsight._kernels.rows_f32_many`, from :meth:`Flat.stats`): where the C
   kernel ``gradsight._ckernels`` was built at install time, one pass over each element gives everything (the 512
   sign-and-exponent codes, zeros and infinities that split their edge bins, float64 sums, min and max), ≈ 0.7 ns
   per element against ≈ 2.5 ns for the numpy/torch kernels below, which stand in for it where it was not built.
+  It takes every float32 group of a batch in one call, and ``Flat.of(copy=False)`` then reads every contiguous
+  float32 tensor in place (no copy into a shared buffer).
 * **fast, CPU float32** (:func:`_rows_f32_cpu`), used where reading a result costs no device sync: a 9-bit code
   ``bits >> 23`` (sign and exponent field, two integer passes instead of eight) and ``bincount``. The bins it
   cannot split — exponent 0 (zeros vs subnormals) and 255 (infinities vs NaN) — are checked on the host right
@@ -217,8 +219,14 @@ class Flat:
         if device is None and self.unit_counts:
             device = self.unit_counts[0].device
         n = len(self.numels)
-        parts = [(g.index, _group_rows(g)) for g in self.groups]
-        if len(parts) == 1 and len(parts[0][0]) == n:  # one group holding every tensor, in order
+        compiled = [g for g in self.groups if _compiled(g)]  # every one in one call of the compiled kernel
+        parts = []
+        if compiled:
+            rows_c = _kernels.rows_f32_many([g.flat.numpy() for g in compiled], [g.numels for g in compiled])
+            assert rows_c is not None  # _compiled() said the kernel is there
+            parts.append(([i for g in compiled for i in g.index], torch.from_numpy(rows_c)))
+        parts.extend((g.index, _group_rows(g)) for g in self.groups if not _compiled(g))
+        if len(parts) == 1 and parts[0][0] == list(range(n)):  # one part holding every tensor, in order
             rows = parts[0][1]
         else:
             rows = _empty_rows(self.numels, device)
@@ -230,8 +238,20 @@ class Flat:
 
 
 def _in_place(t: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether ``Flat.of(..., copy=False)`` reads ``t`` in place: large, contiguous, already in ``dtype``."""
-    return t.dtype == dtype and t.numel() >= _ALONE and t.is_contiguous()
+    """Whether ``Flat.of(..., copy=False)`` reads ``t`` in place.
+
+    It does when ``t`` is contiguous, already in ``dtype``, and large (``_ALONE`` elements) — or of any size where
+    the compiled kernel reads it (CPU float32): that kernel takes any number of buffers in one call, so a copy
+    into a shared buffer buys nothing.
+    """
+    if t.dtype != dtype or not t.is_contiguous():
+        return False
+    return t.numel() >= _ALONE or (dtype == torch.float32 and t.is_cpu and _kernels.available())
+
+
+def _compiled(g: _Group) -> bool:
+    """Whether the compiled kernel summarises group ``g`` (CPU float32, contiguous, the kernel built)."""
+    return g.dtype == torch.float32 and g.flat.is_cpu and _kernels.available() and g.flat.is_contiguous()
 
 
 def _unit_counts(t: torch.Tensor, axis: int) -> torch.Tensor:
@@ -449,10 +469,6 @@ def _plan(numels: list[int]) -> list[_Piece]:
 
 def _rows_f32_cpu(g: _Group) -> torch.Tensor | None:
     """The fast CPU float32 kernels (see the module docstring); ``None`` when the exact kernels are needed."""
-    if _kernels.available() and g.flat.is_contiguous():  # the compiled one-pass kernel, where it was built
-        rows = _kernels.rows_f32(g.flat.numpy(), g.numels)
-        if rows is not None:
-            return torch.from_numpy(rows)
     flat, numels, n = g.flat, g.numels, len(g.numels)
     plan = _plan(numels)
     codes, f64 = _WS.get()
