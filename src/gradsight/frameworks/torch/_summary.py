@@ -83,6 +83,7 @@ __all__ = [
     "Flat",
     "PackedStats",
     "Rows",
+    "compiled_in_place",
     "summarize_tensor",
     "summarize_tensors",
     "to_host",
@@ -247,6 +248,13 @@ def _in_place(t: torch.Tensor, dtype: torch.dtype) -> bool:
     if t.dtype != dtype or not t.is_contiguous():
         return False
     return t.numel() >= _ALONE or (dtype == torch.float32 and t.is_cpu and _kernels.available())
+
+
+def compiled_in_place(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether ``Flat.of(tensors, copy=False)`` reads every one of ``tensors`` in place for the compiled kernel."""
+    return _kernels.available() and all(
+        t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() and t.layout == torch.strided for t in tensors
+    )
 
 
 def _compiled(g: _Group) -> bool:

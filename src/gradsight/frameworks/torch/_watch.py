@@ -80,7 +80,7 @@ from ...diagnose import GradsightWarning
 from ...store import RunWriter
 from ...summary import TensorSummary, to_rows
 from ._signals import Backward, StepRecord, counts_of, host_records, norms_of, np_f32, scaler_scale
-from ._summary import Flat, PackedStats, to_host_rows
+from ._summary import Flat, PackedStats, compiled_in_place, to_host_rows
 
 __all__ = ["Watch", "unit_axis_for"]
 
@@ -547,7 +547,9 @@ class Watch(WatchCore):
 
     def _param_pack(self, named: list[tuple[str, torch.Tensor]], kind: str, flat: Flat | None = None) -> Flat:
         tensors = [t for _, t in named]
-        small = sum(t.numel() for t in tensors) <= _JOIN_ELEMENTS
+        # Small batches are copied and summarised together at the end of the step, in one kernel set; where the
+        # compiled kernel reads them (any number of buffers in one call) they are summarised now, in place.
+        small = sum(t.numel() for t in tensors) <= _JOIN_ELEMENTS and not compiled_in_place(tensors)
         if flat is None:  # a large batch is summarised at once: its large tensors can be read in place
             flat = Flat.of(tensors, copy=small)
         tids = [
