@@ -84,6 +84,32 @@ def test_weight_norm_sees_writes_to_the_weights_between_steps(tmp_path):
             assert row[f"weight_norm/{n}"] == pytest.approx(v, rel=1e-6), (s, n)
 
 
+def test_parameters_converted_after_watch_get_a_w_before_of_their_own_dtype_regression(tmp_path):
+    """model.double() after watch(): W_before must be kept in float64 too. Copied into the float32 buffer of the
+    first steps, it was rounded to float32, and the update norms ‖W_after - W_before‖ of the float64 weights were
+    off by that rounding (the learning rate here makes updates ~1e-7 of the weights, below float32's precision)."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-7)
+    x, y = _data()
+    before, after = [], []
+    with gradsight.watch(model, optimizer=opt, path=tmp_path / "r.db") as w:
+        for step in range(5):
+            if step == 2:
+                model.double()
+                x, y = x.double(), y.double()
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            before.append({n: p.detach().clone() for n, p in model.named_parameters()})
+            opt.step()
+            after.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    run = gradsight.load(w.path)
+    for s in range(5):
+        row = _row(run, s)
+        for n in before[s]:
+            assert row[f"weight_norm/{n}"] == pytest.approx(_norm(before[s][n]), rel=1e-6), (s, n)
+            assert row[f"update_norm/{n}"] == pytest.approx(_norm(after[s][n] - before[s][n]), rel=1e-5), (s, n)
+
+
 def test_preclip_norm_is_the_gradient_before_clip_grad_norm(tmp_path):
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)

@@ -308,6 +308,7 @@ class Watch(WatchCore):
         self._lagged: StepRecord | None = None  # a device step's signals, judged at the next step (see _judge_step)
         self._wbuf: list[torch.Tensor] | None = None  # W_before of the optimizer's parameters
         self._wbuf_np: list[np.ndarray] | None = None  # its numpy views, for the compiled kernels (CPU float32)
+        self._wbuf_layout: list[tuple[Any, ...]] = []  # (dtype, shape, device) of the parameters it was made for
         self._wbuf_step = -1  # the step whose W_before the buffer holds
         self._loss: tuple[int, Any] | None = None  # the last logged loss, for the anomaly judge
         self._loss_judged = -1  # the step of the last loss fed to the judge
@@ -667,7 +668,10 @@ class Watch(WatchCore):
         self._stepped_since_bw = False
 
     def _copy_weights(self) -> list[float] | None:
-        """Copy the optimizer's parameters into the W_before buffer (allocated once).
+        """Copy the optimizer's parameters into the W_before buffer (allocated again when their layout changes).
+
+        A parameter converted after ``watch()`` (``model.double()``, ``.to(device)``) or resized gets a new
+        buffer: copied into the old one, W_before would be rounded to the old dtype (or broadcast, or refused).
 
         Returns:
             The copies' norms where the compiled kernel computed them on the way (CPU float32), else ``None``.
@@ -676,16 +680,14 @@ class Watch(WatchCore):
         if not params:
             return None
         norms = None
+        layout = [(p.dtype, p.shape, p.device) for p in params]
         with torch.no_grad():
-            if self._wbuf is None or len(self._wbuf) != len(params):
+            if self._wbuf is None or layout != self._wbuf_layout:
                 self._wbuf = [p.clone() for p in params]
                 self._wbuf_np = np_f32(self._wbuf)
+                self._wbuf_layout = layout
             elif self._wbuf_np is not None and (views := np_f32(params)) is not None:
-                try:
-                    norms = _kernels.copy_norms_f32(views, self._wbuf_np)
-                except ValueError:  # a parameter changed size (its .data replaced): copy as torch does
-                    norms = None
-                    torch._foreach_copy_(self._wbuf, params)
+                norms = _kernels.copy_norms_f32(views, self._wbuf_np)
             else:
                 try:
                     torch._foreach_copy_(self._wbuf, params)
