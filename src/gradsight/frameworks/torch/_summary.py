@@ -57,6 +57,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from ... import _kernels
 from ..._packing import (
@@ -247,19 +248,24 @@ def _in_place(t: torch.Tensor, dtype: torch.dtype) -> bool:
     """
     if t.dtype != dtype or not t.is_contiguous():
         return False
-    return t.numel() >= _ALONE or (dtype == torch.float32 and t.is_cpu and _kernels.available())
+    return t.numel() >= _ALONE or (dtype == torch.float32 and _plain_cpu(t) and _kernels.available())
+
+
+def _plain_cpu(t: torch.Tensor) -> bool:
+    """A plain strided CPU tensor (or parameter), whose memory numpy can read: not a subclass such as ``DTensor``."""
+    return type(t) in (torch.Tensor, nn.Parameter) and t.is_cpu and t.layout == torch.strided
 
 
 def compiled_in_place(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether ``Flat.of(tensors, copy=False)`` reads every one of ``tensors`` in place for the compiled kernel."""
     return _kernels.available() and all(
-        t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() and t.layout == torch.strided for t in tensors
+        t.dtype == torch.float32 and _plain_cpu(t) and t.is_contiguous() for t in tensors
     )
 
 
 def _compiled(g: _Group) -> bool:
     """Whether the compiled kernel summarises group ``g`` (CPU float32, contiguous, the kernel built)."""
-    return g.dtype == torch.float32 and g.flat.is_cpu and _kernels.available() and g.flat.is_contiguous()
+    return g.dtype == torch.float32 and _plain_cpu(g.flat) and _kernels.available() and g.flat.is_contiguous()
 
 
 def _unit_counts(t: torch.Tensor, axis: int) -> torch.Tensor:
