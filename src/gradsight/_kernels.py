@@ -1,13 +1,18 @@
-"""The compiled one-pass summary kernel for float32 data on the CPU, folded into summary rows.
+"""The compiled CPU kernels for float32 data (``gradsight._ckernels``), with their numpy-side wrappers.
 
-``gradsight._ckernels`` (``_ckernels.c``, built at install time where a C compiler is available) reads each
-element once and returns, per tensor, the counts of the 512 (sign, exponent field) codes ``bits >> 23``, the
-zeros, positive zeros and signed infinities, and the float64 sum, sum of squares, min and max of the finite
-elements. :func:`rows_f32` folds those into the rows of :mod:`gradsight._packing`: every count and bin exact, the
-sums accumulated in float64 in eight interleaved lanes (so they agree with the numpy reference,
-:func:`gradsight.summary.summarize`, to float64 rounding, like the other kernels).
+``_ckernels.c`` is built at install time where a C compiler is available. It holds:
 
-Without the compiled module :func:`rows_f32` returns ``None`` and the callers use their numpy/torch kernels.
+* **summaries** (:func:`rows_f32`, :func:`rows_f32_many`): each element read once for the counts of the 512
+  (sign, exponent field) codes ``bits >> 23``, the zeros, positive zeros and signed infinities, and the float64
+  sum, sum of squares, min and max of the finite elements, folded here into the rows of :mod:`gradsight._packing`:
+  every count and bin exact, the sums accumulated in float64 in eight interleaved lanes (so they agree with the
+  numpy reference, :func:`gradsight.summary.summarize`, to float64 rounding, like the other kernels);
+* **per-unit activity counts** (:func:`unit_counts_f32`);
+* **per-step norms** (:func:`copy_norms_f32`, :func:`diff_norms_f32`): a copy with its norm, and the norm of a
+  difference without storing it.
+
+Without the compiled module each function returns ``None`` (:func:`available` says so up front) and the callers
+use their numpy/torch kernels.
 """
 
 from __future__ import annotations
