@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,18 +21,17 @@ from torch import nn
 FLOAT64 = {"rtol": 1e-9, "atol": 1e-12}
 
 
-def free_port() -> int:
-    """A free TCP port on the loopback interface, for the process group's rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn_ranks(run_rank: Callable, out: Path, names: list[str], what: str, timeout: float = 120.0) -> Path:
-    """Spawn 2 ranks running ``run_rank(rank, 2, port, out, names)``; fail (never hang) after ``timeout`` s."""
+    """Spawn 2 ranks running ``run_rank(rank, 2, rendezvous, out, names)``; fail (never hang) after ``timeout`` s.
+
+    ``rendezvous`` is a ``file://`` init method in ``out``: the ranks meet through a file, not a TCP port that
+    another test's ranks could take between choosing it and binding it (a free port found by binding port 0 is
+    free only until it is closed).
+    """
     t0 = time.perf_counter()
+    rendezvous = f"file://{Path(out, 'rendezvous').resolve()}"
     ctx = mp.start_processes(
-        run_rank, args=(2, free_port(), str(out), names), nprocs=2, join=False, start_method="spawn"
+        run_rank, args=(2, rendezvous, str(out), names), nprocs=2, join=False, start_method="spawn"
     )
     try:
         while not ctx.join(timeout=max(0.1, timeout - (time.perf_counter() - t0))):

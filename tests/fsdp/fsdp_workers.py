@@ -7,7 +7,6 @@ step (same number of collectives); the one where a rank raises runs last.
 
 from __future__ import annotations
 
-import os
 import time
 import traceback
 from datetime import timedelta
@@ -269,10 +268,9 @@ SCENARIOS = {
 }
 
 
-def run_rank(rank, world, port, outdir, names):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def run_rank(rank, world, rendezvous, outdir, names):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=20))
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world, timeout=timedelta(seconds=20))
     try:
         for name in names:
             t0 = time.perf_counter()
