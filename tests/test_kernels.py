@@ -1,9 +1,10 @@
-"""The compiled one-pass kernel (gradsight._ckernels through gradsight._kernels.rows_f32) against the numpy reference.
+"""The compiled kernels (gradsight._ckernels, through gradsight._kernels) against the numpy reference.
 
-The kernel walks each tensor in blocks of 4096 elements, counts long tensors into four sub-histograms, and takes a
-mask-free path through blocks whose codes show only normal numbers: these tests put zeros, subnormals, infinities
-and NaN in some blocks and not others, and use sizes around every boundary, so that each path and each hand-over
-between them is compared with :func:`gradsight.summarize`.
+The summary kernel walks each tensor in blocks of 4096 elements, counts long tensors into four sub-histograms,
+and takes a mask-free path through blocks whose codes show only normal numbers: these tests put zeros,
+subnormals, infinities and NaN in some blocks and not others, and use sizes around every boundary, so that each
+path and each hand-over between them is compared with :func:`gradsight.summarize`. The unit counts and the
+fused norms are checked the same way (against the reference's per-unit counts, and float64 norms).
 """
 
 from __future__ import annotations
