@@ -39,7 +39,7 @@ def assert_same(got, ref, where):
 
 
 def summaries(data, numels):
-    rows = _kernels.rows_f32(data, numels)
+    rows = _kernels.rows_f32([data], [numels])
     return from_rows(Rows(rows, [None] * len(numels), [0] * len(numels)))
 
 
@@ -96,13 +96,13 @@ def test_extremes_of_float32_sum_in_float64_without_overflow():
 @needs_kernel
 def test_bad_input_is_refused_with_what_was_given():
     with pytest.raises(ValueError, match="float32"):
-        _kernels.rows_f32(np.zeros(4, dtype=np.float64), [4])
+        _kernels.rows_f32([np.zeros(4, dtype=np.float64)], [[4]])
     with pytest.raises(ValueError, match="sizes add up to 3, but it has 4"):
-        _kernels.rows_f32(np.zeros(4, dtype=np.float32), [1, 2])
+        _kernels.rows_f32([np.zeros(4, dtype=np.float32)], [[1, 2]])
     with pytest.raises(ValueError, match="C-contiguous"):
-        _kernels.rows_f32(np.zeros(8, dtype=np.float32)[::2], [4])
+        _kernels.rows_f32([np.zeros(8, dtype=np.float32)[::2]], [[4]])
     with pytest.raises(ValueError, match="buffer 1 is float64"):
-        _kernels.rows_f32_many([np.zeros(4, np.float32), np.zeros(4)], [[4], [4]])
+        _kernels.rows_f32([np.zeros(4, np.float32), np.zeros(4)], [[4], [4]])
     c = _kernels._C
     data, offsets = np.zeros(4, np.float32), np.array([0, 4], np.int64)
     with pytest.raises(ValueError, match="codes has"):
@@ -122,8 +122,8 @@ def test_several_buffers_in_one_call_equal_one_buffer_each():
     datas = [rng.standard_normal(n).astype(np.float32) for n in (5, 4100, 1, 300)]
     datas[1][::9] = 0.0
     sizes = [[5], [4000, 0, 100], [1], [100, 200]]
-    many = _kernels.rows_f32_many(datas, sizes)
-    one = np.concatenate([_kernels.rows_f32(d, s) for d, s in zip(datas, sizes, strict=True)])
+    many = _kernels.rows_f32(datas, sizes)
+    one = np.concatenate([_kernels.rows_f32([d], [s]) for d, s in zip(datas, sizes, strict=True)])
     np.testing.assert_array_equal(many, one)
     assert many.shape[0] == 7
 

@@ -85,6 +85,16 @@ static void fold(Acc *acc, __m128d s0, __m128d s1, __m128d s2, __m128d s3, __m12
     }
 }
 
+/* Add the four floats of v, widened to float64, to s0 (the first two) and s1 (the last two), their squares to q0
+ * and q1. */
+static inline void widen_add(__m128 v, __m128d *s0, __m128d *s1, __m128d *q0, __m128d *q1) {
+    __m128d lo = _mm_cvtps_pd(v), hi = _mm_cvtps_pd(_mm_movehl_ps(v, v));
+    *s0 = _mm_add_pd(*s0, lo);
+    *s1 = _mm_add_pd(*s1, hi);
+    *q0 = _mm_add_pd(*q0, _mm_mul_pd(lo, lo));
+    *q1 = _mm_add_pd(*q1, _mm_mul_pd(hi, hi));
+}
+
 /* Only normal numbers (no zero, subnormal, Inf or NaN: the block's histogram said so): no masks needed. */
 static void block_clean(const uint32_t *b, Py_ssize_t m, Acc *acc) {
     __m128d s0 = _mm_setzero_pd(), s1 = s0, s2 = s0, s3 = s0, q0 = s0, q1 = s0, q2 = s0, q3 = s0;
@@ -94,16 +104,8 @@ static void block_clean(const uint32_t *b, Py_ssize_t m, Acc *acc) {
         __m128 x0 = _mm_loadu_ps((const float *)(b + i)), x1 = _mm_loadu_ps((const float *)(b + i + 4));
         lo = _mm_min_ps(lo, _mm_min_ps(x0, x1));
         hi = _mm_max_ps(hi, _mm_max_ps(x0, x1));
-        __m128d a = _mm_cvtps_pd(x0), c = _mm_cvtps_pd(_mm_movehl_ps(x0, x0));
-        __m128d d = _mm_cvtps_pd(x1), e = _mm_cvtps_pd(_mm_movehl_ps(x1, x1));
-        s0 = _mm_add_pd(s0, a);
-        s1 = _mm_add_pd(s1, c);
-        s2 = _mm_add_pd(s2, d);
-        s3 = _mm_add_pd(s3, e);
-        q0 = _mm_add_pd(q0, _mm_mul_pd(a, a));
-        q1 = _mm_add_pd(q1, _mm_mul_pd(c, c));
-        q2 = _mm_add_pd(q2, _mm_mul_pd(d, d));
-        q3 = _mm_add_pd(q3, _mm_mul_pd(e, e));
+        widen_add(x0, &s0, &s1, &q0, &q1);
+        widen_add(x1, &s2, &s3, &q2, &q3);
     }
     fold(acc, s0, s1, s2, s3, q0, q1, q2, q3, lo, hi);
     block_scalar(b + i, m - i, acc);
@@ -126,11 +128,7 @@ static void block_masked(const uint32_t *b, Py_ssize_t m, Acc *acc) {
         __m128 nfp = _mm_castsi128_ps(nf);
         lo = _mm_min_ps(lo, _mm_or_ps(x, _mm_and_ps(nfp, inf_ps)));   /* and as +Inf for the min */
         hi = _mm_max_ps(hi, _mm_or_ps(x, _mm_and_ps(nfp, ninf_ps))); /* and as -Inf for the max */
-        __m128d d0 = _mm_cvtps_pd(x), d1 = _mm_cvtps_pd(_mm_movehl_ps(x, x));
-        s0 = _mm_add_pd(s0, d0);
-        s1 = _mm_add_pd(s1, d1);
-        q0 = _mm_add_pd(q0, _mm_mul_pd(d0, d0));
-        q1 = _mm_add_pd(q1, _mm_mul_pd(d1, d1));
+        widen_add(x, &s0, &s1, &q0, &q1);
         z = _mm_sub_epi32(z, _mm_cmpeq_epi32(a, zero));
         pz = _mm_sub_epi32(pz, _mm_cmpeq_epi32(u, zero));
         pi = _mm_sub_epi32(pi, _mm_cmpeq_epi32(u, pinf));

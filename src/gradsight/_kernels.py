@@ -2,7 +2,7 @@
 
 ``_ckernels.c`` is built at install time where a C compiler is available. It holds:
 
-* **summaries** (:func:`rows_f32`, :func:`rows_f32_many`): each element read once for the counts of the 512
+* **summaries** (:func:`rows_f32`): each element read once for the counts of the 512
   (sign, exponent field) codes ``bits >> 23``, the zeros, positive zeros and signed infinities, and the float64
   sum, sum of squares, min and max of the finite elements, folded here into the rows of :mod:`gradsight._packing`:
   every count and bin exact, the sums accumulated in float64 in eight interleaved lanes (so they agree with the
@@ -29,7 +29,7 @@ try:
 except ImportError:  # built without a C compiler: the numpy/torch kernels stand in
     _C = None
 
-__all__ = ["available", "copy_norms_f32", "diff_norms_f32", "rows_f32", "rows_f32_many", "unit_counts_f32"]
+__all__ = ["available", "copy_norms_f32", "diff_norms_f32", "rows_f32", "unit_counts_f32"]
 
 
 def available() -> bool:
@@ -54,25 +54,19 @@ def _offsets(numels: Sequence[int]) -> np.ndarray:
     return offsets
 
 
-def rows_f32(data: np.ndarray, numels: Sequence[int]) -> np.ndarray | None:
-    """Summary rows of the consecutive segments of a float32 buffer, or ``None`` without the compiled kernel.
+def rows_f32(datas: Sequence[np.ndarray], numels: Sequence[Sequence[int]]) -> np.ndarray | None:
+    """Summary rows of the consecutive segments of float32 buffers, or ``None`` without the compiled kernel.
+
+    Any number of buffers in one call: tensors read where they are, one buffer each, need no copy into a shared
+    buffer, and one call folds the rows of all of them.
 
     Args:
-        data: 1-d C-contiguous float32 array: the tensors, flattened and concatenated.
-        numels: the tensors' sizes, in order; they add up to ``data.size``.
+        datas: 1-d C-contiguous float32 arrays, each holding one or more tensors, flattened and concatenated.
+        numels: per buffer, its tensors' sizes, in order; they add up to the buffer's size.
 
     Returns:
-        ``(len(numels), ROW)`` int64 rows (float64 fields bit-cast), as :func:`gradsight._packing.empty_rows`
-        lays them out.
-    """
-    return rows_f32_many([data], [numels])
-
-
-def rows_f32_many(datas: Sequence[np.ndarray], numels: Sequence[Sequence[int]]) -> np.ndarray | None:
-    """:func:`rows_f32` of several buffers in one call: their rows in order (buffer after buffer).
-
-    Reading tensors where they are, one buffer each, costs no copy into a shared buffer, and one call folds the
-    rows of all of them.
+        ``(n, ROW)`` int64 rows (float64 fields bit-cast), buffer after buffer, as
+        :func:`gradsight._packing.empty_rows` lays them out.
     """
     if _C is None:
         return None

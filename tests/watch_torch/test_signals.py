@@ -34,25 +34,36 @@ def _row(run: gradsight.Run, step: int) -> dict[str, float]:
     return {k: v for k, v in run.scalars.loc[step].items() if not (isinstance(v, float) and math.isnan(v))}
 
 
-def test_weight_and_update_norms_every_step_match_independent_copies(tmp_path):
-    model = _mlp()
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    x, y = _data()
+def _train_with_copies(model, opt, path, batches):
+    """Train on ``batches`` under a watch; each step's parameters copied before and after the update, in the test.
+
+    ``batches`` may be a generator that changes the model between steps.
+    """
     before, after = [], []
-    with gradsight.watch(model, optimizer=opt, path=tmp_path / "r.db") as w:
-        for _ in range(7):
+    with gradsight.watch(model, optimizer=opt, path=path) as w:
+        for x, y in batches:
             opt.zero_grad()
             nn.functional.mse_loss(model(x), y).backward()
             before.append({n: p.detach().clone() for n, p in model.named_parameters()})
             opt.step()
             after.append({n: p.detach().clone() for n, p in model.named_parameters()})
-    run = gradsight.load(w.path)
+    return gradsight.load(w.path), before, after
+
+
+def _assert_weight_and_update_norms(row, before, after, where):
+    for n in before:
+        assert row[f"weight_norm/{n}"] == pytest.approx(_norm(before[n]), rel=1e-6), (where, n)
+        assert row[f"update_norm/{n}"] == pytest.approx(_norm(after[n] - before[n]), rel=1e-5), (where, n)
+
+
+def test_weight_and_update_norms_every_step_match_independent_copies(tmp_path):
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    run, before, after = _train_with_copies(model, opt, tmp_path / "r.db", [_data()] * 7)
     assert run.steps == [0]  # one logged step by `every`; the signals are per step all the same
     for s in range(7):
         row = _row(run, s)
-        for n in before[s]:
-            assert row[f"weight_norm/{n}"] == pytest.approx(_norm(before[s][n]), rel=1e-6)
-            assert row[f"update_norm/{n}"] == pytest.approx(_norm(after[s][n] - before[s][n]), rel=1e-5)
+        _assert_weight_and_update_norms(row, before[s], after[s], s)
         assert row["lr"] == 0.01
         assert row["grad_norm_preclip"] == row["grad_norm"]  # nothing clipped: one value, no per-tensor copies
         assert not any(k.startswith("grad_norm_preclip/") for k in row) and "clip_ratio" not in row
@@ -90,24 +101,18 @@ def test_parameters_converted_after_watch_get_a_w_before_of_their_own_dtype_regr
     off by that rounding (the learning rate here makes updates ~1e-7 of the weights, below float32's precision)."""
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=1e-7)
-    x, y = _data()
-    before, after = [], []
-    with gradsight.watch(model, optimizer=opt, path=tmp_path / "r.db") as w:
+
+    def batches():
+        x, y = _data()
         for step in range(5):
             if step == 2:
                 model.double()
                 x, y = x.double(), y.double()
-            opt.zero_grad()
-            nn.functional.mse_loss(model(x), y).backward()
-            before.append({n: p.detach().clone() for n, p in model.named_parameters()})
-            opt.step()
-            after.append({n: p.detach().clone() for n, p in model.named_parameters()})
-    run = gradsight.load(w.path)
+            yield x, y
+
+    run, before, after = _train_with_copies(model, opt, tmp_path / "r.db", batches())
     for s in range(5):
-        row = _row(run, s)
-        for n in before[s]:
-            assert row[f"weight_norm/{n}"] == pytest.approx(_norm(before[s][n]), rel=1e-6), (s, n)
-            assert row[f"update_norm/{n}"] == pytest.approx(_norm(after[s][n] - before[s][n]), rel=1e-5), (s, n)
+        _assert_weight_and_update_norms(_row(run, s), before[s], after[s], s)
 
 
 def test_preclip_norm_is_the_gradient_before_clip_grad_norm(tmp_path):

@@ -49,8 +49,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ... import _kernels
 from ..._watch_core import signal_row
+from ._summary import compiled_in_place
 
 __all__ = ["Backward", "Norms", "StepRecord", "counts_of", "host_records", "norms_of", "np_f32", "scaler_scale"]
 
@@ -61,14 +61,12 @@ Norms = list[float] | torch.Tensor
 def np_f32(tensors: Sequence[torch.Tensor]) -> list[np.ndarray] | None:
     """The tensors as numpy views, for the compiled kernels (:mod:`gradsight._kernels`), or ``None``.
 
-    ``None`` unless the kernels were built and every tensor is a plain (not a subclass such as ``DTensor``)
-    C-contiguous float32 CPU tensor.
+    ``None`` unless the kernels were built and every tensor is one they read in place
+    (:func:`._summary.compiled_in_place`: a plain, C-contiguous float32 CPU tensor, not a subclass such as
+    ``DTensor``).
     """
-    if not _kernels.available():
+    if not compiled_in_place(tensors):
         return None
-    for t in tensors:
-        if type(t) is not torch.Tensor or t.dtype != torch.float32 or not t.is_cpu or not t.is_contiguous():
-            return None
     return [t.detach().numpy() for t in tensors]
 
 

@@ -19,7 +19,7 @@ Two kernel sets compute the rows; both are exact for every count, bin, min and m
   -inf) because their bins reach 0 and 255 differently. Sums over the finite elements (non-finite replaced by
   0) in float64, min/max per tensor with ``torch._foreach_max`` over the finite elements. The 1024 counts are
   folded into rows on the device.
-* **compiled, CPU float32** (:func:`gradsight._kernels.rows_f32_many`, from :meth:`Flat.stats`): where the C
+* **compiled, CPU float32** (:func:`gradsight._kernels.rows_f32`, from :meth:`Flat.stats`): where the C
   kernel ``gradsight._ckernels`` was built at install time, one pass over each element gives everything (the 512
   sign-and-exponent codes, zeros and infinities that split their edge bins, float64 sums, min and max), ≈ 0.7 ns
   per element against ≈ 2.5 ns for the numpy/torch kernels below, which stand in for it where it was not built.
@@ -221,13 +221,17 @@ class Flat:
         if device is None and self.unit_counts:
             device = self.unit_counts[0].device
         n = len(self.numels)
-        compiled = [g for g in self.groups if _compiled(g)]  # every one in one call of the compiled kernel
+        compiled: list[_Group] = []  # every one in one call of the compiled kernel
         parts = []
+        for g in self.groups:
+            if _compiled(g):
+                compiled.append(g)
+            else:
+                parts.append((g.index, _group_rows(g)))
         if compiled:
-            rows_c = _kernels.rows_f32_many([g.flat.numpy() for g in compiled], [g.numels for g in compiled])
+            rows_c = _kernels.rows_f32([g.flat.numpy() for g in compiled], [g.numels for g in compiled])
             assert rows_c is not None  # _compiled() said the kernel is there
             parts.append(([i for g in compiled for i in g.index], torch.from_numpy(rows_c)))
-        parts.extend((g.index, _group_rows(g)) for g in self.groups if not _compiled(g))
         if len(parts) == 1 and parts[0][0] == list(range(n)):  # one part holding every tensor, in order
             rows = parts[0][1]
         else:
