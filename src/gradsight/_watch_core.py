@@ -206,6 +206,19 @@ def anomaly_values(scalars: Mapping[str, float], *, loss: bool = True) -> dict[s
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def judged_signals(names: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+    """:func:`anomaly_values`' signals among a signal row's dense ``names`` (:func:`signal_row`), with their indices.
+
+    The same signals in the same order as :func:`anomaly_values` takes from the row's ``{name: value}`` dict (the
+    loss, not part of the row, aside); cached per layout, so that a step's judge picks its values by index.
+    """
+    index = {n: i for i, n in enumerate(names)}
+    out = [(k, index[k]) for k in ("grad_norm_preclip", "grad_norm") if k in index]
+    out += [(n, i) for i, n in enumerate(names) if n.startswith("update_norm/")]
+    return tuple(out)
+
+
 def unit_axis(ndim: int, *, channel_first: bool = False, inherited: int | None = None) -> int | None:
     """The axis along which a layer output's per-unit activity is counted; the same rule for every adapter.
 
@@ -387,10 +400,16 @@ class WatchCore:
         Returns:
             Whether a capture starts at ``step``; its event ``anomaly`` is recorded then.
         """
+        if self._anomalies is None:
+            return False
+        return self._judge_values(step, anomaly_values(scalars, loss=self._anomaly_loss))
+
+    def _judge_values(self, step: int, values: Mapping[str, float]) -> bool:
+        """:meth:`_judge` given the judged signals themselves (:func:`anomaly_values`' selection, in its order)."""
         a = self._anomalies
         if a is None:
             return False
-        payload = a.observe(step, anomaly_values(scalars, loss=self._anomaly_loss))
+        payload = a.observe(step, values)
         if payload is None:
             return False
         self._writer.log_event(step, "anomaly", payload)

@@ -129,6 +129,58 @@ def test_weight_and_update_norms_equal_norms_of_independently_copied_weights(ker
         run.close()
 
 
+def test_steps_read_from_the_device_in_batches_are_all_recorded_at_their_step(keras, watch, tmp_path):
+    """With one step per call the host reads the device buffers every few steps (``RING_STEPS``, or sooner for
+    large buffer rows), and at the end of each epoch. Over an epoch of 81 steps and one of 10 (neither a multiple
+    of the ring) every step must be recorded once at its own number, with weight norms of the weights that step
+    started from; the step count must advance at every batch; a scalar the user logs mid-fit must land at its
+    step; and a read mid-fit must see every step run so far."""
+    from gradsight.frameworks.keras import _watch as kw
+
+    x, y = data(81 * 4)
+    m = dense(keras, keras.optimizers.SGD(0.05))
+    cb = weights_callback(keras)
+
+    class User(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.current, self.seen_mid_fit = [], None
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.current.append(w.current_step)
+            w.log(mine=float(len(self.current)))
+            if len(self.current) == 70:
+                self.seen_mid_fit = w.steps, sorted(rows(load(w.path)))
+
+    user = User()
+    with watch(m, path=tmp_path / "ring.db", every=20) as w:
+        m.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0, callbacks=[cb, user])
+        m.fit(x[:40], y[:40], batch_size=4, epochs=1, shuffle=False, verbose=0, callbacks=[cb, user])
+        assert w._ring == kw.RING_STEPS and 81 % w._ring and 91 % w._ring  # the case: a ring that wraps
+        run = load(w.path)
+        paths = [v.path for v in m.trainable_variables]
+        sc = rows(run)
+        assert sorted(sc) == list(range(91))
+        for s in range(91):
+            for p, a in zip(paths, cb.begin[s], strict=True):
+                assert math.isclose(sc[s][f"weight_norm/{p}"], norm64(a), rel_tol=1e-6), (s, p)
+            assert sc[s]["mine"] == s + 1  # logged after step s closed: at step s, as the count said
+            assert "loss" in sc[s] and sc[s]["lr"] == pytest.approx(0.05)
+        assert user.current == list(range(1, 92))
+        assert run.steps == [0, 20, 40, 60, 80]
+        assert user.seen_mid_fit == ([0, 20, 40, 60], list(range(70)))
+        run.close()
+
+
+def test_buffer_rows_follow_the_steps_per_call_and_the_memory_bound(keras):
+    from gradsight.frameworks.keras._watch import RING_BYTES, RING_STEPS, _ring_rows
+
+    assert _ring_rows(1, 1000) == RING_STEPS
+    assert _ring_rows(1, RING_BYTES // 4) == 4  # large rows: fewer of them
+    assert _ring_rows(1, 10 * RING_BYTES) == 1  # one row larger than the bound: read after every step
+    assert _ring_rows(8, 1000) == 8  # several steps per call: one row each, read after every call
+
+
 # ---- gradients before and after the optimizer's clipping --------------------------------------------------------
 def clip_numpy(kind, c, grads):
     """The optimizer's clipping, done here in float64 numpy (keras.optimizers.Optimizer._clip_gradients)."""

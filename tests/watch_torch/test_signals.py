@@ -115,6 +115,37 @@ def test_parameters_converted_after_watch_get_a_w_before_of_their_own_dtype_regr
         _assert_weight_and_update_norms(_row(run, s), before[s], after[s], s)
 
 
+class _Flat(nn.Module):
+    """A model on one flat parameter, of which the forward uses the first ``x.shape[1]`` entries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(12))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * self.w[: x.shape[1]]).sum(1, keepdim=True)
+
+
+def test_a_parameter_narrowed_in_place_is_measured_at_its_new_size(tmp_path):
+    """``p.data = p.data[:6]`` keeps the memory (the same data pointer) but not the size: the watch's views of the
+    parameters, kept from step to step, must follow, or ‖W‖ and ‖ΔW‖ would still cover the 12 old entries."""
+    model = _Flat()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def batches():
+        x, y = _data()
+        for step in range(5):
+            if step == 2:
+                ptr = model.w.data_ptr()
+                model.w.data = model.w.data[:6]
+                assert model.w.data_ptr() == ptr
+            yield x, y
+
+    run, before, after = _train_with_copies(model, opt, tmp_path / "r.db", batches())
+    for s in range(5):
+        _assert_weight_and_update_norms(_row(run, s), before[s], after[s], s)
+
+
 def test_preclip_norm_is_the_gradient_before_clip_grad_norm(tmp_path):
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)

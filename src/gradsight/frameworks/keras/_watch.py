@@ -34,9 +34,12 @@ How it works (public Keras/TF APIs only, tested with Keras 3.15.1 on TensorFlow 
   is written by the host from the fields the graph left in the step's buffer row.
 * On a step with full summaries (``step % every == 0``, or an anomaly capture) one ``tf.cond`` after ``apply``
   packs all summaries into one float64 vector (see :mod:`._summary`) and the updates ``ΔW = W_after - W_before``
-  into a second. The callback reads the buffers once per ``train_function`` call (one host copy of the per-step
-  row buffer), so ``steps_per_execution > 1`` is supported (one buffer slot per step, written with a scatter
-  whose index XLA takes at run time).
+  into a second. The buffers have one row per step (``step % rows``, written with a scatter whose index XLA
+  takes at run time), and each row carries its step: with one step per ``train_function`` call, 32 rows (fewer
+  where a row is large, see :func:`_ring_rows`), which the callback reads every 32 steps, at the end of each
+  epoch and of ``fit``, at ``flush()`` or a read of the run, and after ``commit_every`` seconds (one host copy;
+  the step count advances at every call all the same); with ``steps_per_execution > 1``, one row per step of a
+  call, read after every call.
 * Cost per step, on top of Keras' own step (``cheap=True``, no full summaries): per trainable variable one fused
   square-sum of its gradient (under mixed precision after one multiplication by ``1 / loss_scale``), one of
   W_before, and a subtraction and a square-sum for ΔW; the non-finite counts (a pass over every gradient
@@ -44,7 +47,7 @@ How it works (public Keras/TF APIs only, tested with Keras 3.15.1 on TensorFlow 
   (``clipvalue``: one clip and square-sum more per gradient); the optimizer's in-place update writes to a fresh
   buffer while W_before is alive (one copy of the weights); the anomaly judge's ~50 small ops on
   ``(3 + variables) x window`` values, whatever the model's size; one row of ``14 + 5 x variables`` float64
-  values into the buffer. On the host, per ``train_function`` call: one copy of that buffer and the scalars'
+  values into the buffer. On the host, per step: a row of the buffer read (every 32 steps) into the scalars'
   bookkeeping. ``benchmarks/bench_watch_keras.py`` (MLP 784-128-64-10, batch 32, CPU) measures it as
   ``ratio_default``: side by side with the watch before these signals it did not grow (the non-finite count,
   now conditional, pays for them).
@@ -70,6 +73,8 @@ import contextlib
 import inspect
 import math
 import os
+import time
+import warnings
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -82,7 +87,8 @@ import tensorflow as tf
 from ..._errors import InputError, UnsupportedError, WatchError
 from ..._packing import Layout, Rows, SummaryArrays, rows_from_float64
 from ..._schedule import Schedule, schedule_from
-from ..._watch_core import WatchCore, signal_scalars, unit_axis
+from ..._watch_core import WatchCore, signal_row, signal_scalars, unit_axis
+from ...diagnose import GradsightWarning
 from ._summary import (
     GraphAnomalies,
     clip_rule,
@@ -237,7 +243,10 @@ class KerasWatch(WatchCore):
         )
         # graph state, built on the first fit (the model is built by then)
         self._ready = False
-        self._slots = 0
+        self._slots = 0  # steps per train_function call (the model's steps_per_execution)
+        self._ring = 1  # rows of the device buffers: one per step, indexed by step % ring (see _ring_rows)
+        self._undrained = 0  # steps run since the host last read the buffers (an upper bound when slots > 1)
+        self._drained_at = 0.0  # time.monotonic() of that read
         self._vars: list[Any] = []
         self._var_names: tuple[str, ...] = ()
         self._post_vars: list[Any] = []
@@ -375,13 +384,18 @@ class KerasWatch(WatchCore):
         return rec
 
     def flush(self) -> None:
-        """Close a pending ``record_step`` step, then commit everything recorded so far (see WatchCore)."""
+        """Commit everything recorded so far (see WatchCore).
+
+        First it closes a pending ``record_step`` step and reads the steps ``fit`` left in the device buffers.
+        """
         if not self._closed:
             self._close_pending()
+            self._drain()
         super().flush()
 
     def _before_close(self) -> None:
         self._close_pending()
+        self._drain()
 
     def _close_pending(self) -> None:
         rec, self._pending = self._pending, None
@@ -549,16 +563,18 @@ class KerasWatch(WatchCore):
         elif self._discovered:
             self._make_buffers()
         self._seen = int(self._step_var.numpy())
+        self._undrained, self._drained_at = 0, time.monotonic()
         self._ready = True
         return True
 
     def _make_buffers(self) -> None:
         width = len(HEAD) + (len(BLOCKS) * len(self._vars) if self.schedule.cheap else 0)
-        init = np.zeros([self._slots, width])
+        self._ring = _ring_rows(self._slots, 8 * (width + self._pre_layout.size + self._post_layout.size))
+        init = np.zeros([self._ring, width])
         init[:, _H["step"]] = -1.0
         self._scal_buf = tf.Variable(tf.constant(init, tf.float64), trainable=False)
-        self._pre_buf = tf.Variable(tf.zeros([self._slots, self._pre_layout.size], tf.float64), trainable=False)
-        self._post_buf = tf.Variable(tf.zeros([self._slots, self._post_layout.size], tf.float64), trainable=False)
+        self._pre_buf = tf.Variable(tf.zeros([self._ring, self._pre_layout.size], tf.float64), trainable=False)
+        self._post_buf = tf.Variable(tf.zeros([self._ring, self._post_layout.size], tf.float64), trainable=False)
         rule = self.schedule.anomalies()
         if rule is not None and self._graph_anomalies is None:  # its state outlives a change of buffer size
             self._signal_names = [*ANOMALY_SIGNALS, *(f"update_norm/{n}" for n in self._var_names)]
@@ -769,7 +785,7 @@ class KerasWatch(WatchCore):
         if self.schedule.cheap:
             record, blocks = self._signals(step, head, record, safe_grads, inv, before, deltas, skipped)
         head["record"] = tf.cast(record, tf.float64)
-        slot = tf.cast(step % self._slots, tf.int32)
+        slot = tf.cast(step % self._ring, tf.int32)
         packed = (safe_grads, inv, before, deltas, inter, inter_grads)
         xla = bool(getattr(model, "jit_compile", False))
         tf.cond(record, lambda: self._pack(slot, *packed, xla=xla), lambda: tf.constant(False))
@@ -853,20 +869,46 @@ class KerasWatch(WatchCore):
         return tf.constant(True)
 
     # Host side: called by the callback after each train_function call.
+    def _ran(self) -> None:
+        """After a ``train_function`` call: read the buffers when they are full, or have waited long enough.
+
+        With one step per call the buffers hold ``_ring`` steps, so most calls read nothing (the step count
+        advances all the same); with several steps per call every call reads them (``_ring`` is then the
+        number of steps per call). A read is also due after ``commit_every`` seconds, so that slow steps keep
+        their signals on the device no longer than a crash is allowed to lose.
+        """
+        if not self._ready or not self._discovered:
+            return
+        self._undrained += self._slots
+        if self._slots == 1:
+            self._step = max(self._step, self._seen + self._undrained)
+        if (
+            self._undrained + self._slots > self._ring
+            or time.monotonic() - self._drained_at >= self.schedule.commit_every
+        ):
+            self._drain()
+
     def _drain(self) -> None:
+        """Read the per-step buffers (one device read: the rows carry their step) and record the steps not read."""
         if not self._ready or not self._discovered:  # not discovered: the train step has not run yet
             return
-        scal = self._scal_buf.numpy()  # the one device read per train_function call: the rows carry their step
+        scal = self._scal_buf.numpy()
+        self._undrained, self._drained_at = 0, time.monotonic()
         now = max(self._seen, int(scal[:, _H["step"]].max()) + 1)
-        steps = range(self._seen, now)
+        first = max(self._seen, now - self._ring)
+        if first > self._seen:  # cannot happen while _ran reads in time; say so rather than lose steps quietly
+            warnings.warn(
+                f"gradsight: the per-step signals of steps {self._seen}..{first - 1} were overwritten on the "
+                f"device before they were read, and are missing from {str(self.path)!r}. Please report this.",
+                GradsightWarning,
+                stacklevel=2,
+            )
         self._seen = now
         self._step = max(self._step, now)
-        if not steps:
-            return
         full: list[int] = []
-        for s in steps:
-            row = scal[s % self._slots]
-            self._buffer_scalars(s, self._row_scalars(s, row))
+        for s in range(first, now):
+            row = scal[s % self._ring]
+            self._buffer_row(s, row)
             if row[_H["anomaly"]]:
                 self._writer.log_event(s, "anomaly", self._anomaly_event(s, row))
             if row[_H["record"]]:
@@ -875,30 +917,36 @@ class KerasWatch(WatchCore):
         if full:
             self._drain_summaries(full)
 
-    def _row_scalars(self, s: int, row: Any) -> dict[str, float]:
-        """One step's scalars from its buffer row (see :data:`HEAD`, :data:`BLOCKS` and the schedule's table)."""
-        values = {"loss": float(row[_H["loss"]]), "lr": float(row[_H["lr"]])}
+    def _buffer_row(self, s: int, row: Any) -> None:
+        """Buffer one step's scalars from its buffer row (see :data:`HEAD`, :data:`BLOCKS`, the schedule's table).
+
+        The per-step signals go as one dense row (:func:`gradsight._watch_core.signal_row`, with the graph's own
+        global norms, which its anomaly judge used); the loss as a scalar.
+        """
         skipped = bool(row[_H["skipped"]])
+        lr = float(row[_H["lr"]])
+        self._scalars.append((s, "loss", float(row[_H["loss"]])))
         n = len(self._var_names)
         if self.schedule.cheap and n:
             k = len(HEAD)
             post, pre, bad, weight, update = (row[k + i * n : k + (i + 1) * n].tolist() for i in range(len(BLOCKS)))
-            values.update(
-                _signal_scalars(
-                    self._var_names,
-                    post=post,
-                    pre=pre,
-                    bad=bad,
-                    g=float(row[_H["grad_norm"]]),
-                    g_pre=float(row[_H["grad_norm_preclip"]]),
-                    weight=weight,
-                    update=None if skipped else update,
-                    clipping=self._clip is not None,
-                )
+            names, values, sparse = signal_row(
+                self._var_names,
+                post,
+                bad,
+                preclip=pre if self._clip is not None else None,
+                param_names=self._var_names,
+                weight=weight,
+                update=None if skipped else update,
+                lr={"lr": lr},
+                skipped=skipped,
+                totals=(float(row[_H["grad_norm"]]), float(row[_H["grad_norm_preclip"]])),
             )
+            self._buffer_signals(s, names, values, sparse)
+            return
+        self._scalars.append((s, "lr", lr))
         if skipped:
-            values["step_skipped"] = 1.0
-        return values
+            self._scalars.append((s, "step_skipped", 1.0))
 
     def _anomaly_event(self, s: int, row: Any) -> dict[str, Any]:
         """The ``anomaly`` event's payload of a capture the graph started at step ``s`` (as ``Anomalies``')."""
@@ -921,7 +969,7 @@ class KerasWatch(WatchCore):
         tids = [e.tid for e in self._pre if pre is not None] + [e.tid for e in self._post if post is not None]
         pre_layout, post_layout = self._pre_layout, self._post_layout
         for s in logged:
-            slot = s % self._slots
+            slot = s % self._ring
             a = None if pre is None else pre[slot].copy()
             b = None if post is None else post[slot].copy()
 
@@ -949,6 +997,23 @@ def _tape_gradients(gradients: Sequence[Any | None], variables: list[Any]) -> li
             "variable, in the same order (grads = tape.gradient(loss, variables))."
         )
     return [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, variables, strict=True)]
+
+
+#: Rows of the device buffers when ``fit`` runs one step per call: the host reads them every this many steps.
+RING_STEPS = 32
+#: The most memory the buffers' extra rows may take (they hold a logged step's packed summaries each).
+RING_BYTES = 8 << 20
+
+
+def _ring_rows(slots: int, row_bytes: int) -> int:
+    """The rows of the device buffers: ``RING_STEPS`` with one step per call (fewer for large rows), else ``slots``.
+
+    With several steps per ``train_function`` call the host reads after every call, as the number of steps a
+    call ran is known only from the buffers.
+    """
+    if slots > 1:
+        return slots
+    return max(1, min(RING_STEPS, RING_BYTES // max(row_bytes, 1)))
 
 
 def _write_slot(buf: tf.Variable, slot: tf.Tensor, row: tf.Tensor) -> None:
@@ -1131,6 +1196,11 @@ class _WatchCallback(keras.callbacks.Callback):
     def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
         w = self._watch()
         if w is not None and not w._closed:
+            w._ran()
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        w = self._watch()
+        if w is not None and not w._closed:
             w._drain()
 
     def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
@@ -1211,8 +1281,9 @@ def watch_keras(
         **settings: the schedule settings, the same for every framework: ``every``, ``kinds``, ``cheap``,
             ``units``, ``cheap_flush``, ``if_exists``, ``commit_every``, ``anomaly``, ``anomaly_factor``,
             ``anomaly_window``, ``anomaly_steps``, ``anomaly_cooldown`` (see :func:`gradsight._schedule.schedule`).
-            The per-step scalars reach the host once per ``train_function`` call (``steps_per_execution``
-            steps), through the watch's callback, and the writer every ``cheap_flush`` of them.
+            The per-step scalars reach the host through the watch's callback every 32 steps (after every
+            ``train_function`` call with ``steps_per_execution > 1``), at the end of each epoch, at ``flush()``
+            and after ``commit_every`` seconds; the writer every ``cheap_flush`` of them.
 
     Returns:
         A :class:`KerasWatch`: a context manager with ``close()``, ``log(...)``, ``record_step(...)``,

@@ -65,7 +65,7 @@ import os
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -75,7 +75,7 @@ from ... import _kernels
 from ..._errors import InputError, WatchError
 from ..._packing import Rows, SummaryArrays, merge_rows
 from ..._schedule import Schedule
-from ..._watch_core import WatchCore, unit_axis
+from ..._watch_core import WatchCore, judged_signals, unit_axis
 from ...diagnose import GradsightWarning
 from ...store import RunWriter
 from ...summary import TensorSummary, to_rows
@@ -309,6 +309,8 @@ class Watch(WatchCore):
         self._wbuf: list[torch.Tensor] | None = None  # W_before of the optimizer's parameters
         self._wbuf_np: list[np.ndarray] | None = None  # its numpy views, for the compiled kernels (CPU float32)
         self._wbuf_layout: list[tuple[Any, ...]] = []  # (dtype, shape, device) of the parameters it was made for
+        self._wbuf_for: _Params | None = None  # the parameter views it was last checked against
+        self._pviews: _Params | None = None  # the optimizer's parameters, detached, while they stay in place
         self._wbuf_step = -1  # the step whose W_before the buffer holds
         self._loss: tuple[int, Any] | None = None  # the last logged loss, for the anomaly judge
         self._loss_judged = -1  # the step of the last loss fed to the judge
@@ -676,18 +678,22 @@ class Watch(WatchCore):
         Returns:
             The copies' norms where the compiled kernel computed them on the way (CPU float32), else ``None``.
         """
-        params = [p.detach() for _, p in self._update_params]
+        pv = self._param_views()
+        params = pv.params
         if not params:
             return None
         norms = None
-        layout = [(p.dtype, p.shape, p.device) for p in params]
+        fresh = False
+        if self._wbuf_for is not pv:  # new views: the parameters may have been converted or resized
+            layout = [(p.dtype, p.shape, p.device) for p in params]
+            fresh = self._wbuf is None or layout != self._wbuf_layout
+            self._wbuf_for, self._wbuf_layout = pv, layout
         with torch.no_grad():
-            if self._wbuf is None or layout != self._wbuf_layout:
+            if fresh:
                 self._wbuf = [p.clone() for p in params]
                 self._wbuf_np = np_f32(self._wbuf)
-                self._wbuf_layout = layout
-            elif self._wbuf_np is not None and (views := np_f32(params)) is not None:
-                norms = _kernels.copy_norms_f32(views, self._wbuf_np)
+            elif self._wbuf_np is not None and pv.views is not None:
+                norms = _kernels.copy_norms_f32(pv.views, self._wbuf_np)
             else:
                 try:
                     torch._foreach_copy_(self._wbuf, params)
@@ -696,6 +702,21 @@ class Watch(WatchCore):
                         b.copy_(p)
         self._wbuf_step = self._step
         return norms
+
+    def _param_views(self) -> _Params:
+        """The optimizer's parameters, detached, their names, and their numpy views for the compiled kernels.
+
+        Kept from step to step while every parameter keeps its memory and shape (checked at each call: its data
+        pointer and shape). A parameter given new memory (``p.data = ...``, ``model.double()``, ``.to(device)``)
+        gets new views: the old ones, which keep the old memory alive, would read values no longer trained.
+        """
+        ups = self._update_params
+        key = [(p.data_ptr(), p.shape) for _, p in ups]
+        pv = self._pviews
+        if pv is None or pv.of is not ups or pv.key != key:
+            params = [p.detach() for _, p in ups]
+            pv = self._pviews = _Params(ups, key, params, tuple(n for n, _ in ups), np_f32(params))
+        return pv
 
     def _signals_before(self, grads: list[tuple[str, torch.Tensor]]) -> None:
         """At the start of the step: gradient norms (pre- and post-clip), W_before and its norms, the lr."""
@@ -721,7 +742,7 @@ class Watch(WatchCore):
             copied = self._copy_weights()
             rec.lr = self._lrs()
         if self._wbuf is not None and self._wbuf_step == self._step:
-            rec.param_names = tuple(n for n, _ in self._update_params)
+            rec.param_names = self._param_views().names
             rec.weight = copied if copied is not None else norms_of(self._wbuf, self._host(self._wbuf))
 
     def _lrs(self) -> dict[str, float]:
@@ -754,9 +775,10 @@ class Watch(WatchCore):
         if rec is None:  # no start of step seen (watch.step() calls _before_step first; a closure may not)
             return None, False
         diffs = None
-        params = [p.detach() for _, p in self._update_params]
+        pv = self._param_views()
+        params = pv.params
         if rec.weight is not None and self._wbuf is not None and not skipped:
-            views = np_f32(params) if (self._wbuf_np is not None and not self._logged) else None
+            views = pv.views if (self._wbuf_np is not None and self._wbuf_for is pv and not self._logged) else None
             if views is not None:  # the norms only, in one pass: the differences are not stored
                 rec.update = _kernels.diff_norms_f32(views, self._wbuf_np)
             else:
@@ -796,15 +818,17 @@ class Watch(WatchCore):
         names, values, sparse = rec.row()
         self._buffer_signals(rec.step, names, values, sparse)
         loss = self._loss
-        judged = dict(zip(names, values, strict=True))
+        judged: dict[str, float] = {}
         if loss is not None and loss[0] > self._loss_judged:
             value = loss[1]
             if isinstance(value, torch.Tensor):
                 value = value.item() if value.device.type == "cpu" else None
             if value is not None:
-                judged["loss"] = float(value)
                 self._loss_judged = loss[0]
-        return self._judge(rec.step, judged)
+                if self._anomaly_loss:
+                    judged["loss"] = float(value)
+        judged.update((n, values[i]) for n, i in judged_signals(names))
+        return self._judge_values(rec.step, judged)
 
     def _capture_now(self, diffs: list[torch.Tensor]) -> None:
         """Full summaries of a step that an anomaly triggered at its end: W_before, gradients, updates."""
@@ -950,6 +974,7 @@ class Watch(WatchCore):
         self._axis_of.clear()
         self._flat_before = None
         self._wbuf = self._wbuf_np = self._bw = self._rec = self._lagged = None
+        self._wbuf_for = self._pviews = None
         self._loss = None
         self._optimizer = None
         self._params = []
@@ -1091,6 +1116,16 @@ class _GradHook:
         w = self.wref()
         if w is not None:
             w._on_output_grad(self.tname, self.layer, self.axis, grad, self.fwd)
+
+
+class _Params(NamedTuple):
+    """The optimizer's parameters as the per-step signals read them (see ``Watch._param_views``)."""
+
+    of: list[tuple[str, nn.Parameter]]  # the watch's list they were made from
+    key: list[tuple[int, torch.Size]]  # each parameter's data pointer and shape then
+    params: list[torch.Tensor]  # detached
+    names: tuple[str, ...]
+    views: list[np.ndarray] | None  # numpy views for the compiled kernels, if they read every one in place
 
 
 class _OptHook:
