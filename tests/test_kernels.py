@@ -1,9 +1,11 @@
 """The compiled kernels (gradsight._ckernels, through gradsight._kernels) against the numpy reference.
 
 The summary kernel walks each tensor in blocks of 4096 elements, counts long tensors into four sub-histograms,
-and takes a mask-free path through blocks whose codes show only normal numbers: these tests put zeros,
-subnormals, infinities and NaN in some blocks and not others, and use sizes around every boundary, so that each
-path and each hand-over between them is compared with :func:`gradsight.summarize`. The unit counts and the
+and takes one of three paths through a block's floats by what its codes show (only normal numbers; zeros or
+subnormals but no Inf/NaN; anything), then folds the counts into summary rows: these tests put zeros,
+subnormals, infinities and NaN in some blocks and not others, the extremes in every lane of each path, and use
+sizes around every boundary, so that each path and each hand-over between them is compared with
+:func:`gradsight.summarize`. The unit counts and the
 fused norms are checked the same way (against the reference's per-unit counts, and float64 norms).
 """
 
@@ -80,6 +82,27 @@ def test_many_segments_of_mixed_sizes_in_one_call():
 
 
 @needs_kernel
+@pytest.mark.parametrize("path", ["normal numbers", "zeros", "subnormals", "infinities"])
+@pytest.mark.parametrize("lane", range(8))
+def test_each_lane_of_each_block_path_sees_its_extremes(path, lane):
+    """A block's floats take one of three paths by what its codes show: only normal numbers, zeros or subnormals
+    but nothing non-finite, anything. In a block of each kind, the minimum and the maximum sit in one of the eight
+    lanes of the unrolled loops, so that a lane left out of the extremes or sums of a path shows."""
+    rng = np.random.default_rng(lane)
+    a = rng.uniform(1.0, 2.0, 3 * 4096).astype(np.float32)  # three blocks: the middle one is the case
+    block = a[4096:8192]
+    if path == "zeros":
+        block[rng.integers(0, 4096, 500)] = rng.choice(np.array([0.0, -0.0], np.float32), 500)
+    elif path == "subnormals":
+        block[rng.integers(0, 4096, 500)] = np.float32(2.0**-140)
+    elif path == "infinities":
+        block[rng.integers(0, 4096, 5)] = np.float32(np.inf)
+    at = 8 * rng.integers(10, 500) + lane
+    block[at], block[at + 8] = -7.5, 9.25  # the block's extremes (a finite maximum beside the infinities)
+    check([a], f"{path}, extremes in lane {lane}")
+
+
+@needs_kernel
 @pytest.mark.parametrize("value", [0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, 1.0])
 def test_a_long_tensor_of_one_value(value):
     check([np.full(10_000, value, dtype=np.float32)], f"all {value}")
@@ -95,25 +118,27 @@ def test_extremes_of_float32_sum_in_float64_without_overflow():
 
 @needs_kernel
 def test_bad_input_is_refused_with_what_was_given():
-    with pytest.raises(ValueError, match="float32"):
+    with pytest.raises(ValueError, match="buffer 0 is float64"):
         _kernels.rows_f32([np.zeros(4, dtype=np.float64)], [[4]])
     with pytest.raises(ValueError, match="sizes add up to 3, but it has 4"):
         _kernels.rows_f32([np.zeros(4, dtype=np.float32)], [[1, 2]])
+    with pytest.raises(ValueError, match="sizes add up to 5, but it has 4"):
+        _kernels.rows_f32([np.zeros(4, dtype=np.float32)], [[5]])
     with pytest.raises(ValueError, match="C-contiguous"):
         _kernels.rows_f32([np.zeros(8, dtype=np.float32)[::2]], [[4]])
     with pytest.raises(ValueError, match="buffer 1 is float64"):
         _kernels.rows_f32([np.zeros(4, np.float32), np.zeros(4)], [[4], [4]])
+    with pytest.raises(ValueError, match="buffer 0 is float16"):
+        _kernels.rows_f32([np.zeros(4, np.float16)], [[2, 2]])
     c = _kernels._C
     data, offsets = np.zeros(4, np.float32), np.array([0, 4], np.int64)
-    with pytest.raises(ValueError, match="codes has"):
-        c.stats_f32([data], [offsets], np.empty(3, np.int64), np.empty(4, np.int64), np.empty(4, np.float64))
+    with pytest.raises(ValueError, match="rows has 24 bytes; expected 2128"):
+        c.rows_f32([data], [offsets], np.empty(3, np.int64))
     for bad in ([0, 5], [1, 4], [0, 3, 2, 4]):
         with pytest.raises(ValueError, match="buffer 0: its offsets must"):
-            c.stats_f32(
-                [data], [np.array(bad, np.int64)], np.empty(512 * 3, np.int64), np.empty(12, np.int64), np.empty(12)
-            )
+            c.rows_f32([data], [np.array(bad, np.int64)], np.empty((3, _kernels.ROW), np.int64))
     with pytest.raises(ValueError, match="1 buffers but 2 offset arrays"):
-        c.stats_f32([data], [offsets, offsets], np.empty(512, np.int64), np.empty(4, np.int64), np.empty(4))
+        c.rows_f32([data], [offsets, offsets], np.empty((1, _kernels.ROW), np.int64))
 
 
 @needs_kernel

@@ -1,13 +1,13 @@
 /*
  * gradsight._ckernels: fused one-pass kernels for float32 data on the CPU.
  *
- * stats_f32 and units_f32 summarise tensors (a watch's logged steps); copy_sumsq_f32 and diff_sumsq_f32 give the
+ * rows_f32 and units_f32 summarise tensors (a watch's logged steps); copy_sumsq_f32 and diff_sumsq_f32 give the
  * per-step weight and update norms, each fused with the copy or the difference it needs.
  *
- * stats_f32 reads each element once for everything a summary row needs: the counts of the 512 (sign, exponent
+ * rows_f32 reads each element once for everything a summary row needs: the counts of the 512 (sign, exponent
  * field) codes, the zeros, positive zeros and signed infinities that split the codes' edge bins, and the
- * float64 sum, sum of squares, min and max over the finite elements. Python (gradsight._kernels) folds those
- * into the rows of gradsight._packing; the numpy reference (gradsight.summary.summarize) defines the numbers.
+ * float64 sum, sum of squares, min and max over the finite elements; it folds those into the rows of
+ * gradsight._packing. The numpy reference (gradsight.summary.summarize) defines the numbers.
  *
  * Built at install time when a C compiler is there (setup.py, optional); without it gradsight uses its
  * numpy/torch kernels, which compute the same counts and bins and the same sums up to float64 rounding.
@@ -111,6 +111,35 @@ static void block_clean(const uint32_t *b, Py_ssize_t m, Acc *acc) {
     block_scalar(b + i, m - i, acc);
 }
 
+/* Finite elements, zeros among them (no Inf or NaN: the block's histogram said so): no masks, only the zeros and
+ * positive zeros counted on the way (ReLU outputs, sparse gradients). */
+static void block_finite(const uint32_t *b, Py_ssize_t m, Acc *acc) {
+    const __m128i zero = _mm_setzero_si128();
+    __m128d s0 = _mm_setzero_pd(), s1 = s0, s2 = s0, s3 = s0, q0 = s0, q1 = s0, q2 = s0, q3 = s0;
+    __m128 lo = _mm_set1_ps(INFINITY), hi = _mm_set1_ps(-INFINITY);
+    __m128i z = zero, pz = zero; /* int32 lanes: a block is far below 2**31 */
+    Py_ssize_t i = 0;
+    for (; i + 8 <= m; i += 8) {
+        __m128i u0 = _mm_loadu_si128((const __m128i *)(b + i)), u1 = _mm_loadu_si128((const __m128i *)(b + i + 4));
+        __m128 x0 = _mm_castsi128_ps(u0), x1 = _mm_castsi128_ps(u1);
+        lo = _mm_min_ps(lo, _mm_min_ps(x0, x1));
+        hi = _mm_max_ps(hi, _mm_max_ps(x0, x1));
+        widen_add(x0, &s0, &s1, &q0, &q1);
+        widen_add(x1, &s2, &s3, &q2, &q3);
+        z = _mm_sub_epi32(z, _mm_cmpeq_epi32(_mm_slli_epi32(u0, 1), zero));
+        z = _mm_sub_epi32(z, _mm_cmpeq_epi32(_mm_slli_epi32(u1, 1), zero));
+        pz = _mm_sub_epi32(pz, _mm_cmpeq_epi32(u0, zero));
+        pz = _mm_sub_epi32(pz, _mm_cmpeq_epi32(u1, zero));
+    }
+    fold(acc, s0, s1, s2, s3, q0, q1, q2, q3, lo, hi);
+    int32_t t[4];
+    _mm_storeu_si128((__m128i *)t, z);
+    acc->zeros += (int64_t)t[0] + t[1] + t[2] + t[3];
+    _mm_storeu_si128((__m128i *)t, pz);
+    acc->pzeros += (int64_t)t[0] + t[1] + t[2] + t[3];
+    block_scalar(b + i, m - i, acc);
+}
+
 /* Any elements, four at a time: non-finite ones masked out of the sums and extremes. */
 static void block_masked(const uint32_t *b, Py_ssize_t m, Acc *acc) {
     const __m128i em = _mm_set1_epi32((int)0xFF000000u), zero = _mm_setzero_si128();
@@ -149,16 +178,19 @@ static void block_masked(const uint32_t *b, Py_ssize_t m, Acc *acc) {
 }
 #else
 #define block_clean block_scalar
+#define block_finite block_scalar
 #define block_masked block_scalar
 #endif
 
-/* Counts of the codes 0, 255, 256 and 511 (exponent field 0 or 255, either sign) in a histogram. */
-static inline int64_t edges(const int64_t *h) { return h[0] + h[255] + h[256] + h[511]; }
+/* Counts of the codes 255 and 511 (exponent field 255, either sign: Inf, NaN) in a histogram. */
+static inline int64_t nonfinite_codes(const int64_t *h) { return h[255] + h[511]; }
+/* Counts of the codes 0 and 256 (exponent field 0, either sign: zeros, subnormals) in a histogram. */
+static inline int64_t low_codes(const int64_t *h) { return h[0] + h[256]; }
 
 /* One segment: codes into h (CODES counts, added to), specials into sp, floats into fl (both written).
  * Block by block: the codes first (four sub-histograms for long segments, so that increments of the same bin do
- * not wait on each other), then the floats while the block is in cache, without masks when the block's codes
- * show only normal numbers. */
+ * not wait on each other), then the floats while the block is in cache: without masks when the block's codes
+ * show no Inf or NaN, and without counting zeros either when they show only normal numbers. */
 static void segment(const uint32_t *b, Py_ssize_t n, int64_t *h, int64_t *sp, double *fl, int64_t *scratch) {
     Acc acc;
     memset(&acc, 0, sizeof acc);
@@ -167,7 +199,7 @@ static void segment(const uint32_t *b, Py_ssize_t n, int64_t *h, int64_t *sp, do
     int64_t *h1 = scratch, *h2 = scratch + CODES, *h3 = scratch + 2 * CODES;
     int split = n >= BIG;
     if (split) memset(scratch, 0, 3 * CODES * sizeof(int64_t));
-    int64_t seen = 0; /* edge codes counted so far */
+    int64_t seen_nf = 0, seen_low = 0; /* Inf/NaN codes and zero/subnormal codes counted so far */
     for (Py_ssize_t lo = 0; lo < n; lo += BLOCK) {
         const uint32_t *p = b + lo;
         Py_ssize_t m = n - lo < BLOCK ? n - lo : BLOCK, i = 0;
@@ -180,12 +212,16 @@ static void segment(const uint32_t *b, Py_ssize_t n, int64_t *h, int64_t *sp, do
             }
         }
         for (; i < m; i++) h[p[i] >> 23]++;
-        int64_t now = edges(h) + (split ? edges(h1) + edges(h2) + edges(h3) : 0);
-        if (now == seen)
-            block_clean(p, m, &acc);
-        else
+        int64_t nf = nonfinite_codes(h) + (split ? nonfinite_codes(h1) + nonfinite_codes(h2) + nonfinite_codes(h3) : 0);
+        int64_t low = low_codes(h) + (split ? low_codes(h1) + low_codes(h2) + low_codes(h3) : 0);
+        if (nf != seen_nf)
             block_masked(p, m, &acc);
-        seen = now;
+        else if (low != seen_low)
+            block_finite(p, m, &acc);
+        else
+            block_clean(p, m, &acc);
+        seen_nf = nf;
+        seen_low = low;
     }
     if (split)
         for (int k = 0; k < CODES; k++) h[k] += h1[k] + h2[k] + h3[k];
@@ -208,83 +244,137 @@ static int check(Py_buffer *buf, const char *name, Py_ssize_t itemsize, Py_ssize
     return 1;
 }
 
-PyDoc_STRVAR(stats_f32_doc,
-             "stats_f32(datas, offsets, codes, specials, floats)\n\n"
-             "Summarise, in one pass, the segments datas[b][offsets[b][k]:offsets[b][k+1]] of float32 buffers,\n"
-             "buffer after buffer: n segments in all.\n\n"
-             "datas: float32 buffers (C-contiguous). offsets: one int64 array per buffer, non-decreasing from 0 to\n"
-             "the buffer's length. Outputs (written, C-contiguous): codes int64 (n, 512), counts of bits >> 23\n"
-             "(sign, exponent field); specials int64 (n, 4): zeros, positive zeros, +inf, -inf; floats float64\n"
-             "(n, 4): sum, sum of squares, min, max over the finite elements (min +inf, max -inf when none).");
+/* The row layout of gradsight._packing (checked against it when gradsight._kernels imports this module). */
+#define R_COUNT 0
+#define R_ZEROS 1
+#define R_NAN 2
+#define R_POSINF 3
+#define R_NEGINF 4
+#define R_POSITIVE 5
+#define R_FLOATS 6 /* sum, sum of squares, min, max: float64, bit-cast */
+#define R_HIST 10
+#define R_BINS 256
+#define ROW (R_HIST + R_BINS)
 
-static PyObject *stats_f32(PyObject *self, PyObject *args) {
+/* One segment's summary row from its codes h (CODES counts), specials sp and floats fl: every count exact. */
+static void fold_row(const int64_t *h, const int64_t *sp, const double *fl, Py_ssize_t count, int64_t *row) {
+    int64_t positive = 0;
+    for (int k = 0; k < 255; k++) positive += h[k]; /* sign 0, exponent field below 255: +0, subnormal, normal */
+    row[R_COUNT] = count;
+    row[R_ZEROS] = sp[0];
+    row[R_NAN] = h[255] + h[511] - sp[2] - sp[3]; /* exponent field 255, either sign, less the infinities */
+    row[R_POSINF] = sp[2];
+    row[R_NEGINF] = sp[3];
+    row[R_POSITIVE] = positive - sp[1];
+    memcpy(row + R_FLOATS, fl, FLOATS * sizeof(double));
+    for (int k = 0; k < R_BINS; k++) row[R_HIST + k] = h[k] + h[256 + k]; /* the exponent field, either sign */
+    row[R_HIST] -= sp[0];                                                  /* bin 0: the subnormals */
+    row[R_HIST + 255] = 0;                                                 /* Inf and NaN have no bin */
+}
+
+static int float32_buffer(PyObject *obj, Py_buffer *view, const char *fn, Py_ssize_t k) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s takes C-contiguous float32 arrays; buffer %zd (%s) is not C-contiguous "
+                     "or has no buffer", fn, k, Py_TYPE(obj)->tp_name);
+        return 0;
+    }
+    const char *f = view->format ? view->format : "B";
+    if (view->itemsize != 4 || !(strcmp(f, "f") == 0 || strcmp(f, "=f") == 0 || strcmp(f, "<f") == 0)) {
+        const char *name = strcmp(f, "d") == 0 ? "float64" : strcmp(f, "e") == 0 ? "float16" : f;
+        PyErr_Format(PyExc_ValueError, "%s takes C-contiguous float32 arrays; buffer %zd is %s", fn, k, name);
+        PyBuffer_Release(view);
+        return 0;
+    }
+    return 1;
+}
+
+PyDoc_STRVAR(rows_f32_doc,
+             "rows_f32(datas, offsets, rows)\n\n"
+             "Summary rows of the segments datas[b][offsets[b][k]:offsets[b][k+1]] of float32 buffers, buffer after\n"
+             "buffer (n segments in all), each element read once.\n\n"
+             "datas: C-contiguous float32 arrays, read flat. offsets: per buffer, None (the buffer is one segment)\n"
+             "or an int64 array non-decreasing from 0 to the buffer's length. rows: int64 (n, ROW), written in the\n"
+             "layout of gradsight._packing: the counts, the float64 sum, sum of squares, min and max over the finite\n"
+             "elements (bit-cast; min +inf and max -inf when none) and the 256 exponent bins.");
+
+static PyObject *rows_f32(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *datas, *offs, *fd = NULL, *fo = NULL, *result = NULL;
-    Py_buffer codes = {0}, specials = {0}, floats = {0};
+    Py_buffer rows = {0};
     Py_buffer *bd = NULL, *bo = NULL;
     Py_ssize_t m = 0, got = 0, goto_ = 0, n = 0;
     int64_t *scratch = NULL;
-    if (!PyArg_ParseTuple(args, "OOw*w*w*", &datas, &offs, &codes, &specials, &floats)) return NULL;
-    if ((fd = PySequence_Fast(datas, "stats_f32: expected a list of float32 buffers")) == NULL ||
-        (fo = PySequence_Fast(offs, "stats_f32: expected a list of int64 offset arrays")) == NULL)
+    if (!PyArg_ParseTuple(args, "OOw*", &datas, &offs, &rows)) return NULL;
+    if ((fd = PySequence_Fast(datas, "rows_f32: expected a list of float32 arrays")) == NULL ||
+        (fo = PySequence_Fast(offs, "rows_f32: expected a list of offsets (None or int64 arrays)")) == NULL)
         goto done;
     m = PySequence_Fast_GET_SIZE(fd);
     if (PySequence_Fast_GET_SIZE(fo) != m) {
-        PyErr_Format(PyExc_ValueError, "stats_f32: %zd buffers but %zd offset arrays", m, PySequence_Fast_GET_SIZE(fo));
+        PyErr_Format(PyExc_ValueError, "rows_f32: %zd buffers but %zd offset arrays", m, PySequence_Fast_GET_SIZE(fo));
         goto done;
     }
     bd = PyMem_Calloc((size_t)m + 1, sizeof(Py_buffer));
     bo = PyMem_Calloc((size_t)m + 1, sizeof(Py_buffer));
-    scratch = PyMem_RawMalloc(3 * CODES * sizeof(int64_t));
+    scratch = PyMem_RawMalloc(4 * CODES * sizeof(int64_t));
     if (bd == NULL || bo == NULL || scratch == NULL) {
         PyErr_NoMemory();
         goto done;
     }
     for (; got < m; got++)
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fd, got), &bd[got], PyBUF_SIMPLE) < 0) goto done;
+        if (!float32_buffer(PySequence_Fast_GET_ITEM(fd, got), &bd[got], "rows_f32", got)) goto done;
     for (; goto_ < m; goto_++) {
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fo, goto_), &bo[goto_], PyBUF_SIMPLE) < 0) goto done;
-        Py_ssize_t k = goto_, segs = bo[k].len / (Py_ssize_t)sizeof(int64_t) - 1;
+        Py_ssize_t k = goto_;
+        PyObject *o = PySequence_Fast_GET_ITEM(fo, k);
+        if (o == Py_None) { /* bo[k].buf stays NULL: one segment */
+            n += 1;
+            continue;
+        }
+        if (PyObject_GetBuffer(o, &bo[k], PyBUF_SIMPLE) < 0) goto done;
+        Py_ssize_t segs = bo[k].len / (Py_ssize_t)sizeof(int64_t) - 1;
         const int64_t *off = (const int64_t *)bo[k].buf;
-        int ok = segs >= 0 && bo[k].len % (Py_ssize_t)sizeof(int64_t) == 0 && bd[k].len % 4 == 0;
+        int ok = segs >= 0 && bo[k].len % (Py_ssize_t)sizeof(int64_t) == 0;
         ok = ok && off[0] == 0 && off[segs] == bd[k].len / 4;
         for (Py_ssize_t j = 0; ok && j < segs; j++) ok = off[j] <= off[j + 1];
         if (!ok) {
-            PyErr_Format(PyExc_ValueError, "stats_f32: buffer %zd: its offsets must be int64, start at 0, not "
+            PyErr_Format(PyExc_ValueError, "rows_f32: buffer %zd: its offsets must be int64, start at 0, not "
                          "decrease, and end at its length in float32 (%zd)", k, bd[k].len / 4);
             goto_++;
             goto done;
         }
         n += segs;
     }
-    if (!check(&codes, "codes", sizeof(int64_t), n * CODES) || !check(&specials, "specials", sizeof(int64_t), n * SPECIALS) ||
-        !check(&floats, "floats", sizeof(double), n * FLOATS))
+    if (rows.len != n * ROW * (Py_ssize_t)sizeof(int64_t)) {
+        PyErr_Format(PyExc_ValueError, "rows_f32: rows has %zd bytes; expected %zd (%zd rows of %d int64)", rows.len,
+                     n * ROW * (Py_ssize_t)sizeof(int64_t), n, ROW);
         goto done;
+    }
     Py_BEGIN_ALLOW_THREADS;
-    int64_t *c = (int64_t *)codes.buf, *sp = (int64_t *)specials.buf;
-    double *fl = (double *)floats.buf;
-    memset(c, 0, (size_t)n * CODES * sizeof(int64_t));
-    Py_ssize_t at = 0;
+    int64_t *out = (int64_t *)rows.buf, *h = scratch + 3 * CODES;
+    int64_t sp[SPECIALS];
+    double fl[FLOATS];
     for (Py_ssize_t k = 0; k < m; k++) {
         const uint32_t *bits = (const uint32_t *)bd[k].buf;
         const int64_t *off = (const int64_t *)bo[k].buf;
-        Py_ssize_t segs = bo[k].len / (Py_ssize_t)sizeof(int64_t) - 1;
-        for (Py_ssize_t j = 0; j < segs; j++, at++)
-            segment(bits + off[j], (Py_ssize_t)(off[j + 1] - off[j]), c + at * CODES, sp + at * SPECIALS,
-                    fl + at * FLOATS, scratch);
+        Py_ssize_t total = bd[k].len / 4, segs = off == NULL ? 1 : bo[k].len / (Py_ssize_t)sizeof(int64_t) - 1;
+        for (Py_ssize_t j = 0; j < segs; j++, out += ROW) {
+            Py_ssize_t a = off == NULL ? 0 : (Py_ssize_t)off[j], b = off == NULL ? total : (Py_ssize_t)off[j + 1];
+            memset(h, 0, CODES * sizeof(int64_t));
+            segment(bits + a, b - a, h, sp, fl, scratch);
+            fold_row(h, sp, fl, b - a, out);
+        }
     }
     Py_END_ALLOW_THREADS;
     result = Py_None;
     Py_INCREF(result);
 done:
     for (Py_ssize_t k = 0; k < got; k++) PyBuffer_Release(&bd[k]);
-    for (Py_ssize_t k = 0; k < goto_; k++) PyBuffer_Release(&bo[k]);
+    for (Py_ssize_t k = 0; k < goto_; k++)
+        if (bo[k].obj != NULL) PyBuffer_Release(&bo[k]);
     PyMem_Free(bd);
     PyMem_Free(bo);
     PyMem_RawFree(scratch);
-    PyBuffer_Release(&codes);
-    PyBuffer_Release(&specials);
-    PyBuffer_Release(&floats);
+    PyBuffer_Release(&rows);
     Py_XDECREF(fd);
     Py_XDECREF(fo);
     return result;
@@ -470,7 +560,7 @@ static PyMethodDef methods[] = {
     {"copy_sumsq_f32", copy_sumsq_f32, METH_VARARGS, copy_sumsq_f32_doc},
     {"diff_sumsq_f32", diff_sumsq_f32, METH_VARARGS, diff_sumsq_f32_doc},
     {"units_f32", units_f32, METH_VARARGS, units_f32_doc},
-    {"stats_f32", stats_f32, METH_VARARGS, stats_f32_doc},
+    {"rows_f32", rows_f32, METH_VARARGS, rows_f32_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -478,4 +568,11 @@ static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_ckernels", "gradsight's compiled summary kernel (see gradsight._kernels).", -1, methods, NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__ckernels(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__ckernels(void) {
+    PyObject *mod = PyModule_Create(&module);
+    if (mod != NULL && (PyModule_AddIntConstant(mod, "ROW", ROW) < 0 || PyModule_AddIntConstant(mod, "HIST", R_HIST) < 0)) {
+        Py_DECREF(mod);
+        return NULL;
+    }
+    return mod;
+}

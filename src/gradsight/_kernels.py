@@ -4,7 +4,8 @@
 
 * **summaries** (:func:`rows_f32`): each element read once for the counts of the 512
   (sign, exponent field) codes ``bits >> 23``, the zeros, positive zeros and signed infinities, and the float64
-  sum, sum of squares, min and max of the finite elements, folded here into the rows of :mod:`gradsight._packing`:
+  sum, sum of squares, min and max of the finite elements, folded by the kernel into the rows of
+  :mod:`gradsight._packing`:
   every count and bin exact, the sums accumulated in float64 in eight interleaved lanes (so they agree with the
   numpy reference, :func:`gradsight.summary.summarize`, to float64 rounding, like the other kernels);
 * **per-unit activity counts** (:func:`unit_counts_f32`);
@@ -22,12 +23,18 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ._packing import COUNT, HIST, MAX, NAN, NEGINF, POSINF, POSITIVE, ROW, SUM, ZEROS
+from ._packing import HIST, ROW
 
 try:
     from . import _ckernels as _C
 except ImportError:  # built without a C compiler: the numpy/torch kernels stand in
     _C = None
+
+if _C is not None and (_C.ROW, _C.HIST) != (ROW, HIST):  # a build from another version of the row layout
+    raise ImportError(
+        f"gradsight._ckernels was built for rows of {_C.ROW} words (histogram at {_C.HIST}), but this gradsight "
+        f"writes {ROW} (at {HIST}): the compiled module is stale. Rebuild it: pip install -e . (or reinstall)."
+    )
 
 __all__ = ["available", "copy_norms_f32", "diff_norms_f32", "rows_f32", "unit_counts_f32"]
 
@@ -61,43 +68,35 @@ def rows_f32(datas: Sequence[np.ndarray], numels: Sequence[Sequence[int]]) -> np
     buffer, and one call folds the rows of all of them.
 
     Args:
-        datas: 1-d C-contiguous float32 arrays, each holding one or more tensors, flattened and concatenated.
+        datas: C-contiguous float32 arrays (read flat), each holding one or more tensors, flattened and
+            concatenated.
         numels: per buffer, its tensors' sizes, in order; they add up to the buffer's size.
 
     Returns:
         ``(n, ROW)`` int64 rows (float64 fields bit-cast), buffer after buffer, as
         :func:`gradsight._packing.empty_rows` lays them out.
+
+    Raises:
+        ValueError: a buffer is not C-contiguous float32, or its sizes do not add up to its size.
     """
     if _C is None:
         return None
-    offsets = []
+    offsets: list[np.ndarray | None] = []
+    n = 0
     for k, (data, sizes) in enumerate(zip(datas, numels, strict=True)):
-        if data.dtype != np.float32 or data.ndim != 1 or not data.flags.c_contiguous:
-            raise ValueError(
-                f"rows_f32 takes 1-d C-contiguous float32 arrays; buffer {k} is {data.dtype} of shape {data.shape}."
-            )
+        if len(sizes) == 1:  # the common case, a tensor read in place: no offsets to make
+            if sizes[0] != data.size:
+                raise ValueError(f"rows_f32: buffer {k}'s sizes add up to {sizes[0]}, but it has {data.size} elements.")
+            offsets.append(None)
+            n += 1
+            continue
         off = _offsets(sizes)
         if off[-1] != data.size:
             raise ValueError(f"rows_f32: buffer {k}'s sizes add up to {int(off[-1])}, but it has {data.size} elements.")
         offsets.append(off)
-    n = sum(len(o) - 1 for o in offsets)
-    codes = np.empty((n, 2, 256), dtype=np.int64)  # [sign, exponent field]
-    specials = np.empty((n, 4), dtype=np.int64)  # zeros, positive zeros, +inf, -inf
-    floats = np.empty((n, 4), dtype=np.float64)  # sum, sum of squares, min, max
-    _C.stats_f32(datas, offsets, codes, specials, floats)
-    zeros, pzeros, pinf, ninf = specials.T
+        n += len(sizes)
     rows = np.empty((n, ROW), dtype=np.int64)
-    rows[:, COUNT] = np.concatenate([o[1:] - o[:-1] for o in offsets]) if len(offsets) != 1 else np.diff(offsets[0])
-    rows[:, ZEROS] = zeros
-    rows[:, NAN] = codes[:, 0, 255] + codes[:, 1, 255] - pinf - ninf
-    rows[:, POSINF] = pinf
-    rows[:, NEGINF] = ninf
-    rows[:, POSITIVE] = codes[:, 0, :255].sum(1) - pzeros  # positive, finite, non-zero
-    hist = rows[:, HIST:]
-    np.add(codes[:, 0], codes[:, 1], out=hist)
-    hist[:, 0] -= zeros  # bin 0: the subnormals
-    hist[:, 255] = 0  # Inf and NaN have no bin
-    rows[:, SUM : MAX + 1] = floats.view(np.int64)
+    _C.rows_f32(datas, offsets, rows)
     return rows
 
 
