@@ -24,6 +24,27 @@ from gradsight.summary import from_rows, summarize
 
 needs_kernel = pytest.mark.skipif(not _kernels.available(), reason="the compiled kernel was not built")
 
+
+def _levels() -> list[str]:
+    """The instruction sets the kernel's float passes can use here: its own, and SSE2 too where it chose AVX2."""
+    here = _kernels.simd()
+    if here is None:
+        return ["none"]
+    return [here, "sse2"] if here == "avx2" else [here]
+
+
+@pytest.fixture(autouse=True, params=_levels())
+def simd_level(request):
+    """Every test runs with each instruction set the float passes can use on this machine."""
+    if request.param == "none":
+        yield None
+        return
+    before = _kernels.simd()
+    _kernels._C.simd(request.param)
+    yield request.param
+    _kernels._C.simd(before)
+
+
 SPECIALS = np.array(
     [0.0, -0.0, np.nan, np.inf, -np.inf, 2.0**-130, -(2.0**-140), 1e-45, 3.4e38, -3.4e38], dtype=np.float32
 )
@@ -83,11 +104,11 @@ def test_many_segments_of_mixed_sizes_in_one_call():
 
 @needs_kernel
 @pytest.mark.parametrize("path", ["normal numbers", "zeros", "subnormals", "infinities"])
-@pytest.mark.parametrize("lane", range(8))
+@pytest.mark.parametrize("lane", range(16))
 def test_each_lane_of_each_block_path_sees_its_extremes(path, lane):
     """A block's floats take one of three paths by what its codes show: only normal numbers, zeros or subnormals
-    but nothing non-finite, anything. In a block of each kind, the minimum and the maximum sit in one of the eight
-    lanes of the unrolled loops, so that a lane left out of the extremes or sums of a path shows."""
+    but nothing non-finite, anything. In a block of each kind, the minimum and the maximum sit in one of the 16
+    positions of a round of the unrolled loops, so that a lane left out of the extremes or sums of a path shows."""
     rng = np.random.default_rng(lane)
     a = rng.uniform(1.0, 2.0, 3 * 4096).astype(np.float32)  # three blocks: the middle one is the case
     block = a[4096:8192]
@@ -97,8 +118,8 @@ def test_each_lane_of_each_block_path_sees_its_extremes(path, lane):
         block[rng.integers(0, 4096, 500)] = np.float32(2.0**-140)
     elif path == "infinities":
         block[rng.integers(0, 4096, 5)] = np.float32(np.inf)
-    at = 8 * rng.integers(10, 500) + lane
-    block[at], block[at + 8] = -7.5, 9.25  # the block's extremes (a finite maximum beside the infinities)
+    at = 16 * rng.integers(10, 250) + lane
+    block[at], block[at + 16] = -7.5, 9.25  # the block's extremes (a finite maximum beside the infinities)
     check([a], f"{path}, extremes in lane {lane}")
 
 
@@ -188,7 +209,7 @@ def test_unit_counts_refuse_bad_input():
 @needs_kernel
 def test_copy_and_difference_norms_match_float64_references():
     rng = np.random.default_rng(3)
-    sizes = [1, 7, 15, 16, 17, 1000, 4096 + 3]
+    sizes = [1, 7, 15, 16, 17, 31, 32, 33, 1000, 4096 + 3]
     src = [rng.standard_normal(n).astype(np.float32) * 10.0 ** rng.uniform(-20, 20) for n in sizes]
     src[2][3] = np.inf
     src[4][5] = np.nan
@@ -219,3 +240,11 @@ def test_norm_kernels_refuse_mismatched_lists():
         ro = np.zeros(4, np.float32)
         ro.flags.writeable = False
         _kernels.copy_norms_f32(a, [ro])
+
+
+@needs_kernel
+def test_the_instruction_set_is_one_the_build_and_cpu_can_use(simd_level):
+    assert _kernels.simd() == simd_level
+    with pytest.raises(ValueError, match="avx512 is not available here"):
+        _kernels._C.simd("avx512")
+    assert _kernels.simd() == simd_level  # unchanged by the refusal

@@ -25,6 +25,16 @@
 #include <emmintrin.h>
 #endif
 
+/* AVX2 versions of the float passes, chosen at import where the CPU has AVX2 (GCC and Clang on x86-64: the
+ * functions are compiled for AVX2 whatever the build's flags, and never called on a CPU without it). */
+#if defined(__SSE2__) && (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define GS_AVX2 1
+#include <immintrin.h>
+#define AVX2_FN __attribute__((target("avx2")))
+#else
+#define GS_AVX2 0
+#endif
+
 #define CODES 512   /* bits >> 23: sign (bit 8) and exponent field (bits 0-7) */
 #define SPECIALS 4  /* zeros (either sign), positive zeros, +inf, -inf */
 #define FLOATS 4    /* sum, sum of squares, min, max (finite elements, float64) */
@@ -182,6 +192,76 @@ static void block_masked(const uint32_t *b, Py_ssize_t m, Acc *acc) {
 #define block_masked block_scalar
 #endif
 
+#if GS_AVX2
+/* Add four float64 lanes of a and b to acc's accumulators d[0..3] and d[4..7]. */
+AVX2_FN static inline void fold4(double *d, __m256d a, __m256d b) {
+    double t[8];
+    _mm256_storeu_pd(t, a);
+    _mm256_storeu_pd(t + 4, b);
+    for (int k = 0; k < 8; k++) d[k] += t[k];
+}
+
+AVX2_FN static inline void fold_minmax(Acc *acc, __m256 lo, __m256 hi) {
+    float l[8], h[8];
+    _mm256_storeu_ps(l, lo);
+    _mm256_storeu_ps(h, hi);
+    for (int k = 0; k < 8; k++) {
+        if (l[k] < acc->lo) acc->lo = l[k];
+        if (h[k] > acc->hi) acc->hi = h[k];
+    }
+}
+
+/* The eight floats of x widened to float64: their sum into s0, s1 and their squares into q0, q1. */
+AVX2_FN static inline void widen_add8(__m256 x, __m256d *s0, __m256d *s1, __m256d *q0, __m256d *q1) {
+    __m256d a = _mm256_cvtps_pd(_mm256_castps256_ps128(x)), b = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
+    *s0 = _mm256_add_pd(*s0, a);
+    *s1 = _mm256_add_pd(*s1, b);
+    *q0 = _mm256_add_pd(*q0, _mm256_mul_pd(a, a));
+    *q1 = _mm256_add_pd(*q1, _mm256_mul_pd(b, b));
+}
+
+/* block_clean and block_finite with AVX2, sixteen floats a round. */
+AVX2_FN static void block_floats_avx2(const uint32_t *b, Py_ssize_t m, Acc *acc, int count_zeros) {
+    const __m256i zero = _mm256_setzero_si256();
+    __m256d s0 = _mm256_setzero_pd(), s1 = s0, s2 = s0, s3 = s0, q0 = s0, q1 = s0, q2 = s0, q3 = s0;
+    __m256 lo = _mm256_set1_ps(INFINITY), hi = _mm256_set1_ps(-INFINITY);
+    __m256i z = zero, pz = zero; /* int32 lanes: a block is far below 2**31 */
+    Py_ssize_t i = 0;
+    for (; i + 16 <= m; i += 16) {
+        __m256i u0 = _mm256_loadu_si256((const __m256i *)(b + i)), u1 = _mm256_loadu_si256((const __m256i *)(b + i + 8));
+        __m256 x0 = _mm256_castsi256_ps(u0), x1 = _mm256_castsi256_ps(u1);
+        lo = _mm256_min_ps(lo, _mm256_min_ps(x0, x1));
+        hi = _mm256_max_ps(hi, _mm256_max_ps(x0, x1));
+        widen_add8(x0, &s0, &s1, &q0, &q1);
+        widen_add8(x1, &s2, &s3, &q2, &q3);
+        if (count_zeros) {
+            z = _mm256_sub_epi32(z, _mm256_cmpeq_epi32(_mm256_slli_epi32(u0, 1), zero));
+            z = _mm256_sub_epi32(z, _mm256_cmpeq_epi32(_mm256_slli_epi32(u1, 1), zero));
+            pz = _mm256_sub_epi32(pz, _mm256_cmpeq_epi32(u0, zero));
+            pz = _mm256_sub_epi32(pz, _mm256_cmpeq_epi32(u1, zero));
+        }
+    }
+    fold4(acc->s, _mm256_add_pd(s0, s2), _mm256_add_pd(s1, s3));
+    fold4(acc->q, _mm256_add_pd(q0, q2), _mm256_add_pd(q1, q3));
+    fold_minmax(acc, lo, hi);
+    if (count_zeros) {
+        int32_t t[8];
+        _mm256_storeu_si256((__m256i *)t, z);
+        for (int k = 0; k < 8; k++) acc->zeros += t[k];
+        _mm256_storeu_si256((__m256i *)t, pz);
+        for (int k = 0; k < 8; k++) acc->pzeros += t[k];
+    }
+    block_scalar(b + i, m - i, acc);
+}
+
+AVX2_FN static void block_clean_avx2(const uint32_t *b, Py_ssize_t m, Acc *acc) { block_floats_avx2(b, m, acc, 0); }
+AVX2_FN static void block_finite_avx2(const uint32_t *b, Py_ssize_t m, Acc *acc) { block_floats_avx2(b, m, acc, 1); }
+#endif
+
+/* The float passes in use (set at import, see simd()). */
+typedef void (*block_fn)(const uint32_t *, Py_ssize_t, Acc *);
+static block_fn clean_pass = block_clean, finite_pass = block_finite;
+
 /* Counts of the codes 255 and 511 (exponent field 255, either sign: Inf, NaN) in a histogram. */
 static inline int64_t nonfinite_codes(const int64_t *h) { return h[255] + h[511]; }
 /* Counts of the codes 0 and 256 (exponent field 0, either sign: zeros, subnormals) in a histogram. */
@@ -217,9 +297,9 @@ static void segment(const uint32_t *b, Py_ssize_t n, int64_t *h, int64_t *sp, do
         if (nf != seen_nf)
             block_masked(p, m, &acc);
         else if (low != seen_low)
-            block_finite(p, m, &acc);
+            finite_pass(p, m, &acc);
         else
-            block_clean(p, m, &acc);
+            clean_pass(p, m, &acc);
         seen_nf = nf;
         seen_low = low;
     }
@@ -476,6 +556,43 @@ static double sumsq(const float *x, float *y, Py_ssize_t n, int op) {
     return (s0 + s1) + (s2 + s3);
 }
 
+#if GS_AVX2
+/* sumsq with AVX2: sixteen floats a round into four accumulators of four float64 lanes. */
+AVX2_FN static double sumsq_avx2(const float *x, float *y, Py_ssize_t n, int op) {
+    __m256d a[4];
+    for (int k = 0; k < 4; k++) a[k] = _mm256_setzero_pd();
+    Py_ssize_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        for (int j = 0; j < 2; j++) {
+            __m256 v = _mm256_loadu_ps(x + i + 8 * j);
+            if (op == 1)
+                _mm256_storeu_ps(y + i + 8 * j, v);
+            else
+                v = _mm256_sub_ps(v, _mm256_loadu_ps(y + i + 8 * j));
+            __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+            a[2 * j] = _mm256_add_pd(a[2 * j], _mm256_mul_pd(lo, lo));
+            a[2 * j + 1] = _mm256_add_pd(a[2 * j + 1], _mm256_mul_pd(hi, hi));
+        }
+    }
+    double t[16], s0 = 0;
+    for (int k = 0; k < 4; k++) _mm256_storeu_pd(t + 4 * k, a[k]);
+    for (; i < n; i++) {
+        float v = x[i];
+        if (op == 1)
+            y[i] = v;
+        else
+            v = v - y[i];
+        double d = (double)v;
+        s0 += d * d;
+    }
+    return (((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]))) +
+           (((t[8] + t[9]) + (t[10] + t[11])) + ((t[12] + t[13]) + (t[14] + t[15]))) + s0;
+}
+#endif
+
+typedef double (*sumsq_fn)(const float *, float *, Py_ssize_t, int);
+static sumsq_fn sumsq_pass = sumsq;
+
 /* Acquire the k-th buffer of a sequence: float32, C-contiguous, writable if asked, of len bytes if len >= 0. */
 static int get_f32(PyObject *seq, Py_ssize_t k, Py_buffer *view, int writable, Py_ssize_t len, const char *name,
                    const char *which) {
@@ -518,7 +635,8 @@ static PyObject *sumsq_lists(PyObject *args, int op, const char *name) {
     for (; goty < n; goty++)
         if (!get_f32(fy, goty, &by[goty], op == 1, bx[goty].len, name, "the second list")) goto done;
     Py_BEGIN_ALLOW_THREADS;
-    for (Py_ssize_t k = 0; k < n; k++) out[k] = sumsq((const float *)bx[k].buf, (float *)by[k].buf, bx[k].len / 4, op);
+    for (Py_ssize_t k = 0; k < n; k++)
+        out[k] = sumsq_pass((const float *)bx[k].buf, (float *)by[k].buf, bx[k].len / 4, op);
     Py_END_ALLOW_THREADS;
     if ((result = PyList_New(n)) == NULL) goto done;
     for (Py_ssize_t k = 0; k < n; k++) {
@@ -556,7 +674,67 @@ static PyObject *diff_sumsq_f32(PyObject *self, PyObject *args) {
     return sumsq_lists(args, 2, "diff_sumsq_f32");
 }
 
+static int has_avx2(void) {
+#if GS_AVX2
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2");
+#else
+    return 0;
+#endif
+}
+
+static const char *simd_level(void) {
+#if GS_AVX2
+    if (clean_pass == block_clean_avx2) return "avx2";
+#endif
+#if defined(__SSE2__)
+    return "sse2";
+#else
+    return "scalar";
+#endif
+}
+
+static int set_simd(const char *level) {
+    if (strcmp(level, "avx2") == 0) {
+#if GS_AVX2
+        if (!has_avx2()) return 0;
+        clean_pass = block_clean_avx2;
+        finite_pass = block_finite_avx2;
+        sumsq_pass = sumsq_avx2;
+        return 1;
+#else
+        return 0;
+#endif
+    }
+    if (strcmp(level, simd_level()) == 0 || strcmp(level, "default") == 0 ||
+        (strcmp(level, "sse2") == 0 && strcmp(simd_level(), "avx2") == 0)) {
+        clean_pass = block_clean;
+        finite_pass = block_finite;
+        sumsq_pass = sumsq;
+        return 1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(simd_doc,
+             "simd(level=None) -> str: the instruction set the float passes use (\"avx2\", \"sse2\" or \"scalar\").\n\n"
+             "With a level, switch to it first (for tests: \"avx2\" only where the CPU has it, or the build's own\n"
+             "level); ValueError for a level this build or CPU cannot use.");
+
+static PyObject *simd(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *level = NULL;
+    if (!PyArg_ParseTuple(args, "|z", &level)) return NULL;
+    if (level != NULL && !set_simd(level)) {
+        PyErr_Format(PyExc_ValueError, "simd: %s is not available here (this build and CPU use %s%s)", level,
+                     simd_level(), has_avx2() && strcmp(simd_level(), "avx2") != 0 ? " or avx2" : "");
+        return NULL;
+    }
+    return PyUnicode_FromString(simd_level());
+}
+
 static PyMethodDef methods[] = {
+    {"simd", simd, METH_VARARGS, simd_doc},
     {"copy_sumsq_f32", copy_sumsq_f32, METH_VARARGS, copy_sumsq_f32_doc},
     {"diff_sumsq_f32", diff_sumsq_f32, METH_VARARGS, diff_sumsq_f32_doc},
     {"units_f32", units_f32, METH_VARARGS, units_f32_doc},
@@ -569,6 +747,7 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__ckernels(void) {
+    if (has_avx2()) set_simd("avx2");
     PyObject *mod = PyModule_Create(&module);
     if (mod != NULL && (PyModule_AddIntConstant(mod, "ROW", ROW) < 0 || PyModule_AddIntConstant(mod, "HIST", R_HIST) < 0)) {
         Py_DECREF(mod);

@@ -12,8 +12,10 @@
 * **per-step norms** (:func:`copy_norms_f32`, :func:`diff_norms_f32`): a copy with its norm, and the norm of a
   difference without storing it.
 
-Without the compiled module each function returns ``None`` (:func:`available` says so up front) and the callers
-use their numpy/torch kernels.
+The float passes (the summaries' sums and extremes, the norms) use AVX2 where the CPU has it, else the build's
+SSE2 (or plain C); the counts are the same either way, the float64 sums may differ in the last bits (another
+order of additions). Without the compiled module each function returns ``None`` (:func:`available` says so up
+front) and the callers use their numpy/torch kernels.
 """
 
 from __future__ import annotations
@@ -36,12 +38,20 @@ if _C is not None and (_C.ROW, _C.HIST) != (ROW, HIST):  # a build from another 
         f"writes {ROW} (at {HIST}): the compiled module is stale. Rebuild it: pip install -e . (or reinstall)."
     )
 
-__all__ = ["available", "copy_norms_f32", "diff_norms_f32", "rows_f32", "unit_counts_f32"]
+__all__ = ["available", "copy_norms_f32", "diff_norms_f32", "rows_f32", "simd", "unit_counts_f32"]
 
 
 def available() -> bool:
     """Whether the compiled kernel was built (a C compiler was available at install time)."""
     return _C is not None
+
+
+def simd() -> str | None:
+    """The instruction set of the compiled kernel's float passes, or ``None`` without the compiled kernel.
+
+    ``"avx2"`` (chosen at import where the CPU has it), else the build's own: ``"sse2"`` or ``"scalar"``.
+    """
+    return None if _C is None else str(_C.simd())
 
 
 _OFFSETS: dict[tuple[int, ...], np.ndarray] = {}

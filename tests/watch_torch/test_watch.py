@@ -278,6 +278,7 @@ def test_bad_inputs_and_odd_models(tmp_path):
     assert set(df[df.layer == "act"]["kind"]) == {"output", "output_grad"}
     assert meta["framework"] == "torch" and meta["versions"]["torch"] == torch.__version__
     assert meta["cpu_kernels"] == ("compiled" if _kernels.available() else "numpy/torch")
+    assert meta["cpu_simd"] == _kernels.simd()
     assert [layer["name"] for layer in meta["model"]["layers"]] == ["model", "a", "frozen", "unused", "act", "tied"]
 
 

@@ -217,6 +217,7 @@ class Watch(WatchCore):
                 "compiled": self._compiled,
                 # which CPU kernels computed the float32 sums and norms (they agree to float64/float32 rounding)
                 "cpu_kernels": "compiled" if _kernels.available() else "numpy/torch",
+                "cpu_simd": _kernels.simd(),
             },
         )
         self._model_ref = weakref.ref(model)
