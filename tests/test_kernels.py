@@ -197,6 +197,42 @@ def test_unit_counts_match_the_reference_on_every_axis(shape):
 
 
 @needs_kernel
+@pytest.mark.parametrize("shape", [(64, 8, 33), (2, 3, 4, 5), (4, 6, 4096 + 7), (1, 1), (0, 3, 40), (3, 0, 2), (5, 9)])
+def test_rows_with_unit_counts_match_the_separate_kernels(shape):
+    """The fused kernel reads each unit's run of elements once for the whole row and the unit's count: its counts
+    and bins must equal the reference's, its sums agree to float64 rounding, on every axis."""
+    rng = np.random.default_rng(sum(shape))
+    a = np.maximum(rng.standard_normal(shape), 0).astype(np.float32)  # half zeros
+    flat = a.reshape(-1)
+    flat[::7] = np.nan  # counts as active
+    flat[::11] = -0.0  # does not
+    flat[::13] = rng.choice(SPECIALS, flat[::13].size)
+    for axis in range(a.ndim):
+        row, counts = _kernels.rows_units_f32(a, axis)
+        ref = summarize(a, unit_axis=axis)
+        np.testing.assert_array_equal(counts, ref.units_active, err_msg=f"axis {axis}")
+        (got,) = from_rows(Rows(row[None, :], [None], [0]))
+        with np.errstate(over="ignore", invalid="ignore"):
+            assert_same(got, summarize(a), f"shape {shape}, axis {axis}")
+
+
+@needs_kernel
+def test_rows_with_unit_counts_refuse_bad_input():
+    with pytest.raises(ValueError, match="axis in"):
+        _kernels.rows_units_f32(np.zeros((2, 3), np.float32), 2)
+    with pytest.raises(ValueError, match="float64"):
+        _kernels.rows_units_f32(np.zeros((2, 3)), 1)
+    with pytest.raises(ValueError, match="counts has 16 bytes; expected 24"):
+        _kernels._C.rows_units_f32(
+            np.zeros(6, np.float32), 2, 3, 1, np.empty(_kernels.ROW, np.int64), np.zeros(2, np.int64)
+        )
+    with pytest.raises(ValueError, match="data has 24 bytes"):
+        _kernels._C.rows_units_f32(
+            np.zeros(6, np.float32), 2, 3, 2, np.empty(_kernels.ROW, np.int64), np.zeros(3, np.int64)
+        )
+
+
+@needs_kernel
 def test_unit_counts_refuse_bad_input():
     with pytest.raises(ValueError, match="axis in"):
         _kernels.unit_counts_f32(np.zeros((2, 3), np.float32), 2)

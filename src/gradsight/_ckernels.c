@@ -267,19 +267,31 @@ static inline int64_t nonfinite_codes(const int64_t *h) { return h[255] + h[511]
 /* Counts of the codes 0 and 256 (exponent field 0, either sign: zeros, subnormals) in a histogram. */
 static inline int64_t low_codes(const int64_t *h) { return h[0] + h[256]; }
 
-/* One segment: codes into h (CODES counts, added to), specials into sp, floats into fl (both written).
- * Block by block: the codes first (four sub-histograms for long segments, so that increments of the same bin do
- * not wait on each other), then the floats while the block is in cache: without masks when the block's codes
- * show no Inf or NaN, and without counting zeros either when they show only normal numbers. */
-static void segment(const uint32_t *b, Py_ssize_t n, int64_t *h, int64_t *sp, double *fl, int64_t *scratch) {
+typedef struct {
     Acc acc;
-    memset(&acc, 0, sizeof acc);
-    acc.lo = INFINITY;
-    acc.hi = -INFINITY;
-    int64_t *h1 = scratch, *h2 = scratch + CODES, *h3 = scratch + 2 * CODES;
-    int split = n >= BIG;
-    if (split) memset(scratch, 0, 3 * CODES * sizeof(int64_t));
-    int64_t seen_nf = 0, seen_low = 0; /* Inf/NaN codes and zero/subnormal codes counted so far */
+    int64_t *h, *h1, *h2, *h3;
+    int split;
+    int64_t seen_nf, seen_low; /* Inf/NaN codes and zero/subnormal codes counted so far */
+} Seg;
+
+/* Start a segment of n elements in all: codes into h (CODES counts, added to); scratch: 3 * CODES int64. */
+static void seg_begin(Seg *g, int64_t *h, int64_t *scratch, Py_ssize_t n) {
+    memset(&g->acc, 0, sizeof g->acc);
+    g->acc.lo = INFINITY;
+    g->acc.hi = -INFINITY;
+    g->h = h;
+    g->h1 = scratch;
+    g->h2 = scratch + CODES;
+    g->h3 = scratch + 2 * CODES;
+    g->split = n >= BIG;
+    if (g->split) memset(scratch, 0, 3 * CODES * sizeof(int64_t));
+    g->seen_nf = g->seen_low = 0;
+}
+
+/* Feed the next n elements of the segment. */
+static void seg_feed(Seg *g, const uint32_t *b, Py_ssize_t n) {
+    int64_t *h = g->h, *h1 = g->h1, *h2 = g->h2, *h3 = g->h3;
+    int split = g->split;
     for (Py_ssize_t lo = 0; lo < n; lo += BLOCK) {
         const uint32_t *p = b + lo;
         Py_ssize_t m = n - lo < BLOCK ? n - lo : BLOCK, i = 0;
@@ -294,25 +306,41 @@ static void segment(const uint32_t *b, Py_ssize_t n, int64_t *h, int64_t *sp, do
         for (; i < m; i++) h[p[i] >> 23]++;
         int64_t nf = nonfinite_codes(h) + (split ? nonfinite_codes(h1) + nonfinite_codes(h2) + nonfinite_codes(h3) : 0);
         int64_t low = low_codes(h) + (split ? low_codes(h1) + low_codes(h2) + low_codes(h3) : 0);
-        if (nf != seen_nf)
-            block_masked(p, m, &acc);
-        else if (low != seen_low)
-            finite_pass(p, m, &acc);
+        if (nf != g->seen_nf)
+            block_masked(p, m, &g->acc);
+        else if (low != g->seen_low)
+            finite_pass(p, m, &g->acc);
         else
-            clean_pass(p, m, &acc);
-        seen_nf = nf;
-        seen_low = low;
+            clean_pass(p, m, &g->acc); /* no zero here: the zero count stays exact */
+        g->seen_nf = nf;
+        g->seen_low = low;
     }
-    if (split)
-        for (int k = 0; k < CODES; k++) h[k] += h1[k] + h2[k] + h3[k];
-    sp[0] = acc.zeros;
-    sp[1] = acc.pzeros;
-    sp[2] = acc.pinf;
-    sp[3] = acc.ninf;
-    fl[0] = ((acc.s[0] + acc.s[1]) + (acc.s[2] + acc.s[3])) + ((acc.s[4] + acc.s[5]) + (acc.s[6] + acc.s[7]));
-    fl[1] = ((acc.q[0] + acc.q[1]) + (acc.q[2] + acc.q[3])) + ((acc.q[4] + acc.q[5]) + (acc.q[6] + acc.q[7]));
-    fl[2] = (double)acc.lo;
-    fl[3] = (double)acc.hi;
+}
+
+/* End the segment: the sub-histograms into h, specials into sp, floats into fl. */
+static void seg_end(Seg *g, int64_t *sp, double *fl) {
+    const Acc *acc = &g->acc;
+    if (g->split)
+        for (int k = 0; k < CODES; k++) g->h[k] += g->h1[k] + g->h2[k] + g->h3[k];
+    sp[0] = acc->zeros;
+    sp[1] = acc->pzeros;
+    sp[2] = acc->pinf;
+    sp[3] = acc->ninf;
+    fl[0] = ((acc->s[0] + acc->s[1]) + (acc->s[2] + acc->s[3])) + ((acc->s[4] + acc->s[5]) + (acc->s[6] + acc->s[7]));
+    fl[1] = ((acc->q[0] + acc->q[1]) + (acc->q[2] + acc->q[3])) + ((acc->q[4] + acc->q[5]) + (acc->q[6] + acc->q[7]));
+    fl[2] = (double)acc->lo;
+    fl[3] = (double)acc->hi;
+}
+
+/* One segment: codes into h (CODES counts, added to), specials into sp, floats into fl (both written).
+ * Block by block: the codes first (four sub-histograms for long segments, so that increments of the same bin do
+ * not wait on each other), then the floats while the block is in cache: without masks when the block's codes
+ * show no Inf or NaN, and without counting zeros either when they show only normal numbers. */
+static void segment(const uint32_t *b, Py_ssize_t n, int64_t *h, int64_t *sp, double *fl, int64_t *scratch) {
+    Seg g;
+    seg_begin(&g, h, scratch, n);
+    seg_feed(&g, b, n);
+    seg_end(&g, sp, fl);
 }
 
 static int check(Py_buffer *buf, const char *name, Py_ssize_t itemsize, Py_ssize_t items) {
@@ -457,6 +485,55 @@ done:
     PyBuffer_Release(&rows);
     Py_XDECREF(fd);
     Py_XDECREF(fo);
+    return result;
+}
+
+PyDoc_STRVAR(rows_units_f32_doc,
+             "rows_units_f32(data, pre, units, post, row, counts)\n\n"
+             "The summary row of a float32 buffer seen as (pre, units, post), C order, and per unit the number of\n"
+             "its non-zero elements added to counts (int64, units entries; NaN counts, -0.0 does not), in one\n"
+             "pass: each (pre, unit) plane of post elements is read once for both. row: int64 (ROW,), written.");
+
+static PyObject *rows_units_f32(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *obj, *result = NULL;
+    Py_buffer data = {0}, row = {0}, counts = {0};
+    Py_ssize_t pre, units, post;
+    int64_t *scratch = NULL;
+    if (!PyArg_ParseTuple(args, "Onnnw*w*", &obj, &pre, &units, &post, &row, &counts)) return NULL;
+    if (!float32_buffer(obj, &data, "rows_units_f32", 0)) goto done;
+    if (pre < 0 || units < 0 || post < 0 || !check(&data, "data", 4, pre * units * post) ||
+        !check(&row, "row", sizeof(int64_t), ROW) || !check(&counts, "counts", sizeof(int64_t), units))
+        goto done;
+    scratch = PyMem_RawMalloc(4 * CODES * sizeof(int64_t));
+    if (scratch == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS;
+    const uint32_t *b = (const uint32_t *)data.buf;
+    int64_t *c = (int64_t *)counts.buf, *h = scratch + 3 * CODES, sp[SPECIALS];
+    double fl[FLOATS];
+    Py_ssize_t total = pre * units * post;
+    Seg g;
+    memset(h, 0, CODES * sizeof(int64_t));
+    seg_begin(&g, h, scratch, total);
+    for (Py_ssize_t r = 0; r < pre; r++)
+        for (Py_ssize_t u = 0; u < units; u++) {
+            int64_t zeros = g.acc.zeros;
+            seg_feed(&g, b + (r * units + u) * post, post);
+            c[u] += post - (g.acc.zeros - zeros);
+        }
+    seg_end(&g, sp, fl);
+    fold_row(h, sp, fl, total, (int64_t *)row.buf);
+    Py_END_ALLOW_THREADS;
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyMem_RawFree(scratch);
+    if (data.obj != NULL) PyBuffer_Release(&data);
+    PyBuffer_Release(&row);
+    PyBuffer_Release(&counts);
     return result;
 }
 
@@ -739,6 +816,7 @@ static PyMethodDef methods[] = {
     {"diff_sumsq_f32", diff_sumsq_f32, METH_VARARGS, diff_sumsq_f32_doc},
     {"units_f32", units_f32, METH_VARARGS, units_f32_doc},
     {"rows_f32", rows_f32, METH_VARARGS, rows_f32_doc},
+    {"rows_units_f32", rows_units_f32, METH_VARARGS, rows_units_f32_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -8,7 +8,8 @@
   :mod:`gradsight._packing`:
   every count and bin exact, the sums accumulated in float64 in eight interleaved lanes (so they agree with the
   numpy reference, :func:`gradsight.summary.summarize`, to float64 rounding, like the other kernels);
-* **per-unit activity counts** (:func:`unit_counts_f32`);
+* **per-unit activity counts** (:func:`unit_counts_f32`), or both at once (:func:`rows_units_f32`), where a
+  unit's elements lie together (a convolution's channels);
 * **per-step norms** (:func:`copy_norms_f32`, :func:`diff_norms_f32`): a copy with its norm, and the norm of a
   difference without storing it.
 
@@ -38,7 +39,7 @@ if _C is not None and (_C.ROW, _C.HIST) != (ROW, HIST):  # a build from another 
         f"writes {ROW} (at {HIST}): the compiled module is stale. Rebuild it: pip install -e . (or reinstall)."
     )
 
-__all__ = ["available", "copy_norms_f32", "diff_norms_f32", "rows_f32", "simd", "unit_counts_f32"]
+__all__ = ["available", "copy_norms_f32", "diff_norms_f32", "rows_f32", "rows_units_f32", "simd", "unit_counts_f32"]
 
 
 def available() -> bool:
@@ -126,6 +127,30 @@ def unit_counts_f32(a: np.ndarray, axis: int) -> np.ndarray | None:
     pre, post = math.prod(a.shape[:axis]), math.prod(a.shape[axis + 1 :])
     _C.units_f32(a.reshape(-1), pre, a.shape[axis], post, counts)
     return counts
+
+
+def rows_units_f32(a: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The summary row of a float32 array and its per-unit activity counts along ``axis``, in one pass.
+
+    The row is :func:`rows_f32`'s for the whole array; the counts are :func:`unit_counts_f32`'s. Each (leading
+    index, unit) plane of the elements after ``axis`` is read once for both, which pays where those planes are
+    long (a convolution's channels); ``None`` without the compiled kernel.
+
+    Raises:
+        ValueError: ``a`` is not a C-contiguous float32 array, or ``axis`` not in ``[0, a.ndim)``.
+    """
+    if _C is None:
+        return None
+    if a.dtype != np.float32 or not a.flags.c_contiguous or not 0 <= axis < a.ndim:
+        raise ValueError(
+            f"rows_units_f32 takes a C-contiguous float32 array and an axis in [0, ndim); got {a.dtype} of shape "
+            f"{a.shape} (C-contiguous: {a.flags.c_contiguous}) and axis {axis}."
+        )
+    row = np.empty(ROW, dtype=np.int64)
+    counts = np.zeros(a.shape[axis], dtype=np.int64)
+    pre, post = math.prod(a.shape[:axis]), math.prod(a.shape[axis + 1 :])
+    _C.rows_units_f32(a, pre, a.shape[axis], post, row, counts)
+    return row, counts
 
 
 # ---- per-step norms (the watch's every-step signals) -----------------------------------------------------------

@@ -73,6 +73,7 @@ import contextlib
 import inspect
 import math
 import os
+import threading
 import time
 import warnings
 import weakref
@@ -247,6 +248,7 @@ class KerasWatch(WatchCore):
         self._ring = 1  # rows of the device buffers: one per step, indexed by step % ring (see _ring_rows)
         self._undrained = 0  # steps run since the host last read the buffers (an upper bound when slots > 1)
         self._drained_at = 0.0  # time.monotonic() of that read
+        self._drain_lock = threading.Lock()  # flush() may come from another thread than fit's callback
         self._vars: list[Any] = []
         self._var_names: tuple[str, ...] = ()
         self._post_vars: list[Any] = []
@@ -892,6 +894,10 @@ class KerasWatch(WatchCore):
         """Read the per-step buffers (one device read: the rows carry their step) and record the steps not read."""
         if not self._ready or not self._discovered:  # not discovered: the train step has not run yet
             return
+        with self._drain_lock:
+            self._drain_locked()
+
+    def _drain_locked(self) -> None:
         scal = self._scal_buf.numpy()
         self._undrained, self._drained_at = 0, time.monotonic()
         now = max(self._seen, int(scal[:, _H["step"]].max()) + 1)

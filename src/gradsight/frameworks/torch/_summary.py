@@ -118,6 +118,7 @@ class _Group:
     index: list[int]
     numels: list[int]
     flat: torch.Tensor
+    rows: torch.Tensor | None = None  # its summary row, where the compiled kernel made it with the unit counts
 
 
 @dataclass
@@ -157,10 +158,13 @@ class Flat:
             if numels[i]:
                 by_dtype.setdefault(_group_dtype(t.dtype), []).append(i)
         groups: list[_Group] = []
+        own: dict[int, _Group] = {}  # tensors read in place, alone in their group
         for dtype, idx in by_dtype.items():
             if not copy:
                 alone = [j for j in idx if _in_place(tensors[j], dtype)]
-                groups.extend(_Group(dtype, [j], [numels[j]], tensors[j].detach().reshape(-1)) for j in alone)
+                for j in alone:
+                    own[j] = _Group(dtype, [j], [numels[j]], tensors[j].detach().reshape(-1))
+                    groups.append(own[j])
                 if alone:
                     taken = set(alone)
                     idx = [j for j in idx if j not in taken]
@@ -177,7 +181,15 @@ class Flat:
                     continue
                 n_units = int(t.shape[axis])
                 units.append((n_units, numels[i] // n_units if n_units else 0))
-                if n_units:
+                if not n_units:
+                    continue
+                g = own.get(i)
+                if g is not None and _fused(g, t, axis % t.dim()):  # the row and the counts in one pass
+                    fused = _kernels.rows_units_f32(t.detach().numpy(), axis % t.dim())
+                    assert fused is not None  # _fused() said the kernel is there
+                    g.rows = torch.from_numpy(fused[0]).reshape(1, -1)
+                    unit_counts.append(torch.from_numpy(fused[1]))
+                else:
                     unit_counts.append(_unit_counts(t.detach(), axis % t.dim()))
         else:
             units = [None] * len(tensors)
@@ -198,7 +210,7 @@ class Flat:
         groups: list[_Group] = []
         for f in flats:
             off = len(numels)
-            groups.extend(_Group(g.dtype, [i + off for i in g.index], g.numels, g.flat) for g in f.groups)
+            groups.extend(_Group(g.dtype, [i + off for i in g.index], g.numels, g.flat, g.rows) for g in f.groups)
             numels.extend(f.numels)
             units.extend(f.units if f.units else [None] * len(f.numels))
             unit_counts.extend(f.unit_counts)
@@ -224,7 +236,9 @@ class Flat:
         compiled: list[_Group] = []  # every one in one call of the compiled kernel
         parts = []
         for g in self.groups:
-            if _compiled(g):
+            if g.rows is not None:  # made with its unit counts (Flat.of)
+                parts.append((g.index, g.rows))
+            elif _compiled(g):
                 compiled.append(g)
             else:
                 parts.append((g.index, _group_rows(g)))
@@ -270,6 +284,20 @@ def compiled_in_place(tensors: Sequence[torch.Tensor]) -> bool:
 def _compiled(g: _Group) -> bool:
     """Whether the compiled kernel summarises group ``g`` (CPU float32, contiguous, the kernel built)."""
     return g.dtype == torch.float32 and _plain_cpu(g.flat) and _kernels.available() and g.flat.is_contiguous()
+
+
+#: A unit's elements must lie together in runs of at least this many for the fused row-and-counts kernel to pay.
+_FUSE_RUN = 32
+
+
+def _fused(g: _Group, t: torch.Tensor, axis: int) -> bool:
+    """Whether the compiled kernel makes ``t``'s summary row and its unit counts along ``axis`` in one pass.
+
+    It does for a tensor read in place by the compiled kernel (group ``g``, of ``t`` alone) whose units' elements
+    lie together in runs of ``_FUSE_RUN`` or more: a channel-first convolution output, not a dense layer's
+    ``(N, F)`` output, whose units interleave element by element.
+    """
+    return _compiled(g) and math.prod(t.shape[axis + 1 :]) >= _FUSE_RUN
 
 
 def _unit_counts(t: torch.Tensor, axis: int) -> torch.Tensor:
