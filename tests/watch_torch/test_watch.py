@@ -247,6 +247,27 @@ def test_conv_units_are_channels_and_activation_inherits(tmp_path):
     assert lin.units == 3
 
 
+def test_a_logged_steps_layer_outputs_are_freed_by_backward_as_without_a_watch(tmp_path):
+    """The watch records a layer's outputs (summarised, or copied when small) but must not keep the tensors the
+    model made alive past backward: held to the step's end, they cannot be freed as backward goes, and the next
+    forward's outputs need fresh memory (regression: the unit-axis lookup held every output of a logged step)."""
+    import weakref
+
+    model = nn.Sequential(nn.Conv2d(2, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 8 * 8, 3), nn.Tanh())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    made = []
+    for m in model:
+        m.register_forward_hook(lambda mod, args, out: made.append(weakref.ref(out)))
+    with watch(model, path=tmp_path / "r.db", optimizer=opt, preset="full") as run:
+        for step in range(2):
+            made.clear()
+            model(torch.randn(4, 2, 10, 10)).sum().backward()
+            alive = [i for i, r in enumerate(made) if r() is not None]
+            assert alive == [], f"step {step}: outputs of layers {alive} outlived backward"
+            opt.step()
+        assert run.summary("1", "output", 1).units == 6  # the ReLU still inherits the convolution's channel axis
+
+
 def test_bad_inputs_and_odd_models(tmp_path):
     class Odd(nn.Module):
         def __init__(self):
