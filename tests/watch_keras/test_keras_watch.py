@@ -221,6 +221,29 @@ def test_callback_form_and_non_trainable_layer(tmp_path, data):
     assert "d1" in set(df.loc[df.kind == "output", "tensor"])
 
 
+def test_both_callback_forms_read_the_device_buffer_at_each_epochs_end(tmp_path, data):
+    """At the end of an epoch every step run so far has left the device (a crash after it loses none of them), with
+    the watch's own callback and with GradsightKerasCallback, whose hooks pass the epoch's end on."""
+    seen = {}
+
+    class Probe(keras.callbacks.Callback):  # after the watch's callback: sees what its on_epoch_end did
+        def __init__(self, key, get):
+            super().__init__()
+            self.key, self.get = key, get
+
+        def on_epoch_end(self, epoch, logs=None):
+            seen.setdefault(self.key, []).append(self.get()._seen)
+
+    x, y = data[0][:40], data[1][:40]  # 5 steps of 8 per epoch: fewer than the buffer's rows
+    m = functional()
+    with watch(m, path=tmp_path / "own.db") as w:
+        m.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[Probe("own", lambda: w)])
+    m = functional()
+    with GradsightKerasCallback(tmp_path / "cb.db") as cb:
+        m.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[cb, Probe("cb", lambda: cb.watch)])
+    assert seen == {"own": [5, 10], "cb": [5, 10]}
+
+
 def test_tuple_output_layer_and_jit_compile(tmp_path, data):
     class Split(keras.layers.Layer):
         def call(self, x):

@@ -1249,6 +1249,10 @@ class GradsightKerasCallback(keras.callbacks.Callback):
         if self.watch is not None:
             self.watch.callback.on_train_batch_end(batch, logs)
 
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        if self.watch is not None:
+            self.watch.callback.on_epoch_end(epoch, logs)
+
     def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
         if self.watch is not None:
             self.watch.callback.on_train_end(logs)
