@@ -297,7 +297,7 @@ def _fused(g: _Group, t: torch.Tensor, axis: int) -> bool:
     lie together in runs of ``_FUSE_RUN`` or more: a channel-first convolution output, not a dense layer's
     ``(N, F)`` output, whose units interleave element by element.
     """
-    return _compiled(g) and math.prod(t.shape[axis + 1 :]) >= _FUSE_RUN
+    return math.prod(t.shape[axis + 1 :]) >= _FUSE_RUN and _compiled(g)
 
 
 def _unit_counts(t: torch.Tensor, axis: int) -> torch.Tensor:
