@@ -105,25 +105,17 @@ static inline void widen_add(__m128 v, __m128d *s0, __m128d *s1, __m128d *q0, __
     *q1 = _mm_add_pd(*q1, _mm_mul_pd(hi, hi));
 }
 
-/* Only normal numbers (no zero, subnormal, Inf or NaN: the block's histogram said so): no masks needed. */
-static void block_clean(const uint32_t *b, Py_ssize_t m, Acc *acc) {
-    __m128d s0 = _mm_setzero_pd(), s1 = s0, s2 = s0, s3 = s0, q0 = s0, q1 = s0, q2 = s0, q3 = s0;
-    __m128 lo = _mm_set1_ps(INFINITY), hi = _mm_set1_ps(-INFINITY);
-    Py_ssize_t i = 0;
-    for (; i + 8 <= m; i += 8) {
-        __m128 x0 = _mm_loadu_ps((const float *)(b + i)), x1 = _mm_loadu_ps((const float *)(b + i + 4));
-        lo = _mm_min_ps(lo, _mm_min_ps(x0, x1));
-        hi = _mm_max_ps(hi, _mm_max_ps(x0, x1));
-        widen_add(x0, &s0, &s1, &q0, &q1);
-        widen_add(x1, &s2, &s3, &q2, &q3);
-    }
-    fold(acc, s0, s1, s2, s3, q0, q1, q2, q3, lo, hi);
-    block_scalar(b + i, m - i, acc);
+/* The four int32 lanes of v, added up. */
+static inline int64_t lanes(__m128i v) {
+    int32_t t[4];
+    _mm_storeu_si128((__m128i *)t, v);
+    return (int64_t)t[0] + t[1] + t[2] + t[3];
 }
 
-/* Finite elements, zeros among them (no Inf or NaN: the block's histogram said so): no masks, only the zeros and
- * positive zeros counted on the way (ReLU outputs, sparse gradients). */
-static void block_finite(const uint32_t *b, Py_ssize_t m, Acc *acc) {
+/* Finite elements (no Inf or NaN: the block's histogram said so): no masks. With count_zeros (the histogram shows
+ * zeros or subnormals: ReLU outputs, sparse gradients) the zeros and positive zeros are counted on the way;
+ * without, there are none. */
+static inline void block_floats(const uint32_t *b, Py_ssize_t m, Acc *acc, int count_zeros) {
     const __m128i zero = _mm_setzero_si128();
     __m128d s0 = _mm_setzero_pd(), s1 = s0, s2 = s0, s3 = s0, q0 = s0, q1 = s0, q2 = s0, q3 = s0;
     __m128 lo = _mm_set1_ps(INFINITY), hi = _mm_set1_ps(-INFINITY);
@@ -136,19 +128,23 @@ static void block_finite(const uint32_t *b, Py_ssize_t m, Acc *acc) {
         hi = _mm_max_ps(hi, _mm_max_ps(x0, x1));
         widen_add(x0, &s0, &s1, &q0, &q1);
         widen_add(x1, &s2, &s3, &q2, &q3);
-        z = _mm_sub_epi32(z, _mm_cmpeq_epi32(_mm_slli_epi32(u0, 1), zero));
-        z = _mm_sub_epi32(z, _mm_cmpeq_epi32(_mm_slli_epi32(u1, 1), zero));
-        pz = _mm_sub_epi32(pz, _mm_cmpeq_epi32(u0, zero));
-        pz = _mm_sub_epi32(pz, _mm_cmpeq_epi32(u1, zero));
+        if (count_zeros) {
+            z = _mm_sub_epi32(z, _mm_cmpeq_epi32(_mm_slli_epi32(u0, 1), zero));
+            z = _mm_sub_epi32(z, _mm_cmpeq_epi32(_mm_slli_epi32(u1, 1), zero));
+            pz = _mm_sub_epi32(pz, _mm_cmpeq_epi32(u0, zero));
+            pz = _mm_sub_epi32(pz, _mm_cmpeq_epi32(u1, zero));
+        }
     }
     fold(acc, s0, s1, s2, s3, q0, q1, q2, q3, lo, hi);
-    int32_t t[4];
-    _mm_storeu_si128((__m128i *)t, z);
-    acc->zeros += (int64_t)t[0] + t[1] + t[2] + t[3];
-    _mm_storeu_si128((__m128i *)t, pz);
-    acc->pzeros += (int64_t)t[0] + t[1] + t[2] + t[3];
+    if (count_zeros) {
+        acc->zeros += lanes(z);
+        acc->pzeros += lanes(pz);
+    }
     block_scalar(b + i, m - i, acc);
 }
+
+static void block_clean(const uint32_t *b, Py_ssize_t m, Acc *acc) { block_floats(b, m, acc, 0); }
+static void block_finite(const uint32_t *b, Py_ssize_t m, Acc *acc) { block_floats(b, m, acc, 1); }
 
 /* Any elements, four at a time: non-finite ones masked out of the sums and extremes. */
 static void block_masked(const uint32_t *b, Py_ssize_t m, Acc *acc) {
@@ -175,15 +171,10 @@ static void block_masked(const uint32_t *b, Py_ssize_t m, Acc *acc) {
     }
     __m128d nought = _mm_setzero_pd();
     fold(acc, s0, s1, nought, nought, q0, q1, nought, nought, lo, hi);
-    int32_t t[4];
-    _mm_storeu_si128((__m128i *)t, z);
-    acc->zeros += (int64_t)t[0] + t[1] + t[2] + t[3];
-    _mm_storeu_si128((__m128i *)t, pz);
-    acc->pzeros += (int64_t)t[0] + t[1] + t[2] + t[3];
-    _mm_storeu_si128((__m128i *)t, pi);
-    acc->pinf += (int64_t)t[0] + t[1] + t[2] + t[3];
-    _mm_storeu_si128((__m128i *)t, ni);
-    acc->ninf += (int64_t)t[0] + t[1] + t[2] + t[3];
+    acc->zeros += lanes(z);
+    acc->pzeros += lanes(pz);
+    acc->pinf += lanes(pi);
+    acc->ninf += lanes(ni);
     block_scalar(b + i, m - i, acc);
 }
 #else

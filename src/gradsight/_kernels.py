@@ -118,15 +118,24 @@ def unit_counts_f32(a: np.ndarray, axis: int) -> np.ndarray | None:
     """
     if _C is None:
         return None
+    pre, units, post = _units_view(a, axis, "unit_counts_f32")
+    counts = np.zeros(units, dtype=np.int64)
+    _C.units_f32(a.reshape(-1), pre, units, post, counts)
+    return counts
+
+
+def _units_view(a: np.ndarray, axis: int, name: str) -> tuple[int, int, int]:
+    """``a`` seen as ``(pre, units, post)`` around ``axis``, for the unit kernels.
+
+    Raises:
+        ValueError: ``a`` is not a C-contiguous float32 array, or ``axis`` not in ``[0, a.ndim)``.
+    """
     if a.dtype != np.float32 or not a.flags.c_contiguous or not 0 <= axis < a.ndim:
         raise ValueError(
-            f"unit_counts_f32 takes a C-contiguous float32 array and an axis in [0, ndim); got {a.dtype} of shape "
+            f"{name} takes a C-contiguous float32 array and an axis in [0, ndim); got {a.dtype} of shape "
             f"{a.shape} (C-contiguous: {a.flags.c_contiguous}) and axis {axis}."
         )
-    counts = np.zeros(a.shape[axis], dtype=np.int64)
-    pre, post = math.prod(a.shape[:axis]), math.prod(a.shape[axis + 1 :])
-    _C.units_f32(a.reshape(-1), pre, a.shape[axis], post, counts)
-    return counts
+    return math.prod(a.shape[:axis]), a.shape[axis], math.prod(a.shape[axis + 1 :])
 
 
 def rows_units_f32(a: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -141,15 +150,10 @@ def rows_units_f32(a: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray] | 
     """
     if _C is None:
         return None
-    if a.dtype != np.float32 or not a.flags.c_contiguous or not 0 <= axis < a.ndim:
-        raise ValueError(
-            f"rows_units_f32 takes a C-contiguous float32 array and an axis in [0, ndim); got {a.dtype} of shape "
-            f"{a.shape} (C-contiguous: {a.flags.c_contiguous}) and axis {axis}."
-        )
+    pre, units, post = _units_view(a, axis, "rows_units_f32")
     row = np.empty(ROW, dtype=np.int64)
-    counts = np.zeros(a.shape[axis], dtype=np.int64)
-    pre, post = math.prod(a.shape[:axis]), math.prod(a.shape[axis + 1 :])
-    _C.rows_units_f32(a, pre, a.shape[axis], post, row, counts)
+    counts = np.zeros(units, dtype=np.int64)
+    _C.rows_units_f32(a, pre, units, post, row, counts)
     return row, counts
 
 
