@@ -213,3 +213,24 @@ def test_damaged_signal_rows_raise_a_store_error(tmp_path):
     con.close()
     with pytest.raises(StoreError, match=r"per-step signals .* are damaged"):
         _ = load(tmp_path / "r.db").scalars
+
+
+def test_a_steps_summaries_are_inserted_in_parts_and_each_part_whole(tmp_path, monkeypatch):
+    """A step's rows go in with one INSERT per part of ``_MAX_ROWS_PER_INSERT``; a failing part stores no row."""
+    import gradsight.store as store
+
+    monkeypatch.setattr(store, "_MAX_ROWS_PER_INSERT", 3)
+    xs = [np.arange(k + 1, dtype=np.float64) - 2.0 for k in range(7)]  # 7 rows: parts of 3, 3 and 1
+    with RunWriter(tmp_path / "r.db") as w:
+        tids = [w.tensor_id(f"t{k}", "l", "grad", (k + 1,), "float64") for k in range(8)]
+        w.log_summaries(0, [(t, summarize(x)) for t, x in zip(tids[:7], xs, strict=True)])
+        w.flush()
+        # step 0 again, one part: t7 is new there, t0 is stored already; the part's failure stores neither
+        w.log_summaries(0, [(tids[7], summarize(xs[0])), (tids[0], summarize(xs[1]))])
+        with pytest.raises(StoreError, match="already stored"):
+            w.flush()
+    with load(tmp_path / "r.db") as run:
+        for k, x in enumerate(xs):
+            assert run.summary(f"t{k}", "grad", 0) == summarize(x)
+        with pytest.raises(InputError, match="no 'grad' summary of tensor 't7' at step 0"):
+            run.summary("t7", "grad", 0)

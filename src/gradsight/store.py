@@ -53,6 +53,7 @@ appended to — appending adds the tables)::
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -969,7 +970,13 @@ class RunWriter:
             if callable(items):
                 items = items()
             rows = _encode(step, items)
-            con.executemany("INSERT INTO summaries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            # One statement per step (in parts of at most the connection's number of parameters): all or none of
+            # its rows, and ~3x less time on this thread than one INSERT per row, which a training thread on
+            # the same core pays for.
+            per = _rows_per_insert(con)
+            for lo in range(0, len(rows), per):
+                part = rows[lo : lo + per]
+                con.execute(_insert_summaries(len(part)), [v for r in part for v in r])
         elif item[0] == "signals":
             out = []
             for step, names, values in item[1]:
@@ -985,6 +992,27 @@ class RunWriter:
         else:
             sql, rows = item
             con.executemany(sql, rows)
+
+
+#: Columns of the ``summaries`` table (one parameter each per inserted row).
+_SUMMARY_COLUMNS = 16
+#: Rows per ``INSERT`` statement at most (bounds the statement's text: ~25 kB).
+_MAX_ROWS_PER_INSERT = 500
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_summaries(n: int) -> str:
+    """``INSERT INTO summaries`` of ``n`` rows in one statement."""
+    one = "(" + ", ".join("?" * _SUMMARY_COLUMNS) + ")"
+    return "INSERT INTO summaries VALUES " + ", ".join([one] * n)
+
+
+def _rows_per_insert(con: sqlite3.Connection) -> int:
+    """The most ``summaries`` rows one statement inserts: ``_MAX_ROWS_PER_INSERT``, or fewer where the connection
+    allows fewer parameters per statement (999 in SQLite builds before 3.32)."""
+    getlimit = getattr(con, "getlimit", None)  # Python 3.11+
+    limit = getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) if getlimit is not None else 999
+    return max(1, min(_MAX_ROWS_PER_INSERT, limit // _SUMMARY_COLUMNS))
 
 
 def _dumps(value: Any) -> str:
