@@ -421,13 +421,22 @@ class Watch(WatchCore):
         if len(waiting) > _MAX_PENDING_FORWARDS:
             del self._done[waiting[0]]
 
-    def _resolve(self) -> None:
-        """At the step: keep the output summaries of the forwards that had a backward pass, drop the others."""
-        self._end_forward()
+    def _resolve(self) -> list[tuple[str, str, str, torch.Tensor, int | None]]:
+        """At the step: keep the output summaries of the forwards that had a backward pass, drop the others.
+
+        Returns:
+            The small outputs of the forward in progress, not yet summarised, when a backward pass went through
+            it (the step summarises them with its output gradients, in one batch); else none.
+        """
+        fwd, self._fwd = self._fwd, None
         done, self._done = self._done, []
-        for fwd, packs in done:
-            if fwd.backed:
+        for f, packs in done:
+            if f.backed:
                 self._packs.extend(packs)
+        if fwd is None or not fwd.backed:  # (an unbacked forward's outputs are not summarised at all)
+            return []
+        self._packs.extend(fwd.packs)
+        return fwd.acts
 
     def _on_root_output(self, out: Any) -> None:
         """Before the first step: count backward passes through the model's output (see ``NO_STEP_WARN_AFTER``)."""
@@ -543,21 +552,36 @@ class Watch(WatchCore):
             packs.append(([tids[i] for i in idx], flat.stats()))
         return packs
 
-    def _flush_acts(self) -> None:
-        """Summarise the output gradients seen so far (they come from a backward pass, so they always count)."""
+    def _flush_acts(self, outputs: list[tuple[str, str, str, torch.Tensor, int | None]] | None = None) -> None:
+        """Summarise the output gradients seen so far (they come from a backward pass, so they always count).
+
+        Args:
+            outputs: layer outputs to summarise in the same batch (see :meth:`_resolve`).
+        """
         if self._act_packs:
             self._packs.extend(self._act_packs)
             self._act_packs = []
-        if not self._acts:
-            return
-        acts, self._acts = self._acts, []
-        self._packs.extend(self._pack(acts))
+        acts, self._acts = [*(outputs or ()), *self._acts], []
+        if acts:
+            self._packs.extend(self._pack(acts))
 
     def _param_pack(self, named: list[tuple[str, torch.Tensor]], kind: str, flat: Flat | None = None) -> Flat:
+        """Summarise one parameter kind: now, or (small batches) with the step's other parameter kinds at its end.
+
+        Args:
+            named: ``(parameter name, tensor)`` of the kind.
+            kind: ``"grad"``, ``"weight"`` or ``"update"``.
+            flat: the batch, where the caller made it from tensors that stay unchanged until the step ends (the
+                W_before buffer, the updates); else it is made here from ``named``.
+        """
         tensors = [t for _, t in named]
-        # Small batches are copied and summarised together at the end of the step, in one kernel set; where the
-        # compiled kernel reads them (any number of buffers in one call) they are summarised now, in place.
-        small = sum(t.numel() for t in tensors) <= _JOIN_ELEMENTS and not compiled_in_place(tensors)
+        # Small batches are kept and summarised together at the end of the step, in one kernel set. Tensors that
+        # may change before then (the gradients, which an optimizer may modify in place) are copied for that,
+        # except where the compiled kernel reads them: it takes any number of buffers in one call, so they are
+        # summarised now, in place.
+        small = sum(t.numel() for t in tensors) <= _JOIN_ELEMENTS and (
+            flat is not None or not compiled_in_place(tensors)
+        )
         if flat is None:  # a large batch is summarised at once: its large tensors can be read in place
             flat = Flat.of(tensors, copy=small)
         tids = [
@@ -592,8 +616,7 @@ class Watch(WatchCore):
             and not (self._fwd_seen or self._fwd or self._done or self._acts or self._act_packs)
         ):
             self._note_unseen_forward()
-        self._resolve()
-        self._flush_acts()
+        self._flush_acts(self._resolve())  # the last forward's outputs and the output gradients: one batch
         if self._do_grad and grads:
             self._param_pack([(n, g.detach()) for n, g in grads], "grad")
         weights = [(n, p.detach()) for n, p in self._params]
