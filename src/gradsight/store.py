@@ -1008,8 +1008,11 @@ def _insert_summaries(n: int) -> str:
 
 
 def _rows_per_insert(con: sqlite3.Connection) -> int:
-    """The most ``summaries`` rows one statement inserts: ``_MAX_ROWS_PER_INSERT``, or fewer where the connection
-    allows fewer parameters per statement (999 in SQLite builds before 3.32)."""
+    """The most ``summaries`` rows one statement inserts.
+
+    ``_MAX_ROWS_PER_INSERT``, or fewer where the connection allows fewer parameters per statement (999 in SQLite
+    builds before 3.32).
+    """
     getlimit = getattr(con, "getlimit", None)  # Python 3.11+
     limit = getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) if getlimit is not None else 999
     return max(1, min(_MAX_ROWS_PER_INSERT, limit // _SUMMARY_COLUMNS))
