@@ -113,6 +113,38 @@ def test_update_is_w_after_minus_w_before_and_weight_is_before(tmp_path, mlp):
         assert set(run.to_pandas()["kind"]) == {"weight", "update"}
 
 
+@pytest.mark.parametrize("optimizer", [True, False], ids=["optimizer", "watch.step"])
+def test_updates_of_a_model_mixing_float32_and_bfloat16_parameters(tmp_path, optimizer):
+    """Regression: the update of such a model was the difference of two batches grouped differently (the
+    compiled kernel reads float32 tensors in place, bfloat16 ones are upcast into a shared buffer), and the
+    optimizer's step raised a size mismatch from inside the watch."""
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(12, 8), nn.Linear(8, 3).to(torch.bfloat16)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)).to(torch.bfloat16)).float()
+
+    model = Mixed()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    kw = {"optimizer": opt} if optimizer else {}
+    with watch(model, path=tmp_path / "r.db", every=1, kinds=("weight", "update"), **kw) as run:
+        for step in range(2):
+            before = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+            opt.zero_grad()
+            x, y = batch()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            if not optimizer:
+                run.step()
+            for name, p in model.named_parameters():
+                assert_matches(run.summary(name, "weight", step), summarize(before[name].numpy()))
+                delta = p.detach().float() - before[name]
+                assert_matches(run.summary(name, "update", step), summarize(delta.numpy()))
+
+
 def test_schedule_every_and_cheap_checks(tmp_path, mlp):
     opt = torch.optim.SGD(mlp.parameters(), lr=0.01)
     norms = []

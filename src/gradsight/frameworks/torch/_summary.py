@@ -220,13 +220,32 @@ class Flat:
     def minus(self, before: Flat, *, inplace: bool = False) -> Flat:
         """``self - before`` elementwise, for two batches made from tensors of the same shapes and dtypes.
 
-        With ``inplace=True`` the difference overwrites this batch's buffers (which must not be used otherwise).
+        The two may group their tensors differently (one made with ``copy=False``, which reads some tensors in
+        place, the other with ``copy=True``); the difference is then taken tensor by tensor, in each tensor's
+        group dtype. With ``inplace=True`` the difference overwrites this batch's buffers where both group their
+        tensors alike (this batch must not be used otherwise).
         """
-        groups = [
-            _Group(a.dtype, a.index, a.numels, a.flat.sub_(b.flat) if inplace else a.flat - b.flat)
-            for a, b in zip(self.groups, before.groups, strict=True)
+        if [g.index for g in self.groups] == [g.index for g in before.groups]:
+            groups = [
+                _Group(a.dtype, a.index, a.numels, a.flat.sub_(b.flat) if inplace else a.flat - b.flat)
+                for a, b in zip(self.groups, before.groups, strict=True)
+            ]
+            return Flat(groups, self.numels, [None] * len(self.numels), [])
+        empty = torch.empty(0)
+        diffs = [
+            empty if a is None or b is None else a - b for a, b in zip(self._parts(), before._parts(), strict=True)
         ]
-        return Flat(groups, self.numels, [None] * len(self.numels), [])
+        return Flat.of(diffs, copy=False)
+
+    def _parts(self) -> list[torch.Tensor | None]:
+        """Each tensor's elements, flat, in its group's dtype (``None`` for an empty tensor, which has no group)."""
+        parts: list[torch.Tensor | None] = [None] * len(self.numels)
+        for g in self.groups:
+            offset = 0
+            for i, n in zip(g.index, g.numels, strict=True):
+                parts[i] = g.flat[offset : offset + n]
+                offset += n
+        return parts
 
     def stats(self) -> PackedStats:
         """Summarise the batch on its device; returns the packed (still on-device) result."""
