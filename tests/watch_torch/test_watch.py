@@ -145,6 +145,39 @@ def test_updates_of_a_model_mixing_float32_and_bfloat16_parameters(tmp_path, opt
                 assert_matches(run.summary(name, "update", step), summarize(delta.numpy()))
 
 
+@pytest.mark.parametrize("cheap", [True, False])
+def test_watch_step_records_w_before_of_frozen_and_trained_parameters(tmp_path, cheap):
+    """Regression: without an optimizer, a model with a frozen parameter had its weights recorded after the
+    update (watch.step() comes after it) instead of as the step's forward used them."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(12, 8)
+            self.b = nn.Linear(8, 3).to(torch.bfloat16)  # its update: the difference of the float32 upcasts
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)).to(torch.bfloat16)).float()
+
+    model = Net()
+    model.a.bias.requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    with watch(model, path=tmp_path / "r.db", every=1, cheap=cheap, kinds=("weight", "update")) as run:
+        for step in range(2):
+            before = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+            opt.zero_grad()
+            x, y = batch()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            run.step()
+            for name, p in model.named_parameters():
+                assert_matches(run.summary(name, "weight", step), summarize(before[name].numpy()))
+                if p.requires_grad:
+                    delta = p.detach().float() - before[name]
+                    assert_matches(run.summary(name, "update", step), summarize(delta.numpy()))
+        assert {t.name for t in run.tensors if t.kind == "update"} == {"a.weight", "b.weight", "b.bias"}
+
+
 def test_schedule_every_and_cheap_checks(tmp_path, mlp):
     opt = torch.optim.SGD(mlp.parameters(), lr=0.01)
     norms = []

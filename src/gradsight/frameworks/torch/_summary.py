@@ -237,6 +237,12 @@ class Flat:
         ]
         return Flat.of(diffs, copy=False)
 
+    def take(self, indices: Sequence[int]) -> Flat:
+        """The batch of this batch's tensors at ``indices``, in that order (views of its buffers, no copy)."""
+        parts = self._parts()
+        empty = torch.empty(0)
+        return Flat.of([empty if parts[i] is None else parts[i] for i in indices], copy=False)
+
     def _parts(self) -> list[torch.Tensor | None]:
         """Each tensor's elements, flat, in its group's dtype (``None`` for an empty tensor, which has no group)."""
         parts: list[torch.Tensor | None] = [None] * len(self.numels)

@@ -398,8 +398,8 @@ class Watch(WatchCore):
             self._end_forward()  # a new forward: summarise the previous one now and free its tensors
             self._flush_acts()
             self._fwd = _Forward(module.training)
-            if self._optimizer is None and self._do_update and self._flat_before is None:
-                self._flat_before = Flat.of([p for _, p in self._update_params])
+            if self._optimizer is None and (self._do_update or self._do_weights) and self._flat_before is None:
+                self._flat_before = Flat.of([p for _, p in self._params])  # W_before: weights and updates
 
     def _end_forward(self) -> None:
         """Summarise the outputs of the forward in progress; keep them until a backward pass shows they count.
@@ -632,7 +632,7 @@ class Watch(WatchCore):
             if self._do_update and self._optimizer is not None:
                 self._flat_before = before if same else Flat.of([p.detach() for _, p in self._update_params])
         elif self._do_weights:  # no optimizer: W_before was taken at the step's first forward
-            self._param_pack(weights, "weight", self._flat_before if same else None)
+            self._param_pack(weights, "weight", self._flat_before)
 
     def _after_step(self, skipped: bool = False) -> None:
         """Close the step: the update, the per-step signals and their judge, full summaries if any; advance.
@@ -655,6 +655,9 @@ class Watch(WatchCore):
                 if diffs is not None and all(p.dtype in (torch.float32, torch.float64) for p in params):
                     update = Flat.of(diffs, copy=False)  # the signals' W_after - W_before, computed already
                 else:  # (low precision: the difference of the float32 upcasts, not of the rounded values)
+                    if self._optimizer is None and len(params) < len(self._params):  # W_before of every parameter
+                        held = {id(p) for _, p in self._update_params}
+                        before = before.take([i for i, (_, p) in enumerate(self._params) if id(p) in held])
                     update = Flat.of(params).minus(before, inplace=True)
                 self._param_pack(self._update_params, "update", update)
             if self._logged:
