@@ -234,3 +234,27 @@ def test_a_steps_summaries_are_inserted_in_parts_and_each_part_whole(tmp_path, m
             assert run.summary(f"t{k}", "grad", 0) == summarize(x)
         with pytest.raises(InputError, match="no 'grad' summary of tensor 't7' at step 0"):
             run.summary("t7", "grad", 0)
+
+
+def test_new_files_use_the_writers_page_size_and_files_with_other_pages_are_appended_to(tmp_path, monkeypatch):
+    """New run files get ``_PAGE_SIZE`` pages (a step's rows fit on them); a file made with SQLite's default 4 kB
+    pages (earlier versions) is appended to as it is."""
+    import gradsight.store as store
+
+    def page_size(path):
+        con = sqlite3.connect(path)
+        try:
+            return con.execute("PRAGMA page_size").fetchone()[0]
+        finally:
+            con.close()
+
+    assert page_size(write_some(tmp_path / "new.db")) == store._PAGE_SIZE == 8192
+    monkeypatch.setattr(store, "_PAGE_SIZE", 4096)
+    old = write_some(tmp_path / "old.db", steps=2)
+    monkeypatch.undo()
+    with RunWriter(old, if_exists="append") as w:
+        tid = w.tensor_id("fc.weight", "fc", "weight", (2, 3), "float32")
+        w.log_summaries(2, [(tid, summarize(np.arange(6.0)))])
+    assert page_size(old) == 4096
+    with load(old) as run:
+        assert run.steps == [0, 1, 2] and run.summary("fc.weight", "weight", 2) == summarize(np.arange(6.0))

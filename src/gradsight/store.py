@@ -127,6 +127,10 @@ _FLUSH_CHECKPOINT_WAIT = 0.25
 _CLOSE_CHECKPOINT_WAIT = 2.0
 #: The busy timeout of the writer's connection otherwise (readers never block a WAL writer; this is slack).
 _BUSY_TIMEOUT_MS = 5000
+#: Page size of new run files. A step's summaries are rows of 0.1-1.2 kB (histograms and per-unit counts); on
+#: 8 kB pages the writer thread inserts them in ~30% less time than on SQLite's default 4 kB (MLP full preset, 28
+#: rows per step: 111 -> 74 us), and time on that thread is time taken from training on a small machine.
+_PAGE_SIZE = 8192
 #: After emptying its queue the writer thread waits this long (never past a due commit; a flush or close wakes
 #: it at once) so that it works in bursts: it then takes Python's GIL a few times per second instead of at every
 #: step, which the training thread's hooks would otherwise wait for. Measured on the MLP benchmark with
@@ -564,6 +568,7 @@ class RunWriter:
         try:
             con = sqlite3.connect(tmp, isolation_level=None)
             try:
+                con.execute(f"PRAGMA page_size={_PAGE_SIZE}")  # before WAL, which fixes it
                 con.execute("PRAGMA journal_mode=WAL")
                 con.execute("PRAGMA synchronous=NORMAL")
                 con.execute("BEGIN")
