@@ -17,6 +17,9 @@ trigger):
   cnn_full             the same, preset="full"                                          target <= 1.3x
   transformer_default  GPT-style, 4 pre-norm layers, width 256, 4 heads, seq 128, batch 4 target <= 1.02x
   transformer_full     the same, preset="full"                                          target <= 1.3x
+  mlp_norms_floor      the MLP with only the default preset's exact per-step norms (gradients at the end of
+                       backward, W_before copied with its norms, norms of W_after - W_before) in minimal hooks,
+                       no bookkeeping or recording: the floor under mlp_default (no target; measured)
   mlp_compiled_default torch.compile(mlp) watched vs torch.compile(mlp) unwatched        (no target; measured)
 Storage: bytes of the run file per (tensor, logged step) with the "full" preset (target <= 1 KiB).
 Memory: RSS samples over a long default-preset run (10k steps; ``--long`` for 100k), should stay flat.
@@ -103,8 +106,54 @@ def gpt() -> nn.Module:
     return GPT()
 
 
+def floor_hooks(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """The per-step norms of the default preset and nothing else, in minimal hooks: the cost floor of exact norms.
+
+    At the end of each backward pass the gradients' norms (torch, as the watch takes them); at the optimizer's
+    step W_before copied with its norms, and afterwards the norms of W_after - W_before (the compiled kernels where
+    they were built, as the watch; else torch). No bookkeeping, no judge, no recording.
+    """
+    from gradsight import _kernels
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    out: dict = {"queued": False}
+    views = [p.detach().numpy() for p in params] if _kernels.available() else None
+    bufs = [p.detach().clone() for p in params]
+    buf_views = [b.numpy() for b in bufs] if views is not None else None
+
+    def end_of_backward() -> None:
+        out["queued"] = False
+        out["grad"] = [t.item() for t in torch._foreach_norm([p.grad for p in params])]
+
+    def accumulated(_p: torch.Tensor) -> None:
+        if not out["queued"]:
+            out["queued"] = True
+            torch.autograd.Variable._execution_engine.queue_callback(end_of_backward)
+
+    def before(_opt, _args, _kwargs) -> None:
+        if views is not None:
+            out["weight"] = _kernels.copy_norms_f32(views, buf_views)
+        else:
+            torch._foreach_copy_(bufs, [p.detach() for p in params])
+            out["weight"] = [t.item() for t in torch._foreach_norm(bufs)]
+
+    def after(_opt, _args, _kwargs) -> None:
+        if views is not None:
+            out["update"] = _kernels.diff_norms_f32(views, buf_views)
+        else:
+            out["update"] = [
+                t.item() for t in torch._foreach_norm(torch._foreach_sub([p.detach() for p in params], bufs))
+            ]
+
+    for p in params:
+        p.register_post_accumulate_grad_hook(accumulated)
+    opt.register_step_pre_hook(before)
+    opt.register_step_post_hook(after)
+    return out
+
+
 class Trainer:
-    def __init__(self, make, x, y, watch_kwargs=None, tmp=None, compiled=False):
+    def __init__(self, make, x, y, watch_kwargs=None, tmp=None, compiled=False, floor=False):
         torch.manual_seed(0)
         self.model = make()
         if compiled:
@@ -112,7 +161,9 @@ class Trainer:
         self.opt = torch.optim.Adam(self.model.parameters(), 1e-3)
         self.x, self.y = x, y
         self.watch = None
-        if watch_kwargs is not None:
+        if floor:
+            floor_hooks(self.model, self.opt)
+        elif watch_kwargs is not None:
             self.watch = watch_torch(self.model, optimizer=self.opt, path=Path(tmp) / "run.db", **watch_kwargs)
 
     def steps(self, n: int) -> float:
@@ -128,11 +179,11 @@ class Trainer:
         return (time.perf_counter() - t0) / n
 
 
-def compare(make, x, y, watch_kwargs, block, blocks, warmup, compiled=False) -> dict:
+def compare(make, x, y, watch_kwargs, block, blocks, warmup, compiled=False, floor=False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         base = Trainer(make, x, y, compiled=compiled)
         control = Trainer(make, x, y, compiled=compiled)  # A/A: the same unwatched model, timed the same way
-        watched = Trainer(make, x, y, watch_kwargs, tmp, compiled=compiled)
+        watched = Trainer(make, x, y, watch_kwargs, tmp, compiled=compiled, floor=floor)
         for t in (base, control, watched):
             t.steps(warmup)
         tb, ta, tw = [], [], []
@@ -140,7 +191,8 @@ def compare(make, x, y, watch_kwargs, block, blocks, warmup, compiled=False) -> 
             tb.append(base.steps(block))
             ta.append(control.steps(block))
             tw.append(watched.steps(block))
-        watched.watch.close()
+        if watched.watch is not None:
+            watched.watch.close()
     mb, ma, mw = statistics.median(tb), statistics.median(ta), statistics.median(tw)
     return {
         "watch_kwargs": watch_kwargs,
@@ -252,6 +304,10 @@ def main() -> None:
         "cnn_full": (lambda: compare(cnn_3c3d, xc, yc, {"preset": "full"}, 5, blocks(2, 10), 3), 1.3),
         "transformer_default": (lambda: compare(gpt, xt, yt, {}, 100, blocks(1, 3), 5), 1.02),
         "transformer_full": (lambda: compare(gpt, xt, yt, {"preset": "full"}, 5, blocks(2, 8), 3), 1.3),
+        "mlp_norms_floor": (
+            lambda: compare(mlp, xm, ym, None, block=100, blocks=blocks(6, 30), warmup=200, floor=True),
+            None,
+        ),
         "mlp_compiled_default": (
             lambda: compare(mlp, xm, ym, {}, block=100, blocks=blocks(6, 20), warmup=200, compiled=True),
             None,
