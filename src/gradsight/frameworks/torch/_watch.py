@@ -14,9 +14,14 @@ What is recorded (see :mod:`gradsight._schedule` for *when*):
   Only forwards that take part in training are recorded: a forward counts when a backward pass reaches its
   outputs before the step closes (whatever the module's ``train``/``eval`` mode). Evaluation under
   ``torch.no_grad()`` is not recorded, and neither is a validation forward run with gradients enabled but never
-  backpropagated (``model.eval(); model(x_val)``): its summaries are computed, held until the step closes (an
-  eval-mode one only until the next forward), then dropped. Forwards inside ``torch.func`` transforms are
-  skipped.
+  backpropagated (``model.eval(); model(x_val)``): its summaries are computed, held until the step closes (at
+  most ``_MAX_PENDING_FORWARDS`` such forwards per step, the oldest dropped first), then dropped; a dropped
+  forward's output gradients are not recorded either. Forwards inside ``torch.func`` transforms are skipped, and
+  so are the recomputations of activation checkpointing (``torch.utils.checkpoint`` with ``use_reentrant=False``,
+  Hugging Face ``gradient_checkpointing_enable()``) during backward: the forward they repeat was recorded (with
+  ``use_reentrant=True`` the forward runs without gradients, and its recomputation is what gets recorded). Output
+  gradients are copied when they arrive (autograd may hand the same memory on to a parameter's ``.grad``, which
+  clipping then changes in place).
 * scalars: ``loss`` and anything passed to :meth:`Watch.log`; ``lr`` (``lr/<i>`` for several param groups) at
   logged steps; the cheap checks ``grad_norm``, ``grad_nonfinite``, ``grad_norm/<tensor>``,
   ``grad_nonfinite/<tensor>`` at every step.
@@ -93,7 +98,7 @@ _NOW_ELEMENTS = 1 << 17
 #: Backward passes without any step after which the watch warns that it records nothing (also checked at close).
 #: Large enough for gradient accumulation over many micro-batches before the first optimizer step.
 NO_STEP_WARN_AFTER = 100
-#: Forwards without a backward pass (so far) kept per step in training mode; older ones are dropped first.
+#: Forwards without a backward pass (so far) kept per step; older ones are dropped first.
 _MAX_PENDING_FORWARDS = 64
 
 _CHANNEL_FIRST: tuple[type, ...] = (
@@ -300,6 +305,12 @@ class Watch(WatchCore):
         # would need fresh memory: +3 ms per step on the 3C3D CNN's full preset)
         self._axis_of: dict[int, tuple[weakref.ref[torch.Tensor], int | None]] = {}
         self._packs: list[tuple[list[int], PackedStats]] = []
+        # leaf modules' outputs recorded by forwards outside backward, not yet matched by a recomputation in
+        # backward (activation checkpointing: see _on_output)
+        self._unmatched: dict[str, int] = {}
+        # gradient hooks on outputs that are leaf tensors (a module returning a parameter): such a hook lives on
+        # the tensor, not on this forward's graph, so it is removed when the step closes
+        self._leaf_out_hooks: list[Any] = []
         self._param_flats: list[tuple[list[int], Flat]] = []  # small parameter batches, summarised together
         self._flat_before: Flat | None = None
         self._capture_pending = False  # a closure was passed to optimizer.step(): capture after its first call
@@ -397,19 +408,18 @@ class Watch(WatchCore):
         if self._logged:
             self._end_forward()  # a new forward: summarise the previous one now and free its tensors
             self._flush_acts()
-            self._fwd = _Forward(module.training)
+            self._fwd = _Forward(self._step)
             if self._optimizer is None and (self._do_update or self._do_weights) and self._flat_before is None:
                 self._flat_before = Flat.of([p for _, p in self._params])  # W_before: weights and updates
 
     def _end_forward(self) -> None:
         """Summarise the outputs of the forward in progress; keep them until a backward pass shows they count.
 
-        Forwards that have had no backward pass are dropped here when they ran in eval mode (a validation
-        forward with gradients enabled; a backward pass comes before the next forward when it comes at all), and
-        beyond ``_MAX_PENDING_FORWARDS`` in training mode. The rest wait for the step (see :meth:`_resolve`).
+        Forwards that have had no backward pass (yet: a loss over several forwards comes after the last of them)
+        wait for the step (see :meth:`_resolve`), at most ``_MAX_PENDING_FORWARDS`` of them; beyond that the
+        oldest is dropped, and its output gradients are not recorded if a backward pass reaches it later.
         """
         fwd, self._fwd = self._fwd, None
-        self._done = [(f, p) for f, p in self._done if f.backed or f.training]
         if fwd is None or not (fwd.acts or fwd.packs):
             return
         acts, fwd.acts = fwd.acts, []
@@ -419,6 +429,7 @@ class Watch(WatchCore):
         self._done.append((fwd, packs))
         waiting = [i for i, (f, _) in enumerate(self._done) if not f.backed]
         if len(waiting) > _MAX_PENDING_FORWARDS:
+            self._done[waiting[0]][0].dropped = True
             del self._done[waiting[0]]
 
     def _resolve(self) -> list[tuple[str, str, str, torch.Tensor, int | None]]:
@@ -503,8 +514,15 @@ class Watch(WatchCore):
         items = _output_items(out)
         if not items:
             return
+        if _in_backward():  # activation checkpointing recomputes forwards during backward
+            left = self._unmatched.get(name, 0)
+            if left:  # a repeat of a forward recorded already (use_reentrant=False): not a new output
+                self._unmatched[name] = left - 1
+                return
+        else:
+            self._unmatched[name] = self._unmatched.get(name, 0) + 1
         if self._fwd is None:  # a leaf module called outside the model's forward
-            self._fwd = _Forward(module.training)
+            self._fwd = _Forward(self._step)
         fwd = self._fwd
         inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
         inherited = None
@@ -525,19 +543,22 @@ class Watch(WatchCore):
                 else:  # copied (a later in-place op must not change it) and summarised with the others
                     fwd.acts.append((tname, name, "output", t.detach().clone(), axis if units else None))
             if t.requires_grad:  # also when output_grad is not recorded: the hook tells that the forward counts
-                t.register_hook(_GradHook(weakref.ref(self), tname, name, axis if units else None, fwd))
+                hook = t.register_hook(_GradHook(weakref.ref(self), tname, name, axis if units else None, fwd))
+                if t.is_leaf:  # (a parameter returned as it is): the hook would outlive the step
+                    self._leaf_out_hooks.append(hook)
 
     def _on_output_grad(self, tname: str, layer: str, axis: int | None, grad: torch.Tensor, fwd: _Forward) -> None:
-        if self._logged and not self._closed and not self._frozen:
-            fwd.backed = True
-            if "output_grad" in self.schedule.kinds:
-                scale = scaler_scale(self._scaler)
-                if scale is not None:  # the backward of a GradScaler's scaled loss: record dJ/dA unscaled
-                    grad = grad.detach() / scale
-                if grad.numel() >= self._now_elements:  # summarised now: the gradient need not be held to the step
-                    self._act_packs.extend(self._pack([(tname, layer, "output_grad", grad.detach(), axis)]))
-                else:
-                    self._acts.append((tname, layer, "output_grad", grad.detach(), axis))
+        if not self._logged or self._closed or self._frozen or fwd.dropped or fwd.step != self._step:
+            return  # (a forward of an earlier step: a graph kept with retain_graph and backpropagated again)
+        fwd.backed = True
+        if "output_grad" in self.schedule.kinds:
+            scale = scaler_scale(self._scaler)
+            if scale is not None:  # the backward of a GradScaler's scaled loss: record dJ/dA unscaled
+                grad = grad.detach() / scale
+            if grad.numel() >= self._now_elements:  # summarised now: the gradient need not be held to the step
+                self._act_packs.extend(self._pack([(tname, layer, "output_grad", grad.detach(), axis)]))
+            else:  # copied: autograd may pass this memory on as a parameter's .grad, which clipping changes
+                self._acts.append((tname, layer, "output_grad", grad.detach().clone() if scale is None else grad, axis))
 
     def _pack(self, acts: list[tuple[str, str, str, torch.Tensor, int | None]]) -> list[tuple[list[int], PackedStats]]:
         """Summarise layer outputs or output gradients on their devices: one pack per device."""
@@ -668,6 +689,8 @@ class Watch(WatchCore):
             self._capture_pending = self._frozen = False
             self._flat_before = None
             self._fwd, self._done = None, []
+            self._unmatched.clear()
+            self._remove_leaf_out_hooks()
             self._bw = None
             self._step += 1
             self._fwd_seen = False
@@ -892,9 +915,13 @@ class Watch(WatchCore):
         # the forward and backward in progress belong to the next step: keep them out of the skipped one
         fwd, acts, act_packs = self._fwd, self._acts, self._act_packs
         self._fwd, self._acts, self._act_packs = None, [], []
+        if self._logged:  # the skipped step's finished forwards: their outputs (its output gradients are in _packs)
+            self._resolve()
         self._after_step(skipped=True)
         self._fwd_seen = True
         if self._logged:
+            if fwd is not None:
+                fwd.step = self._step
             self._fwd, self._acts, self._act_packs = fwd, acts, act_packs
 
     def _flush_step(self) -> None:
@@ -1013,8 +1040,14 @@ class Watch(WatchCore):
         self._leaves = []
         self._finalizer.detach()
 
+    def _remove_leaf_out_hooks(self) -> None:
+        for h in self._leaf_out_hooks:
+            h.remove()
+        self._leaf_out_hooks.clear()
+
     def _remove_hooks(self) -> None:
         self._disarm()
+        self._remove_leaf_out_hooks()
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -1050,6 +1083,12 @@ def _compiled_kind(model: nn.Module) -> str | None:
     return None
 
 
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass on this thread (activation checkpointing recomputes there)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)  # what torch.utils.checkpoint itself reads
+    return task is not None and task() != -1
+
+
 def _compiling() -> bool:
     """Whether Dynamo is tracing: every hook then returns at once, so it adds nothing to a compiled graph."""
     return torch.compiler.is_compiling()
@@ -1058,11 +1097,12 @@ def _compiling() -> bool:
 class _Forward:
     """One forward pass of a logged step: its layer outputs, until a backward pass shows that it counts."""
 
-    __slots__ = ("acts", "backed", "packs", "training")
+    __slots__ = ("acts", "backed", "dropped", "packs", "step")
 
-    def __init__(self, training: bool) -> None:
-        self.training = training
+    def __init__(self, step: int) -> None:
+        self.step = step  # the step it belongs to: gradient hooks of older forwards record nothing
         self.backed = False  # an output's gradient hook fired: a backward pass went through this forward
+        self.dropped = False  # dropped unbacked (see Watch._end_forward): its gradients are not recorded
         self.acts: list[tuple[str, str, str, torch.Tensor, int | None]] = []  # small outputs (clones)
         self.packs: list[tuple[list[int], PackedStats]] = []  # large outputs, summarised in their hooks
 
