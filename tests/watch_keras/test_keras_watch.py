@@ -212,6 +212,57 @@ def test_fit_twice_continues_the_step_count(tmp_path, data):
         assert w.steps == [0, 1, 2, 3, 4, 5]
 
 
+@pytest.mark.parametrize("change", ["freeze", "unfreeze"])
+def test_a_layer_frozen_or_unfrozen_between_fits_trains_as_without_the_watch(tmp_path, data, change):
+    """Regression: the watched step kept differentiating and updating the variables of the first fit, so a layer
+    frozen before the second fit went on training and an unfrozen one never trained."""
+
+    def run(watched):
+        keras.utils.set_random_seed(0)
+        m = functional(frozen=change == "unfreeze")
+        w = watch(m, path=tmp_path / f"{change}.db", every=1) if watched else None
+        m.fit(*data, batch_size=32, epochs=1, shuffle=False, verbose=0)  # steps 0, 1
+        m.get_layer("d1").trainable = change == "unfreeze"
+        m.compile(keras.optimizers.SGD(0.1, momentum=0.9), LOSS)
+        m.fit(*data, batch_size=32, epochs=1, shuffle=False, verbose=0)  # steps 2, 3
+        weights = [v.numpy() for v in m.weights]
+        if w is None:
+            return weights, None
+        with w:
+            df = w.to_pandas()
+            scalars = w.scalars
+        return weights, (df, scalars)
+
+    plain, _ = run(False)
+    watched, (df, scalars) = run(True)
+    for a, b in zip(plain, watched, strict=True):
+        np.testing.assert_array_equal(a, b)
+    grads = df[df.kind == "grad"]
+    d1_steps = sorted(set(grads.loc[grads.tensor == "d1/kernel", "step"]))
+    assert d1_steps == ([0, 1] if change == "freeze" else [2, 3])
+    assert sorted(set(grads.loc[grads.tensor == "head/kernel", "step"])) == [0, 1, 2, 3]
+    trained = scalars["update_norm/d1/kernel"].notna()
+    assert trained[trained].index.tolist() == d1_steps
+
+
+def test_a_layer_called_twice_is_not_recorded_from_its_first_call_alone(tmp_path, data):
+    """Regression: Keras 3 gives a shared layer's first call as its ``output``, so the run recorded that call's
+    outputs and gradients as the layer's, without a note. Such layers are skipped, and the run says so."""
+    inp = keras.Input((8,))
+    shared = keras.layers.Dense(8, activation="relu", name="shared")
+    out = keras.layers.Dense(3, name="head")(shared(keras.layers.Dense(8, name="mid")(shared(inp))))
+    m = keras.Model(inp, out)
+    m.compile(keras.optimizers.SGD(0.1), LOSS)
+    with watch(m, path=tmp_path / "r.db", every=1) as w:
+        m.fit(*data, batch_size=32, epochs=1, verbose=0)
+        df = w.to_pandas()
+        notes = w.meta["notes"]
+    recorded = set(df.loc[df.kind == "output", "tensor"])
+    assert recorded == {"mid", "head"}
+    assert any("called more than once" in n and "'shared'" in n for n in notes)
+    assert {"shared/kernel", "shared/bias"} <= set(df.loc[df.kind == "grad", "tensor"])
+
+
 def test_callback_form_and_non_trainable_layer(tmp_path, data):
     m = functional(frozen=True)
     with GradsightKerasCallback(tmp_path / "cb.db", every=1) as cb:

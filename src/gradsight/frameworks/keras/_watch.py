@@ -548,17 +548,28 @@ class KerasWatch(WatchCore):
         self._installed = False
 
     def _setup(self) -> bool:
-        """At each fit's start (eagerly): choose how to tap outputs, size the buffers. Returns whether it changed."""
+        """At each fit's start (eagerly): choose how to tap outputs, size the buffers. Returns whether it changed.
+
+        A model whose trainable variables changed since the last fit (a layer frozen or unfrozen, then
+        ``compile``) is discovered again: the step differentiates and updates exactly the variables Keras' own
+        step would (``model.trainable_variables`` now), and the run records theirs from this step on.
+        """
         model = self.model
         assert model is not None
         slots = max(int(getattr(model, "steps_per_execution", 1) or 1), 1)
-        if self._ready and slots == self._slots:
+        retrain = self._discovered and [id(v) for v in model.trainable_variables] != [id(v) for v in self._vars]
+        if self._ready and slots == self._slots and not retrain:
             return False
         first = not self._ready
         self._slots = slots
         if first:
             self._prepare_forward(model)
             self._step_var = tf.Variable(self._step, dtype=tf.int64, trainable=False)
+        if first or retrain:
+            if retrain:
+                self._drain()  # the rows in the old layout (fit's end read them already; this is cheap)
+                self._discovered = False
+                self._graph_anomalies = None  # its signals are per variable: judged afresh
             specs = self._output_specs(model)
             if specs is not None:  # discover now, eagerly: no variable is then created while tracing the step
                 self._discover(model, specs)
@@ -600,6 +611,9 @@ class KerasWatch(WatchCore):
                 outs: list[tuple[str, str, Any]] = []
                 for layer in model.layers:
                     if isinstance(layer, keras.layers.InputLayer):
+                        continue
+                    if len(getattr(layer, "_inbound_nodes", ())) > 1:  # called more than once: layer.output
+                        skipped.append(layer.name)  # would be its first call's alone
                         continue
                     try:
                         out = layer.output
