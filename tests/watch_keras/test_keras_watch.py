@@ -382,3 +382,30 @@ def test_model_without_trainable_weights_is_refused(tmp_path, data):
     m.compile("sgd", LOSS)
     with watch(m, path=tmp_path / "frozen.db"), pytest.raises(UnsupportedError, match=r"no trainable weights"):
         m.fit(*data, batch_size=32, epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize(("kind", "value"), [("clipnorm", 0.05), ("global_clipnorm", 0.05), ("clipvalue", 0.01)])
+def test_grad_summaries_and_norms_are_of_the_gradient_the_optimizer_applies(tmp_path, kind, value):
+    """Regression: the ``grad`` summaries were of the gradients before the optimizer's clipping, while
+    ``grad_norm`` (and torch's ``grad``) are after it; and an embedding's gradient, which Keras clips by the norm
+    of its ``IndexedSlices`` values (rows of repeated ids not summed), had its clipped norm computed from the
+    dense gradient. With SGD at learning rate 1 and no momentum, ``W_before - W_after`` is the applied gradient."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 5, size=(8, 6)).astype("int32")  # 48 lookups into 5 rows: repeated ids
+    y = rng.integers(0, 3, size=8)
+    inp = keras.Input((6,), dtype="int32")
+    h = keras.layers.Flatten()(keras.layers.Embedding(5, 4, name="emb")(inp))
+    out = keras.layers.Dense(3, name="head")(keras.layers.Dense(8, activation="tanh", name="d1")(h))
+    m = keras.Model(inp, out)
+    m.compile(keras.optimizers.SGD(1.0, **{kind: value}), LOSS)
+    names = [v.path for v in m.trainable_variables]
+    before = [v.numpy().astype(np.float64) for v in m.trainable_variables]
+    with watch(m, path=tmp_path / "r.db", every=1) as w:
+        m.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        applied = [b - v.numpy().astype(np.float64) for b, v in zip(before, m.trainable_variables, strict=True)]
+        scalars = w.scalars.loc[0]
+        for name, g in zip(names, applied, strict=True):
+            assert scalars[f"grad_norm/{name}"] == pytest.approx(np.linalg.norm(g), rel=1e-5)
+            assert_close(w.summary(name, "grad", 0), summarize(g.astype(np.float32)))
+        assert scalars["grad_norm"] == pytest.approx(math.sqrt(sum(np.sum(g * g) for g in applied)), rel=1e-5)
+        assert scalars["grad_norm_preclip"] > scalars["grad_norm"] * 1.5  # the rule bit, at every variable here

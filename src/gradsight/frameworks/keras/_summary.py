@@ -278,7 +278,10 @@ def clipped_norms(
     * ``clipnorm=c``: ``c`` (each gradient is rescaled to norm ``c``); NaN for a non-finite gradient, which
       Keras' rescaling turns into NaN;
     * ``global_clipnorm=c``: ``pre * c / G`` with ``G`` the global norm, when ``G > c``; NaN for every gradient
-      when ``G`` is non-finite (Keras' scale is then NaN);
+      when ``G`` is non-finite (Keras' scale is then NaN).
+
+    Keras measures an ``IndexedSlices`` gradient (an embedding's) by its ``.values`` (:func:`clip_input_norms`):
+    it is rescaled by ``c / max(‖values‖, c)``, and so is its norm here;
     * ``clipvalue=v``: the norm of ``clip(g, -v, v)`` where some entry exceeds ``v`` in magnitude (one more
       fused reduction per gradient, only with this rule).
     """
@@ -287,10 +290,16 @@ def clipped_norms(
     kind, c = rule
     nan = tf.constant(math.nan, tf.float64)
     c64 = tf.constant(c, tf.float64)
+    measured = clip_input_norms(pre, grads, scale)  # pre, except for IndexedSlices gradients
     if kind == "clipnorm":
-        return tf.where(tf.math.is_finite(pre), tf.minimum(pre, c64), nan)
+        clipped = tf.minimum(pre, c64)  # a dense gradient longer than c is rescaled to norm c
+        if measured is not pre:  # an IndexedSlices gradient is rescaled by c / max(‖values‖, c)
+            sparse = tf.constant([isinstance(g, tf.IndexedSlices) for g in grads])
+            by_values = tf.where(tf.greater(measured, c64), pre * (c64 / measured), pre)
+            clipped = tf.where(sparse, by_values, clipped)
+        return tf.where(tf.math.is_finite(measured), clipped, nan)
     if kind == "global_clipnorm":
-        g = global_norm(pre)
+        g = global_norm(measured)
         clipped = tf.where(tf.greater(g, c64), pre * (c64 / g), pre)
         return tf.where(tf.math.is_finite(g), clipped, tf.fill(tf.shape(pre), nan))
     out = []
@@ -300,6 +309,59 @@ def clipped_norms(
         bites = tf.reduce_any(tf.greater(tf.abs(t), tf.cast(c, t.dtype)))
         out.append(tf.where(bites, norms([tf.clip_by_value(t, -c, c)])[0], p))
     return tf.stack(out)
+
+
+def _values(g: Any) -> tf.Tensor:
+    """A gradient's stored values: ``.values`` of an ``IndexedSlices`` (an embedding's rows), else the tensor."""
+    return g.values if isinstance(g, tf.IndexedSlices) else g
+
+
+def _with_values(g: Any, values: tf.Tensor) -> Any:
+    return tf.IndexedSlices(values, g.indices, g.dense_shape) if isinstance(g, tf.IndexedSlices) else values
+
+
+def clip_input_norms(pre: tf.Tensor, grads: Sequence[Any], scale: tf.Tensor | None) -> tf.Tensor:
+    """The norm Keras' clipping measures for each gradient, as float64.
+
+    That is ``pre`` (the gradient's own norm), but for an ``IndexedSlices`` gradient the norm of its ``.values``,
+    which Keras clips by without summing the rows of repeated indices (so it differs from the gradient's norm
+    where a batch repeats an index).
+    """
+    if not any(isinstance(g, tf.IndexedSlices) for g in grads):
+        return pre
+    out = tf.unstack(pre)
+    for i, g in enumerate(grads):
+        if isinstance(g, tf.IndexedSlices):
+            out[i] = norms([g.values], scale)[0]
+    return tf.stack(out)
+
+
+def applied_gradients(grads: Sequence[Any], scale: tf.Tensor | None, rule: tuple[str, float] | None) -> list[Any]:
+    """The gradients as the optimizer applies them, dense.
+
+    Multiplied by ``scale`` (``1 / loss_scale``), then clipped by ``rule`` with the operations of Keras 3's
+    ``BaseOptimizer._clip_gradients`` (an ``IndexedSlices`` gradient's values clipped as Keras clips them).
+    """
+    gs = [g if scale is None else _with_values(g, _values(g) * tf.cast(scale, _values(g).dtype)) for g in grads]
+    if rule is not None:
+        kind, c = rule
+        if kind == "clipnorm":
+            gs = [_with_values(g, _clip_by_norm(_values(g), c)) for g in gs]
+        elif kind == "global_clipnorm":
+            use = tf.sqrt(tf.reduce_sum(tf.stack([tf.reduce_sum(tf.square(_values(g))) for g in gs])))
+            factor = c * tf.minimum(1.0 / use, 1.0 / c) + (use - use)  # NaN for a non-finite norm, as Keras
+            gs = [_with_values(g, _values(g) * tf.cast(factor, _values(g).dtype)) for g in gs]
+        else:
+            gs = [_with_values(g, tf.clip_by_value(_values(g), -c, c)) for g in gs]
+    return [tf.convert_to_tensor(g) for g in gs]
+
+
+def _clip_by_norm(values: tf.Tensor, c: float) -> tf.Tensor:
+    """``values * c / max(‖values‖, c)``, as ``BaseOptimizer._clip_by_norm`` computes it (NaN-safe at 0)."""
+    l2sum = tf.reduce_sum(tf.square(values), keepdims=True)
+    pred = l2sum > 0
+    l2norm = tf.where(pred, tf.sqrt(tf.where(pred, l2sum, tf.ones_like(l2sum))), l2sum)
+    return (values * tf.cast(c, values.dtype)) / tf.maximum(l2norm, tf.cast(c, values.dtype))
 
 
 # ---- anomaly capture, decided in the graph -------------------------------------------------------------------

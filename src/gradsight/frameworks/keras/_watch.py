@@ -52,6 +52,10 @@ How it works (public Keras/TF APIs only, tested with Keras 3.15.1 on TensorFlow 
   ``ratio_default``: side by side with the watch before these signals it did not grow (the non-finite count,
   now conditional, pays for them).
 * Gradients are recorded unscaled: under a ``LossScaleOptimizer`` they are multiplied by ``1 / loss_scale``.
+  The ``grad`` summaries are of the gradients as the optimizer applies them, as ``grad_norm`` is: clipped by its
+  ``clipnorm`` / ``global_clipnorm`` / ``clipvalue`` with Keras' own operations
+  (:func:`._summary.applied_gradients`; an embedding's ``IndexedSlices`` gradient is measured and clipped by its
+  values, as Keras does).
   NaN/Inf gradients are counted (``nan``/``posinf``/``neginf`` and the ``grad_nonfinite`` scalar), never dropped.
 * Steps are numbered from 0 (or after the last stored step with ``if_exists="append"``) and keep counting across
   ``fit`` calls with the same watch. Weights are recorded *before* the step's update.
@@ -92,6 +96,7 @@ from ..._watch_core import WatchCore, signal_row, signal_scalars, unit_axis
 from ...diagnose import GradsightWarning
 from ._summary import (
     GraphAnomalies,
+    applied_gradients,
     clip_rule,
     clipped_norms,
     global_norm,
@@ -435,7 +440,7 @@ class KerasWatch(WatchCore):
         self._buffer_scalars(s, scal)
         self._maybe_flush_scalars()
         if self._judge(s, scal) or self._full_step(s):  # the judge first: it opens a capture at s
-            grads = rec.grads if rec.scale is None else [g * tf.cast(rec.scale, g.dtype) for g in rec.grads]
+            grads = applied_gradients(rec.grads, rec.scale, rec.rule)  # unscaled, and clipped where it clips
             self._record_tensors(s, rec.names, rec.before, grads, rec.outputs, rec.output_grads)
             if rec.deltas is not None and "update" in self.schedule.kinds:
                 entries = [
@@ -867,9 +872,13 @@ class KerasWatch(WatchCore):
         if "weight" in kinds:
             tensors += before
             scales += [None] * len(before)
-        if "grad" in kinds:
-            tensors += grads
-            scales += [inv] * len(grads)
+        if "grad" in kinds:  # as the optimizer applies them: unscaled, and clipped where it clips
+            if self._clip is None:
+                tensors += grads
+                scales += [inv] * len(grads)
+            else:
+                tensors += applied_gradients(grads, inv, self._clip)
+                scales += [None] * len(grads)
         for t, g in zip(inter, inter_grads, strict=True):
             if "output" in kinds:
                 tensors.append(t)
