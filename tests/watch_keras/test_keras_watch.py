@@ -409,3 +409,38 @@ def test_grad_summaries_and_norms_are_of_the_gradient_the_optimizer_applies(tmp_
             assert_close(w.summary(name, "grad", 0), summarize(g.astype(np.float32)))
         assert scalars["grad_norm"] == pytest.approx(math.sqrt(sum(np.sum(g * g) for g in applied)), rel=1e-5)
         assert scalars["grad_norm_preclip"] > scalars["grad_norm"] * 1.5  # the rule bit, at every variable here
+
+
+@pytest.mark.parametrize("with_input", [True, False], ids=["functional", "sequential-without-input"])
+def test_channels_first_layers_count_units_along_the_channel_axis(tmp_path, with_input):
+    """Regression: units were always counted along the last axis (Keras' default layout), so a dead channel of a
+    ``data_format="channels_first"`` convolution was invisible. Its output, a batch normalization over axis 1
+    and the activation after them count along axis 1 now; dense layers along the last."""
+    layers = [
+        keras.layers.Conv2D(4, 3, data_format="channels_first", name="conv"),
+        keras.layers.BatchNormalization(axis=1, name="bn"),
+        keras.layers.Activation("relu", name="act"),
+        keras.layers.Flatten(data_format="channels_first", name="flat"),
+        keras.layers.Dense(3, name="head"),
+    ]
+    m = keras.Sequential(([keras.Input((2, 6, 7))] if with_input else []) + layers)
+    m.compile(keras.optimizers.SGD(0.0), LOSS)
+    x = np.random.default_rng(0).normal(size=(4, 2, 6, 7)).astype("float32")
+    y = np.array([0, 1, 2, 0])
+    m.build((None, 2, 6, 7))
+    bn = m.get_layer("bn")
+    bn.beta.assign(np.array([0.0, 0.0, -100.0, 0.0], "float32"))  # channel 2 is dead after the activation
+    with watch(m, path=tmp_path / "r.db", every=1) as w:
+        m.fit(x, y, batch_size=4, epochs=1, verbose=0)
+        got = {name: w.summary(name, "output", 0) for name in ("conv", "bn", "act", "head")}
+    h = x
+    ref = {}
+    for layer in m.layers:
+        h = layer(h, training=True)
+        ref[layer.name] = np.asarray(h)
+    for name in ("conv", "bn", "act"):
+        a = ref[name]
+        assert got[name].units_active.tolist() == (a != 0).sum(axis=(0, 2, 3)).tolist(), name
+        assert got[name].units_total == a.size // a.shape[1]
+    assert got["act"].units_active[2] == 0
+    assert got["head"].units_active.tolist() == (ref["head"] != 0).sum(axis=0).tolist()

@@ -142,18 +142,20 @@ def pack_summaries(
     layout: Layout,
     scales: Sequence[tf.Tensor | None] | None = None,
     xla: bool = False,
+    axes: Sequence[int | None] | None = None,
 ) -> tf.Tensor:
     """Summaries of ``tensors`` packed into one float64 vector (see the module docstring).
 
     Args:
         tensors: floating-point tensors of any shape and dtype.
-        layout: the packing layout; ``layout.units[i]`` must equal the static last dimension of ``tensors[i]``
-            when not ``None``.
+        layout: the packing layout; ``layout.units[i]`` must equal the static size of ``tensors[i]``'s unit axis
+            (``axes[i]``, the last by default) when not ``None``.
         scales: optional float64 scalar per tensor that multiplies its values (``1 / loss_scale`` for gradients
             under mixed precision: a power of two, applied in float32/float64 before anything is read, so
             exact).
         xla: build XLA-compatible ops (for ``jit_compile=True``): a segment sum instead of ``bincount``, which
             XLA lacks (and which is ~3x faster on CPU otherwise).
+        axes: per tensor, the axis its units lie on where it is not the last (``None``: the last).
 
     Returns:
         A float64 vector of length ``layout.size``.
@@ -162,9 +164,10 @@ def pack_summaries(
     if n == 0:
         return tf.zeros([0], tf.float64)
     scales = scales if scales is not None else [None] * n
+    axes = axes if axes is not None else [None] * n
     graph = tf.inside_function()
     rows, codes, unit_parts = [], [], []
-    for i, (t, s, u) in enumerate(zip(tensors, scales, layout.units, strict=True)):
+    for i, (t, s, u, axis) in enumerate(zip(tensors, scales, layout.units, axes, strict=True)):
         flat = tf.reshape(t, [-1])
         if not graph:  # eagerly (tape loops, whose shapes vary): the ops themselves
             row, code = _tensor_stats(flat, s)
@@ -175,7 +178,13 @@ def pack_summaries(
         rows.append(row)
         codes.append(code + i * _NCODES)
         if u:
-            active = tf.reshape(tf.cast(tf.not_equal(code, _ZERO), tf.float64), [-1, u])  # NaN counts as active
+            active = tf.cast(tf.not_equal(code, _ZERO), tf.float64)  # NaN counts as active
+            rank = t.shape.rank
+            if axis is None or axis == rank - 1:
+                active = tf.reshape(active, [-1, u])
+            else:  # (pre, units, post) around the axis
+                active = tf.reshape(active, [tf.reduce_prod(tf.shape(t)[:axis]), u, -1])
+                active = tf.reshape(tf.transpose(active, [0, 2, 1]), [-1, u])
             unit_parts.append(tf.reshape(tf.cast(tf.shape(active)[0], tf.float64), [1]))
             unit_parts.append(tf.reduce_sum(active, axis=0))
     # Histogram bins and the zero/NaN/±Inf counts of all tensors in one bincount.

@@ -158,6 +158,7 @@ class _Entry:
     dtype: str
     units: int | None = None
     tid: int = 0
+    axis: int | None = None  # the unit axis where it is not the last (a channels-first layer's output)
 
 
 def _shape(x: Any) -> tuple[int, ...]:
@@ -265,6 +266,7 @@ class KerasWatch(WatchCore):
         self._discovered = False
         self._structure = "unknown"
         self._out_names: list[tuple[str, str]] = []
+        self._out_axes: list[int | None] | None = None  # per tapped output: 1 for a channels-first one
         self._out_mask: list[bool] = []
         self._tap: Any = None
         self._tap_n_out = 0
@@ -631,6 +633,7 @@ class KerasWatch(WatchCore):
                 self._tap_n_out = len(flat_out)
                 self._model_output_struct = model_output
                 self._out_names = [(n, lay) for n, lay, _ in outs]
+                self._out_axes = _channel_axes(model, [(lay, t) for _, lay, t in outs])
             elif isinstance(model, keras.Sequential):
                 self._seq_layers = list(model.layers)
                 self._out_names = [(layer.name, layer.name) for layer in self._seq_layers]
@@ -700,14 +703,20 @@ class KerasWatch(WatchCore):
                     for n, lay, v in zip(names, layers, self._vars, strict=False)
                 ]
         self._out_mask = [t.dtype.is_floating for t in inter]
-        for (name, layer), t, ok in zip(self._out_names, inter, self._out_mask, strict=True):
+        if self._out_axes is None:  # a Sequential model's layers, called in a loop: built by now
+            self._out_axes = _channel_axes(
+                model, [(layer.name, _output_or_none(layer)) for layer in self._seq_layers or []]
+            )
+        axes = self._out_axes or [None] * len(inter)
+        for (name, layer), t, ok, axis in zip(self._out_names, inter, self._out_mask, axes, strict=True):
             if not ok:
                 continue
-            u = _units(t) if self.schedule.units else None
+            u = _units(t, axis) if self.schedule.units else None
+            axis = axis if u else None
             if "output" in kinds:
-                pre.append(_Entry(name, layer, "output", _batch_shape(t), t.dtype.name, u))
+                pre.append(_Entry(name, layer, "output", _batch_shape(t), t.dtype.name, u, axis=axis))
             if "output_grad" in kinds:
-                pre.append(_Entry(name, layer, "output_grad", _batch_shape(t), t.dtype.name, u))
+                pre.append(_Entry(name, layer, "output_grad", _batch_shape(t), t.dtype.name, u, axis=axis))
         self._pre = pre
         self._post_vars = self._vars if "update" in kinds else []
         self._post = [
@@ -887,7 +896,8 @@ class KerasWatch(WatchCore):
                 tensors.append(tf.zeros_like(t) if g is None else g)
                 scales.append(inv)
         if self._pre_layout.size:
-            _write_slot(self._pre_buf, slot, pack_summaries(tensors, self._pre_layout, scales, xla=xla))
+            axes = [e.axis for e in self._pre]
+            _write_slot(self._pre_buf, slot, pack_summaries(tensors, self._pre_layout, scales, xla=xla, axes=axes))
         if self._post_layout.size:
             deltas = self._deltas(before) if deltas is None else deltas
             _write_slot(self._post_buf, slot, pack_summaries(deltas, self._post_layout, xla=xla))
@@ -1119,13 +1129,52 @@ def _json_float(v: float) -> float | str:
     return v if math.isfinite(v) else str(v)
 
 
-def _units(t: Any) -> int | None:
-    """The number of units of a layer output (the shared unit-axis rule; Keras layouts are channels-last)."""
-    rank = t.shape.rank
-    axis = unit_axis(rank or 0)  # channels-last: the last axis (the kernel counts along it)
+def _units(t: Any, axis: int | None = None) -> int | None:
+    """The number of units of a layer output: along ``axis`` (1: a channels-first layer's), else the last."""
+    rank = t.shape.rank or 0
+    axis = unit_axis(rank, channel_first=axis == 1)
     if axis is None or not t.shape[axis]:
         return None
     return int(t.shape[axis])
+
+
+def _output_or_none(layer: Any) -> Any:
+    try:
+        return layer.output
+    except (AttributeError, ValueError, RuntimeError):
+        return None
+
+
+def _channel_axes(model: Any, outputs: Sequence[tuple[str, Any]]) -> list[int | None]:
+    """Per ``(layer name, symbolic output)`` in call order: 1 where the output's units lie on axis 1, else None.
+
+    The shared unit-axis rule (:func:`gradsight._watch_core.unit_axis`) for Keras: Keras layers are channels-last
+    unless told otherwise, so the last axis, except for outputs of 3 or more dims of a layer with
+    ``data_format="channels_first"`` (convolutions, pooling), a batch or group normalization over ``axis=1``,
+    and a layer without weights (an activation, dropout) whose input is such an output of the same shape.
+    """
+    layers = {layer.name: layer for layer in getattr(model, "layers", [])}
+    first: dict[int, bool] = {}  # id(symbolic tensor) -> channels-first
+    axes: list[int | None] = []
+    for name, out in outputs:
+        layer = layers.get(name)
+        shape = tuple(getattr(out, "shape", ()) or ())
+        cf = False
+        if layer is not None and len(shape) >= 3:
+            norm_axis = (
+                getattr(layer, "axis", None)
+                if isinstance(layer, (keras.layers.BatchNormalization, keras.layers.GroupNormalization))
+                else None
+            )
+            cf = getattr(layer, "data_format", None) == "channels_first" or norm_axis in (1, [1], (1,))
+            if not cf and not layer.weights:
+                inp = getattr(layer, "_inbound_nodes", None) and layer._inbound_nodes[0].input_tensors
+                inp = inp[0] if inp and len(inp) == 1 else None
+                cf = inp is not None and first.get(id(inp), False) and tuple(inp.shape) == shape
+        if out is not None:
+            first[id(out)] = cf
+        axes.append(1 if cf else None)
+    return axes
 
 
 def _one_element(v: Any) -> bool:
