@@ -287,12 +287,13 @@ def clipped_norms(
     * ``clipnorm=c``: ``c`` (each gradient is rescaled to norm ``c``); NaN for a non-finite gradient, which
       Keras' rescaling turns into NaN;
     * ``global_clipnorm=c``: ``pre * c / G`` with ``G`` the global norm, when ``G > c``; NaN for every gradient
-      when ``G`` is non-finite (Keras' scale is then NaN).
-
-    Keras measures an ``IndexedSlices`` gradient (an embedding's) by its ``.values`` (:func:`clip_input_norms`):
-    it is rescaled by ``c / max(‖values‖, c)``, and so is its norm here;
+      when ``G`` is non-finite (Keras' scale is then NaN);
     * ``clipvalue=v``: the norm of ``clip(g, -v, v)`` where some entry exceeds ``v`` in magnitude (one more
       fused reduction per gradient, only with this rule).
+
+    Keras measures an ``IndexedSlices`` gradient (an embedding's) by its ``.values`` (:func:`clip_input_norms`):
+    under ``clipnorm`` it is rescaled by ``c / max(‖values‖, c)``, and so is its norm here; its values' norm also
+    enters ``G``.
     """
     if rule is None or not grads:
         return pre
