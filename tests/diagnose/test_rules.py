@@ -442,3 +442,24 @@ def test_diagnose_reads_a_run_without_any_metadata(tmp_path):
         con.execute("DELETE FROM meta")
     con.close()
     assert diagnose(path) == [] and isinstance(skipped_rules(path), dict)
+
+
+def test_an_infinite_gradient_norm_without_non_finite_entries_is_not_a_nan_step(tmp_path):
+    """Regression: float32 runs recorded an overflowing gradient norm (finite entries of ~1e21) as Inf, and the
+    diagnosis counted that step as the first NaN/Inf while the loss turned Inf only a step later."""
+    from gradsight.diagnose._series import nonfinite_steps
+
+    with RunWriter(tmp_path / "r.db", meta={"framework": "torch"}) as w:
+        for step in range(6):
+            inf_norm = step == 3  # overflowed, no non-finite entry
+            w.log_scalars(
+                step,
+                {
+                    "loss": math.inf if step >= 4 else 1.0 + step,
+                    "grad_norm": math.inf if inf_norm or step >= 4 else 10.0**step,
+                    "grad_nonfinite": 5.0 if step >= 4 else 0.0,
+                },
+            )
+    assert nonfinite_steps(RunData(tmp_path / "r.db")) == [4, 5]
+    found = [f for f in diagnose(tmp_path / "r.db") if f.code == "non-finite"]
+    assert found and "step 4" in found[0].message and "step 3" not in found[0].message

@@ -530,3 +530,23 @@ def test_tape_loop_with_a_loss_scale_optimizer_records_skipped_steps(keras, tf, 
             assert sc[s]["update_norm/W"] == pytest.approx(0.1 * true_norms[s], rel=1e-4)
         else:
             assert not math.isfinite(sc[s]["grad_norm"])
+
+
+def test_finite_gradients_too_large_for_a_float32_square_sum_have_finite_norms(keras, tf, watch, tmp_path):
+    """Regression: gradient entries of ~1e21 are finite in float32 but their float32 sum of squares is not; the
+    norms were recorded as Inf (a NaN/Inf step before any value was non-finite)."""
+    x, y = data(16)
+    m = dense(keras, keras.optimizers.SGD(1e-30))
+    m.compile(m.optimizer, loss=lambda yt, yp: 1e21 * keras.losses.sparse_categorical_crossentropy(yt, yp, True))
+    batch = tf.constant(x[:8]), tf.constant(y[:8])
+    with tf.GradientTape() as tape:
+        loss = m.compute_loss(x=batch[0], y=batch[1], y_pred=m(batch[0], training=True))
+    grads = [g.numpy().astype(np.float64) for g in tape.gradient(loss, m.trainable_variables)]
+    assert max(np.abs(g).max() for g in grads) > 1e19  # squares overflow float32
+    with watch(m, path=tmp_path / "r.db", every=1) as w:
+        m.fit(x[:8], y[:8], batch_size=8, epochs=1, shuffle=False, verbose=0)
+        row = rows(load(w.path))[0]
+    for v, g in zip(m.trainable_variables, grads, strict=True):
+        assert math.isclose(row[f"grad_norm/{v.path}"], norm64(g), rel_tol=1e-5)
+    assert math.isclose(row["grad_norm"], math.sqrt(sum(norm64(g) ** 2 for g in grads)), rel_tol=1e-5)
+    assert row["grad_nonfinite"] == 0

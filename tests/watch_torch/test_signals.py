@@ -448,3 +448,30 @@ def test_meta_names_frozen_parameters_and_those_the_optimizer_does_not_hold(tmp_
         meta = w.meta
     assert meta["frozen"] == ["0.bias"]
     assert meta["optimizer_params"]["not_held"] == ["0.bias", "2.bias"]
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["cpu", "accelerator-path"])
+def test_finite_gradients_too_large_for_a_float32_square_sum_have_finite_norms(tmp_path, monkeypatch, host):
+    """Regression: gradient entries of ~1e21 (a diverging run's last finite steps) are finite in float32, but
+    their float32 sum of squares is not; the norms were recorded as Inf, and the diagnosis read Inf norms as a
+    NaN/Inf step before any value was non-finite."""
+    from gradsight.frameworks.torch import _watch
+
+    if not host:  # the path for tensors on an accelerator, exercised on the CPU
+        monkeypatch.setattr(_watch, "_host_cheap", lambda tensors: False)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-30)
+    x, y = _data(16)
+    with gradsight.watch(model, optimizer=opt, path=tmp_path / "r.db") as w:
+        for _ in range(3):
+            opt.zero_grad()
+            (nn.functional.mse_loss(model(x), y) * 1e21).backward()
+            grads = {n: _norm(p.grad) for n, p in model.named_parameters()}
+            opt.step()
+    row = _row(gradsight.load(w.path), 2)  # (the accelerator path judges a step's signals one step late)
+    assert max(grads.values()) > 1.9e19  # its square overflows float32
+    for n, g in grads.items():
+        assert row[f"grad_norm/{n}"] == pytest.approx(g, rel=1e-5), n
+    assert row["grad_norm"] == pytest.approx(math.sqrt(sum(g * g for g in grads.values())), rel=1e-5)
+    assert row["grad_nonfinite"] == 0
+    assert not [f for f in gradsight.diagnose(w.path) if f.code == "non-finite"]

@@ -316,12 +316,18 @@ def nonfinite_steps(data: RunData) -> list[int]:
         steps: set[int] = set()
         sc = data.scalars
         name = data.loss_name()
+        # an infinite gradient norm with no non-finite gradient entry counted at its step is an overflow of the
+        # norm (float32 runs recorded before the norms were recomputed in float64), not a NaN/Inf
+        counted = sc["grad_nonfinite"] if "grad_nonfinite" in sc.columns else None
         for col in [c for c in (name, "grad_norm", "grad_norm_preclip") if c and c in sc.columns]:
             v = sc[col].astype("float64")
-            steps |= {int(s) for s in v.index[np.isinf(v.to_numpy())]}
+            inf = np.isinf(v.to_numpy())
+            if col != name and counted is not None:
+                inf &= ~(counted.reindex(v.index).to_numpy(dtype="float64") == 0)
+            steps |= {int(s) for s in v.index[inf]}
             steps |= set(data.null_scalar_steps(col))
-        if "grad_nonfinite" in sc.columns:
-            steps |= {int(s) for s in sc.index[sc["grad_nonfinite"].fillna(0).to_numpy() > 0]}
+        if counted is not None:
+            steps |= {int(s) for s in sc.index[counted.fillna(0).to_numpy() > 0]}
         for kind in data.kinds:
             f = data.frame(kind)
             steps |= {int(s) for s in f.loc[f["nonfinite"] > 0, "step"].unique()}

@@ -212,10 +212,11 @@ def norms(tensors: Sequence[tf.Tensor], scale: tf.Tensor | None = None) -> tf.Te
     """The L2 norm of each tensor as a float64 vector (NaN/Inf when it has non-finite entries).
 
     One fused square-sum per tensor, accumulated in float32 (float64 for float64 tensors, which keep their
-    precision); the square root in float64. ``scale`` (a float64 scalar, e.g. ``1 / loss_scale``) multiplies the
-    values *before* they are squared: a loss-scaled gradient's square-sum would overflow float32 from a scale of
-    about ``2**64`` on (``LossScaleOptimizer`` starts at ``2**15`` but grows), so it costs one multiplication per
-    element under mixed precision.
+    precision), and again in float64 at a step where one overflowed (a finite norm above ~1.8e19, which float32
+    would give as Inf; a ±Inf entry gives Inf again); the square root in float64. ``scale`` (a float64 scalar,
+    e.g. ``1 / loss_scale``) multiplies the values *before* they are squared: a loss-scaled gradient's square-sum
+    would overflow float32 from a scale of about ``2**64`` on (``LossScaleOptimizer`` starts at ``2**15`` but
+    grows), so it costs one multiplication per element under mixed precision.
     """
     if not tensors:
         return tf.zeros([0], tf.float64)
@@ -225,7 +226,20 @@ def norms(tensors: Sequence[tf.Tensor], scale: tf.Tensor | None = None) -> tf.Te
         if scale is not None:
             t = t * tf.cast(scale, t.dtype)
         sq.append(tf.reduce_sum(tf.square(t)))
-    return tf.sqrt(tf.stack([tf.cast(v, tf.float64) for v in sq]))
+    sq64 = tf.stack([tf.cast(v, tf.float64) for v in sq])
+
+    def exact() -> tf.Tensor:  # float32 square-sums overflow from entries of ~1.8e19 on: again, in float64
+        out = []
+        for t in tensors:
+            t = tf.cast(t, tf.float64)
+            if scale is not None:
+                t = t * tf.cast(scale, tf.float64)
+            out.append(tf.reduce_sum(tf.square(t)))
+        return tf.stack(out)
+
+    if all(t.dtype == tf.float64 for t in tensors):
+        return tf.sqrt(sq64)
+    return tf.sqrt(tf.cond(tf.reduce_any(tf.math.is_inf(sq64)), exact, lambda: sq64))
 
 
 def nonfinite_counts(tensors: Sequence[tf.Tensor], norms64: tf.Tensor | None = None) -> tf.Tensor:
