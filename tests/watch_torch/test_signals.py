@@ -344,6 +344,32 @@ def test_grad_scaler_skipped_step_is_recorded_as_skipped(tmp_path):
         assert sc.loc[s, "grad_norm"] == pytest.approx(0.01, rel=1e-4)
 
 
+def test_grad_scaler_without_clipping_records_the_unscaled_gradient_norms(tmp_path):
+    """Regression: without clipping, the end-of-backward norms (of the scaled gradients) were taken for the norms
+    the optimizer receives, since GradScaler.unscale_ changes the gradients without bumping their version: every
+    gradient norm was recorded multiplied by the loss scale."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x, y = _data()
+    expected = []
+    with gradsight.watch(model, optimizer=opt, path=tmp_path / "r.db", scaler=scaler) as w:
+        for _ in range(3):
+            opt.zero_grad()
+            scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+            expected.append({n: _norm(p.grad) / scaler.get_scale() for n, p in model.named_parameters()})
+            scaler.step(opt)  # unscales, then steps
+            scaler.update()
+    sc = gradsight.load(w.path).scalars
+    for s, norms in enumerate(expected):
+        for n, v in norms.items():
+            assert sc.loc[s, f"grad_norm/{n}"] == pytest.approx(v, rel=1e-6), (s, n)
+        total = math.sqrt(sum(v * v for v in norms.values()))
+        assert sc.loc[s, "grad_norm"] == pytest.approx(total, rel=1e-6)
+        assert sc.loc[s, "grad_norm_preclip"] == pytest.approx(total, rel=1e-6)
+        assert "clip_ratio" not in sc.columns or math.isnan(sc.loc[s, "clip_ratio"])  # unscaling is no clipping
+
+
 def test_grad_scaler_output_grads_are_unscaled_and_stay_with_their_step(tmp_path):
     # dJ/dA from the backward of a GradScaler's scaled loss is recorded divided by the scale (as the parameter
     # gradients the optimizer receives are). Around the skipped step, the output gradients of the backward in

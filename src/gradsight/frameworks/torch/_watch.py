@@ -782,7 +782,10 @@ class Watch(WatchCore):
         if grads:
             tensors = [g.detach() for _, g in grads]
             bw = self._bw
-            if bw is not None and bw.unchanged(names, [g for _, g in grads]):
+            # with a loss scaler the gradients were unscaled in place since backward (GradScaler.unscale_ bumps no
+            # version counter, so unchanged() cannot see it): their norms are taken again
+            scaled = self._scaler is not None and scaler_scale(self._scaler) is not None
+            if bw is not None and not scaled and bw.unchanged(names, [g for _, g in grads]):
                 rec.grad, rec.counts = bw.norms, self._bw_counts
             else:
                 host = self._host(tensors)
