@@ -370,6 +370,44 @@ def test_grad_scaler_without_clipping_records_the_unscaled_gradient_norms(tmp_pa
         assert "clip_ratio" not in sc.columns or math.isnan(sc.loc[s, "clip_ratio"])  # unscaling is no clipping
 
 
+def test_a_step_the_grad_scaler_skipped_closes_at_its_update_with_its_own_loss_and_outputs(tmp_path):
+    """Regression: a skip was seen only at the next iteration's end of backward, so the last iteration's skip was
+    never recorded, and (Lightning, where forwards bypass the model's own hooks) the skipped iteration's loss and
+    outputs went to the next step. The scaler's update() now closes the skipped step at once."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x, y = _data(8)
+    losses, firsts = [], []
+    with gradsight.watch(model, optimizer=opt, path=tmp_path / "r.db", scaler=scaler, preset="full") as w:
+        for s in range(5):
+            opt.zero_grad()
+            xs = x.clone()
+            if s in (2, 4):  # the last iteration too
+                xs[0, 0] = float("inf")
+            out = model[0](xs)
+            firsts.append(out.detach().clone())
+            loss = nn.functional.mse_loss(model[2](model[1](out)), y)  # the layers, not the model's own call
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            assert w.current_step == s + 1  # closed by now, skipped or not
+            w.log(loss=loss)
+            losses.append(loss.item())
+    assert "update" not in vars(scaler)  # close() gave the scaler its own update() back
+    run = gradsight.load(w.path)
+    sc = run.scalars
+    assert run.steps == [0, 1, 2, 3, 4]
+    assert [s for s in sc.index if sc.loc[s, "step_skipped"] == 1.0] == [2, 4]
+    np.testing.assert_array_equal(sc["loss"].to_numpy(), losses)
+    for s in range(5):
+        got = run.summary("0", "output", s)
+        assert got.count == firsts[s].numel() and got.sum == pytest.approx(
+            float(torch.nan_to_num(firsts[s], posinf=0.0, neginf=0.0).double().sum()), rel=1e-9
+        )
+        assert got.posinf + got.neginf == int(torch.isinf(firsts[s]).sum())
+
+
 def test_grad_scaler_output_grads_are_unscaled_and_stay_with_their_step(tmp_path):
     # dJ/dA from the backward of a GradScaler's scaled loss is recorded divided by the scale (as the parameter
     # gradients the optimizer receives are). Around the skipped step, the output gradients of the backward in

@@ -18,11 +18,13 @@ torch. Per optimizer step:
   instead of copying the parameters again.
 
 A step that the optimizer never took — ``GradScaler.step`` skips ``optimizer.step()`` when it finds Inf/NaN
-gradients — shows up as a second end of backward, with new gradient tensors (``zero_grad()`` set them to
-``None``), before any step: the watch then closes the step as skipped (``step_skipped``; no update norms).
-Detecting it needs the scaler (``scaler=``; without one, an extra backward pass between steps — a gradient
-penalty, an analysis — must not be mistaken for a skipped step) and ``zero_grad(set_to_none=True)``, torch's
-default.
+gradients — is closed as skipped (``step_skipped``; no update norms) at the scaler's ``update()``, which the
+watch wraps while it is open: no optimizer step since the last backward pass means the scaler skipped it. (A loop
+that never calls ``update()`` shows the skip as a second end of backward, with new gradient tensors —
+``zero_grad()`` set them to ``None`` — before any step.) Detecting it needs the scaler (``scaler=``; without one,
+an extra backward pass between steps — a gradient penalty, an analysis — must not be mistaken for a skipped
+step). With a scaler the gradient norms at the step are always taken again: ``GradScaler.unscale_`` changes the
+gradients in place without bumping their version counter.
 
 Cost per step: the end-of-backward callback and one ``_foreach_norm`` over the gradients per backward pass; one
 ``_foreach_copy_`` and one ``_foreach_norm`` over the optimizer's parameters, one ``_foreach_sub`` and one

@@ -356,6 +356,11 @@ class Watch(WatchCore):
             self._handles.append(outer.register_forward_pre_hook(_RootPreHook(wref)))
             self._root_out = outer.register_forward_hook(_RootOutHook(wref))
             self._handles.append(self._root_out)
+        self._scaler_update: tuple[Any, Any] | None = None  # (the scaler, its own instance attribute "update")
+        update = getattr(self._scaler, "update", None)
+        if self.schedule.cheap and callable(update):  # a step the scaler skips closes at its update(), at once
+            self._scaler_update = (self._scaler, vars(self._scaler).get("update"))
+            self._scaler.update = _ScalerUpdate(wref, update)
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(_OptHook(wref, True)))
             self._handles.append(optimizer.register_step_post_hook(_OptHook(wref, False)))
@@ -899,8 +904,14 @@ class Watch(WatchCore):
             self._param_pack(list(zip((n for n, _ in self._update_params), diffs, strict=True)), "update")
         self._flush_step()
 
-    def _skip_step(self) -> None:
-        """Close a step whose optimizer step never ran (a GradScaler found non-finite gradients)."""
+    def _skip_step(self, next_started: bool = True) -> None:
+        """Close a step whose optimizer step never ran (a GradScaler found non-finite gradients).
+
+        Args:
+            next_started: the skip is seen at the next iteration's end of backward (its forward and backward
+                belong to the next step); else at the scaler's ``update()`` (see :class:`_ScalerUpdate`), where
+                the forward and backward in progress are the skipped step's own.
+        """
         bw = self._bw
         assert bw is not None
         rec = StepRecord(self._step)
@@ -915,6 +926,11 @@ class Watch(WatchCore):
             rec.param_names = tuple(n for n, _ in self._update_params)
             rec.weight = norms_of(params, self._host(params))
         self._rec = rec
+        if not next_started:
+            if self._logged:
+                self._flush_acts(self._resolve())
+            self._after_step(skipped=True)
+            return
         # the forward and backward in progress belong to the next step: keep them out of the skipped one
         fwd, acts, act_packs = self._fwd, self._acts, self._act_packs
         self._fwd, self._acts, self._act_packs = None, [], []
@@ -1048,9 +1064,22 @@ class Watch(WatchCore):
             h.remove()
         self._leaf_out_hooks.clear()
 
+    def _on_scaler_update(self) -> None:
+        """``GradScaler.update()``: with no optimizer step since the last backward pass, the scaler skipped it."""
+        if not self._closed and not self._frozen and not self._stepped_since_bw and self._bw is not None:
+            self._skip_step(next_started=False)
+
     def _remove_hooks(self) -> None:
         self._disarm()
         self._remove_leaf_out_hooks()
+        if self._scaler_update is not None:
+            scaler, own = self._scaler_update
+            self._scaler_update = None
+            if isinstance(vars(scaler).get("update"), _ScalerUpdate):
+                if own is None:
+                    del scaler.update
+                else:
+                    scaler.update = own
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -1178,6 +1207,25 @@ class _LeafHook:
         w = self.wref()
         if w is not None and not w._closed and w._logged:
             w._on_output(self.name, module, args, out)
+
+
+class _ScalerUpdate:
+    """Stands in for ``scaler.update`` (an instance attribute; :meth:`Watch.close` removes it).
+
+    A ``GradScaler`` skips ``optimizer.step()`` when it finds Inf/NaN gradients, and no optimizer hook runs; its
+    ``update()``, which every scaler loop calls once per iteration (Lightning's and Accelerate's included), is
+    where the watch learns it at once. Without it the skip shows only at the next iteration's end of backward
+    (the losses and outputs of the skipped iteration then went to the next step) or never (the last iteration).
+    """
+
+    def __init__(self, wref: Callable[[], Watch | None], call: Callable[..., Any]) -> None:
+        self.wref, self.call = wref, call
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        w = self.wref()
+        if w is not None:
+            w._on_scaler_update()  # before the real update, which changes the scale the norms were taken at
+        return self.call(*args, **kwargs)
 
 
 class _GradHook:
