@@ -71,11 +71,31 @@ def _os_message(exc: OSError) -> str:
     )
 
 
+#: Options whose value may start with "-" (a step range such as ``-5:``, which the command then refuses with
+#: its own message); argparse would take such a value for an option and say only "expected one argument".
+_DASHED_VALUES = ("--steps",)
+
+
+def _attach_dashed_values(argv: list[str]) -> list[str]:
+    """``["--steps", "-5:"]`` as ``["--steps=-5:"]``, so that the command sees the value and explains it."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in _DASHED_VALUES and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1] != "--":
+            out.append(f"{a}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return its exit status (see the module docstring)."""
     _tolerant_streams()
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attach_dashed_values(sys.argv[1:] if argv is None else list(argv)))
     if args.command is None:
         parser.print_help()
         return 2

@@ -104,3 +104,22 @@ def test_hist_export_of_a_tensor_without_finite_values(tmp_path):
         w.log_summaries(0, [(a, summarize(np.ones(3))), (b, summarize(np.full(3, np.nan)))])
     df = read_csv(to_csv(tmp_path / "nan.db", tmp_path / "nan.csv", hist=True))
     assert df["hist"][1].sum() == 0 and df["nan"][1] == 3
+
+
+def test_read_csv_refuses_what_gradsight_did_not_write(tmp_path):
+    """Regression: a missing file raised pandas' FileNotFoundError and a foreign CSV came back as a one-column
+    DataFrame, without an error."""
+    from gradsight import InputError
+
+    with pytest.raises(InputError, match="no file at"):
+        read_csv(tmp_path / "missing.csv")
+    notes = tmp_path / "notes.csv"
+    notes.write_text("precious notes\nline,2\n")
+    with pytest.raises(InputError, match="is not a gradsight export"):
+        read_csv(notes)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(InputError, match="is not a CSV file"):
+        read_csv(empty)
+    with pytest.raises(InputError, match="expects the path of a CSV file"):
+        read_csv(3)

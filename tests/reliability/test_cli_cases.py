@@ -94,6 +94,8 @@ def test_outputs_never_replace_a_run_file(argv, words, run_file, other_run, caps
         ("10:5", "empty range"),
         ("a:b", "whole step numbers"),
         ("--steps=-3:5", "count from 0"),
+        ("-3:5", "count from 0"),  # regression: as a separate argument, argparse said only "expected one argument"
+        ("-5:", "count from 0"),
         (":", "FIRST:LAST"),
         ("7", "FIRST:LAST"),
         ("100:", "selects no step"),

@@ -238,3 +238,11 @@ def test_overview_draws_per_step_signals_and_anomaly_captures(tmp_path):
     labels = [ln.get_label() for ax in fig.axes for ln in ax.lines]  # the loss panel's right axis
     assert "gradient norm" in labels and "before clipping" in labels
     assert any("anomaly capture" in t.get_text() for t in fig.axes[0].texts)
+
+
+@pytest.mark.parametrize("steps", [100, "100", [True], [1.5]], ids=["int", "str", "bool", "float"])
+def test_depth_profile_steps_must_be_a_list_of_step_numbers(make_run, steps):
+    """Regression: an int raised Python's own TypeError, and a string was read digit by digit ('100' drew steps
+    1, 0, 0)."""
+    with pytest.raises(InputError, match=r"expects a list of step numbers, got"):
+        plot_depth_profile(make_run(steps=3), steps=steps)

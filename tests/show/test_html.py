@@ -69,6 +69,34 @@ def test_report_refuses_to_overwrite_the_run_file_and_a_missing_folder(make_run,
         report(run_path, tmp_path / "nope" / "r.html", findings=[])
 
 
+def test_report_replaces_only_an_earlier_report_and_checks_its_path_argument(make_run, tmp_path):
+    """Regression: report(path=...) replaced any existing file silently (notes, a foreign database), and a path
+    of the wrong type raised Python's own TypeError."""
+    run_path = make_run(steps=3)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    with pytest.raises(InputError, match=r"already exists and is not a gradsight report.*never overwrites"):
+        report(run_path, notes, findings=[])
+    assert notes.read_text() == "my notes"
+    out = report(run_path, tmp_path / "r.html", findings=[])
+    first = out.read_bytes()
+    assert b'<meta name="generator" content="gradsight' in first
+    assert report(run_path, out, findings=[]) == out  # an earlier report is replaced
+    with pytest.raises(InputError, match=r"expects a file path \(str or os.PathLike\) or None, got int 5"):
+        report(run_path, 5, findings=[])
+
+
+def test_report_shows_control_characters_in_names_as_escapes(make_run, tmp_path):
+    run_path = make_run(steps=2)
+    from gradsight.store import RunWriter
+
+    with RunWriter(tmp_path / "odd.db", meta={"framework": "torch", "model": {"name": "x\ny\x1b[31mred"}}) as w:
+        w.log_scalars(0, {"loss": 1.0})
+    text = report(tmp_path / "odd.db", tmp_path / "odd.html", findings=[]).read_text()
+    assert "\x1b" not in text and "x\\x0ay\\x1b[31mred" in text  # as the terminal summary shows it
+    assert run_path.exists()
+
+
 def test_report_runs_the_diagnosis_when_no_findings_are_given(make_run):
     pytest.importorskip("gradsight.diagnose._diagnose", reason="gradsight.diagnose.diagnose has not landed")
     text = render_html(make_run(steps=12, dead_layer=1), findings=None)

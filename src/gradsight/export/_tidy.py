@@ -213,10 +213,31 @@ def read_csv(path: str | os.PathLike[str]) -> pd.DataFrame:
 
     Array columns (``hist``, ``units_active``) become int64 arrays again (``None`` where none was recorded);
     ``units_total`` is an integer column when every row has one, else float with NaN, as in ``to_pandas()``.
+
+    Raises:
+        InputError: ``path`` is not a path, no file is there, or the file is not a CSV that gradsight wrote.
     """
     import pandas as pd
 
-    columns = pd.read_csv(path, nrows=0).columns
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"read_csv expects the path of a CSV file, got {type(path).__name__} {path!r}.")
+    file = Path(os.fsdecode(path)).expanduser()
+    if not file.is_file():
+        raise InputError(
+            f"read_csv: there is no file at {str(file)!r}. Pass the path of a CSV written by "
+            "gradsight.export.to_csv (or `gradsight export csv RUN -o FILE`)."
+        )
+    try:
+        columns = pd.read_csv(file, nrows=0).columns
+    except (ValueError, UnicodeDecodeError) as exc:  # pandas' EmptyDataError and ParserError are ValueErrors
+        raise InputError(f"read_csv: {str(file)!r} is not a CSV file ({type(exc).__name__}: {exc}).") from None
+    if not ({"step", "tensor", "kind"} <= set(columns) or {"step", "name", "value"} <= set(columns)):
+        raise InputError(
+            f"read_csv: {str(file)!r} is not a gradsight export: its columns are {list(columns)[:8]!r}, expected "
+            "step, tensor, kind, ... (summaries) or step, name, value (scalars). Pass a CSV written by "
+            "gradsight.export.to_csv (or `gradsight export csv`)."
+        )
+    path = file
     text = [c for c in ("tensor", "layer", "kind", "name", *_ARRAY_COLUMNS) if c in columns]
     # Only numbers have missing values; text stays text (a layer named "" or "nan" reads back as itself).
     df = pd.read_csv(

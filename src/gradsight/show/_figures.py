@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._cli_support import terminal_safe
 from .._errors import InputError
 from ..store import KINDS, Run
 from ..summary import HIST_BINS, merge_all
@@ -73,7 +74,7 @@ def short_label(name: str, width: int = _MAX_LABEL) -> str:
     The end of a name (``...layers.3.q_proj``) usually tells layers apart better than its start, so both ends are
     kept. Returned as plain text: set it on a Text with ``parse_math=False`` (the figures do).
     """
-    name = str(name)
+    name = terminal_safe(name)  # (a control character would be a missing glyph)
     if len(name) <= width:
         return name
     head = (width - 1) // 2
@@ -515,6 +516,13 @@ def _chosen_steps(recorded_steps: list[int], steps: Sequence[int] | None, kind: 
     """The steps plot_depth_profile draws: ``steps`` checked against the recorded ones, or up to five spread out."""
     if steps is None:
         return _pick_steps(recorded_steps)
+    ok = isinstance(steps, Sequence) and not isinstance(steps, (str, bytes))
+    ok = ok and all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in steps)
+    if not ok:
+        raise InputError(
+            f"plot_depth_profile(steps=...) expects a list of step numbers, got {type(steps).__name__} {steps!r}. "
+            "Pass e.g. steps=[0, 100], or steps=None to pick some automatically."
+        )
     chosen = [int(s) for s in steps]
     missing = [s for s in chosen if s not in set(recorded_steps)]
     if missing or not chosen:

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .._cli_support import atomic_output, check_output
+from .._cli_support import atomic_output, check_output, terminal_safe
 from .._errors import InputError, StoreError
 from ..store import Run
 from ._data import RunLike, finding_list, layer_table, opened
@@ -48,7 +48,14 @@ details pre{white-space:pre-wrap;font-size:.85em;background:#f8f8f8;padding:.5em
 footer{margin-top:2em;color:#777;font-size:.85em}
 """
 
-_e = html.escape
+
+def _e(text: object, *, lines: bool = False) -> str:
+    r"""Text for the page, HTML-escaped.
+
+    Control characters are written as escapes (``\x1b``; ``\n`` too unless ``lines``), as the terminal summary
+    shows them, so a name from the run stays one line of visible text.
+    """
+    return html.escape(terminal_safe(text, keep_lines=lines))
 
 
 def _png(fig: Any) -> str:
@@ -84,11 +91,11 @@ def _flatten(prefix: str, value: Any, out: list[tuple[str, str]]) -> None:
 
 
 def _finding_html(f: Any) -> str:
-    body = f.to_html() if hasattr(f, "to_html") else f'<div class="finding"><p>{_e(str(f))}</p></div>'
+    body = f.to_html() if hasattr(f, "to_html") else f'<div class="finding"><p>{_e(str(f), lines=True)}</p></div>'
     evidence = getattr(f, "evidence", None)
     if evidence:
         data = f.to_dict()["evidence"] if hasattr(f, "to_dict") else evidence
-        pre = _e(json.dumps(data, indent=1, default=str))
+        pre = _e(json.dumps(data, indent=1, default=str), lines=True)
         details = f"<details><summary>evidence</summary><pre>{pre}</pre></details>"
         # inside the finding's box, so the evidence reads (and is found in the DOM) as part of its finding
         body = body[: -len("</div>")] + details + "</div>" if body.endswith("</div>") else body + details
@@ -218,10 +225,10 @@ def render_html(run: RunLike, *, findings: Sequence[Any] | None = None) -> str:
         if png:
             fig_html.append(
                 f'<figure><img alt="{_e(title)}" src="data:image/png;base64,{png}">'
-                f"<figcaption><b>{_e(title)}.</b> {_e(caption)}</figcaption></figure>"
+                f"<figcaption><b>{_e(title)}.</b> {_e(caption, lines=True)}</figcaption></figure>"
             )
         else:
-            fig_html.append(f"<figure><figcaption><b>{_e(title)}.</b> {_e(caption)}</figcaption></figure>")
+            fig_html.append(f"<figure><figcaption><b>{_e(title)}.</b> {_e(caption, lines=True)}</figcaption></figure>")
 
     flat: list[tuple[str, str]] = []
     _flatten("", meta, flat)
@@ -236,6 +243,7 @@ def render_html(run: RunLike, *, findings: Sequence[Any] | None = None) -> str:
 <meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="{CSP}">
 <meta name="referrer" content="no-referrer">
+<meta name="generator" content="gradsight {_e(__version__)}">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>gradsight report — {_e(name)}</title>
 <style>{_CSS}</style>
@@ -252,14 +260,25 @@ def render_html(run: RunLike, *, findings: Sequence[Any] | None = None) -> str:
 """
 
 
+def _is_report(path: Path) -> bool:
+    """Whether an existing file is a gradsight report (its head names gradsight; earlier ones, their title)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return b'<meta name="generator" content="gradsight' in head or b"<title>gradsight report" in head
+
+
 def report(run: RunLike, path: str | os.PathLike[str] | None = None, *, findings: Sequence[Any] | None = None) -> Path:
     """Write the self-contained HTML report of a run.
 
     Args:
         run: a :class:`~gradsight.store.Run` or the path of a run file.
         path: where to write the report; ``None`` puts it next to the run file with the suffix ``.html``
-            (``run.db`` → ``run.html``). An existing report there is replaced (reports are derived from the run
-            file and can always be regenerated), but never a run file, and never the run file itself. The file
+            (``run.db`` → ``run.html``). An existing gradsight report there is replaced (reports are derived from
+            the run file and can always be regenerated), but never another file, a run file, or the run file
+            itself. The file
             is written to a temporary name and renamed, so a failure leaves no partial report behind.
         findings: the findings to show; ``None`` (default) runs ``gradsight.diagnose.diagnose(run)``.
 
@@ -268,11 +287,22 @@ def report(run: RunLike, path: str | os.PathLike[str] | None = None, *, findings
 
     Raises:
         StoreError: the run file cannot be read, or the report's directory does not exist.
-        InputError: ``run`` is neither a Run nor a path, or the report path is a run file.
+        InputError: ``run`` is neither a Run nor a path, ``path`` is not a path, or the report path is a run file
+            or another existing file that is not a gradsight report.
     """
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise InputError(
+            f"report(path=...) expects a file path (str or os.PathLike) or None, got {type(path).__name__} "
+            f"{path!r}. Pass e.g. report(run, 'run.html'), or leave it out to write next to the run file."
+        )
     with opened(run) as r:
         out = r.path.with_suffix(".html") if path is None else Path(os.fsdecode(path)).expanduser()
         out = check_output(out.resolve(), inputs=[r.path], what="the report path")
+        if out.is_file() and not _is_report(out):
+            raise InputError(
+                f"the report path {str(out)!r} already exists and is not a gradsight report; gradsight never "
+                "overwrites other files silently. Pass another path, or delete that file yourself first."
+            )
         if not out.parent.is_dir():
             raise StoreError(
                 f"report: cannot write {str(out)!r}: the directory {str(out.parent)!r} does not exist. "
