@@ -311,3 +311,15 @@ def test_clipping_trainer_records_the_norm_before_and_after_max_grad_norm(tmp_pa
         np.testing.assert_allclose(sc["grad_norm"].to_numpy(), 0.001, rtol=1e-4)
         np.testing.assert_allclose(sc["clip_ratio"].to_numpy(), 0.001 / sc["grad_norm_preclip"].to_numpy(), rtol=1e-4)
         assert run.meta["clipping"] == {"first_step": 0}
+
+
+def test_the_lightning_callback_in_a_hugging_face_trainer_is_refused_clearly(tmp_path):
+    """Regression: the HF Trainer failed with its own AttributeError ('... has no attribute on_init_end')."""
+    pytest.importorskip("lightning")
+    from gradsight import UnsupportedError
+    from gradsight.integrations import GradsightLightningCallback
+
+    callback = GradsightLightningCallback(path=tmp_path / "r.db", on_finding=None)
+    with pytest.raises(UnsupportedError, match=r"Lightning's callback.*use .*GradsightTrainerCallback"):
+        transformers.Trainer(model=_model(), args=_args(tmp_path), train_dataset=_Data(), callbacks=[callback])
+    assert not (tmp_path / "r.db").exists()

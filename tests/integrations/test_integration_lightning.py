@@ -360,3 +360,15 @@ def test_gradient_clip_val_records_the_norm_before_and_after_clipping(tmp_path):
         assert (sc["grad_norm_preclip"] > 10 * 0.01).all()
         np.testing.assert_allclose(sc["grad_norm"].to_numpy(), 0.01, rtol=1e-4)
         assert run.meta["clipping"] == {"first_step": 0}
+
+
+def test_the_hugging_face_callback_in_a_lightning_trainer_is_refused_clearly(tmp_path):
+    """Regression: Lightning failed with its own AttributeError ('... has no attribute on_exception')."""
+    pytest.importorskip("transformers")
+    from gradsight import UnsupportedError
+    from gradsight.integrations import GradsightTrainerCallback
+
+    trainer = _trainer(tmp_path, [GradsightTrainerCallback(path=tmp_path / "r.db", on_finding=None)], max_steps=1)
+    with pytest.raises(UnsupportedError, match=r"Hugging Face Trainer's callback.*use .*GradsightLightningCallback"):
+        trainer.fit(TinyModule(), _data())
+    assert not (tmp_path / "r.db").exists()

@@ -127,6 +127,11 @@ def _broadcast_path(path: Path) -> Path:
     return Path(box[0])
 
 
+#: What a PyTorch Lightning Trainer reads from its callbacks before anything else (see
+#: GradsightTrainerCallback.__getattr__): handed this callback by mistake, it gets a clear error there.
+_LIGHTNING_FIRST = frozenset({"setup", "on_exception", "state_key", "on_fit_start", "teardown"})
+
+
 class GradsightTrainerCallback(TrainerCallback):
     """Watches the Trainer's model: gradients, weights, updates and layer outputs during ``trainer.train()``.
 
@@ -178,6 +183,16 @@ class GradsightTrainerCallback(TrainerCallback):
         self._reads = True  # this rank reads the run (headline, diagnosis): rank 0, or the only process
         if diagnose:  # a typo in stop_on / on_finding fails here, not minutes into training
             OnlineDiagnosis.check_args(on_finding=on_finding, stop_on=self.stop_on, full_every=diagnose_every)
+
+    def __getattr__(self, name: str) -> Any:
+        """Only for attributes this callback lacks: a PyTorch Lightning Trainer asks for its own hooks first."""
+        if name.startswith("__") or name not in _LIGHTNING_FIRST:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        raise UnsupportedError(
+            "GradsightTrainerCallback is the Hugging Face Trainer's callback, but a PyTorch Lightning Trainer "
+            "was given it. For Lightning use gradsight.integrations.GradsightLightningCallback: "
+            "Trainer(callbacks=[GradsightLightningCallback(...)])."
+        )
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

@@ -172,6 +172,14 @@ class GradsightLightningCallback(Callback):
             OnlineDiagnosis.check_args(on_finding=on_finding, stop_on=self.stop_on, full_every=diagnose_every)
 
     # ---- set-up --------------------------------------------------------------------------------------------
+    def on_init_end(self, *args: Any, **kwargs: Any) -> None:
+        """Refuse a Hugging Face Trainer (which calls ``on_init_end`` first) with a clear error instead of its own."""
+        raise UnsupportedError(
+            "GradsightLightningCallback is PyTorch Lightning's callback, but a Hugging Face Trainer called it. For "
+            "the HF Trainer use gradsight.integrations.GradsightTrainerCallback: "
+            "Trainer(..., callbacks=[GradsightTrainerCallback(...)])."
+        )
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Refuse multi-process strategies other than DDP, FSDP and model-parallel FSDP2 (see the module docstring)."""
         if stage == "fit" and trainer.world_size > 1 and not _is_supported_strategy(trainer.strategy):
