@@ -28,7 +28,10 @@ __all__ = ["adapter", "check_loss_arg", "derive", "explain", "to_numpy"]
 def to_numpy(obj: Any, what: str) -> np.ndarray:
     """Convert a torch/TF tensor, numpy array or nested list to numpy without importing a framework."""
     if hasattr(obj, "detach") and hasattr(obj, "cpu"):
-        obj = obj.detach().cpu().numpy()
+        obj = obj.detach().cpu()
+        if str(getattr(obj, "dtype", "")) == "torch.bfloat16":  # numpy has no bfloat16: float32 holds it exactly
+            obj = obj.float()
+        obj = obj.numpy()
     elif hasattr(obj, "numpy") and not isinstance(obj, np.ndarray):
         obj = obj.numpy()
     try:

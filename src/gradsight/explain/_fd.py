@@ -137,10 +137,23 @@ def graph_finite_differences(
             continue
         p = np.asarray(values[nd.name], dtype=np.float64)
         flat = p.ravel()
+        # an embedding's padding_idx row: torch gives it no gradient by convention (the closed form follows
+        # torch), while J does depend on it; differencing it would fail a correct term, so it is left out
+        pads = {
+            int(c.attrs["padding_idx"]) % p.shape[0]
+            for c in run.nodes
+            if c.op == "embedding" and c.attrs.get("padding_idx") is not None and nd.name in c.inputs[1:]
+        }
+        candidates = np.arange(flat.size)
+        if pads and p.ndim == 2:
+            candidates = candidates[~np.isin(candidates // p.shape[1], sorted(pads))]
+            term.note = (term.note + "; " if term.note else "") + (
+                f"finite differences leave out row(s) {sorted(pads)} (padding_idx: no gradient by convention)"
+            )
         entries = (
-            list(range(flat.size))
-            if flat.size <= samples
-            else sorted(int(i) for i in rng.choice(flat.size, samples, replace=False))
+            [int(i) for i in candidates]
+            if candidates.size <= samples
+            else sorted(int(i) for i in rng.choice(candidates, samples, replace=False))
         )
         work = flat.copy()
         vals = np.empty(len(entries))

@@ -63,6 +63,11 @@ def _mae(yh: np.ndarray, t: np.ndarray, spec: LossSpec):
     return np.abs(e), np.sign(e), "|Ŷ − Y|", r"|\hat Y - Y|", "sign(Ŷ − Y)"
 
 
+#: torch's BCE backward divides by ``max(Ŷ(1 − Ŷ), EPSILON)`` with a C++ ``float`` EPSILON = 1e-12, which is
+#: 9.99999996e-13 in float64: at a saturated output (Ŷ rounds to 1) the two differ by 4e-9 relative.
+_TORCH_BCE_EPS = float(np.float32(1e-12))
+
+
 def _bce(yh: np.ndarray, t: np.ndarray, spec: LossSpec):
     base, lbase = "−(Y log Ŷ + (1−Y) log(1−Ŷ))", r"-(Y\log\hat Y + (1-Y)\log(1-\hat Y))"
     if spec.convention.clip_probabilities:
@@ -74,7 +79,7 @@ def _bce(yh: np.ndarray, t: np.ndarray, spec: LossSpec):
         return vals, g, base, lbase, "(−Y/P + (1−Y)/(1−P))·[ε ≤ Ŷ ≤ 1−ε], P = clip(Ŷ, ε, 1−ε)"
     with np.errstate(divide="ignore", invalid="ignore"):
         vals = -(t * np.maximum(np.log(yh), -100) + (1 - t) * np.maximum(np.log1p(-yh), -100))
-        g = (yh - t) / np.maximum(yh * (1 - yh), 1e-12)
+        g = (yh - t) / np.maximum(yh * (1 - yh), _TORCH_BCE_EPS)
     return vals, g, base, lbase, "(Ŷ − Y)/(Ŷ(1 − Ŷ))"
 
 

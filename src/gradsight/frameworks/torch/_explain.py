@@ -246,10 +246,11 @@ def classify_loss(loss: Any, y: np.ndarray, reduction: str = "mean") -> tuple[Lo
     if isinstance(loss, nn.Module):
         red = getattr(loss, "reduction", "mean")
         display = f"torch.nn.{type(loss).__name__}(reduction={red!r})"
-        if red not in ("mean", "sum", "none"):
+        valid = ("mean", "sum", "none", "batchmean") if isinstance(loss, nn.KLDivLoss) else ("mean", "sum", "none")
+        if red not in valid:
             raise InputError(
-                f"the loss {type(loss).__name__} has reduction={red!r}; torch accepts 'mean', 'sum' or 'none' "
-                f"(and explain needs a scalar: 'mean' or 'sum'). Fix: nn.{type(loss).__name__}(reduction='mean')"
+                f"the loss {type(loss).__name__} has reduction={red!r}; torch accepts {', '.join(map(repr, valid))} "
+                f"(and explain needs a scalar). Fix: nn.{type(loss).__name__}(reduction='mean')"
             )
     else:
         display = getattr(loss, "__qualname__", repr(loss))
@@ -268,12 +269,20 @@ def classify_loss(loss: Any, y: np.ndarray, reduction: str = "mean") -> tuple[Lo
             t = t.reshape(-1)
         return loss(p, t)
 
+    if kind in ("sparse_cce_logits", "cce_logits") and _k_dimensional(y, sparse):
+        kind = None  # (N, C, d1, ...) logits: the closed form is for (N, C); autodiff only
     if kind is None or red not in ("mean", "sum"):
         return None, display, fn
     if isinstance(loss, nn.CrossEntropyLoss):
         spec = _ce_spec(loss, kind, red, display, y, sparse)
         return spec, spec.display, fn
     return LossSpec(kind, red, LOSS_CONVENTION, display), display, fn
+
+
+def _k_dimensional(y: np.ndarray, sparse: bool) -> bool:
+    """Whether cross-entropy targets are K-dimensional: class indices of shape (N, d1, ...), not (N,) or (N, 1)."""
+    shape = np.asarray(y).shape
+    return sparse and len(shape) >= 2 and shape[1:] != (1,)
 
 
 def _ce_spec(loss: nn.CrossEntropyLoss, kind: str, red: str, display: str, y: np.ndarray, sparse: bool) -> LossSpec:
@@ -383,7 +392,13 @@ def run_explain(
     notes: list[str] = []
     with torch.inference_mode(False), torch.enable_grad():
         work, model_dtype = _float64_copy(model, dtype)
-        if np.issubdtype(np.asarray(x).dtype, np.integer) or not is_chain(work):
+        # a BatchNorm that runs on batch statistics (training mode, its own or asked for) and an explicit
+        # training= need the graph explainer: the chain explainer runs the model in eval mode
+        bn_training = any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training if training is None else training)
+            for m in work.modules()
+        )
+        if np.issubdtype(np.asarray(x).dtype, np.integer) or not is_chain(work) or bn_training or training is not None:
             wdtype = torch.float64 if dtype in _LOW else dtype
             grun = run_graph(work, x, y, spec, display, loss_fn, CONVENTIONS, wdtype, training)
             if model_dtype:

@@ -613,8 +613,8 @@ def _m_rms(c: Converter, n, m: nn.Module, args, kwargs, out) -> bool:
 
 
 def _m_emb(c: Converter, n, m: nn.Embedding, args, kwargs, out) -> bool:
-    if m.max_norm is not None:
-        return False  # max_norm renormalises (and rewrites) the weight rows in forward
+    if m.max_norm is not None or m.scale_grad_by_freq:
+        return False  # max_norm renormalises (and rewrites) the weight rows in forward; the other scales the rows
     ins = [c.inp(n.args[0], args[0]), c._mp(m, n, "weight")]
     c.add(
         n, "embedding", ins, {"padding_idx": m.padding_idx}, f"nn.Embedding({m.num_embeddings}, {m.embedding_dim})", out
