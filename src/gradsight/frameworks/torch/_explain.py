@@ -246,12 +246,7 @@ def classify_loss(loss: Any, y: np.ndarray, reduction: str = "mean") -> tuple[Lo
     if isinstance(loss, nn.Module):
         red = getattr(loss, "reduction", "mean")
         display = f"torch.nn.{type(loss).__name__}(reduction={red!r})"
-        valid = ("mean", "sum", "none", "batchmean") if isinstance(loss, nn.KLDivLoss) else ("mean", "sum", "none")
-        if red not in valid:
-            raise InputError(
-                f"the loss {type(loss).__name__} has reduction={red!r}; torch accepts {', '.join(map(repr, valid))} "
-                f"(and explain needs a scalar). Fix: nn.{type(loss).__name__}(reduction='mean')"
-            )
+        _check_reduction(loss, red)
     else:
         display = getattr(loss, "__qualname__", repr(loss))
         fk = _FUNCTIONAL.get(loss)
@@ -277,6 +272,16 @@ def classify_loss(loss: Any, y: np.ndarray, reduction: str = "mean") -> tuple[Lo
         spec = _ce_spec(loss, kind, red, display, y, sparse)
         return spec, spec.display, fn
     return LossSpec(kind, red, LOSS_CONVENTION, display), display, fn
+
+
+def _check_reduction(loss: nn.Module, red: str) -> None:
+    """Refuse a loss module's reduction that torch itself does not accept for it."""
+    valid = ("mean", "sum", "none", "batchmean") if isinstance(loss, nn.KLDivLoss) else ("mean", "sum", "none")
+    if red not in valid:
+        raise InputError(
+            f"the loss {type(loss).__name__} has reduction={red!r}; torch accepts {', '.join(map(repr, valid))} "
+            f"(and explain needs a scalar). Fix: nn.{type(loss).__name__}(reduction='mean')"
+        )
 
 
 def _k_dimensional(y: np.ndarray, sparse: bool) -> bool:
