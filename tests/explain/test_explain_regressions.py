@@ -106,3 +106,31 @@ def test_bce_on_a_saturated_output_matches_torchs_clamp():
     _, grads = _grads(model, nn.BCELoss(), x, y)
     assert trace.ok and trace["dJ/dY_hat"].ok
     np.testing.assert_allclose(_value(trace["dJ/dW1"]), grads["0.weight"], rtol=1e-9)
+
+
+def test_a_hugging_face_gpt2_fed_token_ids_is_explained_and_its_cache_setting_restored():
+    """Regression: torch.export's input guard was taken for the first op reading the ids (refused as a wrong
+    dtype); then the key/value cache's concatenations, exported as constants, cut the keys' and values'
+    gradients (every term upstream of the attention failed)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=20, n_positions=8)
+    gpt = transformers.GPT2LMHeadModel(cfg).double().eval()
+
+    class LastToken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = gpt
+
+        def forward(self, ids):
+            return self.m(input_ids=ids).logits[:, -1]
+
+    model = LastToken()
+    ids, y = torch.randint(0, 20, (2, 6)), torch.tensor([3, 5])
+    trace = gradsight.explain(model, ids, y, nn.CrossEntropyLoss())
+    loss, grads = _grads(model, nn.CrossEntropyLoss(), ids, y)
+    assert trace.ok and float(_value(trace["J"])) == pytest.approx(loss, rel=1e-12)
+    assert any("key/value cache" in n for n in trace.notes) and gpt.config.use_cache is True
+    np.testing.assert_allclose(
+        _value(trace["dJ/dW[m.transformer.h.0.attn.c_attn]"]), grads["m.transformer.h.0.attn.c_attn.weight"], atol=1e-12
+    )

@@ -19,9 +19,10 @@ model's dtype first), so every ✓ checks the derivation to float64 precision.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -405,7 +406,14 @@ def run_explain(
         )
         if np.issubdtype(np.asarray(x).dtype, np.integer) or not is_chain(work) or bn_training or training is not None:
             wdtype = torch.float64 if dtype in _LOW else dtype
-            grun = run_graph(work, x, y, spec, display, loss_fn, CONVENTIONS, wdtype, training)
+            with _no_kv_cache(work) as turned_off:
+                grun = run_graph(work, x, y, spec, display, loss_fn, CONVENTIONS, wdtype, training)
+            if turned_off:
+                grun.notes.append(
+                    "the Hugging Face key/value cache (config.use_cache) was off for the run and is restored: it "
+                    "changes no value of this forward, and its concatenations have no rule (with it on, the "
+                    "gradient of every attention's keys and values was missing)"
+                )
             if model_dtype:
                 grun.model_dtype = model_dtype
                 grun.notes.append(
@@ -452,6 +460,23 @@ def run_explain(
             )
     run.notes = notes + run.notes
     return run
+
+
+@contextlib.contextmanager
+def _no_kv_cache(model: nn.Module) -> Iterator[bool]:
+    """Turn off ``config.use_cache`` of the Hugging Face models inside ``model`` for the block; whether any was on.
+
+    A cache-using forward concatenates each attention's keys and values onto the (empty) cache of earlier tokens;
+    those concatenations come out of torch.export as constants, which cut the keys' and values' gradients.
+    """
+    configs = {id(c): c for m in model.modules() if getattr(c := getattr(m, "config", None), "use_cache", None) is True}
+    for c in configs.values():
+        c.use_cache = False
+    try:
+        yield bool(configs)
+    finally:
+        for c in configs.values():
+            c.use_cache = True
 
 
 def _float64_copy(model: nn.Module, dtype: torch.dtype) -> tuple[nn.Module, str]:
