@@ -398,13 +398,13 @@ def run_explain(
     notes: list[str] = []
     with torch.inference_mode(False), torch.enable_grad():
         work, model_dtype = _float64_copy(model, dtype)
-        # a BatchNorm that runs on batch statistics (training mode, its own or asked for) and an explicit
-        # training= need the graph explainer: the chain explainer runs the model in eval mode
+        # a BatchNorm that runs on batch statistics (training mode, its own or asked for with training=True)
+        # needs the graph explainer: the chain explainer runs the model in eval mode
         bn_training = any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training if training is None else training)
             for m in work.modules()
         )
-        if np.issubdtype(np.asarray(x).dtype, np.integer) or not is_chain(work) or bn_training or training is not None:
+        if np.issubdtype(np.asarray(x).dtype, np.integer) or not is_chain(work) or bn_training:
             wdtype = torch.float64 if dtype in _LOW else dtype
             with _no_kv_cache(work) as turned_off:
                 grun = run_graph(work, x, y, spec, display, loss_fn, CONVENTIONS, wdtype, training)
