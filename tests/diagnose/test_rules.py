@@ -463,3 +463,21 @@ def test_an_infinite_gradient_norm_without_non_finite_entries_is_not_a_nan_step(
     assert nonfinite_steps(RunData(tmp_path / "r.db")) == [4, 5]
     found = [f for f in diagnose(tmp_path / "r.db") if f.code == "non-finite"]
     assert found and "step 4" in found[0].message and "step 3" not in found[0].message
+
+
+def test_update_ratio_from_per_step_norms_says_steps_not_logged_steps(tmp_path):
+    """Regression: the finding said 'median over N logged steps' where N counted every step (the per-step
+    norms), e.g. 'over 200 logged steps' for a run with 2 logged steps."""
+    torch = pytest.importorskip("torch")
+    import gradsight
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-9)
+    with gradsight.watch(model, optimizer=opt, path=tmp_path / "r.db", every=100) as w:
+        for _ in range(6):
+            opt.zero_grad()
+            model(torch.randn(16, 4)).square().mean().backward()
+            opt.step()
+    low = [f for f in diagnose(w.path) if f.code == "update-ratio-low"]
+    assert low and "(median over 6 steps" in low[0].message and "logged" not in low[0].message

@@ -131,11 +131,13 @@ def _finding(code: str, hit: pd.Series, r: pd.DataFrame, data: RunData, thr: flo
             "undefined_steps": len(lr) - len(ok),
         }
     word = "above" if code == "update-ratio-high" else "below"
+    # the per-step norms cover every step; the summaries only the logged ones
+    kind = "" if layer_update_ratios(data)[1].startswith("per-step") else "logged "
     undefined = per[worst]["undefined_steps"]
     left_out = f"; {undefined} step(s) with an undefined ratio (NaN/Inf or zero weights) left out" if undefined else ""
     msg = (
         f"Update/weight ratio {'too high' if word == 'above' else 'too low'}: layer {worst!r} moves by "
-        f"{fmt(float(hit[worst]))} of its weight norm per step (median over {per[worst]['steps']} logged "
+        f"{fmt(float(hit[worst]))} of its weight norm per step (median over {per[worst]['steps']} {kind}"
         f"steps{left_out}), {word} the threshold {fmt(thr)} (heuristic ~1e-3); {len(layers)} layer(s) {word} it."
     )
     return Finding(
