@@ -113,68 +113,56 @@ def test_update_is_w_after_minus_w_before_and_weight_is_before(tmp_path, mlp):
         assert set(run.to_pandas()["kind"]) == {"weight", "update"}
 
 
+class _Float32ThenBfloat16(nn.Module):
+    """A float32 layer, then a bfloat16 one (whose update is the difference of the float32 upcasts)."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.a, self.b, self.act = nn.Linear(12, 8), nn.Linear(8, 3).to(torch.bfloat16), act
+
+    def forward(self, x):
+        return self.b(self.act(self.a(x)).to(torch.bfloat16)).float()
+
+
+def _train_checking_weights_and_updates(model, opt, run, step_the_watch):
+    """Two steps; after each, every weight summary is W as the forward used it and every update W_after - W_before
+    (for the parameters that train), both captured here as float32."""
+    for step in range(2):
+        before = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+        opt.zero_grad()
+        x, y = batch()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if step_the_watch:
+            run.step()
+        for name, p in model.named_parameters():
+            assert_matches(run.summary(name, "weight", step), summarize(before[name].numpy()))
+            if p.requires_grad:
+                delta = p.detach().float() - before[name]
+                assert_matches(run.summary(name, "update", step), summarize(delta.numpy()))
+
+
 @pytest.mark.parametrize("optimizer", [True, False], ids=["optimizer", "watch.step"])
 def test_updates_of_a_model_mixing_float32_and_bfloat16_parameters(tmp_path, optimizer):
     """Regression: the update of such a model was the difference of two batches grouped differently (the
     compiled kernel reads float32 tensors in place, bfloat16 ones are upcast into a shared buffer), and the
     optimizer's step raised a size mismatch from inside the watch."""
-
-    class Mixed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(12, 8), nn.Linear(8, 3).to(torch.bfloat16)
-
-        def forward(self, x):
-            return self.b(torch.relu(self.a(x)).to(torch.bfloat16)).float()
-
-    model = Mixed()
+    model = _Float32ThenBfloat16(torch.relu)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     kw = {"optimizer": opt} if optimizer else {}
     with watch(model, path=tmp_path / "r.db", every=1, kinds=("weight", "update"), **kw) as run:
-        for step in range(2):
-            before = {n: p.detach().float().clone() for n, p in model.named_parameters()}
-            opt.zero_grad()
-            x, y = batch()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-            if not optimizer:
-                run.step()
-            for name, p in model.named_parameters():
-                assert_matches(run.summary(name, "weight", step), summarize(before[name].numpy()))
-                delta = p.detach().float() - before[name]
-                assert_matches(run.summary(name, "update", step), summarize(delta.numpy()))
+        _train_checking_weights_and_updates(model, opt, run, step_the_watch=not optimizer)
 
 
 @pytest.mark.parametrize("cheap", [True, False])
 def test_watch_step_records_w_before_of_frozen_and_trained_parameters(tmp_path, cheap):
     """Regression: without an optimizer, a model with a frozen parameter had its weights recorded after the
     update (watch.step() comes after it) instead of as the step's forward used them."""
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(12, 8)
-            self.b = nn.Linear(8, 3).to(torch.bfloat16)  # its update: the difference of the float32 upcasts
-
-        def forward(self, x):
-            return self.b(torch.tanh(self.a(x)).to(torch.bfloat16)).float()
-
-    model = Net()
+    model = _Float32ThenBfloat16(torch.tanh)
     model.a.bias.requires_grad_(False)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     with watch(model, path=tmp_path / "r.db", every=1, cheap=cheap, kinds=("weight", "update")) as run:
-        for step in range(2):
-            before = {n: p.detach().float().clone() for n, p in model.named_parameters()}
-            opt.zero_grad()
-            x, y = batch()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-            run.step()
-            for name, p in model.named_parameters():
-                assert_matches(run.summary(name, "weight", step), summarize(before[name].numpy()))
-                if p.requires_grad:
-                    delta = p.detach().float() - before[name]
-                    assert_matches(run.summary(name, "update", step), summarize(delta.numpy()))
+        _train_checking_weights_and_updates(model, opt, run, step_the_watch=True)
         assert {t.name for t in run.tensors if t.kind == "update"} == {"a.weight", "b.weight", "b.bias"}
 
 
