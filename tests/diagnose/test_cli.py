@@ -83,6 +83,8 @@ def test_cli_bad_threshold(synth, capsys):
     s.run().close()
     with pytest.raises(InputError, match="--threshold expects NAME=VALUE"):
         _run_cli([str(s.path), "--threshold", "vanish_ratio"], capsys)
+    with pytest.raises(InputError, match=r"Thresholds.dead_fraction must be in \(0, 1\]"):
+        _run_cli([str(s.path), "--threshold", "dead_fraction=2"], capsys)
 
 
 def test_cli_text_never_reads_layer_names_as_rich_markup(synth, capsys):

@@ -1,4 +1,5 @@
 import math
+import re
 import sqlite3
 
 import numpy as np
@@ -397,6 +398,42 @@ def test_thresholds_validation():
         diagnose("x.db", thresholds=3)  # type: ignore[arg-type]
     with pytest.raises(InputError, match="rules must be"):
         diagnose(__import__("pathlib").Path(__file__), rules=["x"])  # type: ignore[list-item]
+
+
+def test_thresholds_unknown_keyword_is_explained_not_a_type_error():
+    hint = r"unknown threshold\(s\) \['dead_fractoin'\] \('dead_fractoin': did you mean 'dead_fraction'\?\)"
+    with pytest.raises(InputError, match=hint):
+        Thresholds(dead_fractoin=0.3)  # type: ignore[call-arg]
+    with pytest.raises(InputError, match="at most 26 values"):
+        Thresholds(*range(1, 28))  # type: ignore[arg-type]
+    assert Thresholds(dead_fraction=0.3).dead_fraction == 0.3  # the dataclass' own init still runs
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "interval"),
+    [
+        ("dead_fraction", 2.0, "(0, 1]"),
+        ("dead_fraction", 0.0, "(0, 1]"),
+        ("saturation_gain", 1.5, "[0, 1]"),
+        ("accumulate_fit", 1.01, "[0, 1]"),
+        ("vanish_ratio", 3.0, "(0, 1]"),
+        ("explode_growth", 0.5, "(1, inf)"),
+        ("damage_loss_rise", 1.0, "(1, inf)"),
+        ("init_scale_factor", 1.0, "(1, inf)"),
+        ("lr_step_ratio", 0.0, "(0, inf)"),
+    ],
+)
+def test_thresholds_out_of_their_meaningful_range_are_refused(name, value, interval):
+    """A fraction above 1 or a growth factor at or below 1 would silently turn a rule off (or always on)."""
+    with pytest.raises(InputError, match=rf"Thresholds\.{name} must be in {re.escape(interval)} .*got {value!r}"):
+        Thresholds(**{name: value})
+    with pytest.raises(InputError, match=rf"Thresholds\.{name}"):
+        Thresholds.coerce({name: value})
+
+
+def test_thresholds_at_the_edges_of_their_range_are_accepted():
+    t = Thresholds(dead_fraction=1.0, saturation_gain=0.0, accumulate_fit=1.0, vanish_ratio=1.0, explode_growth=1.5)
+    assert (t.dead_fraction, t.saturation_gain, t.vanish_ratio) == (1.0, 0.0, 1.0)
 
 
 def test_exploding_in_a_short_run_is_the_root_of_its_nan(synth):

@@ -8,6 +8,8 @@ the run has it (:meth:`Rule.applies` / :meth:`Rule.missing`), and reads *only* t
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -35,6 +37,9 @@ class Thresholds:
 
     Pass a modified copy to :func:`gradsight.diagnose.diagnose`, e.g.
     ``diagnose(run, thresholds=Thresholds(vanish_ratio=1e-4))`` or ``thresholds={"vanish_ratio": 1e-4}``.
+    Values are checked when made: an unknown name is refused with the closest known one, and a value outside
+    its meaningful range (a fraction above 1, a growth factor at or below 1), where its rule would silently never
+    or always fire, is refused with the range.
 
     Attributes:
         baseline_steps: how many of the first finite loss values form the run's starting level, against which
@@ -177,6 +182,14 @@ class Thresholds:
                 raise InputError(f"Thresholds.{name} must be at least 1, got {getattr(self, name)!r}.")
         if not 0 < self.loss_window <= 0.5:
             raise InputError(f"Thresholds.loss_window must be in (0, 0.5], got {self.loss_window!r}.")
+        for name, (low, low_open, high, meaning) in _RANGES.items():
+            value = getattr(self, name)
+            if value < low or (low_open and value == low) or (high is not None and value > high):
+                interval = f"{'(' if low_open else '['}{low:g}, {'inf)' if high is None else f'{high:g}]'}"
+                raise InputError(
+                    f"Thresholds.{name} must be in {interval} ({meaning}), got {value!r}: outside it the rule "
+                    f"would never (or always) fire. The default is {_DEFAULTS[name]!r}."
+                )
         if self.update_ratio_low >= self.update_ratio_high:
             raise InputError(
                 f"Thresholds.update_ratio_low ({self.update_ratio_low!r}) must be below update_ratio_high "
@@ -212,6 +225,52 @@ class Thresholds:
         raise InputError(
             f"thresholds must be a gradsight.diagnose.Thresholds, a dict of overrides or None, got {value!r}."
         )
+
+
+#: Each bounded threshold's interval ``(low, low excluded, high or None, what it is)``: a fraction above 1, or a
+#: growth factor below 1, would silently turn its rule off (or on for every run).
+_RANGES: dict[str, tuple[float, bool, float | None, str]] = {
+    "dead_fraction": (0.0, True, 1.0, "a fraction of a layer's units"),
+    "why_zero_fraction": (0.0, True, 1.0, "a fraction of a tensor's entries"),
+    "accumulate_monotone": (0.0, True, 1.0, "a fraction of steps"),
+    "accumulate_fit": (0.0, False, 1.0, "an R²"),
+    "saturation_gain": (0.0, False, 1.0, "a mean derivative relative to its maximum"),
+    "vanish_ratio": (0.0, True, 1.0, "a ratio of gradient RMS below 1"),
+    "update_ratio_low": (0.0, True, None, "a ratio ||update|| / ||weight||"),
+    "lr_step_ratio": (0.0, True, None, "a ratio ||update|| / ||weight||"),
+    "explode_growth": (1.0, True, None, "a growth factor"),
+    "explode_depth_ratio": (1.0, True, None, "a growth factor"),
+    "damage_weight_growth": (1.0, True, None, "a growth factor"),
+    "damage_loss_rise": (1.0, True, None, "a growth factor"),
+    "damage_grad_jump": (1.0, True, None, "a growth factor"),
+    "accumulate_growth": (1.0, True, None, "a growth factor"),
+    "init_scale_factor": (1.0, True, None, "a factor off the standard scale, both ways"),
+}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Thresholds)}
+_dataclass_init = Thresholds.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _thresholds_init(self: Thresholds, *args: Any, **kwargs: Any) -> None:
+    """The dataclass' ``__init__``, with an unknown or extra argument explained instead of Python's TypeError."""
+    unknown = sorted(set(kwargs) - set(_DEFAULTS))
+    if unknown:
+        close = {n: difflib.get_close_matches(n, list(_DEFAULTS), n=1) for n in unknown}
+        hints = "; ".join(f"{n!r}: did you mean {c[0]!r}?" for n, c in close.items() if c)
+        raise InputError(
+            f"unknown threshold(s) {unknown!r}"
+            + (f" ({hints})" if hints else "")
+            + f"; expected names among {sorted(_DEFAULTS)!r}, e.g. Thresholds(vanish_ratio=1e-4)."
+        )
+    if len(args) > len(_DEFAULTS):
+        raise InputError(
+            f"Thresholds takes at most {len(_DEFAULTS)} values, got {len(args)}; pass them by name, "
+            "e.g. Thresholds(vanish_ratio=1e-4)."
+        )
+    _dataclass_init(self, *args, **kwargs)
+
+
+Thresholds.__init__ = _thresholds_init  # type: ignore[method-assign]
 
 
 def fmt(x: float) -> str:
