@@ -7,7 +7,7 @@ import time
 import pytest
 from _synthetic import XSS
 
-from gradsight import cli
+from gradsight import InputError, cli
 from gradsight.show._cli_demo import ProgressBar
 
 COMMANDS = {
@@ -36,6 +36,18 @@ def test_show_shortens_long_names(make_run, capsys):
     path = make_run(layers=["x" * 100, "y"], steps=2)
     assert cli.main(["show", str(path), "--width", "20"]) == 0
     assert "xxxxxxxxx…xxxxxxxxxx" in capsys.readouterr().out
+
+
+def test_show_width_below_its_minimum_is_refused_not_clamped(make_run, capsys):
+    path = make_run(layers=["x" * 100], steps=2)
+    assert cli.main(["show", str(path), "--width", "3"]) == 2
+    assert "--width must be an integer of at least 8" in capsys.readouterr().err
+    from gradsight.show import render_show
+
+    for bad in (0, 7, 8.5, True):
+        with pytest.raises(InputError, match=f"width must be an integer of at least 8.*got {bad!r}; e.g. width=20"):
+            render_show(path, findings=[], width=bad)
+    assert "xxx…xxxx" in render_show(path, findings=[], width=8)  # the minimum itself: both ends kept
 
 
 def test_report_writes_the_file_and_prints_its_path(make_run, tmp_path, capsys):

@@ -15,7 +15,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``show`` command's arguments."""
     parser.add_argument("run", metavar="RUN", help=RUN_HELP)
     parser.add_argument(
-        "--width", type=int, default=40, metavar="N", help="show at most N characters of a layer name (default 40)"
+        "--width",
+        type=int,
+        default=40,
+        metavar="N",
+        help="show at most N characters of a layer name (at least 8; default 40)",
     )
 
 
@@ -23,5 +27,6 @@ def run(args: argparse.Namespace) -> int:
     """Print the summary; exit status 0 (findings do not change it)."""
     from . import _show
 
-    _show.print_show(resolve_run(args.run, command="show"), width=max(8, args.width))
+    _show.check_width(args.width, "--width")
+    _show.print_show(resolve_run(args.run, command="show"), width=args.width)
     return 0

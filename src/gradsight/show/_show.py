@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._cli_support import console, finding_renderable, terminal_safe
+from .._errors import InputError
 from ._data import RunLike, finding_list, layer_table, opened
 from ._figures import short_label
 
@@ -103,6 +104,19 @@ def _findings(found: Sequence[Any]) -> list[RenderableType]:
     return out
 
 
+#: The fewest characters of a layer name the summary shows: a shortened name keeps both of its ends.
+MIN_WIDTH = 8
+
+
+def check_width(width: Any, option: str = "width") -> None:
+    """Refuse a layer-name width that is not an integer of at least :data:`MIN_WIDTH`."""
+    if isinstance(width, bool) or not isinstance(width, int) or width < MIN_WIDTH:
+        raise InputError(
+            f"{option} must be an integer of at least {MIN_WIDTH} (the most characters of a layer name to show; "
+            f"longer names keep both ends), got {width!r}; e.g. {option}{' ' if option.startswith('-') else '='}20."
+        )
+
+
 def show_renderables(run: RunLike, *, findings: Sequence[Any] | None = None, width: int = 40) -> list[RenderableType]:
     """The terminal summary of a run as ``rich`` renderables (header, layer table, findings), in order.
 
@@ -113,6 +127,7 @@ def show_renderables(run: RunLike, *, findings: Sequence[Any] | None = None, wid
     """
     from rich.text import Text
 
+    check_width(width)
     with opened(run) as r:
         header = _header(str(r.path), r.meta, r.steps, r.scalars)
         table = layer_table(r)
