@@ -325,17 +325,41 @@ def _check_header(path: Path, action: str) -> None:
 
 
 def _model_signature(model: Any) -> list[tuple[str, str, list[Any]]] | None:
-    """(name, type, parameter shapes) per layer of a ``meta['model']`` description, or ``None`` when it has none."""
+    """(name, type, parameter shapes) per declared layer of a ``meta['model']`` description, or ``None`` (none)."""
     if not isinstance(model, Mapping) or not isinstance(model.get("layers"), list):
         return None
     sig = []
     for layer in model["layers"]:
         if not isinstance(layer, Mapping):
             return None
+        if "shares" in layer:  # a shared module's further record (torch: ``act#2``), added once the forward ran
+            continue
         params = layer.get("params")
         shapes = list(params.values()) if isinstance(params, Mapping) else []
         sig.append((str(layer.get("name")), str(layer.get("type")), json.loads(json.dumps(shapes, default=list))))
     return sig
+
+
+def _in_call_order(names: list[str], called: list[str]) -> list[str]:
+    """``names`` (declaration order) and ``called`` merged by first call; one not called stays after its predecessor.
+
+    ``called`` may hold names that were not declared (``act#2``: a shared module's second record): they take
+    their place in the call order too.
+    """
+    pos: dict[str, int] = {}
+    for n in called:
+        pos.setdefault(n, len(pos))
+    keyed: list[tuple[tuple[int, int, int], str]] = []
+    last = -1
+    for seq, n in enumerate(names):
+        if n in pos:
+            last = pos[n]
+            keyed.append(((last, 0, seq), n))
+        else:
+            keyed.append(((last, 1, seq), n))
+    declared = set(names)
+    keyed += [((i, 0, -1), n) for n, i in pos.items() if n not in declared]
+    return [n for _, n in sorted(keyed)]
 
 
 def _model_mismatch(stored: Any, given: Any) -> str | None:
@@ -1234,12 +1258,18 @@ class Run:
     def layers(self) -> list[str]:
         """Layer names in model order.
 
-        From the model structure in the metadata when recorded, else in the order their tensors were registered.
+        From the model structure in the metadata when recorded, in the order the forward pass called them where
+        the watch recorded it (``call_order``: a module declared after the layers it follows is placed after
+        them; one that the forward did not call follows the layer it was declared after), else in declaration
+        order; then any other layer in the order its tensors were registered.
         """
         rows = self._q("SELECT value FROM meta WHERE key = 'model'")
         model = _loads(rows[0][0], f"the metadata entry 'model' of {str(self.path)!r}") if rows else None
         layers = model.get("layers") if isinstance(model, dict) else None
         names = [str(layer["name"]) for layer in layers or [] if isinstance(layer, dict) and "name" in layer]
+        called = model.get("call_order") if isinstance(model, dict) else None
+        if isinstance(called, list):
+            names = _in_call_order(names, [str(n) for n in called])
         seen = set(names)
         for t in self.tensors:
             if t.layer not in seen:

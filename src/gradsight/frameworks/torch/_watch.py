@@ -207,13 +207,17 @@ class Watch(WatchCore):
         self._optimizer = optimizer
         opt_meta = self._collect_optimizer(model, optimizer)
         layers = self._collect_layers(model)
+        self._model_meta: dict[str, Any] = {"type": type(model).__name__, "layers": layers}
+        # the leaf modules in the order the first recorded forward calls them (see _on_output); None once written
+        self._call_order: dict[str, None] | None = {} if self._leaves else None
+        self._widths: dict[str, list[int]] = {}  # each output's widths seen, by tensor name (see _width_site)
         self._open(
             model,
             path=path,
             sched=sched,
             config=config,
             meta={
-                "model": {"type": type(model).__name__, "layers": layers},
+                "model": dict(self._model_meta),
                 "aliases": aliases,
                 "skipped": skipped,
                 "optimizer": None if optimizer is None else type(optimizer).__name__,
@@ -541,14 +545,21 @@ class Watch(WatchCore):
                 return
             axis = unit_axis_for(module, t, inherited if inp is not None and t.shape == inp.shape else None)
             self._axis_of[id(t)] = (weakref.ref(t), axis)
-            tname = name + suffix
+            layer = name
+            if units and axis is not None:  # a shared module: one record per width of its outputs
+                k = self._width_site(name + suffix, t.shape[axis])
+                if k:
+                    layer = f"{name}#{k + 1}"
+            tname = layer + suffix
+            if self._call_order is not None:
+                self._call_order.setdefault(layer)
             if "output" in self.schedule.kinds:
                 if t.numel() >= self._now_elements:  # summarised now, as the layer left it: no copy to keep
-                    fwd.packs.extend(self._pack([(tname, name, "output", t.detach(), axis if units else None)]))
+                    fwd.packs.extend(self._pack([(tname, layer, "output", t.detach(), axis if units else None)]))
                 else:  # copied (a later in-place op must not change it) and summarised with the others
-                    fwd.acts.append((tname, name, "output", t.detach().clone(), axis if units else None))
+                    fwd.acts.append((tname, layer, "output", t.detach().clone(), axis if units else None))
             if t.requires_grad:  # also when output_grad is not recorded: the hook tells that the forward counts
-                hook = t.register_hook(_GradHook(weakref.ref(self), tname, name, axis if units else None, fwd))
+                hook = t.register_hook(_GradHook(weakref.ref(self), tname, layer, axis if units else None, fwd))
                 if t.is_leaf:  # (a parameter returned as it is): the hook would outlive the step
                     self._leaf_out_hooks.append(hook)
 
@@ -943,7 +954,41 @@ class Watch(WatchCore):
                 fwd.step = self._step
             self._fwd, self._acts, self._act_packs = fwd, acts, act_packs
 
+    def _width_site(self, tname: str, width: int) -> int:
+        """Which record of a module's output takes an output ``width`` units wide: 0 for the first width seen.
+
+        A module called at several places with outputs of different widths (one ``nn.ReLU`` after layers of 64
+        and of 32 units) gets one record per width (``act``, ``act#2``, in the order first seen): per-unit counts
+        of different units cannot be merged, and one record would mix two depths of the network. Calls with
+        the same width (a block's ``relu`` used twice, a cell called at every time step) share one record.
+        """
+        widths = self._widths.setdefault(tname, [])
+        if width not in widths:
+            widths.append(width)
+        return widths.index(width)
+
+    def _write_call_order(self) -> None:
+        """Once, after the first logged step that ran a forward: the leaf modules' call order, into the metadata.
+
+        The layer list keeps the modules' registration order (the architecture an appended run is checked
+        against), with a shared module's further records (``act#2``) added as parameter-free layers of its type;
+        ``call_order`` gives the order of the forward pass, which :attr:`gradsight.store.Run.layers` follows:
+        ``self.relu = nn.ReLU()`` declared after the layers it follows is placed after them.
+        """
+        order, self._call_order = self._call_order, None
+        if order:
+            layers = self._model_meta["layers"]
+            declared = {entry["name"]: entry for entry in layers}
+            for name in order:  # a shared module's further records (see _width_site): described as the module
+                base = name.rpartition("#")[0]
+                if name not in declared and base in declared:
+                    layers.append({"name": name, "type": declared[base]["type"], "params": {}, "shares": base})
+            self._model_meta["call_order"] = list(order)
+            self._writer.set_meta("model", dict(self._model_meta))
+
     def _flush_step(self) -> None:
+        if self._call_order:
+            self._write_call_order()
         packs, self._packs = self._packs, []
         flats, self._param_flats = self._param_flats, []
         if flats:  # every small parameter batch of the step (grad, weight, update) in one kernel set

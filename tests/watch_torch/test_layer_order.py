@@ -1,0 +1,117 @@
+"""Layers in the order the forward pass calls them, and a shared module recorded once per output width.
+
+The references are the models' own forward code (the call order) and numpy on the tensors the forward produced.
+"""
+
+import numpy as np
+import pytest
+
+import gradsight
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+
+class DeclaredOutOfOrder(nn.Module):
+    """Activations declared after the layers they follow, one ReLU shared between two widths, one unused module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(10, 16)
+        self.fc2 = nn.Linear(16, 8)
+        self.out = nn.Linear(8, 3)
+        self.unused = nn.Linear(3, 3)  # declared, never called
+        self.act = nn.ReLU()  # shared: after fc1 (16 units) and after fc2 (8 units)
+        self.tanh = nn.Tanh()
+
+    def forward(self, x):
+        return self.out(self.tanh(self.act(self.fc2(self.act(self.fc1(x))))))
+
+
+def _train(tmp_path, steps=3, **kwargs):
+    torch.manual_seed(0)
+    model = DeclaredOutOfOrder()
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    x, y = torch.randn(32, 10), torch.randint(0, 3, (32,))
+    seen = {}
+    model.fc1.register_forward_hook(lambda m, a, o: seen.setdefault("relu1", torch.relu(o).detach().clone()))
+    model.fc2.register_forward_hook(lambda m, a, o: seen.setdefault("relu2", torch.relu(o).detach().clone()))
+    with gradsight.watch(model, optimizer=opt, path=tmp_path / "r.db", every=1, **kwargs) as w:
+        for _ in range(steps):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            seen.clear() if w.current_step < steps else None
+    return gradsight.load(tmp_path / "r.db"), seen
+
+
+def test_layers_follow_the_forward_pass_not_the_declaration(tmp_path):
+    run, _ = _train(tmp_path)
+    # the forward's call order; the unused module follows the layer it was declared after
+    assert run.layers == ["fc1", "act", "fc2", "act#2", "tanh", "out", "unused"]
+    model = run.meta["model"]
+    assert [e["name"] for e in model["layers"]][:6] == ["fc1", "fc2", "out", "unused", "act", "tanh"]  # declared
+    assert model["call_order"] == ["fc1", "act", "fc2", "act#2", "tanh", "out"]
+    assert {"name": "act#2", "type": "ReLU", "params": {}, "shares": "act"} in model["layers"]
+
+
+def test_a_shared_module_is_recorded_once_per_output_width_with_its_unit_counts(tmp_path):
+    run, seen = _train(tmp_path, steps=1)
+    df = run.to_pandas(kind="output")
+    first, second = (df[df.tensor == name].iloc[0] for name in ("act", "act#2"))
+    for row, ref in ((first, seen["relu1"]), (second, seen["relu2"])):
+        a = ref.double().numpy()
+        assert row["count"] == a.size
+        assert row["zeros"] == int((a == 0).sum())
+        assert row["sum"] == pytest.approx(a.sum(), rel=1e-6, abs=1e-6)
+    for name, ref in (("act", seen["relu1"]), ("act#2", seen["relu2"])):  # per-unit activity of each width
+        summary = run.summary(name, "output", 0)
+        assert summary.units_total == ref.shape[0]
+        np.testing.assert_array_equal(summary.units_active, (ref != 0).sum(dim=0).numpy())
+
+
+def test_a_shared_module_with_one_width_stays_one_record(tmp_path):
+    class Same(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.act = nn.Linear(6, 6), nn.Linear(6, 6), nn.ReLU()
+
+        def forward(self, x):
+            return self.b(self.act(self.a(self.act(x))))
+
+    model = Same()
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    with gradsight.watch(model, optimizer=opt, path=tmp_path / "s.db", every=1):
+        opt.zero_grad()
+        model(torch.randn(4, 6)).sum().backward()
+        opt.step()
+    run = gradsight.load(tmp_path / "s.db")
+    assert sorted(run.to_pandas(kind="output").tensor.unique()) == ["a", "act", "b"]
+    assert run.layers == ["act", "a", "b"]  # first called before a; one record for both calls
+    assert np.isfinite(run.to_pandas(kind="output").l2).all()
+
+
+def test_appending_to_a_run_with_a_call_order_is_the_same_model(tmp_path):
+    _train(tmp_path)
+    run, _ = _train(tmp_path, if_exists="append")
+    assert run.layers == ["fc1", "act", "fc2", "act#2", "tanh", "out", "unused"]
+    assert run.steps == list(range(6))
+
+
+def test_diagnosis_reads_the_call_order_a_dead_relu_declared_last_is_blamed_on_its_bias(tmp_path):
+    """Declared in registration order, 'act' seemed to follow 'out': the diagnosis blamed 'out' (a fault it has not)."""
+    torch.manual_seed(0)
+    model = DeclaredOutOfOrder()
+    with torch.no_grad():
+        model.fc1.bias.fill_(-8.0)  # every unit of the first ReLU dead from the start
+    opt = torch.optim.SGD(model.parameters(), 0.01)
+    x, y = torch.randn(256, 10), torch.randint(0, 3, (256,))
+    with gradsight.watch(model, optimizer=opt, path=tmp_path / "d.db", every=10):
+        for _ in range(60):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    roots = [f for f in gradsight.diagnose(tmp_path / "d.db") if f.is_root and f.severity != "info"]
+    assert roots[0].code == "bad-initialisation"
+    assert roots[0].layers[0] == "fc1" and "bias of 'fc1'" in roots[0].message
+    assert "out" not in roots[0].layers
