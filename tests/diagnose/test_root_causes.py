@@ -218,6 +218,21 @@ def test_no_gradient(synth, grad_c, key):
     assert "1 of the 3 parameter tensors the optimizer holds" in f.message
 
 
+def test_no_gradient_anywhere_is_the_root_and_never_advises_a_larger_learning_rate(synth):
+    """Every gradient exactly zero (float16 underflow, a loss times 0): update-ratio-low used to be the root, advising
+    to raise the learning rate, which cannot move a parameter whose gradient is zero."""
+    s = synth()
+    held = ["fc1.weight", "fc2.weight"]
+    _params_run(s, dict.fromkeys(held, 0.0), held=held, updates=dict.fromkeys(held, 0.0))
+    found = diagnose(s.run())
+    f = by_code(found, "no-gradient")
+    assert f.is_root and f.layers == ("fc1", "fc2") and f.evidence["zero"] == held
+    assert "none of the 2 parameter tensors the optimizer holds received a non-zero gradient" in f.message
+    assert "GradScaler" in f.advice[0] and not any("raise the learning rate" in a.lower() for a in f.advice)
+    low = by_code(found, "update-ratio-low")
+    assert not low.is_root and low.caused_by == ("no-gradient",)
+
+
 def test_no_gradient_of_a_frozen_parameter_the_optimizer_holds_is_named_frozen(synth):
     # Frozen on purpose (fine-tuning) or by mistake look the same in a run: the optimizer holds a parameter that can
     # never move. A warning either way, naming it frozen, with the advice to leave it out of the optimizer.

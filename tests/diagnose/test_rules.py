@@ -21,6 +21,7 @@ from gradsight.diagnose import (
     diagnose,
     skipped_rules,
 )
+from gradsight.diagnose._base import recent
 from gradsight.store import RunWriter
 
 from .conftest import healthy_step
@@ -266,9 +267,28 @@ def test_dead_units(synth, rng):
     assert f.layers == ("act1",)
     assert f.first_step == 2 and f.last_step == 7
     assert f.evidence["layers"]["act1"]["dead_units"] == list(range(7))
-    assert "7 of 10 units (70%) of layer 'act1' were zero for every one of 80 samples over logged steps 3–7" in (
+    # eight logged steps: the later half, 4 steps of 16 samples (recent_steps=5 would reach back to step 3)
+    assert "7 of 10 units (70%) of layer 'act1' were zero for every one of 64 samples over logged steps 4–7" in (
         f.message
     )
+
+
+def test_dead_units_of_a_short_run_are_judged_after_its_initial_state(synth, rng):
+    """Logged steps 0, 100, 200 (a 250-step run, default preset): units alive at initialisation, dead from step 100."""
+    s = synth()
+    for step in (0, 100, 200):
+        a = np.maximum(rng.normal(size=(32, 8)), 0).astype(np.float32)
+        if step:
+            a[:] = 0.0
+        s.log(step, "output", "act1", a, unit_axis=-1)
+    f = diagnose(s.run(), rules=[DeadUnitsRule()])[0]
+    assert f.code == "dead-units" and f.severity == "error"
+    assert "8 of 8 units (100%) of layer 'act1' were zero for every one of 64 samples over logged steps 100–200" in (
+        f.message
+    )
+    assert recent([0, 100, 200], Thresholds()) == [100, 200]
+    assert recent([0], Thresholds()) == [0]
+    assert recent(range(20), Thresholds()) == [15, 16, 17, 18, 19]
 
 
 def test_dead_units_all_dead_is_an_error_and_threshold(synth):
@@ -303,11 +323,11 @@ def test_saturated_units_gain_is_exact(synth, rng, act, layers):
         gains.append(np.mean(1 - a64**2) if act == "tanh" else 4 * np.mean(a64 * (1 - a64)))
         s.log(step, "output", "h", a)
     f = diagnose(s.run(), rules=[SaturatedUnitsRule()])[0]
-    expected = float(np.median(gains[-5:]))
+    expected = float(np.median(gains[-3:]))  # six logged steps: the later half (recent_steps=5 would reach back to 1)
     assert f.code == "saturated-units" and f.layers == ("h",)
     assert f.evidence["layers"]["h"]["gain"] == pytest.approx(expected, rel=1e-9)
     assert f"the {act} layer 'h' passes back on average {expected:.3g} of the maximal gradient" in f.message
-    assert "logged steps 1–5; threshold 0.25" in f.message
+    assert "logged steps 3–5; threshold 0.25" in f.message
 
 
 def test_saturation_healthy_tanh_and_unknown_activation(synth, rng):

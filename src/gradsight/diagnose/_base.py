@@ -12,7 +12,7 @@ import difflib
 import functools
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -69,7 +69,9 @@ class Thresholds:
             A layer with *all* units dead is an error (no gradient reaches anything before it).
         recent_steps: the number of most recent logged steps that the unit rules pool: a unit is dead only if it
             was zero on every batch of them (so a merely rare unit is not called dead), and saturation is the
-            median over them (so a saturated start that training repairs is not reported).
+            median over them (so a saturated start that training repairs is not reported). At most the later
+            half of the logged steps (rounded up) is pooled, so that a short run's initial state does not hide
+            what training did to it (see :func:`recent`).
         saturation_gain: saturated units, for layers known to apply ``tanh`` or ``sigmoid``: warn when the
             layer's mean local derivative, relative to its maximum, is below this. For ``tanh``,
             ``E[1 - a**2] = 1 - sum_sq / n`` and for ``sigmoid`` ``E[a (1 - a)] / 0.25 = 4 (sum - sum_sq) / n``,
@@ -446,3 +448,15 @@ class Rule:
 def ordered(layers: Iterable[str], data: RunData) -> list[str]:
     """Layers in model order, without duplicates."""
     return sorted(dict.fromkeys(layers), key=data.layer_index)
+
+
+def recent(steps: Sequence[int], th: Thresholds) -> list[int]:
+    """The logged steps the unit rules pool: the last ``recent_steps``, within the later half of ``steps``.
+
+    The later half (rounded up) keeps a short run's first logged step — its initialisation, before training
+    changed anything — out of the pool: a run of 250 steps under the default preset logs steps 0, 100 and 200,
+    and units alive at step 0 that died by step 100 would otherwise never count as dead.
+    """
+    ordered_steps = sorted(dict.fromkeys(int(s) for s in steps))
+    keep = min(int(th.recent_steps), max(1, (len(ordered_steps) + 1) // 2))
+    return ordered_steps[-keep:] if ordered_steps else []

@@ -23,7 +23,7 @@ import math
 import re
 from typing import Any
 
-from ._base import Rule, RunData, Thresholds, fmt, ordered
+from ._base import Rule, RunData, Thresholds, fmt, ordered, recent
 from ._finding import Finding
 from ._layers import fan, layer_stats, param_tensors, previous_layer, producer, unit_dead_fraction
 from ._units import _saturation, activation_of, is_echo_layer
@@ -51,11 +51,11 @@ class BadInitialisationRule(Rule):
         if "output" in data.kinds:
             out_steps = sorted(int(s) for s in data.frame("output")["step"].unique())
             if out_steps and out_steps[0] == first:
-                recent = out_steps[-th.recent_steps :]
+                late = recent(out_steps, th)
                 for layer in ordered({t.layer for t in data.tensors if t.kind == "output"}, data):
                     if is_echo_layer(data, layer):
                         continue
-                    state = _out_of_range(data, layer, first, recent, th)
+                    state = _out_of_range(data, layer, first, late, th)
                     cause = _blame(data, layer, state, first, th) if state is not None else None
                     if cause is not None:
                         hits[layer] = cause

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ._base import LOSS_SCALARS, Rule, RunData, Thresholds, fmt
+from ._base import LOSS_SCALARS, Rule, RunData, Thresholds, fmt, recent
 from ._finding import Finding
 from ._layers import unit_dead_fraction
 from ._series import layer_update_ratios, loss, nonfinite_steps, tensor_grad_norms
@@ -190,7 +190,7 @@ def _healthy(data: RunData, th: Thresholds) -> dict[str, Any]:
         out["reason"] = f"update ratios out of range: {off}"
         return out
     if "output" in data.kinds:
-        steps = sorted(int(s) for s in data.frame("output")["step"].unique())[-th.recent_steps :]
+        steps = recent(data.frame("output")["step"].unique(), th)
         for layer in {t.layer for t in data.tensors if t.kind == "output"}:
             dead = unit_dead_fraction(data, layer, steps)
             if dead is not None and dead[0] >= th.dead_fraction:

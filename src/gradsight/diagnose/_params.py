@@ -53,8 +53,22 @@ def _has_grad_data(data: RunData) -> bool:
     return "grad" in data.kinds or bool(per_tensor(data, "grad_norm").shape[1])
 
 
+#: The advice of a no-gradient finding where no parameter got any non-zero gradient.
+_EVERYTHING_ZERO_ADVICE = (
+    "If the model computes in float16 (model.half(), autocast to float16): scale the loss, with "
+    "torch.amp.GradScaler or Keras' LossScaleOptimizer, or compute in bfloat16, whose range does not underflow.",
+    "Check that the loss is computed from the model's output with nothing cut in between (detach(), .item(), "
+    ".numpy(), torch.no_grad()) and is not multiplied by zero (a zero loss weight, a mask that drops every sample).",
+    "If the units before the output are all dead (see dead-units), fix those first.",
+)
+
+
 class NoGradientRule(Rule):
-    """Parameters the optimizer holds that never get a non-zero gradient while others do (``no-gradient``)."""
+    """Parameters the optimizer holds that never get a non-zero gradient (``no-gradient``).
+
+    Some of them while others do (a cut-off or dead branch), or all of them, with exactly zero gradients (a loss
+    that does not depend on them, underflow); a run without any gradient recorded is left to other rules.
+    """
 
     name = "no-gradient"
     codes = ("no-gradient",)
@@ -74,10 +88,11 @@ class NoGradientRule(Rule):
         """See the module docstring."""
         held, held_source = held_tensors(data)
         state, grad_source = _grad_state(data)
-        if not any(v == "nonzero" for v in state.values()):
-            return []  # nothing gets a gradient: not a matter of some parameters (see no-steps / dead units)
         absent = [t for t in held if t not in state]
         zero = [t for t in held if state.get(t) == "zero"]
+        everything = not any(v == "nonzero" for v in state.values())
+        if everything and not zero:
+            return []  # no gradient recorded at all: not a matter of some parameters (see no-steps)
         if not absent and not zero:
             return []
         frozen = set(map(str, data.meta.get("frozen") or []))
@@ -89,10 +104,14 @@ class NoGradientRule(Rule):
             parts.append(f"{len(absent)} never had a gradient ({_names(absent)})")
         if zero:
             parts.append(f"{len(zero)} had an exactly zero gradient at every recorded step ({_names(zero)})")
-        msg = (
-            f"No gradient: {len(tensors)} of the {len(held)} parameter tensors the optimizer holds received no "
-            f"non-zero gradient over {len(steps)} recorded step(s), while the others did: " + "; ".join(parts) + "."
-        )
+        if everything:
+            head = f"none of the {len(held)} parameter tensors the optimizer holds received a non-zero gradient"
+            tail = ": "
+        else:
+            head = f"{len(tensors)} of the {len(held)} parameter tensors the optimizer holds received no non-zero "
+            head += "gradient"
+            tail = ", while the others did: "
+        msg = f"No gradient: {head} over {len(steps)} recorded step(s){tail}" + "; ".join(parts) + "."
         if frozen & set(tensors):
             msg += (
                 f" {len(frozen & set(tensors))} of them had requires_grad=False when the watch opened (frozen), yet "
@@ -118,6 +137,14 @@ class NoGradientRule(Rule):
                     explanation.append(why[layer]["sentence"])
             if why:
                 explanation.append(next(iter(why.values()))["exact"])
+        if everything:
+            explanation.insert(
+                0,
+                "No parameter at all got a non-zero gradient: the loss does not depend on the parameters (it is "
+                "multiplied by zero, or computed from detached tensors), or the gradients underflowed to zero "
+                "(float16 without a loss scaler: torch.amp.GradScaler, Keras LossScaleOptimizer), or the units "
+                "before the output are all dead. A larger learning rate cannot help: every update is zero.",
+            )
         return [
             Finding(
                 code="no-gradient",
@@ -136,7 +163,9 @@ class NoGradientRule(Rule):
                 },
                 message=msg,
                 explanation=" ".join(explanation),
-                advice=(
+                advice=_EVERYTHING_ZERO_ADVICE
+                if everything
+                else (
                     "If these parameters should learn: set requires_grad=True (trainable=True) and remove any "
                     "detach(), .data or no_grad() between them and the loss; print [n for n, p in "
                     "model.named_parameters() if p.grad is None] after backward() to see which are cut off.",

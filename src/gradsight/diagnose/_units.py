@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._packing import EXP_BIAS  # hist bin of |a| in [0.5, 1) is EXP_BIAS - 1, [1, 2) is EXP_BIAS
-from ._base import Rule, RunData, Thresholds, fmt, ordered
+from ._base import Rule, RunData, Thresholds, fmt, ordered, recent
 from ._finding import Finding
 
 if TYPE_CHECKING:  # pragma: no cover - pandas is imported where it is used, not at import
@@ -44,9 +44,8 @@ if TYPE_CHECKING:  # pragma: no cover - pandas is imported where it is used, not
 __all__ = ["DeadUnitsRule", "SaturatedUnitsRule", "activation_of"]
 
 
-def _recent(df: pd.DataFrame, n: int) -> pd.DataFrame:
-    steps = sorted(df["step"].unique())[-n:]
-    return df[df["step"].isin(steps)]
+def _recent(df: pd.DataFrame, th: Thresholds) -> pd.DataFrame:
+    return df[df["step"].isin(recent(df["step"].unique(), th))]
 
 
 def _strings(obj: Any) -> list[str]:
@@ -169,8 +168,8 @@ def dead_layers(data: RunData, th: Thresholds) -> dict[str, dict[str, Any]]:
     for layer, sub in df.groupby("layer"):
         for tensor, tsub in sub.groupby("tensor"):
             tsub = tsub.sort_values("step")
-            recent = _recent(tsub, th.recent_steps)
-            active = np.sum(np.stack(recent["units_active"].to_list()), axis=0)
+            pooled = _recent(tsub, th)
+            active = np.sum(np.stack(pooled["units_active"].to_list()), axis=0)
             n_units = int(active.size)
             if n_units == 0:
                 continue
@@ -192,8 +191,8 @@ def dead_layers(data: RunData, th: Thresholds) -> dict[str, dict[str, Any]]:
                     "dead": dead,
                     "units": n_units,
                     "fraction": frac,
-                    "window_steps": [int(recent["step"].min()), int(recent["step"].max())],
-                    "samples_per_unit": int(recent["units_total"].sum()),
+                    "window_steps": [int(pooled["step"].min()), int(pooled["step"].max())],
+                    "samples_per_unit": int(pooled["units_total"].sum()),
                     "first_step": first,
                     "last_step": per_step[-1][0],
                     "dead_units": [int(i) for i in np.flatnonzero(active == 0)[:64]],
@@ -325,12 +324,13 @@ def _saturation(sub: pd.DataFrame, act: str, th: Thresholds) -> dict[str, Any] |
     else:
         gain = 4.0 * (g["sum"].to_numpy() - g["sum_sq"].to_numpy()) / n
     gain = pd.Series(np.clip(gain, 0.0, 1.0), index=g.index)
-    recent = gain.iloc[-th.recent_steps :]
-    med = float(np.median(recent.to_numpy()))
+    pool = len(recent(g.index, th))
+    late = gain.iloc[-pool:]
+    med = float(np.median(late.to_numpy()))
     if med >= th.saturation_gain:
         return None
-    hist_recent = np.sum(np.stack(g["hist"].iloc[-th.recent_steps :].to_list()), axis=0)
-    big = float(hist_recent[EXP_BIAS - 1 :].sum()) / float(g["finite"].iloc[-th.recent_steps :].sum())
+    hist_recent = np.sum(np.stack(g["hist"].iloc[-pool:].to_list()), axis=0)
+    big = float(hist_recent[EXP_BIAS - 1 :].sum()) / float(g["finite"].iloc[-pool:].sum())
     below = gain[gain < th.saturation_gain]
     first = int(gain.index[-1])
     for step, v in reversed(list(gain.items())):
@@ -342,7 +342,7 @@ def _saturation(sub: pd.DataFrame, act: str, th: Thresholds) -> dict[str, Any] |
         "gain": med,
         "gain_first_logged": float(gain.iloc[0]),
         "share_abs_ge_0.5": big,
-        "window_steps": [int(recent.index[0]), int(recent.index[-1])],
+        "window_steps": [int(late.index[0]), int(late.index[-1])],
         "steps_below": len(below),
         "first_step": first,
         "last_step": int(gain.index[-1]),
