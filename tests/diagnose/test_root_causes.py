@@ -75,6 +75,30 @@ def test_a_large_step_without_damage_is_not_a_finding(synth):
     assert "learning-rate-too-high" not in codes(diagnose(s.run()))
 
 
+def test_lr_too_high_when_most_layers_move_by_their_norm_though_the_pooled_ratio_is_small(synth):
+    """A transformer at a far too high learning rate: most layers move by 1.5x their own norm at step 0, but the
+    embeddings (norm 100) hold the pooled ratio at 0.03 and the global weight norm hardly grows."""
+    s = synth()
+    small = ("fc1.weight", "fc2.weight", "fc3.weight")
+    for step in range(20):
+        grown = 1.0 if step == 0 else 3.0  # each small layer's norm triples after the update of step 0
+        values = {"loss": 2.0, "grad_norm": 1.0, "lr": 0.03, "weight_norm/emb.weight": 100.0}
+        values["update_norm/emb.weight"] = 1.0 if step == 0 else 1e-3
+        for t in small:
+            values[f"weight_norm/{t}"] = grown
+            values[f"update_norm/{t}"] = 1.5 if step == 0 else 1e-3 * grown
+            values[f"grad_norm/{t}"] = 1.0
+        s.writer.log_scalars(step, values)
+    f = by_code(diagnose(s.run()), "learning-rate-too-high")
+    pooled = math.sqrt(1.0 + 3 * 1.5**2) / math.sqrt(100.0**2 + 3)
+    assert f.first_step == 0 and f.evidence["update_ratio"] == pytest.approx(pooled)
+    assert f.evidence["median_layer_ratio"] == pytest.approx(1.5)  # layers emb 0.01, fc1-3 1.5
+    assert f.evidence["damage"]["weights"]["typical_tensor"] and f.evidence["damage"]["weights"]["growth"] == 3.0
+    assert "moved 3 of 4 layers by at least 0.5 of their own norm (median over layers 1.5" in f.message
+    assert "the typical parameter tensor's norm grew 3x (median over 4 tensors; 3 of them at least doubled" in f.message
+    assert f.advice[0].startswith("Lower the learning rate by about 1000x (from 0.03 to 3e-05 or less)")
+
+
 def test_lr_too_high_from_summaries_when_no_per_step_norms(synth, rng):
     s = synth()
     for step in range(12):
@@ -169,6 +193,27 @@ def test_normalisation_breaks_a_scale_chain(synth, rng):
     ]
     s = synth(layers=layers)
     _chain_run(s, rng, 0.02, layers)
+    assert "bad-initialisation" not in codes(diagnose(s.run()))
+
+
+def test_parallel_projections_reading_one_input_are_not_a_chain(synth, rng):
+    """An attention block's query, key and value read the same input: small by design (std 0.02), their outputs
+    have the same RMS, and only value -> output compounds (two layers). It was reported as a chain of four."""
+    layers = [{"name": n, "type": "Linear"} for n in ("q", "k", "v", "o")] + [{"name": "ln", "type": "LayerNorm"}]
+    s = synth(layers=layers)
+    for step in range(3):
+        x = rng.normal(size=(16, 64))
+        outs = {}
+        for name in ("q", "k", "v"):
+            w = rng.normal(0, 0.02, (64, 64))
+            s.log(step, "weight", name, w)
+            outs[name] = x @ w.T
+        w = rng.normal(0, 0.02, (64, 64))
+        s.log(step, "weight", "o", w)
+        outs["o"] = outs["v"] @ w.T
+        for name in ("q", "k", "v", "o"):
+            s.log(step, "output", name, outs[name], unit_axis=-1)
+        s.log(step, "output", "ln", rng.normal(size=(16, 64)), unit_axis=-1)
     assert "bad-initialisation" not in codes(diagnose(s.run()))
 
 
@@ -343,6 +388,27 @@ def test_a_flat_loss_at_chance_with_healthy_signals_is_info(synth, rng):
     (f,) = diagnose(s.run())
     assert f.code == "loss-not-decreasing" and f.severity == "info" and f.evidence["chance_classes"] == 64
     assert "ln 64" in f.message and "healthy" in f.message
+
+
+def test_a_noisy_loss_at_its_floor_a_little_higher_at_the_end_is_not_a_rise(synth, rng):
+    """A fine-tuned model at a loss of ~0.05: minibatch losses spread over tens of percent, and an end median 10 %
+    above the start median is noise, not a rise (it was a warning)."""
+    s = synth()
+    for step in range(200):
+        level = 0.05 if step < 100 else 0.055  # a drift well inside the noise
+        signals(s, step, w=1.0, u=1e-3 * (1 + 0.1 * rng.random()), g=0.1, loss=level * rng.lognormal(0, 0.5))
+    (f,) = diagnose(s.run())
+    assert f.code == "loss-not-decreasing" and f.severity == "info"
+    assert f.evidence["relative_decrease"] < -0.01  # risen by more than the 1 % band: noise decides, not the band
+
+
+def test_a_loss_that_rises_out_of_its_noise_is_still_a_warning(synth, rng):
+    s = synth()
+    for step in range(200):
+        level = 0.05 * (1 + step / 50)  # x5 over the run, beyond any noise of the start window
+        signals(s, step, w=1.0, u=1e-3 * (1 + 0.1 * rng.random()), g=0.1, loss=level * rng.lognormal(0, 0.2))
+    f = by_code(diagnose(s.run()), "loss-not-decreasing")
+    assert f.severity == "warning"
 
 
 def test_a_loss_at_its_floor_after_falling_is_fine(synth, rng):

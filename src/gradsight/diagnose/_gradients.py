@@ -27,7 +27,15 @@ from .._derived import layer_rms
 from ._advice import lower_lr
 from ._base import Rule, RunData, Thresholds, fmt, ordered
 from ._finding import Finding
-from ._series import anomalies_near, damage, global_weight_norm, grad_norm, loss, running_reference
+from ._series import (
+    anomalies_near,
+    damage,
+    global_weight_norm,
+    grad_norm,
+    loss,
+    running_reference,
+    weight_damage_text,
+)
 from ._why import why_small
 
 if TYPE_CHECKING:  # pragma: no cover - pandas is imported where it is used, not at import
@@ -215,10 +223,7 @@ def _describe_harm(verdict: str, harm: dict[str, Any]) -> str:
         return "the run ended while it lasted"
     parts = []
     if "weights" in harm:
-        w = harm["weights"]
-        parts.append(
-            f"the weight norm grew {fmt(w['growth'])}x ({fmt(w['from'])} to {fmt(w['to'])} by step {w['step']})"
-        )
+        parts.append(weight_damage_text(harm["weights"]))
     if "loss" in harm:
         lo = harm["loss"]
         parts.append(f"the loss rose {fmt(lo['rise'])}x ({fmt(lo['before'])} to {fmt(lo['after'])})")

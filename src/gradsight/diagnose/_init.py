@@ -129,7 +129,8 @@ def _scale_chains(data: RunData, step: int, th: Thresholds) -> list[dict[str, An
     """Runs of at least ``init_chain`` consecutive weighted layers off the standard scale the same way.
 
     Off scale: a weight std ``init_scale_factor`` times above (or below) the standard one. Consecutive: only
-    pass-through layers between them.
+    pass-through layers between them, and where layer outputs were recorded, each output's RMS moved on from the
+    previous one's in the chain's direction (:func:`_compounds`).
     """
     keras = data.meta.get("framework") == "keras"
     chains: list[list[dict[str, Any]]] = [[]]
@@ -146,13 +147,33 @@ def _scale_chains(data: RunData, step: int, th: Thresholds) -> list[dict[str, An
         run: list[dict[str, Any]] = []
         for entry in [*chain, None]:
             direction = _direction(entry, th) if entry is not None else None
-            if run and direction == run[-1]["direction"]:
+            if run and direction == run[-1]["direction"] and _compounds(run[-1], entry, direction, th):
                 run.append({**entry, "direction": direction})
                 continue
             if len(run) >= th.init_chain:
                 out.append({"direction": run[0]["direction"], "layers": run})
             run = [{**entry, "direction": direction}] if direction is not None else []
     return out
+
+
+def _compounds(prev: dict[str, Any], entry: dict[str, Any], direction: str, th: Thresholds) -> bool:
+    """Whether the recorded outputs show the scale error compounding from ``prev`` to ``entry`` (True if unknown).
+
+    In a chain each layer takes the previous one's output, so an output RMS ``s`` times off shrinks (or grows) by
+    ``s`` again at the next layer: the link compounds when the next output's RMS moves at least
+    ``sqrt(init_scale_factor)`` times in the chain's direction. Layers that only follow one another in the model
+    order but read the same input (an attention block's query, key and value projections) have outputs of the
+    same RMS: not a chain. Judged only where the output is the weight term's: a layer without a recorded bias, or
+    whose bias is too large against its output (a tiny W with a default-sized bias), is taken as a link.
+    """
+    a, b = prev.get("output_rms"), entry.get("output_rms")
+    if not a or not b or not (a > 0 and b > 0) or not (math.isfinite(a) and math.isfinite(b)):
+        return True
+    bias = entry.get("bias_rms")
+    if bias is None or not bias < 0.5 * b:  # unknown, or the bias dominates the output: its RMS says nothing of W·x
+        return True
+    step = math.sqrt(th.init_scale_factor)
+    return b <= a / step if direction == "small" else b >= a * step
 
 
 def _scale_entry(data: RunData, layer: str, step: int) -> dict[str, Any] | None:
@@ -166,6 +187,11 @@ def _scale_entry(data: RunData, layer: str, step: int) -> dict[str, Any] | None:
     fan_in, fan_out = fan(data, name, shape)
     ref, scheme = _reference(data, layer, fan_in, fan_out)
     out = layer_stats(data, "output", layer, step) if "output" in data.kinds else None
+    bias: float | None = 0.0  # no bias: the output is the weight term
+    if "bias" in params:
+        bias = None
+        b = layer_stats(data, "weight", layer, step, tensor=params["bias"][0])
+        bias = b["rms"] if b is not None else None
     return {
         "layer": layer,
         "tensor": name,
@@ -175,6 +201,7 @@ def _scale_entry(data: RunData, layer: str, step: int) -> dict[str, Any] | None:
         "reference": scheme,
         "scale": w["std"] / ref if ref > 0 else math.nan,
         "output_rms": out["rms"] if out is not None else None,
+        "bias_rms": bias,
     }
 
 

@@ -6,7 +6,8 @@ median of the last ``loss_window`` fraction of values (at least 3). The *start* 
 of the first ``baseline_steps`` values; a spike can only raise a loss) that the loss came back down from. So a loss
 spike early in the run — a broken run's first overshooting steps — cannot raise the start and make a flat run look
 as if it had decreased. Needs ``loss_min_steps`` finite values, otherwise the rule stays silent (too early to tell).
-A run whose loss fell and then stayed at its floor has decreased: no finding.
+A run whose loss fell and then stayed at its floor has decreased: no finding. A loss counts as *rising* (never
+an info) only when its end median is also above 90 % of the start window's values, i.e. outside its noise.
 
 A loss that did not decrease is one of two things, told apart from what else was recorded:
 
@@ -68,7 +69,9 @@ class LossNotDecreasingRule(Rule):
         if decrease >= th.loss_min_decrease:
             return []
         healthy = _healthy(data, th)
-        rising = -decrease > th.loss_min_decrease  # rose by more than the noise band a flat loss may drift in
+        # rose by more than the band a flat loss may drift in, and above the start window's own noise: at a floor
+        # of 0.05, minibatch losses spread over tens of percent, and a median 10 % up is not a rise
+        rising = -decrease > th.loss_min_decrease and end > float(np.quantile(first, 0.9))
         evidence: dict[str, Any] = {
             "loss_start": start,
             "loss_initial": initial,

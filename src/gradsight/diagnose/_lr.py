@@ -8,6 +8,10 @@ recorded, else at the logged steps from the update and weight summaries. A large
 steps (:func:`gradsight.diagnose._series.damage`): the weights blow up (their norm doubles), the loss rises
 (doubles), the gradient norm jumps an order of magnitude above its running median, or a NaN/Inf appears.
 
+A step also counts as too large when the *median over layers* of each layer's own ratio reaches
+``lr_step_ratio``: the pooled ratio is dominated by the layers with the largest norms (a transformer's embeddings
+and LayerNorm gains), and a step that moves most layers by more than their own norm can pool to below it.
+
 Without update norms the rule falls back on the weights alone: a step after which the norm of all weights at
 least doubles within ``damage_steps`` steps, when another consequence (loss, gradient, NaN) confirms it.
 
@@ -19,14 +23,25 @@ ratio to ~1e-2 (a first guess, rounded to a power of ten), adds a warm-up, and c
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ._advice import lower_lr
 from ._base import Rule, RunData, Thresholds, fmt, ordered
 from ._finding import Finding
-from ._series import anomalies_near, damage, global_update_ratio, global_weight_norm, layer_update_ratios, lr
+from ._series import (
+    anomalies_near,
+    damage,
+    global_update_ratio,
+    global_weight_norm,
+    layer_update_ratios,
+    lr,
+    weight_damage_text,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
 
 __all__ = ["LearningRateTooHighRule"]
 
@@ -54,11 +69,13 @@ class LearningRateTooHighRule(Rule):
     def check(self, data: RunData, th: Thresholds) -> list[Finding]:
         """See the module docstring."""
         ratio, source = global_update_ratio(data)
+        typical = _typical_layer_ratio(data)
+        large = set(ratio.index[ratio >= th.lr_step_ratio]) | set(typical.index[typical >= th.lr_step_ratio])
         hit = None
-        for step, value in ratio[ratio >= th.lr_step_ratio].items():
+        for step in sorted(large):
             harm = damage(data, int(step), **th.damage_args())
             if harm:
-                hit = (int(step), float(value), harm)
+                hit = (int(step), float(ratio.get(step, math.nan)), harm)
                 break
         if hit is None and ratio.empty:
             hit = _weights_only(data, th)
@@ -67,6 +84,24 @@ class LearningRateTooHighRule(Rule):
             return []
         step, value, harm = hit
         return [_finding(data, step, value, harm, source, th)]
+
+
+def _typical_layer_ratio(data: RunData) -> pd.Series:
+    """Per step, the median over layers of each layer's update/weight ratio (finite ones; steps with two or more).
+
+    The pooled ratio is dominated by the layers with the largest weight norms: in a transformer, the embeddings
+    and the LayerNorm gains (all ones) hold most of it, and a step that moves every other layer by more than its
+    own norm still pools to below the threshold. The median over layers is the typical layer's step; one
+    zero-initialised layer, whose own ratio is huge and harmless, cannot move it.
+    """
+    import pandas as pd
+
+    table, _ = layer_update_ratios(data)
+    if table.empty or table.shape[1] < 2:
+        return pd.Series(dtype="float64")
+    finite = table.where(np.isfinite(table.to_numpy(dtype="float64")))
+    counted = finite.notna().sum(axis=1)
+    return finite.median(axis=1, skipna=True)[counted >= 2]
 
 
 def _weights_only(data: RunData, th: Thresholds) -> tuple[int, float, dict[str, Any]] | None:
@@ -83,10 +118,7 @@ def _weights_only(data: RunData, th: Thresholds) -> tuple[int, float, dict[str, 
 def _consequences(harm: dict[str, Any]) -> str:
     parts = []
     if "weights" in harm:
-        w = harm["weights"]
-        parts.append(
-            f"the norm of all weights grew {fmt(w['growth'])}x ({fmt(w['from'])} to {fmt(w['to'])} by step {w['step']})"
-        )
+        parts.append(weight_damage_text(harm["weights"]))
     if "loss" in harm:
         lo = harm["loss"]
         parts.append(f"the loss rose {fmt(lo['rise'])}x (median {fmt(lo['before'])} to {fmt(lo['after'])})")
@@ -112,8 +144,20 @@ def _finding(data: RunData, step: int, value: float, harm: dict[str, Any], sourc
     rate = float(rates.loc[step]) if step in rates.index else None
     top = sorted(per_layer.items(), key=lambda kv: -kv[1])[:4]
     detail = ", ".join(f"{name!r} {fmt(v)}" for name, v in top)
-    if math.isnan(value):
+    typical = float(np.median(list(per_layer.values()))) if len(per_layer) >= 2 else math.nan
+    if math.isnan(value) and not big:
         what = f"after step {step} the weights blew up"
+    elif math.isnan(value) or value < th.lr_step_ratio:
+        what = (
+            f"the update of step {step} moved {len(big)} of {len(per_layer)} layers by at least "
+            f"{fmt(th.lr_step_ratio)} of their own norm (median over layers {fmt(typical)}; per layer: {detail}"
+            + (
+                ""
+                if math.isnan(value)
+                else f"; all parameters together {fmt(value)}, held down by the layers with the largest norms"
+            )
+            + "; heuristic ~1e-3)"
+        )
     else:
         what = (
             f"the update of step {step} moved the weights by {fmt(value)} of their norm (all parameters together"
@@ -122,7 +166,8 @@ def _finding(data: RunData, step: int, value: float, harm: dict[str, Any], sourc
         )
     lr_text = f" The learning rate at step {step} was {fmt(rate)}." if rate is not None else ""
     msg = f"The learning rate is too high: {what}, and within {th.damage_steps} steps {_consequences(harm)}.{lr_text}"
-    advice = [_lower_advice(value, rate, step)]
+    by_layers = (math.isnan(value) or value < th.lr_step_ratio) and not math.isnan(typical)
+    advice = [_lower_advice(typical if by_layers else value, rate, step, "a typical layer's" if by_layers else None)]
     if step <= 10 * th.damage_steps:
         advice.append(
             "Add a learning-rate warm-up (start 10-100x lower and ramp up over the first few hundred steps): "
@@ -142,6 +187,7 @@ def _finding(data: RunData, step: int, value: float, harm: dict[str, Any], sourc
             "step": step,
             "update_ratio": value,
             "layer_update_ratios": per_layer,
+            "median_layer_ratio": typical,
             "threshold_step_ratio": th.lr_step_ratio,
             "damage": harm,
             "damage_steps": th.damage_steps,
@@ -160,12 +206,13 @@ def _finding(data: RunData, step: int, value: float, harm: dict[str, Any], sourc
     )
 
 
-def _lower_advice(value: float, rate: float | None, step: int) -> str:
+def _lower_advice(value: float, rate: float | None, step: int, whose: str | None = None) -> str:
     if math.isnan(value) or value <= 0:
         return lower_lr(" (try 10x lower), and check what made the weights grow at that step.")
     factor = 10 ** max(1, math.ceil(math.log10(value / _TARGET_RATIO)))
     target = f" (from {fmt(rate)} to {fmt(rate / factor)} or less)" if rate else ""
+    whose = whose or "the weights'"
     return lower_lr(
-        f" by about {factor:g}x{target}: the update at step {step} was {fmt(value)} of the weights' norm, and "
+        f" by about {factor:g}x{target}: the update at step {step} was {fmt(value)} of {whose} norm, and "
         f"~{_TARGET_RATIO:g} or less per step is safe (a first guess; sweep around it)."
     )

@@ -382,6 +382,47 @@ def before(series: pd.Series, step: int, window: int) -> pd.Series:
     return series[idx < step].iloc[-1:]
 
 
+def _typical_growth(data: RunData, step: int, window: int) -> dict[str, Any] | None:
+    """The median over parameter tensors of their norm's growth within ``window`` steps after ``step``, or None.
+
+    The global weight norm is dominated by the largest tensors (a transformer's embeddings and LayerNorm gains):
+    the typical tensor's norm can double while it barely moves. Tensors that start at zero have no growth factor.
+    """
+    table, _ = weight_norms(data)
+    if table.empty or table.shape[1] < 2:
+        return None
+    ref = table[table.index <= step]
+    later = table[(table.index > step) & (table.index <= step + window)]
+    if ref.empty or later.empty:
+        return None
+    start = ref.iloc[-1].to_numpy(dtype="float64")
+    peak = later.max(axis=0, skipna=True).to_numpy(dtype="float64")
+    ok = np.isfinite(start) & (start > 0) & np.isfinite(peak)
+    if ok.sum() < 2:
+        return None
+    growth = peak[ok] / start[ok]
+    at = later.idxmax(axis=0, skipna=True)[ok]
+    return {
+        "typical_tensor": True,
+        "growth": float(np.median(growth)),
+        "tensors_doubled": int((growth >= 2.0).sum()),
+        "tensors": int(ok.sum()),
+        "step": int(np.median(at.to_numpy(dtype="float64"))),
+    }
+
+
+def weight_damage_text(w: dict[str, Any]) -> str:
+    """The words for :func:`damage`'s ``weights`` entry (the global norm's growth, or the typical tensor's)."""
+    from ._base import fmt
+
+    if w.get("typical_tensor"):
+        return (
+            f"the typical parameter tensor's norm grew {fmt(w['growth'])}x (median over {w['tensors']} tensors; "
+            f"{w['tensors_doubled']} of them at least doubled, by step {w['step']})"
+        )
+    return f"the norm of all weights grew {fmt(w['growth'])}x ({fmt(w['from'])} to {fmt(w['to'])} by step {w['step']})"
+
+
 def damage(
     data: RunData,
     step: int,
@@ -396,7 +437,8 @@ def damage(
 
     Returns a dict with an entry per consequence seen (empty when none):
 
-    * ``weights``: the global weight norm grew ``weight_growth``-fold or more over its value at ``step``;
+    * ``weights``: the global weight norm grew ``weight_growth``-fold or more over its value at ``step``, or the
+      median over parameter tensors of their norms' growth did (``typical_tensor``: see :func:`_typical_growth`);
     * ``loss``: the median loss after ``step`` is ``loss_rise`` times (or more) the median over the ``window``
       steps up to it (the loss logged at a step is computed before that step's update);
     * ``gradient``: the gradient norm after ``step`` exceeded ``grad_jump`` times its running median (the
@@ -414,6 +456,10 @@ def damage(
             start, peak = float(ref.iloc[-1]), float(later.max())
             if start > 0 and peak / start >= weight_growth:
                 out["weights"] = {"from": start, "to": peak, "step": int(later.idxmax()), "growth": peak / start}
+    if "weights" not in out:
+        typical = _typical_growth(data, step, window)
+        if typical is not None and typical["growth"] >= weight_growth:
+            out["weights"] = typical
     lo = loss(data)
     if len(lo):
         ref_loss = before(lo, step, window)
