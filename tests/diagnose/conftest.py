@@ -25,10 +25,10 @@ class Synth:
         self.path = path
         self.writer = RunWriter(path, meta={"framework": "synthetic", "model": {"layers": list(layers)}, **meta})
 
-    def log(self, step, kind, layer, x, *, tensor=None, unit_axis=None):
+    def log(self, step, kind, layer, x, *, tensor=None, unit_axis=None, dtype="float32"):
         x = np.asarray(x, dtype=np.float32)
         name = tensor or (f"{layer}.weight" if kind in ("weight", "grad", "update") else layer)
-        tid = self.writer.tensor_id(name, layer, kind, x.shape, "float32")
+        tid = self.writer.tensor_id(name, layer, kind, x.shape, dtype)
         self.writer.log_summaries(step, [(tid, summarize(x, unit_axis=unit_axis))])
 
     def scalars(self, step, **values):

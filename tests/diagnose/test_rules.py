@@ -406,6 +406,20 @@ def test_loss_too_short_is_silent(synth):
     assert diagnose(s.run(), rules=[LossNotDecreasingRule()]) == []
 
 
+@pytest.mark.parametrize(("dtype", "first"), [("torch.float16", True), ("torch.bfloat16", False), ("float32", False)])
+def test_nan_from_the_update_of_float16_parameters_advises_float32_master_weights_first(synth, dtype, first):
+    """model.half() + Adam: the first NaN/Inf comes from the update; a lower learning rate cannot fix that."""
+    s = synth()
+    for step in range(3):
+        s.log(step, "weight", "fc1", np.full((4, 3), 0.1), dtype=dtype)
+        s.log(step, "grad", "fc1", np.full((4, 3), 1e-3), dtype=dtype)
+        s.log(step, "update", "fc1", np.full((4, 3), np.nan if step == 0 else 0.0), dtype=dtype)
+    f = next(f for f in diagnose(s.run()) if f.code == "non-finite")
+    assert f.evidence["origin"]["kind"] == "update"
+    assert f.advice[0].startswith("The parameters are float16: keep them") is first
+    assert any(a.startswith("Lower the learning rate") for a in f.advice)
+
+
 # ---- thresholds -----------------------------------------------------------------------------------------------
 def test_thresholds_validation():
     with pytest.raises(InputError, match=r"unknown threshold\(s\) \['vanish'\]"):

@@ -356,9 +356,28 @@ class NonFiniteRule(Rule):
                 evidence=evidence,
                 message=msg,
                 explanation=explanation,
-                advice=_ADVICE[phase if phase in _ADVICE else "forward"],
+                advice=_advice(data, phase),
             )
         ]
+
+
+#: Advice first when the first NaN/Inf came from the update of float16 parameters.
+_FLOAT16_UPDATE = (
+    "The parameters are float16: keep them (and the optimizer's state) in float32 and compute in float16 with "
+    "autocast and a gradient scaler (torch.autocast + torch.amp.GradScaler; Keras mixed_float16 policy), or use "
+    "bfloat16. In float16, Adam's default eps (1e-8) rounds to 0 and its second moment underflows, so its update "
+    "divides by zero whatever the learning rate."
+)
+
+
+def _advice(data: RunData, phase: str) -> tuple[str, ...]:
+    """The advice for the phase the first NaN/Inf is explained as; float16 parameters' updates first say so."""
+    advice = _ADVICE[phase if phase in _ADVICE else "forward"]
+    if phase == "update" and any(
+        t.kind in ("weight", "update") and "float16" in t.dtype and "bfloat16" not in t.dtype for t in data.tensors
+    ):
+        return (_FLOAT16_UPDATE, *advice)
+    return advice
 
 
 def _isnan(value: Any) -> bool:
