@@ -277,6 +277,42 @@ def test_torch_sparse_targets_wrong_shape(torch):
         explain(model, torch.ones(4, 3), torch.zeros(4, 2, dtype=torch.long), nn.CrossEntropyLoss())
 
 
+def test_torch_class_numbers_as_floats_are_named_not_called_a_shape_error(torch):
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(3, 4))
+    y = torch.tensor([0.0, 1.0, 3.0, 2.0])
+    with pytest.raises(
+        InputError, match=r"y holds class numbers as floating point \(torch.float32, shape \(4,\)\).*Pass y.long\(\)"
+    ):
+        explain(model, torch.ones(4, 3), y, nn.CrossEntropyLoss())
+    with pytest.raises(InputError, match="would broadcast them"):  # not class numbers: still the shape error
+        explain(model, torch.ones(4, 3), y + 0.5, nn.CrossEntropyLoss())
+    trace = explain(model.double(), torch.ones(4, 3, dtype=torch.float64), y.long(), nn.CrossEntropyLoss())
+    assert trace.ok
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_torch_a_batch_with_nothing_to_average_is_refused_not_explained_as_nan(torch, weighted):
+    """Every target ignored (or weighted 0): torch's mean is 0/0 = NaN; explain said ✗ on NaN terms with warnings."""
+    import warnings
+
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(3, 4))
+    if weighted:
+        loss, y = nn.CrossEntropyLoss(weight=torch.tensor([0.0, 1.0, 1.0, 1.0])), torch.zeros(4, dtype=torch.long)
+        why = "the class weights of its targets sum to 0"
+    else:
+        loss, y = nn.CrossEntropyLoss(), torch.full((4,), -100)
+        why = r"every target equals ignore_index \(-100\)"
+    assert torch.isnan(loss(model(torch.ones(4, 3)), y))  # the reference: the framework's own NaN
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no RuntimeWarning from a 0/0 on the way
+        with pytest.raises(InputError, match=f"nothing to average: {why}.*at least one target that counts"):
+            explain(model, torch.ones(4, 3), y, loss)
+
+
 def test_torch_unsupported_modules(torch):
     from torch import nn
 

@@ -282,6 +282,17 @@ def evaluate_loss(spec: LossSpec, y_hat: np.ndarray, y: np.ndarray) -> LossResul
     wc = _weighted_count(rule, spec, y, yh.shape[0])
     if wc is not None:
         count, what = wc
+        if count == 0 and spec.reduction == "mean":
+            why = (
+                f"every target equals ignore_index ({spec.ignore_index})"
+                if what == "n_kept"
+                else "the class weights of its targets sum to 0"
+            )
+            raise InputError(
+                f"the batch has nothing to average: {why}, so the mean cross-entropy divides 0 by 0 and the loss "
+                "is NaN (as the framework computes it), with NaN gradients. Pass a batch with at least one target "
+                "that counts."
+            )
     vals, g, base, lbase, gtxt = rule.pointwise(yh, t, spec)
     conv, red = spec.convention, spec.reduction
     axis_mean = conv.last_axis_mean and rule.per_element

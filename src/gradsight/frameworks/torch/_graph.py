@@ -286,6 +286,17 @@ def check_y(spec: LossSpec | None, y_t: torch.Tensor, y_hat: torch.Tensor, displ
     """Refuse targets whose shape differs from ŷ's where the loss pairs them elementwise (it would broadcast)."""
     pairs = spec is not None and spec.kind not in ("output_mean", "output_sum") and not spec.kind.startswith("sparse")
     if pairs and tuple(y_t.shape) != tuple(y_hat.shape):
+        if (
+            spec.kind.startswith("cce")  # type: ignore[union-attr]
+            and y_t.is_floating_point()
+            and tuple(y_t.shape) == tuple(y_hat.shape[:1]) + tuple(y_hat.shape[2:])
+            and bool(torch.all(y_t == torch.round(y_t)))
+        ):
+            raise InputError(
+                f"y holds class numbers as floating point ({y_t.dtype}, shape {tuple(y_t.shape)!r}); {display} "
+                f"reads floating-point targets as class probabilities of ŷ's shape {tuple(y_hat.shape)!r}, and "
+                "class indices must be integers. Pass y.long()."
+            )
         raise InputError(
             f"y has shape {tuple(y_t.shape)!r} but the model's output ŷ has shape {tuple(y_hat.shape)!r}; "
             f"{display} would broadcast them (or fail). Pass y with the output's shape, or run "
