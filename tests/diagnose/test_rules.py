@@ -481,7 +481,7 @@ def test_exploding_in_a_short_run_is_the_root_of_its_nan(synth):
     root, nan = found
     assert root.is_root and root.severity == "error" and not nan.is_root and nan.caused_by == ("exploding-gradients",)
     assert root.evidence["global"]["baseline_norm"] == 1.0  # step 2 against the level before it, not its own
-    assert "grew 5e+03x, from 1 (its running median before step 2) to 5e+03 at step 2" in root.message
+    assert "grew 5e+03x, from 1 (the lowest of its running medians before step 2) to 5e+03 at step 2" in root.message
     assert "NaN/Inf followed at step 3" in root.message
 
 

@@ -280,9 +280,9 @@ def _explode_finding(
         ev, verdict, harm = harmful[key]
         what = "the global gradient norm" if key == "global" else f"the gradient RMS of layer {key!r}"
         msg = (
-            f"Gradients exploded: {what} grew {fmt(ev['growth'])}x, from {fmt(ev['reference'])} (its running "
-            f"median before step {ev['first_step']}) to {fmt(ev['peak'])} at step {ev['peak_step']} (threshold "
-            f"{fmt(limit)}x), and {_describe_harm(verdict, harm)}"
+            f"Gradients exploded: {what} grew {fmt(ev['growth'])}x, from {fmt(ev['reference'])} (the lowest of its "
+            f"running medians before step {ev['first_step']}) to {fmt(ev['peak'])} at step {ev['peak_step']} "
+            f"(threshold {fmt(limit)}x), and {_describe_harm(verdict, harm)}"
         )
         if per_layer:
             msg += f"; {len(per_layer)} layer(s) above the threshold"
@@ -345,8 +345,8 @@ def _spike_finding(
         },
         message=(
             f"Gradient spikes: {what} jumped to {fmt(ev['peak'])} at step {ev['peak_step']}, {fmt(ev['growth'])}x "
-            f"its running median {fmt(ev['reference'])}, at {len(hits)} step(s); training recovered (no weight "
-            f"blow-up, loss rise or NaN/Inf within {th.damage_steps} steps after)."
+            f"the lowest of its running medians before it ({fmt(ev['reference'])}), at {len(hits)} step(s); "
+            f"training recovered (no weight blow-up, loss rise or NaN/Inf within {th.damage_steps} steps after)."
         ),
         explanation=(
             "Isolated steps with a gradient orders of magnitude above the usual level, typical of recurrent "
