@@ -814,8 +814,8 @@ class Watch(WatchCore):
         if self._optimizer is not None:
             copied = self._copy_weights()
             rec.lr = self._lrs()
-        if self._wbuf is not None and self._wbuf_step == self._step:
-            rec.param_names = self._param_views().names
+        if self._wbuf is not None and self._wbuf_step == self._step and self._pviews is not None:
+            rec.param_names = self._pviews.names  # checked by _copy_weights just now
             rec.weight = copied if copied is not None else norms_of(self._wbuf, self._host(self._wbuf))
 
     def _lrs(self) -> dict[str, float]:
@@ -1019,8 +1019,14 @@ class Watch(WatchCore):
             self._signal_rows.append((rec.step, names, values))
             if sparse:
                 rows.setdefault(rec.step, {}).update(sparse)
-        tensors = [(s, k, v) for s, k, v in pending if isinstance(v, torch.Tensor)]
-        if tensors:
+        tensors = []
+        for s, k, v in pending:
+            if isinstance(v, torch.Tensor):
+                if v.device.type == "cpu":  # no device to wait for: one read each is the cheapest
+                    rows.setdefault(s, {})[k] = float(v.item())
+                else:
+                    tensors.append((s, k, v))
+        if tensors:  # device values: one copy for all of them
             host_t = torch.stack([v.detach().reshape(()).to("cpu", torch.float64) for _, _, v in tensors]).tolist()
             for (s, k, _), v in zip(tensors, host_t, strict=True):
                 rows.setdefault(s, {})[k] = v
