@@ -278,6 +278,23 @@ def test_no_gradient_anywhere_is_the_root_and_never_advises_a_larger_learning_ra
     assert not low.is_root and low.caused_by == ("no-gradient",)
 
 
+def test_a_frozen_parameter_is_ranked_before_a_saturated_layer_and_explains_its_frozen_update_alone(synth, rng):
+    """A BERT classifier with its word embedding frozen by mistake, whose pooler tanh saturates as it fits: the
+    frozen embedding (a fact of the set-up) comes first, and its zero update ratio is not put on the saturation."""
+    layers = [{"name": "emb", "type": "Embedding"}, {"name": "fc", "type": "Linear"}, {"name": "pool", "type": "Tanh"}]
+    s = synth(layers=layers)
+    for step in range(12):
+        values = {"loss": 1.0 * 0.8**step, "weight_norm/emb.weight": 5.0, "update_norm/emb.weight": 0.0}
+        values.update({"weight_norm/fc.weight": 1.0, "update_norm/fc.weight": 1e-3, "grad_norm/fc.weight": 0.1})
+        s.writer.log_scalars(step, values)
+        s.log(step, "output", "pool", np.tanh(rng.normal(0, 8.0, size=(32, 16))), unit_axis=-1)
+    found = diagnose(s.run())
+    roots = [f for f in found if f.is_root and f.severity == "warning"]
+    assert [f.code for f in roots[:2]] == ["no-gradient", "saturated-units"]
+    low = by_code(found, "update-ratio-low")
+    assert low.caused_by == ("no-gradient",)
+
+
 def test_no_gradient_of_a_frozen_parameter_the_optimizer_holds_is_named_frozen(synth):
     # Frozen on purpose (fine-tuning) or by mistake look the same in a run: the optimizer holds a parameter that can
     # never move. A warning either way, naming it frozen, with the advice to leave it out of the optimizer.
@@ -333,6 +350,32 @@ def test_clipping_that_hides_an_explosion_is_a_warning(synth):
     f = by_code(diagnose(s.run()), "gradients-clipped")
     assert f.severity == "warning" and f.evidence["hidden_explosion"]["growth"] >= 100
     assert f.message.startswith("Clipping hides an explosion")
+
+
+@pytest.mark.parametrize("falls", [False, True])
+def test_clipping_far_below_the_gradient_at_every_step_with_a_flat_loss_is_the_root(synth, rng, falls):
+    """clip_grad_norm_(max_norm=1e-3) on gradients of ~0.27: every step cut ~270x. With a flat loss that is the
+    root of it (it was info, and the flat loss was called healthy with advice to check the data); with a falling
+    loss it stays info."""
+    s = synth()
+    for step in range(100):
+        pre = 0.27 * (1 + 0.1 * rng.random())
+        level = 2.3 * (0.98**step if falls else 1.0)
+        values = {"grad_norm": 1e-3, "grad_norm_preclip": pre, "loss": level * (1 + 0.002 * rng.normal())}
+        values.update({"grad_norm/fc1.weight": 1e-3, "weight_norm/fc1.weight": 1.0, "update_norm/fc1.weight": 1e-4})
+        s.writer.log_scalars(step, values)
+    found = diagnose(s.run())
+    f = by_code(found, "gradients-clipped")
+    if falls:
+        assert f.severity == "info" and "too_tight" not in f.evidence
+        return
+    assert f.severity == "warning" and f.is_root and f.message.startswith("Clipping sets every step")
+    tight = f.evidence["too_tight"]
+    assert tight["share"] == 1.0 and tight["factor"] == pytest.approx(f.evidence["preclip_median"] / 1e-3)
+    assert "Raise the clipping limit" in f.advice[0]
+    flat = by_code(found, "loss-not-decreasing")
+    assert flat.severity == "warning" and flat.caused_by == ("gradients-clipped",)
+    assert "gradients clipped at 100% of the steps" in flat.evidence["healthy_signals"]["reason"]
 
 
 # ---- exploding-gradients: judged against the past, and by its damage ------------------------------------------------

@@ -106,6 +106,18 @@ def _zero_grads_upstream(cause: Finding, effect: Finding, data: RunData | None =
     return _upstream(cause, effect, data)
 
 
+def _upstream_moving(cause: Finding, effect: Finding, data: RunData | None = None) -> bool:
+    """:func:`_upstream`, for an update-ratio-low finding with a layer that moved at all.
+
+    Saturated units shrink the gradient they pass back, never to exactly zero: layers that did not move at any
+    step (a frozen or cut-off parameter) are not their doing.
+    """
+    per = effect.evidence.get("layers")
+    if isinstance(per, dict) and per and all(v.get("max_ratio") == 0 for v in per.values() if isinstance(v, dict)):
+        return False
+    return _upstream(cause, effect, data)
+
+
 def _dead_after(cause: Finding, effect: Finding, data: RunData | None = None) -> bool:
     """Units died (or saturated) at or after the cause's first step."""
     return _from_start(cause, effect)
@@ -197,7 +209,7 @@ EXPLAINS: dict[str, dict[str, Condition]] = {
     "saturated-units": {
         "no-gradient": _zero_grads_upstream,
         "vanishing-gradients": _upstream,
-        "update-ratio-low": _upstream,
+        "update-ratio-low": _upstream_moving,
         "loss-not-decreasing": _before,
     },
     "no-gradient": {
@@ -325,11 +337,18 @@ def _depth(f: Finding, by_code: dict[str, list[Finding]], seen: frozenset[str] =
     return max(depths, default=1)
 
 
+#: Root codes that state a fact of the training set-up rather than a statistical judgement: among roots of one
+#: severity they come first (a frozen embedding is a certain defect; a saturated tanh beside it may be normal).
+_FACTS = frozenset({"no-steps-recorded", "gradients-accumulating", "not-optimized", "no-gradient"})
+
+
 def sort_chain(findings: Sequence[Finding]) -> list[Finding]:
     """Roots first, then the symptoms in causal order.
 
-    Roots: most severe first, then in causal order, then by first step. Symptoms: by their distance from a root,
-    then by :data:`CAUSAL_ORDER`, then by first step.
+    Roots: most severe first, then the facts of the set-up (:data:`_FACTS`: a parameter that gets no gradient or
+    is not optimized, gradients summed over steps, no step recorded) before the statistical judgements, then in
+    causal order, then by first step. Symptoms: by their distance from a root, then by :data:`CAUSAL_ORDER`, then
+    by first step.
     """
     by_code: dict[str, list[Finding]] = {}
     for f in findings:
@@ -338,7 +357,7 @@ def sort_chain(findings: Sequence[Finding]) -> list[Finding]:
     def key(f: Finding) -> tuple[Any, ...]:
         step = f.first_step if f.first_step is not None else float("inf")
         if f.is_root and not f.caused_by:
-            return (0, -f.rank, _order(f.code), step, f.code)
+            return (0, -f.rank, f.code not in _FACTS, _order(f.code), step, f.code)
         return (1, _depth(f, by_code), _order(f.code), step, f.code)
 
     return sorted(findings, key=key)

@@ -12,6 +12,10 @@ the pre-clip norm exceeds the post-clip one by more than a relative 1e-6 (float3
   the post-clip norm stayed within ``sqrt(explode_growth)`` of its own. Medians, not single steps, so the
   isolated spikes clipping is meant to catch (an LSTM's cliffs) stay info; a gradient that keeps growing behind a
   flat clipped norm is a divergence the clipped curve does not show.
+* **warning**: clipping sets every step — it bit at 90 % of the steps or more, cutting the median pre-clip norm
+  10x or more, and the loss did not fall (by ``loss_min_decrease``, start and end medians as
+  ``loss-not-decreasing`` takes them): the limit, far below the gradient's usual norm, divides the effective
+  learning rate. (A run that clips every step while its loss falls is info.)
 """
 
 from __future__ import annotations
@@ -23,16 +27,16 @@ import numpy as np
 
 from ._base import Rule, RunData, Thresholds, fmt
 from ._finding import Finding
-from ._series import grad_norm, preclip_norm
+from ._series import grad_norm, loss, preclip_norm
 
-__all__ = ["GradientsClippedRule"]
+__all__ = ["GradientsClippedRule", "clipping_too_tight"]
 
 #: Relative difference below which the pre- and post-clip norms are the same norm (float32 rounding).
 _SAME = 1e-6
 
 
 class GradientsClippedRule(Rule):
-    """Clipping was active (info), or hid an explosion of the pre-clip gradient norm (warning)."""
+    """Clipping was active (info), hid an explosion of the pre-clip gradient norm, or set every step (warnings)."""
 
     name = "gradients-clipped"
     codes = ("gradients-clipped",)
@@ -73,6 +77,35 @@ class GradientsClippedRule(Rule):
             f"pre-clip norm had median {fmt(evidence['preclip_median'])} (max {fmt(evidence['preclip_max'])}) "
             f"against {fmt(evidence['postclip_median'])} after clipping"
         )
+        tight = _too_tight(data, evidence, th) if hidden is None else None
+        if tight is not None:
+            evidence["too_tight"] = tight
+            return [
+                Finding(
+                    code="gradients-clipped",
+                    severity="warning",
+                    layers=(),
+                    first_step=steps[0],
+                    last_step=steps[-1],
+                    evidence=evidence,
+                    message=(
+                        f"Clipping sets every step: {base}, a median {fmt(tight['factor'])}x cut, and the loss did "
+                        f"not fall (median {fmt(tight['loss_start'])} at the start, {fmt(tight['loss_end'])} at the "
+                        "end)."
+                    ),
+                    explanation=(
+                        "Clipping rescales the gradient to the limit whenever its norm exceeds it. With a limit far "
+                        "below the gradient's usual norm every step is rescaled, so the limit, not the gradient, "
+                        "sets the step size: the effective learning rate is divided by the cut factor, and training "
+                        "crawls while gradients and the learning rate look fine."
+                    ),
+                    advice=(
+                        f"Raise the clipping limit (max_norm / clipnorm) above the usual pre-clip norm (median "
+                        f"{fmt(evidence['preclip_median'])}; 2-5x it is common), so that it catches spikes only.",
+                        "Then tune the learning rate with clipping inactive at most steps.",
+                    ),
+                )
+            ]
         if hidden is None:
             return [
                 Finding(
@@ -122,6 +155,47 @@ class GradientsClippedRule(Rule):
                 ),
             )
         ]
+
+
+#: Clipping "sets every step" when it bites at at least this share of the steps ...
+_TIGHT_SHARE = 0.9
+#: ... cutting the median pre-clip norm at least this many times.
+_TIGHT_FACTOR = 10.0
+
+
+def clipping_too_tight(data: RunData, th: Thresholds) -> dict[str, Any] | None:
+    """The evidence that clipping set every step of a run whose loss did not fall, or ``None`` (see the rule)."""
+    pre = preclip_norm(data)
+    post, _ = grad_norm(data)
+    post = post[np.isfinite(post.to_numpy())]
+    steps = _clipped_steps(data, pre, post)
+    if not steps:
+        return None
+    pre_c, post_c = pre.reindex(steps).dropna(), post.reindex(steps).dropna()
+    evidence = {
+        "clipped_steps": len(steps),
+        "steps": len(post) or len(pre),
+        "preclip_median": float(pre_c.median()) if len(pre_c) else math.nan,
+        "postclip_median": float(post_c.median()) if len(post_c) else math.nan,
+    }
+    return _too_tight(data, evidence, th)
+
+
+def _too_tight(data: RunData, evidence: dict[str, Any], th: Thresholds) -> dict[str, Any] | None:
+    """Clipped at nearly every step by an order of magnitude, and the loss did not fall: the limit sets the steps."""
+    total, clipped = evidence["steps"], evidence["clipped_steps"]
+    pre_med, post_med = evidence["preclip_median"], evidence["postclip_median"]
+    if not total or clipped < _TIGHT_SHARE * total or not (post_med > 0 and pre_med >= _TIGHT_FACTOR * post_med):
+        return None
+    lo = loss(data)
+    lo = lo[np.isfinite(lo.to_numpy())]
+    if len(lo) < th.loss_min_steps:
+        return None
+    w = max(3, math.ceil(th.loss_window * len(lo)))
+    start, end = float(np.median(lo.iloc[:w].to_numpy())), float(np.median(lo.iloc[-w:].to_numpy()))
+    if start != 0 and (start - end) / abs(start) >= th.loss_min_decrease:
+        return None  # the loss falls: the clip costs speed at most
+    return {"factor": pre_med / post_med, "loss_start": start, "loss_end": end, "share": clipped / total}
 
 
 def _clipped_steps(data: RunData, pre: Any, post: Any) -> list[int]:

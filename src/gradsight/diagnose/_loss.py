@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ._base import LOSS_SCALARS, Rule, RunData, Thresholds, fmt, recent
+from ._clip import clipping_too_tight
 from ._finding import Finding
 from ._layers import unit_dead_fraction
 from ._series import layer_update_ratios, loss, nonfinite_steps, tensor_grad_norms
@@ -182,6 +183,10 @@ def _healthy(data: RunData, th: Thresholds) -> dict[str, Any]:
     never = [str(t) for t in grads.columns if not (grads[t].fillna(0) > 0).any()]
     if never:
         out["reason"] = f"tensors without a non-zero gradient: {never[:8]}"
+        return out
+    tight = clipping_too_tight(data, th)
+    if tight is not None:
+        out["reason"] = f"gradients clipped at {tight['share']:.0%} of the steps, {tight['factor']:.3g}x on median"
         return out
     ratios, _ = layer_update_ratios(data)
     if ratios.empty or not ratios.shape[1]:
