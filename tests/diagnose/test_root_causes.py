@@ -295,6 +295,21 @@ def test_a_frozen_parameter_is_ranked_before_a_saturated_layer_and_explains_its_
     assert low.caused_by == ("no-gradient",)
 
 
+@pytest.mark.parametrize("every_layer", [True, False])
+def test_update_ratio_low_everywhere_with_gradients_advises_raising_the_learning_rate_first(synth, every_layer):
+    """SGD at lr 1e-6: every layer moves, by 1e-8 of its norm. A single slow layer points at its gradient path."""
+    s = synth()
+    for step in range(30):
+        u = {"fc1.weight": 1e-8, "fc2.weight": 1e-8 if every_layer else 1e-3}
+        values = {"loss": 2.3}
+        for t, v in u.items():
+            values.update({f"weight_norm/{t}": 1.0, f"update_norm/{t}": v, f"grad_norm/{t}": 0.1})
+        s.writer.log_scalars(step, values)
+    f = by_code(diagnose(s.run()), "update-ratio-low")
+    first = "Raise the learning rate" if every_layer else "Check that the layer receives gradient"
+    assert f.advice[0].startswith(first)
+
+
 def test_no_gradient_of_a_frozen_parameter_the_optimizer_holds_is_named_frozen(synth):
     # Frozen on purpose (fine-tuning) or by mistake look the same in a run: the optimizer holds a parameter that can
     # never move. A warning either way, naming it frozen, with the advice to leave it out of the optimizer.

@@ -177,6 +177,11 @@ def _finding(data: RunData, step: int, value: float, harm: dict[str, Any], sourc
         "Clip gradients (torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0) / clipnorm=1.0 on a Keras "
         "optimizer) so that one large gradient cannot make a huge step."
     )
+    if step <= th.damage_steps:
+        advice.append(
+            "If the loss sums over the batch (reduction='sum', or a sum over tokens) or gradients are accumulated "
+            "without dividing the loss, every gradient is that many times larger: take the mean instead."
+        )
     return Finding(
         code="learning-rate-too-high",
         severity="error" if "non_finite" in harm else "warning",

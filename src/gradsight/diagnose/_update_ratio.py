@@ -109,8 +109,22 @@ class UpdateRatioRule(Rule):
             ("update-ratio-low", med < th.update_ratio_low, th.update_ratio_low, _LOW),
         ):
             if mask.any():
+                if code == "update-ratio-low" and _all_moving_slowly(med, mask, r):
+                    text = {**text, "advice": (text["advice"][1], text["advice"][0], *text["advice"][2:])}
                 findings.append(_finding(code, med[mask], r, data, thr, text))
         return findings
+
+
+def _all_moving_slowly(med: pd.Series, mask: pd.Series, r: pd.DataFrame) -> bool:
+    """Every layer is below the low threshold and each moved at some step: the learning rate, not a cut-off path.
+
+    Then raising the learning rate is the first advice; a single slow layer, or one that never moved, points at
+    its gradient path first.
+    """
+    if not bool(mask.all()) or len(med) < 2:
+        return False
+    moved = r[r["ratio"].notna()].groupby("layer")["ratio"].max()
+    return bool((moved.reindex(med.index) > 0).all())
 
 
 def _finding(code: str, hit: pd.Series, r: pd.DataFrame, data: RunData, thr: float, text: dict[str, Any]) -> Finding:
