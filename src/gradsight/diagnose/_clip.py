@@ -80,81 +80,88 @@ class GradientsClippedRule(Rule):
         tight = _too_tight(data, evidence, th) if hidden is None else None
         if tight is not None:
             evidence["too_tight"] = tight
-            return [
-                Finding(
-                    code="gradients-clipped",
-                    severity="warning",
-                    layers=(),
-                    first_step=steps[0],
-                    last_step=steps[-1],
-                    evidence=evidence,
-                    message=(
-                        f"Clipping sets every step: {base}, a median {fmt(tight['factor'])}x cut, and the loss did "
-                        f"not fall (median {fmt(tight['loss_start'])} at the start, {fmt(tight['loss_end'])} at the "
-                        "end)."
-                    ),
-                    explanation=(
-                        "Clipping rescales the gradient to the limit whenever its norm exceeds it. With a limit far "
-                        "below the gradient's usual norm every step is rescaled, so the limit, not the gradient, "
-                        "sets the step size: the effective learning rate is divided by the cut factor, and training "
-                        "crawls while gradients and the learning rate look fine."
-                    ),
-                    advice=(
-                        f"Raise the clipping limit (max_norm / clipnorm) above the usual pre-clip norm (median "
-                        f"{fmt(evidence['preclip_median'])}; 2-5x it is common), so that it catches spikes only.",
-                        "Then tune the learning rate with clipping inactive at most steps.",
-                    ),
-                )
-            ]
+            return [_tight_finding(steps, evidence, base, tight)]
         if hidden is None:
-            return [
-                Finding(
-                    code="gradients-clipped",
-                    severity="info",
-                    layers=(),
-                    first_step=steps[0],
-                    last_step=steps[-1],
-                    evidence=evidence,
-                    message="Gradient clipping was active: " + base + ".",
-                    explanation=(
-                        "Clipping rescales the gradient when its norm exceeds a limit, so the optimizer sees at most "
-                        "that norm. Occasional clipping contains spikes; clipping at most steps means the limit, not "
-                        "the gradient, sets the step size."
-                    ),
-                    advice=(
-                        "Nothing to change while the loss falls; if clipping is active at most steps, the limit "
-                        "acts as the learning rate: compare the pre-clip norm with the limit.",
-                    ),
-                )
-            ]
-        return [
-            Finding(
-                code="gradients-clipped",
-                severity="warning",
-                layers=(),
-                first_step=hidden["first_step"],
-                last_step=steps[-1],
-                evidence=evidence,
-                message=(
-                    "Clipping hides an explosion: the pre-clip gradient norm's running median grew "
-                    f"{fmt(hidden['growth'])}x, from {fmt(hidden['from'])} to {fmt(hidden['to'])} by step "
-                    f"{hidden['step']}, while the clipped norm's stayed within {fmt(hidden['post_growth'])}x; "
-                    + base
-                    + "."
-                ),
-                explanation=(
-                    "The gradient the optimizer receives looks flat because clipping caps it, but the gradient "
-                    "backward computes keeps growing: the network is diverging underneath (weights or activations "
-                    "growing), and the capped steps only slow the divergence down. Curves of the clipped norm do not "
-                    "show it."
-                ),
-                advice=(
-                    "Find what makes the raw gradient grow (see the other findings: learning rate, initialisation, "
-                    "accumulation) instead of relying on the clip; plot grad_norm_preclip.",
-                    "Lower the learning rate until the pre-clip norm stops growing.",
-                ),
-            )
-        ]
+            return [_active_finding(steps, evidence, base)]
+        return [_hidden_finding(steps, evidence, base, hidden)]
+
+
+def _tight_finding(steps: list[int], evidence: dict[str, Any], base: str, tight: dict[str, Any]) -> Finding:
+    """The warning: clipping set every step of a run whose loss did not fall."""
+    return Finding(
+        code="gradients-clipped",
+        severity="warning",
+        layers=(),
+        first_step=steps[0],
+        last_step=steps[-1],
+        evidence=evidence,
+        message=(
+            f"Clipping sets every step: {base}, a median {fmt(tight['factor'])}x cut, and the loss did "
+            f"not fall (median {fmt(tight['loss_start'])} at the start, {fmt(tight['loss_end'])} at the "
+            "end)."
+        ),
+        explanation=(
+            "Clipping rescales the gradient to the limit whenever its norm exceeds it. With a limit far "
+            "below the gradient's usual norm every step is rescaled, so the limit, not the gradient, "
+            "sets the step size: the effective learning rate is divided by the cut factor, and training "
+            "crawls while gradients and the learning rate look fine."
+        ),
+        advice=(
+            f"Raise the clipping limit (max_norm / clipnorm) above the usual pre-clip norm (median "
+            f"{fmt(evidence['preclip_median'])}; 2-5x it is common), so that it catches spikes only.",
+            "Then tune the learning rate with clipping inactive at most steps.",
+        ),
+    )
+
+
+def _active_finding(steps: list[int], evidence: dict[str, Any], base: str) -> Finding:
+    """The info: clipping was active."""
+    return Finding(
+        code="gradients-clipped",
+        severity="info",
+        layers=(),
+        first_step=steps[0],
+        last_step=steps[-1],
+        evidence=evidence,
+        message="Gradient clipping was active: " + base + ".",
+        explanation=(
+            "Clipping rescales the gradient when its norm exceeds a limit, so the optimizer sees at most "
+            "that norm. Occasional clipping contains spikes; clipping at most steps means the limit, not "
+            "the gradient, sets the step size."
+        ),
+        advice=(
+            "Nothing to change while the loss falls; if clipping is active at most steps, the limit "
+            "acts as the learning rate: compare the pre-clip norm with the limit.",
+        ),
+    )
+
+
+def _hidden_finding(steps: list[int], evidence: dict[str, Any], base: str, hidden: dict[str, Any]) -> Finding:
+    """The warning: clipping hid an explosion of the pre-clip norm."""
+    return Finding(
+        code="gradients-clipped",
+        severity="warning",
+        layers=(),
+        first_step=hidden["first_step"],
+        last_step=steps[-1],
+        evidence=evidence,
+        message=(
+            "Clipping hides an explosion: the pre-clip gradient norm's running median grew "
+            f"{fmt(hidden['growth'])}x, from {fmt(hidden['from'])} to {fmt(hidden['to'])} by step "
+            f"{hidden['step']}, while the clipped norm's stayed within {fmt(hidden['post_growth'])}x; " + base + "."
+        ),
+        explanation=(
+            "The gradient the optimizer receives looks flat because clipping caps it, but the gradient "
+            "backward computes keeps growing: the network is diverging underneath (weights or activations "
+            "growing), and the capped steps only slow the divergence down. Curves of the clipped norm do not "
+            "show it."
+        ),
+        advice=(
+            "Find what makes the raw gradient grow (see the other findings: learning rate, initialisation, "
+            "accumulation) instead of relying on the clip; plot grad_norm_preclip.",
+            "Lower the learning rate until the pre-clip norm stops growing.",
+        ),
+    )
 
 
 #: Clipping "sets every step" when it bites at at least this share of the steps ...

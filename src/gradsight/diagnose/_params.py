@@ -117,34 +117,7 @@ class NoGradientRule(Rule):
                 f" {len(frozen & set(tensors))} of them had requires_grad=False when the watch opened (frozen), yet "
                 "the optimizer holds them."
             )
-        explanation = []
-        if absent:
-            explanation.append(
-                "A parameter without any gradient is not on the path from the loss: it is frozen "
-                "(requires_grad=False / trainable=False), or the graph to it is cut (detach(), .data, "
-                "torch.no_grad(), a branch the forward never uses, a tensor re-created inside forward)."
-            )
-        why: dict[str, Any] = {}
-        if zero:
-            explanation.append(
-                "A parameter with an exactly zero gradient is on the path, but every route from the loss to it is "
-                "multiplied by zero: dead units after it (a ReLU layer that never fires), a zero mask, a zero "
-                "weight or scale after it."
-            )
-            for layer in ordered([data.tensor_layer(t) for t in zero], data):
-                why[layer] = why_small(data, layer, th)
-                if why[layer]["verdict"] != "unknown":
-                    explanation.append(why[layer]["sentence"])
-            if why:
-                explanation.append(next(iter(why.values()))["exact"])
-        if everything:
-            explanation.insert(
-                0,
-                "No parameter at all got a non-zero gradient: the loss does not depend on the parameters (it is "
-                "multiplied by zero, or computed from detached tensors), or the gradients underflowed to zero "
-                "(float16 without a loss scaler: torch.amp.GradScaler, Keras LossScaleOptimizer), or the units "
-                "before the output are all dead. A larger learning rate cannot help: every update is zero.",
-            )
+        explanation, why = _explain_no_gradient(data, absent, zero, everything, th)
         return [
             Finding(
                 code="no-gradient",
@@ -174,6 +147,41 @@ class NoGradientRule(Rule):
                 ),
             )
         ]
+
+
+def _explain_no_gradient(
+    data: RunData, absent: list[str], zero: list[str], everything: bool, th: Thresholds
+) -> tuple[list[str], dict[str, Any]]:
+    """The explanation's sentences of a no-gradient finding, and the near-zero gradients' explanations by layer."""
+    explanation = []
+    if absent:
+        explanation.append(
+            "A parameter without any gradient is not on the path from the loss: it is frozen "
+            "(requires_grad=False / trainable=False), or the graph to it is cut (detach(), .data, "
+            "torch.no_grad(), a branch the forward never uses, a tensor re-created inside forward)."
+        )
+    why: dict[str, Any] = {}
+    if zero:
+        explanation.append(
+            "A parameter with an exactly zero gradient is on the path, but every route from the loss to it is "
+            "multiplied by zero: dead units after it (a ReLU layer that never fires), a zero mask, a zero "
+            "weight or scale after it."
+        )
+        for layer in ordered([data.tensor_layer(t) for t in zero], data):
+            why[layer] = why_small(data, layer, th)
+            if why[layer]["verdict"] != "unknown":
+                explanation.append(why[layer]["sentence"])
+        if why:
+            explanation.append(next(iter(why.values()))["exact"])
+    if everything:
+        explanation.insert(
+            0,
+            "No parameter at all got a non-zero gradient: the loss does not depend on the parameters (it is "
+            "multiplied by zero, or computed from detached tensors), or the gradients underflowed to zero "
+            "(float16 without a loss scaler: torch.amp.GradScaler, Keras LossScaleOptimizer), or the units "
+            "before the output are all dead. A larger learning rate cannot help: every update is zero.",
+        )
+    return explanation, why
 
 
 class NotOptimizedRule(Rule):
