@@ -382,17 +382,22 @@ def before(series: pd.Series, step: int, window: int) -> pd.Series:
     return series[idx < step].iloc[-1:]
 
 
-def _typical_growth(data: RunData, step: int, window: int) -> dict[str, Any] | None:
+def _typical_growth(data: RunData, step: int, window: int, weight_growth: float) -> dict[str, Any] | None:
     """The median over parameter tensors of their norm's growth within ``window`` steps after ``step``, or None.
 
     The global weight norm is dominated by the largest tensors (a transformer's embeddings and LayerNorm gains):
-    the typical tensor's norm can double while it barely moves. Tensors that start at zero have no growth factor.
+    the typical tensor's norm can double while it barely moves. The reference is each tensor's norm at ``step``
+    (before its update), the growth its largest norm after it (as :func:`after` picks the steps); tensors that
+    start at zero, or end non-finite (the non-finite rule's), have no growth factor.
     """
     table, _ = weight_norms(data)
     if table.empty or table.shape[1] < 2:
         return None
-    ref = table[table.index <= step]
-    later = table[(table.index > step) & (table.index <= step + window)]
+    idx = table.index.to_numpy()
+    ref = table[idx <= step]
+    later = table[(idx > step) & (idx <= step + window)]
+    if later.empty:
+        later = table[idx > step].iloc[:1]
     if ref.empty or later.empty:
         return None
     start = ref.iloc[-1].to_numpy(dtype="float64")
@@ -401,13 +406,13 @@ def _typical_growth(data: RunData, step: int, window: int) -> dict[str, Any] | N
     if ok.sum() < 2:
         return None
     growth = peak[ok] / start[ok]
-    at = later.idxmax(axis=0, skipna=True)[ok]
     return {
         "typical_tensor": True,
         "growth": float(np.median(growth)),
-        "tensors_doubled": int((growth >= 2.0).sum()),
+        "tensors_grown": int((growth >= weight_growth).sum()),
+        "threshold": weight_growth,
         "tensors": int(ok.sum()),
-        "step": int(np.median(at.to_numpy(dtype="float64"))),
+        "step": int(later.loc[:, ok].idxmax(axis=0).max()),
     }
 
 
@@ -418,7 +423,7 @@ def weight_damage_text(w: dict[str, Any]) -> str:
     if w.get("typical_tensor"):
         return (
             f"the typical parameter tensor's norm grew {fmt(w['growth'])}x (median over {w['tensors']} tensors; "
-            f"{w['tensors_doubled']} of them at least doubled, by step {w['step']})"
+            f"{w['tensors_grown']} of them {fmt(w['threshold'])}x or more, by step {w['step']})"
         )
     return f"the norm of all weights grew {fmt(w['growth'])}x ({fmt(w['from'])} to {fmt(w['to'])} by step {w['step']})"
 
@@ -457,7 +462,7 @@ def damage(
             if start > 0 and peak / start >= weight_growth:
                 out["weights"] = {"from": start, "to": peak, "step": int(later.idxmax()), "growth": peak / start}
     if "weights" not in out:
-        typical = _typical_growth(data, step, window)
+        typical = _typical_growth(data, step, window, weight_growth)
         if typical is not None and typical["growth"] >= weight_growth:
             out["weights"] = typical
     lo = loss(data)
