@@ -163,8 +163,9 @@ def _compounds(prev: dict[str, Any], entry: dict[str, Any], direction: str, th: 
     ``s`` again at the next layer: the link compounds when the next output's RMS moves at least
     ``sqrt(init_scale_factor)`` times in the chain's direction. Layers that only follow one another in the model
     order but read the same input (an attention block's query, key and value projections) have outputs of the
-    same RMS: not a chain. Judged only where the output is the weight term's: a layer without a recorded bias, or
-    whose bias is too large against its output (a tiny W with a default-sized bias), is taken as a link.
+    same RMS: not a chain. Judged only where the output is the weight term's (no bias, or a bias small against
+    the output); a layer whose bias was not recorded, or dominates its output (a tiny W with a default-sized
+    bias), is taken as a link.
     """
     a, b = prev.get("output_rms"), entry.get("output_rms")
     if not a or not b or not (a > 0 and b > 0) or not (math.isfinite(a) and math.isfinite(b)):
@@ -189,7 +190,6 @@ def _scale_entry(data: RunData, layer: str, step: int) -> dict[str, Any] | None:
     out = layer_stats(data, "output", layer, step) if "output" in data.kinds else None
     bias: float | None = 0.0  # no bias: the output is the weight term
     if "bias" in params:
-        bias = None
         b = layer_stats(data, "weight", layer, step, tensor=params["bias"][0])
         bias = b["rms"] if b is not None else None
     return {
