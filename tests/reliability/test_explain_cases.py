@@ -313,6 +313,34 @@ def test_torch_a_batch_with_nothing_to_average_is_refused_not_explained_as_nan(t
             explain(model, torch.ones(4, 3), y, loss)
 
 
+def test_torch_dropout_that_is_not_a_dropout_module_runs_at_inference_too(torch):
+    """A MultiheadAttention's dropout and F.dropout(x, p, self.training) kept their random masks in training mode:
+    explain returned a different J at every call, each marked ✓ (the opaque nodes borrowed torch's values)."""
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, dropout=0.5, batch_first=True)
+            self.out = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h, _ = self.attn(x, x, x)
+            h = nn.functional.dropout(h, 0.5, self.training)
+            return self.out(h.mean(1))
+
+    torch.manual_seed(0)
+    model = Block().double().train()
+    x, y = torch.randn(4, 5, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    model.eval()
+    with torch.no_grad():
+        reference = float(nn.CrossEntropyLoss()(model(x), y))  # the inference value, deterministic
+    model.train()
+    values = [explain(model, x, y, nn.CrossEntropyLoss())["J"].value for _ in range(3)]
+    assert values == [pytest.approx(reference, abs=1e-14)] * 3
+    assert model.training and model.attn.training  # the flags are restored
+
+
 def test_torch_unsupported_modules(torch):
     from torch import nn
 

@@ -12,10 +12,11 @@ dJ/d(every parameter); each node without a rule gets its vector-Jacobian product
 user owns is changed when it returns: training flags, ``requires_grad`` flags and buffers (BatchNorm running
 statistics, updated by a training-mode forward) are restored exactly, ``.grad`` is never touched.
 
-Modes: by default each module keeps its own ``training`` flag (a BatchNorm in training mode uses batch
-statistics, and its gradient flows through them), except dropout, which is switched to eval (the identity)
-so the run is deterministic. ``training=False`` runs everything in eval mode, ``training=True`` in training mode
-(dropout still at inference).
+Modes: every module runs in eval mode, so that the run is deterministic: dropout in any form (``nn.Dropout``,
+``F.dropout(x, p, self.training)``, a ``MultiheadAttention``'s or a Hugging Face attention's dropout) is the
+identity. The exceptions are the normalisation layers with batch statistics (BatchNorm, InstanceNorm with running
+statistics): by default each keeps its own ``training`` flag (in training mode it uses batch statistics, and its
+gradient flows through them); ``training=False`` or ``True`` sets them all.
 """
 
 from __future__ import annotations
@@ -240,6 +241,11 @@ _ID_OPS = frozenset(
 _INPLACE_MODULES: list[nn.Module] = []  # modules whose inplace=True is switched off for the run
 
 
+#: Normalisation layers whose result depends on the training flag (batch or running statistics): the only
+#: modules that keep their mode (their own, or the one ``training=`` asks for).
+_MODAL_NORMS = (nn.modules.batchnorm._NormBase,)
+
+
 def _modes(model: nn.Module, training: bool | None) -> list[tuple[nn.Module, bool]]:
     """Set the run's training flags (see the module docstring); returns what to restore."""
     flags = [(m, m.training) for m in model.modules()]
@@ -249,10 +255,19 @@ def _modes(model: nn.Module, training: bool | None) -> list[tuple[nn.Module, boo
             _INPLACE_MODULES.append(m)
     if training is not None:
         model.train(bool(training))
-    for m in model.modules():
-        if isinstance(m, _DROPOUTS):
-            m.eval()
+    for m in model.modules():  # one module at a time: eval() would recurse into a BatchNorm's parents' children
+        if not isinstance(m, _MODAL_NORMS):
+            m.training = False
     return flags
+
+
+def _dropout_config(model: nn.Module) -> list[Any]:
+    """The dropout probabilities a Hugging Face model's config names (its attention and hidden dropouts)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return []
+    keys = ("attention_probs_dropout_prob", "hidden_dropout_prob", "attn_pdrop", "resid_pdrop", "embd_pdrop", "dropout")
+    return [getattr(config, k, None) for k in keys]
 
 
 def loss_value(loss_fn: Callable, y_hat: torch.Tensor, y_t: torch.Tensor, display: str) -> torch.Tensor:
@@ -407,8 +422,15 @@ def run_graph(
             for k, b in model.named_buffers():
                 if k in buffers and b.shape == buffers[k].shape:
                     b.copy_(buffers[k])
-    if any(isinstance(m, _DROPOUTS) and f and m.p > 0 for m, f in flags):
-        notes.append("dropout modules in training mode were run at inference (the identity); their flags are restored")
+    if any(f and not isinstance(m, _MODAL_NORMS) for m, f in flags) and (
+        any(isinstance(m, _DROPOUTS) and m.p > 0 for m, _ in flags)
+        or any(isinstance(getattr(m, "dropout", None), float) and m.dropout > 0 for m, _ in flags)
+        or any(isinstance(v, float) and v > 0 for v in _dropout_config(model))
+    ):
+        notes.append(
+            "modules in training mode were run in eval mode, dropout of every kind at inference (the identity); "
+            "their flags are restored"
+        )
     if (
         any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
         and training is not False
