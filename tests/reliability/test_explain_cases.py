@@ -341,6 +341,36 @@ def test_torch_dropout_that_is_not_a_dropout_module_runs_at_inference_too(torch)
     assert model.training and model.attn.training  # the flags are restored
 
 
+def test_keras_sequential_with_batchnorm_in_training_mode_is_derived_on_batch_statistics(keras):
+    """explain(..., training=True) on a Sequential was silently derived in inference mode (and marked verified)."""
+    import tensorflow as tf
+
+    L = keras.layers
+    model = keras.Sequential(
+        [
+            keras.Input((5,), dtype="float64"),
+            L.Dense(6, dtype="float64"),
+            L.BatchNormalization(dtype="float64"),
+            L.Dense(3, dtype="float64"),
+        ]
+    )
+    x = np.random.default_rng(0).normal(size=(6, 5))
+    y = np.random.default_rng(1).normal(size=(6, 3))
+    loss = keras.losses.MeanSquaredError(dtype="float64")
+    before = [v.numpy().copy() for v in model.variables]
+    trace = explain(model, x, y, loss, training=True)
+    after = [v.numpy().copy() for v in model.variables]
+    with tf.GradientTape() as tape:  # the reference, on batch statistics
+        j = loss(y, model(x, training=True))
+    kernel = model.layers[0].kernel
+    g = tape.gradient(j, kernel)
+    for a, b in zip(before, after, strict=True):  # explain left the moving statistics as they were
+        np.testing.assert_array_equal(a, b)
+    assert trace.ok and trace["J"].value == pytest.approx(float(j), abs=1e-13)
+    np.testing.assert_allclose(trace[f"dJ/dW[{model.layers[0].name}]"].value, g.numpy(), atol=1e-13)
+    assert float(j) != pytest.approx(float(loss(y, model(x, training=False))))  # the two modes differ here
+
+
 def test_torch_unsupported_modules(torch):
     from torch import nn
 

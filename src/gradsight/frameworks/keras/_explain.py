@@ -355,6 +355,20 @@ def _as_graph(model: Any, x: np.ndarray) -> bool:
     return False
 
 
+def _functional_view(model: Any) -> Any | None:
+    """A functional model over a Sequential's own layers (``keras.Model(inputs, outputs)``), or ``None``.
+
+    Needs the Sequential's symbolic input (built from a ``keras.Input``); the view shares every layer and weight.
+    """
+    try:
+        inputs, outputs = model.inputs, model.outputs
+    except (AttributeError, ValueError):
+        return None
+    if not inputs or not outputs or len(inputs) != 1 or len(outputs) != 1:
+        return None
+    return keras.Model(inputs, outputs, name=model.name)
+
+
 def _run_graph(model: Any, x: np.ndarray, y: np.ndarray, loss: Any, reduction: str, training: bool | None):
     layers = [ly for ly in model._flatten_layers(include_self=False) if ly.weights]
     dtype = str(layers[0].compute_dtype) if layers else str(getattr(model, "compute_dtype", keras.config.floatx()))
@@ -386,7 +400,8 @@ def run_explain(
         y: the targets.
         loss: see :func:`classify_loss`; callables are called as ``loss(y_true, y_pred)``.
         reduction: reduction of a loss given by name.
-        training: graphs only: True runs BatchNormalization on batch statistics; otherwise inference mode.
+        training: True runs BatchNormalization on batch statistics (a chain with one is explained as a graph);
+            otherwise inference mode.
 
     Returns:
         The :class:`~gradsight.explain._spec.FrameworkRun` of a chain or the
@@ -401,6 +416,17 @@ def run_explain(
     if _as_graph(model, x):
         return _run_graph(model, x, y, loss, reduction, training)
     layers = _chain(model)
+    if training and any(isinstance(ly, keras.layers.BatchNormalization) for ly in layers):
+        # the chain derives inference mode only: batch statistics route to the graph explainer, as in torch
+        graph = model if is_functional_graph(model) else _functional_view(model)
+        if graph is None:
+            raise UnsupportedError(
+                f"explain(..., training=True) on {type(model).__name__} {model.name!r}: BatchNormalization on batch "
+                "statistics is derived by the graph explainer, which needs a model with a known input (a "
+                "functional model, or a Sequential that starts with keras.Input). Fix: add keras.Input(shape) as "
+                "the first layer, or explain inference mode (training=False)."
+            )
+        return _run_graph(graph, x, y, loss, reduction, training)
     dtype = _model_dtype(layers, model)
     spec, display, loss_fn, loss_dtype = classify_loss(loss, reduction, dtype)
     eff_dtype = dtype
