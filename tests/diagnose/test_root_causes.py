@@ -284,12 +284,13 @@ def test_a_frozen_parameter_is_ranked_before_a_saturated_layer_and_explains_its_
     """A BERT classifier with its word embedding frozen by mistake, whose pooler tanh saturates as it fits: the
     frozen embedding (a fact of the set-up) comes first, and its zero update ratio is not put on the saturation."""
     layers = [{"name": "emb", "type": "Embedding"}, {"name": "fc", "type": "Linear"}, {"name": "pool", "type": "Tanh"}]
-    s = synth(layers=layers)
+    s = synth(layers=[*layers, {"name": "head", "type": "Linear"}])
     for step in range(12):
         values = {"loss": 1.0 * 0.8**step, "weight_norm/emb.weight": 5.0, "update_norm/emb.weight": 0.0}
         values.update({"weight_norm/fc.weight": 1.0, "update_norm/fc.weight": 1e-3, "grad_norm/fc.weight": 0.1})
         s.writer.log_scalars(step, values)
         s.log(step, "output", "pool", np.tanh(rng.normal(0, 8.0, size=(32, 16))), unit_axis=-1)
+        s.log(step, "output", "head", rng.normal(size=(32, 2)), unit_axis=-1)
     found = diagnose(s.run())
     roots = [f for f in found if f.is_root and f.severity == "warning"]
     assert [f.code for f in roots[:2]] == ["no-gradient", "saturated-units"]

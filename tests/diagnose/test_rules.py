@@ -314,7 +314,7 @@ def test_dead_units_skip_without_unit_counts(synth):
     [("tanh", [{"name": "h", "type": "Tanh"}]), ("sigmoid", [{"name": "h", "type": "Dense", "activation": "sigmoid"}])],
 )
 def test_saturated_units_gain_is_exact(synth, rng, act, layers):
-    s = synth(layers=layers)
+    s = synth(layers=[*layers, {"name": "out", "type": "Linear"}])
     gains = []
     for step in range(6):
         z = rng.normal(0, 6.0, size=(32, 16))
@@ -322,12 +322,26 @@ def test_saturated_units_gain_is_exact(synth, rng, act, layers):
         a64 = a.astype(np.float64)
         gains.append(np.mean(1 - a64**2) if act == "tanh" else 4 * np.mean(a64 * (1 - a64)))
         s.log(step, "output", "h", a)
+        s.log(step, "output", "out", rng.normal(size=(32, 2)))
     f = diagnose(s.run(), rules=[SaturatedUnitsRule()])[0]
     expected = float(np.median(gains[-3:]))  # six logged steps: the later half (recent_steps=5 would reach back to 1)
     assert f.code == "saturated-units" and f.layers == ("h",)
     assert f.evidence["layers"]["h"]["gain"] == pytest.approx(expected, rel=1e-9)
     assert f"the {act} layer 'h' passes back on average {expected:.3g} of the maximal gradient" in f.message
     assert "logged steps 3–5; threshold 0.25" in f.message
+    assert ("of its outputs at |a| >= 0.5" in f.message) is (act == "tanh")  # a sigmoid's outputs are all >= 0
+
+
+@pytest.mark.parametrize("act", ["sigmoid", "tanh"])
+def test_a_saturated_output_layer_is_a_confident_model_not_a_fault(synth, rng, act):
+    """Dense(1, activation='sigmoid') with binary cross-entropy at 99 % accuracy: the output saturates on purpose
+    (and the loss passes back p - y undiminished). It was a warning that made `gradsight diagnose` exit 1."""
+    s = synth(layers=[{"name": "h", "type": "Linear"}, {"name": "out", "type": "Dense", "activation": act}])
+    for step in range(6):
+        s.log(step, "output", "h", rng.normal(size=(32, 8)))
+        z = rng.normal(0, 8.0, size=(32, 1))
+        s.log(step, "output", "out", (np.tanh(z) if act == "tanh" else 1 / (1 + np.exp(-z))).astype(np.float32))
+    assert diagnose(s.run(), rules=[SaturatedUnitsRule()]) == []
 
 
 def test_saturation_healthy_tanh_and_unknown_activation(synth, rng):
@@ -418,6 +432,34 @@ def test_nan_from_the_update_of_float16_parameters_advises_float32_master_weight
     assert f.evidence["origin"]["kind"] == "update"
     assert f.advice[0].startswith("The parameters are float16: keep them") is first
     assert any(a.startswith("Lower the learning rate") for a in f.advice)
+
+
+@pytest.mark.parametrize("recovers", [True, False])
+def test_gradients_a_loss_scaler_skipped_are_not_a_fault_when_training_went_on(synth, recovers):
+    """mixed_float16 / GradScaler: the first steps' scaled gradients overflow, the scaler skips them and lowers its
+    scale. That was an error root ('first non-finite value at step 0') advising the loss scaler already in use."""
+    s = synth()
+    for step in range(12):
+        skipped = step < 3 or (not recovers and step >= 6)
+        values = {"loss": 2.0 - 0.05 * step, "step_skipped": 1.0 if skipped else 0.0}
+        values["grad_nonfinite"] = 4.0 if skipped else 0.0
+        values["grad_norm"] = math.inf if skipped else 1.0
+        s.writer.log_scalars(step, values)
+        g = np.full((4, 3), np.inf if skipped else 0.1)
+        s.log(step, "output_grad", "fc1", g)
+    found = [f for f in diagnose(s.run()) if f.code == "non-finite"]
+    if recovers:
+        assert found == []
+    else:  # skipping to the end: the scaler never recovered, the overflow is real
+        assert found and found[0].first_step == 6 and found[0].severity == "error"
+
+
+def test_a_nan_loss_at_a_skipped_step_is_still_a_fault(synth):
+    s = synth()
+    for step in range(8):
+        s.writer.log_scalars(step, {"loss": math.nan if step == 2 else 1.0, "step_skipped": float(step == 2)})
+    (f,) = [f for f in diagnose(s.run()) if f.code == "non-finite"]
+    assert f.first_step == 2 and f.evidence["origin"]["kind"] == "loss"
 
 
 # ---- thresholds -----------------------------------------------------------------------------------------------

@@ -13,6 +13,9 @@ kind) and the cheap scalars logged every step — a non-finite (or NaN, stored a
 named ``grad_nonfinite`` / ``grad_nonfinite/<tensor>`` (counts) or ``grad_norm`` / ``grad_norm/<tensor>``
 (non-finite norms). Scalars often exist at steps that have no summaries (``every > 1``); then the first step
 comes from the scalars and the location from the first summarised step, and the message says so.
+
+Non-finite gradients at steps a loss scaler skipped (``step_skipped``), with steps taken after them, are left
+out: the scaler found the overflow of a scale too large for float16 and lowered it, as designed.
 """
 
 from __future__ import annotations
@@ -214,6 +217,30 @@ def _growth_before(data: RunData, step: int, th: Thresholds) -> str | None:
     return None
 
 
+#: Kinds a loss scaler's skipped step may hold non-finite without anything being wrong: the gradients of a loss
+#: scaled past float16's range, which the scaler found and skipped (and then lowered its scale).
+_SCALER_KINDS = frozenset({"grad", "output_grad"})
+
+
+def _without_scaler_skips(data: RunData, events: list[_Event]) -> list[_Event]:
+    """The events without the gradients of steps a loss scaler skipped, where training went on after them.
+
+    A ``GradScaler`` / ``LossScaleOptimizer`` starts at a scale that overflows float16 on purpose, skips the
+    steps whose gradients overflowed (``step_skipped``) and lowers its scale: those Inf/NaN gradients are the
+    scaler working. A run that skips to its last recorded step keeps them (the scaler never recovered), as do
+    non-finite outputs, losses, weights and updates at any step.
+    """
+    if "step_skipped" not in data.scalars.columns:
+        return events
+    flag = data.scalars["step_skipped"].astype("float64").fillna(0)
+    skipped = {int(s) for s in flag.index[flag.to_numpy() > 0]}
+    if not skipped:
+        return events
+    taken = [int(s) for s in flag.index[flag.to_numpy() <= 0]]
+    last_taken = max(taken, default=-1)
+    return [e for e in events if not (e.kind in _SCALER_KINDS and e.step in skipped and e.step < last_taken)]
+
+
 class NonFiniteRule(Rule):
     """Locate the first NaN/Inf in a run and report its origin first (code ``non-finite``, severity error).
 
@@ -287,7 +314,7 @@ class NonFiniteRule(Rule):
 
     def check(self, data: RunData, th: Thresholds) -> list[Finding]:
         """See the module docstring."""
-        events = self._events(data)
+        events = _without_scaler_skips(data, self._events(data))
         if not events:
             return []
         events.sort(key=lambda e: e.key(data))

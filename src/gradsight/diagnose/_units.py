@@ -241,7 +241,9 @@ class SaturatedUnitsRule(Rule):
 
     See the module docstring for the exact gain formulas and their limits. Warns when the median gain over the
     last ``recent_steps`` logged steps is below ``saturation_gain``. Needs ``output`` summaries of layers whose
-    activation is identifiable.
+    activation is identifiable. The model's output layer (the last layer with recorded outputs) is not judged:
+    a classifier's sigmoid or softmax output is meant to approach 0 or 1, and its loss (binary cross-entropy on
+    a sigmoid, as Keras computes it from the logits) passes back ``p - y`` undiminished.
     """
 
     name = "saturated-units"
@@ -260,7 +262,11 @@ class SaturatedUnitsRule(Rule):
     def check(self, data: RunData, th: Thresholds) -> list[Finding]:
         """See the class docstring."""
         hits: dict[str, dict[str, Any]] = {}
+        recorded = ordered({t.layer for t in data.tensors if t.kind == "output"}, data)
+        output_layer = recorded[-1] if recorded else None
         for layer, sub in data.frame("output", hist=True).groupby("layer"):
+            if str(layer) == output_layer:  # the model's output: confident predictions are the goal (see above)
+                continue
             act = activation_of(data, str(layer))
             hit = _saturation(sub, act, th) if act is not None else None
             if hit is not None:
@@ -274,8 +280,9 @@ class SaturatedUnitsRule(Rule):
         msg = (
             f"Saturated units: the {w['activation']} layer {worst!r} passes back on average {fmt(w['gain'])} of the "
             f"maximal gradient (mean local derivative relative to its maximum, median over logged steps {a}–{b}; "
-            f"threshold {fmt(th.saturation_gain)}), with {w['share_abs_ge_0.5']:.0%} of its outputs at |a| >= 0.5; "
-            f"{len(layers)} layer(s) affected."
+            f"threshold {fmt(th.saturation_gain)})"
+            + (f", with {w['share_abs_ge_0.5']:.0%} of its outputs at |a| >= 0.5" if w["activation"] == "tanh" else "")
+            + f"; {len(layers)} layer(s) affected."
         )
         return [
             Finding(
