@@ -17,7 +17,7 @@ least doubles within ``damage_steps`` steps, when another consequence (loss, gra
 
 The finding names the first such step, the update ratio there and per layer, what followed, and the learning
 rate of that step when recorded; its advice lowers the learning rate by the factor that brings that update
-ratio to ~1e-2 (a first guess, rounded to a power of ten), adds a warm-up, and clips gradients.
+ratio to ~1e-2 (a first guess, the nearest power of ten, at least 10), adds a warm-up, and clips gradients.
 """
 
 from __future__ import annotations
@@ -214,7 +214,7 @@ def _finding(data: RunData, step: int, value: float, harm: dict[str, Any], sourc
 def _lower_advice(value: float, rate: float | None, step: int, whose: str | None = None) -> str:
     if math.isnan(value) or value <= 0:
         return lower_lr(" (try 10x lower), and check what made the weights grow at that step.")
-    factor = 10 ** max(1, math.ceil(math.log10(value / _TARGET_RATIO)))
+    factor = 10 ** max(1, round(math.log10(value / _TARGET_RATIO)))  # the nearest power of ten, at least 10
     target = f" (from {fmt(rate)} to {fmt(rate / factor)} or less)" if rate else ""
     whose = whose or "the weights'"
     return lower_lr(

@@ -63,6 +63,26 @@ _EVERYTHING_ZERO_ADVICE = (
 )
 
 
+#: The advice of a no-gradient finding for parameters cut off from the loss, by framework.
+_CUT_OFF_ADVICE = {
+    "torch": (
+        "If these parameters should learn: set requires_grad=True and remove any detach(), .data or no_grad() "
+        "between them and the loss; print [n for n, p in model.named_parameters() if p.grad is None] after "
+        "backward() to see which are cut off.",
+        "If they are frozen on purpose, leave them out of the optimizer: torch.optim.Adam([p for p in "
+        "model.parameters() if p.requires_grad]) (this also saves the optimizer's state for them).",
+    ),
+    "keras": (
+        "If these variables should learn: remove any tf.stop_gradient (or a Lambda layer around one) and any "
+        "path that leaves TensorFlow (.numpy(), NumPy functions) between them and the loss; with a "
+        "tf.GradientTape, [v.name for v, g in zip(model.trainable_variables, tape.gradient(loss, "
+        "model.trainable_variables)) if g is None] lists the ones cut off.",
+        "If they are frozen on purpose, set layer.trainable = False and compile again: Keras then leaves them out "
+        "of the optimizer.",
+    ),
+}
+
+
 class NoGradientRule(Rule):
     """Parameters the optimizer holds that never get a non-zero gradient (``no-gradient``).
 
@@ -138,13 +158,7 @@ class NoGradientRule(Rule):
                 explanation=" ".join(explanation),
                 advice=_EVERYTHING_ZERO_ADVICE
                 if everything
-                else (
-                    "If these parameters should learn: set requires_grad=True (trainable=True) and remove any "
-                    "detach(), .data or no_grad() between them and the loss; print [n for n, p in "
-                    "model.named_parameters() if p.grad is None] after backward() to see which are cut off.",
-                    "If they are frozen on purpose, leave them out of the optimizer: torch.optim.Adam([p for p in "
-                    "model.parameters() if p.requires_grad]) (this also saves the optimizer's state for them).",
-                ),
+                else _CUT_OFF_ADVICE.get(str(data.meta.get("framework")), _CUT_OFF_ADVICE["torch"]),
             )
         ]
 
