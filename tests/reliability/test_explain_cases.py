@@ -371,10 +371,70 @@ def test_keras_sequential_with_batchnorm_in_training_mode_is_derived_on_batch_st
     assert float(j) != pytest.approx(float(loss(y, model(x, training=False))))  # the two modes differ here
 
 
+def test_torch_layer_with_parameters_other_than_weight_and_bias_names_each_one(torch):
+    """A leaf with (shift, scale, gate) in a Sequential: the chain labelled shift as dJ/dW2, scale as dJ/db2 and
+    dropped gate. It now goes to the graph explainer, which names every parameter."""
+    from torch import nn
+
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shift = nn.Parameter(torch.randn(4, dtype=torch.float64))
+            self.scale = nn.Parameter(torch.randn(4, dtype=torch.float64))
+            self.gate = nn.Parameter(torch.randn(4, dtype=torch.float64))
+
+        def forward(self, x):
+            return (x + self.shift) * self.scale * torch.sigmoid(self.gate)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), Gated(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    trace = explain(model, x, y, nn.MSELoss())
+    grads = dict(
+        zip(
+            ("shift", "scale", "gate"),
+            torch.autograd.grad(nn.MSELoss()(model(x), y), list(model[1].parameters())),
+            strict=True,
+        )
+    )
+    assert trace.ok
+    for term, name in (("dJ/dW[1.shift]", "shift"), ("dJ/dW[1]", "scale"), ("dJ/dW[1.gate]", "gate")):
+        np.testing.assert_allclose(trace[term].value, grads[name].numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_keras_recurrent_layer_in_a_sequential_names_every_variable(keras):
+    """A Keras LSTM in a Sequential: the chain labelled its recurrent kernel dJ/db1 and dropped its bias."""
+    import tensorflow as tf
+
+    L = keras.layers
+    model = keras.Sequential(
+        [keras.Input((4, 3), dtype="float64"), L.LSTM(6, dtype="float64"), L.Dense(2, dtype="float64")]
+    )
+    x = np.random.default_rng(0).normal(size=(5, 4, 3))
+    y = np.random.default_rng(1).normal(size=(5, 2))
+    loss = keras.losses.MeanSquaredError(dtype="float64")
+    trace = explain(model, x, y, loss)
+    with tf.GradientTape() as tape:
+        j = loss(y, model(x))
+    cell = model.layers[0].cell
+    g = dict(
+        zip(
+            ("kernel", "recurrent", "bias"),
+            tape.gradient(j, [cell.kernel, cell.recurrent_kernel, cell.bias]),
+            strict=True,
+        )
+    )
+    base = f"{model.layers[0].name}.{cell.name}"
+    assert trace.ok
+    np.testing.assert_allclose(trace[f"dJ/dW[{base}]"].value, g["kernel"].numpy(), atol=1e-13)
+    np.testing.assert_allclose(trace[f"dJ/dW[{base}.recurrent_kernel]"].value, g["recurrent"].numpy(), atol=1e-13)
+    np.testing.assert_allclose(trace[f"dJ/db[{base}]"].value, g["bias"].numpy(), atol=1e-13)
+
+
 def test_torch_unsupported_modules(torch):
     from torch import nn
 
-    with pytest.raises(UnsupportedError, match=r"returned a tuple, not a tensor"):
+    with pytest.raises(UnsupportedError, match=r"output is a tuple.*nn.LSTM / nn.GRU return \(output, state\)"):
         explain(nn.Sequential(nn.LSTM(3, 2)), torch.ones(4, 3), torch.ones(4, 2))
 
 

@@ -355,6 +355,19 @@ def _as_graph(model: Any, x: np.ndarray) -> bool:
     return False
 
 
+def _w_and_b(layer: Any) -> bool:
+    """Whether the chain can name a layer's variables W and b: at most a kernel-like one and a bias-like one."""
+    names = [v.path.rsplit("/", 1)[-1] for v in layer.weights if getattr(v, "path", None)]
+    if len(names) != len(layer.weights) or len(names) > 4:
+        return False
+    trainable = [v.path.rsplit("/", 1)[-1] for v in layer.trainable_weights]
+    if len(trainable) > 2:
+        return False
+    kinds = {"kernel": 0, "embeddings": 0, "gamma": 0, "alpha": 0, "bias": 1, "beta": 1}
+    slots = [kinds.get(n) for n in trainable]
+    return None not in slots and slots == sorted(set(slots))
+
+
 def _functional_view(model: Any) -> Any | None:
     """A functional model over a Sequential's own layers (``keras.Model(inputs, outputs)``), or ``None``.
 
@@ -416,15 +429,20 @@ def run_explain(
     if _as_graph(model, x):
         return _run_graph(model, x, y, loss, reduction, training)
     layers = _chain(model)
-    if training and any(isinstance(ly, keras.layers.BatchNormalization) for ly in layers):
+    unnamed = [ly.name for ly in layers if not _w_and_b(ly)]
+    if unnamed or (training and any(isinstance(ly, keras.layers.BatchNormalization) for ly in layers)):
         # the chain derives inference mode only: batch statistics route to the graph explainer, as in torch
         graph = model if is_functional_graph(model) else _functional_view(model)
         if graph is None:
+            why = (
+                f"layers {unnamed!r} hold variables other than a kernel and a bias, which the chain cannot name"
+                if unnamed
+                else "BatchNormalization on batch statistics (training=True)"
+            )
             raise UnsupportedError(
-                f"explain(..., training=True) on {type(model).__name__} {model.name!r}: BatchNormalization on batch "
-                "statistics is derived by the graph explainer, which needs a model with a known input (a "
-                "functional model, or a Sequential that starts with keras.Input). Fix: add keras.Input(shape) as "
-                "the first layer, or explain inference mode (training=False)."
+                f"explain on {type(model).__name__} {model.name!r}: {why}; the graph explainer derives it, and needs "
+                "a model with a known input (a functional model, or a Sequential that starts with keras.Input). "
+                "Fix: add keras.Input(shape) as the first layer."
             )
         return _run_graph(graph, x, y, loss, reduction, training)
     dtype = _model_dtype(layers, model)

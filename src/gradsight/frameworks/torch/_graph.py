@@ -54,7 +54,11 @@ def is_chain(model: nn.Module) -> bool:
         if type(model).forward is not nn.Sequential.forward:
             return False
         return all(is_chain(m) for m in model.children())
-    return next(model.children(), None) is None and not isinstance(model, nn.Embedding)  # ids: a graph
+    if next(model.children(), None) is not None or isinstance(model, nn.Embedding):  # ids: a graph
+        return False
+    # the chain names a layer's parameters W and b: other parameters (an LSTM's, a custom layer's) need the graph
+    # explainer, which names each parameter by its own name
+    return {n for n, _ in model.named_parameters(recurse=False)} <= {"weight", "bias"}
 
 
 # --------------------------------------------------------------------------------------------------- trace

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from ..._errors import UnsupportedError
 from ...explain._graph import GraphNode, param_term, unique_name
 
 __all__ = ["Const", "Converter"]
@@ -365,7 +366,12 @@ class Converter:
         if isinstance(r, _Tuple) and r.neutral:
             r = r.neutral
         if not isinstance(r, str):
-            raise TypeError("the model's output is not a tensor computed from x")
+            what = "a tuple" if isinstance(r, _Tuple) else "not a tensor computed from x"
+            raise UnsupportedError(
+                f"the model's output is {what}: explain follows a model whose output is one tensor computed from x "
+                "(nn.LSTM / nn.GRU return (output, state)). Fix: wrap the model so that forward returns the tensor "
+                "the loss reads, e.g. `out, _ = self.lstm(x); return self.head(out)`."
+            )
         if n.args and isinstance(n.args[0], (tuple, list, dict)):
             self.notes.append(f"the model returned several values; explain follows the first tensor, A[{r}]")
         self.output = r
