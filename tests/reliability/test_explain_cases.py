@@ -431,6 +431,42 @@ def test_keras_recurrent_layer_in_a_sequential_names_every_variable(keras):
     np.testing.assert_allclose(trace[f"dJ/db[{base}]"].value, g["bias"].numpy(), atol=1e-13)
 
 
+def test_torch_meta_device_model_is_refused_with_the_fix(torch):
+    from torch import nn
+
+    for model in (nn.Sequential(nn.Linear(3, 2)), nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))):
+        with pytest.raises(InputError, match=r"on the 'meta' device.*model.to_empty\(device='cpu'\)"):
+            explain(model.to("meta"), torch.ones(4, 3), torch.ones(4, 2), nn.MSELoss())
+
+
+def test_torch_embedding_max_norm_leaves_the_users_weights_as_they_were(torch):
+    """Embedding(max_norm=...) renormalises the rows it looks up in place: explain changed the user's weights."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, max_norm=0.5), nn.Flatten(), nn.Linear(12, 2)).double()
+    before = model[0].weight.detach().clone()
+    ids, y = torch.tensor([[1, 2, 3], [5, 0, 1]]), torch.randn(2, 2, dtype=torch.float64)
+    trace = explain(model, ids, y, nn.MSELoss())
+    assert torch.equal(model[0].weight, before)
+    with torch.no_grad():  # the reference: torch's own forward (which renormalises the rows, as explain's did)
+        j = nn.MSELoss()(model(ids), y)
+    assert trace["J"].value == pytest.approx(float(j), abs=1e-14)
+    assert any("max_norm" in n for n in trace.notes)
+
+
+def test_check_loss_with_float32_class_weights(torch):
+    from torch import nn
+
+    loss = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0]))  # float32, the usual case
+    y_true, y_pred = torch.tensor([0, 1, 2, 1]), torch.randn(4, 3)
+    report = check_loss(loss, y_true, y_pred)
+    assert report.ok
+    reference = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    assert report.value == pytest.approx(float(reference(y_pred.double(), y_true)), rel=1e-12)
+    assert loss.weight.dtype == torch.float32  # the user's loss is left as it was
+
+
 def test_torch_unsupported_modules(torch):
     from torch import nn
 

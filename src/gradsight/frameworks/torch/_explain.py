@@ -389,6 +389,12 @@ def run_explain(
         raise UnsupportedError(f"explain needs a torch.nn.Module, got {type(model).__name__!r}")
     spec, display, loss_fn = classify_loss(loss, y, reduction)
     dtype = _model_dtype(model)
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        raise InputError(
+            f"the parameters of {type(model).__name__!r} are on the 'meta' device: they have shapes but no values, "
+            "so there is nothing to compute. Fix: materialise the model first, e.g. model.to_empty(device='cpu') "
+            "and load its weights (load_state_dict), or build it without device='meta'."
+        )
     if any(p.is_inference() for p in model.parameters()):
         raise InputError(
             f"the parameters of {type(model).__name__!r} were created inside torch.inference_mode(), so autograd "
@@ -690,6 +696,8 @@ def loss_probe(loss: Any, y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, A
     Torch losses are called as ``loss(y_pred, y_true)``.
     """
     dtype = torch.float64
+    if isinstance(loss, nn.Module) and any(t.is_floating_point() for t in [*loss.parameters(), *loss.buffers()]):
+        loss = copy.deepcopy(loss).double()  # its class weights in the float64 the probe computes in
     yp = torch.tensor(np.asarray(y_pred, dtype=np.float64), dtype=dtype, requires_grad=True)
     yt_np = np.asarray(y_true)
     sparse = np.issubdtype(yt_np.dtype, np.integer)

@@ -359,6 +359,12 @@ def run_graph(
     notes: list[str] = []
     flags = _modes(model, training)
     buffers = {k: b.detach().clone() for k, b in model.named_buffers()}
+    # an Embedding with max_norm renormalises the rows it looks up in place, in every forward (as in training)
+    renormed = [
+        (m, m.weight.detach().clone())
+        for m in model.modules()
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
+    ]
     frozen = [p for p in model.parameters() if not p.requires_grad]
     try:
         for p in frozen:
@@ -426,6 +432,13 @@ def run_graph(
             for k, b in model.named_buffers():
                 if k in buffers and b.shape == buffers[k].shape:
                     b.copy_(buffers[k])
+            for m, w in renormed:
+                m.weight.copy_(w)
+    if renormed:
+        notes.append(
+            "an Embedding with max_norm renormalises the rows it looks up in place, in its forward (as in training): "
+            "the run used the renormalised rows, and the weights were restored afterwards"
+        )
     if any(f and not isinstance(m, _MODAL_NORMS) for m, f in flags) and (
         any(isinstance(m, _DROPOUTS) and m.p > 0 for m, _ in flags)
         or any(isinstance(getattr(m, "dropout", None), float) and m.dropout > 0 for m, _ in flags)
