@@ -467,6 +467,19 @@ def test_check_loss_with_float32_class_weights(torch):
     assert loss.weight.dtype == torch.float32  # the user's loss is left as it was
 
 
+def test_torch_common_input_mistakes_name_the_real_problem(torch):
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(3, 1)).double()  # logits, not probabilities
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(InputError, match=r"takes probabilities, but the model's output.*nn.BCEWithLogitsLoss"):
+        explain(model, x, torch.ones(4, 1, dtype=torch.float64), nn.BCELoss())
+    emb = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 2)).double()
+    ids = torch.tensor([[1, 2, 30], [0, 1, 2]])
+    with pytest.raises(InputError, match=r"ids from 0 to 30, and the model's nn.Embedding tables have 10 rows"):
+        explain(emb, ids, torch.ones(2, 2, dtype=torch.float64), nn.MSELoss())
+
+
 def test_torch_unsupported_modules(torch):
     from torch import nn
 

@@ -285,6 +285,13 @@ def loss_value(loss_fn: Callable, y_hat: torch.Tensor, y_t: torch.Tensor, displa
         except GradsightError:
             raise
         except Exception as exc:
+            if "between 0 and 1" in str(exc) and y_hat.numel():
+                lo, hi = float(y_hat.detach().min()), float(y_hat.detach().max())
+                raise InputError(
+                    f"the loss {display} takes probabilities, but the model's output ŷ ranges over [{lo:.4g}, "
+                    f"{hi:.4g}], outside [0, 1]: it is not a probability. Fix: apply a sigmoid at the end of the "
+                    "model, or (more stable) feed the logits to nn.BCEWithLogitsLoss."
+                ) from exc
             raise InputError(
                 f"the loss {display} failed on ŷ of shape {tuple(y_hat.shape)!r} ({y_hat.dtype}) and y of shape "
                 f"{tuple(y_t.shape)!r} ({y_t.dtype}): {_first_line(exc)}. Fix: pass y in the form this loss expects "
@@ -385,6 +392,14 @@ def run_graph(
         except GradsightError:
             raise
         except Exception as exc:
+            tables = sorted({m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)})
+            if isinstance(exc, IndexError) and tables and int_x and x_t.numel():
+                raise InputError(
+                    f"{type(model).__name__} looked up an id outside an embedding table: x holds ids from "
+                    f"{int(x_t.min())} to {int(x_t.max())}, and the model's nn.Embedding tables have "
+                    f"{', '.join(map(str, tables))} rows. Fix: ids must lie in [0, num_embeddings) — check the "
+                    "tokenizer's vocabulary against the model's (config.vocab_size)."
+                ) from exc
             raise InputError(
                 f"{type(model).__name__} failed on x of shape {tuple(x_t.shape)!r} ({x_t.dtype}): {_first_line(exc)}. "
                 "Fix: pass x with the shape and dtype the model was built for."
