@@ -480,6 +480,31 @@ def test_torch_common_input_mistakes_name_the_real_problem(torch):
         explain(emb, ids, torch.ones(2, 2, dtype=torch.float64), nn.MSELoss())
 
 
+def test_torch_opaque_node_fed_an_input_and_tensors_computed_from_it(torch):
+    """mha(x, k(x), v(x)): torch's VJP of the attention into x is the total derivative, through k(x) and v(x) too,
+    which the explainer also adds along k and v: dJ/dA[x] was counted twice on those paths (marked ✗)."""
+    from torch import nn
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = nn.MultiheadAttention(8, 2, batch_first=True, kdim=6, vdim=4)
+            self.k, self.v, self.o = nn.Linear(8, 6), nn.Linear(8, 4), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.o(self.m(x, self.k(x), self.v(x))[0].mean(1))
+
+    torch.manual_seed(0)
+    model = M().double()
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(3, 3, dtype=torch.float64)
+    (gx,) = torch.autograd.grad(nn.MSELoss()(model(x), y), x)
+    trace = explain(model, x.detach(), y, nn.MSELoss())
+    term = trace["dJ/dA[x]"]
+    assert term.mark == "✓" and trace.ok
+    np.testing.assert_allclose(term.value, gx.numpy(), rtol=1e-12, atol=1e-15)
+
+
 def test_torch_unsupported_modules(torch):
     from torch import nn
 

@@ -493,13 +493,60 @@ def run_graph(
     )
 
 
+def _reaches(u: torch.Tensor, t: torch.Tensor) -> bool:
+    """Whether autograd's graph of ``u`` leads back to ``t`` (``u`` was computed from ``t``)."""
+    target = t.grad_fn
+    seen: set[int] = set()
+    stack = [u.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        if fn is target or (target is None and getattr(fn, "variable", None) is t):
+            return True
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return False
+
+
+def _own_parts(live: list[torch.Tensor], total: list[torch.Tensor | None]) -> dict[int, torch.Tensor | None]:
+    """Each input's own part of an opaque node's vector-Jacobian product, by ``id`` of the input.
+
+    ``autograd.grad(out, inputs)`` gives the *total* derivative: into ``x`` it also runs through any other input
+    computed from ``x`` (an attention called as ``mha(x, k(x), v(x))``), which the explainer adds along those
+    inputs' own paths as well. Every path from an input into the node enters it through exactly one input, the
+    last on the path, so ``own(t) = total(t) - Σ_u (du/dt)ᵀ own(u)`` over the inputs ``u`` computed from ``t``,
+    taken with ``u`` before ``t``.
+    """
+    by_id = {id(t): r for t, r in zip(live, total, strict=True)}
+    after = {id(t): [u for u in live if u is not t and _reaches(u, t)] for t in live}
+    if not any(after.values()):
+        return by_id
+    done: set[int] = set()
+    pending = list(live)
+    while pending:
+        t = next(t for t in pending if all(id(u) in done for u in after[id(t)]))
+        pending = [p for p in pending if p is not t]  # (by identity: == on tensors compares their values)
+        own = by_id[id(t)]
+        for u in after[id(t)]:
+            g_u = by_id[id(u)]
+            if own is None or g_u is None:
+                continue
+            (through,) = torch.autograd.grad(u, t, grad_outputs=g_u, allow_unused=True, retain_graph=True)
+            if through is not None:
+                own = own - through
+        by_id[id(t)] = own
+        done.add(id(t))
+    return by_id
+
+
 def _vjps(out: torch.Tensor, g: torch.Tensor | None, ins: list[torch.Tensor | None]) -> list[np.ndarray | None]:
     """Torch's vector-Jacobian product of ``out`` into each input, given its dJ/d(out) ``g``."""
     live = [t for t in ins if isinstance(t, torch.Tensor) and t.requires_grad]
     if g is None or not live or not out.requires_grad:
         return [None if t is None else np.zeros(tuple(t.shape)) for t in ins]
     got = torch.autograd.grad(out, live, grad_outputs=g, allow_unused=True, retain_graph=True)
-    by_id = {id(t): r for t, r in zip(live, got, strict=True)}
+    by_id = _own_parts(live, list(got))
     res: list[np.ndarray | None] = []
     for t in ins:
         if t is None or id(t) not in by_id:
