@@ -115,3 +115,31 @@ def test_diagnosis_reads_the_call_order_a_dead_relu_declared_last_is_blamed_on_i
     assert roots[0].code == "bad-initialisation"
     assert roots[0].layers[0] == "fc1" and "bias of 'fc1'" in roots[0].message
     assert "out" not in roots[0].layers
+
+
+def test_a_width_that_changes_from_batch_to_batch_stays_one_record(tmp_path):
+    """A dropout over attention probabilities (batch, T, T) has a different width at every sequence length: it is
+    one call site, recorded as one tensor whatever T each batch has."""
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.drop, self.out = nn.Linear(4, 4), nn.Dropout(0.0), nn.Linear(4, 2)
+
+        def forward(self, x):
+            q = self.q(x)
+            p = self.drop(torch.softmax(q @ q.transpose(1, 2), -1))
+            return self.out((p @ q).mean(1))
+
+    model = Attn()
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    with gradsight.watch(model, optimizer=opt, path=tmp_path / "v.db", every=1):
+        for t in (3, 5, 4, 5):
+            opt.zero_grad()
+            model(torch.randn(2, t, 4)).sum().backward()
+            opt.step()
+    run = gradsight.load(tmp_path / "v.db")
+    out = run.to_pandas(kind="output")
+    assert sorted(out.tensor.unique()) == ["drop", "out", "q"]
+    assert out[out.tensor == "drop"].step.tolist() == [0, 1, 2, 3]
+    assert [run.summary("drop", "output", s).units for s in range(4)] == [3, 5, 4, 5]

@@ -210,7 +210,6 @@ class Watch(WatchCore):
         self._model_meta: dict[str, Any] = {"type": type(model).__name__, "layers": layers}
         # the leaf modules in the order the first recorded forward calls them (see _on_output); None once written
         self._call_order: dict[str, None] | None = {} if self._leaves else None
-        self._widths: dict[str, list[int]] = {}  # each output's widths seen, by tensor name (see _width_site)
         self._open(
             model,
             path=path,
@@ -547,7 +546,7 @@ class Watch(WatchCore):
             self._axis_of[id(t)] = (weakref.ref(t), axis)
             layer = name
             if units and axis is not None:  # a shared module: one record per width of its outputs
-                k = self._width_site(name + suffix, t.shape[axis])
+                k = _width_site(fwd, name + suffix, t.shape[axis])
                 if k:
                     layer = f"{name}#{k + 1}"
             tname = layer + suffix
@@ -954,19 +953,6 @@ class Watch(WatchCore):
                 fwd.step = self._step
             self._fwd, self._acts, self._act_packs = fwd, acts, act_packs
 
-    def _width_site(self, tname: str, width: int) -> int:
-        """Which record of a module's output takes an output ``width`` units wide: 0 for the first width seen.
-
-        A module called at several places with outputs of different widths (one ``nn.ReLU`` after layers of 64
-        and of 32 units) gets one record per width (``act``, ``act#2``, in the order first seen): per-unit counts
-        of different units cannot be merged, and one record would mix two depths of the network. Calls with
-        the same width (a block's ``relu`` used twice, a cell called at every time step) share one record.
-        """
-        widths = self._widths.setdefault(tname, [])
-        if width not in widths:
-            widths.append(width)
-        return widths.index(width)
-
     def _write_call_order(self) -> None:
         """Once, after the first logged step that ran a forward: the leaf modules' call order, into the metadata.
 
@@ -1177,10 +1163,26 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def _width_site(fwd: _Forward, tname: str, width: int) -> int:
+    """Which record of a module's output takes an output ``width`` units wide: 0 for the first width of a forward.
+
+    A module called at several places of one forward with outputs of different widths (one ``nn.ReLU`` after
+    layers of 64 and of 32 units) gets one record per width (``act``, ``act#2``, in the order of the forward):
+    per-unit counts of different units cannot be merged, and one record would mix two depths of the network.
+    Calls with the same width (a block's ``relu`` used twice, a cell called at every time step) share one record,
+    and every forward starts again: a width that changes from batch to batch (a dropout on attention
+    probabilities, over the sequence length of each batch) stays one record.
+    """
+    widths = fwd.widths.setdefault(tname, [])
+    if width not in widths:
+        widths.append(width)
+    return widths.index(width)
+
+
 class _Forward:
     """One forward pass of a logged step: its layer outputs, until a backward pass shows that it counts."""
 
-    __slots__ = ("acts", "backed", "dropped", "packs", "step")
+    __slots__ = ("acts", "backed", "dropped", "packs", "step", "widths")
 
     def __init__(self, step: int) -> None:
         self.step = step  # the step it belongs to: gradient hooks of older forwards record nothing
@@ -1188,6 +1190,7 @@ class _Forward:
         self.dropped = False  # dropped unbacked (see Watch._end_forward): its gradients are not recorded
         self.acts: list[tuple[str, str, str, torch.Tensor, int | None]] = []  # small outputs (clones)
         self.packs: list[tuple[list[int], PackedStats]] = []  # large outputs, summarised in their hooks
+        self.widths: dict[str, list[int]] = {}  # each output's widths in this forward, by tensor name (_width_site)
 
 
 class _RootPreHook:
