@@ -505,6 +505,16 @@ def test_torch_opaque_node_fed_an_input_and_tensors_computed_from_it(torch):
     np.testing.assert_allclose(term.value, gx.numpy(), rtol=1e-12, atol=1e-15)
 
 
+def test_keras_embedding_with_a_padding_mask_is_refused_for_its_mask(keras):
+    """Embedding(mask_zero=True) was refused with 'put a keras.layers.Embedding before it', which it had."""
+    inp = keras.Input((6,), dtype="int32")
+    e = keras.layers.Embedding(20, 8, mask_zero=True)(inp)
+    model = keras.Model(inp, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling1D()(e)))
+    ids = np.array([[3, 4, 5, 0, 0, 0], [1, 2, 0, 0, 0, 0]])
+    with pytest.raises(UnsupportedError, match=r"Embedding\(mask_zero=True\) computes a padding mask.*mask_zero=False"):
+        explain(model, ids, np.zeros((2, 3)), keras.losses.MeanSquaredError())
+
+
 def test_torch_unsupported_modules(torch):
     from torch import nn
 

@@ -619,10 +619,16 @@ def _is_op(op: Any) -> bool:
 def _check_ids(nodes: list[GraphNode], x: np.ndarray) -> None:
     """Integer x may only feed an Embedding; floating x must not."""
     name = nodes[0].name
-    for nd in nodes:
-        if name not in nd.inputs:
-            continue
+    readers = [nd for nd in nodes if name in nd.inputs]
+    for nd in readers:
         is_emb = nd.op == "embedding"
+        if np.issubdtype(x.dtype, np.integer) and not is_emb and any(r.op == "embedding" for r in readers):
+            raise UnsupportedError(
+                f"the ids feed an Embedding and also {nd.name} ({nd.type_name}): an Embedding(mask_zero=True) "
+                "computes a padding mask from the ids, which changes what later layers average or attend to, and "
+                "the graph explainer has no rule for masks. Fix: explain the model with mask_zero=False on a batch "
+                "without padding, or on the layers after the embedding."
+            )
         if np.issubdtype(x.dtype, np.integer) and not is_emb:
             raise InputError(
                 f"x has dtype {x.dtype} but the first op reading it, {nd.name} ({nd.type_name}), needs "
