@@ -58,8 +58,12 @@ def test_torch_bad_inputs(torch):
         x = torch.ones(4, 3)
         x[1, 2] = float("nan")
         explain(model, x, torch.randn(4, 2))
-    with pytest.raises(InputError, match=r"one target per sample: x has 4 samples"):
+    with pytest.raises(InputError, match=r"one target per sample, along x.s first axis \(the batch\): x has 4 samples"):
         explain(model, torch.ones(4, 3), torch.randn(5, 2))
+    with pytest.raises(InputError, match=r"y looks flattened over x's first two axes \(4 x 3 = 12 targets\)"):
+        explain(model, torch.ones(4, 3), torch.randn(12))
+    with pytest.raises(InputError, match=r"if x is sequence-first \(T, n, ...\), put the batch first"):
+        explain(model, torch.ones(4, 3), torch.randn(3, 2))
     with pytest.raises(InputError, match=r"y has shape \(4, 1\).*ŷ has shape \(4, 2\).*check_loss"):
         explain(model, torch.ones(4, 3), torch.randn(4, 1), nn.MSELoss())
     with pytest.raises(InputError, match=r"returned \(4, 2\).*not a scalar"):

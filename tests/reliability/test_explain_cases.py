@@ -257,7 +257,11 @@ def test_keras_on_torch_backend_refused():
         (np.ones((4, 3)), np.full((4, 2), np.inf), r"y contains 8 NaN or infinite.*Fix"),
         (np.ones((0, 3)), np.ones((0, 2)), r"empty batch.*Fix"),
         (np.ones((4, 3)), np.ones((4, 3)), r"y has shape \(4, 3\) but the model's output ŷ has shape \(4, 2\)"),
-        (np.ones((4, 3)), np.ones((5, 2)), r"one target per sample: x has 4 samples"),
+        (
+            np.ones((4, 3)),
+            np.ones((5, 2)),
+            r"one target per sample, along x.s first axis \(the batch\): x has 4 samples",
+        ),
     ],
 )
 def test_torch_bad_batches(torch, x, y, match):

@@ -74,9 +74,21 @@ def _validate(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
             "those samples, e.g. keep = np.isfinite(x).reshape(len(x), -1).all(1); explain(model, x[keep], y[keep])"
         )
     if ya.ndim == 0 or ya.shape[0] != xa.shape[0]:
+        n = xa.shape[0]
+        hint = f"pass the targets of the same batch (y[:{n}] if y holds more samples)"
+        if ya.ndim >= 1 and xa.ndim >= 2 and ya.shape[0] == n * xa.shape[1]:
+            hint = (
+                f"y looks flattened over x's first two axes ({n} x {xa.shape[1]} = {ya.shape[0]} targets): pass "
+                f"it unflattened, y.reshape({n}, {xa.shape[1]}), with the loss reading (n, T) targets"
+            )
+        elif ya.ndim >= 1 and xa.ndim >= 2 and ya.shape[0] == xa.shape[1]:
+            hint = (
+                f"x's second axis has {xa.shape[1]} entries, as many as y's first: if x is sequence-first "
+                "(T, n, ...), put the batch first (x.transpose(0, 1) / nn.MultiheadAttention(batch_first=True))"
+            )
         raise InputError(
-            f"y must have one target per sample: x has {xa.shape[0]} samples (shape {xa.shape!r}) but y has "
-            f"shape {ya.shape!r}. Fix: pass the targets of the same batch, y[:{xa.shape[0]}]"
+            f"y must have one target per sample, along x's first axis (the batch): x has {n} samples (shape "
+            f"{xa.shape!r}) but y has shape {ya.shape!r}. Fix: {hint}."
         )
     if np.issubdtype(ya.dtype, np.floating) and not np.all(np.isfinite(ya)):
         bad, rows = _nonfinite(ya)
