@@ -291,6 +291,21 @@ def test_dead_units_of_a_short_run_are_judged_after_its_initial_state(synth, rng
     assert recent(range(20), Thresholds()) == [15, 16, 17, 18, 19]
 
 
+def test_dead_units_of_a_record_whose_width_changes_between_steps(synth, rng):
+    """A softmax over each batch's sequence length has T units, a different T per batch: the pool crashed
+    (np.stack of unequal arrays) and took `diagnose`, `show` and `report` down with it."""
+    s = synth()
+    for step, width in enumerate((5, 7, 6, 7, 7)):
+        a = np.maximum(rng.normal(size=(8, width)), 0).astype(np.float32)
+        a[:, 0] = 0.0  # one unit dead: below the threshold
+        if step >= 3:
+            a[:, : width - 1] = 0.0  # all but one dead at the last two steps (width 7)
+        s.log(step, "output", "sm", a, unit_axis=-1)
+    f = diagnose(s.run(), rules=[DeadUnitsRule()])[0]
+    ev = f.evidence["layers"]["sm"]
+    assert ev["units"] == 7 and ev["dead"] == 6 and ev["window_steps"] == [3, 4]  # the later half: steps 2-4
+
+
 def test_dead_units_all_dead_is_an_error_and_threshold(synth):
     s = synth()
     for step in range(3):

@@ -169,6 +169,10 @@ def dead_layers(data: RunData, th: Thresholds) -> dict[str, dict[str, Any]]:
         for tensor, tsub in sub.groupby("tensor"):
             tsub = tsub.sort_values("step")
             pooled = _recent(tsub, th)
+            # the units of the last step: a record whose width changes between steps (a softmax over each batch's
+            # sequence length) pools only its steps of that width
+            width = len(pooled["units_active"].iloc[-1])
+            pooled = pooled[[len(a) == width for a in pooled["units_active"]]]
             active = np.sum(np.stack(pooled["units_active"].to_list()), axis=0)
             n_units = int(active.size)
             if n_units == 0:
