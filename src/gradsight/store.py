@@ -341,8 +341,11 @@ def _model_signature(model: Any) -> list[tuple[str, str, list[Any]]] | None:
 
 
 def _in_call_order(names: list[str], called: list[str]) -> list[str]:
-    """``names`` (declaration order) and ``called`` merged by first call; one not called stays after its predecessor.
+    """``names`` (declaration order) and ``called`` merged into the order of the forward pass.
 
+    A layer the forward did not call itself goes right before the first of its sub-modules it called (a
+    ``MultiheadAttention`` holding its input projection, whose ``out_proj`` is called), or else after every called
+    layer, in declaration order: a module defined but never used must not sit between two layers of the forward.
     ``called`` may hold names that were not declared (``act#2``: a shared module's second record): they take
     their place in the call order too.
     """
@@ -350,13 +353,12 @@ def _in_call_order(names: list[str], called: list[str]) -> list[str]:
     for n in called:
         pos.setdefault(n, len(pos))
     keyed: list[tuple[tuple[int, int, int], str]] = []
-    last = -1
     for seq, n in enumerate(names):
         if n in pos:
-            last = pos[n]
-            keyed.append(((last, 0, seq), n))
-        else:
-            keyed.append(((last, 1, seq), n))
+            keyed.append(((pos[n], 0, seq), n))
+            continue
+        inside = [i for c, i in pos.items() if c.startswith(n + ".")]
+        keyed.append(((min(inside), -1, seq), n) if inside else ((len(pos), 1, seq), n))
     declared = set(names)
     keyed += [((i, 0, -1), n) for n, i in pos.items() if n not in declared]
     return [n for _, n in sorted(keyed)]
@@ -1260,8 +1262,8 @@ class Run:
 
         From the model structure in the metadata when recorded, in the order the forward pass called them where
         the watch recorded it (``call_order``: a module declared after the layers it follows is placed after
-        them; one that the forward did not call follows the layer it was declared after), else in declaration
-        order; then any other layer in the order its tensors were registered.
+        them; see :func:`_in_call_order` for the layers the forward did not call), else in declaration order;
+        then any other layer in the order its tensors were registered.
         """
         rows = self._q("SELECT value FROM meta WHERE key = 'model'")
         model = _loads(rows[0][0], f"the metadata entry 'model' of {str(self.path)!r}") if rows else None

@@ -143,3 +143,98 @@ def test_a_width_that_changes_from_batch_to_batch_stays_one_record(tmp_path):
     assert sorted(out.tensor.unique()) == ["drop", "out", "q"]
     assert out[out.tensor == "drop"].step.tolist() == [0, 1, 2, 3]
     assert [run.summary("drop", "output", s).units for s in range(4)] == [3, 5, 4, 5]
+
+
+class _Segments(nn.Module):
+    """One ReLU shared by the stem (32 wide) and two checkpointed segments (16 and 8 wide)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.act, self.head = nn.Linear(4, 32), nn.ReLU(), nn.Linear(8, 1)
+        self.seg1, self.seg2 = nn.Linear(32, 16), nn.Linear(16, 8)
+
+    def forward(self, x, reentrant=None):
+        from torch.utils.checkpoint import checkpoint
+
+        h = self.act(self.stem(x))
+        for seg in (self.seg1, self.seg2):
+            if reentrant is None:
+                h = self.act(seg(h))
+            else:
+                h = checkpoint(lambda t, seg=seg: self.act(seg(t)), h, use_reentrant=reentrant)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("reentrant", [None, False, True])
+def test_checkpointed_segments_keep_the_forward_order_and_every_record(tmp_path, reentrant):
+    """use_reentrant=True runs the segments without gradients, then again during backward (in reverse): the order
+    was the recomputation's, and the segment sharing a width-keyed count with the stem's call lost its record."""
+    torch.manual_seed(0)
+    model = _Segments()
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    x = torch.randn(4, 4, requires_grad=True)
+    with gradsight.watch(model, optimizer=opt, path=tmp_path / "c.db", every=1):
+        for _ in range(2):
+            opt.zero_grad()
+            model(x, reentrant).sum().backward()
+            opt.step()
+    run = gradsight.load(tmp_path / "c.db")
+    assert run.layers == ["stem", "act", "seg1", "act#2", "seg2", "act#3", "head"]
+    out = run.to_pandas(kind="output")
+    for step in (0, 1):
+        at = out[out.step == step].set_index("tensor")
+        assert {t: int(at.loc[t, "count"]) for t in ("act", "act#2", "act#3")} == {"act": 128, "act#2": 64, "act#3": 32}
+
+
+def test_the_call_order_comes_from_a_forward_that_counts(tmp_path):
+    """An evaluation pass with gradients on but no backward, on another path, ran first: its order was written."""
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c, self.act = nn.Linear(4, 8), nn.Linear(8, 4), nn.Linear(4, 4), nn.ReLU()
+
+        def forward(self, x, evaluate=False):
+            if evaluate:
+                return self.c(self.act(x))
+            return self.b(self.act(self.a(x)))
+
+    model = Two()
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    with gradsight.watch(model, optimizer=opt, path=tmp_path / "o.db", every=1):
+        model(torch.randn(2, 4), evaluate=True)  # never backpropagated
+        opt.zero_grad()
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+    run = gradsight.load(tmp_path / "o.db")
+    assert run.meta["model"]["call_order"] == ["a", "act", "b"]
+    assert run.layers == ["a", "act", "b", "c"]  # a module the training forward never called goes last
+
+
+def test_a_relu_after_an_out_of_place_residual_add_counts_channels(tmp_path):
+    """`out = out + identity; out = self.relu(out)`: the add's result is no recorded output, so the ReLU's unit
+    axis fell back to the last dim, and image columns were counted as units."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2, self.relu = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 3, 3, padding=1), nn.ReLU()
+
+        def forward(self, x):
+            out = self.relu(self.conv1(x))
+            out = self.conv2(out) + x
+            return self.relu(out).mean((2, 3))
+
+    model = Block()
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    x = torch.randn(2, 3, 5, 7)
+    seen = []
+    model.relu.register_forward_hook(lambda m, a, o: seen.append(o.detach().clone()))
+    with gradsight.watch(model, optimizer=opt, path=tmp_path / "r.db", every=1):
+        opt.zero_grad()
+        model(x).sum().backward()
+        opt.step()
+    run = gradsight.load(tmp_path / "r.db")
+    for name, ref in (("relu", seen[0]), ("relu#2", seen[1])):
+        s = run.summary(name, "output", 0)
+        np.testing.assert_array_equal(s.units_active, (ref != 0).sum(dim=(0, 2, 3)).numpy())  # per channel

@@ -122,11 +122,17 @@ def unit_axis_for(module: nn.Module, output: torch.Tensor, inherited: int | None
         module: the module that produced ``output`` (channel-first: convolutions, norms, pooling, channel dropout).
         output: the output tensor.
         inherited: the unit axis of the module's (same-shaped) input, when that input was a recorded output.
+            A parameter-free module's 4-D or 5-D output without one (its input came from a functional op, such as
+            a residual ``out + identity``) takes dim 1: torch's layout of images and volumes is ``(N, C, ...)``.
 
     Returns:
         The axis, or ``None`` for a 0-d output.
     """
-    return unit_axis(output.dim(), channel_first=isinstance(module, _CHANNEL_FIRST), inherited=inherited)
+    channel_first = isinstance(module, _CHANNEL_FIRST)
+    if not channel_first and inherited is None and output.dim() >= 4:
+        # torch lays 4-D/5-D activations out (N, C, ...): a ReLU after a residual add, say
+        channel_first = next(iter(module.parameters(recurse=False)), None) is None
+    return unit_axis(output.dim(), channel_first=channel_first, inherited=inherited)
 
 
 def _host_cheap(tensors: list[torch.Tensor]) -> bool:
@@ -208,7 +214,7 @@ class Watch(WatchCore):
         opt_meta = self._collect_optimizer(model, optimizer)
         layers = self._collect_layers(model)
         self._model_meta: dict[str, Any] = {"type": type(model).__name__, "layers": layers}
-        # the leaf modules in the order the first recorded forward calls them (see _on_output); None once written
+        # the layers in the order the first forward that counts calls them (see _resolve); None once written
         self._call_order: dict[str, None] | None = {} if self._leaves else None
         self._open(
             model,
@@ -310,7 +316,7 @@ class Watch(WatchCore):
         self._packs: list[tuple[list[int], PackedStats]] = []
         # leaf modules' outputs recorded by forwards outside backward, not yet matched by a recomputation in
         # backward (activation checkpointing: see _on_output)
-        self._unmatched: dict[str, int] = {}
+        self._unmatched: dict[tuple[str, tuple[int, ...]], int] = {}  # (module, output shape) -> calls
         # gradient hooks on outputs that are leaf tensors (a module returning a parameter): such a hook lives on
         # the tensor, not on this forward's graph, so it is removed when the step closes
         self._leaf_out_hooks: list[Any] = []
@@ -449,6 +455,10 @@ class Watch(WatchCore):
         """
         fwd, self._fwd = self._fwd, None
         done, self._done = self._done, []
+        if self._call_order is not None and not self._call_order:  # the first forward that counts gives the order
+            backed = [f for f, _ in done if f.backed] + ([fwd] if fwd is not None and fwd.backed else [])
+            if backed:
+                self._call_order = dict(backed[0].order)
         for f, packs in done:
             if f.backed:
                 self._packs.extend(packs)
@@ -517,41 +527,32 @@ class Watch(WatchCore):
         warnings.warn(GradsightWarning(f"gradsight: {note}"), stacklevel=4)
 
     def _on_output(self, name: str, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-        if self._frozen or not torch.is_grad_enabled():
+        if self._frozen:
             return
         items = _output_items(out)
         if not items:
             return
+        if not torch.is_grad_enabled():
+            if self._fwd is not None:  # inside a forward run with gradients: a reentrant checkpoint's first pass
+                self._sites(self._fwd, name, module, args, items)  # its place in the order and its widths only
+            return
         if _in_backward():  # activation checkpointing recomputes forwards during backward
-            left = self._unmatched.get(name, 0)
+            key = (name, tuple(items[0][1].shape))
+            left = self._unmatched.get(key, 0)
             if left:  # a repeat of a forward recorded already (use_reentrant=False): not a new output
-                self._unmatched[name] = left - 1
+                self._unmatched[key] = left - 1
                 return
         else:
-            self._unmatched[name] = self._unmatched.get(name, 0) + 1
+            key = (name, tuple(items[0][1].shape))
+            self._unmatched[key] = self._unmatched.get(key, 0) + 1
         if self._fwd is None:  # a leaf module called outside the model's forward
             self._fwd = _Forward(self._step)
         fwd = self._fwd
-        inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        inherited = None
-        if inp is not None and next(iter(module.parameters(recurse=False)), None) is None:
-            rec = self._axis_of.get(id(inp))
-            if rec is not None and rec[0]() is inp:
-                inherited = rec[1]
         units = self.schedule.units
-        for suffix, t in items:
+        for (suffix, t), (layer, axis) in zip(items, self._sites(fwd, name, module, args, items), strict=True):
             if _functorch_wrapped(t):
                 return
-            axis = unit_axis_for(module, t, inherited if inp is not None and t.shape == inp.shape else None)
-            self._axis_of[id(t)] = (weakref.ref(t), axis)
-            layer = name
-            if units and axis is not None:  # a shared module: one record per width of its outputs
-                k = _width_site(fwd, name + suffix, t.shape[axis])
-                if k:
-                    layer = f"{name}#{k + 1}"
             tname = layer + suffix
-            if self._call_order is not None:
-                self._call_order.setdefault(layer)
             if "output" in self.schedule.kinds:
                 if t.numel() >= self._now_elements:  # summarised now, as the layer left it: no copy to keep
                     fwd.packs.extend(self._pack([(tname, layer, "output", t.detach(), axis if units else None)]))
@@ -561,6 +562,33 @@ class Watch(WatchCore):
                 hook = t.register_hook(_GradHook(weakref.ref(self), tname, layer, axis if units else None, fwd))
                 if t.is_leaf:  # (a parameter returned as it is): the hook would outlive the step
                     self._leaf_out_hooks.append(hook)
+
+    def _sites(
+        self, fwd: _Forward, name: str, module: nn.Module, args: tuple[Any, ...], items: list[tuple[str, torch.Tensor]]
+    ) -> list[tuple[str, int | None]]:
+        """Each output's record (layer name: ``act``, or ``act#2`` for a shared module's second width) and unit axis.
+
+        Notes the layer in the forward's call order (:attr:`_Forward.order`), and the output's unit axis for the
+        parameter-free layer that takes it next.
+        """
+        inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        inherited = None
+        if inp is not None and next(iter(module.parameters(recurse=False)), None) is None:
+            rec = self._axis_of.get(id(inp))
+            if rec is not None and rec[0]() is inp:
+                inherited = rec[1]
+        out = []
+        for suffix, t in items:
+            axis = unit_axis_for(module, t, inherited if inp is not None and t.shape == inp.shape else None)
+            self._axis_of[id(t)] = (weakref.ref(t), axis)
+            layer = name
+            if self.schedule.units and axis is not None:  # a shared module: one record per width of its outputs
+                k = _width_site(fwd, name + suffix, t.shape[axis])
+                if k:
+                    layer = f"{name}#{k + 1}"
+            fwd.order.setdefault(layer)
+            out.append((layer, axis))
+        return out
 
     def _on_output_grad(self, tname: str, layer: str, axis: int | None, grad: torch.Tensor, fwd: _Forward) -> None:
         if not self._logged or self._closed or self._frozen or fwd.dropped or fwd.step != self._step:
@@ -1182,7 +1210,7 @@ def _width_site(fwd: _Forward, tname: str, width: int) -> int:
 class _Forward:
     """One forward pass of a logged step: its layer outputs, until a backward pass shows that it counts."""
 
-    __slots__ = ("acts", "backed", "dropped", "packs", "step", "widths")
+    __slots__ = ("acts", "backed", "dropped", "order", "packs", "step", "widths")
 
     def __init__(self, step: int) -> None:
         self.step = step  # the step it belongs to: gradient hooks of older forwards record nothing
@@ -1191,6 +1219,7 @@ class _Forward:
         self.acts: list[tuple[str, str, str, torch.Tensor, int | None]] = []  # small outputs (clones)
         self.packs: list[tuple[list[int], PackedStats]] = []  # large outputs, summarised in their hooks
         self.widths: dict[str, list[int]] = {}  # each output's widths in this forward, by tensor name (_width_site)
+        self.order: dict[str, None] = {}  # the layers in the order this forward called them (Watch._sites)
 
 
 class _RootPreHook:
