@@ -380,30 +380,33 @@ def test_clipping_that_hides_an_explosion_is_a_warning(synth):
     assert f.message.startswith("Clipping hides an explosion")
 
 
-@pytest.mark.parametrize("falls", [False, True])
-def test_clipping_far_below_the_gradient_at_every_step_with_a_flat_loss_is_the_root(synth, rng, falls):
+@pytest.mark.parametrize("loss_trend", ["flat", "slow", "falls"])
+def test_clipping_far_below_the_gradient_at_every_step_while_the_loss_hardly_falls_is_the_root(synth, rng, loss_trend):
     """clip_grad_norm_(max_norm=1e-3) on gradients of ~0.27: every step cut ~270x. With a flat loss that is the
-    root of it (it was info, and the flat loss was called healthy with advice to check the data); with a falling
-    loss it stays info."""
+    root of it (it was info, and the flat loss was called healthy with advice to check the data); with a loss that
+    falls 5 % it is still a warning (SGD under clipnorm=1e-4 in Keras, stuck at the majority class); with a loss
+    that keeps falling it stays info."""
     s = synth()
+    fall = {"flat": 0.0, "slow": 0.05, "falls": 0.9}[loss_trend]
     for step in range(100):
         pre = 0.27 * (1 + 0.1 * rng.random())
-        level = 2.3 * (0.98**step if falls else 1.0)
+        level = 2.3 * (1 - fall * step / 99)
         values = {"grad_norm": 1e-3, "grad_norm_preclip": pre, "loss": level * (1 + 0.002 * rng.normal())}
         values.update({"grad_norm/fc1.weight": 1e-3, "weight_norm/fc1.weight": 1.0, "update_norm/fc1.weight": 1e-4})
         s.writer.log_scalars(step, values)
     found = diagnose(s.run())
     f = by_code(found, "gradients-clipped")
-    if falls:
+    if loss_trend == "falls":
         assert f.severity == "info" and "too_tight" not in f.evidence
         return
     assert f.severity == "warning" and f.is_root and f.message.startswith("Clipping sets every step")
     tight = f.evidence["too_tight"]
     assert tight["share"] == 1.0 and tight["factor"] == pytest.approx(f.evidence["preclip_median"] / 1e-3)
     assert "Raise the clipping limit" in f.advice[0]
-    flat = by_code(found, "loss-not-decreasing")
-    assert flat.severity == "warning" and flat.caused_by == ("gradients-clipped",)
-    assert "gradients clipped at 100% of the steps" in flat.evidence["healthy_signals"]["reason"]
+    if loss_trend == "flat":
+        flat = by_code(found, "loss-not-decreasing")
+        assert flat.severity == "warning" and flat.caused_by == ("gradients-clipped",)
+        assert "gradients clipped at 100% of the steps" in flat.evidence["healthy_signals"]["reason"]
 
 
 # ---- exploding-gradients: judged against the past, and by its damage ------------------------------------------------
