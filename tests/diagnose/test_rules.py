@@ -1,3 +1,4 @@
+import dataclasses
 import math
 import re
 import sqlite3
@@ -306,6 +307,30 @@ def test_dead_units_of_a_record_whose_width_changes_between_steps(synth, rng):
     assert ev["units"] == 7 and ev["dead"] == 6 and ev["window_steps"] == [3, 4]  # the later half: steps 2-4
 
 
+@pytest.mark.parametrize("x_rms", [100.0, 1.0])
+def test_dead_units_behind_unnormalised_inputs_advise_normalising_them_first(synth, rng, x_rms):
+    """Pixels 0-255 fed to a ReLU MLP: the root named the dead units, with "normalise inputs" as its last advice.
+    The inputs' RMS is estimated from the first layer at step 0: rms(W·x) = rms(W) · sqrt(fan_in) · rms(x)."""
+    layers = [{"name": "fc1", "type": "Linear"}, {"name": "act", "type": "ReLU"}, {"name": "out", "type": "Linear"}]
+    s = synth(layers=layers)
+    w = rng.normal(0, 0.1, size=(8, 16))
+    x = rng.normal(size=(256, 16)) * x_rms
+    for step in range(3):
+        s.log(step, "weight", "fc1", w, tensor="fc1.weight")
+        z = x @ w.T
+        s.log(step, "output", "fc1", z, unit_axis=-1)
+        s.log(step, "output", "act", np.maximum(z, 0) if step == 0 else np.zeros_like(z), unit_axis=-1)
+        s.log(step, "output", "out", rng.normal(size=(256, 2)), unit_axis=-1)
+    f = next(f for f in diagnose(s.run()) if f.code == "dead-units")
+    scale = f.evidence["input_scale"]
+    if x_rms == 1.0:
+        assert scale is None and f.advice[0].startswith("Initialise biases at 0")
+        return
+    assert scale["layer"] == "fc1" and scale["step"] == 0
+    assert scale["input_rms"] == pytest.approx(x_rms, rel=0.1)  # the estimate, against the inputs' true RMS
+    assert f.advice[0].startswith("Normalise the inputs first: at step 0 the first layer 'fc1'")
+
+
 def test_dead_units_all_dead_is_an_error_and_threshold(synth):
     s = synth()
     for step in range(3):
@@ -495,8 +520,9 @@ def test_thresholds_unknown_keyword_is_explained_not_a_type_error():
     hint = r"unknown threshold\(s\) \['dead_fractoin'\] \('dead_fractoin': did you mean 'dead_fraction'\?\)"
     with pytest.raises(InputError, match=hint):
         Thresholds(dead_fractoin=0.3)  # type: ignore[call-arg]
-    with pytest.raises(InputError, match="at most 26 values"):
-        Thresholds(*range(1, 28))  # type: ignore[arg-type]
+    n = len(dataclasses.fields(Thresholds))
+    with pytest.raises(InputError, match=f"at most {n} values"):
+        Thresholds(*range(1, n + 2))  # type: ignore[arg-type]
     assert Thresholds(dead_fraction=0.3).dead_fraction == 0.3  # the dataclass' own init still runs
 
 

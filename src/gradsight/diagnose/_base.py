@@ -135,6 +135,13 @@ class Thresholds:
         why_zero_fraction: the explanation of a near-zero gradient calls a factor "zero" (dead units, zero
             inputs) when at least this fraction of its entries is exactly 0 — the level at which the product
             ``Aᵀ · dJ/dZ`` loses an order of magnitude from that factor alone.
+        input_rms_high: the model's inputs count as not normalised when their RMS, estimated at the first logged
+            step from the first weighted layer (``rms(W·x) ≈ rms(W) · sqrt(fan_in) · rms(x)`` for weights
+            drawn independently of x), is at least this. Standardised features have RMS 1 and images scaled to
+            [0, 1] about 0.5; raw pixels (0-255) give ~100, raw counts or prices far more. Large inputs make the
+            first layer's pre-activations and every gradient that large, which kills ReLUs and makes a learning
+            rate tuned for normalised data far too high. The dead-units and learning-rate-too-high findings then
+            name the inputs first.
     """
 
     baseline_steps: int = 3
@@ -163,6 +170,7 @@ class Thresholds:
     init_scale_factor: float = 4.0
     init_chain: int = 3
     why_zero_fraction: float = 0.9
+    input_rms_high: float = 5.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -247,6 +255,7 @@ _RANGES: dict[str, tuple[float, bool, float | None, str]] = {
     "damage_grad_jump": (1.0, True, None, "a growth factor"),
     "accumulate_growth": (1.0, True, None, "a growth factor"),
     "init_scale_factor": (1.0, True, None, "a factor off the standard scale, both ways"),
+    "input_rms_high": (1.0, True, None, "an RMS above a standardised input's 1"),
 }
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Thresholds)}
 _dataclass_init = Thresholds.__init__

@@ -30,6 +30,7 @@ import numpy as np
 from ._advice import lower_lr
 from ._base import Rule, RunData, Thresholds, fmt, ordered
 from ._finding import Finding
+from ._init import input_advice, input_scale
 from ._series import (
     anomalies_near,
     damage,
@@ -166,6 +167,7 @@ def _finding(data: RunData, step: int, value: float, harm: dict[str, Any], sourc
         )
     lr_text = f" The learning rate at step {step} was {fmt(rate)}." if rate is not None else ""
     msg = f"The learning rate is too high: {what}, and within {th.damage_steps} steps {_consequences(harm)}.{lr_text}"
+    scale = input_scale(data, th)
     by_layers = (math.isnan(value) or value < th.lr_step_ratio) and not math.isnan(typical)
     advice = [_lower_advice(typical if by_layers else value, rate, step, "a typical layer's" if by_layers else None)]
     if step <= 10 * th.damage_steps:
@@ -182,6 +184,8 @@ def _finding(data: RunData, step: int, value: float, harm: dict[str, Any], sourc
             "If the loss sums over the batch (reduction='sum', or a sum over tokens) or gradients are accumulated "
             "without dividing the loss, every gradient is that many times larger: take the mean instead."
         )
+    if scale is not None:
+        advice.insert(0, input_advice(scale))
     return Finding(
         code="learning-rate-too-high",
         severity="error" if "non_finite" in harm else "warning",
@@ -193,6 +197,7 @@ def _finding(data: RunData, step: int, value: float, harm: dict[str, Any], sourc
             "update_ratio": value,
             "layer_update_ratios": per_layer,
             "median_layer_ratio": typical,
+            "input_scale": scale,
             "threshold_step_ratio": th.lr_step_ratio,
             "damage": harm,
             "damage_steps": th.damage_steps,

@@ -128,6 +128,16 @@ class DeadUnitsRule(Rule):
             f"every one of {w['samples_per_unit']} samples over logged steps {lo}–{hi}{echo_text}"
             f"; {len(layers)} layer(s) at or above {th.dead_fraction:.0%} dead."
         )
+        from ._init import input_advice, input_scale  # (_init reads this module's unit helpers)
+
+        scale = input_scale(data, th)
+        advice = (
+            "Initialise biases at 0 (or slightly positive) and weights with He initialisation "
+            "(torch.nn.init.kaiming_normal_ / keras 'he_normal').",
+            "Lower the learning rate; large early steps are the usual way units die during training.",
+            "Use an activation with a non-zero slope for negative inputs: LeakyReLU, ELU, GELU, SiLU.",
+            "Normalise inputs and add BatchNorm/LayerNorm before the activation to keep pre-activations centred.",
+        )
         return [
             Finding(
                 code="dead-units",
@@ -140,6 +150,7 @@ class DeadUnitsRule(Rule):
                     "recent_steps": th.recent_steps,
                     "layers": {n: hits[n] for n in layers},
                     "echoes": {e: echoes[e] for e in ordered(echoes, data)},
+                    "input_scale": scale,
                 },
                 message=msg,
                 explanation=(
@@ -148,14 +159,7 @@ class DeadUnitsRule(Rule):
                     "recover, and the layer loses that capacity. Common causes are strongly negative biases, a "
                     "learning rate high enough to knock units into the negative region, or poor initialisation."
                 ),
-                advice=(
-                    "Initialise biases at 0 (or slightly positive) and weights with He initialisation "
-                    "(torch.nn.init.kaiming_normal_ / keras 'he_normal').",
-                    "Lower the learning rate; large early steps are the usual way units die during training.",
-                    "Use an activation with a non-zero slope for negative inputs: LeakyReLU, ELU, GELU, SiLU.",
-                    "Normalise inputs and add BatchNorm/LayerNorm before the activation to keep pre-activations "
-                    "centred.",
-                ),
+                advice=advice if scale is None else (input_advice(scale), *advice),
             )
         ]
 
