@@ -357,7 +357,8 @@ def _in_call_order(names: list[str], called: list[str]) -> list[str]:
         if n in pos:
             keyed.append(((pos[n], 0, seq), n))
             continue
-        inside = [i for c, i in pos.items() if c.startswith(n + ".")]
+        # ("model" is the name a torch watch gives the root module, which holds every other one)
+        inside = [i for c, i in pos.items() if n == "model" or c.startswith(n + ".")]
         keyed.append(((min(inside), -1, seq), n) if inside else ((len(pos), 1, seq), n))
     declared = set(names)
     keyed += [((i, 0, -1), n) for n, i in pos.items() if n not in declared]

@@ -25,10 +25,19 @@ from typing import Any
 
 from ._base import Rule, RunData, Thresholds, fmt, ordered, recent
 from ._finding import Finding
-from ._layers import fan, layer_stats, param_tensors, previous_layer, producer, unit_dead_fraction
+from ._layers import (
+    WEIGHTED,
+    fan,
+    first_weight_step,
+    layer_stats,
+    param_tensors,
+    previous_layer,
+    producer,
+    unit_dead_fraction,
+)
 from ._units import _saturation, activation_of, is_echo_layer
 
-__all__ = ["BadInitialisationRule", "input_advice", "input_scale"]
+__all__ = ["BadInitialisationRule"]
 
 
 class BadInitialisationRule(Rule):
@@ -43,7 +52,7 @@ class BadInitialisationRule(Rule):
 
     def check(self, data: RunData, th: Thresholds) -> list[Finding]:
         """See the module docstring."""
-        first = _first_step(data)
+        first = first_weight_step(data)
         if first is None:
             return []
         chains = _scale_chains(data, first, th)
@@ -64,80 +73,6 @@ class BadInitialisationRule(Rule):
         return [_finding(data, hits, chains, first, th)]
 
 
-def _first_step(data: RunData) -> int | None:
-    """The first step with weight summaries, when it is the run's first recorded step.
-
-    ``None`` otherwise: the initialisation was not observed.
-    """
-    steps = sorted(int(s) for s in data.frame("weight")["step"].unique())
-    if not steps:
-        return None
-    starts = [steps[0]]
-    if len(data.scalars.index):
-        starts.append(int(data.scalars.index.min()))
-    return steps[0] if steps[0] <= min(starts) else None
-
-
-def input_scale(data: RunData, th: Thresholds) -> dict[str, Any] | None:
-    """The inputs' estimated RMS when it reaches ``input_rms_high`` (inputs not normalised), else ``None``.
-
-    From the first weighted layer of the forward (a Linear/Dense or convolution; ``None`` when a layer with
-    other parameters, such as an Embedding or a normalisation, comes first) at the first logged step, before any
-    update: for weights drawn independently of the inputs, ``E[z²] = fan_in · E[w²] · E[x²]`` (plus the bias's
-    share), so ``rms(x) = sqrt(rms(z)² - rms(b)²) / (rms(W) · sqrt(fan_in))``. A Keras layer with a fused
-    activation records its output after it, which can only make the estimate smaller.
-    """
-    key = ("input_scale", th.input_rms_high)
-    if key in data.cache:
-        return data.cache[key]
-    data.cache[key] = None
-    if "output" not in data.kinds or "weight" not in data.kinds:
-        return None
-    step = _first_step(data)
-    if step is None:
-        return None
-    for layer in data.layers:
-        info = data.layer_info(layer)
-        kind = str(info.get("type") or "")
-        params = param_tensors(data, layer)
-        if not _WEIGHTED.match(kind):
-            if params:
-                return None  # an embedding or a normalisation reads the inputs first
-            continue
-        if "weight" not in params:
-            return None
-        name, shape = params["weight"]
-        w = layer_stats(data, "weight", layer, step, tensor=name)
-        z = layer_stats(data, "output", layer, step)
-        if w is None or z is None or not w["rms"] > 0:
-            return None
-        b = layer_stats(data, "weight", layer, step, tensor=params["bias"][0]) if "bias" in params else None
-        fan_in, _ = fan(data, name, shape)
-        signal = math.sqrt(max(z["rms"] ** 2 - (b["rms"] ** 2 if b is not None else 0.0), 0.0))
-        rms = signal / (w["rms"] * math.sqrt(fan_in))
-        if rms >= th.input_rms_high:
-            data.cache[key] = {"layer": layer, "step": step, "input_rms": rms, "pre_activation_rms": z["rms"]}
-        return data.cache[key]
-    return None
-
-
-def input_advice(scale: dict[str, Any]) -> str:
-    """The advice to normalise the inputs, with the evidence of :func:`input_scale`."""
-    return (
-        f"Normalise the inputs first: at step {scale['step']} the first layer {scale['layer']!r} had "
-        f"pre-activations of RMS {fmt(scale['pre_activation_rms'])}, which its weights' scale puts at inputs of "
-        f"RMS ~{fmt(scale['input_rms'])} (standardised features have 1, images in [0, 1] about 0.5): standardise "
-        "features ((x - mean) / std over the training set) or scale pixels to [0, 1]. Large inputs make every "
-        "pre-activation and gradient of the first layer as large, so a learning rate tuned for normalised data "
-        "overshoots and ReLUs die."
-    )
-
-
-#: Weighted layer types whose initial scale has a standard (LeCun, Glorot, He). HF's ``Conv1D`` (a transposed
-#: linear layer) is told apart from Keras' by the framework.
-_WEIGHTED = re.compile(
-    r"^(Linear|LazyLinear|Bilinear|Conv[123]d|ConvTranspose[123]d|Dense|Conv[123]D|Conv[123]DTranspose)$"
-)
 #: Parameter-free layers that pass a chain's signal on without re-scaling it to a fixed size.
 _PASS = re.compile(
     r"relu|tanh|sigmoid|gelu|silu|swish|elu|softplus|mish|leaky|activation|dropout|flatten|pool|"
@@ -156,7 +91,7 @@ def _following_activation(data: RunData, layer: str) -> str:
     for name in data.layers[i : i + 4]:
         info = data.layer_info(name)
         kind = str(info.get("type") or "")
-        if name != layer and _WEIGHTED.match(kind):
+        if name != layer and WEIGHTED.match(kind):
             break
         act = activation_of(data, name)
         if act is not None:
@@ -191,7 +126,7 @@ def _scale_chains(data: RunData, step: int, th: Thresholds) -> list[dict[str, An
     chains: list[list[dict[str, Any]]] = [[]]
     for layer in data.layers:
         kind = str(data.layer_info(layer).get("type") or "")
-        weighted = bool(_WEIGHTED.match(kind)) and not (kind == "Conv1D" and not keras)
+        weighted = bool(WEIGHTED.match(kind)) and not (kind == "Conv1D" and not keras)
         entry = _scale_entry(data, layer, step) if weighted else None
         if entry is not None:
             chains[-1].append(entry)

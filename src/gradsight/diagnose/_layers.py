@@ -8,6 +8,7 @@ share of entries ``<= 0`` at a logged step are exact, pooled over its tensors of
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,9 @@ import numpy as np
 from ._base import RunData
 
 __all__ = [
+    "WEIGHTED",
     "fan",
+    "first_weight_step",
     "layer_stats",
     "param_layers",
     "param_tensors",
@@ -162,3 +165,24 @@ def unit_dead_fraction(data: RunData, layer: str, steps: list[int]) -> tuple[flo
 def stats_text(stats: dict[str, float] | None) -> dict[str, Any]:
     """The statistics as JSON-ready evidence (``{}`` when absent)."""
     return dict(stats) if stats else {}
+
+
+#: Weighted layer types whose initial scale has a standard (LeCun, Glorot, He). HF's ``Conv1D`` (a transposed
+#: linear layer) is told apart from Keras' by the framework.
+WEIGHTED = re.compile(
+    r"^(Linear|LazyLinear|Bilinear|Conv[123]d|ConvTranspose[123]d|Dense|Conv[123]D|Conv[123]DTranspose)$"
+)
+
+
+def first_weight_step(data: RunData) -> int | None:
+    """The first step with weight summaries, when it is the run's first recorded step.
+
+    ``None`` otherwise: the initialisation was not observed.
+    """
+    steps = sorted(int(s) for s in data.frame("weight")["step"].unique())
+    if not steps:
+        return None
+    starts = [steps[0]]
+    if len(data.scalars.index):
+        starts.append(int(data.scalars.index.min()))
+    return steps[0] if steps[0] <= min(starts) else None

@@ -30,7 +30,7 @@ import numpy as np
 from ._advice import lower_lr
 from ._base import Rule, RunData, Thresholds, fmt, ordered
 from ._finding import Finding
-from ._init import input_advice, input_scale
+from ._inputs import input_advice, input_scale
 from ._series import (
     anomalies_near,
     damage,
@@ -146,25 +146,7 @@ def _finding(data: RunData, step: int, value: float, harm: dict[str, Any], sourc
     top = sorted(per_layer.items(), key=lambda kv: -kv[1])[:4]
     detail = ", ".join(f"{name!r} {fmt(v)}" for name, v in top)
     typical = float(np.median(list(per_layer.values()))) if len(per_layer) >= 2 else math.nan
-    if math.isnan(value) and not big:
-        what = f"after step {step} the weights blew up"
-    elif math.isnan(value) or value < th.lr_step_ratio:
-        what = (
-            f"the update of step {step} moved {len(big)} of {len(per_layer)} layers by at least "
-            f"{fmt(th.lr_step_ratio)} of their own norm (median over layers {fmt(typical)}; per layer: {detail}"
-            + (
-                ""
-                if math.isnan(value)
-                else f"; all parameters together {fmt(value)}, held down by the layers with the largest norms"
-            )
-            + "; heuristic ~1e-3)"
-        )
-    else:
-        what = (
-            f"the update of step {step} moved the weights by {fmt(value)} of their norm (all parameters together"
-            + (f"; per layer: {detail}" if detail else "")
-            + f"; threshold {fmt(th.lr_step_ratio)}, heuristic ~1e-3)"
-        )
+    what = _what(step, value, per_layer, big, detail, typical, th)
     lr_text = f" The learning rate at step {step} was {fmt(rate)}." if rate is not None else ""
     msg = f"The learning rate is too high: {what}, and within {th.damage_steps} steps {_consequences(harm)}.{lr_text}"
     scale = input_scale(data, th)
@@ -214,6 +196,38 @@ def _finding(data: RunData, step: int, value: float, harm: dict[str, Any], sourc
         ),
         advice=tuple(advice),
     )
+
+
+def _what(
+    step: int,
+    value: float,
+    per_layer: dict[str, float],
+    big: dict[str, float],
+    detail: str,
+    typical: float,
+    th: Thresholds,
+) -> str:
+    """What the step did: the weights blew up, the typical layer moved by its norm, or all of them together did."""
+    if math.isnan(value) and not big:
+        what = f"after step {step} the weights blew up"
+    elif math.isnan(value) or value < th.lr_step_ratio:
+        what = (
+            f"the update of step {step} moved {len(big)} of {len(per_layer)} layers by at least "
+            f"{fmt(th.lr_step_ratio)} of their own norm (median over layers {fmt(typical)}; per layer: {detail}"
+            + (
+                ""
+                if math.isnan(value)
+                else f"; all parameters together {fmt(value)}, held down by the layers with the largest norms"
+            )
+            + "; heuristic ~1e-3)"
+        )
+    else:
+        what = (
+            f"the update of step {step} moved the weights by {fmt(value)} of their norm (all parameters together"
+            + (f"; per layer: {detail}" if detail else "")
+            + f"; threshold {fmt(th.lr_step_ratio)}, heuristic ~1e-3)"
+        )
+    return what
 
 
 def _lower_advice(value: float, rate: float | None, step: int, whose: str | None = None) -> str:

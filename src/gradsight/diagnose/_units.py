@@ -128,7 +128,7 @@ class DeadUnitsRule(Rule):
             f"every one of {w['samples_per_unit']} samples over logged steps {lo}–{hi}{echo_text}"
             f"; {len(layers)} layer(s) at or above {th.dead_fraction:.0%} dead."
         )
-        from ._init import input_advice, input_scale  # (_init reads this module's unit helpers)
+        from ._inputs import input_advice, input_scale
 
         scale = input_scale(data, th)
         advice = (
