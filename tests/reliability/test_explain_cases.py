@@ -519,6 +519,30 @@ def test_keras_embedding_with_a_padding_mask_is_refused_for_its_mask(keras):
         explain(model, ids, np.zeros((2, 3)), keras.losses.MeanSquaredError())
 
 
+def test_torch_opaque_node_fed_several_outputs_of_one_op(torch):
+    """q, k, v = qkv(x).chunk(3) fed to an op without a rule: the three share one grad_fn, and the search for
+    inputs computed from other inputs escaped as a bare StopIteration."""
+    from torch import nn
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.head = nn.Linear(8, 24), nn.Linear(8, 2)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            return self.head(torch.addcmul(q, k, v))
+
+    torch.manual_seed(0)
+    model = M().double()
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(4, 2, dtype=torch.float64)
+    (gx,) = torch.autograd.grad(nn.MSELoss()(model(x), y), x)
+    trace = explain(model, x.detach(), y, nn.MSELoss())
+    assert trace.ok
+    np.testing.assert_allclose(trace["dJ/dA[x]"].value, gx.numpy(), rtol=1e-12, atol=1e-15)
+
+
 def test_torch_unsupported_modules(torch):
     from torch import nn
 

@@ -494,18 +494,24 @@ def run_graph(
 
 
 def _reaches(u: torch.Tensor, t: torch.Tensor) -> bool:
-    """Whether autograd's graph of ``u`` leads back to ``t`` (``u`` was computed from ``t``)."""
-    target = t.grad_fn
-    seen: set[int] = set()
-    stack = [u.grad_fn]
+    """Whether autograd's graph of ``u`` leads back to ``t`` (``u`` was computed from ``t``).
+
+    Matched by graph edge, ``(grad_fn, output_nr)``, from ``u``'s inputs on: two outputs of one op (``q, k =
+    qk.chunk(2)``) share a ``grad_fn`` but neither is computed from the other.
+    """
+    target = (t.grad_fn, t.output_nr) if t.grad_fn is not None else None
+    seen: set[tuple[int, int]] = set()
+    stack = list(u.grad_fn.next_functions) if u.grad_fn is not None else []
     while stack:
-        fn = stack.pop()
-        if fn is None or id(fn) in seen:
+        fn, nr = stack.pop()
+        if fn is None or (id(fn), nr) in seen:
             continue
-        seen.add(id(fn))
-        if fn is target or (target is None and getattr(fn, "variable", None) is t):
+        seen.add((id(fn), nr))
+        if (target is not None and fn is target[0] and nr == target[1]) or (
+            target is None and getattr(fn, "variable", None) is t
+        ):
             return True
-        stack.extend(nxt for nxt, _ in fn.next_functions)
+        stack.extend(fn.next_functions)
     return False
 
 
@@ -525,7 +531,9 @@ def _own_parts(live: list[torch.Tensor], total: list[torch.Tensor | None]) -> di
     done: set[int] = set()
     pending = list(live)
     while pending:
-        t = next(t for t in pending if all(id(u) in done for u in after[id(t)]))
+        t = next((t for t in pending if all(id(u) in done for u in after[id(t)])), None)
+        if t is None:  # (a cycle cannot happen in autograd's graph; keep the totals rather than loop)
+            break
         pending = [p for p in pending if p is not t]  # (by identity: == on tensors compares their values)
         own = by_id[id(t)]
         for u in after[id(t)]:
