@@ -101,6 +101,30 @@ def test_lr_too_high_when_most_layers_move_by_their_norm_though_the_pooled_ratio
     assert f.advice[0].startswith("Lower the learning rate by about 100x (from 0.03 to 0.0003 or less)")  # 1.5/1e-2
 
 
+def test_zero_initialised_biases_growing_from_zero_are_no_weight_damage():
+    """Biases start at 0 and grow linearly: their norm 'grows' 3x between steps 1 and 4 while no weight moves.
+    They counted in the typical tensor's growth, so any large early step was confirmed as damaging."""
+    import tempfile
+    from pathlib import Path
+
+    from gradsight.diagnose._base import RunData
+    from gradsight.diagnose._series import damage
+    from gradsight.store import RunWriter
+
+    path = Path(tempfile.mkdtemp()) / "b.db"
+    with RunWriter(path, meta={"framework": "synthetic", "model": {"layers": []}}) as w:
+        for step in range(10):
+            values = {"loss": 1.0 / (step + 1)}
+            for t in ("fc1", "fc2", "fc3"):
+                values[f"weight_norm/{t}.weight"] = 1.0 + 1e-4 * step
+                values[f"weight_norm/{t}.bias"] = 0.01 * step  # zero at initialisation
+            w.log_scalars(step, values)
+    th = Thresholds()
+    data = RunData(path)
+    for step in (1, 2):
+        assert "weights" not in damage(data, step, **th.damage_args())
+
+
 def test_lr_too_high_from_summaries_when_no_per_step_norms(synth, rng):
     s = synth()
     for step in range(12):

@@ -72,7 +72,8 @@ class LossNotDecreasingRule(Rule):
         healthy = _healthy(data, th)
         # rose by more than the band a flat loss may drift in, and above the start window's own noise: at a floor
         # of 0.05, minibatch losses spread over tens of percent, and a median 10 % up is not a rise
-        rising = -decrease > th.loss_min_decrease and end > float(np.quantile(first, 0.9))
+        calm = first[first <= th.damage_loss_rise * initial] if initial > 0 else first  # without the spikes
+        rising = -decrease > th.loss_min_decrease and end > float(np.quantile(calm if calm.size else first, 0.9))
         evidence: dict[str, Any] = {
             "loss_start": start,
             "loss_initial": initial,

@@ -388,7 +388,8 @@ def _typical_growth(data: RunData, step: int, window: int, weight_growth: float)
     The global weight norm is dominated by the largest tensors (a transformer's embeddings and LayerNorm gains):
     the typical tensor's norm can double while it barely moves. The reference is each tensor's norm at ``step``
     (before its update), the growth its largest norm after it (as :func:`after` picks the steps); tensors that
-    start at zero, or end non-finite (the non-finite rule's), have no growth factor.
+    start the run at zero (biases: a few steps take them from 0 to anything) or end non-finite (the non-finite
+    rule's) have no growth factor.
     """
     table, _ = weight_norms(data)
     if table.empty or table.shape[1] < 2:
@@ -402,7 +403,8 @@ def _typical_growth(data: RunData, step: int, window: int, weight_growth: float)
         return None
     start = ref.iloc[-1].to_numpy(dtype="float64")
     peak = later.max(axis=0, skipna=True).to_numpy(dtype="float64")
-    ok = np.isfinite(start) & (start > 0) & np.isfinite(peak)
+    initial = table.iloc[0].to_numpy(dtype="float64")  # zero-initialised (biases): no scale to grow from
+    ok = np.isfinite(start) & (start > 0) & np.isfinite(peak) & np.isfinite(initial) & (initial > 0)
     if ok.sum() < 2:
         return None
     growth = peak[ok] / start[ok]
