@@ -523,6 +523,8 @@ def test_thresholds_unknown_keyword_is_explained_not_a_type_error():
     n = len(dataclasses.fields(Thresholds))
     with pytest.raises(InputError, match=f"at most {n} values"):
         Thresholds(*range(1, n + 2))  # type: ignore[arg-type]
+    with pytest.raises(InputError, match=r"\['baseline_steps'\] both by position and by name"):
+        Thresholds(3, baseline_steps=4)  # type: ignore[misc]
     assert Thresholds(dead_fraction=0.3).dead_fraction == 0.3  # the dataclass' own init still runs
 
 

@@ -61,9 +61,11 @@ def test_torch_bad_inputs(torch):
     with pytest.raises(InputError, match=r"one target per sample, along x.s first axis \(the batch\): x has 4 samples"):
         explain(model, torch.ones(4, 3), torch.randn(5, 2))
     with pytest.raises(InputError, match=r"y looks flattened over x's first two axes \(4 x 3 = 12 targets\)"):
-        explain(model, torch.ones(4, 3), torch.randn(12))
+        explain(model, torch.ones(4, 3, dtype=torch.long), torch.randn(12))  # token ids (n, T), targets (n*T,)
     with pytest.raises(InputError, match=r"if x is sequence-first \(T, n, ...\), put the batch first"):
-        explain(model, torch.ones(4, 3), torch.randn(3, 2))
+        explain(model, torch.ones(4, 3, 3), torch.randn(3, 2))
+    with pytest.raises(InputError, match=r"the same batch \(y\[:4\] if y holds more samples\)\.$"):
+        explain(model, torch.ones(4, 3), torch.randn(3, 2))  # tabular x: no layout guess
     with pytest.raises(InputError, match=r"y has shape \(4, 1\).*ŷ has shape \(4, 2\).*check_loss"):
         explain(model, torch.ones(4, 3), torch.randn(4, 1), nn.MSELoss())
     with pytest.raises(InputError, match=r"returned \(4, 2\).*not a scalar"):

@@ -238,3 +238,47 @@ def test_a_relu_after_an_out_of_place_residual_add_counts_channels(tmp_path):
     for name, ref in (("relu", seen[0]), ("relu#2", seen[1])):
         s = run.summary(name, "output", 0)
         np.testing.assert_array_equal(s.units_active, (ref != 0).sum(dim=(0, 2, 3)).numpy())  # per channel
+
+
+def test_a_no_grad_pass_between_backward_and_step_adds_no_record(tmp_path):
+    """A validation batch of another sequence length under no_grad, after backward: its softmax width was taken
+    for the training forward's, and an empty layer 'sm#2' appeared in the run's layers."""
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.sm, self.out = nn.Linear(4, 4), nn.Softmax(-1), nn.Linear(4, 2)
+
+        def forward(self, x):
+            q = self.q(x)
+            return self.out((self.sm(q @ q.transpose(1, 2)) @ q).mean(1))
+
+    model = Attn()
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    with gradsight.watch(model, optimizer=opt, path=tmp_path / "n.db", every=1):
+        for _ in range(2):
+            opt.zero_grad()
+            model(torch.randn(2, 6, 4)).sum().backward()
+            with torch.no_grad():
+                model(torch.randn(2, 3, 4))  # validation, another length
+            opt.step()
+    run = gradsight.load(tmp_path / "n.db")
+    assert run.layers == ["q", "sm", "out"]
+    assert not any(e.get("shares") for e in run.meta["model"]["layers"])
+
+
+def test_appending_without_a_logged_forward_keeps_the_stored_order(tmp_path):
+    """The appending watch wrote the model's description again without its call order: a session that logged
+    no forward left the run in declaration order ('act' after 'out' again)."""
+    _train(tmp_path)  # steps 0-2, every one logged
+    torch.manual_seed(0)
+    model = DeclaredOutOfOrder()
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    with gradsight.watch(model, optimizer=opt, path=tmp_path / "r.db", every=100, if_exists="append"):
+        for _ in range(2):  # steps 3 and 4: not logged
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(torch.randn(8, 10)), torch.randint(0, 3, (8,))).backward()
+            opt.step()
+    run = gradsight.load(tmp_path / "r.db")
+    assert run.steps == [0, 1, 2] and run.last_step == 4
+    assert run.layers == ["fc1", "act", "fc2", "act#2", "tanh", "out", "unused"]

@@ -273,6 +273,12 @@ def _thresholds_init(self: Thresholds, *args: Any, **kwargs: Any) -> None:
             + (f" ({hints})" if hints else "")
             + f"; expected names among {sorted(_DEFAULTS)!r}, e.g. Thresholds(vanish_ratio=1e-4)."
         )
+    twice = sorted(set(kwargs) & set(list(_DEFAULTS)[: len(args)]))
+    if twice:
+        raise InputError(
+            f"Thresholds got {twice!r} both by position and by name; pass each threshold once, by name, "
+            "e.g. Thresholds(vanish_ratio=1e-4)."
+        )
     if len(args) > len(_DEFAULTS):
         raise InputError(
             f"Thresholds takes at most {len(_DEFAULTS)} values, got {len(args)}; pass them by name, "

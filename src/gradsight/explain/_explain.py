@@ -76,12 +76,13 @@ def _validate(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
     if ya.ndim == 0 or ya.shape[0] != xa.shape[0]:
         n = xa.shape[0]
         hint = f"pass the targets of the same batch (y[:{n}] if y holds more samples)"
-        if ya.ndim >= 1 and xa.ndim >= 2 and ya.shape[0] == n * xa.shape[1]:
+        ids = np.issubdtype(xa.dtype, np.integer)
+        if ya.ndim >= 1 and (xa.ndim >= 3 or (xa.ndim == 2 and ids)) and ya.shape[0] == n * xa.shape[1]:
             hint = (
                 f"y looks flattened over x's first two axes ({n} x {xa.shape[1]} = {ya.shape[0]} targets): pass "
                 f"it unflattened, y.reshape({n}, {xa.shape[1]}), with the loss reading (n, T) targets"
             )
-        elif ya.ndim >= 1 and xa.ndim >= 2 and ya.shape[0] == xa.shape[1]:
+        elif ya.ndim >= 1 and xa.ndim >= 3 and ya.shape[0] == xa.shape[1]:
             hint = (
                 f"x's second axis has {xa.shape[1]} entries, as many as y's first: if x is sequence-first "
                 "(T, n, ...), put the batch first (x.transpose(0, 1) / nn.MultiheadAttention(batch_first=True))"

@@ -623,11 +623,17 @@ def _check_ids(nodes: list[GraphNode], x: np.ndarray) -> None:
     for nd in readers:
         is_emb = nd.op == "embedding"
         if np.issubdtype(x.dtype, np.integer) and not is_emb and any(r.op == "embedding" for r in readers):
+            if "equal" in nd.type_name.lower():  # keras.ops.NotEqual: the padding mask of Embedding(mask_zero=True)
+                raise UnsupportedError(
+                    f"the ids feed an Embedding and also {nd.name} ({nd.type_name}): an Embedding(mask_zero=True) "
+                    "computes a padding mask from the ids, which changes what later layers average or attend to, "
+                    "and the graph explainer has no rule for masks. Fix: explain the model with mask_zero=False on "
+                    "a batch without padding, or on the layers after the embedding."
+                )
             raise UnsupportedError(
-                f"the ids feed an Embedding and also {nd.name} ({nd.type_name}): an Embedding(mask_zero=True) "
-                "computes a padding mask from the ids, which changes what later layers average or attend to, and "
-                "the graph explainer has no rule for masks. Fix: explain the model with mask_zero=False on a batch "
-                "without padding, or on the layers after the embedding."
+                f"the ids feed an Embedding and also {nd.name} ({nd.type_name}), which computes on the ids "
+                "themselves; the graph explainer follows integer inputs through embeddings only. Fix: explain the "
+                "layers after the embedding, with its output as x."
             )
         if np.issubdtype(x.dtype, np.integer) and not is_emb:
             raise InputError(

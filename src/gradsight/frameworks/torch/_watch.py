@@ -235,6 +235,7 @@ class Watch(WatchCore):
             },
         )
         self._model_ref = weakref.ref(model)
+        self._keep_stored_order()
         self._init_step_state()
         self._attach(outer, optimizer)
 
@@ -306,6 +307,7 @@ class Watch(WatchCore):
         sched = self.schedule
         self._logged = self._full_step(self._step)
         self._fwd_seen = False
+        self._in_forward = False  # between the model's forward pre-hook and its forward hook (see _RootEnd)
         self._acts: list[tuple[str, str, str, torch.Tensor, int | None]] = []  # name, layer, kind, tensor, axis
         self._act_packs: list[tuple[list[int], PackedStats]] = []  # large output gradients, summarised in hooks
         # each recorded output's unit axis, by id, for the parameter-free layer that takes it as input next; a weak
@@ -365,6 +367,7 @@ class Watch(WatchCore):
             self._handles.append(outer.register_forward_pre_hook(_RootPreHook(wref)))
             self._root_out = outer.register_forward_hook(_RootOutHook(wref))
             self._handles.append(self._root_out)
+            self._handles.append(outer.register_forward_hook(_RootEnd(wref)))
         self._scaler_update: tuple[Any, Any] | None = None  # (the scaler, its own instance attribute "update")
         update = getattr(self._scaler, "update", None)
         if self.schedule.cheap and callable(update):  # a step the scaler skips closes at its update(), at once
@@ -414,6 +417,7 @@ class Watch(WatchCore):
     def _on_forward(self, module: nn.Module) -> None:
         if self._frozen or not torch.is_grad_enabled():
             return
+        self._in_forward = True
         self._bw_queued = False  # a backward pass that raised never ran its callback
         self._fwd_seen = True
         self._axis_of.clear()
@@ -533,8 +537,8 @@ class Watch(WatchCore):
         if not items:
             return
         if not torch.is_grad_enabled():
-            if self._fwd is not None:  # inside a forward run with gradients: a reentrant checkpoint's first pass
-                self._sites(self._fwd, name, module, args, items)  # its place in the order and its widths only
+            if self._fwd is not None and self._in_forward:  # within a forward run with gradients: a reentrant
+                self._sites(self._fwd, name, module, args, items)  # checkpoint's first pass (order, widths only)
             return
         if _in_backward():  # activation checkpointing recomputes forwards during backward
             key = (name, tuple(items[0][1].shape))
@@ -981,6 +985,21 @@ class Watch(WatchCore):
                 fwd.step = self._step
             self._fwd, self._acts, self._act_packs = fwd, acts, act_packs
 
+    def _keep_stored_order(self) -> None:
+        """Appending: keep the stored run's call order and shared-module records until this watch's own are known.
+
+        The model's description is written again when the watch opens (the architecture an appended run is checked
+        against); without this, a session that logs no forward would leave the run in declaration order.
+        """
+        stored = getattr(self._writer, "_stored_model", None)
+        if not isinstance(stored, dict) or not isinstance(stored.get("call_order"), list):
+            return
+        declared = {entry["name"] for entry in self._model_meta["layers"]}
+        shares = [e for e in stored.get("layers") or [] if isinstance(e, dict) and "shares" in e]
+        self._model_meta["layers"].extend(e for e in shares if e.get("name") not in declared)
+        self._model_meta["call_order"] = list(stored["call_order"])
+        self._writer.set_meta("model", dict(self._model_meta))
+
     def _write_call_order(self) -> None:
         """Once, after the first logged step that ran a forward: the leaf modules' call order, into the metadata.
 
@@ -1232,6 +1251,18 @@ class _RootPreHook:
         w = self.wref()
         if w is not None and not w._closed:
             w._on_forward(module)
+
+
+class _RootEnd:
+    """The model's forward returned: calls without gradients from now on are not part of it."""
+
+    def __init__(self, wref: Callable[[], Watch | None]) -> None:
+        self.wref = wref
+
+    def __call__(self, module: nn.Module, args: Any, out: Any) -> None:
+        w = self.wref()
+        if w is not None:
+            w._in_forward = False
 
 
 class _RootOutHook:
