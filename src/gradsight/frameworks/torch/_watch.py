@@ -534,7 +534,7 @@ class Watch(WatchCore):
         if self._frozen:
             return
         items = _output_items(out)
-        if not items:
+        if not items or any(_functorch_wrapped(t) for _, t in items):  # (inside a functorch transform: not ours)
             return
         if not torch.is_grad_enabled():
             if self._fwd is not None and self._in_forward:  # within a forward run with gradients: a reentrant
@@ -554,8 +554,6 @@ class Watch(WatchCore):
         fwd = self._fwd
         units = self.schedule.units
         for (suffix, t), (layer, axis) in zip(items, self._sites(fwd, name, module, args, items), strict=True):
-            if _functorch_wrapped(t):
-                return
             tname = layer + suffix
             if "output" in self.schedule.kinds:
                 if t.numel() >= self._now_elements:  # summarised now, as the layer left it: no copy to keep
