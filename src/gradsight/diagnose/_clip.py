@@ -27,7 +27,7 @@ import numpy as np
 
 from ._base import Rule, RunData, Thresholds, fmt
 from ._finding import Finding
-from ._series import grad_norm, loss, preclip_norm
+from ._series import cached, grad_norm, loss, preclip_norm
 
 __all__ = ["GradientsClippedRule", "clipping_too_tight"]
 
@@ -50,26 +50,15 @@ class GradientsClippedRule(Rule):
 
     def check(self, data: RunData, th: Thresholds) -> list[Finding]:
         """See the module docstring."""
-        pre = preclip_norm(data)
-        post, _ = grad_norm(data)
-        post = post[np.isfinite(post.to_numpy())]
-        steps = _clipped_steps(data, pre, post)
-        if not steps:
+        clipping = _clipping(data)
+        if clipping is None:
             return []
-        first_meta = (
-            (data.meta.get("clipping") or {}).get("first_step") if isinstance(data.meta.get("clipping"), dict) else None
-        )
+        steps, pre, post, shared = clipping
         hidden = _hidden_explosion(pre, post, th)
-        pre_c = pre.reindex(steps).dropna()
-        post_c = post.reindex(steps).dropna()
+        meta = data.meta.get("clipping")
         evidence: dict[str, Any] = {
-            "clipped_steps": len(steps),
-            "steps": len(post) or len(pre),
-            "first_step": steps[0],
-            "meta_first_step": first_meta,
-            "preclip_median": float(pre_c.median()) if len(pre_c) else math.nan,
-            "preclip_max": float(pre_c.max()) if len(pre_c) else math.nan,
-            "postclip_median": float(post_c.median()) if len(post_c) else math.nan,
+            **shared,
+            "meta_first_step": meta.get("first_step") if isinstance(meta, dict) else None,
             "hidden_explosion": hidden,
         }
         base = (
@@ -77,89 +66,89 @@ class GradientsClippedRule(Rule):
             f"pre-clip norm had median {fmt(evidence['preclip_median'])} (max {fmt(evidence['preclip_max'])}) "
             f"against {fmt(evidence['postclip_median'])} after clipping"
         )
-        tight = _too_tight(data, evidence, th) if hidden is None else None
+        if hidden is not None:
+            return [
+                _finding(
+                    "warning",
+                    hidden["first_step"],
+                    steps,
+                    evidence,
+                    "Clipping hides an explosion: the pre-clip gradient norm's running median grew "
+                    f"{fmt(hidden['growth'])}x, from {fmt(hidden['from'])} to {fmt(hidden['to'])} by step "
+                    f"{hidden['step']}, while the clipped norm's stayed within {fmt(hidden['post_growth'])}x; "
+                    + base
+                    + ".",
+                    _HIDDEN,
+                )
+            ]
+        tight = _too_tight(data, evidence, th)
         if tight is not None:
             evidence["too_tight"] = tight
-            return [_tight_finding(steps, evidence, base, tight)]
-        if hidden is None:
-            return [_active_finding(steps, evidence, base)]
-        return [_hidden_finding(steps, evidence, base, hidden)]
+            text = {
+                **_TIGHT,
+                "advice": (
+                    f"Raise the clipping limit (max_norm / clipnorm) above the usual pre-clip norm (median "
+                    f"{fmt(evidence['preclip_median'])}; 2-5x it is common), so that it catches spikes only.",
+                    *_TIGHT["advice"],
+                ),
+            }
+            message = (
+                f"Clipping sets every step: {base}, a median {fmt(tight['factor'])}x cut, and the loss hardly fell "
+                f"(median {fmt(tight['loss_start'])} at the start, {fmt(tight['loss_end'])} at the end)."
+            )
+            return [_finding("warning", steps[0], steps, evidence, message, text)]
+        return [_finding("info", steps[0], steps, evidence, "Gradient clipping was active: " + base + ".", _ACTIVE)]
 
 
-def _tight_finding(steps: list[int], evidence: dict[str, Any], base: str, tight: dict[str, Any]) -> Finding:
-    """The warning: clipping set every step of a run whose loss did not fall."""
+#: The explanation and advice of the three findings (the tight one's first advice names the pre-clip norm).
+_ACTIVE = {
+    "explanation": (
+        "Clipping rescales the gradient when its norm exceeds a limit, so the optimizer sees at most that norm. "
+        "Occasional clipping contains spikes; clipping at most steps means the limit, not the gradient, sets the "
+        "step size."
+    ),
+    "advice": (
+        "Nothing to change while the loss falls; if clipping is active at most steps, the limit acts as the "
+        "learning rate: compare the pre-clip norm with the limit.",
+    ),
+}
+_TIGHT = {
+    "explanation": (
+        "Clipping rescales the gradient to the limit whenever its norm exceeds it. With a limit far below the "
+        "gradient's usual norm every step is rescaled, so the limit, not the gradient, sets the step size: the "
+        "effective learning rate is divided by the cut factor, and training crawls while gradients and the "
+        "learning rate look fine."
+    ),
+    "advice": ("Then tune the learning rate with clipping inactive at most steps.",),
+}
+_HIDDEN = {
+    "explanation": (
+        "The gradient the optimizer receives looks flat because clipping caps it, but the gradient backward "
+        "computes keeps growing: the network is diverging underneath (weights or activations growing), and the "
+        "capped steps only slow the divergence down. Curves of the clipped norm do not show it."
+    ),
+    "advice": (
+        "Find what makes the raw gradient grow (see the other findings: learning rate, initialisation, "
+        "accumulation) instead of relying on the clip; plot grad_norm_preclip.",
+        "Lower the learning rate until the pre-clip norm stops growing.",
+    ),
+}
+
+
+def _finding(
+    severity: str, first: int, steps: list[int], evidence: dict[str, Any], message: str, text: dict[str, Any]
+) -> Finding:
+    """A ``gradients-clipped`` finding over the clipped ``steps`` (from ``first``)."""
     return Finding(
         code="gradients-clipped",
-        severity="warning",
+        severity=severity,
         layers=(),
-        first_step=steps[0],
+        first_step=first,
         last_step=steps[-1],
         evidence=evidence,
-        message=(
-            f"Clipping sets every step: {base}, a median {fmt(tight['factor'])}x cut, and the loss hardly "
-            f"fell (median {fmt(tight['loss_start'])} at the start, {fmt(tight['loss_end'])} at the end)."
-        ),
-        explanation=(
-            "Clipping rescales the gradient to the limit whenever its norm exceeds it. With a limit far "
-            "below the gradient's usual norm every step is rescaled, so the limit, not the gradient, "
-            "sets the step size: the effective learning rate is divided by the cut factor, and training "
-            "crawls while gradients and the learning rate look fine."
-        ),
-        advice=(
-            f"Raise the clipping limit (max_norm / clipnorm) above the usual pre-clip norm (median "
-            f"{fmt(evidence['preclip_median'])}; 2-5x it is common), so that it catches spikes only.",
-            "Then tune the learning rate with clipping inactive at most steps.",
-        ),
-    )
-
-
-def _active_finding(steps: list[int], evidence: dict[str, Any], base: str) -> Finding:
-    """The info: clipping was active."""
-    return Finding(
-        code="gradients-clipped",
-        severity="info",
-        layers=(),
-        first_step=steps[0],
-        last_step=steps[-1],
-        evidence=evidence,
-        message="Gradient clipping was active: " + base + ".",
-        explanation=(
-            "Clipping rescales the gradient when its norm exceeds a limit, so the optimizer sees at most "
-            "that norm. Occasional clipping contains spikes; clipping at most steps means the limit, not "
-            "the gradient, sets the step size."
-        ),
-        advice=(
-            "Nothing to change while the loss falls; if clipping is active at most steps, the limit "
-            "acts as the learning rate: compare the pre-clip norm with the limit.",
-        ),
-    )
-
-
-def _hidden_finding(steps: list[int], evidence: dict[str, Any], base: str, hidden: dict[str, Any]) -> Finding:
-    """The warning: clipping hid an explosion of the pre-clip norm."""
-    return Finding(
-        code="gradients-clipped",
-        severity="warning",
-        layers=(),
-        first_step=hidden["first_step"],
-        last_step=steps[-1],
-        evidence=evidence,
-        message=(
-            "Clipping hides an explosion: the pre-clip gradient norm's running median grew "
-            f"{fmt(hidden['growth'])}x, from {fmt(hidden['from'])} to {fmt(hidden['to'])} by step "
-            f"{hidden['step']}, while the clipped norm's stayed within {fmt(hidden['post_growth'])}x; " + base + "."
-        ),
-        explanation=(
-            "The gradient the optimizer receives looks flat because clipping caps it, but the gradient "
-            "backward computes keeps growing: the network is diverging underneath (weights or activations "
-            "growing), and the capped steps only slow the divergence down. Curves of the clipped norm do not "
-            "show it."
-        ),
-        advice=(
-            "Find what makes the raw gradient grow (see the other findings: learning rate, initialisation, "
-            "accumulation) instead of relying on the clip; plot grad_norm_preclip.",
-            "Lower the learning rate until the pre-clip norm stops growing.",
-        ),
+        message=message,
+        explanation=text["explanation"],
+        advice=text["advice"],
     )
 
 
@@ -172,22 +161,37 @@ _TIGHT_FACTOR = 10.0
 _TIGHT_LOSS_FALL = 0.1
 
 
+def _clipping(data: RunData) -> tuple[list[int], Any, Any, dict[str, Any]] | None:
+    """The clipped steps, the pre- and post-clip norms and their evidence, or ``None`` (no step clipped).
+
+    Read once per diagnosis: the rule and the loss rule's health check (:func:`clipping_too_tight`) share it.
+    """
+
+    def make() -> tuple[list[int], Any, Any, dict[str, Any]] | None:
+        pre = preclip_norm(data)
+        post, _ = grad_norm(data)
+        post = post[np.isfinite(post.to_numpy())]
+        steps = _clipped_steps(data, pre, post)
+        if not steps:
+            return None
+        pre_c, post_c = pre.reindex(steps).dropna(), post.reindex(steps).dropna()
+        evidence = {
+            "clipped_steps": len(steps),
+            "steps": len(post) or len(pre),
+            "first_step": steps[0],
+            "preclip_median": float(pre_c.median()) if len(pre_c) else math.nan,
+            "preclip_max": float(pre_c.max()) if len(pre_c) else math.nan,
+            "postclip_median": float(post_c.median()) if len(post_c) else math.nan,
+        }
+        return steps, pre, post, evidence
+
+    return cached(data, "clipping", make)
+
+
 def clipping_too_tight(data: RunData, th: Thresholds) -> dict[str, Any] | None:
-    """The evidence that clipping set every step of a run whose loss did not fall, or ``None`` (see the rule)."""
-    pre = preclip_norm(data)
-    post, _ = grad_norm(data)
-    post = post[np.isfinite(post.to_numpy())]
-    steps = _clipped_steps(data, pre, post)
-    if not steps:
-        return None
-    pre_c, post_c = pre.reindex(steps).dropna(), post.reindex(steps).dropna()
-    evidence = {
-        "clipped_steps": len(steps),
-        "steps": len(post) or len(pre),
-        "preclip_median": float(pre_c.median()) if len(pre_c) else math.nan,
-        "postclip_median": float(post_c.median()) if len(post_c) else math.nan,
-    }
-    return _too_tight(data, evidence, th)
+    """The evidence that clipping set every step of a run whose loss hardly fell, or ``None`` (see the rule)."""
+    clipping = _clipping(data)
+    return None if clipping is None else _too_tight(data, clipping[3], th)
 
 
 def _too_tight(data: RunData, evidence: dict[str, Any], th: Thresholds) -> dict[str, Any] | None:

@@ -145,7 +145,7 @@ def _finding(data: RunData, step: int, value: float, harm: dict[str, Any], sourc
     rate = float(rates.loc[step]) if step in rates.index else None
     top = sorted(per_layer.items(), key=lambda kv: -kv[1])[:4]
     detail = ", ".join(f"{name!r} {fmt(v)}" for name, v in top)
-    typical = float(np.median(list(per_layer.values()))) if len(per_layer) >= 2 else math.nan
+    typical = float(_typical_layer_ratio(data).get(step, math.nan))
     what = _what(step, value, per_layer, big, detail, typical, th)
     lr_text = f" The learning rate at step {step} was {fmt(rate)}." if rate is not None else ""
     msg = f"The learning rate is too high: {what}, and within {th.damage_steps} steps {_consequences(harm)}.{lr_text}"

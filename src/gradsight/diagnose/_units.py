@@ -37,6 +37,7 @@ import numpy as np
 from .._packing import EXP_BIAS  # hist bin of |a| in [0.5, 1) is EXP_BIAS - 1, [1, 2) is EXP_BIAS
 from ._base import Rule, RunData, Thresholds, fmt, ordered, recent
 from ._finding import Finding
+from ._inputs import input_advice, input_scale
 
 if TYPE_CHECKING:  # pragma: no cover - pandas is imported where it is used, not at import
     import pandas as pd
@@ -128,8 +129,6 @@ class DeadUnitsRule(Rule):
             f"every one of {w['samples_per_unit']} samples over logged steps {lo}–{hi}{echo_text}"
             f"; {len(layers)} layer(s) at or above {th.dead_fraction:.0%} dead."
         )
-        from ._inputs import input_advice, input_scale
-
         scale = input_scale(data, th)
         advice = (
             "Initialise biases at 0 (or slightly positive) and weights with He initialisation "

@@ -540,14 +540,13 @@ class Watch(WatchCore):
             if self._fwd is not None and self._in_forward:  # within a forward run with gradients: a reentrant
                 self._sites(self._fwd, name, module, args, items)  # checkpoint's first pass (order, widths only)
             return
+        key = (name, tuple(items[0][1].shape))
         if _in_backward():  # activation checkpointing recomputes forwards during backward
-            key = (name, tuple(items[0][1].shape))
             left = self._unmatched.get(key, 0)
             if left:  # a repeat of a forward recorded already (use_reentrant=False): not a new output
                 self._unmatched[key] = left - 1
                 return
         else:
-            key = (name, tuple(items[0][1].shape))
             self._unmatched[key] = self._unmatched.get(key, 0) + 1
         if self._fwd is None:  # a leaf module called outside the model's forward
             self._fwd = _Forward(self._step)
