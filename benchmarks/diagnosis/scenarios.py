@@ -1009,6 +1009,65 @@ def torch_fp16_overflow(seed: int, path: Path, watch: Mapping[str, Any]) -> Path
     return _train_torch(model, opt, path, watch, (x.half(), y), seed=seed, loss_fn=_naive_softmax_ce)
 
 
+def _floor_never_passed(classes: int = 10) -> Exhibit:
+    """Fault exhibit: every loss lies in the band of a cross-entropy of softmax(p), and the run learned towards it."""
+    floor, ceiling = math.log1p((classes - 1) / math.e), math.log(math.e + classes - 1)
+
+    def check(run: gradsight.Run) -> str | None:
+        loss = loss_series(run)
+        if len(loss) < 10 or not np.isfinite(loss).all():
+            return f"expected a finite loss at every step, got {len(loss)} values"
+        if loss.min() < floor or loss.max() > ceiling:
+            return f"loss should stay in [{floor:.3f}, {ceiling:.3f}], got [{loss.min():.3f}, {loss.max():.3f}]"
+        return None if np.median(loss[-30:]) < floor + 0.5 else f"loss should approach {floor:.3f}"
+
+    return check
+
+
+def _softmax_mlp() -> Any:
+    nn = _torch().nn
+    model = _mlp()
+    model.add_module("softmax", nn.Softmax(dim=-1))
+    return model
+
+
+@scenario(
+    "torch",
+    root="double-softmax",
+    names=("softmax",),
+    why="The model ends in nn.Softmax and is trained with F.cross_entropy, which applies log-softmax again: the "
+    "cross-entropy of softmax(p) for probabilities p cannot fall below log(1 + 9/e) = 1.46 for 10 classes, so the "
+    "loss crawls towards 1.46 and stops there, where the same model without the Softmax reaches ~0.1.",
+    exhibit=_floor_never_passed(10),
+)
+def torch_double_softmax(seed: int, path: Path, watch: Mapping[str, Any]) -> Path:
+    """A digits ReLU MLP ending in nn.Softmax, trained with F.cross_entropy; Adam lr=1e-3."""
+    torch = _seed_torch(seed)
+    model = _softmax_mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    return _train_torch(model, opt, path, watch, _digits_torch(images=False), seed=seed)
+
+
+def _nll_of_log(out: Any, y: Any) -> Any:
+    torch = _torch()
+    return torch.nn.functional.nll_loss(torch.log(out), y)
+
+
+@scenario(
+    "torch",
+    root=None,
+    why="A model that ends in nn.Softmax, trained with the negative log-likelihood of its probabilities: the right "
+    "loss for a probability output (numerically less robust than log-softmax, but correct here).",
+    exhibit=learns(0.3),
+)
+def torch_softmax_nll(seed: int, path: Path, watch: Mapping[str, Any]) -> Path:
+    """A digits ReLU MLP ending in nn.Softmax, trained with nll_loss(log(p)); Adam lr=1e-3."""
+    torch = _seed_torch(seed)
+    model = _softmax_mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    return _train_torch(model, opt, path, watch, _digits_torch(images=False), seed=seed, loss_fn=_nll_of_log)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # PyTorch: the training loop's plumbing.
 

@@ -5,6 +5,7 @@ Each trains in about a second on one CPU thread (digits from scikit-learn where 
 
 import math
 
+import numpy as np
 import pytest
 
 import gradsight
@@ -237,6 +238,58 @@ def test_a_transformer_on_random_tokens_sits_at_log_v_without_a_warning(torch, t
     if flat:  # info at most, naming chance level
         assert flat[0].evidence.get("chance_classes") == vocab
     assert gradsight.load(tmp_path / "r.db").scalars["loss"].iloc[0] == pytest.approx(math.log(vocab), rel=1e-3)
+
+
+def _softmax_mlp(torch, end):
+    nn = torch.nn
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10), *end)
+
+
+@pytest.mark.parametrize("lr", [1e-3, 1e-4], ids=["learning", "crawling"])
+def test_a_softmax_fed_to_cross_entropy_is_named_with_the_floor_it_cannot_pass(
+    torch, torch_seeded_one_thread, tmp_path, lr
+):
+    x, y = _digits(torch, images=False)
+    model = _softmax_mlp(torch, [torch.nn.Softmax(dim=-1)])
+    found = _train(torch, model, torch.optim.Adam(model.parameters(), lr=lr), tmp_path / "r.db", x, y, steps=150)
+    root = found[0]
+    assert root.code == "double-softmax" and root.is_root and root.severity == "warning", [f.code for f in found]
+    assert root.layers == ("3",) and root.evidence["classes"] == 10
+    floor = math.log(1 + 9 / math.e)  # the cross-entropy of softmax(p) for p a one-hot probability vector
+    assert root.evidence["loss_floor"] == pytest.approx(floor) and root.evidence["loss_min"] >= floor
+    assert root.evidence["output_grad_sums_to_zero"] is True
+    assert "Remove the final softmax '3'" in root.advice[0]
+    assert all(not f.is_root or f.severity == "info" for f in found[1:]), [(f.code, f.is_root) for f in found]
+
+
+@pytest.mark.parametrize("variant", ["nll-of-log", "log-softmax-nll", "mse", "nll-of-log-short"])
+def test_a_softmax_output_trained_with_a_loss_made_for_probabilities_is_not_double_softmax(
+    torch, torch_seeded_one_thread, tmp_path, variant
+):
+    """Only a loss that applies softmax again is named, even while a right loss still lies in the band (short run).
+
+    The short run's loss has covered most of its way down to the band's floor without crossing it: only its output
+    gradient, with every entry <= 0 instead of summing to zero, tells it from a second softmax.
+    """
+    f = torch.nn.functional
+    x, y = _digits(torch, images=False)
+    end = [torch.nn.LogSoftmax(dim=-1)] if variant == "log-softmax-nll" else [torch.nn.Softmax(dim=-1)]
+    losses = {
+        "nll-of-log": lambda p, t: f.nll_loss(torch.log(p), t),
+        "log-softmax-nll": f.nll_loss,
+        "mse": lambda p, t: f.mse_loss(p, f.one_hot(t, 10).float()),
+        "nll-of-log-short": lambda p, t: f.nll_loss(torch.log(p), t),
+    }
+    steps = 60 if variant.endswith("short") else 150
+    model = _softmax_mlp(torch, end)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    found = _train(torch, model, opt, tmp_path / "r.db", x, y, steps=steps, loss=losses[variant])
+    assert "double-softmax" not in [g.code for g in found]
+    if variant.endswith("short"):  # the case the output-gradient test is for: every loss value inside the band
+        values = gradsight.load(tmp_path / "r.db").scalars["loss"].to_numpy()
+        floor = math.log(1 + 9 / math.e)
+        assert values.min() > floor and values.max() < math.log(math.e + 9)
+        assert np.median(values[-16:]) - floor < 0.5 * (np.median(values[:16]) - floor)
 
 
 # ---- why is this gradient near zero: constructed cases ------------------------------------------------------------

@@ -172,6 +172,7 @@ def test_nonfinite_rule_skips_an_empty_run(synth):
         "bad-initialisation",
         "learning-rate-too-high",
         "gradients-clipped",
+        "double-softmax",
     }
 
 

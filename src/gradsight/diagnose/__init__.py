@@ -22,6 +22,7 @@ from ._lr import LearningRateTooHighRule
 from ._nonfinite import NonFiniteRule
 from ._online import GradsightWarning, OnlineDiagnosis, TrainingStopped
 from ._params import NoGradientRule, NotOptimizedRule
+from ._softmax import DoubleSoftmaxRule
 from ._steps import NoStepsRule
 from ._units import DeadUnitsRule, SaturatedUnitsRule
 from ._update_ratio import UpdateRatioRule
@@ -33,6 +34,7 @@ __all__ = [
     "SEVERITIES",
     "BadInitialisationRule",
     "DeadUnitsRule",
+    "DoubleSoftmaxRule",
     "ExplodingGradientsRule",
     "Finding",
     "GradientsAccumulatingRule",

@@ -36,6 +36,7 @@ CAUSAL_ORDER: tuple[str, ...] = (
     "no-steps-recorded",
     "gradients-accumulating",
     "not-optimized",
+    "double-softmax",
     "bad-initialisation",
     "learning-rate-too-high",
     "gradients-clipped",
@@ -156,6 +157,11 @@ EXPLAINS: dict[str, dict[str, Condition]] = {
         "exploding-gradients": _overlap,
         "vanishing-gradients": _overlap,
         "update-ratio-low": _overlap,
+        "loss-not-decreasing": _before,
+    },
+    "double-softmax": {
+        "vanishing-gradients": _before,
+        "update-ratio-low": _before,
         "loss-not-decreasing": _before,
     },
     "bad-initialisation": {

@@ -19,6 +19,7 @@ from ._loss import LossNotDecreasingRule
 from ._lr import LearningRateTooHighRule
 from ._nonfinite import NonFiniteRule
 from ._params import NoGradientRule, NotOptimizedRule
+from ._softmax import DoubleSoftmaxRule
 from ._steps import NoStepsRule
 from ._units import DeadUnitsRule, SaturatedUnitsRule
 from ._update_ratio import UpdateRatioRule
@@ -32,6 +33,7 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     GradientsAccumulatingRule(),
     NoGradientRule(),
     NotOptimizedRule(),
+    DoubleSoftmaxRule(),
     BadInitialisationRule(),
     LearningRateTooHighRule(),
     GradientsClippedRule(),

@@ -27,6 +27,7 @@ CODES = (
     "no-gradient",
     "not-optimized",
     "gradients-clipped",
+    "double-softmax",
 )
 #: One line per code: what it means (the rule modules' docstrings hold the details).
 CODE_DESCRIPTIONS: dict[str, str] = {
@@ -51,6 +52,8 @@ CODE_DESCRIPTIONS: dict[str, str] = {
     "not-optimized": "parameters that receive gradients but never move: the optimizer does not hold them.",
     "gradients-clipped": "gradient clipping was active (info, with the pre-clip norm); a warning when clipping "
     "hides an explosion of the pre-clip norm.",
+    "double-softmax": "a model that ends in a softmax, trained with a cross-entropy that applies softmax again: "
+    "every loss value lies in the band that allows, and the loss can never fall below its floor.",
 }
 #: Severities, least to most severe.
 SEVERITIES = ("info", "warning", "error")

@@ -1,0 +1,187 @@
+"""Rule ``double-softmax``: a model that outputs probabilities, trained with a cross-entropy that expects logits.
+
+``nn.CrossEntropyLoss`` / ``F.cross_entropy`` and Keras' cross-entropies with ``from_logits=True`` apply a softmax
+themselves. Fed the output of a final ``Softmax`` (probabilities ``p``), they compute the cross-entropy of
+``softmax(p)``: since ``0 <= p_i <= 1``, the right class can get at most ``e / (e + C - 1)`` of the mass, so the
+loss of *every* batch lies in the band
+
+    ``log(1 + (C - 1) / e)  <=  loss  <=  log(e + C - 1)``     (C classes; 1.46 and 2.46 for C = 10)
+
+— it can never fall below ``log(1 + (C - 1) / e)``, however long the model trains — and the gradient through the
+two softmaxes is weak. Evidence, all of which must hold:
+
+* the last layer with recorded outputs applies a softmax (its type, class or ``activation`` says so, not a
+  log-softmax) and its outputs lie in ``[0, 1]`` at every logged step; ``C`` is its number of units;
+* every finite loss value lies in that band (up to float32 rounding), at least ``loss_min_steps`` of them;
+* the loss depends on ``p`` the way a second softmax does: where the layer's output gradient was recorded, it sums
+  to zero (``sum_j dJ/dp_j = 0`` for every sample, because ``softmax(p)`` does not change when a constant is added
+  to every ``p_j``; a negative log-likelihood of ``log p`` has every entry ``<= 0``; a squared error on ``p`` also
+  sums to zero but stays far below the band); without output gradients, the loss must have covered at least half
+  of its way from its start to the band's floor and stopped above it.
+
+A ``reduction="sum"`` loss (B times the band) is not recognised: the rule stays silent rather than guess.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ._base import LOSS_SCALARS, Rule, RunData, Thresholds, fmt
+from ._finding import Finding
+from ._series import loss
+
+__all__ = ["DoubleSoftmaxRule", "softmax_band"]
+
+#: Relative slack on the band's edges: the loss is computed in float32 and averaged over the batch.
+_SLACK = 1e-3
+#: ``|sum of dJ/dp|`` at most this fraction of ``sqrt(count * sum of squares)`` (a bound on ``sum |dJ/dp|``) counts
+#: as zero: float32 rounding leaves ~1e-7 of it; a log-likelihood of ``log p`` gives ``~1/sqrt(C)``.
+_ZERO_SUM = 1e-3
+
+
+def softmax_band(classes: int) -> tuple[float, float]:
+    """``(floor, ceiling)`` of the cross-entropy of ``softmax(p)`` over ``classes`` classes, for probabilities p."""
+    c = float(classes)
+    return math.log1p((c - 1.0) / math.e), math.log(math.e + c - 1.0)
+
+
+def _applies_softmax(info: Mapping[str, Any], layer: str) -> bool:
+    """The layer's metadata (type, class, ``activation``) or, without any, its name says it ends in a softmax."""
+    texts = [str(info.get(k, "")).lower() for k in ("type", "class", "activation")]
+    config = info.get("config")
+    if isinstance(config, Mapping):
+        texts.append(str(config.get("activation", "")).lower())
+    tokens = {t.rsplit(".", 1)[-1].replace("_", "") for t in texts if t}
+    if tokens & {"logsoftmax", "softmin", "softmax2d"}:
+        return False
+    if tokens:
+        return "softmax" in tokens
+    return layer.lower().rsplit(".", 1)[-1] == "softmax"
+
+
+def _output_layer(data: RunData) -> str | None:
+    """The last layer (in the order the forward calls them) with recorded outputs."""
+    with_outputs = {t.layer for t in data.tensors if t.kind == "output"}
+    return next((n for n in reversed(data.layers) if n in with_outputs), None)
+
+
+def _classes(rows: Any) -> int | None:
+    """The layer's number of units (classes), from its per-unit counts."""
+    sizes = {np.asarray(a).size for a in rows["units_active"] if a is not None and not _isnan(a)}
+    return int(sizes.pop()) if len(sizes) == 1 else None
+
+
+def _isnan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _zero_sum(data: RunData, layer: str) -> bool | None:
+    """Whether the layer's recorded output gradients sum to zero at every logged step (None: not recorded)."""
+    if "output_grad" not in data.kinds:
+        return None
+    f = data.frame("output_grad")
+    rows = f[(f["layer"] == layer) & (f["finite"] > 0)]
+    if rows.empty:
+        return None
+    scale = np.sqrt(rows["finite"].to_numpy(float) * rows["sum_sq"].to_numpy(float))
+    ok = np.abs(rows["sum"].to_numpy(float)) <= _ZERO_SUM * scale
+    return bool(ok.all()) and bool((scale > 0).any())
+
+
+class DoubleSoftmaxRule(Rule):
+    """A final softmax fed to a cross-entropy that applies its own (see the module docstring). A warning."""
+
+    name = "double-softmax"
+    codes = ("double-softmax",)
+    kinds = ("output",)
+    scalars = LOSS_SCALARS
+
+    def check(self, data: RunData, th: Thresholds) -> list[Finding]:
+        """See the module docstring."""
+        layer = _output_layer(data)
+        if layer is None or not _applies_softmax(data.layer_info(layer), layer):
+            return []
+        f = data.frame("output", units=True)
+        rows = f[f["layer"] == layer]
+        classes = _classes(rows)
+        if classes is None or classes < 2 or rows["min"].min() < 0 or rows["max"].max() > 1:
+            return []
+        values = loss(data).to_numpy(float)
+        if values.size < th.loss_min_steps:
+            return []
+        floor, ceiling = softmax_band(classes)
+        if values.min() < floor * (1 - _SLACK) or values.max() > ceiling * (1 + _SLACK):
+            return []
+        w = max(3, math.ceil(th.loss_window * values.size))
+        start, end = float(np.median(values[:w])), float(np.median(values[-w:]))
+        zero_sum = _zero_sum(data, layer)
+        halfway = start > floor and end - floor <= 0.5 * (start - floor)
+        if zero_sum is False or (zero_sum is None and not halfway):
+            return []
+        return [self._finding(data, layer, classes, values, (start, end), zero_sum)]
+
+    def _finding(
+        self,
+        data: RunData,
+        layer: str,
+        classes: int,
+        values: np.ndarray,
+        start_end: tuple[float, float],
+        zero_sum: bool | None,
+    ) -> Finding:
+        floor, ceiling = softmax_band(classes)
+        steps = loss(data).index
+        keras = data.meta.get("framework") == "keras"
+        evidence = {
+            "layer": layer,
+            "classes": classes,
+            "loss_floor": floor,
+            "loss_ceiling": ceiling,
+            "loss_min": float(values.min()),
+            "loss_max": float(values.max()),
+            "loss_start": start_end[0],
+            "loss_end": start_end[1],
+            "output_grad_sums_to_zero": zero_sum,
+        }
+        fix = (
+            (
+                "Remove activation='softmax' from the last layer and keep from_logits=True in the loss, or keep the "
+                "softmax and pass from_logits=False."
+            )
+            if keras
+            else (
+                f"Remove the final softmax {layer!r}: nn.CrossEntropyLoss / F.cross_entropy applies log-softmax "
+                "itself and expects raw scores (logits). Apply softmax only where you need probabilities (at "
+                "inference), or end the model in nn.LogSoftmax and train it with nn.NLLLoss."
+            )
+        )
+        return Finding(
+            code="double-softmax",
+            severity="warning",
+            layers=(layer,),
+            first_step=int(steps[0]),
+            last_step=int(steps[-1]),
+            evidence=evidence,
+            message=(
+                f"The model ends in a softmax ({layer!r}, {classes} classes) and every loss value lies in "
+                f"[{fmt(floor)}, {fmt(ceiling)}] (from {fmt(float(values.max()))} down to {fmt(float(values.min()))}),"
+                " the range of a cross-entropy that applies a second softmax to probabilities: the loss can never "
+                f"fall below {fmt(floor)}."
+            ),
+            explanation=(
+                "A cross-entropy that expects logits applies softmax itself. Given probabilities p (each between 0 "
+                f"and 1) it computes the cross-entropy of softmax(p), which gives the right class at most e/(e+C-1) "
+                f"of the mass: with C = {classes} the loss cannot go below log(1+(C-1)/e) = {fmt(floor)}, and the "
+                "gradient through two softmaxes is weak, so training crawls towards that floor and stops there."
+                + (
+                    " Its output gradient sums to zero at every logged step, as a second softmax makes it."
+                    if zero_sum
+                    else ""
+                )
+            ),
+            advice=(fix,),
+        )
