@@ -1068,6 +1068,35 @@ def torch_softmax_nll(seed: int, path: Path, watch: Mapping[str, Any]) -> Path:
     return _train_torch(model, opt, path, watch, _digits_torch(images=False), seed=seed, loss_fn=_nll_of_log)
 
 
+def _falls_below(value: float) -> Exhibit:
+    def check(run: gradsight.Run) -> str | None:
+        loss = loss_series(run)
+        if len(loss) < 10 or not np.isfinite(loss).all():
+            return f"expected a finite loss at every step, got {len(loss)} values"
+        return None if np.median(loss[-30:]) < value else f"loss should end below {value}"
+
+    return check
+
+
+def _nll_of_scores(out: Any, y: Any) -> Any:
+    return _torch().nn.functional.nll_loss(out, y)  # the mistake: raw scores where log-probabilities belong
+
+
+@scenario(
+    "torch",
+    root="loss-unbounded",
+    why="F.nll_loss expects log-probabilities; fed raw scores it returns -z_y, which falls for ever as the right "
+    "class's score grows: the loss goes far below zero and keeps falling while the weights grow.",
+    exhibit=_falls_below(-10.0),
+)
+def torch_nll_on_scores(seed: int, path: Path, watch: Mapping[str, Any]) -> Path:
+    """A digits ReLU MLP trained with F.nll_loss on its raw scores (no log_softmax); Adam lr=1e-3."""
+    torch = _seed_torch(seed)
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    return _train_torch(model, opt, path, watch, _digits_torch(images=False), seed=seed, loss_fn=_nll_of_scores)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # PyTorch: the training loop's plumbing.
 

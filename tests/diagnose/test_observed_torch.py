@@ -292,6 +292,37 @@ def test_a_softmax_output_trained_with_a_loss_made_for_probabilities_is_not_doub
         assert np.median(values[-16:]) - floor < 0.5 * (np.median(values[:16]) - floor)
 
 
+def test_nll_loss_fed_raw_scores_is_an_unbounded_loss(torch, torch_seeded_one_thread, tmp_path):
+    x, y = _digits(torch, images=False)
+    model = _softmax_mlp(torch, [])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    found = _train(torch, model, opt, tmp_path / "r.db", x, y, steps=200, loss=torch.nn.functional.nll_loss)
+    root = found[0]
+    assert root.code == "loss-unbounded" and root.is_root and root.severity == "error", [f.code for f in found]
+    medians = root.evidence["window_medians"]
+    assert medians[0] > medians[1] > medians[2] and root.evidence["loss_end"] < -10
+    assert "log_softmax" in root.advice[0]
+    assert all(f.is_root is False or f is root or f.severity == "info" for f in found)
+
+
+def test_a_loss_with_a_floor_below_zero_is_not_unbounded(torch, torch_seeded_one_thread, tmp_path):
+    """A Gaussian negative log-likelihood with a learned variance settles a few units below zero."""
+    nn = torch.nn
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 8, generator=g)
+    y = x @ torch.randn(8, 1, generator=g) + 0.01 * torch.randn(2048, 1, generator=g)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+
+    def gaussian_nll(out, target):
+        return nn.functional.gaussian_nll_loss(out[:, :1], target, out[:, 1:].exp(), eps=1e-4)
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    found = _train(torch, model, opt, tmp_path / "r.db", x, y, steps=300, loss=gaussian_nll)
+    values = gradsight.load(tmp_path / "r.db").scalars["loss"].to_numpy()
+    assert values[-30:].mean() < -1  # the case in question: a loss that settled below zero
+    assert "loss-unbounded" not in [f.code for f in found], [(f.code, f.message) for f in found]
+
+
 # ---- why is this gradient near zero: constructed cases ------------------------------------------------------------
 def _mse_run(torch, model, path, steps=3):
     g = torch.Generator().manual_seed(0)

@@ -173,6 +173,7 @@ def test_nonfinite_rule_skips_an_empty_run(synth):
         "learning-rate-too-high",
         "gradients-clipped",
         "double-softmax",
+        "loss-unbounded",
     }
 
 

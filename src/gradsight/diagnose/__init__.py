@@ -24,6 +24,7 @@ from ._online import GradsightWarning, OnlineDiagnosis, TrainingStopped
 from ._params import NoGradientRule, NotOptimizedRule
 from ._softmax import DoubleSoftmaxRule
 from ._steps import NoStepsRule
+from ._unbounded import LossUnboundedRule
 from ._units import DeadUnitsRule, SaturatedUnitsRule
 from ._update_ratio import UpdateRatioRule
 
@@ -42,6 +43,7 @@ __all__ = [
     "GradsightWarning",
     "LearningRateTooHighRule",
     "LossNotDecreasingRule",
+    "LossUnboundedRule",
     "NoGradientRule",
     "NoStepsRule",
     "NonFiniteRule",

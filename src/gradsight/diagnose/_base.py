@@ -142,6 +142,10 @@ class Thresholds:
             first layer's pre-activations and every gradient that large, which kills ReLUs and makes a learning
             rate tuned for normalised data far too high. The dead-units and learning-rate-too-high findings then
             name the inputs first.
+        unbounded_loss_factor: loss-unbounded: the loss's end median must be below zero by this many times the
+            size of its start median (at least 1). Standard losses are never negative; a loss that started near
+            0 and reached -10, still falling, has no floor. A negative floor of a legitimate loss (a Gaussian
+            negative log-likelihood with a learned variance) is a few units below zero and flat there.
     """
 
     baseline_steps: int = 3
@@ -171,6 +175,7 @@ class Thresholds:
     init_chain: int = 3
     why_zero_fraction: float = 0.9
     input_rms_high: float = 5.0
+    unbounded_loss_factor: float = 10.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -256,6 +261,7 @@ _RANGES: dict[str, tuple[float, bool, float | None, str]] = {
     "accumulate_growth": (1.0, True, None, "a growth factor"),
     "init_scale_factor": (1.0, True, None, "a factor off the standard scale, both ways"),
     "input_rms_high": (1.0, True, None, "an RMS above a standardised input's 1"),
+    "unbounded_loss_factor": (1.0, True, None, "a growth factor"),
 }
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Thresholds)}
 _dataclass_init = Thresholds.__init__

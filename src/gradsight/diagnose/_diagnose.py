@@ -21,6 +21,7 @@ from ._nonfinite import NonFiniteRule
 from ._params import NoGradientRule, NotOptimizedRule
 from ._softmax import DoubleSoftmaxRule
 from ._steps import NoStepsRule
+from ._unbounded import LossUnboundedRule
 from ._units import DeadUnitsRule, SaturatedUnitsRule
 from ._update_ratio import UpdateRatioRule
 
@@ -34,6 +35,7 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     NoGradientRule(),
     NotOptimizedRule(),
     DoubleSoftmaxRule(),
+    LossUnboundedRule(),
     BadInitialisationRule(),
     LearningRateTooHighRule(),
     GradientsClippedRule(),

@@ -28,6 +28,7 @@ CODES = (
     "not-optimized",
     "gradients-clipped",
     "double-softmax",
+    "loss-unbounded",
 )
 #: One line per code: what it means (the rule modules' docstrings hold the details).
 CODE_DESCRIPTIONS: dict[str, str] = {
@@ -52,6 +53,8 @@ CODE_DESCRIPTIONS: dict[str, str] = {
     "not-optimized": "parameters that receive gradients but never move: the optimizer does not hold them.",
     "gradients-clipped": "gradient clipping was active (info, with the pre-clip norm); a warning when clipping "
     "hides an explosion of the pre-clip norm.",
+    "loss-unbounded": "a loss far below zero and still falling: its formula has no lower bound (e.g. nll_loss "
+    "fed raw scores, a sign error).",
     "double-softmax": "a model that ends in a softmax, trained with a cross-entropy that applies softmax again: "
     "every loss value lies in the band that allows, and the loss can never fall below its floor.",
 }
