@@ -389,6 +389,42 @@ def test_log_misuse(tmp_path, call, error, match):
         assert run.scalars.loc[3, "loss"] == 2.0
 
 
+@pytest.mark.parametrize(
+    "when", ["after-step", "after-eval-forward", "after-no-grad-eval", "before-backward", "eval-mode-training"]
+)
+def test_log_records_at_the_step_whose_forward_it_follows(tmp_path, when):
+    """A validation forward with gradients on, between the step and ``log``, does not move the log to the next step.
+
+    Forwards in the mode of the training forwards (those a backward pass went through) still do: ``log`` before
+    backward records at the step in progress, also for a model trained in eval mode.
+    """
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    if when == "eval-mode-training":
+        model.eval()
+    expected = {}
+    with gradsight.watch(model, optimizer=opt, path=tmp_path / "r.db", preset="full") as run:
+        for step in range(4):
+            opt.zero_grad()
+            loss = model(torch.randn(5, 12)).pow(2).mean()
+            expected[step] = loss.item()
+            if when in ("before-backward", "eval-mode-training"):
+                run.log(loss=loss)
+            loss.backward()
+            opt.step()
+            if when == "after-eval-forward":
+                model.eval()
+                model(torch.randn(5, 12))  # gradients enabled, never backpropagated
+                model.train()
+            elif when == "after-no-grad-eval":
+                with torch.no_grad():
+                    model(torch.randn(5, 12))
+            if when not in ("before-backward", "eval-mode-training"):
+                run.log(loss=loss)
+    recorded = load(tmp_path / "r.db").scalars["loss"].dropna().to_dict()
+    assert recorded == pytest.approx(expected)
+
+
 def test_watching_twice_and_logging_after_close(tmp_path):
     model = mlp()
     refused = pytest.raises(WatchError, match=r"already watched.*close that one first")

@@ -307,6 +307,11 @@ class Watch(WatchCore):
         sched = self.schedule
         self._logged = self._full_step(self._step)
         self._fwd_seen = False
+        # train/eval mode of the last forward with gradients, and of the one before the last backward pass: a
+        # forward in the other mode after a step (validation with gradients on) does not move run.log to the next
+        self._fwd_mode: bool | None = None
+        self._train_mode: bool | None = None
+        self._log_fwd = True
         self._in_forward = False  # between the model's forward pre-hook and its forward hook (see _RootEnd)
         self._acts: list[tuple[str, str, str, torch.Tensor, int | None]] = []  # name, layer, kind, tensor, axis
         self._act_packs: list[tuple[list[int], PackedStats]] = []  # large output gradients, summarised in hooks
@@ -420,6 +425,8 @@ class Watch(WatchCore):
         self._in_forward = True
         self._bw_queued = False  # a backward pass that raised never ran its callback
         self._fwd_seen = True
+        self._fwd_mode = module.training
+        self._log_fwd = self._train_mode is None or module.training == self._train_mode
         self._axis_of.clear()
         if self._optimizer is None and self.schedule.cheap and self._wbuf_step != self._step:
             self._copy_weights()  # no optimizer: W_before is the weights at the step's first forward
@@ -1069,9 +1076,11 @@ class Watch(WatchCore):
     def _default_log_step(self) -> int:
         """The step whose forward pass ran last.
 
-        ``log`` after the forward of step ``s`` (before or after ``optimizer.step()``) records at ``s``.
+        ``log`` after the forward of step ``s`` (before or after ``optimizer.step()``) records at ``s``. A forward
+        after the step in another train/eval mode than the forwards that had backward passes (a validation pass
+        with gradients enabled) is not the next step's.
         """
-        return self._step if (self._fwd_seen or self._step == 0) else self._step - 1
+        return self._step if ((self._fwd_seen and self._log_fwd) or self._step == 0) else self._step - 1
 
     def _scalar_value(self, name: str, value: Any) -> Any:
         """Tensors are kept (detached) and copied to the host in one batch at the next flush: no sync."""
@@ -1397,6 +1406,7 @@ class _GradAccumulated:
         if w is None or w._closed or w._bw_queued or _compiling():
             return
         w._bw_queued = True
+        w._train_mode = w._fwd_mode
         torch.autograd.Variable._execution_engine.queue_callback(_EndBackward(self.wref))
 
 
