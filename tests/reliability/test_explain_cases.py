@@ -641,3 +641,140 @@ def test_fd_samples_validated(torch):
     for bad, match in ((0, r"positive number"), (1.5, r"positive number"), (10**6, r"limit is 10000")):
         with pytest.raises(InputError, match=match):
             explain(model, torch.ones(2, 3), torch.ones(2, 2), finite_differences=True, fd_samples=bad)
+
+
+# ------------------------------------------------------------------ what tracing cannot see (torch graphs)
+def _graph_case(torch, kind):
+    from torch import nn
+
+    class Case(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x):
+            if kind == "no-grad":
+                with torch.no_grad():
+                    t = self.b(x)
+                return self.a(x) * t
+            if kind == "slice-write":  # symbolic_trace fails on item assignment; torch.export drops the write
+                h = self.a(x).clone()
+                h[:, 2] = self.b(x)[:, 0] * 2
+                return h
+            if kind == "hook":
+                return self.a(x) + self.b(x)
+            h = self.a(x)  # "random": functional dropout with training=True, whatever the mode
+            return nn.functional.dropout(h, 0.5, training=True) + self.b(x)
+
+    model = Case().double()
+    if kind == "hook":
+        model.b.register_forward_hook(lambda module, args, out: out * 2)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["no-grad", "slice-write"])
+def test_a_graph_that_does_not_reproduce_the_model_is_refused(torch, kind):
+    """Each of these traced to a graph whose J or dJ/dW differs from the model's, and every term was marked ✓."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    with pytest.raises(UnsupportedError, match="does not reproduce the model"):
+        explain(_graph_case(torch, kind), x, y, torch.nn.MSELoss())
+
+
+def test_a_forward_hook_is_named_where_its_terms_disagree(torch):
+    """Autodiff runs the hook, the closed form does not: the ✗ terms get a note that says why."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    trace = explain(_graph_case(torch, "hook"), x, y, torch.nn.MSELoss())
+    assert not trace.ok and any("['b'] have forward hooks" in n for n in trace.notes), trace.notes
+
+
+def test_random_ops_in_forward_are_checked_with_the_same_draws_and_leave_the_rng_alone(torch):
+    torch.manual_seed(0)
+    model = _graph_case(torch, "random")
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    state = torch.get_rng_state()
+    trace = explain(model, x, y, torch.nn.MSELoss())
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.set_rng_state(state)  # the model's own loss with the draws explain used
+    loss = torch.nn.MSELoss()(model(x), y)
+    loss.backward()
+    assert trace["J"].value == pytest.approx(float(loss.detach()), rel=1e-12)
+    np.testing.assert_allclose(trace["dJ/dW[a]"].value, model.a.weight.grad.numpy(), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("op", ["cat-chunk", "stack-unbind"])
+def test_cat_of_a_tuple_valued_node_is_derived(torch, op):
+    from torch import nn
+
+    class Case(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 6)
+
+        def forward(self, x):
+            h = self.a(x)
+            return torch.cat(h.chunk(3, -1)[::-1], -1) if op == "cat-chunk" else torch.stack(h.unbind(-1), -1)
+
+    torch.manual_seed(0)
+    model = Case().double()
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+    trace = explain(model, x, y, nn.MSELoss())
+    loss = nn.MSELoss()(model(x), y)
+    loss.backward()
+    assert trace.ok
+    np.testing.assert_allclose(trace["dJ/dW[a]"].value, model.a.weight.grad.numpy(), rtol=1e-10, atol=1e-14)
+
+
+def test_a_training_mode_branch_is_noted(torch):
+    from torch import nn
+
+    class Case(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.a(x)
+            return h * 0.5 if self.training else h
+
+    model = Case().double().train()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    trace = explain(model, x, y, nn.MSELoss())
+    own = nn.MSELoss()(model(x), y).item()  # the training-mode loss: the branch halves the output
+    note = [n for n in trace.notes if "takes its eval branch" in n]
+    assert model.training and note and f"the model gives J = {own:.6g}" in note[0], trace.notes
+    assert trace["J"].value == pytest.approx(nn.MSELoss()(model.eval()(x), y).item(), rel=1e-12)
+    plain = explain(nn.Sequential(nn.Linear(4, 3)).double().train(), x, y, nn.MSELoss())  # same in either mode
+    assert not [n for n in plain.notes if "eval branch" in n], plain.notes
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["sequential", "graph"])
+def test_a_layer_subclass_with_its_own_forward_is_not_given_the_layers_rule(torch, wrapped):
+    """``class Scaled(nn.Linear)`` returning ``super().forward(x) * 3``: the term named after it is its output."""
+    from torch import nn
+
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 3.0
+
+    class Wrap(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x)
+
+    torch.manual_seed(0)
+    net = nn.Sequential(Scaled(4, 5), nn.Tanh(), nn.Linear(5, 2))
+    model = (Wrap(net) if wrapped else net).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    trace = explain(model, x, y, nn.MSELoss())
+    loss = nn.MSELoss()(model(x), y)
+    loss.backward()
+    first = "net.0" if wrapped else "0"
+    assert trace.ok, [t.name for t in trace.failures]
+    assert trace["J"].value == pytest.approx(loss.item(), rel=1e-12)
+    np.testing.assert_allclose(trace[f"dJ/dW[{'net.2' if wrapped else '2'}]"].autodiff, net[2].weight.grad.numpy())
+    assert any(first in n and "no rule" in n for n in trace.notes), trace.notes

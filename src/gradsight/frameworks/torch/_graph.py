@@ -34,7 +34,7 @@ from torch import fx, nn
 from ..._errors import GradsightError, InputError, UnsupportedError
 from ...explain._graph import GraphRun, prune
 from ...explain._spec import Conventions, LossSpec
-from ._graph_ops import _DROPOUTS, Converter, fname
+from ._graph_ops import Converter, fname, overrides_forward
 
 __all__ = ["check_y", "is_chain", "loss_value", "run_graph", "trace_module"]
 
@@ -55,6 +55,8 @@ def is_chain(model: nn.Module) -> bool:
             return False
         return all(is_chain(m) for m in model.children())
     if next(model.children(), None) is not None or isinstance(model, nn.Embedding):  # ids: a graph
+        return False
+    if overrides_forward(model):  # class MyLinear(nn.Linear) with a forward of its own: not nn.Linear's rule
         return False
     # the chain names a layer's parameters W and b: other parameters (an LSTM's, a custom layer's) need the graph
     # explainer, which names each parameter by its own name
@@ -120,6 +122,17 @@ def _opaque_containers(gm: fx.GraphModule) -> list[str]:
     return out
 
 
+class _Tracer(fx.Tracer):
+    """``torch.fx.symbolic_trace``'s tracer, keeping a torch.nn layer's subclass with a forward of its own whole.
+
+    Traced through, its inner op would take the module's name although the module's output is computed after it
+    (``super().forward(x) * 3``); kept whole, it is one node, named after the module, with torch's gradients.
+    """
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return super().is_leaf_module(m, module_qualified_name) or overrides_forward(m)
+
+
 def trace_module(model: nn.Module, x_t: torch.Tensor) -> tuple[fx.GraphModule, str]:
     """The model's graph: ``(graph module, how it was traced)``.
 
@@ -127,7 +140,7 @@ def trace_module(model: nn.Module, x_t: torch.Tensor) -> tuple[fx.GraphModule, s
         UnsupportedError: neither ``torch.fx.symbolic_trace`` nor ``torch.export`` can trace it.
     """
     try:
-        gm = fx.symbolic_trace(model, concrete_args=_defaults(model))
+        gm = fx.GraphModule(model, _Tracer().trace(model, concrete_args=_defaults(model)), type(model).__name__)
     except Exception as exc:
         fx_exc = exc
     else:
@@ -364,6 +377,7 @@ def run_graph(
     sparse = (spec is not None and spec.kind.startswith("sparse")) or np.issubdtype(np.asarray(y).dtype, np.integer)
     y_t = torch.tensor(np.asarray(y), dtype=torch.long if sparse else dtype)
     notes: list[str] = []
+    rng = torch.get_rng_state()  # restored on return: random ops in forward() must not move the user's RNG
     flags = _modes(model, training)
     buffers = {k: b.detach().clone() for k, b in model.named_buffers()}
     # an Embedding with max_norm renormalises the rows it looks up in place, in every forward (as in training)
@@ -426,6 +440,9 @@ def run_graph(
             k: _np(g if g is not None else torch.zeros_like(p))
             for (k, p), g in zip(params.items(), grads[len(wrt_ok) :], strict=True)
         }
+        torch.set_rng_state(rng)  # the same random draws as the recorded run (F.dropout(..., training=True))
+        _check_against_model(model, x_t, y_t, loss_fn, j, params, param_grads, tracer)
+        mode_note = _own_mode_note(model, flags, x_t, y_t, loss_fn, j, rng)
         for nd in conv.nodes:
             t = conv.tensors[nd.name]
             nd.out = _np(t) if t.is_floating_point() else np.asarray(t.detach().cpu().numpy())
@@ -437,6 +454,7 @@ def run_graph(
             if nd.op == "opaque":
                 nd.input_grads = _vjps(t, g_of.get(id(t)), conv.opaque_ins[nd.name])
     finally:
+        torch.set_rng_state(rng)
         for m, flag in flags:
             m.training = flag
         while _INPLACE_MODULES:
@@ -454,15 +472,8 @@ def run_graph(
             "an Embedding with max_norm renormalises the rows it looks up in place, in its forward (as in training): "
             "the run used the renormalised rows, and the weights were restored afterwards"
         )
-    if any(f and not isinstance(m, _MODAL_NORMS) for m, f in flags) and (
-        any(isinstance(m, _DROPOUTS) and m.p > 0 for m, _ in flags)
-        or any(isinstance(getattr(m, "dropout", None), float) and m.dropout > 0 for m, _ in flags)
-        or any(isinstance(v, float) and v > 0 for v in _dropout_config(model))
-    ):
-        notes.append(
-            "modules in training mode were run in eval mode, dropout of every kind at inference (the identity); "
-            "their flags are restored"
-        )
+    if mode_note:
+        notes.append(mode_note)
     if (
         any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
         and training is not False
@@ -474,6 +485,13 @@ def run_graph(
         )
     if frozen:
         notes.append(f"{len(frozen)} frozen parameter tensor(s): their gradients were derived and checked anyway")
+    hooked = _hooked(model)
+    if hooked:
+        notes.append(
+            f"module(s) {hooked} have forward hooks or pre-hooks: autodiff runs them, the closed forms derive each "
+            "module without them, so a hook that changes a value shows as ✗ from that module on (remove the hooks "
+            "while explaining to derive them)"
+        )
     return GraphRun(
         framework="torch",
         model_name=type(model).__name__,
@@ -491,6 +509,119 @@ def run_graph(
         notes=notes,
         conventions=conventions,
     )
+
+
+def _hooked(model: nn.Module) -> list[str]:
+    """The modules with forward hooks or pre-hooks of the user's (a gradsight watch's own are left out)."""
+    out = []
+    for name, m in model.named_modules():
+        hooks = list(m._forward_hooks.values()) + list(m._forward_pre_hooks.values())
+        if any(not type(h).__module__.startswith("gradsight.") for h in hooks):
+            out.append(name or type(model).__name__)
+    return out
+
+
+def _own_mode_note(
+    model: nn.Module,
+    flags: list[tuple[nn.Module, bool]],
+    x_t: torch.Tensor,
+    y_t: torch.Tensor,
+    loss_fn: Callable,
+    j: torch.Tensor,
+    rng: torch.Tensor,
+) -> str | None:
+    """A note when the model's loss in its own train/eval modes differs from the one derived (eval-mode) loss.
+
+    Dropout of any kind and a forward that branches on ``self.training`` compute something else in training
+    mode; a model built and left in training mode without either computes the same, and gets no note.
+    """
+    changed = [(m, f) for m, f in flags if m.training != f]
+    if not changed:
+        return None
+    for m, f in changed:
+        m.training = f
+    try:
+        torch.set_rng_state(rng)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            j_own = float(loss_fn(model(x_t.detach()), y_t).double())
+    except Exception:
+        return None
+    finally:
+        for m, f in changed:
+            m.training = not f
+    j_run = float(j.detach().double())
+    if abs(j_own - j_run) <= (1e-9 if x_t.dtype == torch.float64 else 1e-5) * max(abs(j_own), 1e-12):
+        return None
+    return (
+        f"in its own modes (training mode) the model gives J = {j_own:.6g}; explain runs every module except "
+        f"normalisation layers with batch statistics in eval mode, so dropout of every kind is the identity and a "
+        f"forward that branches on self.training takes its eval branch: the terms derive J = {j_run:.6g} (the "
+        "flags are restored)"
+    )
+
+
+def _check_against_model(
+    model: nn.Module,
+    x_t: torch.Tensor,
+    y_t: torch.Tensor,
+    loss_fn: Callable,
+    j: torch.Tensor,
+    params: dict[str, torch.Tensor],
+    param_grads: dict[str, np.ndarray | None],
+    tracer: str,
+) -> None:
+    """Run the model itself, in the modes of the recorded run, and refuse a graph that does not reproduce it.
+
+    Tracing sees only what flows through tensors: a ``torch.no_grad()`` block or a forward hook inside the model,
+    or an in-place write into a slice of a tensor (``h[:, 2] = ...``) under ``torch.export``, leaves a graph
+    whose loss or gradients differ from the model's. Then every term would be derived, and checked, on a model
+    that is not the user's; refused instead. Compared: J, and dJ/dW of every parameter the graph shares with the
+    model, within float rounding (relative to the largest entry).
+
+    Raises:
+        UnsupportedError: the graph's J or a parameter's gradient differs from the model's.
+    """
+    x_m = x_t.detach().clone()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            j_m = loss_fn(model(x_m), y_t)
+    except Exception:  # the graph ran: a model that fails on its own here is not what this check is about
+        return
+    if not isinstance(j_m, torch.Tensor) or j_m.numel() != 1:
+        return
+    exact = x_t.dtype == torch.float64
+    tol = 1e-7 if exact else 1e-3
+    j_g, j_r = float(j.detach().double()), float(j_m.detach().double())
+    problem = None
+    if abs(j_g - j_r) > tol * max(abs(j_r), 1e-12):
+        problem = f"J = {j_r:.10g} from the model, {j_g:.10g} from its traced graph"
+    elif j_m.requires_grad:
+        shared = {k: p for k, p in params.items() if p.requires_grad}
+        real = torch.autograd.grad(j_m, list(shared.values()), allow_unused=True)
+        for (k, p), g in zip(shared.items(), real, strict=True):
+            mine, theirs = param_grads.get(k), _np(g if g is not None else torch.zeros_like(p))
+            if mine is None or theirs is None or mine.shape != theirs.shape:
+                continue
+            if not theirs.size:
+                continue
+            scale = max(float(np.max(np.abs(theirs))), float(np.max(np.abs(mine))), 1e-30)
+            off = float(np.max(np.abs(mine - theirs)))
+            if off > tol * scale:
+                problem = (
+                    f"dJ/d[{k}] differs between the model and its traced graph by up to {off:.3g} (of {scale:.2g})"
+                )
+                break
+    if problem is not None:
+        raise UnsupportedError(
+            f"explain traced {type(model).__name__!r} with {tracer}, but the graph does not reproduce the model: "
+            f"{problem}. Something in forward() is invisible to tracing: a torch.no_grad() block or .detach() "
+            "under a condition, a forward hook or pre-hook, an in-place write into a slice of a tensor "
+            "(h[:, 2] = ...), or state kept between calls. Fix: write that part with out-of-place tensor ops "
+            "(torch.cat, torch.where, h * mask), remove the hook while explaining, or explain the sub-modules "
+            "before and after it."
+        )
 
 
 def _reaches(u: torch.Tensor, t: torch.Tensor) -> bool:

@@ -424,7 +424,7 @@ class Converter:
     # ------------------------------------------------------------------------------------------ modules
     def _module(self, n: fx.Node, m: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
         handler = _MODULES.get(type(m))
-        if handler is None:
+        if handler is None and not overrides_forward(m):  # a subclass with a forward of its own has no rule
             for cls, h in _MODULES.items():
                 if isinstance(m, cls):
                     handler = h
@@ -882,8 +882,22 @@ def _f_select(c: Converter, n, f, args, kwargs, out, tname) -> bool:
     return True
 
 
+#: torch.nn classes a user's module extends without being one of its layers
+_CONTAINERS = (nn.Module, nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def overrides_forward(m: nn.Module) -> bool:
+    """Whether ``m``'s class subclasses a torch.nn layer and replaces its ``forward`` (the layer's rule is not its)."""
+    if type(m).__module__.startswith("torch."):
+        return False
+    base = next((c for c in type(m).__mro__ if c.__module__.startswith("torch.nn.")), None)
+    return base not in (None, *_CONTAINERS) and type(m).forward is not base.forward
+
+
 def _f_cat(c: Converter, n, f, args, kwargs, out, tname) -> bool:
     tensors_fx = n.args[0] if n.args else n.kwargs.get("tensors")
+    if not isinstance(tensors_fx, (list, tuple)):  # one node holding the tuple (torch.cat(h.chunk(3))): no rule
+        return False
     tensors = _arg(args, kwargs, 0, "tensors")
     dim = int(_arg(args, kwargs, 1, "dim", 0))
     ins = [c.inp(a, v) for a, v in zip(tensors_fx, tensors, strict=True)]
