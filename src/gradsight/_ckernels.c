@@ -1,8 +1,9 @@
 /*
  * gradsight._ckernels: fused one-pass kernels for float32 data on the CPU.
  *
- * rows_f32 and units_f32 summarise tensors (a watch's logged steps); copy_sumsq_f32 and diff_sumsq_f32 give the
- * per-step weight and update norms, each fused with the copy or the difference it needs.
+ * rows_f32 and units_f32 summarise tensors (a watch's logged steps); sumsq_f32, copy_sumsq_f32 and
+ * diff_sumsq_f32 give the per-step gradient, weight and update norms (the last two fused with the copy or the
+ * difference they need).
  *
  * rows_f32 reads each element once for everything a summary row needs: the counts of the 512 (sign, exponent
  * field) codes, the zeros, positive zeros and signed infinities that split the codes' edge bins, and the
@@ -584,8 +585,8 @@ done:
 
 /* ---- per-step norms: sums of squares of float32 tensors, in float64, fused with a copy or a difference ---- */
 
-/* Sum of squares in float64 of x while copying it to y (op 1), or of the float32 difference x - y (op 2:
- * rounded as the float32 subtraction rounds it, then squared and summed in float64). */
+/* Sum of squares in float64 of x (op 0: y is not read), of x while copying it to y (op 1), or of the float32
+ * difference x - y (op 2: rounded as the float32 subtraction rounds it, then squared and summed in float64). */
 static double sumsq(const float *x, float *y, Py_ssize_t n, int op) {
     double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
     Py_ssize_t i = 0;
@@ -598,7 +599,7 @@ static double sumsq(const float *x, float *y, Py_ssize_t n, int op) {
             __m128 v = _mm_loadu_ps(x + i + 4 * j);
             if (op == 1)
                 _mm_storeu_ps(y + i + 4 * j, v);
-            else
+            else if (op == 2)
                 v = _mm_sub_ps(v, _mm_loadu_ps(y + i + 4 * j));
             __m128d lo = _mm_cvtps_pd(v), hi = _mm_cvtps_pd(_mm_movehl_ps(v, v));
             a[2 * j] = _mm_add_pd(a[2 * j], _mm_mul_pd(lo, lo));
@@ -616,7 +617,7 @@ static double sumsq(const float *x, float *y, Py_ssize_t n, int op) {
         float v = x[i];
         if (op == 1)
             y[i] = v;
-        else
+        else if (op == 2)
             v = v - y[i];
         double d = (double)v;
         s0 += d * d;
@@ -635,7 +636,7 @@ AVX2_FN static double sumsq_avx2(const float *x, float *y, Py_ssize_t n, int op)
             __m256 v = _mm256_loadu_ps(x + i + 8 * j);
             if (op == 1)
                 _mm256_storeu_ps(y + i + 8 * j, v);
-            else
+            else if (op == 2)
                 v = _mm256_sub_ps(v, _mm256_loadu_ps(y + i + 8 * j));
             __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
             a[2 * j] = _mm256_add_pd(a[2 * j], _mm256_mul_pd(lo, lo));
@@ -648,7 +649,7 @@ AVX2_FN static double sumsq_avx2(const float *x, float *y, Py_ssize_t n, int op)
         float v = x[i];
         if (op == 1)
             y[i] = v;
-        else
+        else if (op == 2)
             v = v - y[i];
         double d = (double)v;
         s0 += d * d;
@@ -734,6 +735,18 @@ static PyObject *copy_sumsq_f32(PyObject *self, PyObject *args) {
     return sumsq_lists(args, 1, "copy_sumsq_f32");
 }
 
+PyDoc_STRVAR(sumsq_f32_doc,
+             "sumsq_f32(xs) -> list: the sum of squares (float64) of each float32 array xs[k].");
+static PyObject *sumsq_f32(PyObject *self, PyObject *args) {
+    PyObject *xs, *pair, *result;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O", &xs)) return NULL;
+    if ((pair = PyTuple_Pack(2, xs, xs)) == NULL) return NULL; /* op 0 reads only the first list */
+    result = sumsq_lists(pair, 0, "sumsq_f32");
+    Py_DECREF(pair);
+    return result;
+}
+
 PyDoc_STRVAR(diff_sumsq_f32_doc,
              "diff_sumsq_f32(xs, ys) -> list: per pair, the float64 sum of squares of the float32 difference\n"
              "xs[k] - ys[k] (each difference rounded to float32, as a float32 subtraction gives it).");
@@ -803,6 +816,7 @@ static PyObject *simd(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"simd", simd, METH_VARARGS, simd_doc},
+    {"sumsq_f32", sumsq_f32, METH_VARARGS, sumsq_f32_doc},
     {"copy_sumsq_f32", copy_sumsq_f32, METH_VARARGS, copy_sumsq_f32_doc},
     {"diff_sumsq_f32", diff_sumsq_f32, METH_VARARGS, diff_sumsq_f32_doc},
     {"units_f32", units_f32, METH_VARARGS, units_f32_doc},

@@ -39,7 +39,16 @@ if _C is not None and (_C.ROW, _C.HIST) != (ROW, HIST):  # a build from another 
         f"writes {ROW} (at {HIST}): the compiled module is stale. Rebuild it: pip install -e . (or reinstall)."
     )
 
-__all__ = ["available", "copy_norms_f32", "diff_norms_f32", "rows_f32", "rows_units_f32", "simd", "unit_counts_f32"]
+__all__ = [
+    "available",
+    "copy_norms_f32",
+    "diff_norms_f32",
+    "norms_f32",
+    "rows_f32",
+    "rows_units_f32",
+    "simd",
+    "unit_counts_f32",
+]
 
 
 def available() -> bool:
@@ -160,6 +169,13 @@ def rows_units_f32(a: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray] | 
 # ---- per-step norms (the watch's every-step signals) -----------------------------------------------------------
 # L2 norms of float32 arrays, accumulated in float64 (torch's float32 norms agree to float32 rounding), each fused
 # with the copy or the difference the signals need: one pass over the inputs, no temporaries.
+
+
+def norms_f32(arrays: Sequence[np.ndarray]) -> list[float] | None:
+    """The norm of each float32 array, accumulated in float64, in one call."""
+    if _C is None:
+        return None
+    return [math.sqrt(v) for v in _C.sumsq_f32(arrays)]
 
 
 def copy_norms_f32(src: Sequence[np.ndarray], dst: Sequence[np.ndarray]) -> list[float] | None:
