@@ -97,6 +97,30 @@ def test_per_step_norms_agree_with_the_summaries_to_float64_rounding(tmp_path, d
         assert row["grad_norm/weight"] == pytest.approx(grads[step], rel=1e-9)
 
 
+def test_sparse_gradients_are_measured_and_summarised(tmp_path):
+    """nn.Embedding(sparse=True) gets a sparse COO gradient; it was left out of every norm and summary."""
+    model = nn.Sequential(nn.Embedding(50, 8, sparse=True), nn.Flatten(), nn.Linear(24, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = torch.tensor([[1, 2, 2], [2, 7, 1]])  # repeated ids: the sparse gradient holds duplicates
+    dense = []
+    with gradsight.watch(model, optimizer=opt, path=tmp_path / "r.db", preset="full") as w:
+        for _ in range(2):
+            opt.zero_grad()
+            model(ids).pow(2).mean().backward()
+            dense.append({n: p.grad.to_dense().double().numpy() for n, p in model.named_parameters()})
+            opt.step()
+    run = gradsight.load(w.path)
+    f = run.to_pandas(kind="grad")
+    for step, grads in enumerate(dense):
+        row = _row(run, step)
+        total = math.sqrt(sum(float((g**2).sum()) for g in grads.values()))
+        assert row["grad_norm/0.weight"] == pytest.approx(float(np.linalg.norm(grads["0.weight"])), rel=1e-6)
+        assert row["grad_norm"] == pytest.approx(total, rel=1e-6)
+        emb = f[(f.step == step) & (f.tensor == "0.weight")].iloc[0]
+        assert emb["count"] == 50 * 8 and emb["zeros"] == int((grads["0.weight"] == 0).sum())
+        assert emb["sum_sq"] == pytest.approx(float((grads["0.weight"] ** 2).sum()), rel=1e-6)
+
+
 def test_weight_norm_sees_writes_to_the_weights_between_steps(tmp_path):
     """‖W_before‖ is the weights as the step found them, whatever wrote to them since the last step."""
     model = _mlp()

@@ -87,6 +87,8 @@ def norms_of(tensors: Sequence[torch.Tensor], host: bool) -> Norms:
         tensors: the tensors (at least one).
         host: read the results at once (CPU tensors); else keep them on the device in one float64 tensor.
     """
+    if any(t.is_sparse for t in tensors):  # a sparse gradient: its stored values (duplicates summed) hold its norm
+        tensors = [_values(t) for t in tensors]
     if host:
         arrays = np_f32(tensors)
         fast = norms_f32(arrays) if arrays is not None else None
@@ -103,8 +105,15 @@ def norms_of(tensors: Sequence[torch.Tensor], host: bool) -> Norms:
         return torch.stack([torch.linalg.vector_norm(t, dtype=torch.float64).to(device) for t in tensors])
 
 
+def _values(t: torch.Tensor) -> torch.Tensor:
+    """A sparse COO tensor's stored values, duplicates summed (a strided tensor itself)."""
+    return t.coalesce().values() if t.is_sparse else t
+
+
 def counts_of(tensors: Sequence[torch.Tensor], norms: Norms, host: bool) -> list[int] | torch.Tensor | None:
     """The number of NaN/±Inf entries of each tensor; ``None`` when the host norms show there are none."""
+    if any(t.is_sparse for t in tensors):
+        tensors = [_values(t) for t in tensors]
     if host:
         assert isinstance(norms, list)
         if all(map(math.isfinite, norms)):

@@ -669,7 +669,7 @@ class Watch(WatchCore):
         out = []
         for n, p in self._params:
             g = p.grad
-            if g is not None and g.layout == torch.strided:
+            if g is not None and g.layout in (torch.strided, torch.sparse_coo):  # nn.Embedding(sparse=True)'s
                 out.append((n, g))
         return out
 
@@ -690,7 +690,7 @@ class Watch(WatchCore):
             self._note_unseen_forward()
         self._flush_acts(self._resolve())  # the last forward's outputs and the output gradients: one batch
         if self._do_grad and grads:
-            self._param_pack([(n, g.detach()) for n, g in grads], "grad")
+            self._param_pack([(n, g.detach().to_dense() if g.is_sparse else g.detach()) for n, g in grads], "grad")
         weights = [(n, p.detach()) for n, p in self._params]
         same = [id(p) for _, p in self._update_params] == [id(p) for _, p in self._params]
         if self._optimizer is not None or self._flat_before is None:
