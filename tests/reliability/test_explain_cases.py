@@ -778,3 +778,13 @@ def test_a_layer_subclass_with_its_own_forward_is_not_given_the_layers_rule(torc
     assert trace["J"].value == pytest.approx(loss.item(), rel=1e-12)
     np.testing.assert_allclose(trace[f"dJ/dW[{'net.2' if wrapped else '2'}]"].autodiff, net[2].weight.grad.numpy())
     assert any(first in n and "no rule" in n for n in trace.notes), trace.notes
+
+
+def test_a_loss_of_the_other_framework_and_a_non_bool_flag_are_refused(torch):
+    keras = pytest.importorskip("keras")
+    model = torch.nn.Linear(3, 2).double()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    with pytest.raises(InputError, match="is a Keras loss, but PyTorch would evaluate it"):
+        explain(model, x, y, keras.losses.MeanSquaredError())
+    with pytest.raises(InputError, match="finite_differences must be True or False, got 'no'"):
+        explain(model, x, y, torch.nn.MSELoss(), finite_differences="no")

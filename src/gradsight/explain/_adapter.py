@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from .._errors import InputError, UnsupportedError
-from .._frameworks import FrameworkInfo, framework_info, frameworks
+from .._frameworks import FrameworkInfo, framework_info, framework_of, frameworks
 from .._frameworks import default_framework as installed_framework
 from ._graph import GraphRun
 from ._spec import Conventions, FrameworkRun
@@ -26,6 +26,7 @@ __all__ = [
     "ExplainAdapter",
     "adapter",
     "adapter_info",
+    "check_loss_framework",
     "default_framework",
 ]
 
@@ -97,6 +98,35 @@ def adapter(framework: str) -> ExplainAdapter:
             f"framework {framework!r} is not installed ({exc}); pip install 'gradsight[{info.extra}]'"
         ) from exc
     return module  # type: ignore[return-value]  # a module satisfying ExplainAdapter structurally
+
+
+def check_loss_framework(loss: Any, framework: str, *, where: str) -> None:
+    """Refuse a loss that belongs to another framework than the one that will evaluate it.
+
+    Without this check the other framework's loss fails on foreign tensors, and the error reads like a problem
+    with ``y``'s shape. A plain function, a loss name or an object of no registered framework passes.
+
+    Args:
+        loss: the loss given.
+        framework: the framework (a name or an alias) that will call it.
+        where: what the user called, and how the framework was chosen, for the message (e.g.
+            ``"explain on a torch model"``).
+
+    Raises:
+        InputError: the loss is another framework's.
+    """
+    own = framework_of(loss)
+    target = adapter_info(framework)
+    if own is None or own == target.name:
+        return
+    words = {"torch": "PyTorch", "keras": "Keras"}
+    theirs, mine = words.get(own, own), words.get(target.name, target.name)
+    example = target.loss_example.format(name="MSELoss" if target.name == "torch" else "MeanSquaredError")
+    name = getattr(loss, "__name__", None) or type(loss).__name__
+    raise InputError(
+        f"{where}: the loss {name} is a {theirs} loss, but {mine} would evaluate it, and it cannot call "
+        f"another framework's loss. Fix: pass a {mine} loss (e.g. {example}) or a loss name such as 'mse'"
+    )
 
 
 def default_framework() -> str:

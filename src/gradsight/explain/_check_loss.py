@@ -20,7 +20,7 @@ import numpy as np
 
 from .._errors import GradsightError, InputError
 from .._frameworks import framework_of
-from ._adapter import ExplainAdapter, adapter
+from ._adapter import ExplainAdapter, adapter, check_loss_framework
 from ._trace import clean_json, preview
 from .rules import LOSS_RULES, evaluate_loss
 
@@ -131,7 +131,19 @@ class LossReport:
 
 
 def _loss_framework(loss: Any, framework: str | None) -> str:
+    """The framework that evaluates ``loss``: ``framework``, else the loss's own.
+
+    Raises:
+        InputError: no loss (not callable, not a name), a loss of another framework than ``framework``, or a
+            plain function or name without ``framework``.
+    """
+    if not isinstance(loss, str) and not callable(loss):
+        raise InputError(
+            f"loss must be a loss object or function (nn.MSELoss(), keras.losses.MeanSquaredError()) or a loss "
+            f"name such as 'mse' (with framework=), got {loss!r:.60} of type {type(loss).__name__!r}"
+        )
     if framework is not None:
+        check_loss_framework(loss, framework, where=f"check_loss(framework={framework!r})")
         return framework
     fw = framework_of(loss)
     if fw is None:

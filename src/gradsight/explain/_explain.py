@@ -15,7 +15,7 @@ import numpy as np
 
 from .._errors import InputError, UnsupportedError
 from .._frameworks import framework_of
-from ._adapter import adapter, adapter_info
+from ._adapter import adapter, adapter_info, check_loss_framework
 from ._derive import derive
 from ._derive_graph import derive_graph
 from ._fd import FD_MAX_SAMPLES
@@ -222,7 +222,11 @@ def explain(
         )
     if training is not None and not isinstance(training, bool):
         raise InputError(f"training must be None, True or False, got {training!r}")
+    if not isinstance(finite_differences, (bool, np.bool_)):
+        raise InputError(f"finite_differences must be True or False, got {finite_differences!r}")
     ad = adapter(fw)
+    shown = {"torch": "PyTorch", "keras": "Keras"}.get(adapter_info(fw).name, fw)
+    check_loss_framework(loss, fw, where=f"explain on a {shown} model")
     run = (
         ad.run_explain(model, xa, ya, loss, reduction, training)
         if training is not None

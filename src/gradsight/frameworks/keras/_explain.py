@@ -31,6 +31,7 @@ import tensorflow as tf
 from ..._errors import GradsightError, InputError, UnsupportedError
 from ..._tolerance import tolerance_for
 from ...explain import rules as R
+from ...explain._adapter import check_loss_framework
 from ...explain._graph import GraphRun
 from ...explain._spec import Conventions, FrameworkRun, LayerSpec, LossConvention, LossSpec, SharedParam
 from ...explain.rules import LOSS_KINDS
@@ -421,6 +422,7 @@ def run_explain(
         :class:`~gradsight.explain._graph.GraphRun` of a graph.
     """
     _require_tf_backend()
+    check_loss_framework(loss, "keras", where="explain on a Keras model")
     if isinstance(model, keras.Model) and not model.built:
         raise InputError(
             f"the Keras model {model.name!r} is not built yet, so it has no weights to explain. Fix: give it an "

@@ -12,7 +12,10 @@ How it works (public Keras/TF APIs only, tested with Keras 3.15.1 on TensorFlow 
   model ``keras.Model(model.input, [model outputs..., every layer's output...])`` shares the model's layers and
   exposes the intermediates, whose gradients come from the same ``tape.gradient`` call as the weights'. A
   Sequential model without an ``Input`` calls its layers in sequence inside the tape. Subclassed models (and
-  models that override ``call``) record weights, gradients and updates only; the run's meta says so.
+  models that override ``call``) record weights, gradients and updates only; the run's meta says so. A
+  softmax/sigmoid output trained with a Keras cross-entropy (``from_logits=False``) has no ``output_grad``: the
+  loss reads the logits cached on it, so no gradient reaches the output itself (the run's notes and a warning
+  say so; see :meth:`KerasWatch._settle_output_grads`).
 * Every step (``cheap=True``), in the graph, the per-step signals of :mod:`gradsight._schedule`'s table, with
   the same names and meanings as for torch: ``loss``; ``lr``, read *before* ``optimizer.apply`` (under a
   ``LearningRateSchedule`` the rate this step's update uses); ``grad_norm`` and ``grad_norm/<variable>`` of the
@@ -268,6 +271,7 @@ class KerasWatch(WatchCore):
         self._out_names: list[tuple[str, str]] = []
         self._out_axes: list[int | None] | None = None  # per tapped output: 1 for a channels-first one
         self._out_mask: list[bool] = []
+        self._no_output_grad: set[str] = set()  # outputs whose loss reads their cached logits (no dJ/dA)
         self._tap: Any = None
         self._tap_n_out = 0
         self._seq_layers: list[Any] | None = None
@@ -278,6 +282,7 @@ class KerasWatch(WatchCore):
         self._seen = 0
         self._callback: _WatchCallback | None = None
         self._closed = False
+        self._by_callback = False  # created by a GradsightKerasCallback (closed by a newer one on the model)
 
     def _versions(self) -> dict[str, str]:
         return {"tensorflow": tf.__version__, "keras": keras.__version__}
@@ -355,7 +360,8 @@ class KerasWatch(WatchCore):
             variables: the variables, as a sequence (named by ``.path`` or ``.name``) or a ``{name: variable}``
                 mapping; default: the watched model's trainable variables.
             outputs: intermediate tensors by layer name (unit axis: the last).
-            output_grads: their gradients ``dJ/dA`` by the same names.
+            output_grads: their gradients ``dJ/dA`` by the same names; ``None`` records none (``tape.gradient``
+                gives ``None`` for a softmax/sigmoid output whose Keras cross-entropy reads its cached logits).
             loss: the step's loss (a scalar).
             lr: the learning rate (a number, a variable, or an optimizer's ``learning_rate``); default: the
                 ``optimizer``'s, read now (before its update).
@@ -370,7 +376,9 @@ class KerasWatch(WatchCore):
             A :class:`_StepRecord`; use it as a context manager to also record updates.
 
         Raises:
-            InputError: gradients and variables differ in number, or an output has no gradient entry.
+            InputError: gradients or variables are no lists, differ in number, a gradient's shape is not its
+                variable's, a variable is no ``tf.Variable``/``keras.Variable``, ``loss``/``lr`` is no scalar, or
+                an output gradient names no output.
             WatchError: the watch is closed.
         """
         self._check_open("record_step")
@@ -386,9 +394,9 @@ class KerasWatch(WatchCore):
                 "pass each intermediate tensor in outputs= and its gradient under the same name in output_grads=."
             )
         s = self._step if step is None else int(step)
-        self._step = s + 1
         rec = _StepRecord(self, s, names, var_list, grads=grads, outputs=outputs, output_grads=output_grads)
-        rec.start(loss, lr, optimizer)
+        rec.start(loss, lr, optimizer)  # checks loss and lr: a bad one leaves the step count as it was
+        self._step = s + 1
         self._pending = rec
         return rec
 
@@ -495,11 +503,20 @@ class KerasWatch(WatchCore):
                     "the gradients belong to, e.g. record_step(grads, [W1, W2]) or {'W1': W1, 'W2': W2}."
                 )
             variables = list(model.trainable_variables)
+        example = "Pass the variables the gradients belong to, e.g. [W1, W2] or {'W1': W1, 'W2': W2}."
         if isinstance(variables, Mapping):
-            return [str(k) for k in variables], list(variables.values())
-        taken: set[str] = set()
-        var_list = list(variables)
-        return [_var_name(v, taken) for v in var_list], var_list
+            names, var_list = [str(k) for k in variables], list(variables.values())
+        else:
+            var_list = _sequence("variables", variables, example)
+            taken: set[str] = set()
+            names = [_var_name(v, taken) for v in var_list]
+        for n, v in zip(names, var_list, strict=True):
+            why = _not_tf(v) or (None if isinstance(v, (tf.Variable, keras.Variable)) else type(v).__name__)
+            if why is not None:
+                raise InputError(
+                    f"record_step: variable {n!r} must be a tf.Variable or keras.Variable, got {why}. {example}"
+                )
+        return names, var_list
 
     def _log_packed(self, step: int, entries: list[_Entry], tensors: list[Any]) -> None:
         if not entries:
@@ -703,6 +720,7 @@ class KerasWatch(WatchCore):
                     for n, lay, v in zip(names, layers, self._vars, strict=False)
                 ]
         self._out_mask = [t.dtype.is_floating for t in inter]
+        self._no_output_grad = set()  # judged again at the next trace (the loss may have changed)
         if self._out_axes is None:  # a Sequential model's layers, called in a loop: built by now
             self._out_axes = _channel_axes(
                 model, [(layer.name, _output_or_none(layer)) for layer in self._seq_layers or []]
@@ -724,7 +742,8 @@ class KerasWatch(WatchCore):
             for n, lay, v in zip(names, layers, self._post_vars, strict=False)
         ]
         for e in self._pre + self._post:
-            e.tid = self._writer.tensor_id(e.name, e.layer, e.kind, e.shape, e.dtype)
+            if e.kind != "output_grad":  # those at the first trace, which tells which ones have a gradient
+                e.tid = self._writer.tensor_id(e.name, e.layer, e.kind, e.shape, e.dtype)
         self._pre_layout = Layout(tuple(e.units for e in self._pre))
         self._post_layout = Layout(tuple(e.units for e in self._post))
         with tf.init_scope():  # variables are created eagerly, outside the function being traced
@@ -792,6 +811,8 @@ class KerasWatch(WatchCore):
         all_grads = tape.gradient(scaled, self._vars + (inter if need_inter else []))
         grads = list(all_grads[: len(self._vars)])
         inter_grads = list(all_grads[len(self._vars) :]) if need_inter else [None] * len(inter)
+        if need_inter:
+            self._settle_output_grads(inter, inter_grads)
         inv = _unscale(opt)
         safe_grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, self._vars, strict=True)]
         self._clip = clip_rule(opt)
@@ -822,6 +843,48 @@ class KerasWatch(WatchCore):
         _write_slot(self._scal_buf, slot, tf.concat([tf.stack([head[k] for k in HEAD]), *blocks], 0))
         self._step_var.assign_add(1)
         return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _inter_names(self) -> list[str]:
+        """The names of the tapped floating-point outputs (``inter`` after the dtype mask), in their order."""
+        return [n for (n, _), ok in zip(self._out_names, self._out_mask, strict=True) if ok]
+
+    def _settle_output_grads(self, inter: list[Any], inter_grads: list[Any]) -> None:
+        """At a trace: drop the output gradients the tape cannot give, register the others' tensors.
+
+        Keras' cross-entropies with ``from_logits=False`` (TensorFlow backend) do not read a softmax / sigmoid
+        output: they read the logits the activation cached on it (``output._keras_logits``) and apply the fused,
+        stable formula. The activation's output is then off the differentiated path, and ``tape.gradient`` returns
+        ``None`` for it although the loss depends on it. That is not a zero gradient, and dJ/dA of the
+        probabilities cannot be recovered from the logits' gradient (the softmax Jacobian is singular), nor
+        computed without evaluating the loss a second time in a form Keras does not train with. So the watch
+        records no ``output_grad`` for such an output (the run's notes and a warning say why), rather than
+        zeros that would read as a dead or disconnected layer. A ``None`` for any other output means the loss
+        does not depend on it: its gradient is zero, and recorded so.
+        """
+        names = self._inter_names()
+        shortcut = [
+            n
+            for n, t, g in zip(names, inter, inter_grads, strict=True)
+            if g is None and getattr(t, "_keras_logits", None) is not None and n not in self._no_output_grad
+        ]
+        if shortcut:
+            self._no_output_grad.update(shortcut)
+            note = (
+                f"output gradients (dJ/dA) of {shortcut!r} are not recorded: the loss (a Keras cross-entropy with "
+                "from_logits=False) reads the logits cached by their softmax/sigmoid, not their output, so the "
+                "gradient through them is never computed. Their logits' layer has its output gradient; for theirs, "
+                "end the model with the logits and use from_logits=True."
+            )
+            self._notes.append(note)
+            self._writer.set_meta("notes", self._notes)
+            warnings.warn(f"gradsight: {note}", GradsightWarning, stacklevel=2)
+            self._pre = [e for e in self._pre if not (e.kind == "output_grad" and e.name in self._no_output_grad)]
+            self._pre_layout = Layout(tuple(e.units for e in self._pre))
+            with tf.init_scope():  # the first trace of this step: a new variable is allowed (it traces again)
+                self._pre_buf = tf.Variable(tf.zeros([self._ring, self._pre_layout.size], tf.float64), trainable=False)
+        for e in self._pre:
+            if not e.tid:  # 0: not registered yet (the writer's ids start at 1)
+                e.tid = self._writer.tensor_id(e.name, e.layer, e.kind, e.shape, e.dtype)
 
     def _deltas(self, before: list[Any]) -> list[Any]:
         """``W_after - W_before`` of every variable (after ``apply``)."""
@@ -888,11 +951,12 @@ class KerasWatch(WatchCore):
             else:
                 tensors += applied_gradients(grads, inv, self._clip)
                 scales += [None] * len(grads)
-        for t, g in zip(inter, inter_grads, strict=True):
+        for t, g, name in zip(inter, inter_grads, self._inter_names(), strict=True):
             if "output" in kinds:
                 tensors.append(t)
                 scales.append(None)
-            if "output_grad" in kinds:
+            if "output_grad" in kinds and name not in self._no_output_grad:
+                # None: an output the loss does not depend on (dJ/dA = 0); the logits shortcut is excluded above
                 tensors.append(tf.zeros_like(t) if g is None else g)
                 scales.append(inv)
         if self._pre_layout.size:
@@ -1023,19 +1087,95 @@ class KerasWatch(WatchCore):
             self._writer.log_summaries(s, items)
 
 
+def _not_tf(x: Any) -> str | None:
+    """Why ``x`` is no TensorFlow value ``record_step`` can read (``None`` when it is one, or may be)."""
+    module = type(x).__module__ or ""
+    if module.split(".")[0] == "torch":
+        return (
+            f"a PyTorch {type(x).__name__}; record_step is for TensorFlow GradientTape loops (for a torch model "
+            "use gradsight.watch(model), whose hooks record the gradients)"
+        )
+    if isinstance(x, keras.layers.Layer):
+        return f"a Keras {type(x).__name__} ({x.name!r}); pass its variables: model.trainable_variables"
+    return None
+
+
+def _describe(x: Any) -> str:
+    """A short description of a value for an error message: its type, and its shape or value."""
+    shape = getattr(x, "shape", None)
+    if x is None:
+        return "None"
+    if shape is not None:
+        return f"a {type(x).__name__} of shape {list(shape)}"
+    return f"{type(x).__name__} {x!r:.60}"
+
+
+def _sequence(what: str, value: Any, example: str) -> list[Any]:
+    """``value`` as a list, or an InputError when it is no sequence of values (None, a tensor, a mapping...)."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    why = _not_tf(value)
+    if why is None and (value is None or isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence)):
+        why = _describe(value)
+    if why is not None:
+        raise InputError(f"record_step: {what} must be a list with one entry per variable, got {why}. {example}")
+    return list(value)
+
+
 def _tape_gradients(gradients: Sequence[Any | None], variables: list[Any]) -> list[Any]:
     """``record_step``'s gradients as tensors, one per variable (zeros for ``None``: an unconnected variable).
 
+    An ``IndexedSlices`` gradient (an embedding's) is checked against its variable and made dense.
+
     Raises:
-        InputError: not one gradient per variable.
+        InputError: no list, not one gradient per variable, or a gradient that is no tensor of its variable's shape.
     """
-    grads = list(gradients)
+    grads = _sequence("gradients", gradients, "Pass grads = tape.gradient(loss, variables).")
     if len(grads) != len(variables):
         raise InputError(
             f"record_step: got {len(grads)} gradients for {len(variables)} variables; pass one gradient per "
             "variable, in the same order (grads = tape.gradient(loss, variables))."
         )
-    return [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, variables, strict=True)]
+    out = []
+    for i, (g, v) in enumerate(zip(grads, variables, strict=True)):
+        want = _shape(v)
+        if g is None:
+            out.append(tf.zeros_like(v))
+            continue
+        why = _not_tf(g)
+        if isinstance(g, tf.IndexedSlices):
+            dense = None if g.dense_shape is None else tf.get_static_value(g.dense_shape)
+            got = tuple(int(d) for d in dense) if dense is not None else (None, *_shape(g.values)[1:])
+            ok = got[1:] == want[1:] and got[0] in (None, want[0])
+        else:
+            try:
+                g = tf.convert_to_tensor(g) if why is None else g
+            except (TypeError, ValueError) as e:
+                why = f"{type(g).__name__} ({e})"
+            got = _shape(g) if why is None else ()
+            ok = got == want
+        if why is not None or not ok:
+            raise InputError(
+                f"record_step: gradient {i} does not fit variable {i} ({_var_name(v, set())!r}, shape {list(want)}): "
+                f"got {why or f'shape {list(got)}'}. Pass the gradients of grads = tape.gradient(loss, variables) "
+                "in the order of the variables."
+            )
+        out.append(tf.convert_to_tensor(g))
+    return out
+
+
+def _scalar(what: str, value: Any) -> float:
+    """A number from a scalar (Python number, NumPy or TensorFlow scalar, variable), or an InputError."""
+    why = _not_tf(value)
+    if why is None:
+        try:
+            a = np.asarray(value)
+            if a.size == 1 and a.dtype.kind in "biuf":
+                return float(a.reshape(()))
+            why = _describe(value) if a.dtype.kind in "biufc" else f"{type(value).__name__} {value!r:.60}"
+        except (TypeError, ValueError) as e:
+            why = f"{type(value).__name__} ({e})"
+    raise InputError(f"record_step: {what} must be a number or a scalar tensor, got {why}. Pass e.g. {what}=loss.")
 
 
 #: Rows of the device buffers when ``fit`` runs one step per call: the host reads them every this many steps.
@@ -1220,11 +1360,11 @@ class _StepRecord:
         """Read what the step starts from: W_before, the loss, the learning rate, the optimizer's state."""
         self.before = [tf.identity(tf.convert_to_tensor(v)) for v in self.variables]  # updates leave a read intact
         if loss is not None:
-            self.scalars["loss"] = float(np.asarray(loss))
+            self.scalars["loss"] = _scalar("loss", loss)
         if lr is None and optimizer is not None:
             lr = _learning_rate(optimizer)  # now, before the update: the rate this update uses
         if lr is not None:
-            self.scalars["lr"] = float(np.asarray(lr.value if hasattr(lr, "value") and not callable(lr) else lr))
+            self.scalars["lr"] = _scalar("lr", lr.value if hasattr(lr, "value") and not callable(lr) else lr)
         if optimizer is not None:
             self.optimizer = optimizer
             self.scale = _unscale(optimizer)
@@ -1289,12 +1429,35 @@ class _WatchCallback(keras.callbacks.Callback):
             w._fit_flushed = True
 
 
+def _close_earlier_callback(model: Any) -> None:
+    """Close the watch an earlier :class:`GradsightKerasCallback` left open on ``model``, with a warning.
+
+    A callback keeps its watch open between ``fit`` calls (later fits with it append to its run). A new callback
+    on the same model means a new run: the earlier one is complete, so it is closed (which releases its file's
+    lock) rather than refusing the new callback with advice about a watch the user never created. A watch from
+    ``gradsight.watch(model)`` is left alone: the new callback is refused with its own message.
+    """
+    owner = getattr(vars(model).get("train_step"), "__self__", None)
+    if isinstance(owner, KerasWatch) and getattr(owner, "_by_callback", False) and not owner.closed:
+        warnings.warn(
+            f"gradsight: a new GradsightKerasCallback on model {model.name!r}; the earlier one's run "
+            f"{str(owner.path)!r} is closed now (complete). To append later fits to one run, pass the same callback "
+            "to each fit.",
+            GradsightWarning,
+            stacklevel=3,
+        )
+        owner.close()
+
+
 class GradsightKerasCallback(keras.callbacks.Callback):
     """A Keras callback that watches the model it is given to: ``model.fit(..., callbacks=[GradsightKerasCallback()])``.
 
-    The watch is created on the first ``fit`` (the model is built by then) and kept across later ``fit`` calls,
-    which continue the step count. Call :meth:`close` (or use it as a context manager) to restore the model and
-    close the run file; until then everything is committed at the end of each ``fit``.
+    The watch is created on the first ``fit`` (the model is built by then) and kept across later ``fit`` calls
+    with the same callback, which continue the step count and append to its run. Call :meth:`close` (or use it as
+    a context manager) to restore the model and close the run file (its ``-lock`` file goes with it); until then
+    everything is committed at the end of each ``fit``. A *new* ``GradsightKerasCallback`` on the same model starts
+    a new run: it closes the earlier callback's watch first (with a warning), and the earlier callback then
+    refuses to record another fit.
 
     Args:
         path: the run file (default: ``./gradsight-runs/run-<timestamp>.db``).
@@ -1312,7 +1475,15 @@ class GradsightKerasCallback(keras.callbacks.Callback):
 
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
         if self.watch is None:
+            _close_earlier_callback(self.model)
             self.watch = watch_keras(self.model, path=self._path, **self._kwargs)
+            self.watch._by_callback = True
+        elif self.watch.closed:
+            raise WatchError(
+                f"this GradsightKerasCallback is closed (its run {str(self.watch.path)!r} is complete), so it cannot "
+                "record this fit. Pass a new GradsightKerasCallback(path) — with if_exists='append' and the same "
+                "path to continue that run."
+            )
         cb = self.watch.callback
         cb.set_model(self.model)
         cb.on_train_begin(logs)
@@ -1397,6 +1568,13 @@ def watch_keras(
             "your train_step, after grads = tape.gradient(loss, self.trainable_variables), call "
             "w.record_step(grads, self.trainable_variables, loss=loss) (use `with w.record_step(...):` around "
             "self.optimizer.apply(grads, self.trainable_variables) to record updates too); close w after fit."
+        )
+    owner = getattr(vars(model).get("train_step"), "__self__", None)
+    if isinstance(owner, KerasWatch) and getattr(owner, "_by_callback", False) and not owner.closed:
+        raise WatchError(
+            f"model {model.name!r} is already watched by a GradsightKerasCallback, recording to "
+            f"{str(owner.path)!r} (a callback keeps its watch open across fits). Call that callback's close() "
+            "first, or keep training with the callback alone."
         )
     if "train_step" in vars(model):
         raise WatchError(
