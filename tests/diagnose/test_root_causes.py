@@ -442,6 +442,18 @@ def test_small_initial_gradient_growing_to_its_level_is_not_an_explosion(synth, 
     assert diagnose(s.run()) == []
 
 
+def test_a_layers_growth_at_its_last_summary_is_judged_by_the_steps_the_run_had_after_it(synth, rng):
+    """Regression: growth seen at the last full summary (step 200 of a 300-step run under the default preset)
+    was "unfinished" — harmful — because the layer's own series ended there, though 99 healthy steps followed."""
+    s = synth()
+    for step in range(300):  # a warm-up: the layer's gradient grows 200x by step 200, the loss falls throughout
+        if step % 100 == 0:
+            scale = 1e-4 if step < 200 else 2e-2
+            s.log(step, "grad", "fc1", rng.normal(0, scale, size=(4, 3)))
+        s.scalars(step, loss=3.5 * 0.99**step)
+    assert [f.code for f in diagnose(s.run())] == []
+
+
 def test_an_isolated_spike_that_training_recovers_from_is_info(synth, rng):
     s = synth()
     for step in range(60):

@@ -126,8 +126,8 @@ def _verdict(data: RunData, series: pd.Series, event: dict[str, Any], th: Thresh
 
     ``"damage"``: after one of its jumps the weights blew up, the loss rose or a NaN/Inf followed
     (:func:`gradsight.diagnose._series.damage`; a further gradient jump is part of the event, not damage);
-    ``"unknown"``: neither a loss nor weights were recorded to tell; ``"unfinished"``: the run ended within
-    ``damage_steps`` of the first jump; ``"transient"``: no damage and the series fell back to within
+    ``"unknown"``: neither a loss nor weights were recorded to tell; ``"unfinished"``: the run (its last recorded
+    step of any kind, not the series' last logged step) ended within ``damage_steps`` of the first jump; ``"transient"``: no damage and the series fell back to within
     ``sqrt(explode_growth)`` of its level (a spike training recovered from); ``"sustained"``: no damage and it
     stayed up — a small initial gradient reaching its working level, not an explosion.
     """
@@ -140,7 +140,10 @@ def _verdict(data: RunData, series: pd.Series, event: dict[str, Any], th: Thresh
         return "unknown", {}
     s = series[np.isfinite(series.to_numpy())]
     later = s[s.index > event["first_step"]]
-    if int(s.index[-1]) - event["first_step"] < th.damage_steps:
+    end = int(s.index[-1])  # the run's end: a layer's series stops at its last full summary, the run goes on
+    if len(data.scalars.index):
+        end = max(end, int(data.scalars.index.max()))
+    if end - event["first_step"] < th.damage_steps:
         return "unfinished", {}
     settled = float(np.median(later.iloc[: th.reference_steps].to_numpy())) if len(later) else event["value"]
     if settled >= math.sqrt(th.explode_growth) * event["reference"]:
