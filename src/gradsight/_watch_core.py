@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import operator
 import os
 import platform
 import threading
@@ -46,7 +45,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ._errors import InputError, WatchError
 from ._schedule import Schedule
-from .store import Run, RunWriter, TensorInfo, default_run_path
+from .store import Run, RunWriter, TensorInfo, check_step, default_run_path
 from .summary import TensorSummary
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -60,27 +59,25 @@ _OPEN: weakref.WeakKeyDictionary[Any, weakref.ref[WatchCore]] = weakref.WeakKeyD
 
 
 # ---- rules shared by every adapter ----------------------------------------------------------------------------------
-def check_step(step: Any) -> int:
-    """Check ``step`` as passed to a watch's ``log(step=...)``: a non-negative int (numpy/0-d tensors accepted).
+#: Scalar names the watch records itself at every step (see :func:`signal_row`); ``log()`` refuses them.
+RESERVED_SCALARS = frozenset({"grad_norm", "grad_nonfinite", "grad_norm_preclip", "clip_ratio", "lr", "step_skipped"})
+#: Name prefixes of the watch's own per-tensor signals; ``log()`` refuses them.
+RESERVED_PREFIXES = ("grad_norm/", "grad_nonfinite/", "grad_norm_preclip/", "weight_norm/", "update_norm/", "lr/")
+
+
+def check_scalar_name(name: Any) -> str:
+    """Check a scalar name passed to a watch's ``log(...)``: not one of the watch's own signals.
 
     Raises:
-        InputError: not an integer, or negative.
+        InputError: ``name`` is a signal the watch records itself (``grad_norm``, ``lr``, ``weight_norm/<t>``...).
     """
-    try:
-        value = -1 if isinstance(step, bool) else operator.index(step)
-    except (TypeError, RuntimeError):
-        value = None
-    if value is None or isinstance(step, bool):
+    if name in RESERVED_SCALARS or name.startswith(RESERVED_PREFIXES):
         raise InputError(
-            f"log(step=...) expects a step number, a non-negative int, got {type(step).__name__} {step!r}. "
-            "Leave it out to record at the current step, or pass a step number such as step=0."
+            f"log({name}=...): {name!r} is a signal the watch records itself at every step, so a value logged "
+            f"under that name would replace the measured one. Log yours under another name, e.g. "
+            f"log(my_{name.replace('/', '_')}=...)."
         )
-    if value < 0:
-        raise InputError(
-            f"log(step=...) expects a non-negative step number, got {value!r}; steps count from 0. Leave it out "
-            "to record at the current step, or pass a step number such as step=0."
-        )
-    return value
+    return name
 
 
 def signal_row(
@@ -288,8 +285,14 @@ class WatchCore:
             meta: the adapter's own metadata (model structure, ...), added to the common fields.
 
         Raises:
+            InputError: ``config`` is not a mapping.
             WatchError: ``model`` already has an open watch.
         """
+        if config is not None and not isinstance(config, Mapping):
+            raise InputError(
+                f"config=... expects a mapping of your settings (stored with the run), got {type(config).__name__} "
+                f"{config!r:.80}. Pass a dict, e.g. config={{'lr': 0.1, 'batch_size': 32}}, or leave it out."
+            )
         self._closed = True  # until fully set up, so that a failed set-up leaves nothing to close
         self.schedule = sched
         self._anomalies = sched.anomalies()
@@ -497,7 +500,8 @@ class WatchCore:
             **scalars: more named scalars (numbers or one-element tensors).
 
         Raises:
-            InputError: a value is neither a number nor a one-element tensor, or ``step`` is not an int >= 0.
+            InputError: a value is neither a number nor a one-element tensor, ``step`` is not an int >= 0, or a
+                name is one of the watch's own signals (``grad_norm``, ``lr``, ``weight_norm/<t>``...).
             WatchError: the watch is closed.
         """
         self._check_open("log")
@@ -505,7 +509,7 @@ class WatchCore:
         values = dict(scalars)
         if loss is not None:
             values["loss"] = loss
-        checked = {k: self._scalar_value(k, v) for k, v in values.items()}
+        checked = {check_scalar_name(k): self._scalar_value(k, v) for k, v in values.items()}
         self._buffer_scalars(s, checked)
         self._maybe_flush_scalars()
 

@@ -56,6 +56,7 @@ import contextlib
 import functools
 import json
 import math
+import operator
 import os
 import queue
 import secrets
@@ -152,6 +153,128 @@ def _as_path(path: Any, what: str) -> Path:
         return Path(path).expanduser().resolve()
     except (OSError, RuntimeError) as exc:
         raise StoreError(f"cannot resolve the path {path!r} ({exc}). Pass an existing directory's file.") from exc
+
+
+def check_step(step: Any, call: str = "log(step=...)") -> int:
+    """Check a step number: a non-negative int (numpy ints and 0-d integer tensors accepted, bool refused).
+
+    Args:
+        step: the value given.
+        call: how the message names the argument, e.g. ``"log(step=...)"`` or ``"RunWriter.log_scalars(step, ...)"``.
+
+    Raises:
+        InputError: not an integer, or negative.
+    """
+    try:
+        value = -1 if isinstance(step, bool) else operator.index(step)
+    except (TypeError, RuntimeError):
+        value = None
+    fix = "Leave it out to record at the current step, or pass" if call.startswith("log(") else "Pass"
+    if value is None or isinstance(step, bool):
+        raise InputError(
+            f"{call} expects a step number, a non-negative int, got {type(step).__name__} {step!r:.80}. "
+            f"{fix} a step number such as step=0."
+        )
+    if value < 0:
+        raise InputError(
+            f"{call} expects a non-negative step number, got {value!r}; steps count from 0. {fix} a step number "
+            "such as step=0."
+        )
+    return value
+
+
+def check_steps(steps: Any) -> tuple[int | None, int | None]:
+    """Validate an inclusive step range ``(first, last)``; either end may be ``None`` (open).
+
+    Args:
+        steps: ``None`` (every step) or a pair of non-negative ints or ``None``, with ``first <= last``.
+
+    Returns:
+        ``(first, last)``, ``(None, None)`` for ``None``.
+
+    Raises:
+        InputError: not a pair, an end that is not a non-negative int, or ``first > last`` (an empty range).
+    """
+    if steps is None:
+        return (None, None)
+    if not isinstance(steps, (tuple, list)) or len(steps) != 2:
+        raise InputError(
+            f"steps must be an inclusive (first, last) pair, either end None for open, got {steps!r}; "
+            "e.g. steps=(10, 50) or steps=(10, None)."
+        )
+    lo, hi = steps
+    for end, value in (("first", lo), ("last", hi)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise InputError(f"steps: the {end} step must be an int or None, got {value!r} in {steps!r}.")
+        if value < 0:
+            raise InputError(f"steps: the {end} step is {value!r}, but steps count from 0; pass a range like (0, 10).")
+    lo = None if lo is None else int(lo)
+    hi = None if hi is None else int(hi)
+    if lo is not None and hi is not None and lo > hi:
+        raise InputError(
+            f"steps ({lo}, {hi}) is an empty range: the first step {lo} comes after the last step {hi}. "
+            f"The range is inclusive first-to-last; did you mean ({hi}, {lo})?"
+        )
+    return (lo, hi)
+
+
+def _scalar_rows(step: Any, values: Any, call: str) -> list[tuple[int, str, float | None]]:
+    """``(step, name, value)`` rows of one step's scalars, checked (a NaN value is stored as NULL).
+
+    Raises:
+        InputError: a bad step, ``values`` not a mapping of names to numbers.
+    """
+    s = check_step(step, f"{call}(step, ...)")
+    if not isinstance(values, Mapping):
+        raise InputError(
+            f"{call}(step, values) expects values as a mapping of names to numbers, got {type(values).__name__} "
+            f"{values!r:.80}; e.g. {call}(0, {{'loss': 0.5}})."
+        )
+    rows = []
+    for k, v in values.items():
+        try:
+            value = None if v is None else float(v) if not isinstance(v, (str, bytes)) else None
+            ok = isinstance(k, str) and (v is None or value is not None)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise InputError(
+                f"{call}(step, values) expects names (str) mapped to numbers, got {k!r:.40}: {v!r:.60}; "
+                f"e.g. {call}(0, {{'loss': 0.5}})."
+            )
+        rows.append((s, k, None if value is None or math.isnan(value) else value))
+    return rows
+
+
+def _summary_pairs(items: Any) -> list[tuple[int, TensorSummary]]:
+    """``log_summaries``' pairs as a list, checked now (not on the writer thread, where a failure surfaces late).
+
+    Raises:
+        InputError: not an iterable of ``(tensor_id, TensorSummary)`` pairs.
+    """
+    pairs = None
+    if not isinstance(items, (str, bytes, Mapping)):
+        try:
+            pairs = list(items)
+        except TypeError:
+            pairs = None
+    ok = pairs is not None and all(
+        isinstance(p, tuple)
+        and len(p) == 2
+        and isinstance(p[0], (int, np.integer))
+        and not isinstance(p[0], bool)
+        and isinstance(p[1], TensorSummary)
+        for p in pairs
+    )
+    if not ok:
+        raise InputError(
+            f"RunWriter.log_summaries(step, items) expects (tensor_id, TensorSummary) pairs (or a callable "
+            f"returning them), got {type(items).__name__} {items!r:.80}; e.g. "
+            "log_summaries(0, [(tid, summarize(g))]) with tid = writer.tensor_id(name, layer, kind, shape, dtype)."
+        )
+    return pairs
 
 
 def _run_files_in(directory: Path) -> list[Path]:
@@ -427,6 +550,25 @@ def _check_kind(kind: str) -> None:
         raise InputError(f"unknown tensor kind {kind!r}; expected one of {', '.join(map(repr, KINDS))}.")
 
 
+def _names(arg: str, values: Any) -> list[str]:
+    """A ``kind`` / ``layer`` / ``tensor`` filter as a list of names: one name or an iterable of names.
+
+    Raises:
+        InputError: neither a string nor an iterable of strings.
+    """
+    items = [values] if isinstance(values, str) else values
+    try:
+        items = list(items)
+    except TypeError:
+        items = None
+    if items is None or not all(isinstance(v, str) for v in items):
+        raise InputError(
+            f"{arg}=... expects a name or a list of names, got {type(values).__name__} {values!r:.80}; "
+            f"e.g. {arg}={'grad' if arg == 'kind' else 'fc1'!r} or {arg}=[...], or leave it out to keep every {arg}."
+        )
+    return items
+
+
 def _encode(step: int, items: SummaryArrays | Iterable[tuple[int, TensorSummary]]) -> list[tuple[Any, ...]]:
     """The ``summaries`` records of one step: the one encoder, :func:`gradsight._packing.encode_rows`.
 
@@ -534,6 +676,11 @@ class RunWriter:
         self._committed_step: int | None = None
         self._pending_step: int | None = None
         self._closed = False
+        if meta is not None and not isinstance(meta, Mapping):
+            raise InputError(
+                f"RunWriter(meta=...) expects a mapping of JSON-serialisable values, got {type(meta).__name__} "
+                f"{meta!r:.80}; e.g. meta={{'framework': 'custom'}}, or leave it out."
+            )
         rows = [(str(key), _dumps(value)) for key, value in (meta or {}).items()]
         if self.path.is_dir():
             raise _directory_error(self.path, "write the run file")
@@ -730,21 +877,37 @@ class RunWriter:
         ``items`` may also be a zero-argument callable returning them; it is then called on the writer thread,
         which keeps unpacking work off the training thread. The callable may also return a
         :class:`gradsight._packing.SummaryArrays` (the adapters' packed rows, encoded with array operations).
+
+        Raises:
+            InputError: ``step`` is not an int >= 0, or ``items`` is not a callable nor ``(tensor_id,
+                TensorSummary)`` pairs.
         """
-        self._put(("summaries", int(step), items))
+        s = check_step(step, "RunWriter.log_summaries(step, ...)")
+        if not callable(items) and not isinstance(items, SummaryArrays):
+            items = _summary_pairs(items)
+        self._put(("summaries", s, items))
 
     def log_scalars(self, step: int, values: Mapping[str, float]) -> None:
-        """Record named scalars (loss, learning rate, ...) of one step; a repeated name in a step replaces it."""
-        rows = [(int(step), str(k), None if v is None or math.isnan(float(v)) else float(v)) for k, v in values.items()]
+        """Record named scalars (loss, learning rate, ...) of one step; a repeated name in a step replaces it.
+
+        Raises:
+            InputError: ``step`` is not an int >= 0, or ``values`` is not a mapping of names (str) to numbers.
+        """
+        rows = _scalar_rows(step, values, "RunWriter.log_scalars")
         self._put(("INSERT OR REPLACE INTO scalars VALUES (?, ?, ?)", rows))
 
     def log_scalars_many(self, values: Mapping[int, Mapping[str, float]]) -> None:
-        """:meth:`log_scalars` for several steps at once (``{step: {name: value}}``), as one write."""
-        rows = [
-            (int(step), str(k), None if v is None or math.isnan(float(v)) else float(v))
-            for step, vs in values.items()
-            for k, v in vs.items()
-        ]
+        """:meth:`log_scalars` for several steps at once (``{step: {name: value}}``), as one write.
+
+        Raises:
+            InputError: as :meth:`log_scalars`, or ``values`` is not a mapping of steps.
+        """
+        if not isinstance(values, Mapping):
+            raise InputError(
+                f"RunWriter.log_scalars_many expects a mapping {{step: {{name: value}}}}, got {type(values).__name__} "
+                f"{values!r:.80}; e.g. log_scalars_many({{0: {{'loss': 0.5}}}})."
+            )
+        rows = [row for step, vs in values.items() for row in _scalar_rows(step, vs, "RunWriter.log_scalars_many")]
         self._put(("INSERT OR REPLACE INTO scalars VALUES (?, ?, ?)", rows))
 
     def log_signals(self, rows: list[tuple[int, tuple[str, ...], Any]]) -> None:
@@ -1287,10 +1450,15 @@ class Run:
 
     @property
     def scalars(self) -> pd.DataFrame:
-        """Per-step scalars as a wide DataFrame: index ``step``, one column per scalar name (loss, lr, ...)."""
+        """Per-step scalars as a wide DataFrame: index ``step``, one float64 column per scalar name (loss, lr, ...).
+
+        A value logged as NaN, and a scalar not logged at a step, are both NaN.
+        """
         import pandas as pd
 
         df = pd.DataFrame(self._q("SELECT step, name, value FROM scalars"), columns=["step", "name", "value"])
+        # float64 with NaN: a scalar stored as NaN reads back as SQL NULL (None), which must not make an object column
+        df["value"] = df["value"].astype("float64")
         parts = [] if df.empty else [df.pivot(index="step", columns="name", values="value")]
         for names, steps, values in self._signal_blocks():
             parts.append(pd.DataFrame(values, index=pd.Index(steps, name="step"), columns=list(names)))
@@ -1402,17 +1570,21 @@ class Run:
         steps: tuple[int | None, int | None] | None,
     ) -> tuple[str, list[Any]]:
         where, params = [], []
-        for column, values in (("t.kind", kinds), ("t.layer", layers), ("t.name", tensors)):
+        for column, arg, values in (
+            ("t.kind", "kind", kinds),
+            ("t.layer", "layer", layers),
+            ("t.name", "tensor", tensors),
+        ):
             if values is None:
                 continue
-            values = [values] if isinstance(values, str) else list(values)
+            values = _names(arg, values)
             if column == "t.kind":
                 for k in values:
                     _check_kind(k)
             where.append(f"{column} IN ({', '.join('?' * len(values))})")
             params.extend(values)
         if steps is not None:
-            lo, hi = steps
+            lo, hi = check_steps(steps)
             if lo is not None:
                 where.append("s.step >= ?")
                 params.append(int(lo))

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from ._errors import InputError
+from ._frameworks import framework_of
 from ._packing import EXP_BIAS, FLOAT_FIELDS, HIST, HIST_BINS, INT_FIELDS, MAX, ROW, SUM, Rows, hist_bins
 
 __all__ = [
@@ -254,12 +256,56 @@ class TensorSummary:
         return f"TensorSummary({', '.join(parts)})"
 
 
+def _check_unit_axis(unit_axis: Any) -> int | None:
+    """``unit_axis`` as an int or ``None``.
+
+    Raises:
+        InputError: neither an int nor ``None``.
+    """
+    if unit_axis is None:
+        return None
+    try:
+        axis = None if isinstance(unit_axis, bool) else operator.index(unit_axis)
+    except TypeError:
+        axis = None
+    if axis is None:
+        raise InputError(
+            f"summarize: unit_axis must be an int (the axis of units) or None, got {type(unit_axis).__name__} "
+            f"{unit_axis!r:.40}; e.g. unit_axis=1 for a dense output of shape (batch, features)."
+        )
+    return axis
+
+
+def _torch_array(t: Any) -> np.ndarray:
+    """A torch tensor's values as numpy, exactly: detached, on the CPU, dense.
+
+    bfloat16 (and the other floats numpy lacks) are upcast to float32, which represents each of their values exactly.
+
+    Raises:
+        InputError: a meta tensor (it has a shape but no values).
+    """
+    if getattr(t, "is_meta", False):
+        raise InputError(
+            f"summarize: got a meta tensor of shape {tuple(t.shape)} — it has a shape but no values to summarize. "
+            "Summarize the materialized tensor instead (e.g. after model.to_empty(device='cpu') and initialisation)."
+        )
+    t = t.detach()
+    if str(getattr(t, "layout", "torch.strided")) != "torch.strided":  # sparse (COO, CSR, ...): every entry counts
+        t = t.to_dense()
+    t = t.cpu()
+    if t.is_floating_point() and str(t.dtype) not in ("torch.float16", "torch.float32", "torch.float64"):
+        t = t.float()
+    return t.numpy()
+
+
 def summarize(x: Any, *, unit_axis: int | None = None) -> TensorSummary:
     """The reference summary of an array, in numpy.
 
     Args:
         x: anything ``numpy.asarray`` accepts with a floating dtype (float16, bfloat16 via ml_dtypes, float32,
-            float64). Integer and boolean arrays are refused: their gradients do not exist.
+            float64), or a torch tensor: one that requires grad is detached, a sparse one summarized densely (its
+            zeros count), a bfloat16 one upcast to float32 (exact). Integer and boolean arrays are refused: their
+            gradients do not exist.
         unit_axis: when given, also count per-unit activity along this axis (the feature axis of a dense
             output, the channel axis of a conv output); every other axis counts as samples/positions.
 
@@ -267,9 +313,11 @@ def summarize(x: Any, *, unit_axis: int | None = None) -> TensorSummary:
         The :class:`TensorSummary` of ``x``.
 
     Raises:
-        InputError: ``x`` is not floating point, or ``unit_axis`` is out of range.
+        InputError: ``x`` is not floating point, is a torch meta tensor (no values), or ``unit_axis`` is not an int
+            in range.
     """
-    a = np.asarray(x)
+    unit_axis = _check_unit_axis(unit_axis)
+    a = _torch_array(x) if framework_of(x) == "torch" and hasattr(x, "detach") else np.asarray(x)
     if a.dtype.kind != "f" and a.dtype.name != "bfloat16":
         raise InputError(
             f"summarize: expected a floating-point array, got dtype {a.dtype.name!r} with shape {a.shape}. "
@@ -327,7 +375,16 @@ def merge(a: TensorSummary, b: TensorSummary) -> TensorSummary:
 
     Returns:
         A new :class:`TensorSummary`; neither input is modified.
+
+    Raises:
+        InputError: ``a`` or ``b`` is not a :class:`TensorSummary`.
     """
+    for arg, value in (("a", a), ("b", b)):
+        if not isinstance(value, TensorSummary):
+            raise InputError(
+                f"merge: {arg} must be a TensorSummary, got {type(value).__name__} {value!r:.60}. Summarize an "
+                "array first: merge(summarize(x), summarize(y)); merge_all([]) is the empty summary."
+            )
     units_active: np.ndarray | None = None
     units_total = 0
     if a.count == 0 and a.units_active is None:  # the empty summary is the identity

@@ -253,6 +253,36 @@ def make_data(scenario: Scenario, seed: int) -> tuple[np.ndarray, np.ndarray]:
     raise InputError(f"scenario {scenario.name!r} has unknown data {scenario.data!r}.")  # pragma: no cover
 
 
+#: The largest seed: numpy's legacy seeding, Keras' ``set_random_seed`` and most tools take 32-bit seeds.
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(seed: Any, what: str = "seed") -> int:
+    """Check a random seed: an int in ``[0, 2**32 − 1]`` (numpy ints accepted; bool refused).
+
+    Args:
+        seed: the value given.
+        what: how the caller names it in the message (``"seed"``, ``"--seed"``).
+
+    Returns:
+        The seed as a Python int.
+
+    Raises:
+        InputError: not an int, or outside ``[0, 2**32 − 1]``.
+    """
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise InputError(
+            f"{what} must be an int from 0 to {MAX_SEED} (2**32 − 1), got {type(seed).__name__} {seed!r:.40}; "
+            "e.g. seed=0."
+        )
+    if not 0 <= seed <= MAX_SEED:
+        raise InputError(
+            f"{what} must be an int from 0 to {MAX_SEED} (2**32 − 1, the range numpy and the frameworks seed "
+            f"with), got {seed!r:.40}; e.g. seed=0, or seed % 2**32 to fold a larger number into range."
+        )
+    return int(seed)
+
+
 def run_scenario(
     name: str,
     *,
@@ -276,9 +306,11 @@ def run_scenario(
         The :class:`ScenarioResult` with the run file, the findings and the expectations.
 
     Raises:
-        InputError: unknown scenario or framework, or an injection into a layer that is not a dense layer.
+        InputError: unknown scenario or framework, a seed outside ``[0, 2**32 − 1]``, or an injection into a layer
+            that is not a dense layer.
     """
     scenario = get_scenario(name)
+    seed = check_seed(seed)
     info = framework_info(framework) if isinstance(framework, str) else None  # aliases: as --framework takes them
     framework = info.name if info is not None else framework  # type: ignore[assignment]
     if framework not in FRAMEWORKS:

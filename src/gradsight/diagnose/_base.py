@@ -39,7 +39,9 @@ class Thresholds:
     ``diagnose(run, thresholds=Thresholds(vanish_ratio=1e-4))`` or ``thresholds={"vanish_ratio": 1e-4}``.
     Values are checked when made: an unknown name is refused with the closest known one, and a value outside
     its meaningful range (a fraction above 1, a growth factor at or below 1), where its rule would silently never
-    or always fire, is refused with the range.
+    or always fire, is refused with the range. The counts (``baseline_steps``, ``reference_steps``, ``recent_steps``,
+    ``loss_min_steps``, ``damage_steps``, ``accumulate_min_steps``, ``init_chain``) must be whole numbers from 1 to
+    10**9; a whole float such as ``3.0`` (the command line reads numbers as floats) is taken as the int ``3``.
 
     Attributes:
         baseline_steps: how many of the first finite loss values form the run's starting level, against which
@@ -180,21 +182,20 @@ class Thresholds:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or (isinstance(value, float) and not math.isfinite(value)) or value < 0:
                 raise InputError(
                     f"Thresholds.{f.name} must be a finite, non-negative number, got {value!r}; "
                     f"the default is {f.default!r}."
                 )
-        for name in (
-            "baseline_steps",
-            "recent_steps",
-            "reference_steps",
-            "damage_steps",
-            "accumulate_min_steps",
-            "init_chain",
-        ):
-            if getattr(self, name) < 1:
-                raise InputError(f"Thresholds.{name} must be at least 1, got {getattr(self, name)!r}.")
+        for name in _COUNTS:
+            value = getattr(self, name)
+            if not 1 <= value <= _MAX_COUNT or not float(value).is_integer():
+                raise InputError(
+                    f"Thresholds.{name} is a count of steps (or layers), a whole number from 1 to {_MAX_COUNT:,}, "
+                    f"got {value!r:.40}; the default is {_DEFAULTS[name]!r}. Pass e.g. {name}={_DEFAULTS[name]!r}."
+                )
+            object.__setattr__(self, name, int(value))  # 3.0 (as the command line parses "3") is the count 3
         if not 0 < self.loss_window <= 0.5:
             raise InputError(f"Thresholds.loss_window must be in (0, 0.5], got {self.loss_window!r}.")
         for name, (low, low_open, high, meaning) in _RANGES.items():
@@ -240,6 +241,20 @@ class Thresholds:
         raise InputError(
             f"thresholds must be a gradsight.diagnose.Thresholds, a dict of overrides or None, got {value!r}."
         )
+
+
+#: The thresholds that count steps (or layers): whole numbers >= 1; ``3.0`` is taken as ``3``.
+_COUNTS = (
+    "baseline_steps",
+    "recent_steps",
+    "reference_steps",
+    "loss_min_steps",
+    "damage_steps",
+    "accumulate_min_steps",
+    "init_chain",
+)
+#: The largest count accepted: far beyond any run's length, and small enough for pandas' rolling windows.
+_MAX_COUNT = 10**9
 
 
 #: Each bounded threshold's interval ``(low, low excluded, high or None, what it is)``: a fraction above 1, or a

@@ -7,7 +7,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .._errors import InputError
-from ..store import Run
+from ..export._tidy import require_steps
+from ..store import Run, check_steps
 from ._accumulate import GradientsAccumulatingRule
 from ._base import Rule, RunData, Thresholds
 from ._chain import link, sort_chain
@@ -87,7 +88,8 @@ def diagnose(
         run: a :class:`gradsight.Run`, a watch's run, or the path of a run file.
         rules: the rules to evaluate; default :data:`DEFAULT_RULES`.
         thresholds: a :class:`Thresholds`, or a dict of overrides such as ``{"vanish_ratio": 1e-4}``.
-        steps: an optional inclusive ``(first, last)`` window of steps to judge.
+        steps: an optional inclusive ``(first, last)`` window of steps to judge; either end may be ``None``. It
+            must be well-formed (non-negative ints, ``first <= last``) and hold at least one recorded step.
 
     Returns:
         The findings: root causes first (most severe first), then the symptoms they explain, in causal order;
@@ -95,11 +97,15 @@ def diagnose(
 
     Raises:
         StoreError: ``run`` is not a readable run file.
-        InputError: unknown thresholds or rules that are not :class:`Rule` instances.
+        InputError: unknown thresholds, rules that are not :class:`Rule` instances, or a malformed ``steps``
+            window or one that holds no recorded step.
     """
     th = Thresholds.coerce(thresholds)
     chosen = _rules(rules)
-    data = run if isinstance(run, RunData) else RunData(run, steps=steps)
+    window = None if steps is None else check_steps(steps)
+    data = run if isinstance(run, RunData) else RunData(run, steps=window)
+    if window is not None:
+        require_steps(data.run, window, scalars=True, fix="diagnose every step")
     return evaluate(data, chosen, th)
 
 

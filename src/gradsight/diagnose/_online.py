@@ -25,7 +25,7 @@ from typing import Any, Literal
 from .._errors import GradsightError, InputError
 from ..store import Run
 from ._base import Rule, RunData, Thresholds
-from ._diagnose import DEFAULT_RULES, evaluate, sort_findings
+from ._diagnose import DEFAULT_RULES, _rules, evaluate, sort_findings
 from ._finding import CODES, Finding
 from ._nonfinite import NonFiniteRule
 
@@ -69,10 +69,22 @@ def _checked_options(
     full_every: int,
 ) -> tuple[tuple[str, ...], Callable[[Finding], Any] | None]:
     """``(stop_on, reporter)`` from the constructor's arguments, checked; see :meth:`OnlineDiagnosis.check_args`."""
+    if rules is not None:
+        if isinstance(rules, (str, Rule)) or not isinstance(rules, Iterable):
+            raise InputError(
+                f"rules must be a list of gradsight.diagnose.Rule instances, got {type(rules).__name__} "
+                f"{rules!r:.80}; e.g. rules=[NonFiniteRule()], or leave it out for every rule."
+            )
+        rules = _rules(list(rules))
     if isinstance(stop_on, str):
         raise InputError(
             f"stop_on must be a collection of finding codes, got the string {stop_on!r}; "
             f"write stop_on=({stop_on!r},) for one code."
+        )
+    if not isinstance(stop_on, Iterable):
+        raise InputError(
+            f"stop_on must be a collection of finding codes, got {type(stop_on).__name__} {stop_on!r:.80}; "
+            "write stop_on=() to never stop, or e.g. stop_on=('non-finite',)."
         )
     codes = tuple(stop_on)
     known = set(CODES) | {c for r in (rules or DEFAULT_RULES) for c in r.codes}
@@ -89,6 +101,23 @@ def _checked_options(
     if isinstance(full_every, bool) or not isinstance(full_every, int) or full_every < 1:
         raise InputError(f"full_every must be a positive integer, got {full_every!r}.")
     return codes, report
+
+
+def _check_source(run: Any) -> None:
+    """Refuse what cannot be the run: a model (a Keras model's ``path`` is its name), or something with no path.
+
+    Raises:
+        InputError: ``run`` is a model, or neither a path nor anything with a ``path``.
+    """
+    if isinstance(run, (Run, str, os.PathLike)):
+        return
+    model = hasattr(run, "trainable_variables") or hasattr(run, "named_parameters")  # Keras / torch
+    if model or not isinstance(getattr(run, "path", None), (str, os.PathLike)):
+        what = "a model" if model else f"{type(run).__name__} {run!r:.80}, which has no 'path' (a run file)"
+        raise InputError(
+            f"OnlineDiagnosis reads a run, got {what}. Pass the watch returned by gradsight.watch "
+            "(run = gradsight.watch(model); OnlineDiagnosis(run)), a gradsight.Run or a run file path."
+        )
 
 
 class OnlineDiagnosis:
@@ -108,8 +137,13 @@ class OnlineDiagnosis:
         record: write each new finding as an event of kind ``"finding"`` into the run, when ``run`` can log
             events (has ``log_event``, or is a watch holding a ``RunWriter``).
 
+    A run file path that does not exist yet finds nothing until a watch creates it; the first :meth:`check` that
+    finds no file warns once (a :class:`GradsightWarning`), in case the path is a typo.
+
     Raises:
-        InputError: an unknown code in ``stop_on``, or an invalid ``on_finding`` / ``full_every``.
+        InputError: ``run`` is a model (pass the watch) or has no run file path, ``rules`` are not
+            :class:`Rule` instances, ``stop_on`` is not a collection of known codes, or an invalid ``on_finding`` /
+            ``full_every``.
     """
 
     def __init__(
@@ -125,6 +159,7 @@ class OnlineDiagnosis:
         record: bool = True,
     ) -> None:
         self.stop_on, self._report = _checked_options(rules, on_finding, stop_on, full_every)
+        _check_source(run)
         self.rules = tuple(rules) if rules is not None else DEFAULT_RULES
         self._nonfinite = [r for r in self.rules if isinstance(r, NonFiniteRule)]
         self.thresholds = Thresholds.coerce(thresholds)
@@ -133,6 +168,7 @@ class OnlineDiagnosis:
         self.record = record
         self._source = run
         self._run: Run | None = run if isinstance(run, Run) else None
+        self._missing_warned = False
         self._calls = 0
         self._checked_to: int | None = None  # last step the non-finite rule has seen
         self._seen: set[tuple[str, str | None]] = set()
@@ -189,7 +225,16 @@ class OnlineDiagnosis:
                     f"{type(self._source).__name__} {self._source!r} (it has no 'path')."
                 )
             if not os.path.exists(path):
-                return None
+                if isinstance(self._source, (str, os.PathLike)) and not self._missing_warned:
+                    self._missing_warned = True  # a path given by hand: a typo never fills, so say it once
+                    warnings.warn(
+                        f"OnlineDiagnosis: the run file {os.fsdecode(path)!r} does not exist (yet): nothing to "
+                        "diagnose until a watch creates it. Check the path, or pass the watch itself "
+                        "(OnlineDiagnosis(run) with run = gradsight.watch(model, path=...)).",
+                        GradsightWarning,
+                        stacklevel=3,
+                    )
+                return None  # a watch that writes no file (a data-parallel rank that does not record)
             self._run = Run(path)
         return self._run
 

@@ -14,6 +14,7 @@ Closed forms (identity or ReLU activation; every pre-activation stays positive):
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import InputError
+from ..zoo import check_seed
 from ._trace import clean_json
 from .rules import ELEMENTWISE, Activation, activation_rule, dense_backward, dense_forward
 
@@ -151,7 +153,8 @@ def _predicted(init: str, act: str, widths: Sequence[int], l: int) -> float | No
     L = len(widths) - 1
     if init == "scaled":
         return 2.0 / widths[l]
-    return 2.0 / widths[L] * float(np.prod(widths[: l - 1])) * float(np.prod(widths[l + 1 : L + 1]))
+    # Python ints (np.prod overflows int64 silently), then one correctly rounded division
+    return 2 * math.prod(widths[: l - 1]) * math.prod(widths[l + 1 : L + 1]) / widths[L]
 
 
 #: the most float64 numbers one depth of a sweep may hold (weights + activations + gradients): 256 MB.
@@ -175,8 +178,8 @@ def _check_sizes(widths: Any, depths: Any, n: Any, init: Any) -> tuple[list[int]
         ds = list(range(1, int(depths) + 1))
     else:
         try:
-            ds = sorted({int(d) for d in depths if _is_int(d)})
-            given = list(depths)
+            given = list(depths)  # once: a generator is consumed by reading it
+            ds = sorted({int(d) for d in given if _is_int(d)})
         except TypeError:
             raise InputError(f"depths must be an int or an iterable of ints, got {depths!r}") from None
         if not ds or len(ds) != len(set(given)) or min(ds) < 1:
@@ -213,6 +216,41 @@ def _check_sizes(widths: Any, depths: Any, n: Any, init: Any) -> tuple[list[int]
     return ds, ws
 
 
+class _BeyondFloat64(ArithmeticError):
+    """The calibration Y = Ŷ − 1 is not exact in float64 at this depth (the output is too large)."""
+
+    def __init__(self, output: float) -> None:
+        super().__init__(output)
+        self.output = output
+
+
+def _largest_depth(init: str, act: str, widths: Sequence[int]) -> int | None:
+    """The deepest stack whose output ∏ f_0..f_(d−1) (``init="ones"``) stays below 2**53; None if not known."""
+    if init != "ones" or act not in ("identity", "relu"):
+        return None
+    d, out = 0, 1
+    while d < len(widths) - 1 and out * widths[d] <= 2**53:
+        out *= widths[d]
+        d += 1
+    return d
+
+
+def _beyond_message(d: int, exc: _BeyondFloat64, init: str, act: str, ws: Sequence[int], done: list[int]) -> str:
+    largest = _largest_depth(init, act, ws)
+    if largest is not None:
+        works = f"The deepest stack that works for these widths is {largest}"
+    elif done:
+        works = f"Depths up to {max(done)} of this sweep worked"
+    else:
+        works = "No depth of this sweep worked"
+    return (
+        f"depth_sweep: at depth {d} the network output reaches {exc.output:.3g}, too large for float64 to hold the "
+        "calibration target Y = Ŷ − 1 exactly (from 2**53 = 9.0e15 on it rounds to Ŷ, the error is no longer 1 "
+        f"and every gradient would read 0). {works}. Fix: sweep shallower depths, or use smaller widths or "
+        "init='scaled'."
+    )
+
+
 def _numpy_chain(x: np.ndarray, weights: list[np.ndarray], rule: Activation) -> tuple[np.ndarray, list[np.ndarray]]:
     """Y = Ŷ − 1 and dJ/dW_l (mean MSE) of the bias-free dense chain, from the rule table in numpy."""
     acts, zs = [x], []
@@ -221,12 +259,33 @@ def _numpy_chain(x: np.ndarray, weights: list[np.ndarray], rule: Activation) -> 
         zs.append(z)
         acts.append(rule.forward(z))
     y = acts[-1] - 1.0
+    if not np.all(np.abs(acts[-1] - y - 1.0) <= 1e-9):  # |Ŷ| near 2**53 or inf: Ŷ − 1 rounds, the error is not 1
+        raise _BeyondFloat64(float(np.max(np.abs(acts[-1]))))
     da = 2.0 / (x.shape[0] * weights[-1].shape[1]) * (acts[-1] - y)
     grads: list[np.ndarray] = [None] * len(weights)  # type: ignore[list-item]
     for l in range(len(weights), 0, -1):
         dz = da * rule.derivative(zs[l - 1])
         grads[l - 1], _, da = dense_backward(dz, acts[l - 1], weights[l - 1])
     return y, grads
+
+
+def _row(d: int, l: int, w_d: Sequence[int], grad: np.ndarray, pred: float | None, auto: list | None) -> dict:
+    """One table row: layer ``l`` of the depth-``d`` stack, its RMS against the closed form and autodiff."""
+    rms = float(np.sqrt(np.mean(grad**2)))
+    arms = None if auto is None else float(np.sqrt(np.mean(np.asarray(auto[l - 1]) ** 2)))
+    ok = (pred is None or abs(rms - pred) <= 1e-9 * max(1.0, abs(pred))) and (
+        arms is None or abs(rms - arms) <= 1e-9 * max(1.0, abs(arms))
+    )
+    return {
+        "depth": d,
+        "layer": l,
+        "fan_in": w_d[l - 1],
+        "fan_out": w_d[l],
+        "grad_rms": rms,
+        "predicted": pred,
+        "autodiff_rms": arms,
+        "ok": bool(ok),
+    }
 
 
 def _formula_text(init: str, act: str) -> str:
@@ -259,18 +318,25 @@ def depth_sweep(
         n: batch size (the result does not depend on it: the loss averages over n).
         framework: also compute the gradients with ``"torch"`` or ``"tensorflow"`` autodiff (via
             :func:`gradsight.explain`) and compare.
-        seed: seed of the random inits.
+        seed: seed of the random inits, an int from 0 to 2**32 − 1.
 
     Returns:
         The :class:`DepthSweep`.
 
+    The numbers are exact in float64 only while the network output Ŷ stays below 2**53 (about 9e15): beyond it
+    the calibration target Y = Ŷ − 1 rounds to Ŷ and every gradient would read 0. A sweep that reaches such a
+    depth is refused (rather than printing zeros marked ✗), and the message names the deepest stack that works —
+    with ``init="ones"`` and width f that is the largest L with f^L <= 2**53, e.g. 33 for f = 3, 5 for f = 1000.
+
     Raises:
-        InputError: non-positive or non-integer depths/widths/n, an unknown init or activation, or sizes whose
-            arrays would exceed 256 MB (or a depth above 1000).
+        InputError: non-positive or non-integer depths/widths/n, a seed outside [0, 2**32 − 1], an unknown init
+            or activation, sizes whose arrays would exceed 256 MB (or a depth above 1000), or a depth whose
+            output float64 cannot represent exactly (see above).
     """
     from ._explain import adapter, explain
 
     ds, ws = _check_sizes(widths, depths, n, init)
+    seed = check_seed(seed)
     dmax = max(ds)
     act = activation or "identity"
     try:
@@ -285,32 +351,17 @@ def depth_sweep(
         w_d = ws[: d + 1]
         weights = _weights(init, w_d, rng)
         x = np.ones((n, w_d[0]))
-        y, grads = _numpy_chain(x, weights, rule)
+        try:
+            y, grads = _numpy_chain(x, weights, rule)
+        except _BeyondFloat64 as exc:
+            raise InputError(_beyond_message(d, exc, init, act, ws, [r["depth"] for r in rows])) from None
         auto = None
         if framework is not None:
             ad = adapter(framework)
             model = ad.build_dense_model(weights, None, [None if act == "identity" else act] * d, "float64")
             tr = explain(model, x, y, "mse")
             auto = [tr[f"dJ/dW{l}"].autodiff for l in range(1, d + 1)]
-        for l in range(1, d + 1):
-            rms = float(np.sqrt(np.mean(grads[l - 1] ** 2)))
-            pred = _predicted(init, act, w_d, l)
-            arms = None if auto is None else float(np.sqrt(np.mean(np.asarray(auto[l - 1]) ** 2)))
-            ok = (pred is None or abs(rms - pred) <= 1e-9 * max(1.0, abs(pred))) and (
-                arms is None or abs(rms - arms) <= 1e-9 * max(1.0, abs(arms))
-            )
-            rows.append(
-                {
-                    "depth": d,
-                    "layer": l,
-                    "fan_in": w_d[l - 1],
-                    "fan_out": w_d[l],
-                    "grad_rms": rms,
-                    "predicted": pred,
-                    "autodiff_rms": arms,
-                    "ok": bool(ok),
-                }
-            )
+        rows += [_row(d, l, w_d, grads[l - 1], _predicted(init, act, w_d, l), auto) for l in range(1, d + 1)]
     formula = _formula_text(init, act)
     fw_name = None if framework is None else ("torch" if framework == "torch" else "tensorflow")
     return DepthSweep(rows, init, act, ws[: dmax + 1], n, fw_name, formula)

@@ -146,6 +146,44 @@ def _closed_form(src: np.ndarray, s: np.ndarray, jac: np.ndarray, grad: np.ndarr
     return closed
 
 
+def _matrix(matrix: Any) -> np.ndarray:
+    """``matrix=`` as a finite float64 array (its shape is checked against the source by the caller).
+
+    Raises:
+        InputError: not numeric (a string, a ragged list, ...) or not finite.
+    """
+    from ._explain import to_numpy
+
+    try:
+        s = to_numpy(matrix, "matrix")
+    except ValueError:  # numpy refuses a ragged nested list
+        s = None
+    if s is None or s.dtype == bool or not np.all(np.isfinite(s)):
+        raise InputError(
+            f"matrix must be a 2-D array of finite numbers S (f, k), got {type(matrix).__name__} {matrix!r:.80}; "
+            "e.g. matrix=[[2, 0, 0], [0, 0, 0], [0, 0, 1]], or leave it out for diag(2, 0, 1)."
+        )
+    return s
+
+
+def _jacobian(ad: Any, target_fn: Callable[[Any], Any], src: np.ndarray, desc: str) -> tuple[Any, Any, Any]:
+    """The adapter's ``(target, Jacobian, gradient)``; a target cut off from the source is explained.
+
+    Raises:
+        InputError: the target does not depend on the source through autodiff (a detached tensor, ``.numpy()``).
+    """
+    try:
+        return ad.jacobian_and_gradient(target_fn, src)
+    except RuntimeError as exc:
+        if "does not require grad" not in str(exc):
+            raise
+        raise InputError(
+            f"target_fn {desc!r} returned a tensor that autodiff cannot trace back to its input (it does not require "
+            "grad): it was detached (.detach(), .numpy(), torch.no_grad, a new tensor built from values). Fix: "
+            "compute the target from the input tensor with framework ops only, e.g. lambda z: z @ s."
+        ) from exc
+
+
 def jacobian_vs_gradient(
     target_fn: Callable[[Any], Any] | None = None,
     source: Any = None,
@@ -185,7 +223,7 @@ def jacobian_vs_gradient(
         )
     s = None
     if target_fn is None:
-        s = np.asarray(DEFAULT_S if matrix is None else matrix, dtype=np.float64)
+        s = np.asarray(DEFAULT_S if matrix is None else _matrix(matrix), dtype=np.float64)
         if s.ndim != 2 or src.ndim != 2 or s.shape[0] != src.shape[-1]:
             raise InputError(f"matrix S must be ({src.shape[-1]}, f) to multiply Z of shape {src.shape}; got {s.shape}")
         target_fn = ad.matmul_target(s)
@@ -194,7 +232,7 @@ def jacobian_vs_gradient(
         if not callable(target_fn):
             raise InputError(f"target_fn must be a callable of one tensor, got {target_fn!r}")
         desc = getattr(target_fn, "__name__", "target_fn")
-    target, jac, grad = ad.jacobian_and_gradient(target_fn, src)
+    target, jac, grad = _jacobian(ad, target_fn, src, desc)
     t_axes = tuple(range(target.ndim))
     summed = jac.sum(axis=t_axes) if t_axes else jac
     err = float(np.max(np.abs(summed - grad))) if grad.size else 0.0

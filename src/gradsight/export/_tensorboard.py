@@ -55,10 +55,10 @@ import numpy as np
 
 from .._cli_support import check_output
 from .._errors import InputError, StoreError
-from ..store import Run, TensorInfo, load
+from ..store import Run, TensorInfo, check_steps, load
 from ..summary import HIST_BINS, TensorSummary, hist_edges
 from ._scalars import headline_scalars, layer_label, layer_scalars
-from ._tidy import check_steps, require_steps
+from ._tidy import check_path, require_steps
 
 __all__ = [
     "HISTOGRAM_MODES",
@@ -356,7 +356,7 @@ def to_tensorboard(
     _check_mode(histograms)
     lo, hi = check_steps(steps)
     _tb()
-    out = Path(os.fsdecode(logdir)).expanduser().resolve()
+    out = check_path(logdir, "logdir", "'tb/run1'")
     r = _run_path(run)
     sink: TensorBoardSink | None = None
     try:

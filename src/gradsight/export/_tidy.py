@@ -29,17 +29,29 @@ import numpy as np
 
 from .._cli_support import atomic_output, check_output
 from .._errors import InputError, StoreError
-from ..store import Run, load
+from ..store import Run, check_steps, load
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-__all__ = ["PYARROW_HINT", "check_steps", "read_csv", "require_steps", "tidy_frame", "to_csv", "to_parquet"]
+__all__ = [
+    "PYARROW_HINT",
+    "check_filters",
+    "check_path",
+    "check_steps",
+    "read_csv",
+    "require_steps",
+    "tidy_frame",
+    "to_csv",
+    "to_parquet",
+]
 
 StepRange = tuple[int | None, int | None]
 
 Table = Literal["summaries", "scalars"]
 _ARRAY_COLUMNS = ("hist", "units_active")
+#: The keyword filters of the table exports (those of :meth:`gradsight.Run.to_pandas`).
+_FILTERS = ("kind", "layer", "tensor", "steps")
 
 #: The message of the ImportError raised when Parquet is asked for without pyarrow.
 PYARROW_HINT = (
@@ -49,50 +61,14 @@ PYARROW_HINT = (
 )
 
 
-def check_steps(steps: Any) -> StepRange:
-    """Validate an inclusive step range ``(first, last)``; either end may be ``None`` (open).
-
-    Args:
-        steps: ``None`` (every step) or a pair of non-negative ints or ``None``, with ``first <= last``.
-
-    Returns:
-        ``(first, last)``, ``(None, None)`` for ``None``.
-
-    Raises:
-        InputError: not a pair, an end that is not a non-negative int, or ``first > last`` (an empty range).
-    """
-    if steps is None:
-        return (None, None)
-    if not isinstance(steps, (tuple, list)) or len(steps) != 2:
-        raise InputError(
-            f"steps must be an inclusive (first, last) pair, either end None for open, got {steps!r}; "
-            "e.g. steps=(10, 50) or steps=(10, None)."
-        )
-    lo, hi = steps
-    for end, value in (("first", lo), ("last", hi)):
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise InputError(f"steps: the {end} step must be an int or None, got {value!r} in {steps!r}.")
-        if value < 0:
-            raise InputError(f"steps: the {end} step is {value!r}, but steps count from 0; pass a range like (0, 10).")
-    lo = None if lo is None else int(lo)
-    hi = None if hi is None else int(hi)
-    if lo is not None and hi is not None and lo > hi:
-        raise InputError(
-            f"steps ({lo}, {hi}) is an empty range: the first step {lo} comes after the last step {hi}. "
-            f"The range is inclusive first-to-last; did you mean ({hi}, {lo})?"
-        )
-    return (lo, hi)
-
-
-def require_steps(run: Run, steps: StepRange, *, scalars: bool = False) -> None:
+def require_steps(run: Run, steps: StepRange, *, scalars: bool = False, fix: str = "export every step") -> None:
     """Raise when the range ``steps`` selects none of the run's recorded steps.
 
     Args:
         run: the open run.
         steps: a range from :func:`check_steps`.
         scalars: count steps that have only scalars (the TensorBoard export writes those too).
+        fix: what leaving the range out does, for the message ("leave the range out to <fix>").
 
     Raises:
         InputError: no recorded step lies in the range; the message names the run's recorded steps.
@@ -112,8 +88,22 @@ def require_steps(run: Run, steps: StepRange, *, scalars: bool = False) -> None:
         have = "it has no recorded steps at all"
     raise InputError(
         f"the step range {shown} selects no step of the run {str(run.path)!r}: {have}. "
-        "Pass a range that overlaps them, or leave the range out to export every step."
+        f"Pass a range that overlaps them, or leave the range out to {fix}."
     )
+
+
+def check_filters(filters: dict[str, Any], function: str) -> None:
+    """Refuse a keyword that is not one of the export filters, naming the function the user called.
+
+    Raises:
+        InputError: an unknown keyword.
+    """
+    unknown = sorted(set(filters) - set(_FILTERS))
+    if unknown:
+        raise InputError(
+            f"{function}() got unknown keyword(s) {unknown!r}; the filters it takes are {', '.join(_FILTERS)} "
+            "(as for gradsight.Run.to_pandas), e.g. kind='grad' or steps=(10, 50)."
+        )
 
 
 def tidy_frame(
@@ -135,6 +125,7 @@ def tidy_frame(
     """
     import pandas as pd
 
+    check_filters(filters, "tidy_frame")
     if table not in ("summaries", "scalars"):
         raise InputError(f"table must be 'summaries' or 'scalars', not {table!r}.")
     if "steps" in filters:
@@ -156,10 +147,23 @@ def tidy_frame(
             r.close()
 
 
+def check_path(value: Any, arg: str, example: str) -> Path:
+    """An output path argument (``str`` or ``os.PathLike``) as an expanded, absolute :class:`~pathlib.Path`.
+
+    Raises:
+        InputError: ``value`` is not a path.
+    """
+    if not isinstance(value, (str, bytes, os.PathLike)):
+        raise InputError(
+            f"{arg} must be a file-system path (a str or pathlib.Path), got {value!r:.80}; e.g. {example}."
+        )
+    return Path(os.fsdecode(value)).expanduser().resolve()
+
+
 def _target(path: str | os.PathLike[str], overwrite: bool, run: str | os.PathLike[str] | Run) -> Path:
     run_path = run.path if isinstance(run, Run) else run
     inputs = [run_path] if isinstance(run_path, (str, os.PathLike)) else []
-    out = check_output(Path(os.fsdecode(path)).expanduser().resolve(), inputs=inputs, what="the output")
+    out = check_output(check_path(path, "path", "'run.csv'"), inputs=inputs, what="the output")
     if out.is_dir():
         raise StoreError(f"the output {str(out)!r} is a folder; pass a file path, e.g. {str(out / 'run.csv')!r}.")
     if out.exists() and not overwrite:
@@ -201,6 +205,7 @@ def to_csv(
         InputError: a malformed or empty ``steps`` range, or ``path`` is a run file or the run itself.
         StoreError: ``path`` exists (and ``overwrite`` is False), or its folder does not.
     """
+    check_filters(filters, "to_csv")
     out = _target(path, overwrite, run)
     df = _export_frame(run, table, hist, units, filters, lambda a: json.dumps(np.asarray(a).tolist()))
     with atomic_output(out) as tmp:
@@ -274,6 +279,7 @@ def to_parquet(
         import pyarrow.parquet as pq
     except ImportError as exc:
         raise ImportError(PYARROW_HINT) from exc
+    check_filters(filters, "to_parquet")
     out = _target(path, overwrite, run)
     df = _export_frame(run, table, hist, units, filters, lambda a: np.asarray(a, dtype=np.int64).tolist())
     with atomic_output(out) as tmp:
