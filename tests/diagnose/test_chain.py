@@ -1,5 +1,6 @@
 """One chain per cause: causal order, roots first, advice from the root, never both raising and lowering the LR."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -146,3 +147,27 @@ def test_echo_layers_are_folded_into_the_dead_layer(synth, rng):
     assert f.evidence["echoes"] == {"pool": "relu", "flat": "relu"}
     assert f.evidence["layers"]["relu"]["echoes"] == ["pool", "flat"]
     assert "'pool' (MaxPool2d), 'flat' (Flatten), pass its zeros on" in f.message
+
+
+def test_a_layer_left_out_of_the_optimizer_explains_the_vanishing_it_is_the_reference_for():
+    """Its .grad is never cleared by optimizer.zero_grad(): it adds up, and every earlier layer looks vanishing."""
+    cause = finding("not-optimized", layers=("head",), first=0, last=99)
+    vanishing = finding("vanishing-gradients", layers=("emb", "rnn"), first=0, last=90)
+    assert all(f.is_root for f in link([cause, vanishing]))  # no common layer, no reference: unrelated
+    measured = dataclasses.replace(vanishing, evidence={"layers": [{"layer": "emb", "downstream_layer": "head"}]})
+    found = link([cause, measured])
+    assert [f.code for f in found] == ["not-optimized", "vanishing-gradients"]
+    assert found[1].caused_by == ("not-optimized",)
+
+
+def test_a_weight_scale_initialisation_explains_dead_units_of_the_activation_after_its_layer(synth):
+    """The weight-scale form names the weighted layers, the unit rules the activation after them."""
+    from gradsight.diagnose import RunData
+
+    s = synth(layers=[{"name": "conv2", "type": "Conv2d"}, {"name": "relu2", "type": "ReLU"}])
+    s.log(0, "weight", "conv2", np.full((4, 3), 1e-3))
+    data = RunData(s.run())
+    cause = finding("bad-initialisation", "error", layers=("conv2",), first=0, last=0)
+    found = link([cause, finding("dead-units", "error", layers=("relu2",), first=10, last=90)], data)
+    assert [f.code for f in found] == ["bad-initialisation", "dead-units"]
+    assert found[1].caused_by == ("bad-initialisation",)

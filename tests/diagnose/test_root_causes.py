@@ -394,6 +394,26 @@ def test_clipping_is_info_when_it_bites_now_and_then(synth, rng):
     assert "pre-clip norm had median 3" in f.message
 
 
+def test_clipping_at_every_step_while_the_loss_rises_is_the_root_and_lowers_the_learning_rate(synth, rng):
+    """The pre-clip norm stays ~4 (nothing explodes behind the clip) while the loss climbs from 2.2 to ~6: each
+    clipped step (lr x limit) is too large. Saturation that follows is its symptom."""
+    s = synth(layers=[{"name": "h", "type": "Tanh"}, {"name": "out", "type": "Linear"}])
+    for step in range(100):
+        pre = 4.0 * (1 + 0.1 * rng.random())
+        s.scalars(step, grad_norm=1.0, grad_norm_preclip=pre, loss=2.2 + 4.0 * step / 99)
+        if step % 20 == 0:
+            spread = 1.0 if step == 0 else 8.0
+            s.log(step, "output", "h", np.tanh(rng.normal(0, spread, size=(32, 16))))
+            s.log(step, "output", "out", rng.normal(size=(32, 2)))
+    found = diagnose(s.run())
+    root = found[0]
+    assert root.code == "gradients-clipped" and root.severity == "warning" and root.is_root
+    assert root.evidence["loss_rose"]["loss_end"] > 2 * root.evidence["loss_rose"]["loss_start"]
+    assert lr_direction(root.advice[0]) < 0
+    sat = by_code(found, "saturated-units")
+    assert sat.caused_by == ("gradients-clipped",)
+
+
 def test_clipping_that_hides_an_explosion_is_a_warning(synth):
     s = synth()
     for step in range(60):
@@ -461,6 +481,57 @@ def test_an_isolated_spike_that_training_recovers_from_is_info(synth, rng):
         s.scalars(step, grad_norm=g, loss=0.7 * 0.99**step)
     (f,) = diagnose(s.run())
     assert f.code == "exploding-gradients" and f.severity == "info" and f.evidence["spike_steps"] == [30]
+
+
+def _spike_run(s, *, lr_at_spike=0.05, loss_after=None):
+    """60 steps, one parameter tensor; at step 40 a gradient 1000x its level makes an update of 0.8 of the weights."""
+    for step in range(60):
+        spike = step == 40
+        s.scalars(
+            step,
+            grad_norm=1000.0 if spike else 1.0,
+            lr=lr_at_spike if spike else 0.05,
+            loss=(loss_after(step) if loss_after and step > 40 else 1.0 - 0.005 * step),
+            **{"weight_norm/fc1.weight": 10.0, "update_norm/fc1.weight": 8.0 if spike else 0.01},
+        )
+    return diagnose(s.run())
+
+
+def test_one_batchs_gradient_spike_at_an_unchanged_learning_rate_is_not_the_learning_rate(synth):
+    """Regression: SGD fine for 40 steps, then one gradient 1000x its level: the large update was blamed on the
+    learning rate, with the advice to lower it 1000-10000x."""
+    found = _spike_run(synth(), loss_after=lambda step: 5.0)
+    assert "learning-rate-too-high" not in [f.code for f in found]
+    root = found[0]
+    assert root.code == "exploding-gradients" and root.is_root and root.severity in ("warning", "error")
+    assert "began with a single step" in root.message and root.advice[0].startswith("Clip gradients")
+    assert "step 40" in root.advice[1]
+
+
+def test_a_gradient_spike_that_comes_with_a_learning_rate_jump_is_the_learning_rate(synth):
+    found = _spike_run(synth(), lr_at_spike=5.0, loss_after=lambda step: 5.0)
+    assert found[0].code == "learning-rate-too-high" and found[0].first_step == 40
+
+
+def test_damage_that_shows_after_the_damage_window_still_counts(synth):
+    """Adam's momentum spreads a spike over ~20 steps: the loss rose only 1.5x within 5 steps, 15x within 20."""
+    s = synth()
+    for step in range(80):
+        g = 1000.0 if step == 40 else (1.0 if step < 40 else 5.0)
+        lo = 0.2 if step <= 40 else min(0.2 * (1 + 0.1 * (step - 40)) ** 2, 4.0)
+        s.scalars(step, grad_norm=g, loss=lo)
+    (f,) = [f for f in diagnose(s.run()) if f.code == "exploding-gradients"]
+    assert f.severity in ("warning", "error") and "the loss rose" in f.message
+
+
+def test_a_converged_loss_that_wobbles_is_not_damage(synth, rng):
+    """Regression: a GRU at loss ~2e-4 whose loss reached 8e-3 after a gradient jump: 40x, but 1 % of the start."""
+    s = synth()
+    for step in range(120):
+        lo = 0.7 * 0.9**step if step < 80 else 2e-4 * (1 + 40 * (step in range(90, 100)))
+        g = 1.0 if step != 90 else 500.0
+        s.scalars(step, grad_norm=g * (1 + 0.05 * rng.random()), loss=max(lo, 2e-4))
+    assert [f.severity for f in diagnose(s.run()) if f.code == "exploding-gradients"] in ([], ["info"])
 
 
 def test_an_early_spike_cannot_hide_in_the_baseline(synth):

@@ -386,6 +386,23 @@ def test_a_saturated_output_layer_is_a_confident_model_not_a_fault(synth, rng, a
     assert diagnose(s.run(), rules=[SaturatedUnitsRule()]) == []
 
 
+@pytest.mark.parametrize("loss_falls", [True, False])
+def test_units_that_saturate_while_the_loss_falls_are_info(synth, rng, loss_falls):
+    """A BERT pooler's tanh grows confident as the classifier learns: info. Stalled, it stays a warning."""
+    s = synth(layers=[{"name": "h", "type": "Tanh"}, {"name": "out", "type": "Linear"}])
+    for step in range(60):
+        if step % 10 == 0:
+            spread = 1.0 if step == 0 else 8.0  # in range at the first logged step, saturated later
+            s.log(step, "output", "h", np.tanh(rng.normal(0, spread, size=(32, 16))))
+            s.log(step, "output", "out", rng.normal(size=(32, 2)))
+        s.scalars(step, loss=2.0 * 0.98**step if loss_falls else 2.0 + 0.01 * rng.normal())
+    (f,) = diagnose(s.run(), rules=[SaturatedUnitsRule()])
+    assert f.code == "saturated-units" and f.severity == ("info" if loss_falls else "warning")
+    if loss_falls:
+        assert "saturated during training" in f.message and f.evidence["loss_end"] < f.evidence["loss_start"]
+        assert f.evidence["layers"]["h"]["gain_first_logged"] > 0.25
+
+
 def test_saturation_healthy_tanh_and_unknown_activation(synth, rng):
     s = synth(layers=[{"name": "h", "type": "Tanh"}, {"name": "lin", "type": "Linear"}])
     for step in range(6):

@@ -105,6 +105,10 @@ class Thresholds:
         damage_loss_rise: damage: the median loss over the ``damage_steps`` steps after is this many times the
             median over the steps up to it. Minibatch noise moves a median of five losses by far less; a step
             that overshoots multiplies it.
+        damage_loss_floor: a loss rise counts as damage only if the loss after it is at least this fraction of the
+            run's initial loss (the lowest of the first ``baseline_steps`` values). A converged run whose loss
+            wobbles from 2e-4 to 8e-3 has multiplied it by 40 and still kept 99 % of what it learned from a start
+            at 0.7; a step that undoes a tenth of the training is damage.
         damage_grad_jump: damage: the gradient norm after the step exceeds this many times its running median
             (the watch's anomaly-capture factor: a jump an order of magnitude above the recent level).
         accumulate_min_steps: gradients-accumulating needs at least this many consecutive gradient norms (a
@@ -167,6 +171,7 @@ class Thresholds:
     damage_steps: int = 5
     damage_weight_growth: float = 2.0
     damage_loss_rise: float = 2.0
+    damage_loss_floor: float = 0.1
     damage_grad_jump: float = 10.0
     accumulate_min_steps: int = 8
     accumulate_monotone: float = 0.8
@@ -218,6 +223,8 @@ class Thresholds:
             "window": int(self.damage_steps),
             "weight_growth": self.damage_weight_growth,
             "loss_rise": self.damage_loss_rise,
+            "loss_floor": self.damage_loss_floor,
+            "baseline": int(self.baseline_steps),
             "grad_jump": self.damage_grad_jump,
             "reference_window": int(self.reference_steps),
         }
@@ -262,6 +269,7 @@ _MAX_COUNT = 10**9
 _RANGES: dict[str, tuple[float, bool, float | None, str]] = {
     "dead_fraction": (0.0, True, 1.0, "a fraction of a layer's units"),
     "why_zero_fraction": (0.0, True, 1.0, "a fraction of a tensor's entries"),
+    "damage_loss_floor": (0.0, False, 1.0, "a fraction of the initial loss"),
     "accumulate_monotone": (0.0, True, 1.0, "a fraction of steps"),
     "accumulate_fit": (0.0, False, 1.0, "an R²"),
     "saturation_gain": (0.0, False, 1.0, "a mean derivative relative to its maximum"),

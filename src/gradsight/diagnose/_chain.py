@@ -27,7 +27,7 @@ from typing import Any
 from ._advice import lr_direction
 from ._base import RunData
 from ._finding import SEVERITIES, Finding
-from ._layers import param_layers
+from ._layers import param_layers, producer
 
 __all__ = ["CAUSAL_ORDER", "EXPLAINS", "link", "sort_chain"]
 
@@ -84,6 +84,17 @@ def _overlap(cause: Finding, effect: Finding, data: RunData | None = None) -> bo
     return bool(set(cause.layers) & set(effect.layers)) and _before(cause, effect)
 
 
+def _overlap_or_reference(cause: Finding, effect: Finding, data: RunData | None = None) -> bool:
+    """:func:`_overlap`, or a vanishing layer measured against one of the cause's layers.
+
+    A layer the optimizer does not hold keeps its ``.grad`` when ``optimizer.zero_grad()`` clears the others, so
+    its gradient adds up step after step; against it, every earlier layer looks vanishing.
+    """
+    per = effect.evidence.get("layers")
+    refs = {r.get("downstream_layer") for r in per if isinstance(r, dict)} if isinstance(per, list) else set()
+    return _overlap(cause, effect, data) or (bool(refs & set(cause.layers)) and _before(cause, effect))
+
+
 def _upstream(cause: Finding, effect: Finding, data: RunData | None = None) -> bool:
     """Some layer of the effect lies at, before, or right after (the next layer with parameters) a cause's layer.
 
@@ -126,8 +137,14 @@ def _dead_after(cause: Finding, effect: Finding, data: RunData | None = None) ->
 
 
 def _init_overlap(cause: Finding, effect: Finding, data: RunData | None = None) -> bool:
-    """A bad initialisation of the layers the unit finding names."""
-    return bool(set(cause.layers) & set(effect.layers))
+    """A bad initialisation of the layers the unit finding names, or of the weighted layers that feed them.
+
+    The weight-scale form names the weighted layers (``conv2``), the unit rules the activation after them
+    (``relu2``): a layer's producer (:func:`gradsight.diagnose._layers.producer`) links the two.
+    """
+    if set(cause.layers) & set(effect.layers):
+        return True
+    return data is not None and any(producer(data, layer) in cause.layers for layer in effect.layers)
 
 
 def _init_large(cause: Finding, effect: Finding, data: RunData | None = None) -> bool:
@@ -138,6 +155,11 @@ def _init_large(cause: Finding, effect: Finding, data: RunData | None = None) ->
 def _nonfinite_after(cause: Finding, effect: Finding, data: RunData | None = None) -> bool:
     """The non-finite value appeared at or after the cause's first step, and not at the very first step."""
     return _from_start(cause, effect) and (effect.first_step or 0) > 0
+
+
+def _clipped_rising(cause: Finding, effect: Finding, data: RunData | None = None) -> bool:
+    """Clipping at almost every step while the loss rose: steps too large, whose damage units show."""
+    return bool(cause.evidence.get("loss_rose")) and _before(cause, effect)
 
 
 #: cause -> {effect: condition}. Read: "a <cause> finding explains an <effect> finding when <condition>".
@@ -156,7 +178,7 @@ EXPLAINS: dict[str, dict[str, Condition]] = {
     },
     "not-optimized": {
         "exploding-gradients": _overlap,
-        "vanishing-gradients": _overlap,
+        "vanishing-gradients": _overlap_or_reference,
         "update-ratio-low": _overlap,
         "loss-not-decreasing": _before,
     },
@@ -199,7 +221,10 @@ EXPLAINS: dict[str, dict[str, Condition]] = {
         "loss-not-decreasing": _before,
     },
     "gradients-clipped": {
+        "dead-units": _clipped_rising,
+        "saturated-units": _clipped_rising,
         "update-ratio-high": _before,
+        "update-ratio-low": _clipped_rising,
         "loss-not-decreasing": _before,
     },
     "exploding-gradients": {

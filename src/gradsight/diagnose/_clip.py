@@ -16,6 +16,9 @@ the pre-clip norm exceeds the post-clip one by more than a relative 1e-6 (float3
   10x or more, and the loss fell by less than 10 % (start and end medians as ``loss-not-decreasing`` takes
   them): the limit, far below the gradient's usual norm, divides the effective learning rate. (A run that clips
   every step while its loss falls further is info.)
+* **warning**: clipping at a rising loss — it bit at 90 % of the steps or more and the loss's end median is
+  ``damage_loss_rise`` times the initial loss (the lowest of the first ``baseline_steps`` values): every step has
+  the size learning rate x limit, and that is too large (the advice lowers the learning rate).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from ._advice import lower_lr
 from ._base import Rule, RunData, Thresholds, fmt
 from ._finding import Finding
 from ._series import cached, grad_norm, loss, preclip_norm
@@ -81,6 +85,14 @@ class GradientsClippedRule(Rule):
                     _HIDDEN,
                 )
             ]
+        rose = _clipped_while_rising(data, evidence, th)
+        if rose is not None:
+            evidence["loss_rose"] = rose
+            message = (
+                f"Clipping at almost every step while the loss rose: {base}, and the loss rose from "
+                f"{fmt(rose['loss_start'])} at the start to a median {fmt(rose['loss_end'])} at the end."
+            )
+            return [_finding("warning", steps[0], steps, evidence, message, _ROSE)]
         tight = _too_tight(data, evidence, th)
         if tight is not None:
             evidence["too_tight"] = tight
@@ -120,6 +132,17 @@ _TIGHT = {
         "learning rate look fine."
     ),
     "advice": ("Then tune the learning rate with clipping inactive at most steps.",),
+}
+_ROSE = {
+    "explanation": (
+        "With the gradient clipped at almost every step, each step has the size learning rate x limit whatever "
+        "the gradient says; a loss that rises under such steps means that size is too large. Clipping bounds a "
+        "step, it does not make a learning rate that is too high safe."
+    ),
+    "advice": (
+        lower_lr(" (try 10x lower) until the loss falls and clipping bites at a few steps only."),
+        "Then set the clipping limit at 2-5x the usual pre-clip norm, so that it catches spikes only.",
+    ),
 }
 _HIDDEN = {
     "explanation": (
@@ -209,6 +232,26 @@ def _too_tight(data: RunData, evidence: dict[str, Any], th: Thresholds) -> dict[
     if start != 0 and (start - end) / abs(start) >= _TIGHT_LOSS_FALL:
         return None  # the loss falls: the clip costs speed at most
     return {"factor": pre_med / post_med, "loss_start": start, "loss_end": end, "share": clipped / total}
+
+
+def _clipped_while_rising(data: RunData, evidence: dict[str, Any], th: Thresholds) -> dict[str, Any] | None:
+    """Clipped at nearly every step while the loss rose: its end median ``damage_loss_rise`` times the initial loss.
+
+    The initial loss is the lowest of the first ``baseline_steps`` values, as ``loss-not-decreasing`` takes it.
+    """
+    total, clipped = evidence["steps"], evidence["clipped_steps"]
+    if not total or clipped < _TIGHT_SHARE * total:
+        return None
+    lo = loss(data)
+    lo = lo[np.isfinite(lo.to_numpy())]
+    if len(lo) < th.loss_min_steps:
+        return None
+    w = max(3, math.ceil(th.loss_window * len(lo)))
+    start = float(lo.iloc[: max(1, min(th.baseline_steps, w))].min())  # the initial loss: spikes cannot raise it
+    end = float(np.median(lo.iloc[-w:].to_numpy()))
+    if not (start > 0 and end >= th.damage_loss_rise * start):
+        return None
+    return {"loss_start": start, "loss_end": end, "share": clipped / total}
 
 
 def _clipped_steps(data: RunData, pre: Any, post: Any) -> list[int]:

@@ -33,7 +33,9 @@ from ._series import (
     global_weight_norm,
     grad_norm,
     loss,
+    loss_rise_after,
     running_reference,
+    spike_jumps,
     weight_damage_text,
 )
 from ._why import why_small
@@ -125,17 +127,32 @@ def _verdict(data: RunData, series: pd.Series, event: dict[str, Any], th: Thresh
     """Whether a growth event harmed training: ``(verdict, damage)``.
 
     ``"damage"``: after one of its jumps the weights blew up, the loss rose or a NaN/Inf followed
-    (:func:`gradsight.diagnose._series.damage`; a further gradient jump is part of the event, not damage);
+    (:func:`gradsight.diagnose._series.damage`; a further gradient jump is part of the event, not damage), or
+    the loss's median over the ``reference_steps`` steps after the first jump is ``damage_loss_rise`` times its
+    median over the ``reference_steps`` before (Adam's momentum spreads a spike's damage over ~20 steps);
     ``"unknown"``: neither a loss nor weights were recorded to tell; ``"unfinished"``: the run (its last recorded
-    step of any kind, not the series' last logged step) ended within ``damage_steps`` of the first jump; ``"transient"``: no damage and the series fell back to within
-    ``sqrt(explode_growth)`` of its level (a spike training recovered from); ``"sustained"``: no damage and it
-    stayed up — a small initial gradient reaching its working level, not an explosion.
+    step of any kind, not the series' last logged step) ended within ``damage_steps`` of the first jump;
+    ``"transient"``: no damage and the series fell back to within ``sqrt(explode_growth)`` of its level (a spike
+    training recovered from); ``"sustained"``: no damage and it stayed up — a small initial gradient reaching its
+    working level, not an explosion.
     """
     for step in event["hits"][:64]:
         found = damage(data, step, **th.damage_args())
         found.pop("gradient", None)
         if found:
             return "damage", {"step": step, **found}
+    first = event["first_step"]
+    late = loss_rise_after(  # damage that takes longer than damage_steps to show (Adam's momentum after a spike)
+        data,
+        first,
+        th.reference_steps,
+        th.reference_steps,
+        rise=th.damage_loss_rise,
+        floor=th.damage_loss_floor,
+        baseline=th.baseline_steps,
+    )
+    if late is not None:
+        return "damage", {"step": first, "loss": late}
     if not len(loss(data)) and not len(global_weight_norm(data)[0]):
         return "unknown", {}
     s = series[np.isfinite(series.to_numpy())]
@@ -217,6 +234,17 @@ _EXPLODE_ADVICE = (
     "(He for ReLU, Glorot for tanh) so that the backward Jacobians do not expand.",
     "Check the loss scale: a sum over a large batch instead of a mean multiplies every gradient.",
 )
+
+
+def _spike_advice(step: int) -> tuple[str, ...]:
+    """The advice for an explosion that began with one step's gradient, at a learning rate fine until then."""
+    return (
+        "Clip gradients (torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0), or clipnorm=1.0 on a Keras "
+        "optimizer) so that one batch cannot make a huge step; the learning rate was fine for the steps before.",
+        f"Look at the batch and the loss of step {step} (the watch's anomaly capture summarised that step): an "
+        "outlier or mislabelled sample, or a loss term that can blow up (a log or a division of a value near 0).",
+        "With Adam, a larger eps (1e-6 to 1e-4) damps the step that follows a tiny second-moment estimate.",
+    )
 
 
 def _describe_harm(verdict: str, harm: dict[str, Any]) -> str:
@@ -305,6 +333,14 @@ def _explode_finding(
         steps = sorted(data.frame("grad")["step"].unique())
         first, last = (int(steps[0]), int(steps[-1])) if steps else (None, None)
         severity = "warning"
+    advice = _EXPLODE_ADVICE
+    sudden = spike_jumps(data, th).get(first) if harmful else None
+    if sudden is not None:  # one step's gradient, at a learning rate that was fine until then
+        msg += (
+            f" It began with a single step: the gradient norm at step {first} was {fmt(sudden)}x its running "
+            "median, at an unchanged learning rate."
+        )
+        advice = _spike_advice(first)
     return Finding(
         code="exploding-gradients",
         severity=severity,  # type: ignore[arg-type]
@@ -322,7 +358,7 @@ def _explode_finding(
         },
         message=msg,
         explanation=_EXPLODE_EXPLANATION,
-        advice=_EXPLODE_ADVICE,
+        advice=advice,
     )
 
 

@@ -36,6 +36,7 @@ from ._series import (
     damage,
     global_update_ratio,
     global_weight_norm,
+    gradient_spikes,
     layer_update_ratios,
     lr,
     weight_damage_text,
@@ -73,7 +74,10 @@ class LearningRateTooHighRule(Rule):
         typical = _typical_layer_ratio(data)
         large = set(ratio.index[ratio >= th.lr_step_ratio]) | set(typical.index[typical >= th.lr_step_ratio])
         hit = None
+        spikes = gradient_spikes(data, th)
         for step in sorted(large):
+            if int(step) in spikes:  # the gradient, not the learning rate, made this step large
+                continue
             harm = damage(data, int(step), **th.damage_args())
             if harm:
                 hit = (int(step), float(ratio.get(step, math.nan)), harm)

@@ -32,16 +32,19 @@ __all__ = [
     "global_update_ratio",
     "global_weight_norm",
     "grad_norm",
+    "gradient_spikes",
     "held_grad_norm",
     "held_tensors",
     "layer_update_ratios",
     "loss",
+    "loss_rise_after",
     "lr",
     "median_between",
     "nonfinite_steps",
     "per_tensor",
     "preclip_norm",
     "running_reference",
+    "spike_jumps",
     "tensor_grad_norms",
     "update_norms",
     "weight_norms",
@@ -430,6 +433,29 @@ def weight_damage_text(w: dict[str, Any]) -> str:
     return f"the norm of all weights grew {fmt(w['growth'])}x ({fmt(w['from'])} to {fmt(w['to'])} by step {w['step']})"
 
 
+def loss_rise_after(
+    data: RunData, step: int, before_steps: int, after_steps: int, *, rise: float, floor: float, baseline: int
+) -> dict[str, float] | None:
+    """The loss's rise after ``step``, or ``None`` when it did not rise ``rise`` times.
+
+    Compares the median of the ``after_steps`` values after ``step`` with the median of the ``before_steps`` values
+    up to it. A rise also has to leave the loss at ``floor`` times the initial loss or more (the lowest of the first
+    ``baseline`` values): a converged loss that wobbles from 2e-4 to 8e-3 lost nothing that matters.
+    """
+    lo = loss(data)
+    if not len(lo):
+        return None
+    ref_loss = before(lo, step, before_steps)
+    later_loss = after(lo, step, after_steps)
+    if not (len(ref_loss) and len(later_loss)):
+        return None
+    a, b = float(np.median(ref_loss.to_numpy())), float(np.median(later_loss.to_numpy()))
+    initial = float(lo.iloc[: max(1, baseline)].min())
+    if a > 0 and b / a >= rise and b >= floor * initial:
+        return {"before": a, "after": b, "rise": b / a}
+    return None
+
+
 def damage(
     data: RunData,
     step: int,
@@ -439,6 +465,8 @@ def damage(
     loss_rise: float,
     grad_jump: float,
     reference_window: int,
+    loss_floor: float = 0.0,
+    baseline: int = 3,
 ) -> dict[str, Any]:
     """What went wrong in the ``window`` steps after ``step``: the consequences of a step too large.
 
@@ -447,7 +475,9 @@ def damage(
     * ``weights``: the global weight norm grew ``weight_growth``-fold or more over its value at ``step``, or the
       median over parameter tensors of their norms' growth did (``typical_tensor``: see :func:`_typical_growth`);
     * ``loss``: the median loss after ``step`` is ``loss_rise`` times (or more) the median over the ``window``
-      steps up to it (the loss logged at a step is computed before that step's update);
+      steps up to it (the loss logged at a step is computed before that step's update), and at least
+      ``loss_floor`` times the initial loss (the lowest of the first ``baseline`` values: see
+      :func:`loss_rise`);
     * ``gradient``: the gradient norm after ``step`` exceeded ``grad_jump`` times its running median (the
       median of the ``reference_window`` values before it);
     * ``non_finite``: a NaN/Inf was recorded within the ``window`` steps after ``step`` (a NaN long after a step
@@ -467,14 +497,9 @@ def damage(
         typical = _typical_growth(data, step, window, weight_growth)
         if typical is not None and typical["growth"] >= weight_growth:
             out["weights"] = typical
-    lo = loss(data)
-    if len(lo):
-        ref_loss = before(lo, step, window)
-        later_loss = after(lo, step, window)
-        if len(ref_loss) and len(later_loss):
-            a, b = float(np.median(ref_loss.to_numpy())), float(np.median(later_loss.to_numpy()))
-            if a > 0 and b / a >= loss_rise:
-                out["loss"] = {"before": a, "after": b, "rise": b / a}
+    rose = loss_rise_after(data, step, window, window, rise=loss_rise, floor=loss_floor, baseline=baseline)
+    if rose is not None:
+        out["loss"] = rose
     g, _ = grad_norm(data)
     g = g[np.isfinite(g.to_numpy())]
     if len(g) > 1:
@@ -493,4 +518,45 @@ def damage(
     bad = [s for s in nonfinite_steps(data) if step < s <= step + window]
     if bad:
         out["non_finite"] = {"step": bad[0]}
+    return out
+
+
+def gradient_spikes(data: RunData, th: Any) -> set[int]:
+    """Steps where the gradient, not the learning rate, made the update large.
+
+    Past the first ``damage_steps`` steps, the gradient norm jumped ``damage_grad_jump`` times above its running
+    median while the learning rate stayed at or below its own running median. Such a step is large because of its
+    gradient (one bad batch, a loss spike), not because of the learning rate, which was the same at the steps
+    before, when the updates were fine: lowering it would slow the whole run to absorb one batch. The
+    exploding-gradients rule reports the spike. The first steps are left to learning-rate-too-high: a learning
+    rate too high from the start shows as large early gradients too.
+    """
+    return set(spike_jumps(data, th))
+
+
+def spike_jumps(data: RunData, th: Any) -> dict[int, float]:
+    """:func:`gradient_spikes` with each step's jump over the running median."""
+
+    def make() -> dict[int, float]:
+        return _spike_jumps(data, th)
+
+    return cached(data, f"spike_jumps/{th.reference_steps}/{th.damage_grad_jump}/{th.damage_steps}", make)
+
+
+def _spike_jumps(data: RunData, th: Any) -> dict[int, float]:
+    norm, _ = grad_norm(data)
+    norm = norm[np.isfinite(norm.to_numpy())]
+    if norm.empty:
+        return {}
+    jump = norm / running_reference(norm, th.reference_steps)
+    rates = lr(data)
+    rate_ref = running_reference(rates, th.reference_steps) if len(rates) else rates
+    out: dict[int, float] = {}
+    for step in jump.index[(jump >= th.damage_grad_jump).to_numpy()]:
+        if int(step) < th.damage_steps:
+            continue
+        r, ref = rates.get(step, math.nan), rate_ref.get(step, math.nan)
+        if len(rates) and not (math.isfinite(r) and math.isfinite(ref) and r <= ref * (1 + 1e-6)):
+            continue  # the learning rate rose into this step (or is unknown there): it may be the cause
+        out[int(step)] = float(jump.loc[step])
     return out

@@ -28,6 +28,7 @@ any correlation with the incoming gradient), i.e. exactly what saturation costs.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,7 @@ from .._packing import EXP_BIAS  # hist bin of |a| in [0.5, 1) is EXP_BIAS - 1, 
 from ._base import Rule, RunData, Thresholds, fmt, ordered, recent
 from ._finding import Finding
 from ._inputs import input_advice, input_scale
+from ._series import loss
 
 if TYPE_CHECKING:  # pragma: no cover - pandas is imported where it is used, not at import
     import pandas as pd
@@ -283,6 +285,9 @@ class SaturatedUnitsRule(Rule):
         layers = ordered(hits, data)
         worst = min(layers, key=lambda n: hits[n]["gain"])
         w = hits[worst]
+        learned = _learned_through(data, hits, th)
+        if learned is not None:
+            return [_confident_finding(data, hits, layers, worst, learned, th)]
         a, b = w["window_steps"]
         msg = (
             f"Saturated units: the {w['activation']} layer {worst!r} passes back on average {fmt(w['gain'])} of the "
@@ -317,6 +322,62 @@ class SaturatedUnitsRule(Rule):
                 ),
             )
         ]
+
+
+def _learned_through(data: RunData, hits: dict[str, dict[str, Any]], th: Thresholds) -> dict[str, float] | None:
+    """The loss's start and end medians if the units saturated while the loss fell; else ``None``.
+
+    Every saturated layer must have been healthy at its first logged step, and the loss must have decreased (by
+    ``loss_min_decrease`` at least) over the run.
+
+    Units that saturate *while* the loss falls are the network growing confident (a BERT pooler's tanh as the
+    classifier learns), not what stops it from learning.
+    """
+    if any(h["gain_first_logged"] < th.saturation_gain for h in hits.values()):
+        return None
+    values = loss(data)
+    if len(values) < max(th.loss_min_steps, 6):
+        return None
+    w = max(3, math.ceil(th.loss_window * len(values)))
+    start, end = float(np.median(values.iloc[:w])), float(np.median(values.iloc[-w:]))
+    if start <= 0 or (start - end) / start < th.loss_min_decrease:
+        return None
+    return {"loss_start": start, "loss_end": end}
+
+
+def _confident_finding(
+    data: RunData,
+    hits: dict[str, dict[str, Any]],
+    layers: list[str],
+    worst: str,
+    learned: dict[str, float],
+    th: Thresholds,
+) -> Finding:
+    """The info finding: units that saturated while the loss fell."""
+    w = hits[worst]
+    return Finding(
+        code="saturated-units",
+        severity="info",
+        layers=tuple(layers),
+        first_step=min(hits[n]["first_step"] for n in layers),
+        last_step=max(hits[n]["last_step"] for n in layers),
+        evidence={"threshold_gain": th.saturation_gain, "layers": hits, **learned},
+        message=(
+            f"The {w['activation']} layer {worst!r} saturated during training (mean local derivative "
+            f"{fmt(w['gain_first_logged'])} of its maximum at the first logged step, {fmt(w['gain'])} at the end) "
+            f"while the loss fell from {fmt(learned['loss_start'])} to {fmt(learned['loss_end'])}: its units grew "
+            "confident as the model learned."
+        ),
+        explanation=(
+            "A tanh or sigmoid unit near its asymptote passes back little gradient. Units that were in range at the "
+            "start and saturated as the loss fell are the model committing to what it learned (a BERT pooler's "
+            "tanh as the classifier trains), not what blocks learning."
+        ),
+        advice=(
+            "Nothing to change while the loss keeps falling; if it stalls, lower the learning rate or add "
+            "normalisation before the activation.",
+        ),
+    )
 
 
 def _saturation(sub: pd.DataFrame, act: str, th: Thresholds) -> dict[str, Any] | None:
