@@ -277,9 +277,18 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     The temporary file is created (empty, mode 0666 less the umask) in the same folder, so the final rename is
     atomic; on any exception it is removed and ``path`` is left exactly as it was (absent, or the old file).
     """
-    from ._errors import StoreError
+    from ._errors import InputError, StoreError
 
     target = Path(path)
+    if target.is_dir():
+        raise InputError(
+            f"cannot write {str(target)!r}: it is a folder. Pass a file path, e.g. {str(target / 'out')!r}."
+        )
+    if target.exists() and not target.is_file():  # renaming onto it would replace a pipe or a device node
+        raise InputError(
+            f"cannot write {str(target)!r}: it exists and is not a regular file (a pipe, socket or device); gradsight "
+            "writes its outputs to regular files only. Pass another path."
+        )
     for _ in range(100):
         tmp = target.with_name(f".{target.name[:64]}.{secrets.token_hex(4)}.tmp")
         try:

@@ -86,6 +86,43 @@ def test_report_replaces_only_an_earlier_report_and_checks_its_path_argument(mak
         report(run_path, 5, findings=[])
 
 
+def test_report_never_replaces_a_pipe_or_a_folder_and_checks_the_findings(make_run, tmp_path):
+    """Regression: a FIFO (or a device node) at the report path was replaced by the report's regular file, a
+    folder gave IsADirectoryError, and findings="abc" an AttributeError from deep inside."""
+    import os
+
+    run_path = make_run(steps=3)
+    fifo = tmp_path / "pipe.html"
+    os.mkfifo(fifo)
+    with pytest.raises(InputError, match="not a regular file"):
+        report(run_path, fifo, findings=[])
+    assert fifo.is_fifo()
+    with pytest.raises(InputError, match="is a folder"):
+        report(run_path, tmp_path, findings=[])
+    with pytest.raises(InputError, match="findings must be a list of gradsight.Finding"):
+        report(run_path, tmp_path / "r.html", findings="abc")
+    with pytest.raises(InputError, match="findings must be gradsight.Finding objects"):
+        report(run_path, tmp_path / "r.html", findings=[1])
+
+
+def test_report_of_a_run_whose_outputs_are_nan_from_the_second_step(tmp_path):
+    """Regression: the histogram and depth-profile figures failed in matplotlib ("Data cannot be log-scaled")."""
+    import numpy as np
+
+    from gradsight.store import RunWriter
+    from gradsight.summary import summarize
+
+    with RunWriter(tmp_path / "nan.db", meta={"framework": "torch"}) as w:
+        tid = w.tensor_id("l", "l", "output", (4, 2), "float32")
+        gid = w.tensor_id("l.weight", "l", "grad", (2, 2), "float32")
+        for step in range(10):
+            x = np.full((4, 2), np.nan if step else 0.5, dtype=np.float32)
+            w.log_summaries(step, [(tid, summarize(x)), (gid, summarize(np.full((2, 2), np.nan, np.float32)))])
+            w.log_scalars(step, {"loss": float("nan") if step else 1.0})
+    out = report(tmp_path / "nan.db", tmp_path / "nan.html", findings=[])
+    assert out.stat().st_size > 10_000
+
+
 def test_report_shows_control_characters_in_names_as_escapes(make_run, tmp_path):
     run_path = make_run(steps=2)
     from gradsight.store import RunWriter

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -208,7 +208,18 @@ def finding_list(run: Run, findings: Sequence[Any] | None) -> list[Any]:
             findings = []
         else:
             findings = list(diagnose(run))
+    if isinstance(findings, (str, bytes)) or not isinstance(findings, Iterable):
+        raise InputError(
+            f"findings must be a list of gradsight.Finding (e.g. gradsight.diagnose(run)), [] or None, got "
+            f"{type(findings).__name__} {findings!r:.60}."
+        )
     out = list(findings)
+    odd = [f for f in out if not all(hasattr(f, a) for a in ("code", "severity", "first_step", "last_step"))]
+    if odd:
+        raise InputError(
+            f"findings must be gradsight.Finding objects (from gradsight.diagnose(run)), got {odd[0]!r:.60} "
+            f"({type(odd[0]).__name__})."
+        )
     out.sort(key=lambda f: (-_rank(f), f.first_step if f.first_step is not None else -1))
     return out
 

@@ -575,10 +575,12 @@ def plot_depth_profile(run: RunLike, *, steps: Sequence[int] | None = None, kind
     fig, ax = plt.subplots(figsize=(width, 4.6), layout="constrained")
     cmap = matplotlib.colormaps[_SEQ]
     x = np.arange(n)
+    drawn = False
     for i, s in enumerate(chosen):
         colour = cmap(0.85 * i / max(1, len(chosen) - 1))
         y = table.loc[s].to_numpy(dtype="float64")
         y = np.where(np.isfinite(y) & (y > 0), y, np.nan)
+        drawn = drawn or bool(np.isfinite(y).any())
         ax.plot(x, y, marker="o", ms=3.5, color=colour, lw=1.4, label=f"step {s}")
         if not bad.empty and s in bad.index:
             row = bad.loc[s].reindex(table.columns).fillna(0).to_numpy()
@@ -596,7 +598,19 @@ def plot_depth_profile(run: RunLike, *, steps: Sequence[int] | None = None, kind
                 )
     if bad.reindex(index=chosen).fillna(0).to_numpy().sum() > 0:
         ax.scatter([], [], marker="^", color="0.3", label="NaN/Inf in layer")
-    ax.set_yscale("log")
+    if drawn:
+        ax.set_yscale("log")
+    else:  # nothing positive and finite: a log axis has no range
+        ax.text(
+            0.5,
+            0.5,
+            "every RMS at these steps is zero or non-finite",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            fontsize=9,
+            color="0.4",
+        )
     ax.set_xlim(-0.5, n - 0.5)
     _layer_axis(ax, layers, width - 2.0, axis="x")
     ax.set_xlabel("layer (input side → output side)", fontsize=9)
@@ -622,7 +636,11 @@ def _hist_lines(
     import matplotlib
 
     cmap_l = matplotlib.colormaps[_SEQ]
-    picks = _pick_steps([int(s) for s in steps], 4)
+    drawable = [int(s) for s, row in zip(steps, frac, strict=True) if np.isfinite(row).any() and np.nansum(row) > 0]
+    if not drawable:  # every picked step was all zeros or non-finite: nothing has a place on a log axis
+        _empty_panel(ax_l, "histograms at chosen steps", "no step with a finite non-zero element")
+        return
+    picks = _pick_steps(drawable, 4)
     centers = np.sqrt(y_edges[:-1] * y_edges[1:])
     for i, s in enumerate(picks):
         j = int(np.searchsorted(steps, s))
