@@ -99,9 +99,9 @@ def test_report_never_replaces_a_pipe_or_a_folder_and_checks_the_findings(make_r
     assert fifo.is_fifo()
     with pytest.raises(InputError, match="is a folder"):
         report(run_path, tmp_path, findings=[])
-    with pytest.raises(InputError, match="findings must be a list of gradsight.Finding"):
+    with pytest.raises(InputError, match=r"findings must be a list of gradsight\.Finding"):
         report(run_path, tmp_path / "r.html", findings="abc")
-    with pytest.raises(InputError, match="findings must be gradsight.Finding objects"):
+    with pytest.raises(InputError, match=r"findings must be gradsight\.Finding objects"):
         report(run_path, tmp_path / "r.html", findings=[1])
 
 
