@@ -717,6 +717,11 @@ class RunWriter:
         exists = path.exists()
         empty = exists and path.stat().st_size == 0
         if exists and if_exists == "error":
+            if not empty and not is_run_file(path):  # neither append nor overwrite applies to another file
+                raise StoreError(
+                    f"{str(path)!r} already exists and is not a gradsight run file; gradsight never overwrites other "
+                    "files. Pass another path, or delete that file yourself if it is not needed."
+                )
             raise StoreError(
                 f"the run file {str(path)!r} already exists and gradsight never overwrites silently. "
                 "Pass another path, if_exists='append' to continue that run, or if_exists='overwrite' to replace it."

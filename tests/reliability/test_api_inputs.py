@@ -276,3 +276,12 @@ def test_export_csv_bad_path_and_keyword(run_path, tmp_path):
     with pytest.raises(InputError, match="path"):
         gradsight.export.to_csv(run_path, None)
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_an_existing_file_that_is_not_a_run_gets_no_append_or_overwrite_advice(tmp_path):
+    """Regression: the message offered if_exists='append' / 'overwrite', both refused for a file that is not a run."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    with pytest.raises(gradsight.StoreError, match="is not a gradsight run file") as err:
+        RunWriter(notes, meta={})
+    assert "if_exists" not in str(err.value) and notes.read_text() == "my notes"
