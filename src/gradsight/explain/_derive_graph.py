@@ -316,8 +316,8 @@ def _graph_info(st: _State) -> list[GraphNodeInfo]:
 def derive_graph(run: GraphRun, *, finite_differences: bool = False, fd_samples: int = 32, fd_seed: int = 0) -> Trace:
     """Build the :class:`Trace` of a graph from an adapter's :class:`GraphRun` (the framework-free half)."""
     tol = tolerance_for(run.dtype)
-    if run.rtol_floor > tol.rtol:
-        tol = Tolerance(rtol=run.rtol_floor, atol=tol.atol)
+    if run.rtol_floor > tol.rtol or run.atol_floor > tol.atol:
+        tol = Tolerance(rtol=max(run.rtol_floor, tol.rtol), atol=max(run.atol_floor, tol.atol))
     st = _State(run, notes=list(run.notes))
     disp = _display(run)
     _forward(st, disp)

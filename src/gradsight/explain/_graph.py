@@ -135,6 +135,7 @@ class GraphRun:
         param_grads: parameter key → the framework's gradient of J w.r.t. the whole parameter (all its uses).
         notes: remarks for the trace.
         rtol_floor: a documented minimum rtol (a framework kernel less accurate than its dtype).
+        atol_floor: a documented minimum atol (part of the graph computed in a lower precision than the model's).
         model_dtype: the model's own dtype when autodiff ran on a float64 copy, else ``""``.
         conventions: the framework's :class:`~gradsight.explain._spec.Conventions`.
     """
@@ -154,6 +155,7 @@ class GraphRun:
     param_grads: dict[str, np.ndarray] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     rtol_floor: float = 0.0
+    atol_floor: float = 0.0
     model_dtype: str = ""
     conventions: Conventions = field(default_factory=Conventions)
 

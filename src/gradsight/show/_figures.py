@@ -598,19 +598,7 @@ def plot_depth_profile(run: RunLike, *, steps: Sequence[int] | None = None, kind
                 )
     if bad.reindex(index=chosen).fillna(0).to_numpy().sum() > 0:
         ax.scatter([], [], marker="^", color="0.3", label="NaN/Inf in layer")
-    if drawn:
-        ax.set_yscale("log")
-    else:  # nothing positive and finite: a log axis has no range
-        ax.text(
-            0.5,
-            0.5,
-            "every RMS at these steps is zero or non-finite",
-            ha="center",
-            va="center",
-            transform=ax.transAxes,
-            fontsize=9,
-            color="0.4",
-        )
+    _log_or_note(ax, drawn, "every RMS at these steps is zero or non-finite")
     ax.set_xlim(-0.5, n - 0.5)
     _layer_axis(ax, layers, width - 2.0, axis="x")
     ax.set_xlabel("layer (input side → output side)", fontsize=9)
@@ -621,6 +609,14 @@ def plot_depth_profile(run: RunLike, *, steps: Sequence[int] | None = None, kind
     leg = ax.legend(fontsize=8, loc="best", framealpha=0.9)
     _plain(leg.get_texts())
     return fig
+
+
+def _log_or_note(ax: Axes, drawn: bool, note: str) -> None:
+    """A log y axis when something positive and finite was drawn; else (a log axis has no range) a note."""
+    if drawn:
+        ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes, fontsize=9, color="0.4")
 
 
 def _hist_lines(

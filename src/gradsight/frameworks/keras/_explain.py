@@ -35,7 +35,15 @@ from ...explain._adapter import check_loss_framework
 from ...explain._graph import GraphRun
 from ...explain._spec import Conventions, FrameworkRun, LayerSpec, LossConvention, LossSpec, SharedParam
 from ...explain.rules import LOSS_KINDS
-from ._graph import is_functional_graph, run_graph
+from ._graph import (
+    check_model_j,
+    is_functional_graph,
+    logits_note,
+    plain_loss_grad,
+    refuse_masked_tensors,
+    refuse_masks,
+    run_graph,
+)
 from ._graph_examples import build_graph_example
 
 __all__ = [
@@ -428,6 +436,7 @@ def run_explain(
             f"the Keras model {model.name!r} is not built yet, so it has no weights to explain. Fix: give it an "
             "input shape, e.g. keras.Sequential([keras.Input((3,)), ...]), or call model.build((None, 3))."
         )
+    refuse_masks(model)
     if _as_graph(model, x):
         return _run_graph(model, x, y, loss, reduction, training)
     layers = _chain(model)
@@ -498,6 +507,7 @@ def run_explain(
             recs.append(rec)
             i += 1
         y_hat = h
+        refuse_masked_tensors({r["layer"].name: r["a"] for r in recs})
         if spec is not None and spec.kind not in ("output_mean", "output_sum") and not spec.kind.startswith("sparse"):
             yshape, pshape = tuple(y_t.shape), tuple(y_hat.shape)
             if yshape != pshape and not (len(yshape) == len(pshape) - 1 and pshape[-1] == 1 and yshape == pshape[:-1]):
@@ -627,8 +637,17 @@ def run_explain(
             "TensorFlow's float64 gelu deviates from the exact formula by up to ~5e-9 (relative), so terms are "
             "compared with rtol 1e-7 instead of float64's 1e-9"
         )
+    if not keras_logits and getattr(y_hat, "_keras_logits", None) is not None:
+        # the loss may read the logits for part of J only: dJ/dŶ of the loss on ŷ itself
+        dj_plain, j_plain = plain_loss_grad(loss_fn, y_t, y_hat)
+        note = logits_note(display, dj, dj_plain, float(np.asarray(j, dtype=np.float64)), j_plain, eff_dtype)
+        notes += [note] if note else []
+        dj = dj_plain
+        if specs and recs[-1]["a"] is y_hat:
+            specs[-1].da = _np(dj_plain)  # the output's own autodiff value is dJ/dŶ, not the tape's partial one
     if dj is None and not keras_logits:
         dj = tf.zeros_like(y_hat)
+    check_model_j(model, x_t, y_t, loss_fn, j, bool(training), "chain of layers")
     frozen = [ls.index for ls in specs if ls.frozen]
     if frozen:
         notes.append(

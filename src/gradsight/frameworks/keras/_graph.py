@@ -29,11 +29,20 @@ import numpy as np
 import tensorflow as tf
 
 from ..._errors import GradsightError, InputError, UnsupportedError
+from ..._tolerance import tolerance_for
 from ...explain._graph import GraphNode, GraphRun, param_term, prune, unique_name
 from ...explain._spec import Conventions, LossSpec
 from ...explain.rules import logits_variant, same_padding
 
-__all__ = ["is_functional_graph", "run_graph"]
+__all__ = [
+    "check_model_j",
+    "is_functional_graph",
+    "mask_sources",
+    "plain_loss_grad",
+    "refuse_masked_tensors",
+    "refuse_masks",
+    "run_graph",
+]
 
 try:
     from keras.src.models.functional import Functional as _FUNCTIONAL
@@ -615,6 +624,148 @@ def _is_op(op: Any) -> bool:
     return not isinstance(op, L.Layer) and hasattr(op, "compute_output_spec")
 
 
+# ------------------------------------------------------------------------------------- shared checks
+def plain_loss_grad(loss_fn: Callable, y_t: Any, y_hat: Any) -> tuple[Any, float]:
+    """dJ/dŶ and J of the loss evaluated on a copy of ŷ that carries no ``_keras_logits``.
+
+    A Keras probability cross-entropy reads the logits its softmax/sigmoid attached to ŷ; a loss that does so for
+    only part of its computation (``BinaryFocalCrossentropy``, a custom sum of terms) leaves ``dJ/dŶ`` partial,
+    the rest flowing through the logits. On a fresh tensor every term is a function of ŷ itself.
+
+    Args:
+        loss_fn: ``loss_fn(y_true, y_pred) -> J``.
+        y_t: the targets.
+        y_hat: the model's output.
+
+    Returns:
+        ``(dJ/dŶ, J)`` of the loss as a function of ŷ.
+    """
+    plain = tf.identity(y_hat)  # a new tensor: Python attributes such as _keras_logits are not copied
+    with tf.GradientTape() as tape:
+        tape.watch(plain)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            j = loss_fn(y_t, plain)
+    g = tape.gradient(j, plain)
+    return (g if g is not None else tf.zeros_like(plain)), float(np.asarray(j, dtype=np.float64))
+
+
+def logits_note(display: str, dj_tape: Any, dj_plain: Any, j_model: float, j_plain: float, dtype: str) -> str | None:
+    """The note for a loss that read ŷ's ``_keras_logits`` for part of its computation (None if it did not)."""
+    if dj_tape is not None and np.allclose(_np(dj_tape), _np(dj_plain), rtol=1e-12, atol=0.0):
+        return None
+    note = (
+        f"the loss {display} read the logits Keras attached to Ŷ (_keras_logits, set by its softmax/sigmoid) for "
+        "part of its computation, so the tape's dJ/dŶ missed the part that flows through the logits; dJ/dŶ is "
+        "the gradient of the loss evaluated on a plain copy of Ŷ, and J is the model's (Keras trains with the "
+        "logits path)"
+    )
+    tol = 1e-9 if "float64" in dtype else 1e-4
+    if abs(j_model - j_plain) > tol * max(abs(j_model), 1e-12):
+        note += (
+            f". The two differ: J = {j_model:.10g} through the logits, {j_plain:.10g} on Ŷ itself (the probability "
+            "form clips Ŷ to [ε, 1 − ε]), so terms from dJ/dŶ on compare the probability form's closed form with "
+            "Keras' logits-path gradients and can show ✗ for that reason alone"
+        )
+    return note
+
+
+def mask_sources(model: Any) -> list[str]:
+    """The layers of ``model`` that produce a Keras mask.
+
+    ``Masking``, ``Embedding(mask_zero=True)``, and any layer of a functional graph (a Sequential's included)
+    whose output carries a mask its inputs did not (its ``compute_mask`` returned one when the graph was built).
+    """
+    found: list[str] = []
+
+    def add(ly: Any) -> None:
+        what = f"{ly.name} ({type(ly).__name__}{'(mask_zero=True)' if getattr(ly, 'mask_zero', False) else ''})"
+        if what not in found:
+            found.append(what)
+
+    if not isinstance(model, L.Layer):
+        return found
+    for ly in model._flatten_layers(include_self=False):
+        if isinstance(ly, L.Masking) or getattr(ly, "mask_zero", False):
+            add(ly)
+    for graph in [model, *model._flatten_layers(include_self=False)]:
+        graph = graph if is_functional_graph(graph) else getattr(graph, "_functional", None)
+        for nodes in getattr(graph, "_nodes_by_depth", {}).values():
+            for node in nodes:
+                masked = [getattr(t, "_keras_mask", None) is not None for t in (*node.input_tensors, *node.outputs)]
+                n_in = len(node.input_tensors)
+                if isinstance(node.operation, L.Layer) and any(masked[n_in:]) and not any(masked[:n_in]):
+                    add(node.operation)
+    return found
+
+
+def refuse_masks(model: Any) -> None:
+    """Refuse a model in which a Keras mask flows: the closed forms have no rule for masks.
+
+    Raises:
+        UnsupportedError: naming the layers that produce the mask.
+    """
+    found = mask_sources(model)
+    if found:
+        raise UnsupportedError(
+            f"{', '.join(found)} produce(s) a Keras mask (an Embedding(mask_zero=True) computes a padding mask from "
+            "the ids, a Masking layer marks the steps equal to its mask_value), which later layers (pooling, "
+            "attention, RNNs) and the loss use to skip the masked steps; explain has no rule for masks, so its "
+            "terms would not be the model's. Fix: explain the model with mask_zero=False (or without the Masking "
+            "layer) on a batch without padding, or explain the layers after the mask, with their input as x."
+        )
+
+
+def refuse_masked_tensors(tensors: dict[str, Any]) -> None:
+    """Refuse a run in which a recorded tensor carries a Keras mask (one the static check could not see).
+
+    Raises:
+        UnsupportedError: naming the first tensors that carry a mask.
+    """
+    masked = [name for name, t in tensors.items() if getattr(t, "_keras_mask", None) is not None]
+    if masked:
+        raise UnsupportedError(
+            f"the output(s) of {', '.join(masked[:3])} carry a Keras mask, which later layers (pooling, attention, "
+            "RNNs) and the loss use to skip the masked steps; explain has no rule for masks, so its terms would not "
+            "be the model's. Fix: explain the model without the layer that computes the mask (compute_mask), or "
+            "explain the layers after the mask, with their input as x."
+        )
+
+
+_RANDOM_LAYERS = ("Dropout", "Noise")
+
+
+def check_model_j(model: Any, x_t: Any, y_t: Any, loss_fn: Callable, j: Any, training: bool, tracer: str) -> None:
+    """Run the model itself, in the mode of the recorded run, and refuse a walk whose J is not the model's.
+
+    The walk calls each layer on its own; anything the model does between its layers that the walk does not see
+    (a mask passed along, state) would leave a reference column that is not the model. Skipped when the run
+    trains and the model holds random layers (their draws differ between calls).
+
+    Raises:
+        UnsupportedError: the walk's J differs from the model's beyond float rounding.
+    """
+    layers = model._flatten_layers(include_self=False) if isinstance(model, L.Layer) else []
+    if training and any(any(k in type(ly).__name__ for k in _RANDOM_LAYERS) for ly in layers):
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            j_m = loss_fn(y_t, model(x_t, training=bool(training)))
+        j_r, j_g = float(np.asarray(j_m, dtype=np.float64)), float(np.asarray(j, dtype=np.float64))
+    except Exception:  # the walk ran: a model that fails when called whole is not what this check is about
+        return
+    tol = 1e-7 if "float64" in str(getattr(j_m, "dtype", "")) else 1e-3
+    if abs(j_g - j_r) > tol * max(abs(j_r), 1e-12):
+        raise UnsupportedError(
+            f"explain walked {type(model).__name__} {model.name!r} as a {tracer}, but the walk does not reproduce "
+            f"the model: J = {j_r:.10g} from the model, {j_g:.10g} from the layer-by-layer walk. Something the "
+            "model passes between its layers is invisible to the walk (a Keras mask, a layer's call arguments, "
+            "state kept between calls). Fix: explain the layers after that point, with their input as x, or "
+            "rebuild the model without it."
+        )
+
+
 # ------------------------------------------------------------------------------------------------- run
 def _check_ids(nodes: list[GraphNode], x: np.ndarray) -> None:
     """Integer x may only feed an Embedding; floating x must not."""
@@ -703,6 +854,7 @@ def run_graph(
                     "pass x with the shape and dtype the model was built for."
                 ) from exc
             _check_ids(walker.nodes, np.asarray(x))
+            refuse_masked_tensors(walker.tensors)
             y_hat = walker.tensors[output]
             logits = getattr(y_hat, "_keras_logits", None)
             with warnings.catch_warnings(record=True) as caught:
@@ -714,6 +866,7 @@ def run_graph(
                 "e.g. keras.losses.MeanSquaredError()"
             )
         dj = tape.gradient(j, y_hat)
+        g_out = None
         if dj is None and logits is not None and id(logits) in walker.by_id and spec is not None:
             output = walker.by_id[id(logits)]
             spec = logits_variant(spec)
@@ -722,6 +875,13 @@ def run_graph(
                 "its softmax/sigmoid), so Ŷ is the logits node here and the closed form is the logits rule"
             )
             dj = tape.gradient(j, walker.tensors[output])
+        elif logits is not None:  # the loss may read the logits for part of J only: dJ/dŶ of the loss on ŷ itself
+            dj_plain, j_plain = plain_loss_grad(loss_fn, y_t, y_hat)
+            note = logits_note(display, dj, dj_plain, float(np.asarray(j, dtype=np.float64)), j_plain, dtype)
+            notes += [note] if note else []
+            dj = dj_plain
+            g_out = dj_plain  # the output node's own autodiff value is dJ/dŶ, not the tape's partial one
+        check_model_j(model, x_t, y_t, loss_fn, j, bool(training), walker_tracer(model))
         nodes, dropped = prune(walker.nodes, output)
         if dropped:
             notes.append(f"node(s) {dropped} do not reach the output (no gradient flows through them): left out")
@@ -730,6 +890,8 @@ def run_graph(
         wrt = [walker.tensors[nd.name] for nd in ops] + [walker.tensors[nd.name] for nd in variables]
         grads = tape.gradient(j, wrt, unconnected_gradients=tf.UnconnectedGradients.NONE)
         g_of = {nd.name: g for nd, g in zip(ops + variables, grads, strict=True)}
+        if g_out is not None:
+            g_of[output] = g_out
         param_grads: dict[str, np.ndarray] = {}
         for nd in nodes:
             t = walker.tensors[nd.name]
@@ -749,7 +911,7 @@ def run_graph(
             v.assign(val)
     notes += [f"Keras warned: {c.message}" for c in caught]
     if training:
-        notes.append("BatchNormalization ran in training mode (batch statistics); its moving statistics were restored")
+        notes += _training_notes(model)
     floor = 0.0
     if "float64" in dtype and any(nd.op == "act" and nd.attrs.get("name") in ("gelu", "gelu_tanh") for nd in nodes):
         floor = 1e-7
@@ -757,10 +919,18 @@ def run_graph(
             "TensorFlow's float64 gelu deviates from the exact formula by up to ~5e-9 (relative), so terms are "
             "compared with rtol 1e-7 instead of float64's 1e-9"
         )
+    mha, afloor = [nd.name for nd in nodes if nd.type_name == "MultiHeadAttention"], 0.0
+    if "float64" in dtype and mha:
+        floor, afloor = max(floor, tolerance_for("float32").rtol), tolerance_for("float32").atol
+        notes.append(
+            f"Keras' MultiHeadAttention ({', '.join(mha)}) computes part of its attention in float32 in a float64 "
+            "model (ops.dot_product_attention converts its scale 1/√d through a float32 tensor), so its output "
+            f"carries float32 rounding: terms are compared with float32's tolerance (rtol {floor:g}, atol {afloor:g})"
+        )
     return GraphRun(
         framework="keras",
         model_name=f"{type(model).__name__} {model.name!r}",
-        tracer="Keras functional graph" if not isinstance(model, keras.Sequential) else "Keras Sequential layers",
+        tracer=walker_tracer(model),
         nodes=nodes,
         output=output,
         x=np.asarray(x) if int_x else _np(x_t),
@@ -773,8 +943,29 @@ def run_graph(
         param_grads=param_grads,
         notes=notes,
         rtol_floor=floor,
+        atol_floor=afloor,
         conventions=conventions,
     )
+
+
+def _training_notes(model: Any) -> list[str]:
+    """What ``training=True`` did: BatchNormalization on batch statistics; random layers stay the identity."""
+    layers = list(model._flatten_layers(include_self=False))
+    out = []
+    if any(isinstance(ly, L.BatchNormalization) for ly in layers):
+        out.append("BatchNormalization ran in training mode (batch statistics); its moving statistics were restored")
+    rand = [ly.name for ly in layers if any(k in type(ly).__name__ for k in _RANDOM_LAYERS)]
+    if rand:
+        out.append(
+            f"{', '.join(rand)} ran at inference (the identity) although training=True: their random draws are "
+            "not derived, so the terms are those of the model without them"
+        )
+    return out
+
+
+def walker_tracer(model: Any) -> str:
+    """How the graph of ``model`` was read."""
+    return "Keras functional graph" if not isinstance(model, keras.Sequential) else "Keras Sequential layers"
 
 
 def _vjps(tape: tf.GradientTape, out: Any, g: Any, ins: list[Any]) -> list[np.ndarray | None]:

@@ -32,6 +32,7 @@ import torch
 from torch import fx, nn
 
 from ..._errors import GradsightError, InputError, UnsupportedError
+from ..._tolerance import tolerance_for
 from ...explain._graph import GraphRun, prune
 from ...explain._spec import Conventions, LossSpec
 from ._graph_ops import Converter, fname, overrides_forward
@@ -233,10 +234,13 @@ def _check_int_input(gm: fx.GraphModule, x: np.ndarray, name: str) -> None:
             continue  # torch.export's input guards (`_guards_fn`): they check shapes, they compute nothing
         if user.op == "call_module":
             m = gm.get_submodule(str(user.target))
-            what, kind = f"{user.target} ({type(m).__name__})", "embedding" if isinstance(m, nn.Embedding) else "other"
+            is_emb = isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+            what, kind = f"{user.target} ({type(m).__name__})", "embedding" if is_emb else "other"
         else:
             what = f"{user.name} ({fname(user)})"
             kind = "embedding" if fname(user) == "embedding" else ("ids" if fname(user) in _ID_OPS else "other")
+            if fname(user) == "getattr" and len(user.args) > 1 and user.args[1] in ("shape", "dtype", "device", "ndim"):
+                kind = "ids"  # ids.shape[1] (positions: torch.arange(ids.shape[1])) reads no value of x
         if np.issubdtype(x.dtype, np.integer) and kind == "other":
             raise InputError(
                 f"x has dtype {x.dtype} but the first op reading it, {what}, needs floating-point inputs; integer "
@@ -251,7 +255,25 @@ def _check_int_input(gm: fx.GraphModule, x: np.ndarray, name: str) -> None:
 
 
 _ID_OPS = frozenset(
-    {"getitem", "size", "eq", "ne", "lt", "gt", "le", "ge", "select", "slice", "long", "int", "to", "view", "reshape"}
+    {
+        "getitem",
+        "size",
+        "eq",
+        "ne",
+        "lt",
+        "gt",
+        "le",
+        "ge",
+        "select",
+        "slice",
+        "long",
+        "int",
+        "to",
+        "view",
+        "reshape",
+        "sym_size",
+        "dim",
+    }
 )
 
 
@@ -426,6 +448,7 @@ def run_graph(
         conv.nodes, dropped = prune(conv.nodes, conv.output)
         if dropped:
             notes.append(f"node(s) {dropped} do not reach the output (no gradient flows through them): left out")
+        floor, afloor = _lower_precision_floor(conv, dtype, notes)
         y_hat = conv.tensors[conv.output]
         check_y(spec, y_t, y_hat, display)
         j = loss_value(loss_fn, y_hat, y_t, display)
@@ -507,8 +530,43 @@ def run_graph(
         dj_dyhat=_np(g_of.get(id(y_hat))) if g_of.get(id(y_hat)) is not None else np.zeros(tuple(y_hat.shape)),
         param_grads=param_grads,
         notes=notes,
+        rtol_floor=floor,
+        atol_floor=afloor,
         conventions=conventions,
     )
+
+
+_PRECISION = {torch.float64: 3, torch.float32: 2, torch.float16: 1, torch.bfloat16: 0}
+
+
+def _lower_precision_floor(conv: Converter, dtype: torch.dtype, notes: list[str]) -> tuple[float, float]:
+    """The (rtol, atol) floors of a model that computes part of its graph below its own dtype (0s if it does not).
+
+    A float64 model whose forward casts to float32 (``.to(torch.float32)``, ``.float()``, ``type_as``, a softmax
+    in float32) rounds there to float32, and every value downstream carries that rounding: compared with float64's
+    tolerance they would all show ✗ although each closed form is right. The whole trace is compared with the
+    lowest precision's tolerance instead, and a note says where the cast is.
+    """
+    low: dict[torch.dtype, str] = {}
+    for nd in conv.nodes:
+        t = conv.tensors.get(nd.name)
+        if (
+            isinstance(t, torch.Tensor)
+            and t.is_floating_point()
+            and _PRECISION.get(t.dtype, 9) < _PRECISION.get(dtype, 0)
+        ):
+            low.setdefault(t.dtype, nd.name)
+    if not low:
+        return 0.0, 0.0
+    lowest = min(low, key=lambda d: _PRECISION[d])
+    low_name, own = str(lowest).replace("torch.", ""), str(dtype).replace("torch.", "")
+    tol = tolerance_for(low_name)
+    notes.append(
+        f"the model computes part of its graph in {low_name} although it is {own} (first at {low[lowest]}): every "
+        f"value from there on carries that rounding, so terms are compared with {low_name}'s tolerance "
+        f"(rtol {tol.rtol:g}, atol {tol.atol:g}) instead of {own}'s"
+    )
+    return tol.rtol, tol.atol
 
 
 def _hooked(model: nn.Module) -> list[str]:
