@@ -343,6 +343,22 @@ def test_dead_units_all_dead_is_an_error_and_threshold(synth):
     assert "6 of 6 units (100%)" in f.message
 
 
+@pytest.mark.parametrize("alive_at_start", [True, False])
+def test_dead_unit_advice_starts_from_what_killed_them(synth, rng, alive_at_start):
+    """Units alive at the first logged step that died in training point at the steps, not the initialisation."""
+    s = synth()
+    for step in range(0, 60, 10):
+        dead = step > 0 or not alive_at_start
+        a = np.zeros((16, 6)) if dead else np.maximum(rng.normal(size=(16, 6)), 0) + 0.1
+        s.log(step, "output", "act1", a, unit_axis=-1)
+    (f,) = diagnose(s.run(), rules=[DeadUnitsRule()])
+    if alive_at_start:
+        assert f.advice[0].startswith("Lower the learning rate: the units of 'act1' were alive at step 0")
+        assert f.advice[1].startswith("Initialise biases")
+    else:
+        assert f.advice[0].startswith("Initialise biases")
+
+
 def test_dead_units_skip_without_unit_counts(synth):
     s = synth()
     s.log(0, "output", "act1", np.zeros((4, 6)))  # no unit_axis -> no units_active

@@ -39,6 +39,7 @@ from .._packing import EXP_BIAS  # hist bin of |a| in [0.5, 1) is EXP_BIAS - 1, 
 from ._base import Rule, RunData, Thresholds, fmt, ordered, recent
 from ._finding import Finding
 from ._inputs import input_advice, input_scale
+from ._layers import unit_dead_fraction
 from ._series import loss
 
 if TYPE_CHECKING:  # pragma: no cover - pandas is imported where it is used, not at import
@@ -132,10 +133,19 @@ class DeadUnitsRule(Rule):
             f"; {len(layers)} layer(s) at or above {th.dead_fraction:.0%} dead."
         )
         scale = input_scale(data, th)
-        advice = (
+        init = (
             "Initialise biases at 0 (or slightly positive) and weights with He initialisation "
-            "(torch.nn.init.kaiming_normal_ / keras 'he_normal').",
-            "Lower the learning rate; large early steps are the usual way units die during training.",
+            "(torch.nn.init.kaiming_normal_ / keras 'he_normal')."
+        )
+        died = _alive_at_start(data, worst, w, th)
+        rate = (
+            f"Lower the learning rate: the units of {worst!r} were alive at step {died} and died during training, "
+            "the usual sign of steps large enough to push them where they never fire again."
+            if died is not None
+            else "Lower the learning rate; large early steps are the usual way units die during training."
+        )
+        advice = (
+            *((rate, init) if died is not None else (init, rate)),
             "Use an activation with a non-zero slope for negative inputs: LeakyReLU, ELU, GELU, SiLU.",
             "Normalise inputs and add BatchNorm/LayerNorm before the activation to keep pre-activations centred.",
         )
@@ -163,6 +173,15 @@ class DeadUnitsRule(Rule):
                 advice=advice if scale is None else (input_advice(scale), *advice),
             )
         ]
+
+
+def _alive_at_start(data: RunData, layer: str, hit: dict[str, Any], th: Thresholds) -> int | None:
+    """The first logged step, when ``layer`` had fewer than ``dead_fraction`` dead units there (before its pool)."""
+    steps = sorted(int(s) for s in data.frame("output")["step"].unique())
+    if not steps or steps[0] >= hit["window_steps"][0]:
+        return None
+    start = unit_dead_fraction(data, layer, [steps[0]])
+    return steps[0] if start is not None and start[0] < th.dead_fraction else None
 
 
 def dead_layers(data: RunData, th: Thresholds) -> dict[str, dict[str, Any]]:
