@@ -534,6 +534,33 @@ def test_a_converged_loss_that_wobbles_is_not_damage(synth, rng):
     assert [f.severity for f in diagnose(s.run()) if f.code == "exploding-gradients"] in ([], ["info"])
 
 
+@pytest.mark.parametrize("breaks", [True, False])
+def test_a_schedule_that_raises_the_learning_rate_into_a_collapse_is_named(synth, rng, breaks):
+    """A one-cycle schedule to a peak too high: Adam's steps stay below lr_step_ratio, the loss collapses at ~0.25.
+    The same schedule on a run that keeps learning (a warm-up) is no finding."""
+    s = synth()
+    for step in range(100):
+        rate = 0.01 + 0.004 * step  # 0.01 -> 0.4
+        lo = 1.0 * 0.98**step
+        if breaks and step > 60:
+            lo = 3.0 + 0.1 * rng.random()
+        s.scalars(
+            step,
+            lr=rate,
+            loss=lo,
+            grad_norm=1.0 + 0.1 * rng.random(),
+            **{"weight_norm/fc1.weight": 10.0, "update_norm/fc1.weight": 0.05},
+        )
+    found = [f for f in diagnose(s.run()) if f.code == "learning-rate-too-high"]
+    if not breaks:
+        assert found == []
+        return
+    (f,) = found
+    assert f.first_step in range(55, 62) and f.evidence["lr_rise"]["to"] >= 10 * f.evidence["lr_rise"]["from"]
+    assert "the schedule had raised the learning rate" in f.message
+    assert f.advice[0].startswith("Lower the learning rate peak of the schedule")
+
+
 def test_an_early_spike_cannot_hide_in_the_baseline(synth):
     s = synth()
     for step in range(30):

@@ -326,7 +326,8 @@ def test_dead_units_behind_unnormalised_inputs_advise_normalising_them_first(syn
     f = next(f for f in diagnose(s.run()) if f.code == "dead-units")
     scale = f.evidence["input_scale"]
     if x_rms == 1.0:
-        assert scale is None and f.advice[0].startswith("Initialise biases at 0")
+        # alive at step 0, dead after it: the advice starts from the steps that killed them
+        assert scale is None and f.advice[0].startswith("Lower the learning rate: the units of 'act' were alive")
         return
     assert scale["layer"] == "fc1" and scale["step"] == 0
     assert scale["input_rms"] == pytest.approx(x_rms, rel=0.1)  # the estimate, against the inputs' true RMS
@@ -672,3 +673,16 @@ def test_update_ratio_from_per_step_norms_says_steps_not_logged_steps(tmp_path):
             opt.step()
     low = [f for f in diagnose(w.path) if f.code == "update-ratio-low"]
     assert low and "(median over 6 steps" in low[0].message and "logged" not in low[0].message
+
+
+@pytest.mark.parametrize("kind", ["Embedding", "Linear"])
+def test_an_embedding_tables_diluted_gradient_is_not_vanishing(synth, rng, kind):
+    """A batch reaches a few rows of a 1000-row table: its RMS is 1e-4 of the next layer's, but no row's is."""
+    s = synth(layers=[{"name": "emb", "type": kind}, {"name": "fc", "type": "Linear"}])
+    for step in range(5):
+        table = np.zeros((1000, 8))
+        table[:1] = rng.normal(0, 1e-4, size=(1, 8))
+        s.log(step, "grad", "emb", table)
+        s.log(step, "grad", "fc", rng.normal(0, 1.0, size=(8, 8)))
+    found = diagnose(s.run(), rules=[VanishingGradientsRule()])
+    assert [f.code for f in found] == ([] if kind == "Embedding" else ["vanishing-gradients"])

@@ -418,6 +418,15 @@ def _input_side(prof: pd.DataFrame, ratio: float) -> list[int]:
     return rows
 
 
+def _lookup_table(data: RunData, layer: str) -> bool:
+    """Whether ``layer`` is an embedding table, whose gradient RMS says nothing about vanishing.
+
+    A batch's gradient reaches only the rows of the ids it holds, so the RMS over the table is diluted by its
+    vocabulary, whatever reaches each used row (a BERT's 30k-row table is not vanishing).
+    """
+    return "embedding" in str(data.layer_info(layer).get("type", "")).lower()
+
+
 class VanishingGradientsRule(Rule):
     """Early layers whose gradients are orders of magnitude below the later layers' (``vanishing-gradients``).
 
@@ -436,6 +445,7 @@ class VanishingGradientsRule(Rule):
         """See the class docstring."""
         prof = depth_profile(data)
         hit = prof.iloc[_input_side(prof, th.vanish_ratio)]
+        hit = hit[[not _lookup_table(data, str(n)) for n in hit["layer"]]]
         if hit.empty:
             return []
         worst = hit.loc[hit["ratio"].idxmin()]

@@ -38,7 +38,9 @@ from ._series import (
     global_weight_norm,
     gradient_spikes,
     layer_update_ratios,
+    loss,
     lr,
+    nonfinite_steps,
     weight_damage_text,
 )
 
@@ -85,10 +87,52 @@ class LearningRateTooHighRule(Rule):
         if hit is None and ratio.empty:
             hit = _weights_only(data, th)
             source = "weight norms only (no update norms recorded)"
+        rise = None
         if hit is None:
-            return []
+            found = _scheduled_rise(data, th)
+            if found is None:
+                return []
+            step, harm, rise = found
+            hit = (step, float(ratio.get(step, math.nan)), harm)
         step, value, harm = hit
-        return [_finding(data, step, value, harm, source, th)]
+        return [_finding(data, step, value, harm, source, th, rise)]
+
+
+#: A learning rate this many times its lowest earlier value counts as raised by a schedule (a warm-up, a cycle).
+_RATE_RISE = 10.0
+
+
+def _scheduled_rise(data: RunData, th: Thresholds) -> tuple[int, dict[str, Any], tuple[float, float]] | None:
+    """The first step at which a schedule had raised the learning rate ``_RATE_RISE`` times and the loss rose.
+
+    ``(step, damage, (lowest earlier rate, rate))``, or ``None``. A one-cycle or warm-up schedule that peaks too
+    high breaks a run at the rate it reaches, with steps that can each stay below ``lr_step_ratio`` (Adam moves
+    each weight by about the rate). The loss must have risen as :func:`gradsight.diagnose._series.damage` says
+    (``damage_loss_rise`` over ``damage_steps``, above ``damage_loss_floor`` of the initial loss); a gradient jump
+    alone is not enough (a healthy warm-up's gradients move too).
+    """
+    rates = lr(data)
+    rates = rates[np.isfinite(rates.to_numpy()) & (rates.to_numpy() > 0)]
+    if len(rates) < 2:
+        return None
+    low = rates.cummin()
+    risen = rates.index[(rates >= _RATE_RISE * low).to_numpy()]
+    if not len(risen):
+        return None
+    values = loss(data)
+    w = int(th.damage_steps)
+    before_med = values.rolling(w, min_periods=1).median()
+    after_med = values[::-1].rolling(w, min_periods=1).median()[::-1].shift(-1)
+    initial = float(values.iloc[: max(1, int(th.baseline_steps))].min()) if len(values) else math.nan
+    ok = (after_med >= th.damage_loss_rise * before_med) & (after_med >= th.damage_loss_floor * initial)
+    broke = set(values.index[ok.fillna(False).to_numpy()]) | set(nonfinite_steps(data))
+    for step in risen:
+        if int(step) not in broke:
+            continue
+        harm = damage(data, int(step), **th.damage_args())
+        if "loss" in harm or "non_finite" in harm:
+            return int(step), harm, (float(low.loc[step]), float(rates.loc[step]))
+    return None
 
 
 def _typical_layer_ratio(data: RunData) -> pd.Series:
@@ -137,7 +181,15 @@ def _consequences(harm: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def _finding(data: RunData, step: int, value: float, harm: dict[str, Any], source: str, th: Thresholds) -> Finding:
+def _finding(
+    data: RunData,
+    step: int,
+    value: float,
+    harm: dict[str, Any],
+    source: str,
+    th: Thresholds,
+    rise: tuple[float, float] | None = None,
+) -> Finding:
     per_layer: dict[str, float] = {}
     table, _ = layer_update_ratios(data)
     if step in table.index:
@@ -152,10 +204,23 @@ def _finding(data: RunData, step: int, value: float, harm: dict[str, Any], sourc
     typical = float(_typical_layer_ratio(data).get(step, math.nan))
     what = _what(step, value, per_layer, big, detail, typical, th)
     lr_text = f" The learning rate at step {step} was {fmt(rate)}." if rate is not None else ""
+    if rise is not None:
+        what = (
+            f"the schedule had raised the learning rate to {fmt(rise[1])} by step {step}, {fmt(rise[1] / rise[0])}x "
+            f"its lowest earlier value {fmt(rise[0])}"
+        )
+        lr_text = ""
     msg = f"The learning rate is too high: {what}, and within {th.damage_steps} steps {_consequences(harm)}.{lr_text}"
     scale = input_scale(data, th)
     by_layers = (math.isnan(value) or value < th.lr_step_ratio) and not math.isnan(typical)
     advice = [_lower_advice(typical if by_layers else value, rate, step, "a typical layer's" if by_layers else None)]
+    if rise is not None:
+        advice = [
+            lower_lr(
+                f" peak of the schedule (max_lr, the warm-up's target) by about 10x, to {fmt(rise[1] / 10)} or less: "
+                f"the run broke at step {step}, when the schedule had raised the rate to {fmt(rise[1])}."
+            )
+        ]
     if step <= 10 * th.damage_steps:
         advice.append(
             "Add a learning-rate warm-up (start 10-100x lower and ramp up over the first few hundred steps): "
@@ -188,6 +253,7 @@ def _finding(data: RunData, step: int, value: float, harm: dict[str, Any], sourc
             "damage": harm,
             "damage_steps": th.damage_steps,
             "lr": rate,
+            "lr_rise": {"from": rise[0], "to": rise[1]} if rise is not None else None,
             "source": source,
             "anomaly_events": anomalies_near(data, step, step + th.damage_steps),
         },
