@@ -525,7 +525,8 @@ def gradient_spikes(data: RunData, th: Any) -> set[int]:
     """Steps where the gradient, not the learning rate, made the update large.
 
     Past the first ``damage_steps`` steps, the gradient norm jumped ``damage_grad_jump`` times above its running
-    median while the learning rate stayed at or below its own running median. Such a step is large because of its
+    median while the learning rate stayed at or below its own running median, and the steps before were fine (the
+    running median of the pooled update/weight ratio below ``update_ratio_high``). Such a step is large because of its
     gradient (one bad batch, a loss spike), not because of the learning rate, which was the same at the steps
     before, when the updates were fine: lowering it would slow the whole run to absorb one batch. The
     exploding-gradients rule reports the spike. The first steps are left to learning-rate-too-high: a learning
@@ -551,6 +552,8 @@ def _spike_jumps(data: RunData, th: Any) -> dict[int, float]:
     jump = norm / running_reference(norm, th.reference_steps)
     rates = lr(data)
     rate_ref = running_reference(rates, th.reference_steps) if len(rates) else rates
+    ratio, _ = global_update_ratio(data)
+    ratio_ref = running_reference(ratio, th.reference_steps) if len(ratio) else ratio
     out: dict[int, float] = {}
     for step in jump.index[(jump >= th.damage_grad_jump).to_numpy()]:
         if int(step) < th.damage_steps:
@@ -558,5 +561,7 @@ def _spike_jumps(data: RunData, th: Any) -> dict[int, float]:
         r, ref = rates.get(step, math.nan), rate_ref.get(step, math.nan)
         if len(rates) and not (math.isfinite(r) and math.isfinite(ref) and r <= ref * (1 + 1e-6)):
             continue  # the learning rate rose into this step (or is unknown there): it may be the cause
+        if not float(ratio_ref.get(step, 0.0)) < th.update_ratio_high:
+            continue  # the steps before were already too large: the learning rate was not fine until then
         out[int(step)] = float(jump.loc[step])
     return out
