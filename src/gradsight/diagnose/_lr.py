@@ -212,31 +212,7 @@ def _finding(
         lr_text = ""
     msg = f"The learning rate is too high: {what}, and within {th.damage_steps} steps {_consequences(harm)}.{lr_text}"
     scale = input_scale(data, th)
-    by_layers = (math.isnan(value) or value < th.lr_step_ratio) and not math.isnan(typical)
-    advice = [_lower_advice(typical if by_layers else value, rate, step, "a typical layer's" if by_layers else None)]
-    if rise is not None:
-        advice = [
-            lower_lr(
-                f" peak of the schedule (max_lr, the warm-up's target) by about 10x, to {fmt(rise[1] / 10)} or less: "
-                f"the run broke at step {step}, when the schedule had raised the rate to {fmt(rise[1])}."
-            )
-        ]
-    if step <= 10 * th.damage_steps:
-        advice.append(
-            "Add a learning-rate warm-up (start 10-100x lower and ramp up over the first few hundred steps): "
-            "the first steps, taken before the weights and optimizer statistics settle, are the largest."
-        )
-    advice.append(
-        "Clip gradients (torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0) / clipnorm=1.0 on a Keras "
-        "optimizer) so that one large gradient cannot make a huge step."
-    )
-    if step <= th.damage_steps:
-        advice.append(
-            "If the loss sums over the batch (reduction='sum', or a sum over tokens) or gradients are accumulated "
-            "without dividing the loss, every gradient is that many times larger: take the mean instead."
-        )
-    if scale is not None:
-        advice.insert(0, input_advice(scale))
+    advice = _advice(step, value, typical, rate, rise, scale, th)
     return Finding(
         code="learning-rate-too-high",
         severity="error" if "non_finite" in harm else "warning",
@@ -266,6 +242,44 @@ def _finding(
         ),
         advice=tuple(advice),
     )
+
+
+def _advice(
+    step: int,
+    value: float,
+    typical: float,
+    rate: float | None,
+    rise: tuple[float, float] | None,
+    scale: dict[str, Any] | None,
+    th: Thresholds,
+) -> list[str]:
+    """The finding's advice: the learning rate (or the schedule's peak) to try first, then what else helps."""
+    by_layers = (math.isnan(value) or value < th.lr_step_ratio) and not math.isnan(typical)
+    advice = [_lower_advice(typical if by_layers else value, rate, step, "a typical layer's" if by_layers else None)]
+    if rise is not None:
+        advice = [
+            lower_lr(
+                f" peak of the schedule (max_lr, the warm-up's target) by about 10x, to {fmt(rise[1] / 10)} or less: "
+                f"the run broke at step {step}, when the schedule had raised the rate to {fmt(rise[1])}."
+            )
+        ]
+    if step <= 10 * th.damage_steps:
+        advice.append(
+            "Add a learning-rate warm-up (start 10-100x lower and ramp up over the first few hundred steps): "
+            "the first steps, taken before the weights and optimizer statistics settle, are the largest."
+        )
+    advice.append(
+        "Clip gradients (torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0) / clipnorm=1.0 on a Keras "
+        "optimizer) so that one large gradient cannot make a huge step."
+    )
+    if step <= th.damage_steps:
+        advice.append(
+            "If the loss sums over the batch (reduction='sum', or a sum over tokens) or gradients are accumulated "
+            "without dividing the loss, every gradient is that many times larger: take the mean instead."
+        )
+    if scale is not None:
+        advice.insert(0, input_advice(scale))
+    return advice
 
 
 def _what(
