@@ -65,12 +65,19 @@ RESERVED_SCALARS = frozenset({"grad_norm", "grad_nonfinite", "grad_norm_preclip"
 RESERVED_PREFIXES = ("grad_norm/", "grad_nonfinite/", "grad_norm_preclip/", "weight_norm/", "update_norm/", "lr/")
 
 
-def check_scalar_name(name: Any) -> str:
+def check_scalar_name(name: Any, *, lr_recorded: bool = True) -> str:
     """Check a scalar name passed to a watch's ``log(...)``: not one of the watch's own signals.
+
+    Args:
+        name: the name.
+        lr_recorded: whether the watch records the learning rate itself (``lr``, ``lr/<group>``); a watch without
+            an optimizer does not, and its user may log it.
 
     Raises:
         InputError: ``name`` is a signal the watch records itself (``grad_norm``, ``lr``, ``weight_norm/<t>``...).
     """
+    if not lr_recorded and (name == "lr" or name.startswith("lr/")):
+        return name
     if name in RESERVED_SCALARS or name.startswith(RESERVED_PREFIXES):
         raise InputError(
             f"log({name}=...): {name!r} is a signal the watch records itself at every step, so a value logged "
@@ -381,6 +388,10 @@ class WatchCore:
             rows.setdefault(s, {})[k] = float(v)
         return rows
 
+    def _records_lr(self) -> bool:
+        """Whether this watch records the learning rate itself (then ``log(lr=...)`` is refused)."""
+        return True
+
     def _default_log_step(self) -> int:
         """The step :meth:`log` records at when none is given."""
         return self._step
@@ -509,7 +520,8 @@ class WatchCore:
         values = dict(scalars)
         if loss is not None:
             values["loss"] = loss
-        checked = {check_scalar_name(k): self._scalar_value(k, v) for k, v in values.items()}
+        lr_recorded = self._records_lr()
+        checked = {check_scalar_name(k, lr_recorded=lr_recorded): self._scalar_value(k, v) for k, v in values.items()}
         self._buffer_scalars(s, checked)
         self._maybe_flush_scalars()
 

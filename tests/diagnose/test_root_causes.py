@@ -513,6 +513,25 @@ def test_a_gradient_spike_that_comes_with_a_learning_rate_jump_is_the_learning_r
     assert found[0].code == "learning-rate-too-high" and found[0].first_step == 40
 
 
+def test_a_spike_long_after_a_warm_up_is_not_blamed_on_the_schedule(synth, rng):
+    """Regression: a warm-up from 1/100 of the rate made every later step count as "raised by the schedule", and a
+    spike at step 120, 100 steps into the peak rate, was named learning-rate-too-high."""
+    s = synth()
+    for step in range(200):
+        rate = 0.1 * min(1.0, 0.01 + step / 20)
+        spike = step == 120
+        s.scalars(
+            step,
+            lr=rate,
+            grad_norm=300.0 if spike else 1.0 + 0.1 * rng.random(),
+            loss=(5.0 if step > 120 else 1.0 * 0.99**step),
+            **{"weight_norm/fc1.weight": 10.0, "update_norm/fc1.weight": 0.05},
+        )
+    found = diagnose(s.run())
+    assert "learning-rate-too-high" not in [f.code for f in found], [(f.code, f.message) for f in found]
+    assert found[0].code == "exploding-gradients" and found[0].advice[0].startswith("Clip gradients")
+
+
 def test_damage_that_shows_after_the_damage_window_still_counts(synth):
     """Adam's momentum spreads a spike over ~20 steps: the loss rose only 1.5x within 5 steps, 15x within 20."""
     s = synth()

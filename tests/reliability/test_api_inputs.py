@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -66,9 +67,37 @@ def test_log_refuses_reserved_names(tmp_path, name):
 
 
 def test_reserved_names_keep_measured_values(tmp_path):
-    path = _train(tmp_path / "r.db", steps=3)
-    sc = load(path).scalars
-    assert np.allclose(sc["lr"], 0.1) and (sc["grad_norm"] > 0).all()
+    """Regression: log(grad_norm=5.0, lr=123.0) replaced the measured values in Run.scalars."""
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    norms = []
+    with gradsight.watch(model, path=tmp_path / "r.db", optimizer=opt) as run:
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            norms.append(float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters()))))
+            opt.step()
+            with pytest.raises(InputError, match="records itself"):
+                run.log(loss=1.0, grad_norm=5.0, lr=123.0)
+    sc = load(tmp_path / "r.db").scalars
+    assert np.allclose(sc["lr"], 0.1) and np.allclose(sc["grad_norm"], norms, rtol=1e-6)
+
+
+def test_a_loop_without_an_optimizer_may_log_its_learning_rate(tmp_path):
+    """The watch records no lr without an optimizer: the user's is the only one, and must not be refused."""
+    model = nn.Linear(4, 2)
+    with gradsight.watch(model, path=tmp_path / "r.db") as run:
+        for step in range(3):
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+                    p.grad = None
+            run.step()
+            run.log(loss=1.0, lr=0.1 / (step + 1))
+        with pytest.raises(InputError, match="records itself"):
+            run.log(grad_norm=1.0)  # that one it records
+    assert load(tmp_path / "r.db").scalars["lr"].tolist() == pytest.approx([0.1, 0.05, 0.1 / 3])
 
 
 # -- 2. OnlineDiagnosis of a model, a missing file, bad options -----------------------------------------------------
@@ -89,9 +118,17 @@ def test_online_missing_path_warns_at_first_check(tmp_path):
         assert od.check() == []
 
 
-@pytest.mark.parametrize("kw", [{"stop_on": None}, {"stop_on": 3}, {"rules": ["x"]}, {"rules": 5}])
-def test_online_bad_options(run_path, kw):
-    with pytest.raises(InputError):
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"stop_on": None}, "stop_on must be a collection"),
+        ({"stop_on": 3}, "stop_on must be a collection"),
+        ({"rules": ["x"]}, "rules must be gradsight.diagnose.Rule instances"),
+        ({"rules": 5}, "rules must be a list"),
+    ],
+)
+def test_online_bad_options(run_path, kw, match):
+    with pytest.raises(InputError, match=re.escape(match)):
         OnlineDiagnosis(run_path, **kw)
 
 
@@ -229,8 +266,14 @@ def test_run_writer_checks_at_the_call(tmp_path):
         RunWriter(tmp_path / "m.db", meta="x")
     w = RunWriter(tmp_path / "w.db")
     try:
-        for step, values in [("a", {"x": 1.0}), (0, {"a": "x"}), (0, None), (-1, {"a": 1.0}), (0, {1: 2.0})]:
-            with pytest.raises(InputError):
+        for step, values, match in [
+            ("a", {"x": 1.0}, "expects a step number"),
+            (0, {"a": "x"}, "mapped to numbers, got 'a': 'x'"),
+            (0, None, "expects values as a mapping"),
+            (-1, {"a": 1.0}, "non-negative step number, got -1"),
+            (0, {1: 2.0}, "mapped to numbers, got 1: 2.0"),
+        ]:
+            with pytest.raises(InputError, match=re.escape(match)):
                 w.log_scalars(step, values)
         with pytest.raises(InputError, match="TensorSummary"):
             w.log_summaries(0, "junk")
@@ -258,13 +301,22 @@ def test_watch_tape_config_must_be_a_mapping(tmp_path, keras):
 
 
 # -- 13. to_pandas filters, export paths and keywords ------------------------------------------------------------------
-@pytest.mark.parametrize("kw", [{"kind": 3}, {"layer": 1.5}, {"tensor": [1]}, {"steps": "0:5"}, {"steps": (1, 2, 3)}])
-def test_to_pandas_bad_filters(run_path, kw):
-    with load(run_path) as r, pytest.raises(InputError):
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"kind": 3}, "kind=... expects a name or a list of names, got int 3"),
+        ({"layer": 1.5}, "layer=... expects a name or a list of names, got float 1.5"),
+        ({"tensor": [1]}, "tensor=... expects a name or a list of names, got list [1]"),
+        ({"steps": "0:5"}, "steps must be an inclusive (first, last) pair"),
+        ({"steps": (1, 2, 3)}, "steps must be an inclusive (first, last) pair"),
+    ],
+)
+def test_to_pandas_bad_filters(run_path, kw, match):
+    with load(run_path) as r, pytest.raises(InputError, match=re.escape(match)):
         r.to_pandas(**kw)
 
 
-def test_export_bad_path_and_keyword(run_path, tmp_path):
+def test_export_tensorboard_without_a_logdir(run_path, tmp_path):
     pytest.importorskip("tensorboard")
     with pytest.raises(InputError, match="logdir"):
         gradsight.export.to_tensorboard(run_path, None)

@@ -390,7 +390,15 @@ def test_log_misuse(tmp_path, call, error, match):
 
 
 @pytest.mark.parametrize(
-    "when", ["after-step", "after-eval-forward", "after-no-grad-eval", "before-backward", "eval-mode-training"]
+    "when",
+    [
+        "after-step",
+        "after-eval-forward",
+        "after-no-grad-eval",
+        "before-backward",
+        "eval-mode-training",
+        "eval-from-step-2",
+    ],
 )
 def test_log_records_at_the_step_whose_forward_it_follows(tmp_path, when):
     """A validation forward with gradients on, between the step and ``log``, does not move the log to the next step.
@@ -405,12 +413,16 @@ def test_log_records_at_the_step_whose_forward_it_follows(tmp_path, when):
     expected = {}
     with gradsight.watch(model, optimizer=opt, path=tmp_path / "r.db", preset="full") as run:
         for step in range(4):
+            if when == "eval-from-step-2" and step == 2:
+                model.eval()  # e.g. BatchNorm statistics frozen from here on
             opt.zero_grad()
             loss = model(torch.randn(5, 12)).pow(2).mean()
             expected[step] = loss.item()
             if when in ("before-backward", "eval-mode-training"):
                 run.log(loss=loss)
             loss.backward()
+            if when == "eval-from-step-2":
+                run.log(loss=loss)  # between backward and step
             opt.step()
             if when == "after-eval-forward":
                 model.eval()
@@ -419,7 +431,7 @@ def test_log_records_at_the_step_whose_forward_it_follows(tmp_path, when):
             elif when == "after-no-grad-eval":
                 with torch.no_grad():
                     model(torch.randn(5, 12))
-            if when not in ("before-backward", "eval-mode-training"):
+            if when not in ("before-backward", "eval-mode-training", "eval-from-step-2"):
                 run.log(loss=loss)
     recorded = load(tmp_path / "r.db").scalars["loss"].dropna().to_dict()
     assert recorded == pytest.approx(expected)

@@ -418,13 +418,17 @@ def _input_side(prof: pd.DataFrame, ratio: float) -> list[int]:
     return rows
 
 
+#: Layer types that look rows up by id (torch, Keras); a dense "PatchEmbedding" reads every weight at every step.
+_TABLES = frozenset({"Embedding", "EmbeddingBag"})
+
+
 def _lookup_table(data: RunData, layer: str) -> bool:
     """Whether ``layer`` is an embedding table, whose gradient RMS says nothing about vanishing.
 
     A batch's gradient reaches only the rows of the ids it holds, so the RMS over the table is diluted by its
     vocabulary, whatever reaches each used row (a BERT's 30k-row table is not vanishing).
     """
-    return "embedding" in str(data.layer_info(layer).get("type", "")).lower()
+    return str(data.layer_info(layer).get("type", "")) in _TABLES
 
 
 class VanishingGradientsRule(Rule):

@@ -100,10 +100,17 @@ class LearningRateTooHighRule(Rule):
 
 #: A learning rate this many times its lowest earlier value counts as raised by a schedule (a warm-up, a cycle).
 _RATE_RISE = 10.0
+#: ... and as new ground when it is this many times every rate taken until ``reference_steps`` steps before.
+_RATE_NEW = 1.2
 
 
 def _scheduled_rise(data: RunData, th: Thresholds) -> tuple[int, dict[str, Any], tuple[float, float]] | None:
-    """The first step at which a schedule had raised the learning rate ``_RATE_RISE`` times and the loss rose.
+    """The first step at which a schedule had raised the learning rate into new ground and the loss rose.
+
+    Raised: ``_RATE_RISE`` times its lowest earlier value; new ground: ``_RATE_NEW`` times every rate the run took
+    until ``reference_steps`` steps before (a run that trained fine at its peak rate for a while, after a warm-up,
+    did not break because of that rate). A damage window with a gradient spike at an unchanged rate
+    (:func:`gradsight.diagnose._series.gradient_spikes`) is the spike's.
 
     ``(step, damage, (lowest earlier rate, rate))``, or ``None``. A one-cycle or warm-up schedule that peaks too
     high breaks a run at the rate it reaches, with steps that can each stay below ``lr_step_ratio`` (Adam moves
@@ -116,9 +123,14 @@ def _scheduled_rise(data: RunData, th: Thresholds) -> tuple[int, dict[str, Any],
     if len(rates) < 2:
         return None
     low = rates.cummin()
-    risen = rates.index[(rates >= _RATE_RISE * low).to_numpy()]
+    # the rate is new ground: above every rate the run took until reference_steps earlier (a warm-up that ended
+    # long before, at the rate the run then trained at fine, is not a rise into the damage)
+    tried = rates.cummax().shift(int(th.reference_steps))
+    new = (rates > _RATE_NEW * tried) | tried.isna()
+    risen = rates.index[((rates >= _RATE_RISE * low) & new).to_numpy()]
     if not len(risen):
         return None
+    spikes = gradient_spikes(data, th)
     values = loss(data)
     w = int(th.damage_steps)
     before_med = values.rolling(w, min_periods=1).median()
@@ -127,8 +139,8 @@ def _scheduled_rise(data: RunData, th: Thresholds) -> tuple[int, dict[str, Any],
     ok = (after_med >= th.damage_loss_rise * before_med) & (after_med >= th.damage_loss_floor * initial)
     broke = set(values.index[ok.fillna(False).to_numpy()]) | set(nonfinite_steps(data))
     for step in risen:
-        if int(step) not in broke:
-            continue
+        if int(step) not in broke or any(int(step) <= g <= int(step) + th.damage_steps for g in spikes):
+            continue  # no damage here, or a gradient spike at an unchanged rate made it
         harm = damage(data, int(step), **th.damage_args())
         if "loss" in harm or "non_finite" in harm:
             return int(step), harm, (float(low.loc[step]), float(rates.loc[step]))

@@ -477,7 +477,7 @@ def damage(
     * ``loss``: the median loss after ``step`` is ``loss_rise`` times (or more) the median over the ``window``
       steps up to it (the loss logged at a step is computed before that step's update), and at least
       ``loss_floor`` times the initial loss (the lowest of the first ``baseline`` values: see
-      :func:`loss_rise`);
+      :func:`loss_rise_after`);
     * ``gradient``: the gradient norm after ``step`` exceeded ``grad_jump`` times its running median (the
       median of the ``reference_window`` values before it);
     * ``non_finite``: a NaN/Inf was recorded within the ``window`` steps after ``step`` (a NaN long after a step
@@ -541,7 +541,8 @@ def spike_jumps(data: RunData, th: Any) -> dict[int, float]:
     def make() -> dict[int, float]:
         return _spike_jumps(data, th)
 
-    return cached(data, f"spike_jumps/{th.reference_steps}/{th.damage_grad_jump}/{th.damage_steps}", make)
+    key = f"spike_jumps/{th.reference_steps}/{th.damage_grad_jump}/{th.damage_steps}/{th.update_ratio_high}"
+    return cached(data, key, make)
 
 
 def _spike_jumps(data: RunData, th: Any) -> dict[int, float]:

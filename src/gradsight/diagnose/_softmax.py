@@ -13,11 +13,12 @@ two softmaxes is weak. Evidence, all of which must hold:
 * the last layer with recorded outputs applies a softmax (its type, class or ``activation`` says so, not a
   log-softmax) and its outputs lie in ``[0, 1]`` at every logged step; ``C`` is its number of units;
 * every finite loss value lies in that band (up to float32 rounding), at least ``loss_min_steps`` of them;
-* the loss depends on ``p`` the way a second softmax does: where the layer's output gradient was recorded, it sums
-  to zero (``sum_j dJ/dp_j = 0`` for every sample, because ``softmax(p)`` does not change when a constant is added
-  to every ``p_j``; a negative log-likelihood of ``log p`` has every entry ``<= 0``; a squared error on ``p`` also
-  sums to zero but stays far below the band); without output gradients, the loss must have covered at least half
-  of its way from its start to the band's floor and stopped above it.
+* the loss depends on ``p`` the way a second softmax does: the layer's output gradient, recorded at one logged
+  step at least, sums to zero at each (``sum_j dJ/dp_j = 0`` for every sample, because ``softmax(p)`` does not
+  change when a constant is added to every ``p_j``; a negative log-likelihood of ``log p`` has every entry
+  ``<= 0``; a squared error on ``p`` also sums to zero but stays far below the band). Without output gradients
+  the rule stays silent: a healthy probability loss (Keras' cross-entropy on a softmax output, whose output
+  gradient the watch cannot record) can lie in the band for a whole run.
 
 A ``reduction="sum"`` loss (B times the band) is not recognised: the rule stays silent rather than guess.
 """
@@ -119,8 +120,7 @@ class DoubleSoftmaxRule(Rule):
         w = max(3, math.ceil(th.loss_window * values.size))
         start, end = float(np.median(values[:w])), float(np.median(values[-w:]))
         zero_sum = _zero_sum(data, layer)
-        halfway = start > floor and end - floor <= 0.5 * (start - floor)
-        if zero_sum is False or (zero_sum is None and not halfway):
+        if zero_sum is not True:  # without output gradients a healthy probability loss can sit in the band too
             return []
         return [self._finding(data, layer, classes, values, (start, end), zero_sum)]
 
@@ -168,9 +168,9 @@ class DoubleSoftmaxRule(Rule):
             evidence=evidence,
             message=(
                 f"The model ends in a softmax ({layer!r}, {classes} classes) and every loss value lies in "
-                f"[{fmt(floor)}, {fmt(ceiling)}] (from {fmt(float(values.max()))} down to {fmt(float(values.min()))}),"
-                " the range of a cross-entropy that applies a second softmax to probabilities: the loss can never "
-                f"fall below {fmt(floor)}."
+                f"[{fmt(floor)}, {fmt(ceiling)}] (median {fmt(start_end[0])} at the start, {fmt(start_end[1])} at "
+                "the end), the range of a cross-entropy that applies a second softmax to probabilities: the loss can "
+                f"never fall below {fmt(floor)}."
             ),
             explanation=(
                 "A cross-entropy that expects logits applies softmax itself. Given probabilities p (each between 0 "

@@ -32,7 +32,7 @@ __all__ = ["LossUnboundedRule"]
 
 
 class LossUnboundedRule(Rule):
-    """A loss far below zero and still falling at the end of the run (see the module docstring). An error."""
+    """A loss far below zero and still falling at the end of the run (see the module docstring). A warning."""
 
     name = "loss-unbounded"
     codes = ("loss-unbounded",)
@@ -69,10 +69,15 @@ class LossUnboundedRule(Rule):
                 "log of values that can exceed 1."
             ),
         )
+        advice = (
+            *advice,
+            "If the objective is meant to fall without bound (a policy-gradient loss -R·log π as returns grow), "
+            "this finding does not apply.",
+        )
         return [
             Finding(
                 code="loss-unbounded",
-                severity="error",
+                severity="warning",
                 layers=(),
                 first_step=int(values.index[0]),
                 last_step=int(values.index[-1]),

@@ -1073,6 +1073,9 @@ class Watch(WatchCore):
         return rows
 
     # ---- the user's API (see WatchCore) -----------------------------------------------------------------------
+    def _records_lr(self) -> bool:
+        return self._optimizer is not None  # without one, a loop's own learning rate is the user's to log
+
     def _default_log_step(self) -> int:
         """The step whose forward pass ran last.
 
@@ -1407,6 +1410,7 @@ class _GradAccumulated:
             return
         w._bw_queued = True
         w._train_mode = w._fwd_mode
+        w._log_fwd = True  # the forward in progress had a backward pass: it is this step's, whatever its mode
         torch.autograd.Variable._execution_engine.queue_callback(_EndBackward(self.wref))
 
 
