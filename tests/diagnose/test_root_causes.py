@@ -383,6 +383,33 @@ def test_not_optimized_learning_rate_zero_but_not_a_float_rounding(synth):
     assert "not-optimized" not in codes(diagnose(s2.run()))
 
 
+def test_a_warm_up_from_a_rate_of_zero_is_not_a_parameter_left_unoptimized(synth):
+    """Regression (HF Trainer, linear warm-up): the rate was 0 at step 0 only, the gradient tiny afterwards (its
+    update rounds below what the rule can expect), and the zero update of step 0 was read as 'never moved'."""
+    s = synth()
+    for step in range(6):
+        s.writer.log_scalars(
+            step,
+            {
+                "loss": 1.0 - 0.01 * step,
+                "lr": 0.01 * step / 5,
+                "weight_norm/fc1.weight": 1.0,
+                "update_norm/fc1.weight": 0.0 if step == 0 else 1e-9,
+                "grad_norm/fc1.weight": 1e-7,
+            },
+        )
+    assert "not-optimized" not in codes(diagnose(s.run()))
+
+
+def test_a_parameter_another_optimizer_trains_is_not_called_unoptimized(synth, rng):
+    """A GAN's discriminator under its own optimizer: the watched one does not hold it, but its weights move."""
+    s = synth(optimizer_params={"model_params_held": 1, "model_params": 2})
+    _params_run(s, {"gen.weight": 0.5, "disc.weight": 0.3}, held=["gen.weight"])
+    for step in (0, 5):
+        s.log(step, "weight", "disc", rng.normal(0, 1.0, size=(4, 3)), tensor="disc.weight")
+    assert "not-optimized" not in codes(diagnose(s.run()))
+
+
 # ---- gradients-clipped ----------------------------------------------------------------------------------------------
 def test_clipping_is_info_when_it_bites_now_and_then(synth, rng):
     s = synth()

@@ -215,7 +215,7 @@ class NotOptimizedRule(Rule):
         """See the module docstring."""
         held, held_source = held_tensors(data)
         state, grad_source = _grad_state(data)
-        outside = [t for t, v in state.items() if v == "nonzero" and t not in held]
+        outside = [t for t, v in state.items() if v == "nonzero" and t not in held and not _weights_moved(data, t)]
         still = _never_moved(data, [t for t in held if state.get(t) == "nonzero"])
         if not outside and not still:
             return []
@@ -278,11 +278,25 @@ class NotOptimizedRule(Rule):
 _REPRESENTABLE = 1e-6
 
 
+def _weights_moved(data: RunData, tensor: str) -> bool:
+    """Whether the tensor's weight summaries differ between logged steps: something updates it.
+
+    A parameter the watched optimizer does not hold may be trained by another one (a GAN's discriminator under
+    its own optimizer, a Lightning module's second optimizer): it is not "not optimized".
+    """
+    if "weight" not in data.kinds:
+        return False
+    f = data.frame("weight")
+    rows = f[f["tensor"] == tensor][["sum", "sum_sq", "min", "max"]]
+    return len(rows) > 1 and bool((rows.nunique() > 1).any())
+
+
 def _never_moved(data: RunData, tensors: list[str]) -> list[str]:
     """Of ``tensors``, those whose update norm was exactly 0 at every step at which an update was expected.
 
-    An update is expected where the learning rate is recorded and was 0 (the group's rate itself: the clearest
-    case), or where it was positive and ``lr·‖g‖/‖W‖`` (plain SGD's relative step; adaptive optimizers step more)
+    An update is expected where the learning rate is recorded and was 0 at every step (the group's rate itself: the
+    clearest case; a warm-up that starts at 0 is not it), or where it was positive and ``lr·‖g‖/‖W‖`` (plain SGD's
+    relative step; adaptive optimizers step more)
     is at least :data:`_REPRESENTABLE` — so a weight whose update rounds away in float32 (a vanishing gradient) is
     not called "not optimized". Without a recorded learning rate nothing is expected: the rule stays silent.
     """
@@ -303,7 +317,8 @@ def _never_moved(data: RunData, tensors: list[str]) -> list[str]:
         wn = w[t].reindex(steps).to_numpy(dtype="float64") if t in w.columns else np.full(len(steps), np.nan)
         with np.errstate(divide="ignore", invalid="ignore"):
             relative = np.where(wn > 0, lrs * grad / wn, np.inf)
-        expected = (grad > 0) & ((lrs == 0) | (relative >= _REPRESENTABLE))
+        frozen_by_rate = bool((lrs == 0).all())  # a rate of 0 throughout, not one warm-up step that starts at 0
+        expected = (grad > 0) & (((lrs == 0) & frozen_by_rate) | (relative >= _REPRESENTABLE))
         if expected.any() and not (np.abs(upd[expected]) > 0).any():
             out.append(t)
     return out
