@@ -254,6 +254,42 @@ def test_gradients_accumulating(synth, rng):
     assert "optimizer.zero_grad()" in f.message and any("zero_grad()" in a for a in f.advice)
 
 
+def test_a_keras_run_is_never_called_accumulating(synth, rng):
+    """fit and apply take a fresh gradient each step: a Keras regression whose gradient grew like a running sum
+    while its output layer reached large targets was told to call optimizer.zero_grad()."""
+    s = synth(framework="keras")
+    for step in range(40):
+        s.scalars(step, grad_norm=0.3 * (step + 1) * (1 + 0.03 * rng.normal()), loss=1.0 + 0.05 * rng.normal())
+    assert "gradients-accumulating" not in codes(diagnose(s.run()))
+
+
+def test_a_loss_cut_off_from_every_parameter_is_no_gradient(synth):
+    """Regression: the loss computed from detached outputs: optimizer steps, not one gradient. update-ratio-low
+    was the root; the per-step weight norms without any gradient norm are the evidence."""
+    s = synth()
+    for step in range(10):
+        s.scalars(
+            step,
+            loss=1.0,
+            lr=0.1,
+            **{"weight_norm/fc1.weight": 1.0, "update_norm/fc1.weight": 0.0, "weight_norm/fc2.weight": 2.0},
+        )
+    found = diagnose(s.run())
+    f = found[0]
+    assert f.code == "no-gradient" and f.is_root and f.evidence["absent"] == ["fc1.weight", "fc2.weight"]
+    assert "detach()" in f.advice[0]
+
+
+def test_a_fine_tune_at_its_noise_floor_is_not_a_loss_that_rose(synth, rng):
+    """Regression: the lowest of the first three losses was a lucky batch; half the start window's ordinary batches
+    lay above twice it and were left out as spikes, which biased the start low and made a flat loss 'rise'."""
+    s = synth()
+    for step in range(300):
+        s.scalars(step, loss=float(0.03 * rng.lognormal(0.0, 0.6)) if step else 0.008)
+    found = [f for f in diagnose(s.run()) if f.code == "loss-not-decreasing"]
+    assert all(f.severity == "info" for f in found), [(f.severity, f.message) for f in found]
+
+
 @pytest.mark.parametrize("kind", ["noisy", "exponential"])
 def test_not_accumulating(synth, rng, kind):
     s = synth()
@@ -363,6 +399,14 @@ def test_not_optimized_not_held(synth):
     f = by_code(diagnose(s.run()), "not-optimized")
     assert f.is_root and f.layers == ("fc1",) and f.evidence["not_held"] == ["fc1.weight"]
     assert "The optimizer holds 2 of the model's 3 parameter tensors." in f.message
+
+
+def test_not_optimized_advice_speaks_the_runs_framework(synth):
+    s = synth(framework="keras", optimizer_params={"model_params_held": 2, "model_params": 3})
+    _params_run(s, {"fc1/kernel": 0.5, "fc2/kernel": 0.3, "fc3/kernel": 0.2}, held=["fc2/kernel", "fc3/kernel"])
+    f = by_code(diagnose(s.run()), "not-optimized")
+    assert "optimizer.apply(grads, model.trainable_variables)" in f.advice[0]
+    assert not any("torch" in a for a in f.advice)
 
 
 def test_not_optimized_learning_rate_zero_but_not_a_float_rounding(synth):

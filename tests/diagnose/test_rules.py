@@ -686,3 +686,20 @@ def test_an_embedding_tables_diluted_gradient_is_not_vanishing(synth, rng, kind)
         s.log(step, "grad", "fc", rng.normal(0, 1.0, size=(8, 8)))
     found = diagnose(s.run(), rules=[VanishingGradientsRule()])
     assert [f.code for f in found] == ([] if kind == "Embedding" else ["vanishing-gradients"])
+
+
+def test_all_zero_weights_are_named_not_a_zero_bias(synth):
+    """Regression: kernel_initializer='zeros': 'the bias of fc1 has mean 0 ... initialise the bias at 0'."""
+    from gradsight.diagnose import BadInitialisationRule
+
+    s = synth(
+        layers=[{"name": "fc1", "type": "Dense", "activation": "relu"}, {"name": "out", "type": "Dense"}],
+        framework="keras",
+    )
+    s.log(0, "weight", "fc1", np.zeros((8, 16)), tensor="fc1/kernel")
+    s.log(0, "weight", "fc1", np.zeros(16), tensor="fc1/bias")
+    s.log(0, "output", "fc1", np.zeros((32, 16)), unit_axis=-1)
+    s.log(0, "output", "out", np.zeros((32, 2)), unit_axis=-1)
+    s.scalars(0, loss=2.3)
+    (f,) = diagnose(s.run(), rules=[BadInitialisationRule()])
+    assert f.evidence["layers"]["fc1"]["parameter"] == "weight", f.evidence["layers"]

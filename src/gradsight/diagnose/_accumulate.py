@@ -97,7 +97,11 @@ def accumulation_window(data: RunData, th: Thresholds) -> dict[str, Any] | None:
 
 
 class GradientsAccumulatingRule(Rule):
-    """The gradient norm grows like a running sum from the first step (warning). See the module docstring."""
+    """The gradient norm grows like a running sum from the first step (warning). See the module docstring.
+
+    Not judged on Keras runs: ``fit`` and ``optimizer.apply`` take a fresh gradient at every step, and a regression
+    whose gradient grows as its output layer reaches large targets looked like a running sum.
+    """
 
     name = "gradients-accumulating"
     codes = ("gradients-accumulating",)
@@ -110,6 +114,8 @@ class GradientsAccumulatingRule(Rule):
 
     def check(self, data: RunData, th: Thresholds) -> list[Finding]:
         """See the module docstring."""
+        if data.meta.get("framework") == "keras":
+            return []  # fit and apply take a fresh gradient each step: a Keras run cannot sum them by mistake
         w = accumulation_window(data, th)
         if w is None:
             return []

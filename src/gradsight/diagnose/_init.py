@@ -252,7 +252,8 @@ def _blame(data: RunData, layer: str, state: dict[str, Any], step: int, th: Thre
             else "estimated as rms(W)·sqrt(fan_in), for unit-scale inputs (the input was not recorded)"
         )
     bias_mean = b["mean"] if b is not None else 0.0
-    by_bias = b is not None and abs(bias_mean) >= th.init_bias_sigmas * spread
+    # a bias of 0 explains nothing, even against a weight term of 0 (all-zero weights: the weights are the cause)
+    by_bias = b is not None and bias_mean != 0 and abs(bias_mean) >= th.init_bias_sigmas * spread
     if state["state"] == "dead" and by_bias and bias_mean > 0:
         by_bias = False  # a positive bias cannot kill a ReLU
     act = state.get("activation", "relu")

@@ -3,7 +3,8 @@
 Reads the ``loss`` scalar (finite values only; a NaN/Inf loss is the non-finite rule's business). The *end* is the
 median of the last ``loss_window`` fraction of values (at least 3). The *start* is the median of the first
 ``loss_window`` fraction, leaving out spikes: values above ``damage_loss_rise`` times the initial loss (the lowest
-of the first ``baseline_steps`` values; a spike can only raise a loss) that the loss came back down from. So a loss
+of the first ``baseline_steps`` values; a spike can only raise a loss) or times the window's median, whichever is
+larger (at a noise floor the lowest first value is a lucky batch), that the loss came back down from. So a loss
 spike early in the run — a broken run's first overshooting steps — cannot raise the start and make a flat run look
 as if it had decreased. Needs ``loss_min_steps`` finite values, otherwise the rule stays silent (too early to tell).
 A run whose loss fell and then stayed at its floor has decreased: no finding. A loss counts as *rising* (never
@@ -63,7 +64,10 @@ class LossNotDecreasingRule(Rule):
         k = max(1, min(th.baseline_steps, w))
         first = values.iloc[:w].to_numpy()
         initial = float(first[:k].min())
-        start, spikes = _start_level(first, initial, th.damage_loss_rise)
+        # spikes are judged against the start window's median as well: at a noise floor (a fine-tune) the lowest
+        # of the first values is a lucky batch, and half of the ordinary batches lie above twice it
+        base = max(initial, float(np.median(first)))
+        start, spikes = _start_level(first, base, th.damage_loss_rise)
         end = float(np.median(values.iloc[-w:].to_numpy()))
         scale = abs(start) if start != 0 else 1.0
         decrease = (start - end) / scale
@@ -72,7 +76,7 @@ class LossNotDecreasingRule(Rule):
         healthy = _healthy(data, th)
         # rose by more than the band a flat loss may drift in, and above the start window's own noise: at a floor
         # of 0.05, minibatch losses spread over tens of percent, and a median 10 % up is not a rise
-        calm = first[first <= th.damage_loss_rise * initial] if initial > 0 else first  # without the spikes
+        calm = first[first <= th.damage_loss_rise * base] if base > 0 else first  # without the spikes
         rising = -decrease > th.loss_min_decrease and end > float(np.quantile(calm if calm.size else first, 0.9))
         evidence: dict[str, Any] = {
             "loss_start": start,
@@ -88,7 +92,10 @@ class LossNotDecreasingRule(Rule):
         }
         start_text = f"{fmt(start)} for the first {w}"
         if spikes:
-            start_text += f" (leaving out {spikes} spike(s) above {fmt(th.damage_loss_rise)}x the initial loss)"
+            start_text += (
+                f" (leaving out {spikes} spike(s) above {fmt(th.damage_loss_rise)}x the initial loss or the window's "
+                "median, whichever is larger)"
+            )
         msg = (
             f"The loss did not decrease: the median of the last {w} logged values is {fmt(end)} against "
             f"{start_text} ({'+' if end > start else ''}{fmt(-decrease * 100)} %; at least "

@@ -96,7 +96,7 @@ class NoGradientRule(Rule):
     def missing(self, data: RunData) -> list[str]:
         """Needs gradient records and to know which parameters the optimizer holds."""
         out = []
-        if not _has_grad_data(data):
+        if not _has_grad_data(data) and not _no_gradient_at_all(data):
             out.append("'grad' summaries or per-step 'grad_norm/<tensor>' signals")
         if not held_tensors(data)[0]:
             out.append(
@@ -111,12 +111,15 @@ class NoGradientRule(Rule):
         absent = [t for t in held if t not in state]
         zero = [t for t in held if state.get(t) == "zero"]
         everything = not any(v == "nonzero" for v in state.values())
-        if everything and not zero:
+        none_at_all = not state and _no_gradient_at_all(data)  # steps taken, never a gradient: a detached loss
+        if everything and not zero and not none_at_all:
             return []  # no gradient recorded at all: not a matter of some parameters (see no-steps)
         if not absent and not zero:
             return []
         frozen = set(map(str, data.meta.get("frozen") or []))
         steps = sorted(int(s) for s in tensor_grad_norms(data)[0].index)
+        if none_at_all:
+            steps = sorted(int(s) for s in weight_norms(data)[0].index)
         tensors = absent + zero
         layers = ordered([data.tensor_layer(t) for t in tensors], data)
         parts = []
@@ -156,11 +159,25 @@ class NoGradientRule(Rule):
                 },
                 message=msg,
                 explanation=" ".join(explanation),
-                advice=_EVERYTHING_ZERO_ADVICE
+                advice=(_EVERYTHING_ZERO_ADVICE[1],)  # never any gradient: cut off, not underflowed
+                if none_at_all
+                else _EVERYTHING_ZERO_ADVICE
                 if everything
                 else _CUT_OFF_ADVICE.get(str(data.meta.get("framework")), _CUT_OFF_ADVICE["torch"]),
             )
         ]
+
+
+def _no_gradient_at_all(data: RunData) -> bool:
+    """Optimizer steps with per-step weight norms, and not one gradient norm or summary: nothing got a gradient.
+
+    The per-step signals record the gradient norms at every step that has gradients; a run that has the weight
+    norms of two steps or more and none of those had none (a loss computed from detached outputs).
+    """
+    if "grad" in data.kinds or "grad_norm" in data.scalars.columns:
+        return False
+    w, _ = weight_norms(data)
+    return len(w.index) >= 2 and w.shape[1] > 0
 
 
 def _explain_no_gradient(
@@ -263,14 +280,24 @@ class NotOptimizedRule(Rule):
                     "sub-module's parameters, a copy of the model), or their parameter group has a learning rate "
                     "of 0. These layers keep their initial random weights for the whole run."
                 ),
-                advice=(
-                    "Build the optimizer from all trainable parameters, after the model is complete: "
-                    "torch.optim.Adam(model.parameters(), ...); check len(opt.param_groups[i]['params']).",
-                    "If they should stay fixed, set requires_grad=False on them so that no gradient is computed.",
-                ),
+                advice=_NOT_OPTIMIZED_ADVICE.get(str(data.meta.get("framework")), _NOT_OPTIMIZED_ADVICE["torch"]),
             )
         ]
 
+
+#: The advice of a not-optimized finding, by framework.
+_NOT_OPTIMIZED_ADVICE = {
+    "torch": (
+        "Build the optimizer from all trainable parameters, after the model is complete: "
+        "torch.optim.Adam(model.parameters(), ...); check len(opt.param_groups[i]['params']).",
+        "If they should stay fixed, set requires_grad=False on them so that no gradient is computed.",
+    ),
+    "keras": (
+        "Apply the gradients of every trainable variable: optimizer.apply(grads, model.trainable_variables) (in a "
+        "custom train_step, self.trainable_variables), with the gradients taken for the same list.",
+        "If they should stay fixed, set layer.trainable = False so that no gradient is computed for them.",
+    ),
+}
 
 #: An update is representable when it changes a float32 weight: the smallest relative change float32 resolves is
 #: 2**-24 ≈ 6e-8 per element; a step whose expected relative size lr·‖g‖/‖W‖ is below 1e-6 (16x that, for the
