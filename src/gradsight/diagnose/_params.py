@@ -171,8 +171,8 @@ class NoGradientRule(Rule):
 def _no_gradient_at_all(data: RunData) -> bool:
     """Optimizer steps with per-step weight norms, and not one gradient norm or summary: nothing got a gradient.
 
-    The per-step signals record the gradient norms at every step that has gradients; a run that has the weight
-    norms of two steps or more and none of those had none (a loss computed from detached outputs).
+    The per-step signals record the gradient norms at every step that has gradients: a run with the weight norms
+    of two steps or more and no gradient norm at all never had a gradient (a loss computed from detached outputs).
     """
     if "grad" in data.kinds or "grad_norm" in data.scalars.columns:
         return False
