@@ -31,7 +31,7 @@ import numpy as np
 from ._advice import lower_lr
 from ._base import Rule, RunData, Thresholds, fmt
 from ._finding import Finding
-from ._series import cached, grad_norm, loss, preclip_norm
+from ._series import cached, grad_norm, loss, loss_window, preclip_norm
 
 __all__ = ["GradientsClippedRule", "clipping_too_tight"]
 
@@ -224,10 +224,9 @@ def _too_tight(data: RunData, evidence: dict[str, Any], th: Thresholds) -> dict[
     if not total or clipped < _TIGHT_SHARE * total or not (post_med > 0 and pre_med >= _TIGHT_FACTOR * post_med):
         return None
     lo = loss(data)
-    lo = lo[np.isfinite(lo.to_numpy())]
     if len(lo) < th.loss_min_steps:
         return None
-    w = max(3, math.ceil(th.loss_window * len(lo)))
+    w = loss_window(len(lo), th)
     start, end = float(np.median(lo.iloc[:w].to_numpy())), float(np.median(lo.iloc[-w:].to_numpy()))
     if start != 0 and (start - end) / abs(start) >= _TIGHT_LOSS_FALL:
         return None  # the loss falls: the clip costs speed at most
@@ -243,10 +242,9 @@ def _clipped_while_rising(data: RunData, evidence: dict[str, Any], th: Threshold
     if not total or clipped < _TIGHT_SHARE * total:
         return None
     lo = loss(data)
-    lo = lo[np.isfinite(lo.to_numpy())]
     if len(lo) < th.loss_min_steps:
         return None
-    w = max(3, math.ceil(th.loss_window * len(lo)))
+    w = loss_window(len(lo), th)
     start = float(lo.iloc[: max(1, min(th.baseline_steps, w))].min())  # the initial loss: spikes cannot raise it
     end = float(np.median(lo.iloc[-w:].to_numpy()))
     if not (start > 0 and end >= th.damage_loss_rise * start):

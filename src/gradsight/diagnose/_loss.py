@@ -32,7 +32,7 @@ from ._base import LOSS_SCALARS, Rule, RunData, Thresholds, fmt, recent
 from ._clip import clipping_too_tight
 from ._finding import Finding
 from ._layers import unit_dead_fraction
-from ._series import layer_update_ratios, loss, nonfinite_steps, tensor_grad_norms
+from ._series import layer_update_ratios, loss, loss_window, nonfinite_steps, tensor_grad_norms
 
 __all__ = ["LossNotDecreasingRule"]
 
@@ -60,7 +60,7 @@ class LossNotDecreasingRule(Rule):
         n = len(values)
         if n < max(th.loss_min_steps, 6):
             return []
-        w = max(3, math.ceil(th.loss_window * n))
+        w = loss_window(n, th)
         k = max(1, min(th.baseline_steps, w))
         first = values.iloc[:w].to_numpy()
         initial = float(first[:k].min())

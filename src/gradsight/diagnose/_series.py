@@ -38,6 +38,7 @@ __all__ = [
     "layer_update_ratios",
     "loss",
     "loss_rise_after",
+    "loss_window",
     "lr",
     "median_between",
     "nonfinite_steps",
@@ -302,6 +303,11 @@ def loss(data: RunData) -> pd.Series:
         return s[np.isfinite(s.to_numpy())].sort_index()
 
     return cached(data, "loss", make)
+
+
+def loss_window(n: int, th: Any) -> int:
+    """How many of ``n`` loss values form the start and the end windows the loss rules compare (at least 3)."""
+    return max(3, math.ceil(th.loss_window * n))
 
 
 def lr(data: RunData) -> pd.Series:

@@ -33,7 +33,7 @@ import numpy as np
 
 from ._base import LOSS_SCALARS, Rule, RunData, Thresholds, fmt
 from ._finding import Finding
-from ._series import loss
+from ._series import loss, loss_window
 
 __all__ = ["DoubleSoftmaxRule", "softmax_band"]
 
@@ -117,7 +117,7 @@ class DoubleSoftmaxRule(Rule):
         floor, ceiling = softmax_band(classes)
         if values.min() < floor * (1 - _SLACK) or values.max() > ceiling * (1 + _SLACK):
             return []
-        w = max(3, math.ceil(th.loss_window * values.size))
+        w = loss_window(values.size, th)
         start, end = float(np.median(values[:w])), float(np.median(values[-w:]))
         zero_sum = _zero_sum(data, layer)
         if zero_sum is not True:  # without output gradients a healthy probability loss can sit in the band too

@@ -28,7 +28,6 @@ any correlation with the incoming gradient), i.e. exactly what saturation costs.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -40,7 +39,7 @@ from ._base import Rule, RunData, Thresholds, fmt, ordered, recent
 from ._finding import Finding
 from ._inputs import input_advice, input_scale
 from ._layers import unit_dead_fraction
-from ._series import loss
+from ._series import loss, loss_window
 
 if TYPE_CHECKING:  # pragma: no cover - pandas is imported where it is used, not at import
     import pandas as pd
@@ -357,7 +356,7 @@ def _learned_through(data: RunData, hits: dict[str, dict[str, Any]], th: Thresho
     values = loss(data)
     if len(values) < max(th.loss_min_steps, 6):
         return None
-    w = max(3, math.ceil(th.loss_window * len(values)))
+    w = loss_window(len(values), th)
     start, end = float(np.median(values.iloc[:w])), float(np.median(values.iloc[-w:]))
     if start <= 0 or (start - end) / start < th.loss_min_decrease:
         return None
