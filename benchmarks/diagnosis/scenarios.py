@@ -1068,6 +1068,75 @@ def torch_softmax_nll(seed: int, path: Path, watch: Mapping[str, Any]) -> Path:
     return _train_torch(model, opt, path, watch, _digits_torch(images=False), seed=seed, loss_fn=_nll_of_log)
 
 
+def _ce_of_softmax(out: Any, y: Any) -> Any:
+    f = _torch().nn.functional
+    return f.cross_entropy(f.softmax(out, dim=1), y)  # the mistake: probabilities where scores belong
+
+
+@scenario(
+    "torch",
+    root="double-softmax",
+    names=("out",),
+    why="The loop applies F.softmax to the model's scores and passes the probabilities to F.cross_entropy, which "
+    "applies log-softmax again. No layer says softmax: the loss stays in [1.46, 2.46] for 10 classes, and the "
+    "gradient reaching the scores passes through the first softmax's Jacobian, about 10x weaker than a "
+    "cross-entropy on the scores gives.",
+    exhibit=_floor_never_passed(10),
+)
+def torch_softmax_in_code(seed: int, path: Path, watch: Mapping[str, Any]) -> Path:
+    """A digits ReLU MLP whose scores go through F.softmax before F.cross_entropy; Adam lr=3e-3."""
+    torch = _seed_torch(seed)
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    return _train_torch(model, opt, path, watch, _digits_torch(images=False), seed=seed, loss_fn=_ce_of_softmax)
+
+
+def _soft_targets(seed: int) -> tuple[Any, Any]:
+    """Digits with soft labels: a fixed "teacher" distribution per image, spread over the classes (entropy ~2)."""
+    torch = _torch()
+    x, y = _digits_torch(images=False)
+    g = torch.Generator().manual_seed(1000 + seed)
+    logits = 0.5 * torch.randn(len(y), 10, generator=g) + 1.5 * torch.nn.functional.one_hot(y, 10)
+    return x, torch.softmax(logits, dim=1)
+
+
+def _ce_soft(out: Any, target: Any) -> Any:
+    return _torch().nn.functional.cross_entropy(out, target)
+
+
+def _learns_in_band(classes: int = 10) -> Exhibit:
+    """Healthy exhibit: the loss falls, and stays inside the band a double softmax would give."""
+    floor, ceiling = math.log1p((classes - 1) / math.e), math.log(math.e + classes - 1)
+
+    def check(run: gradsight.Run) -> str | None:
+        loss = loss_series(run)
+        if len(loss) < 10 or not np.isfinite(loss).all():
+            return f"expected a finite loss at every step, got {len(loss)} values"
+        start, end = float(np.median(loss[:30])), float(np.median(loss[-30:]))
+        if not floor < end < start - 0.05:
+            return f"loss should fall and end above {floor:.3f}: {start:.3f} -> {end:.3f}"
+        inside = float(np.mean((loss > floor) & (loss < ceiling)))
+        return None if inside > 0.9 else f"loss should stay in [{floor:.3f}, {ceiling:.3f}]: {inside:.0%} inside"
+
+    return check
+
+
+@scenario(
+    "torch",
+    root=None,
+    why="A cross-entropy on soft targets (probabilities as labels, as in distillation): the loss cannot fall below "
+    "the targets' entropy (~2 nats here), so it stays in the range a double softmax gives, and the gradient "
+    "weakens as the model matches the targets. Healthy.",
+    exhibit=_learns_in_band(10),
+)
+def torch_soft_targets(seed: int, path: Path, watch: Mapping[str, Any]) -> Path:
+    """A digits ReLU MLP trained with F.cross_entropy on fixed soft targets (entropy ~2 nats); Adam lr=1e-2."""
+    torch = _seed_torch(seed)
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    return _train_torch(model, opt, path, watch, _soft_targets(seed), seed=seed, loss_fn=_ce_soft)
+
+
 def _falls_below(value: float) -> Exhibit:
     def check(run: gradsight.Run) -> str | None:
         loss = loss_series(run)

@@ -317,6 +317,69 @@ def test_a_softmax_output_trained_with_a_loss_made_for_probabilities_is_not_doub
         assert np.median(values[-16:]) - floor < 0.5 * (np.median(values[:16]) - floor)
 
 
+class _SoftmaxInForward:
+    """A digits MLP whose forward() returns F.softmax of its last layer's scores (no Softmax module)."""
+
+    def __new__(cls, torch):
+        nn = torch.nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.hidden, self.scores = nn.Linear(64, 64), nn.Linear(64, 10)
+
+            def forward(self, x):
+                return nn.functional.softmax(self.scores(torch.relu(self.hidden(x))), dim=1)
+
+        return Net()
+
+
+@pytest.mark.parametrize("lr", [1e-2, 3e-3])
+def test_a_softmax_applied_in_forward_before_cross_entropy_is_named_from_its_weak_gradient(
+    torch, torch_seeded_one_thread, tmp_path, lr
+):
+    """No layer says "softmax": the last layer gives scores, and F.softmax in forward() turns them into
+    probabilities that F.cross_entropy softmaxes again. Its loss lies in the band, and the gradient reaching the
+    scores is about 10x weaker than a cross-entropy on them gives at the same loss."""
+    x, y = _digits(torch, images=False)
+    model = _SoftmaxInForward(torch)
+    found = _train(torch, model, torch.optim.Adam(model.parameters(), lr=lr), tmp_path / "r.db", x, y, steps=300)
+    root = found[0]
+    assert root.code == "double-softmax" and root.is_root and root.severity == "warning", [f.code for f in found]
+    assert root.layers == ("scores",) and root.evidence["classes"] == 10
+    assert root.evidence["softmax_applied_in_code"] is True
+    # a cross-entropy on the scores starts at q = sqrt(C / (C - 1)) = 1.054; through a second softmax at
+    # 1 / sqrt(C (C - 1)) = 0.105 (both at a uniform prediction)
+    assert root.evidence["gradient_ratio_first"] == pytest.approx(1 / math.sqrt(90), rel=0.1)
+    assert root.evidence["gradient_ratio_max"] <= 0.35
+    assert root.evidence["loss_min"] >= math.log(1 + 9 / math.e)
+    assert "Remove the softmax applied to 'scores'" in root.advice[0] and "forward()" in root.advice[0]
+    assert all(not f.is_root or f.severity == "info" for f in found[1:]), [(f.code, f.is_root) for f in found]
+
+
+@pytest.mark.parametrize("boost", [0.3, 1.5, 2.2], ids=["near-uniform", "spread", "peaked"])
+def test_cross_entropy_on_soft_targets_is_not_double_softmax(torch, torch_seeded_one_thread, tmp_path, boost):
+    """Soft targets (probabilities as labels) also give a weak gradient once the model matches them, and their
+    loss sits at the targets' entropy, inside the band: a near-uniform target starts weak but stays in the band's
+    upper half; a peaked one starts at a full-strength gradient."""
+    f = torch.nn.functional
+    x, y = _digits(torch, images=False)
+    g = torch.Generator().manual_seed(1)
+    soft = torch.softmax(0.5 * torch.randn(len(y), 10, generator=g) + boost * f.one_hot(y, 10), dim=1)
+    index = torch.arange(len(y))
+    model = _softmax_mlp(torch, [])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def loss(out, i):
+        return f.cross_entropy(out, soft[i])
+
+    found = _train(torch, model, opt, tmp_path / "r.db", x, index, steps=300, loss=loss)
+    values = gradsight.load(tmp_path / "r.db").scalars["loss"].to_numpy()
+    floor, ceiling = math.log(1 + 9 / math.e), math.log(math.e + 9)
+    assert np.mean((values > floor) & (values < ceiling)) > 0.9  # (mostly) the band: the case in question
+    assert "double-softmax" not in [h.code for h in found], [(h.code, h.message) for h in found]
+
+
 def test_nll_loss_fed_raw_scores_is_an_unbounded_loss(torch, torch_seeded_one_thread, tmp_path):
     x, y = _digits(torch, images=False)
     model = _softmax_mlp(torch, [])

@@ -55,8 +55,9 @@ CODE_DESCRIPTIONS: dict[str, str] = {
     "hides an explosion of the pre-clip norm.",
     "loss-unbounded": "a loss far below zero and still falling: its formula has no lower bound (e.g. nll_loss "
     "fed raw scores, a sign error).",
-    "double-softmax": "a model that ends in a softmax, trained with a cross-entropy that applies softmax again: "
-    "every loss value lies in the band that allows, and the loss can never fall below its floor.",
+    "double-softmax": "a model that ends in a softmax (a layer, or applied in the forward code), trained with a "
+    "cross-entropy that applies softmax again: every loss value lies in the band that allows, and the loss can "
+    "never fall below its floor.",
 }
 #: Severities, least to most severe.
 SEVERITIES = ("info", "warning", "error")

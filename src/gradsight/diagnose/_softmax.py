@@ -21,6 +21,27 @@ two softmaxes is weak. Evidence, all of which must hold:
   gradient the watch cannot record) can lie in the band for a whole run.
 
 A ``reduction="sum"`` loss (B times the band) is not recognised: the rule stays silent rather than guess.
+
+**A softmax applied in the forward code** (``F.softmax`` / ``torch.softmax`` after the last layer, ``keras.ops.softmax``
+in ``call()``) leaves no layer that says so: the last layer with recorded outputs gives the logits ``z``, and the loss
+is the cross-entropy of ``softmax(softmax(z))``. The band holds all the same, and what tells it from a cross-entropy
+on ``z`` is the strength of the gradient ``dJ/dz``. For a cross-entropy on logits with mean reduction it is
+``(softmax(z) - y) / N`` over the ``N`` rows (samples or tokens), so the root-mean-square row norm
+``rho = sqrt(N * sum_sq)`` is close to ``sqrt(C / (C - 1)) * (1 - exp(-loss))`` — the ratio
+``q = rho / (1 - exp(-loss))`` is about 1 (1.054 for ``C = 10`` at a uniform prediction). A second softmax puts the
+softmax's Jacobian, whose norm is at most 1/2 and near ``1/C`` at a uniform prediction, in front of it: ``q`` starts
+at ``1 / sqrt(C (C - 1))`` (0.105 for ``C = 10``) and falls as the model grows confident. Evidence, all of which must
+hold, for ``C >= 4`` classes (units of the last layer):
+
+* every finite loss value lies in the band, at least ``loss_min_steps`` of them, and the median of the last window
+  lies in the lower half of the band (the run has learned towards the floor);
+* the layer's output gradient sums to zero at every logged step (as above), at ``_MIN_Q_STEPS`` steps at least
+  where the loss was logged too;
+* ``q <= 1.5 / sqrt(C (C - 1))`` at the first of them and ``q <= _MAX_Q`` at every one.
+
+A cross-entropy on soft targets (probabilities as labels) can have weak gradients too, but only with a target
+close to uniform; it then starts at ``q`` near that value and stays in the upper half of the band (its loss cannot
+fall below the targets' entropy), so the last condition leaves it out.
 """
 
 from __future__ import annotations
@@ -39,6 +60,12 @@ __all__ = ["DoubleSoftmaxRule", "softmax_band"]
 
 #: Relative slack on the band's edges: the loss is computed in float32 and averaged over the batch.
 _SLACK = 1e-3
+#: A softmax applied in the forward code: the fewest classes judged (below, weak gradients separate less), the
+#: fewest logged steps with both the loss and the output gradient, and the largest gradient ratio ``q`` allowed at
+#: any of them (a cross-entropy on logits gives about 1; a second softmax 0.1-0.2 for 10 classes).
+_MIN_CLASSES = 4
+_MIN_Q_STEPS = 3
+_MAX_Q = 0.35
 #: ``|sum of dJ/dp|`` at most this fraction of ``sqrt(count * sum of squares)`` (a bound on ``sum |dJ/dp|``) counts
 #: as zero: float32 rounding leaves ~1e-7 of it; a log-likelihood of ``log p`` gives ``~1/sqrt(C)``.
 _ZERO_SUM = 1e-3
@@ -93,6 +120,23 @@ def _zero_sum(data: RunData, layer: str) -> bool | None:
     return bool(ok.all()) and bool((scale > 0).any())
 
 
+def _gradient_ratios(data: RunData, layer: str, classes: int) -> list[tuple[int, float]]:
+    """``(step, q)`` at each logged step with the layer's output gradient and the loss (see the module docstring)."""
+    if "output_grad" not in data.kinds:
+        return []
+    f = data.frame("output_grad")
+    rows = f[(f["layer"] == layer) & (f["finite"] > 0)].sort_values("step")
+    values = loss(data)
+    out = []
+    for step, finite, sum_sq in zip(rows["step"], rows["finite"], rows["sum_sq"], strict=True):
+        value = values.get(int(step))
+        if value is None or not value > 0:
+            continue
+        rho = math.sqrt(float(sum_sq) * float(finite) / classes)  # the rows' RMS norm under a mean reduction
+        out.append((int(step), rho / -math.expm1(-float(value))))
+    return out
+
+
 class DoubleSoftmaxRule(Rule):
     """A final softmax fed to a cross-entropy that applies its own (see the module docstring). A warning."""
 
@@ -104,12 +148,12 @@ class DoubleSoftmaxRule(Rule):
     def check(self, data: RunData, th: Thresholds) -> list[Finding]:
         """See the module docstring."""
         layer = _output_layer(data)
-        if layer is None or not _applies_softmax(data.layer_info(layer), layer):
+        if layer is None:
             return []
         f = data.frame("output", units=True)
         rows = f[f["layer"] == layer]
         classes = _classes(rows)
-        if classes is None or classes < 2 or rows["min"].min() < 0 or rows["max"].max() > 1:
+        if classes is None or classes < 2:
             return []
         values = loss(data).to_numpy(float)
         if values.size < th.loss_min_steps:
@@ -119,10 +163,23 @@ class DoubleSoftmaxRule(Rule):
             return []
         w = loss_window(values.size, th)
         start, end = float(np.median(values[:w])), float(np.median(values[-w:]))
-        zero_sum = _zero_sum(data, layer)
-        if zero_sum is not True:  # without output gradients a healthy probability loss can sit in the band too
+        # without output gradients a healthy probability loss can sit in the band too
+        if _zero_sum(data, layer) is not True:
             return []
-        return [self._finding(data, layer, classes, values, (start, end), zero_sum)]
+        if _applies_softmax(data.layer_info(layer), layer):
+            if rows["min"].min() < 0 or rows["max"].max() > 1:
+                return []
+            return [self._finding(data, layer, classes, values, (start, end), None)]
+        ratios = _gradient_ratios(data, layer, classes)
+        if (
+            classes < _MIN_CLASSES
+            or end > (floor + ceiling) / 2
+            or len(ratios) < _MIN_Q_STEPS
+            or ratios[0][1] > 1.5 / math.sqrt(classes * (classes - 1))
+            or max(q for _, q in ratios) > _MAX_Q
+        ):
+            return []
+        return [self._finding(data, layer, classes, values, (start, end), ratios)]
 
     def _finding(
         self,
@@ -131,12 +188,13 @@ class DoubleSoftmaxRule(Rule):
         classes: int,
         values: np.ndarray,
         start_end: tuple[float, float],
-        zero_sum: bool | None,
+        ratios: list[tuple[int, float]] | None,
     ) -> Finding:
+        """The finding; ``ratios`` are the gradient ratios ``q`` where the softmax is applied in the forward code."""
         floor, ceiling = softmax_band(classes)
         steps = loss(data).index
         keras = data.meta.get("framework") == "keras"
-        evidence = {
+        evidence: dict[str, Any] = {
             "layer": layer,
             "classes": classes,
             "loss_floor": floor,
@@ -145,20 +203,61 @@ class DoubleSoftmaxRule(Rule):
             "loss_max": float(values.max()),
             "loss_start": start_end[0],
             "loss_end": start_end[1],
-            "output_grad_sums_to_zero": zero_sum,
+            "output_grad_sums_to_zero": True,
         }
-        fix = (
-            (
-                "Remove activation='softmax' from the last layer and keep from_logits=True in the loss, or keep the "
-                "softmax and pass from_logits=False."
-            )
-            if keras
-            else (
-                f"Remove the final softmax {layer!r}: nn.CrossEntropyLoss / F.cross_entropy applies log-softmax "
-                "itself and expects raw scores (logits). Apply softmax only where you need probabilities (at "
-                "inference), or end the model in nn.LogSoftmax and train it with nn.NLLLoss."
-            )
+        band = (
+            f"every loss value lies in [{fmt(floor)}, {fmt(ceiling)}] (median {fmt(start_end[0])} at the start, "
+            f"{fmt(start_end[1])} at the end), the range of a cross-entropy that applies a second softmax to "
+            f"probabilities: the loss can never fall below {fmt(floor)}."
         )
+        if ratios is None:
+            where = f"The model ends in a softmax ({layer!r}, {classes} classes) and "
+            fix = (
+                (
+                    "Remove activation='softmax' from the last layer and keep from_logits=True in the loss, or keep "
+                    "the softmax and pass from_logits=False."
+                )
+                if keras
+                else (
+                    f"Remove the final softmax {layer!r}: nn.CrossEntropyLoss / F.cross_entropy applies log-softmax "
+                    "itself and expects raw scores (logits). Apply softmax only where you need probabilities (at "
+                    "inference), or end the model in nn.LogSoftmax and train it with nn.NLLLoss."
+                )
+            )
+            weak = " Its output gradient sums to zero at every logged step, as a second softmax makes it."
+        else:
+            qs = [q for _, q in ratios]
+            evidence.update(
+                softmax_applied_in_code=True,
+                gradient_ratio_first=qs[0],
+                gradient_ratio_max=max(qs),
+                gradient_ratio_steps=len(qs),
+            )
+            where = (
+                f"The gradient of the last layer's outputs ({layer!r}, {classes} units) is {fmt(1 / max(qs))} times "
+                "or more weaker than a cross-entropy on them gives at the same loss, and "
+            )
+            fix = (
+                (
+                    f"Remove the softmax applied to {layer!r}'s output in call() (keras.ops.softmax / tf.nn.softmax) "
+                    "and keep from_logits=True in the loss, or keep it and pass from_logits=False."
+                )
+                if keras
+                else (
+                    f"Remove the softmax applied to {layer!r}'s output in forward() (F.softmax / torch.softmax / "
+                    ".softmax()): nn.CrossEntropyLoss / F.cross_entropy applies log-softmax itself and expects raw "
+                    "scores (logits). Apply softmax only where you need probabilities (at inference), or return "
+                    "F.log_softmax and train with F.nll_loss."
+                )
+            )
+            weak = (
+                f" The layer's outputs are the scores the first softmax reads: the gradient reaching them passes "
+                f"through that softmax's Jacobian, which shrinks it. A cross-entropy on the scores themselves gives "
+                f"a gradient whose ratio q = RMS row norm / (1 - exp(-loss)) is about 1 (1.05 at a uniform "
+                f"prediction); here q was {fmt(qs[0])} at the first logged step and at most {fmt(max(qs))} over "
+                f"{len(qs)} logged steps. Its output gradient sums to zero at every logged step, as a softmax "
+                "after it makes it."
+            )
         return Finding(
             code="double-softmax",
             severity="warning",
@@ -166,22 +265,12 @@ class DoubleSoftmaxRule(Rule):
             first_step=int(steps[0]),
             last_step=int(steps[-1]),
             evidence=evidence,
-            message=(
-                f"The model ends in a softmax ({layer!r}, {classes} classes) and every loss value lies in "
-                f"[{fmt(floor)}, {fmt(ceiling)}] (median {fmt(start_end[0])} at the start, {fmt(start_end[1])} at "
-                "the end), the range of a cross-entropy that applies a second softmax to probabilities: the loss can "
-                f"never fall below {fmt(floor)}."
-            ),
+            message=where + band,
             explanation=(
                 "A cross-entropy that expects logits applies softmax itself. Given probabilities p (each between 0 "
                 f"and 1) it computes the cross-entropy of softmax(p), which gives the right class at most e/(e+C-1) "
                 f"of the mass: with C = {classes} the loss cannot go below log(1+(C-1)/e) = {fmt(floor)}, and the "
-                "gradient through two softmaxes is weak, so training crawls towards that floor and stops there."
-                + (
-                    " Its output gradient sums to zero at every logged step, as a second softmax makes it."
-                    if zero_sum
-                    else ""
-                )
+                "gradient through two softmaxes is weak, so training crawls towards that floor and stops there." + weak
             ),
             advice=(fix,),
         )
