@@ -210,54 +210,7 @@ class DoubleSoftmaxRule(Rule):
             f"{fmt(start_end[1])} at the end), the range of a cross-entropy that applies a second softmax to "
             f"probabilities: the loss can never fall below {fmt(floor)}."
         )
-        if ratios is None:
-            where = f"The model ends in a softmax ({layer!r}, {classes} classes) and "
-            fix = (
-                (
-                    "Remove activation='softmax' from the last layer and keep from_logits=True in the loss, or keep "
-                    "the softmax and pass from_logits=False."
-                )
-                if keras
-                else (
-                    f"Remove the final softmax {layer!r}: nn.CrossEntropyLoss / F.cross_entropy applies log-softmax "
-                    "itself and expects raw scores (logits). Apply softmax only where you need probabilities (at "
-                    "inference), or end the model in nn.LogSoftmax and train it with nn.NLLLoss."
-                )
-            )
-            weak = " Its output gradient sums to zero at every logged step, as a second softmax makes it."
-        else:
-            qs = [q for _, q in ratios]
-            evidence.update(
-                softmax_applied_in_code=True,
-                gradient_ratio_first=qs[0],
-                gradient_ratio_max=max(qs),
-                gradient_ratio_steps=len(qs),
-            )
-            where = (
-                f"The gradient of the last layer's outputs ({layer!r}, {classes} units) is {fmt(1 / max(qs))} times "
-                "or more weaker than a cross-entropy on them gives at the same loss, and "
-            )
-            fix = (
-                (
-                    f"Remove the softmax applied to {layer!r}'s output in call() (keras.ops.softmax / tf.nn.softmax) "
-                    "and keep from_logits=True in the loss, or keep it and pass from_logits=False."
-                )
-                if keras
-                else (
-                    f"Remove the softmax applied to {layer!r}'s output in forward() (F.softmax / torch.softmax / "
-                    ".softmax()): nn.CrossEntropyLoss / F.cross_entropy applies log-softmax itself and expects raw "
-                    "scores (logits). Apply softmax only where you need probabilities (at inference), or return "
-                    "F.log_softmax and train with F.nll_loss."
-                )
-            )
-            weak = (
-                f" The layer's outputs are the scores the first softmax reads: the gradient reaching them passes "
-                f"through that softmax's Jacobian, which shrinks it. A cross-entropy on the scores themselves gives "
-                f"a gradient whose ratio q = RMS row norm / (1 - exp(-loss)) is about 1 (1.05 at a uniform "
-                f"prediction); here q was {fmt(qs[0])} at the first logged step and at most {fmt(max(qs))} over "
-                f"{len(qs)} logged steps. Its output gradient sums to zero at every logged step, as a softmax "
-                "after it makes it."
-            )
+        where, fix, weak = _texts(layer, classes, keras, ratios, evidence)
         return Finding(
             code="double-softmax",
             severity="warning",
@@ -274,3 +227,58 @@ class DoubleSoftmaxRule(Rule):
             ),
             advice=(fix,),
         )
+
+
+def _texts(
+    layer: str, classes: int, keras: bool, ratios: list[tuple[int, float]] | None, evidence: dict[str, Any]
+) -> tuple[str, str, str]:
+    """The message's opening, the advice and the explanation's last part; adds the gradient ratios to ``evidence``."""
+    if ratios is None:
+        where = f"The model ends in a softmax ({layer!r}, {classes} classes) and "
+        fix = (
+            (
+                "Remove activation='softmax' from the last layer and keep from_logits=True in the loss, or keep "
+                "the softmax and pass from_logits=False."
+            )
+            if keras
+            else (
+                f"Remove the final softmax {layer!r}: nn.CrossEntropyLoss / F.cross_entropy applies log-softmax "
+                "itself and expects raw scores (logits). Apply softmax only where you need probabilities (at "
+                "inference), or end the model in nn.LogSoftmax and train it with nn.NLLLoss."
+            )
+        )
+        weak = " Its output gradient sums to zero at every logged step, as a second softmax makes it."
+    else:
+        qs = [q for _, q in ratios]
+        evidence.update(
+            softmax_applied_in_code=True,
+            gradient_ratio_first=qs[0],
+            gradient_ratio_max=max(qs),
+            gradient_ratio_steps=len(qs),
+        )
+        where = (
+            f"The gradient of the last layer's outputs ({layer!r}, {classes} units) is {fmt(1 / max(qs))} times "
+            "or more weaker than a cross-entropy on them gives at the same loss, and "
+        )
+        fix = (
+            (
+                f"Remove the softmax applied to {layer!r}'s output in call() (keras.ops.softmax / tf.nn.softmax) "
+                "and keep from_logits=True in the loss, or keep it and pass from_logits=False."
+            )
+            if keras
+            else (
+                f"Remove the softmax applied to {layer!r}'s output in forward() (F.softmax / torch.softmax / "
+                ".softmax()): nn.CrossEntropyLoss / F.cross_entropy applies log-softmax itself and expects raw "
+                "scores (logits). Apply softmax only where you need probabilities (at inference), or return "
+                "F.log_softmax and train with F.nll_loss."
+            )
+        )
+        weak = (
+            f" The layer's outputs are the scores the first softmax reads: the gradient reaching them passes "
+            f"through that softmax's Jacobian, which shrinks it. A cross-entropy on the scores themselves gives "
+            f"a gradient whose ratio q = RMS row norm / (1 - exp(-loss)) is about 1 (1.05 at a uniform "
+            f"prediction); here q was {fmt(qs[0])} at the first logged step and at most {fmt(max(qs))} over "
+            f"{len(qs)} logged steps. Its output gradient sums to zero at every logged step, as a softmax "
+            "after it makes it."
+        )
+    return where, fix, weak
