@@ -37,11 +37,11 @@ hold, for ``C >= 4`` classes (units of the last layer):
   lies in the lower half of the band (the run has learned towards the floor);
 * the layer's output gradient sums to zero at every logged step (as above), at ``_MIN_Q_STEPS`` steps at least
   where the loss was logged too;
-* ``q <= 1.5 / sqrt(C (C - 1))`` at the first of them and ``q <= _MAX_Q`` at every one.
+* ``q <= _FIRST_Q / sqrt(C (C - 1))`` at the first of them and ``q <= _MAX_Q`` at every one.
 
 A cross-entropy on soft targets (probabilities as labels) can have weak gradients too, but only with a target
 close to uniform; it then starts at ``q`` near that value and stays in the upper half of the band (its loss cannot
-fall below the targets' entropy), so the last condition leaves it out.
+fall below the targets' entropy), so the lower-half condition leaves it out.
 """
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ _SLACK = 1e-3
 _MIN_CLASSES = 4
 _MIN_Q_STEPS = 3
 _MAX_Q = 0.35
+#: ... and at the first of them, at most this many times a second softmax's ``q`` at a uniform prediction.
+_FIRST_Q = 1.5
 #: ``|sum of dJ/dp|`` at most this fraction of ``sqrt(count * sum of squares)`` (a bound on ``sum |dJ/dp|``) counts
 #: as zero: float32 rounding leaves ~1e-7 of it; a log-likelihood of ``log p`` gives ``~1/sqrt(C)``.
 _ZERO_SUM = 1e-3
@@ -175,7 +177,7 @@ class DoubleSoftmaxRule(Rule):
             classes < _MIN_CLASSES
             or end > (floor + ceiling) / 2
             or len(ratios) < _MIN_Q_STEPS
-            or ratios[0][1] > 1.5 / math.sqrt(classes * (classes - 1))
+            or ratios[0][1] > _FIRST_Q / math.sqrt(classes * (classes - 1))
             or max(q for _, q in ratios) > _MAX_Q
         ):
             return []
@@ -257,8 +259,8 @@ def _texts(
             gradient_ratio_steps=len(qs),
         )
         where = (
-            f"The gradient of the last layer's outputs ({layer!r}, {classes} units) is {fmt(1 / max(qs))} times "
-            "or more weaker than a cross-entropy on them gives at the same loss, and "
+            f"The gradient of the last layer's outputs ({layer!r}, {classes} units) is at least "
+            f"{fmt(1 / max(qs))} times weaker than a cross-entropy on them gives at the same loss, and "
         )
         fix = (
             (
@@ -267,17 +269,17 @@ def _texts(
             )
             if keras
             else (
-                f"Remove the softmax applied to {layer!r}'s output in forward() (F.softmax / torch.softmax / "
-                ".softmax()): nn.CrossEntropyLoss / F.cross_entropy applies log-softmax itself and expects raw "
-                "scores (logits). Apply softmax only where you need probabilities (at inference), or return "
-                "F.log_softmax and train with F.nll_loss."
+                f"Remove the softmax applied to {layer!r}'s output in forward() or before the loss (F.softmax / "
+                "torch.softmax / .softmax()): nn.CrossEntropyLoss / F.cross_entropy applies log-softmax itself "
+                "and expects raw scores (logits). Apply softmax only where you need probabilities (at inference), "
+                "or return F.log_softmax and train with F.nll_loss."
             )
         )
         weak = (
-            f" The layer's outputs are the scores the first softmax reads: the gradient reaching them passes "
-            f"through that softmax's Jacobian, which shrinks it. A cross-entropy on the scores themselves gives "
-            f"a gradient whose ratio q = RMS row norm / (1 - exp(-loss)) is about 1 (1.05 at a uniform "
-            f"prediction); here q was {fmt(qs[0])} at the first logged step and at most {fmt(max(qs))} over "
+            " The layer's outputs are the scores the first softmax reads: the gradient reaching them passes "
+            "through that softmax's Jacobian, which shrinks it. A cross-entropy on the scores themselves gives "
+            "a gradient whose ratio q = RMS row norm / (1 - exp(-loss)) is about 1 (1.05 at a uniform "
+            "prediction); here q was {fmt(qs[0])} at the first logged step and at most {fmt(max(qs))} over "
             f"{len(qs)} logged steps. Its output gradient sums to zero at every logged step, as a softmax "
             "after it makes it."
         )
