@@ -1545,3 +1545,48 @@ def keras_log_zero(seed: int, path: Path, watch: Mapping[str, Any]) -> Path:
     keras.utils.set_random_seed(seed)
     model = _keras_mlp(out_act="sigmoid")
     return _train_keras(model, keras.optimizers.Adam(5e-2), path, watch, seed=seed, loss=_keras_naive_bce)
+
+
+def _outside_unit_interval(layer: str) -> Exhibit:
+    """Exhibit: ``layer``'s output (what the loss reads as probabilities) leaves [0, 1] at step 0."""
+
+    def check(run: gradsight.Run) -> str | None:
+        o = run.to_pandas(kind="output", layer=layer, steps=(0, 0))
+        if o.empty:
+            return f"no output summary of {layer!r} at step 0"
+        lo, hi = float(o["min"].min()), float(o["max"].max())
+        return None if lo < 0 or hi > 1 else f"{layer!r} output lies in [{lo:.3g}, {hi:.3g}] at step 0, inside [0, 1]"
+
+    return check
+
+
+@scenario(
+    "keras",
+    root="logits-as-probabilities",
+    names=("out",),
+    why="The last Dense layer has no activation (raw scores) but the loss is SparseCategoricalCrossentropy() with "
+    "its default from_logits=False: Keras clips the scores to [1e-7, 1 - 1e-7] and takes their log, so every "
+    "score outside that range gets no gradient and the model learns far less than with from_logits=True.",
+    exhibit=_outside_unit_interval("out"),
+)
+def keras_logits_as_probabilities(seed: int, path: Path, watch: Mapping[str, Any]) -> Path:
+    """A Keras ReLU MLP (64-64) with a linear output, SparseCategoricalCrossentropy() (from_logits=False), Adam."""
+    keras = _keras()
+    keras.utils.set_random_seed(seed)
+    loss = keras.losses.SparseCategoricalCrossentropy()  # the mistake: from_logits=True belongs here
+    return _train_keras(_keras_mlp(), keras.optimizers.Adam(2e-3), path, watch, seed=seed, loss=loss)
+
+
+@scenario(
+    "keras",
+    root=None,
+    why="A Keras MLP ending in softmax, trained with SparseCategoricalCrossentropy() (from_logits=False): the right "
+    "pairing for a probability output.",
+    exhibit=learns(0.3),
+)
+def keras_softmax_probabilities(seed: int, path: Path, watch: Mapping[str, Any]) -> Path:
+    """A Keras ReLU MLP (64-64) ending in softmax, SparseCategoricalCrossentropy() (from_logits=False), Adam."""
+    keras = _keras()
+    keras.utils.set_random_seed(seed)
+    loss = keras.losses.SparseCategoricalCrossentropy()
+    return _train_keras(_keras_mlp(out_act="softmax"), keras.optimizers.Adam(2e-3), path, watch, seed=seed, loss=loss)

@@ -11,6 +11,7 @@ import pytest
 import gradsight
 from gradsight.diagnose import RunData, Thresholds
 from gradsight.diagnose._advice import lr_direction
+from gradsight.diagnose._base import fmt
 from gradsight.diagnose._why import why_small
 
 pytestmark = pytest.mark.torch
@@ -354,6 +355,8 @@ def test_a_softmax_applied_in_forward_before_cross_entropy_is_named_from_its_wea
     assert root.evidence["gradient_ratio_max"] <= 0.35
     assert root.evidence["loss_min"] >= math.log(1 + 9 / math.e)
     assert "Remove the softmax applied to 'scores'" in root.advice[0] and "forward()" in root.advice[0]
+    q0 = root.evidence["gradient_ratio_first"]
+    assert f"here q was {fmt(q0)} at the first logged step" in root.explanation and "{" not in root.explanation
     assert all(not f.is_root or f.severity == "info" for f in found[1:]), [(f.code, f.is_root) for f in found]
 
 

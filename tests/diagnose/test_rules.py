@@ -12,6 +12,7 @@ from gradsight.diagnose import (
     CODES,
     DeadUnitsRule,
     ExplodingGradientsRule,
+    LogitsAsProbabilitiesRule,
     LossNotDecreasingRule,
     NonFiniteRule,
     RunData,
@@ -174,6 +175,7 @@ def test_nonfinite_rule_skips_an_empty_run(synth):
         "gradients-clipped",
         "double-softmax",
         "loss-unbounded",
+        "logits-as-probabilities",
     }
 
 
@@ -703,3 +705,53 @@ def test_all_zero_weights_are_named_not_a_zero_bias(synth):
     s.scalars(0, loss=2.3)
     (f,) = diagnose(s.run(), rules=[BadInitialisationRule()])
     assert f.evidence["layers"]["fc1"]["parameter"] == "weight", f.evidence["layers"]
+
+
+# ---- logits-as-probabilities --------------------------------------------------------------------------------------
+def _keras_run(synth, name, values, *, loss=None, outputs=("fc2",), framework="keras"):
+    """A Keras-like run: the compiled loss and the output layer in the metadata, the output layer's values logged."""
+    loss = [{"name": "sparse_categorical_crossentropy", "from_logits": False}] if loss is None else loss
+    model = {"layers": [{"name": "fc1", "type": "Dense"}, {"name": "fc2", "type": "Dense", "activation": "linear"}]}
+    s = synth(name, framework=framework, model={**model, "output_layers": list(outputs)}, loss=loss)
+    for step, v in enumerate(values):
+        s.log(step, "output", "fc2", v)
+    return s.run()
+
+
+def test_logits_as_probabilities_from_the_recorded_output_range(synth, rng):
+    scores = [rng.normal(size=(8, 4)) for _ in range(3)]
+    f = diagnose(_keras_run(synth, "a.db", scores), rules=[LogitsAsProbabilitiesRule()])
+    assert [x.code for x in f] == ["logits-as-probabilities"] and f[0].severity == "error"
+    lo, hi = min(s.min() for s in scores), max(s.max() for s in scores)
+    assert f[0].evidence["output_min"] == pytest.approx(lo, rel=1e-6)
+    assert f[0].evidence["output_max"] == pytest.approx(hi, rel=1e-6)
+    assert f[0].evidence["steps_outside_0_1"] == 3 and f[0].first_step == 0 and f[0].layers == ("fc2",)
+    assert "SparseCategoricalCrossentropy(from_logits=True)" in f[0].advice[0]
+    # only the last step leaves [0, 1]: the finding starts there
+    probs = [rng.dirichlet(np.ones(4), size=8) for _ in range(2)] + [scores[0]]
+    g = diagnose(_keras_run(synth, "b.db", probs), rules=[LogitsAsProbabilitiesRule()])
+    assert g[0].first_step == 2 and g[0].evidence["steps_outside_0_1"] == 1
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["probabilities", "from_logits", "unknown_loss", "squared_error", "two_losses", "no_output_layer", "torch"],
+)
+def test_logits_as_probabilities_stays_silent_without_all_its_evidence(synth, rng, case):
+    values = [rng.normal(size=(8, 4)) for _ in range(3)]
+    kw = {}
+    if case == "probabilities":
+        values = [rng.dirichlet(np.ones(4), size=8) for _ in range(3)]  # rows of a softmax: inside [0, 1]
+    elif case == "from_logits":
+        kw["loss"] = [{"name": "sparse_categorical_crossentropy", "from_logits": True}]
+    elif case == "unknown_loss":
+        kw["loss"] = [{"name": "sparse_categorical_crossentropy", "from_logits": None}]
+    elif case == "squared_error":
+        kw["loss"] = [{"name": "mean_squared_error", "from_logits": None}]
+    elif case == "two_losses":
+        kw["loss"] = [{"name": "binary_crossentropy", "from_logits": False}] * 2
+    elif case == "no_output_layer":
+        kw["outputs"] = ()
+    else:
+        kw["framework"] = "torch"
+    assert diagnose(_keras_run(synth, "r.db", values, **kw), rules=[LogitsAsProbabilitiesRule()]) == []

@@ -17,6 +17,7 @@ from ._diagnose import DEFAULT_RULES, diagnose, skipped_rules, sort_findings
 from ._finding import CODE_DESCRIPTIONS, CODES, SEVERITIES, Finding
 from ._gradients import ExplodingGradientsRule, VanishingGradientsRule
 from ._init import BadInitialisationRule
+from ._logits import LogitsAsProbabilitiesRule
 from ._loss import LossNotDecreasingRule
 from ._lr import LearningRateTooHighRule
 from ._nonfinite import NonFiniteRule
@@ -42,6 +43,7 @@ __all__ = [
     "GradientsClippedRule",
     "GradsightWarning",
     "LearningRateTooHighRule",
+    "LogitsAsProbabilitiesRule",
     "LossNotDecreasingRule",
     "LossUnboundedRule",
     "NoGradientRule",

@@ -38,6 +38,7 @@ CAUSAL_ORDER: tuple[str, ...] = (
     "not-optimized",
     "loss-unbounded",
     "double-softmax",
+    "logits-as-probabilities",
     "bad-initialisation",
     "learning-rate-too-high",
     "gradients-clipped",
@@ -195,6 +196,14 @@ EXPLAINS: dict[str, dict[str, Condition]] = {
     },
     "double-softmax": {
         "vanishing-gradients": _before,
+        "update-ratio-low": _before,
+        "loss-not-decreasing": _before,
+    },
+    "logits-as-probabilities": {
+        "exploding-gradients": _before,
+        "non-finite": _nonfinite_after,
+        "vanishing-gradients": _before,
+        "update-ratio-high": _before,
         "update-ratio-low": _before,
         "loss-not-decreasing": _before,
     },

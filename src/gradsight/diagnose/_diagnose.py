@@ -16,6 +16,7 @@ from ._clip import GradientsClippedRule
 from ._finding import Finding
 from ._gradients import ExplodingGradientsRule, VanishingGradientsRule
 from ._init import BadInitialisationRule
+from ._logits import LogitsAsProbabilitiesRule
 from ._loss import LossNotDecreasingRule
 from ._lr import LearningRateTooHighRule
 from ._nonfinite import NonFiniteRule
@@ -36,6 +37,7 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     NoGradientRule(),
     NotOptimizedRule(),
     DoubleSoftmaxRule(),
+    LogitsAsProbabilitiesRule(),
     LossUnboundedRule(),
     BadInitialisationRule(),
     LearningRateTooHighRule(),

@@ -29,6 +29,7 @@ CODES = (
     "gradients-clipped",
     "double-softmax",
     "loss-unbounded",
+    "logits-as-probabilities",
 )
 #: One line per code: what it means (the rule modules' docstrings hold the details).
 CODE_DESCRIPTIONS: dict[str, str] = {
@@ -58,6 +59,8 @@ CODE_DESCRIPTIONS: dict[str, str] = {
     "double-softmax": "a model that ends in a softmax (a layer, or applied in the forward code), trained with a "
     "cross-entropy that applies softmax again: every loss value lies in the band that allows, and the loss can "
     "never fall below its floor.",
+    "logits-as-probabilities": "a Keras model that emits raw scores (logits), trained with a cross-entropy that "
+    "reads probabilities (from_logits=False): the loss clips the scores, and training stalls or swings.",
 }
 #: Severities, least to most severe.
 SEVERITIES = ("info", "warning", "error")

@@ -279,7 +279,7 @@ def _texts(
             " The layer's outputs are the scores the first softmax reads: the gradient reaching them passes "
             "through that softmax's Jacobian, which shrinks it. A cross-entropy on the scores themselves gives "
             "a gradient whose ratio q = RMS row norm / (1 - exp(-loss)) is about 1 (1.05 at a uniform "
-            "prediction); here q was {fmt(qs[0])} at the first logged step and at most {fmt(max(qs))} over "
+            f"prediction); here q was {fmt(qs[0])} at the first logged step and at most {fmt(max(qs))} over "
             f"{len(qs)} logged steps. Its output gradient sums to zero at every logged step, as a softmax "
             "after it makes it."
         )

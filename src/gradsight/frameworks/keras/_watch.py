@@ -97,6 +97,7 @@ from ..._packing import Layout, Rows, SummaryArrays, rows_from_float64
 from ..._schedule import Schedule, schedule_from
 from ..._watch_core import WatchCore, signal_row, signal_scalars, unit_axis
 from ...diagnose import GradsightWarning
+from ...diagnose._logits import PROBABILITY_LOSSES
 from ._summary import (
     GraphAnomalies,
     applied_gradients,
@@ -761,7 +762,9 @@ class KerasWatch(WatchCore):
                 entry["activation"] = getattr(activation, "__name__", str(activation))
             layers.append(entry)
         meta = {"name": model.name, "type": type(model).__name__, "structure": self._structure, "layers": layers}
+        meta["output_layers"] = _output_layers(model)
         self._writer.set_meta("model", meta)
+        self._writer.set_meta("loss", _loss_meta(getattr(model, "loss", None)))
         self._writer.set_meta("notes", self._notes)
 
     def _forward(self, model: Any, x: Any, y: Any, sample_weight: Any) -> tuple[Any, list[Any], Any]:
@@ -1323,6 +1326,63 @@ def _one_element(v: Any) -> bool:
         return int(np.size(np.asarray(v))) == 1 and np.asarray(v).dtype.kind in "biuf"
     except (TypeError, ValueError):
         return False
+
+
+def _output_layers(model: Any) -> list[str] | None:
+    """The names of the layers whose outputs are the model's outputs, in order; ``None`` where that is not known.
+
+    Known for a built ``Sequential`` or functional model. An output made by an operation that is not a layer
+    (``keras.ops.softmax(x)`` in a functional model) or a subclassed model's ``call()`` gives ``None``: the last
+    layer's output is then not what the loss reads.
+    """
+    try:
+        outputs = keras.tree.flatten(model.outputs)
+    except (AttributeError, ValueError, TypeError):  # subclassed or not built: no symbolic outputs
+        return None
+    layers = {id(layer) for layer in getattr(model, "layers", [])}
+    names = []
+    for out in outputs:
+        op = (getattr(out, "_keras_history", None) or (None,))[0]
+        if op is None or id(op) not in layers:
+            return None
+        names.append(op.name)
+    return names or None
+
+
+def _loss_meta(loss: Any) -> list[dict[str, Any]] | None:
+    """What the compiled loss is, one entry per loss: ``{"name": ..., "from_logits": True | False | None}``.
+
+    ``name`` is the loss function's name (``"sparse_categorical_crossentropy"`` for the string, the function and
+    ``keras.losses.SparseCategoricalCrossentropy(...)`` alike); ``from_logits`` is what the loss was configured
+    with, the functions' default (``False``) for a string or a built-in function, ``None`` where it is not known.
+    ``None`` for no loss (the watch records a loss the train step computes however it is made).
+    """
+    if loss is None:
+        return None
+    items = (
+        list(loss.values()) if isinstance(loss, Mapping) else list(loss) if isinstance(loss, list | tuple) else [loss]
+    )
+    out = []
+    for item in items:
+        try:
+            fn = keras.losses.get(item) if isinstance(item, str) else item
+        except (ValueError, TypeError):  # a name Keras does not know: its own error comes from compile()
+            fn = None
+        wrapped = getattr(fn, "fn", None)  # a LossFunctionWrapper's function
+        name = getattr(wrapped, "__name__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+        name = str(item) if fn is None else name
+        try:
+            config = fn.get_config() if isinstance(fn, keras.losses.Loss) else {}
+        except (NotImplementedError, TypeError, ValueError, AttributeError):  # a custom Loss's own get_config()
+            config = {}
+        if "from_logits" in (config or {}):
+            from_logits = config["from_logits"]
+        elif callable(fn) and name in PROBABILITY_LOSSES and getattr(fn, "__module__", "").startswith("keras"):
+            from_logits = False  # Keras' own loss function, called with its default
+        else:
+            from_logits = None
+        out.append({"name": str(name), "from_logits": from_logits if isinstance(from_logits, bool) else None})
+    return out
 
 
 def _has_training_arg(model: Any) -> bool:
