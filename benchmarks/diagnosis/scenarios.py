@@ -1068,6 +1068,37 @@ def torch_softmax_nll(seed: int, path: Path, watch: Mapping[str, Any]) -> Path:
     return _train_torch(model, opt, path, watch, _digits_torch(images=False), seed=seed, loss_fn=_nll_of_log)
 
 
+def _in_minus_one_to_zero() -> Exhibit:
+    """Fault exhibit: every loss value lies in [-1, 0] (the negative mean probability of the right class)."""
+
+    def check(run: gradsight.Run) -> str | None:
+        loss = loss_series(run)
+        if len(loss) < 10 or not np.isfinite(loss).all():
+            return f"expected a finite loss at every step, got {len(loss)} values"
+        lo, hi = float(loss.min()), float(loss.max())
+        return None if lo >= -1 and hi <= 0 else f"loss should stay in [-1, 0], got [{lo:.3g}, {hi:.3g}]"
+
+    return check
+
+
+@scenario(
+    "torch",
+    root="nll-on-probabilities",
+    names=("softmax",),
+    why="The model ends in nn.Softmax and is trained with F.nll_loss on its probabilities, not their log: the loss "
+    "is -mean(p_y), in [-1, 0], whose gradient 1/N at each label does not grow with the error as a cross-entropy's "
+    "1/(N p_y) does, so the model learns slowly.",
+    exhibit=_in_minus_one_to_zero(),
+)
+def torch_nll_on_probabilities(seed: int, path: Path, watch: Mapping[str, Any]) -> Path:
+    """A digits ReLU MLP ending in nn.Softmax, trained with F.nll_loss on the probabilities; Adam lr=1e-3."""
+    torch = _seed_torch(seed)
+    model = _softmax_mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    nll = torch.nn.functional.nll_loss
+    return _train_torch(model, opt, path, watch, _digits_torch(images=False), seed=seed, loss_fn=nll)
+
+
 def _ce_of_softmax(out: Any, y: Any) -> Any:
     f = _torch().nn.functional
     return f.cross_entropy(f.softmax(out, dim=1), y)  # the mistake: probabilities where scores belong

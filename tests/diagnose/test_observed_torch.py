@@ -476,3 +476,40 @@ def test_why_near_zero_names_a_gradient_vanishing_from_above(torch, torch_seeded
     vanish = _by_code(found, "vanishing-gradients")
     assert vanish.layers[0] == "0" and vanish.evidence["why"]["0"]["verdict"] == "incoming"
     assert "gradsight.explain(model, x, y, loss)" in vanish.explanation
+
+
+@pytest.mark.parametrize("steps", [60, 300], ids=["early", "long"])
+def test_nll_loss_fed_probabilities_is_named(torch, torch_seeded_one_thread, tmp_path, steps):
+    """nn.Softmax then F.nll_loss: the loss is -mean(p_y), in [-1, 0]; the output gradient is -1/N at each label."""
+    x, y = _digits(torch, images=False)
+    model = _softmax_mlp(torch, [torch.nn.Softmax(dim=-1)])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    found = _train(torch, model, opt, tmp_path / "r.db", x, y, steps=steps, loss=torch.nn.functional.nll_loss)
+    root = found[0]
+    assert root.code == "nll-on-probabilities" and root.is_root and root.severity == "warning", [
+        (f.code, f.message) for f in found
+    ]
+    assert root.layers == ("3",) and root.evidence["classes"] == 10
+    values = gradsight.load(tmp_path / "r.db").scalars["loss"].to_numpy()
+    assert root.evidence["loss_min"] == pytest.approx(values.min()) and -1 <= values.min() < values.max() <= 0
+    assert root.evidence["output_grad_sum"] == pytest.approx(-1.0, abs=1e-5)  # 64 labels, each -1/64
+    assert "nn.LogSoftmax" in root.advice[0] and "{" not in root.message + root.explanation
+
+
+@pytest.mark.parametrize("variant", ["log-softmax-nll", "nll-of-log", "mse-on-probabilities"])
+def test_a_softmax_output_with_a_right_loss_is_not_nll_on_probabilities(
+    torch, torch_seeded_one_thread, tmp_path, variant
+):
+    f = torch.nn.functional
+    end = [torch.nn.LogSoftmax(dim=-1)] if variant == "log-softmax-nll" else [torch.nn.Softmax(dim=-1)]
+    loss = {
+        "log-softmax-nll": f.nll_loss,
+        "nll-of-log": lambda p, t: f.nll_loss(torch.log(p), t),
+        "mse-on-probabilities": lambda p, t: f.mse_loss(p, f.one_hot(t, 10).float()),
+    }[variant]
+    x, y = _digits(torch, images=False)
+    model = _softmax_mlp(torch, end)
+    found = _train(
+        torch, model, torch.optim.Adam(model.parameters(), lr=1e-3), tmp_path / "r.db", x, y, steps=60, loss=loss
+    )
+    assert "nll-on-probabilities" not in [g.code for g in found]

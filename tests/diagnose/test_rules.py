@@ -176,6 +176,7 @@ def test_nonfinite_rule_skips_an_empty_run(synth):
         "double-softmax",
         "loss-unbounded",
         "logits-as-probabilities",
+        "nll-on-probabilities",
     }
 
 

@@ -20,6 +20,7 @@ from ._init import BadInitialisationRule
 from ._logits import LogitsAsProbabilitiesRule
 from ._loss import LossNotDecreasingRule
 from ._lr import LearningRateTooHighRule
+from ._nll import NllOnProbabilitiesRule
 from ._nonfinite import NonFiniteRule
 from ._online import GradsightWarning, OnlineDiagnosis, TrainingStopped
 from ._params import NoGradientRule, NotOptimizedRule
@@ -46,6 +47,7 @@ __all__ = [
     "LogitsAsProbabilitiesRule",
     "LossNotDecreasingRule",
     "LossUnboundedRule",
+    "NllOnProbabilitiesRule",
     "NoGradientRule",
     "NoStepsRule",
     "NonFiniteRule",

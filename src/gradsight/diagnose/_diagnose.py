@@ -19,6 +19,7 @@ from ._init import BadInitialisationRule
 from ._logits import LogitsAsProbabilitiesRule
 from ._loss import LossNotDecreasingRule
 from ._lr import LearningRateTooHighRule
+from ._nll import NllOnProbabilitiesRule
 from ._nonfinite import NonFiniteRule
 from ._params import NoGradientRule, NotOptimizedRule
 from ._softmax import DoubleSoftmaxRule
@@ -38,6 +39,7 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     NotOptimizedRule(),
     DoubleSoftmaxRule(),
     LogitsAsProbabilitiesRule(),
+    NllOnProbabilitiesRule(),
     LossUnboundedRule(),
     BadInitialisationRule(),
     LearningRateTooHighRule(),

@@ -30,6 +30,7 @@ CODES = (
     "double-softmax",
     "loss-unbounded",
     "logits-as-probabilities",
+    "nll-on-probabilities",
 )
 #: One line per code: what it means (the rule modules' docstrings hold the details).
 CODE_DESCRIPTIONS: dict[str, str] = {
@@ -61,6 +62,8 @@ CODE_DESCRIPTIONS: dict[str, str] = {
     "never fall below its floor.",
     "logits-as-probabilities": "a Keras model that emits raw scores (logits), trained with a cross-entropy that "
     "reads probabilities (from_logits=False): the loss clips the scores, and training stalls or swings.",
+    "nll-on-probabilities": "a model that ends in a softmax, trained with nll_loss on its probabilities instead of "
+    "their log: the loss is -mean(p_y), in [-1, 0], and learns slowly.",
 }
 #: Severities, least to most severe.
 SEVERITIES = ("info", "warning", "error")
