@@ -86,9 +86,9 @@ class NllOnProbabilitiesRule(Rule):
                 message=(
                     f"The model ends in a softmax ({layer!r}) and the loss is the negative probability of the right "
                     f"class, not of its log: every loss value lies in [-1, 0] ({fmt(float(values.max()))} to "
-                    f"{fmt(float(values.min()))}), and the output gradient is -1/N at each sample's label and 0 "
-                    f"elsewhere (it sums to -1 at all {len(grads)} logged steps), as F.nll_loss / nn.NLLLoss give "
-                    "when they are fed probabilities."
+                    f"{fmt(float(values.min()))}), and the output gradient has no positive entry and sums to -1 at "
+                    f"all {len(grads)} logged steps, as the gradient of -mean(p_y) does (-1/N at each of the N "
+                    "labels, 0 elsewhere): what F.nll_loss / nn.NLLLoss compute when they are fed probabilities."
                 ),
                 explanation=(
                     "nll_loss expects log-probabilities and takes no log itself: on probabilities p it returns "
