@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 
+import keras
 import numpy as np
 import pytest
 
@@ -17,7 +18,7 @@ from gradsight.diagnose import GradsightWarning
 from gradsight.frameworks.keras._watch import _loss_meta, _output_layers
 from gradsight.store import Run
 
-keras = pytest.importorskip("keras")
+pytestmark = pytest.mark.keras
 
 
 @pytest.mark.parametrize(
