@@ -101,6 +101,24 @@ def sc_config_mismatch(rank, world, outdir):
     write_result(outdir, "config_mismatch", rank, res)
 
 
+def sc_open_fails(rank, world, outdir):
+    """Rank 0's run file cannot be created (its folder does not exist): both ranks raise, neither waits."""
+    model = DDP(make_mlp(torch.float32))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    res = {"error": None, "type": None}
+    t0 = time.perf_counter()
+    try:
+        gradsight.watch(model, optimizer=opt, path=Path(outdir, "missing-folder", "open.db")).close()
+    except Exception as e:
+        res["error"], res["type"] = str(e), type(e).__name__
+    res["seconds"] = time.perf_counter() - t0
+    # the process group still works: the next collective completes on both ranks
+    t = torch.tensor([float(rank + 1)])
+    dist.all_reduce(t)
+    res["after"] = float(t)
+    write_result(outdir, "open_fails", rank, res)
+
+
 def sc_layout_mismatch(rank, world, outdir):
     torch.manual_seed(0)
     net = Branchy()
@@ -187,6 +205,7 @@ SCENARIOS = {
     "clip": sc_clip,
     "rank_paths": sc_rank_paths,
     "config_mismatch": sc_config_mismatch,
+    "open_fails": sc_open_fails,
     "layout_mismatch": sc_layout_mismatch,
     "early_exit": sc_early_exit,  # last: rank 1 leaves
 }

@@ -126,6 +126,14 @@ def test_different_settings_on_two_ranks_raise_on_both(ranks):
         assert "different settings or models on different ranks" in result(ranks, "config_mismatch", r)["error"]
 
 
+def test_a_rank_that_cannot_open_its_run_file_makes_every_rank_raise_at_once(ranks):
+    r0, r1 = result(ranks, "open_fails", 0), result(ranks, "open_fails", 1)
+    assert r0["type"] == "StoreError" and "does not exist" in r0["error"]  # rank 0's own error
+    assert r1["type"] == "WatchError" and "failed to open on rank(s) [0]" in r1["error"]
+    assert r0["seconds"] < 10 and r1["seconds"] < 10  # no wait for the process group's timeout (30 s here)
+    assert r0["after"] == r1["after"] == 3.0  # the group is intact: the next all_reduce sums 1 + 2
+
+
 def test_rank_dependent_layers_raise_on_both_ranks_instead_of_hanging(ranks):
     for r in (0, 1):
         res = result(ranks, "layout_mismatch", r)

@@ -234,6 +234,23 @@ def sc_layout_mismatch(rank, world, outdir):
     write_result(outdir, "layout_mismatch", rank, res)
 
 
+def sc_open_fails(rank, world, outdir):
+    """Rank 0's run file cannot be created (its folder does not exist): both ranks raise, neither waits."""
+    model = shard(make_net(torch.float32))
+    opt = torch.optim.SGD(_params(model), lr=LR)
+    res = {"error": None, "type": None}
+    t0 = time.perf_counter()
+    try:
+        gradsight.watch(model, optimizer=opt, path=Path(outdir, "missing-folder", "open.db")).close()
+    except Exception as e:
+        res["error"], res["type"] = str(e), type(e).__name__
+    res["seconds"] = time.perf_counter() - t0
+    t = torch.tensor([float(rank + 1)])
+    dist.all_reduce(t)  # the process group still works: the next collective completes on both ranks
+    res["after"] = float(t)
+    write_result(outdir, "open_fails", rank, res)
+
+
 def sc_rank_raises(rank, world, outdir):
     """Rank 1 raises in its loop at step 3; it leaves at once, rank 0 fails in FSDP's next collective, no hang."""
     model = shard(make_net(torch.float32))
@@ -266,6 +283,7 @@ SCENARIOS = {
     "signals": sc_signals,
     "mixed": sc_mixed,
     "layout_mismatch": sc_layout_mismatch,
+    "open_fails": sc_open_fails,
     "rank_raises": sc_rank_raises,  # last: rank 1 leaves
 }
 

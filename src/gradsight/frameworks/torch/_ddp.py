@@ -84,7 +84,9 @@ Gradient noise scale (McCandlish et al., "An Empirical Model of Large-Batch Trai
 When collectives happen — and why nothing of ours can hang
     The watch communicates only (a) once when it opens (all ranks exchange a fingerprint of the schedule and the
     model's parameters plus the writing rank's start step — ranks watching with different settings get a
-    ``WatchError`` on every rank) and (b) at logged steps. Whether a step is logged depends only on the global
+    ``WatchError`` on every rank; a rank whose watch fails to open, e.g. because its run file cannot be created,
+    still takes part with a failure row and raises its own error, and the others raise a ``WatchError`` naming
+    it) and (b) at logged steps. Whether a step is logged depends only on the global
     step number (:mod:`gradsight._schedule`), which advances at each ``optimizer.step()``; it is identical on all
     ranks as long as every rank calls ``optimizer.step()`` equally often — which DDP already requires, since every
     synchronising backward is an all-reduce (a ``GradScaler`` that skips a step skips it on all ranks: the
@@ -103,6 +105,7 @@ FSDP
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -131,6 +134,8 @@ REPLICA_RTOL = 1e-6
 #: The kinds that are rank-local (merged across ranks); the others are identical replicas.
 LOCAL_KINDS = ("output", "output_grad")
 _MAGIC = 0x67736464  # "gsdd"
+#: First word of a rank's row in the gather at open when its watch failed to open (the others then raise too).
+_OPEN_FAILED = 0x67736678  # "gsfx"
 # Header: int64 words, then float64 words (bit-cast).
 _I_MAGIC, _I_STEP, _I_FP, _I_LEN, _I_BATCH, _I_SYNCS = range(6)
 _N_INT = 6
@@ -328,6 +333,7 @@ class RankedWatch(Watch):
             torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
         )
         self._cap = 0  # agreed payload capacity (int64 words), identical on all ranks
+        self._open_gathered = False  # whether this rank took part in the gather at open (see _abort_open)
         self._anomaly_loss = False  # each rank has its own loss: anomalies are judged on identical signals only
         meta.update(
             backend=backend,
@@ -375,7 +381,15 @@ class RankedWatch(Watch):
             "leaves": leaves,
         }
         mine = torch.tensor([_MAGIC, _crc(cfg), self._step, int(self._writes)], dtype=torch.int64)
+        self._open_gathered = True
         rows = self._all_gather(mine).tolist()
+        failed = [rank for rank, r in enumerate(rows) if r[0] == _OPEN_FAILED]
+        if failed:
+            raise WatchError(
+                f"gradsight.watch failed to open on rank(s) {failed} (the error raised there says why), so rank "
+                f"{self._rank} does not open it either: every rank raises instead of waiting for the others at a "
+                f"collective. Fix the error reported on rank(s) {failed}."
+            )
         if any(r[0] != _MAGIC for r in rows) or len({r[1] for r in rows}) > 1:
             raise WatchError(
                 f"gradsight.watch({self._dmeta.get('wrapper', 'model')}) was opened with different settings or "
@@ -398,6 +412,19 @@ class RankedWatch(Watch):
                 self._arm()
             elif was and not self._logged:
                 self._disarm()
+
+    def _abort_open(self) -> None:
+        """After this rank failed to open its watch: take part in the gather at open with a failure row.
+
+        The other ranks are waiting there (in :meth:`_sync_start`); they read the row and raise a ``WatchError``
+        instead of waiting for this rank for ever (or until the process group's timeout). Nothing is done when
+        this rank has already taken part, or has no process group yet. This rank then raises its own error.
+        """
+        if getattr(self, "_open_gathered", False) or getattr(self, "_pg", None) is None:
+            return
+        self._open_gathered = True
+        with contextlib.suppress(Exception):  # the original error matters more than a failed collective
+            self._all_gather(torch.tensor([_OPEN_FAILED, 0, 0, 0], dtype=torch.int64))
 
     def _all_gather(self, send: torch.Tensor) -> np.ndarray:
         send = send.to(self._coll_device)
@@ -543,20 +570,26 @@ class DDPWatch(RankedWatch):
                 "logged step in the same collective",
             },
         }
-        path = self._init_ranks(ddp.process_group, rank_paths=rank_paths, path=path, meta=meta)
-        meta["noise_scale"] = {
-            "status": "recorded" if self._world > 1 else "not recorded: world_size is 1",
-            "batch_size": batch_size if batch_size is not None else "dim 0 of the model input, per step",
-            "estimator": "B_simple, McCandlish et al. 2018 (appendix A); see gradsight.frameworks.torch._ddp",
-        }
-        super().__init__(module, path=path, optimizer=optimizer, sched=sched, config=config, scaler=scaler)
+        try:
+            path = self._init_ranks(ddp.process_group, rank_paths=rank_paths, path=path, meta=meta)
+            meta["noise_scale"] = {
+                "status": "recorded" if self._world > 1 else "not recorded: world_size is 1",
+                "batch_size": batch_size if batch_size is not None else "dim 0 of the model input, per step",
+                "estimator": "B_simple, McCandlish et al. 2018 (appendix A); see gradsight.frameworks.torch._ddp",
+            }
+            super().__init__(module, path=path, optimizer=optimizer, sched=sched, config=config, scaler=scaler)
+        except Exception:
+            self._abort_open()
+            raise
         try:
             wref = weakref.ref(self)
             self._ddp_handles.append(ddp.register_forward_pre_hook(_BatchHook(wref), with_kwargs=True))
             params = [(n, list(p.shape), str(p.dtype)) for n, p in module.named_parameters()]
             leaves = [n for n, m in module.named_modules() if next(iter(m.children()), None) is None]
             self._sync_start(params, leaves, sched)
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                self._abort_open()
             self.close()
             raise
         self._writer.set_meta("distributed", self._dmeta)

@@ -516,8 +516,12 @@ class FSDPWatch(RankedWatch):
             **_policies(model, kind),
             "noise_scale": {"status": "not recorded under FSDP (needs the gradients before the reduce-scatter)"},
         }
-        path = self._init_ranks(_process_group(model, kind), rank_paths=rank_paths, path=path, meta=meta)
-        super().__init__(model, path=path, optimizer=optimizer, sched=sched, config=config, scaler=scaler)
+        try:
+            path = self._init_ranks(_process_group(model, kind), rank_paths=rank_paths, path=path, meta=meta)
+            super().__init__(model, path=path, optimizer=optimizer, sched=sched, config=config, scaler=scaler)
+        except Exception:
+            self._abort_open()
+            raise
         try:
             self._signals = _SignalLayout(tuple(n for n, _ in self._params), tuple(n for n, _ in self._update_params))
             meta["per_step_bytes"] = 8 * self._signals.size if sched.cheap else 0
@@ -529,7 +533,9 @@ class FSDPWatch(RankedWatch):
             params = [(n, list(self._gshape[n]), str(p.dtype)) for n, p in self._dparams]
             leaves = [n for n, _ in self._leaves]
             self._sync_start(params, leaves, sched)
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                self._abort_open()
             self.close()
             raise
         self._writer.set_meta("distributed", self._dmeta)
