@@ -14,8 +14,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+
+import gradsight
 
 #: Tolerance of float64 sums against a one-process reference.
 FLOAT64 = {"rtol": 1e-9, "atol": 1e-12}
@@ -56,6 +60,34 @@ def write_result(outdir: str | Path, name: str, rank: int, result: Any) -> None:
 def result(out: str | Path, name: str, rank: int) -> Any:
     """What rank ``rank`` wrote for scenario ``name``."""
     return json.loads(Path(out, f"{name}.rank{rank}.json").read_text())
+
+
+def open_fails(model: nn.Module, opt: Any, rank: int, outdir: str | Path) -> None:
+    """Scenario: open a watch whose run file cannot be created on rank 0 (its folder is missing) on every rank.
+
+    Writes, per rank: the error raised (text and type), the seconds the open took, and the sum of an all_reduce
+    made afterwards (3.0 on 2 ranks when the process group still works).
+    """
+    res: dict[str, Any] = {"error": None, "type": None}
+    t0 = time.perf_counter()
+    try:
+        gradsight.watch(model, optimizer=opt, path=Path(outdir, "missing-folder", "open.db")).close()
+    except Exception as e:
+        res["error"], res["type"] = str(e), type(e).__name__
+    res["seconds"] = time.perf_counter() - t0
+    t = torch.tensor([float(rank + 1)])
+    dist.all_reduce(t)  # the process group still works: the next collective completes on both ranks
+    res["after"] = float(t)
+    write_result(outdir, "open_fails", rank, res)
+
+
+def assert_open_failed_on_every_rank(out: str | Path) -> None:
+    """Rank 0 raised its own error, rank 1 a ``WatchError`` naming rank 0, both at once; the group still works."""
+    r0, r1 = result(out, "open_fails", 0), result(out, "open_fails", 1)
+    assert r0["type"] == "StoreError" and "does not exist" in r0["error"]  # rank 0's own error
+    assert r1["type"] == "WatchError" and "failed to open on rank(s) [0]" in r1["error"]
+    assert r0["seconds"] < 10 and r1["seconds"] < 10  # no wait for the process group's timeout (20-30 s here)
+    assert r0["after"] == r1["after"] == 3.0  # the group is intact: the next all_reduce sums 1 + 2
 
 
 def assert_same(a: Any, b: Any, scale: float = 1.0, what: Any = "") -> None:

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gradsight
-from _ranks import Branchy, write_result
+from _ranks import Branchy, open_fails, write_result
 from gradsight import WatchError
 
 B = 4  # per-rank batch
@@ -104,19 +104,7 @@ def sc_config_mismatch(rank, world, outdir):
 def sc_open_fails(rank, world, outdir):
     """Rank 0's run file cannot be created (its folder does not exist): both ranks raise, neither waits."""
     model = DDP(make_mlp(torch.float32))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    res = {"error": None, "type": None}
-    t0 = time.perf_counter()
-    try:
-        gradsight.watch(model, optimizer=opt, path=Path(outdir, "missing-folder", "open.db")).close()
-    except Exception as e:
-        res["error"], res["type"] = str(e), type(e).__name__
-    res["seconds"] = time.perf_counter() - t0
-    # the process group still works: the next collective completes on both ranks
-    t = torch.tensor([float(rank + 1)])
-    dist.all_reduce(t)
-    res["after"] = float(t)
-    write_result(outdir, "open_fails", rank, res)
+    open_fails(model, torch.optim.SGD(model.parameters(), lr=0.1), rank, outdir)
 
 
 def sc_layout_mismatch(rank, world, outdir):

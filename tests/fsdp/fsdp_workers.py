@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 import gradsight
-from _ranks import Branchy, write_result
+from _ranks import Branchy, open_fails, write_result
 from gradsight import WatchError
 
 B = 4  # per-rank batch
@@ -237,18 +237,7 @@ def sc_layout_mismatch(rank, world, outdir):
 def sc_open_fails(rank, world, outdir):
     """Rank 0's run file cannot be created (its folder does not exist): both ranks raise, neither waits."""
     model = shard(make_net(torch.float32))
-    opt = torch.optim.SGD(_params(model), lr=LR)
-    res = {"error": None, "type": None}
-    t0 = time.perf_counter()
-    try:
-        gradsight.watch(model, optimizer=opt, path=Path(outdir, "missing-folder", "open.db")).close()
-    except Exception as e:
-        res["error"], res["type"] = str(e), type(e).__name__
-    res["seconds"] = time.perf_counter() - t0
-    t = torch.tensor([float(rank + 1)])
-    dist.all_reduce(t)  # the process group still works: the next collective completes on both ranks
-    res["after"] = float(t)
-    write_result(outdir, "open_fails", rank, res)
+    open_fails(model, torch.optim.SGD(_params(model), lr=LR), rank, outdir)
 
 
 def sc_rank_raises(rank, world, outdir):
