@@ -233,6 +233,62 @@ def test_rows_with_unit_counts_refuse_bad_input():
 
 
 @needs_kernel
+def test_a_batch_in_one_call_matches_the_reference_and_the_separate_kernels():
+    """summaries_f32 takes a whole batch (dense and channel-first outputs, vectors, 0-d and empty arrays) in one
+    call: each row must equal the reference (counts and bins exactly, sums to float64 rounding), each unit count
+    the reference's, in the packed order (the rows, then the counts of the arrays with a unit axis)."""
+    rng = np.random.default_rng(7)
+    shapes = [(32, 128), (4, 16, 8, 8), (6, 3, 40), (4096 + 9,), (), (0, 5), (3, 0), (2, 3), (5, 2, 31)]
+    axes = [1, 1, 2, 0, None, 1, 1, None, 1]
+    arrays = []
+    for shape in shapes:
+        a = np.maximum(rng.standard_normal(shape), 0).astype(np.float32)  # half zeros
+        flat = a.reshape(-1)
+        flat[::7] = np.nan
+        flat[::11] = -0.0
+        flat[::13] = rng.choice(SPECIALS, flat[::13].size)
+        arrays.append(a)
+    packed = _kernels.summaries_f32(arrays, axes)
+    n = len(arrays) * _kernels.ROW
+    rows = packed[:n].reshape(len(arrays), _kernels.ROW)
+    offset = n
+    for i, (a, axis) in enumerate(zip(arrays, axes, strict=True)):
+        (got,) = from_rows(Rows(rows[i][None, :], [None], [0]))
+        with np.errstate(over="ignore", invalid="ignore"):
+            ref = summarize(a, unit_axis=axis)
+            assert_same(got, summarize(a), f"array {i} of shape {a.shape}")
+        if axis is not None:
+            units = a.shape[axis]
+            np.testing.assert_array_equal(packed[offset : offset + units], ref.units_active, err_msg=f"array {i}")
+            offset += units
+    assert offset == packed.size
+    # a channel-first array is read once for its row and its counts, like rows_units_f32 reads it
+    row, _ = _kernels.rows_units_f32(arrays[1], 1)
+    np.testing.assert_array_equal(rows[1], row)
+    assert _kernels.summaries_f32([], []).size == 0
+
+
+@needs_kernel
+def test_a_batch_refuses_bad_input_with_what_was_given():
+    with pytest.raises(ValueError, match=r"array 1 has shape \(2, 3\); its unit axis 2 is not in \[0, 2\)"):
+        _kernels.summaries_f32([np.zeros(3, np.float32), np.zeros((2, 3), np.float32)], [None, 2])
+    with pytest.raises(ValueError, match="2 arrays but 1 unit axes"):
+        _kernels.summaries_f32([np.zeros(3, np.float32)] * 2, [None])
+    with pytest.raises(ValueError, match="buffer 0 is float64"):
+        _kernels.summaries_f32([np.zeros(3)], [None])
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        _kernels.summaries_f32([np.zeros((4, 3), np.float32).T], [None])
+    with pytest.raises(ValueError, match=r"counts 8; expected .* \(3 units\)"):
+        _kernels._C.summaries_f32(
+            [np.zeros((2, 3), np.float32)], [1], np.empty(_kernels.ROW, np.int64), np.empty(1, np.int64)
+        )
+    with pytest.raises(ValueError, match="unit axis -1 is not in"):
+        _kernels._C.summaries_f32(
+            [np.zeros((2, 3), np.float32)], [-1], np.empty(_kernels.ROW, np.int64), np.empty(3, np.int64)
+        )
+
+
+@needs_kernel
 def test_unit_counts_refuse_bad_input():
     with pytest.raises(ValueError, match="axis in"):
         _kernels.unit_counts_f32(np.zeros((2, 3), np.float32), 2)

@@ -1,7 +1,8 @@
 /*
  * gradsight._ckernels: fused one-pass kernels for float32 data on the CPU.
  *
- * rows_f32 and units_f32 summarise tensors (a watch's logged steps); sumsq_f32, copy_sumsq_f32 and
+ * rows_f32 and units_f32 summarise tensors (a watch's logged steps), summaries_f32 a whole batch of them with
+ * their unit counts in one call; sumsq_f32, copy_sumsq_f32 and
  * diff_sumsq_f32 give the per-step gradient, weight and update norms (the last two fused with the copy or the
  * difference they need).
  *
@@ -480,6 +481,55 @@ done:
     return result;
 }
 
+/* Add to o[u] the non-zero elements (NaN counts, -0.0 does not) of unit u of b seen as (pre, units, post).
+ * tmp: units uint32 counts, zeroed, used when post == 1 (per-unit counts over up to 2**31 rows: vectorised adds);
+ * left zeroed. */
+static void count_units(const uint32_t *b, Py_ssize_t pre, Py_ssize_t units, Py_ssize_t post, int64_t *o,
+                        uint32_t *tmp) {
+    for (Py_ssize_t r = 0; r < pre; r++) {
+        const uint32_t *row = b + r * units * post;
+        if (post == 1) {
+            for (Py_ssize_t u = 0; u < units; u++) tmp[u] += (row[u] << 1) != 0;
+            if ((r & 0x7FFFFFFF) == 0x7FFFFFFF || r == pre - 1) {
+                for (Py_ssize_t u = 0; u < units; u++) o[u] += tmp[u];
+                memset(tmp, 0, (size_t)units * sizeof(uint32_t));
+            }
+            continue;
+        }
+        for (Py_ssize_t u = 0; u < units; u++) {
+            const uint32_t *p = row + u * post;
+            int64_t total = 0;
+            for (Py_ssize_t lo = 0; lo < post; lo += (Py_ssize_t)1 << 30) { /* uint32 counts: vectorised */
+                Py_ssize_t hi = post - lo < ((Py_ssize_t)1 << 30) ? post : lo + ((Py_ssize_t)1 << 30);
+                uint32_t c = 0;
+                for (Py_ssize_t k = lo; k < hi; k++) c += (p[k] << 1) != 0;
+                total += c;
+            }
+            o[u] += total;
+        }
+    }
+}
+
+/* The summary row of b seen as (pre, units, post) and its unit counts added to c, in one pass: each (pre, unit)
+ * plane of post elements is read once for both. h: CODES int64 (zeroed here); scratch: 3 * CODES int64. */
+static void rows_units(const uint32_t *b, Py_ssize_t pre, Py_ssize_t units, Py_ssize_t post, int64_t *h,
+                       int64_t *scratch, int64_t *row, int64_t *c) {
+    int64_t sp[SPECIALS];
+    double fl[FLOATS];
+    Py_ssize_t total = pre * units * post;
+    Seg g;
+    memset(h, 0, CODES * sizeof(int64_t));
+    seg_begin(&g, h, scratch, total);
+    for (Py_ssize_t r = 0; r < pre; r++)
+        for (Py_ssize_t u = 0; u < units; u++) {
+            int64_t zeros = g.acc.zeros;
+            seg_feed(&g, b + (r * units + u) * post, post);
+            c[u] += post - (g.acc.zeros - zeros);
+        }
+    seg_end(&g, sp, fl);
+    fold_row(h, sp, fl, total, row);
+}
+
 PyDoc_STRVAR(rows_units_f32_doc,
              "rows_units_f32(data, pre, units, post, row, counts)\n\n"
              "The summary row of a float32 buffer seen as (pre, units, post), C order, and per unit the number of\n"
@@ -503,21 +553,8 @@ static PyObject *rows_units_f32(PyObject *self, PyObject *args) {
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS;
-    const uint32_t *b = (const uint32_t *)data.buf;
-    int64_t *c = (int64_t *)counts.buf, *h = scratch + 3 * CODES, sp[SPECIALS];
-    double fl[FLOATS];
-    Py_ssize_t total = pre * units * post;
-    Seg g;
-    memset(h, 0, CODES * sizeof(int64_t));
-    seg_begin(&g, h, scratch, total);
-    for (Py_ssize_t r = 0; r < pre; r++)
-        for (Py_ssize_t u = 0; u < units; u++) {
-            int64_t zeros = g.acc.zeros;
-            seg_feed(&g, b + (r * units + u) * post, post);
-            c[u] += post - (g.acc.zeros - zeros);
-        }
-    seg_end(&g, sp, fl);
-    fold_row(h, sp, fl, total, (int64_t *)row.buf);
+    rows_units((const uint32_t *)data.buf, pre, units, post, scratch + 3 * CODES, scratch, (int64_t *)row.buf,
+               (int64_t *)counts.buf);
     Py_END_ALLOW_THREADS;
     result = Py_None;
     Py_INCREF(result);
@@ -549,30 +586,7 @@ static PyObject *units_f32(PyObject *self, PyObject *args) {
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS;
-    const uint32_t *b = (const uint32_t *)data.buf;
-    int64_t *o = (int64_t *)out.buf;
-    for (Py_ssize_t r = 0; r < pre; r++) {
-        const uint32_t *row = b + r * units * post;
-        if (post == 1) {
-            for (Py_ssize_t u = 0; u < units; u++) tmp[u] += (row[u] << 1) != 0;
-            if ((r & 0x7FFFFFFF) == 0x7FFFFFFF || r == pre - 1) {
-                for (Py_ssize_t u = 0; u < units; u++) o[u] += tmp[u];
-                memset(tmp, 0, (size_t)units * sizeof(uint32_t));
-            }
-            continue;
-        }
-        for (Py_ssize_t u = 0; u < units; u++) {
-            const uint32_t *p = row + u * post;
-            int64_t total = 0;
-            for (Py_ssize_t lo = 0; lo < post; lo += (Py_ssize_t)1 << 30) { /* uint32 counts: vectorised */
-                Py_ssize_t hi = post - lo < ((Py_ssize_t)1 << 30) ? post : lo + ((Py_ssize_t)1 << 30);
-                uint32_t c = 0;
-                for (Py_ssize_t k = lo; k < hi; k++) c += (p[k] << 1) != 0;
-                total += c;
-            }
-            o[u] += total;
-        }
-    }
+    count_units((const uint32_t *)data.buf, pre, units, post, (int64_t *)out.buf, tmp);
     Py_END_ALLOW_THREADS;
     result = Py_None;
     Py_INCREF(result);
@@ -580,6 +594,108 @@ done:
     PyMem_RawFree(tmp);
     PyBuffer_Release(&data);
     PyBuffer_Release(&out);
+    return result;
+}
+
+PyDoc_STRVAR(summaries_f32_doc,
+             "summaries_f32(datas, axes, rows, counts)\n\n"
+             "The summary rows of whole float32 arrays and the unit counts of those that have a unit axis, in one\n"
+             "call (a watch's batch of tensors, each read where it is).\n\n"
+             "datas: C-contiguous float32 arrays of any shape. axes: per array, None (no unit counts) or its unit\n"
+             "axis in [0, ndim). rows: int64 (n, ROW), written as rows_f32 writes them. counts: int64, the arrays'\n"
+             "unit counts one after the other (as many entries as their unit axes' lengths add up to), written:\n"
+             "per unit the number of its non-zero elements (NaN counts, -0.0 does not). An array whose units'\n"
+             "elements lie together in runs of 32 or more (a convolution's channels) is read once for both.");
+
+#define FUSE_RUN 32 /* runs of a unit's elements at least this long: the row and the counts in one pass */
+
+static PyObject *summaries_f32(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *datas, *axes, *fd = NULL, *fa = NULL, *result = NULL;
+    Py_buffer rows = {0}, counts = {0};
+    Py_buffer *bd = NULL;
+    Py_ssize_t *spec = NULL; /* per array: pre, units, post (units -1: no unit axis) */
+    Py_ssize_t m = 0, got = 0, total_units = 0, max_units = 0;
+    int64_t *scratch = NULL;
+    uint32_t *tmp = NULL;
+    if (!PyArg_ParseTuple(args, "OOw*w*", &datas, &axes, &rows, &counts)) return NULL;
+    if ((fd = PySequence_Fast(datas, "summaries_f32: expected a list of float32 arrays")) == NULL ||
+        (fa = PySequence_Fast(axes, "summaries_f32: expected a list of unit axes (None or int)")) == NULL)
+        goto done;
+    m = PySequence_Fast_GET_SIZE(fd);
+    if (PySequence_Fast_GET_SIZE(fa) != m) {
+        PyErr_Format(PyExc_ValueError, "summaries_f32: %zd arrays but %zd unit axes", m, PySequence_Fast_GET_SIZE(fa));
+        goto done;
+    }
+    bd = PyMem_Calloc((size_t)m + 1, sizeof(Py_buffer));
+    spec = PyMem_Calloc(3 * (size_t)m + 1, sizeof(Py_ssize_t));
+    scratch = PyMem_RawMalloc(4 * CODES * sizeof(int64_t));
+    if (bd == NULL || spec == NULL || scratch == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; got < m; got++)
+        if (!float32_buffer(PySequence_Fast_GET_ITEM(fd, got), &bd[got], "summaries_f32", got)) goto done;
+    for (Py_ssize_t k = 0; k < m; k++) {
+        PyObject *a = PySequence_Fast_GET_ITEM(fa, k);
+        Py_ssize_t *sk = spec + 3 * k, ndim = bd[k].ndim;
+        sk[1] = -1;
+        if (a == Py_None) continue;
+        Py_ssize_t axis = PyLong_AsSsize_t(a);
+        if (axis == -1 && PyErr_Occurred()) goto done;
+        if (axis < 0 || axis >= ndim) {
+            PyErr_Format(PyExc_ValueError, "summaries_f32: array %zd has %zd dimensions; its unit axis %zd is not "
+                         "in [0, %zd)", k, ndim, axis, ndim);
+            goto done;
+        }
+        sk[0] = sk[2] = 1;
+        for (Py_ssize_t d = 0; d < axis; d++) sk[0] *= bd[k].shape[d];
+        sk[1] = bd[k].shape[axis];
+        for (Py_ssize_t d = axis + 1; d < ndim; d++) sk[2] *= bd[k].shape[d];
+        total_units += sk[1];
+        if (sk[2] == 1 && sk[1] > max_units) max_units = sk[1];
+    }
+    if (rows.len != m * ROW * (Py_ssize_t)sizeof(int64_t) || counts.len != total_units * (Py_ssize_t)sizeof(int64_t)) {
+        PyErr_Format(PyExc_ValueError, "summaries_f32: rows has %zd bytes and counts %zd; expected %zd (%zd rows of "
+                     "%d int64) and %zd (%zd units)", rows.len, counts.len, m * ROW * (Py_ssize_t)sizeof(int64_t), m,
+                     ROW, total_units * (Py_ssize_t)sizeof(int64_t), total_units);
+        goto done;
+    }
+    if (max_units && (tmp = PyMem_RawCalloc((size_t)max_units, sizeof(uint32_t))) == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS;
+    int64_t *out = (int64_t *)rows.buf, *c = (int64_t *)counts.buf, *h = scratch + 3 * CODES;
+    int64_t sp[SPECIALS];
+    double fl[FLOATS];
+    memset(c, 0, (size_t)total_units * sizeof(int64_t));
+    for (Py_ssize_t k = 0; k < m; k++, out += ROW) {
+        const uint32_t *bits = (const uint32_t *)bd[k].buf;
+        const Py_ssize_t *sk = spec + 3 * k;
+        if (sk[1] >= 0 && sk[2] >= FUSE_RUN) {
+            rows_units(bits, sk[0], sk[1], sk[2], h, scratch, out, c);
+        } else {
+            memset(h, 0, CODES * sizeof(int64_t));
+            segment(bits, bd[k].len / 4, h, sp, fl, scratch);
+            fold_row(h, sp, fl, bd[k].len / 4, out);
+            if (sk[1] > 0) count_units(bits, sk[0], sk[1], sk[2], c, tmp);
+        }
+        if (sk[1] > 0) c += sk[1];
+    }
+    Py_END_ALLOW_THREADS;
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    for (Py_ssize_t k = 0; k < got; k++) PyBuffer_Release(&bd[k]);
+    PyMem_Free(bd);
+    PyMem_Free(spec);
+    PyMem_RawFree(scratch);
+    PyMem_RawFree(tmp);
+    PyBuffer_Release(&rows);
+    PyBuffer_Release(&counts);
+    Py_XDECREF(fd);
+    Py_XDECREF(fa);
     return result;
 }
 
@@ -822,6 +938,7 @@ static PyMethodDef methods[] = {
     {"units_f32", units_f32, METH_VARARGS, units_f32_doc},
     {"rows_f32", rows_f32, METH_VARARGS, rows_f32_doc},
     {"rows_units_f32", rows_units_f32, METH_VARARGS, rows_units_f32_doc},
+    {"summaries_f32", summaries_f32, METH_VARARGS, summaries_f32_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -9,7 +9,8 @@
   every count and bin exact, the sums accumulated in float64 in eight interleaved lanes (so they agree with the
   numpy reference, :func:`gradsight.summary.summarize`, to float64 rounding, like the other kernels);
 * **per-unit activity counts** (:func:`unit_counts_f32`), or both at once (:func:`rows_units_f32`), where a
-  unit's elements lie together (a convolution's channels);
+  unit's elements lie together (a convolution's channels); and a whole batch of tensors' rows and unit counts in
+  one call (:func:`summaries_f32`);
 * **per-step norms** (:func:`copy_norms_f32`, :func:`diff_norms_f32`): a copy with its norm, and the norm of a
   difference without storing it.
 
@@ -47,6 +48,7 @@ __all__ = [
     "rows_f32",
     "rows_units_f32",
     "simd",
+    "summaries_f32",
     "unit_counts_f32",
 ]
 
@@ -118,6 +120,42 @@ def rows_f32(datas: Sequence[np.ndarray], numels: Sequence[Sequence[int]]) -> np
     rows = np.empty((n, ROW), dtype=np.int64)
     _C.rows_f32(datas, offsets, rows)
     return rows
+
+
+def summaries_f32(arrays: Sequence[np.ndarray], axes: Sequence[int | None]) -> np.ndarray | None:
+    """The summary rows of whole float32 arrays and their per-unit activity counts, in one call.
+
+    A watch's batch of tensors, each read where it is: the row of each array is :func:`rows_f32`'s, and the
+    counts of an array with a unit axis are :func:`unit_counts_f32`'s (from the same pass where a unit's
+    elements lie together, as :func:`rows_units_f32` reads them). ``None`` without the compiled kernel.
+
+    Args:
+        arrays: C-contiguous float32 arrays of any shapes.
+        axes: per array, ``None`` (no unit counts) or its unit axis in ``[0, ndim)``.
+
+    Returns:
+        One int64 buffer: the ``n`` rows of ``ROW`` words, array after array, then the unit counts of the arrays
+        with a unit axis, one after the other (the packed form of :func:`gradsight._packing.rows_at`).
+
+    Raises:
+        ValueError: an array is not C-contiguous float32, or an axis is not in ``[0, ndim)``.
+    """
+    if _C is None:
+        return None
+    if len(arrays) != len(axes):
+        raise ValueError(f"summaries_f32: {len(arrays)} arrays but {len(axes)} unit axes; expected one axis per array.")
+    units = 0
+    for k, (a, ax) in enumerate(zip(arrays, axes, strict=True)):
+        if ax is not None:
+            if not 0 <= ax < a.ndim:
+                raise ValueError(
+                    f"summaries_f32: array {k} has shape {a.shape}; its unit axis {ax} is not in [0, {a.ndim})."
+                )
+            units += a.shape[ax]
+    n = len(arrays) * ROW
+    packed = np.empty(n + units, dtype=np.int64)
+    _C.summaries_f32(arrays, axes, packed[:n], packed[n:])
+    return packed
 
 
 def unit_counts_f32(a: np.ndarray, axis: int) -> np.ndarray | None:

@@ -242,3 +242,43 @@ def test_batch_read_in_place_matches_the_copied_batch(monkeypatch, dtype, kernel
     for got, ref, x, ax in zip(ts.to_host(flat.stats())(), copied, xs, axes, strict=True):
         assert_matches(got, ref)
         assert_matches(got, summarize(x.float().numpy() if dtype == torch.float16 else x.numpy(), unit_axis=ax))
+
+
+def test_a_batch_read_in_place_by_the_compiled_kernel_in_one_call(kernels):
+    """Every tensor a plain contiguous CPU float32 one: the compiled kernel summarises the whole batch, rows and
+    unit counts, in one call. Its numbers are the reference's, its groups views of the tensors themselves (for
+    ``minus``), and joined with a copied batch (summarised group by group) its unit counts stay right."""
+    torch.manual_seed(3)
+    xs = [
+        torch.relu(torch.randn(16, 32)),  # a dense layer's output: units interleave
+        torch.relu(torch.randn(2, 8, 6, 6)),  # a convolution's: row and counts in one pass
+        torch.randn(()),
+        torch.zeros(0, 4),
+        torch.randn(5, requires_grad=True),  # a parameter: read through a detached view
+    ]
+    axes = [1, 1, 0, 1, None]
+    flat = ts.Flat.of(xs, axes, copy=False)
+    assert (flat.host is not None) == (kernels == "compiled")
+    refs = [
+        summarize(x.detach().numpy(), unit_axis=None if x.dim() == 0 else ax) for x, ax in zip(xs, axes, strict=True)
+    ]
+    for got, ref in zip(ts.to_host(flat.stats())(), refs, strict=True):
+        assert_matches(got, ref)
+    if kernels == "compiled":
+        assert [g.index for g in flat.groups] == [[0], [1], [2], [4]]  # one per non-empty tensor
+        assert all(g.flat.data_ptr() == xs[g.index[0]].data_ptr() for g in flat.groups)
+    ys = [x.detach() * 0.5 - 1 for x in xs]
+    diff = ts.Flat.of(ys, copy=False).minus(flat)
+    for got, y, x in zip(ts.to_host(diff.stats())(), ys, xs, strict=True):
+        assert_matches(got, summarize((y - x.detach()).numpy()))
+    other = torch.randn(3, 7).double()
+    copied, ref_other = ts.Flat.of([other], [0]), summarize(other.numpy(), unit_axis=0)
+    for got, ref in zip(ts.to_host(ts.Flat.join([flat, copied]).stats())(), [*refs, ref_other], strict=True):
+        assert_matches(got, ref)
+    for got, ref in zip(ts.to_host(ts.Flat.join([copied, flat]).stats())(), [ref_other, *refs], strict=True):
+        assert_matches(got, ref)
+    both = ts.Flat.join([flat, ts.Flat.of(ys, axes, copy=False)])
+    assert (both.host is not None) == (kernels == "compiled")
+    ref_ys = [summarize(y.numpy(), unit_axis=None if y.dim() == 0 else ax) for y, ax in zip(ys, axes, strict=True)]
+    for got, ref in zip(ts.to_host(both.stats())(), refs + ref_ys, strict=True):
+        assert_matches(got, ref)

@@ -131,10 +131,25 @@ class Flat:
     one, so that they are summarised by one kernel set.
     """
 
-    groups: list[_Group]
+    _groups: list[_Group] | None  # None: a host batch's, made when first asked for (see ``groups``)
     numels: list[int]
     units: list[tuple[int, int] | None] = field(default_factory=list)  # (n_units, units_total) per tensor
     unit_counts: list[torch.Tensor] = field(default_factory=list)
+    #: Every tensor of the batch read in place by the compiled kernel, which summarises them (rows and unit
+    #: counts) in one call at ``stats()``; ``unit_counts`` is then empty (see :func:`_host_f32`).
+    host: _HostF32 | None = None
+
+    @property
+    def groups(self) -> list[_Group]:
+        """The batch's groups; a host batch has one per non-empty tensor (its flat view), made on first use."""
+        if self._groups is None:
+            assert self.host is not None
+            self._groups = [
+                _Group(torch.float32, [i], [n], torch.from_numpy(a.reshape(-1)))
+                for i, (a, n) in enumerate(zip(self.host.arrays, self.numels, strict=True))
+                if n
+            ]
+        return self._groups
 
     @classmethod
     def of(
@@ -153,6 +168,10 @@ class Flat:
         Returns:
             The batch.
         """
+        if not copy and _kernels.available():
+            host = _host_f32(tensors, unit_axes)
+            if host is not None:
+                return host
         numels = [t.numel() for t in tensors]
         by_dtype: dict[torch.dtype, list[int]] = {}
         for i, t in enumerate(tensors):
@@ -205,6 +224,11 @@ class Flat:
         flats = list(flats)
         if len(flats) == 1:
             return flats[0]
+        hosts = [f.host for f in flats]
+        if all(h is not None for h in hosts):  # still one call of the compiled kernel for all of them
+            host = _HostF32([a for h in hosts for a in h.arrays], [x for h in hosts for x in h.axes])
+            return cls(None, [n for f in flats for n in f.numels], [u for f in flats for u in f.units], [], host)
+        flats = [f._counted() for f in flats]  # summarised group by group: a host batch counts its units now
         numels: list[int] = []
         units: list[tuple[int, int] | None] = []
         unit_counts: list[torch.Tensor] = []
@@ -216,6 +240,17 @@ class Flat:
             units.extend(f.units if f.units else [None] * len(f.numels))
             unit_counts.extend(f.unit_counts)
         return cls(groups, numels, units, unit_counts)
+
+    def _counted(self) -> Flat:
+        """This batch with its unit counts computed, to be summarised group by group (not in one kernel call)."""
+        if self.host is None:
+            return self
+        counts = [
+            _unit_counts(torch.from_numpy(a), axis)
+            for a, axis, u in zip(self.host.arrays, self.host.axes, self.units, strict=True)
+            if axis is not None and u is not None and u[0]
+        ]
+        return Flat(self.groups, self.numels, self.units, counts)
 
     def minus(self, before: Flat, *, inplace: bool = False) -> Flat:
         """``self - before`` elementwise, for two batches made from tensors of the same shapes and dtypes.
@@ -255,6 +290,11 @@ class Flat:
 
     def stats(self) -> PackedStats:
         """Summarise the batch on its device; returns the packed (still on-device) result."""
+        if self.host is not None:
+            packed = _kernels.summaries_f32(self.host.arrays, self.host.axes)
+            assert packed is not None  # the host batch was made because the kernel is there
+            layout = [(False, [i]) for i, n in enumerate(self.numels) if n]
+            return PackedStats(torch.from_numpy(packed), [_Layout(self.numels, layout, self.units)])
         device = self.groups[0].flat.device if self.groups else None
         if device is None and self.unit_counts:
             device = self.unit_counts[0].device
@@ -281,6 +321,48 @@ class Flat:
         buf = torch.cat([rows.reshape(-1), *self.unit_counts]) if self.unit_counts else rows.reshape(-1)
         layout = [(g.dtype == torch.float64, g.index) for g in self.groups]
         return PackedStats(buf, [_Layout(self.numels, layout, self.units)])
+
+
+@dataclass
+class _HostF32:
+    """Tensors read in place by the compiled kernel: their numpy views and unit axes (``None``: no counts)."""
+
+    arrays: list[np.ndarray]
+    axes: list[int | None]
+
+
+_PLAIN = (torch.Tensor, nn.Parameter)
+
+
+def _host_f32(tensors: Sequence[torch.Tensor], unit_axes: Sequence[int | None] | None) -> Flat | None:
+    """``Flat.of(tensors, unit_axes, copy=False)`` where every tensor is a plain contiguous CPU float32 tensor.
+
+    The common CPU case: the compiled kernel reads each tensor where it is, and summarises the whole batch, rows
+    and unit counts, in one call (at ``stats()``), with no per-tensor work in Python beyond taking a view.
+    ``None`` where some tensor is not such a tensor (the general path takes the batch).
+    """
+    arrays: list[np.ndarray] = []
+    axes: list[int | None] = []
+    numels: list[int] = []
+    units: list[tuple[int, int] | None] = []
+    for i, t in enumerate(tensors):
+        if not (type(t) in _PLAIN and t.dtype == torch.float32 and t.is_cpu and t.layout == torch.strided):
+            return None
+        if not t.is_contiguous():
+            return None
+        a = (t.detach() if t.requires_grad else t).numpy()
+        n = a.size
+        numels.append(n)
+        arrays.append(a)
+        axis = None if unit_axes is None or a.ndim == 0 else unit_axes[i]
+        if axis is None:
+            units.append(None)
+        else:
+            axis %= a.ndim
+            n_units = a.shape[axis]
+            units.append((n_units, n // n_units if n_units else 0))
+        axes.append(axis)
+    return Flat(None, numels, units, [], _HostF32(arrays, axes))
 
 
 def _in_place(t: torch.Tensor, dtype: torch.dtype) -> bool:

@@ -69,7 +69,7 @@ import contextlib
 import os
 import warnings
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -100,6 +100,8 @@ _NOW_ELEMENTS = 1 << 17
 NO_STEP_WARN_AFTER = 100
 #: Forwards without a backward pass (so far) kept per step; older ones are dropped first.
 _MAX_PENDING_FORWARDS = 64
+#: Lists of tensor ids kept by ``_tensor_ids`` (cleared when full: a model whose forwards vary keeps few).
+_TID_CACHE = 256
 
 _CHANNEL_FIRST: tuple[type, ...] = (
     nn.modules.conv._ConvNd,
@@ -328,6 +330,7 @@ class Watch(WatchCore):
         # the tensor, not on this forward's graph, so it is removed when the step closes
         self._leaf_out_hooks: list[Any] = []
         self._param_flats: list[tuple[list[int], Flat]] = []  # small parameter batches, summarised together
+        self._tid_cache: dict[tuple[tuple[str, str], ...], list[int]] = {}  # see _tensor_ids
         self._flat_before: Flat | None = None
         self._capture_pending = False  # a closure was passed to optimizer.step(): capture after its first call
         self._cheap_names: tuple[str, ...] = ()
@@ -611,9 +614,23 @@ class Watch(WatchCore):
             else:  # copied: autograd may pass this memory on as a parameter's .grad, which clipping changes
                 self._acts.append((tname, layer, "output_grad", grad.detach().clone() if scale is None else grad, axis))
 
+    def _tensor_ids(self, entries: Sequence[tuple[str, str, str, torch.Tensor]]) -> list[int]:
+        """The writer's ids of ``(name, layer, kind, tensor)`` entries, kept for each list of names and kinds.
+
+        The writer registers a tensor on first use and keeps its id; a logged step asks for the same lists again.
+        """
+        key = tuple((e[0], e[2]) for e in entries)
+        tids = self._tid_cache.get(key)
+        if tids is None:
+            tids = [self._writer.tensor_id(n, layer, kind, t.shape, str(t.dtype)) for n, layer, kind, t in entries]
+            if len(self._tid_cache) >= _TID_CACHE:
+                self._tid_cache.clear()
+            self._tid_cache[key] = tids
+        return tids
+
     def _pack(self, acts: list[tuple[str, str, str, torch.Tensor, int | None]]) -> list[tuple[list[int], PackedStats]]:
         """Summarise layer outputs or output gradients on their devices: one pack per device."""
-        tids = [self._writer.tensor_id(n, layer, kind, t.shape, str(t.dtype)) for n, layer, kind, t, _ in acts]
+        tids = self._tensor_ids([a[:4] for a in acts])
         by_device: dict[torch.device, list[int]] = {}
         for i, a in enumerate(acts):
             by_device.setdefault(a[3].device, []).append(i)
@@ -656,9 +673,7 @@ class Watch(WatchCore):
         )
         if flat is None:  # a large batch is summarised at once: its large tensors can be read in place
             flat = Flat.of(tensors, copy=small)
-        tids = [
-            self._writer.tensor_id(n, n.rpartition(".")[0] or "model", kind, t.shape, str(t.dtype)) for n, t in named
-        ]
+        tids = self._tensor_ids([(n, n.rpartition(".")[0] or "model", kind, t) for n, t in named])
         if small:  # summarised with the step's other parameter kinds at once
             self._param_flats.append((tids, flat))
         else:  # large: summarise now, so that the copy can go
