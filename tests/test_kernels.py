@@ -317,6 +317,12 @@ def test_copy_and_difference_norms_match_float64_references():
         with np.errstate(invalid="ignore"):  # inf - inf
             d = (a - b).astype(np.float64)  # the float32 difference, as torch's subtraction rounds it
         assert g == pytest.approx(float(np.sqrt(np.sum(d * d))), rel=1e-14, nan_ok=True)
+    out = [np.full_like(a, 7.0) for a in after]
+    stored = _kernels.diff_into_norms_f32(after, dst, out)
+    np.testing.assert_array_equal(stored, got)  # the same norms, summed the same way (NaN where it was)
+    for a, b, o in zip(after, dst, out, strict=True):
+        with np.errstate(invalid="ignore"):
+            np.testing.assert_array_equal(o, a - b)  # every element written, rounded as float32 rounds it
 
 
 @needs_kernel
@@ -332,6 +338,10 @@ def test_norm_kernels_refuse_mismatched_lists():
         ro = np.zeros(4, np.float32)
         ro.flags.writeable = False
         _kernels.copy_norms_f32(a, [ro])
+    with pytest.raises(ValueError, match="lists of 1, 1 and 2 arrays"):
+        _kernels.diff_into_norms_f32(a, a, [*a, *a])
+    with pytest.raises(ValueError, match="array 0 of the third list is not a float32 array of the size"):
+        _kernels.diff_into_norms_f32(a, a, b)
 
 
 @needs_kernel

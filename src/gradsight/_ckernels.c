@@ -702,8 +702,9 @@ done:
 /* ---- per-step norms: sums of squares of float32 tensors, in float64, fused with a copy or a difference ---- */
 
 /* Sum of squares in float64 of x (op 0: y is not read), of x while copying it to y (op 1), or of the float32
- * difference x - y (op 2: rounded as the float32 subtraction rounds it, then squared and summed in float64). */
-static double sumsq(const float *x, float *y, Py_ssize_t n, int op) {
+ * difference x - y (op 2: rounded as the float32 subtraction rounds it, then squared and summed in float64; op 3:
+ * the same, also written to z). z is read only by op 3. */
+static double sumsq(const float *x, float *y, float *z, Py_ssize_t n, int op) {
     double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
     Py_ssize_t i = 0;
 #if defined(__SSE2__)
@@ -715,8 +716,9 @@ static double sumsq(const float *x, float *y, Py_ssize_t n, int op) {
             __m128 v = _mm_loadu_ps(x + i + 4 * j);
             if (op == 1)
                 _mm_storeu_ps(y + i + 4 * j, v);
-            else if (op == 2)
+            else if (op >= 2)
                 v = _mm_sub_ps(v, _mm_loadu_ps(y + i + 4 * j));
+            if (op == 3) _mm_storeu_ps(z + i + 4 * j, v);
             __m128d lo = _mm_cvtps_pd(v), hi = _mm_cvtps_pd(_mm_movehl_ps(v, v));
             a[2 * j] = _mm_add_pd(a[2 * j], _mm_mul_pd(lo, lo));
             a[2 * j + 1] = _mm_add_pd(a[2 * j + 1], _mm_mul_pd(hi, hi));
@@ -733,8 +735,9 @@ static double sumsq(const float *x, float *y, Py_ssize_t n, int op) {
         float v = x[i];
         if (op == 1)
             y[i] = v;
-        else if (op == 2)
+        else if (op >= 2)
             v = v - y[i];
+        if (op == 3) z[i] = v;
         double d = (double)v;
         s0 += d * d;
     }
@@ -743,7 +746,7 @@ static double sumsq(const float *x, float *y, Py_ssize_t n, int op) {
 
 #if GS_AVX2
 /* sumsq with AVX2: sixteen floats a round into four accumulators of four float64 lanes. */
-AVX2_FN static double sumsq_avx2(const float *x, float *y, Py_ssize_t n, int op) {
+AVX2_FN static double sumsq_avx2(const float *x, float *y, float *z, Py_ssize_t n, int op) {
     __m256d a[4];
     for (int k = 0; k < 4; k++) a[k] = _mm256_setzero_pd();
     Py_ssize_t i = 0;
@@ -752,8 +755,9 @@ AVX2_FN static double sumsq_avx2(const float *x, float *y, Py_ssize_t n, int op)
             __m256 v = _mm256_loadu_ps(x + i + 8 * j);
             if (op == 1)
                 _mm256_storeu_ps(y + i + 8 * j, v);
-            else if (op == 2)
+            else if (op >= 2)
                 v = _mm256_sub_ps(v, _mm256_loadu_ps(y + i + 8 * j));
+            if (op == 3) _mm256_storeu_ps(z + i + 8 * j, v);
             __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
             a[2 * j] = _mm256_add_pd(a[2 * j], _mm256_mul_pd(lo, lo));
             a[2 * j + 1] = _mm256_add_pd(a[2 * j + 1], _mm256_mul_pd(hi, hi));
@@ -765,8 +769,9 @@ AVX2_FN static double sumsq_avx2(const float *x, float *y, Py_ssize_t n, int op)
         float v = x[i];
         if (op == 1)
             y[i] = v;
-        else if (op == 2)
+        else if (op >= 2)
             v = v - y[i];
+        if (op == 3) z[i] = v;
         double d = (double)v;
         s0 += d * d;
     }
@@ -775,7 +780,7 @@ AVX2_FN static double sumsq_avx2(const float *x, float *y, Py_ssize_t n, int op)
 }
 #endif
 
-typedef double (*sumsq_fn)(const float *, float *, Py_ssize_t, int);
+typedef double (*sumsq_fn)(const float *, float *, float *, Py_ssize_t, int);
 static sumsq_fn sumsq_pass = sumsq;
 
 /* Acquire the k-th buffer of a sequence: float32, C-contiguous, writable if asked, of len bytes if len >= 0. */
@@ -792,26 +797,32 @@ static int get_f32(PyObject *seq, Py_ssize_t k, Py_buffer *view, int writable, P
     return 1;
 }
 
-/* The op over two lists of arrays (xs, ys), float32 and C-contiguous; a list of float64 sums of squares. */
+/* The op over lists of arrays (xs, ys; zs for op 3), float32 and C-contiguous; a list of float64 sums of squares. */
 static PyObject *sumsq_lists(PyObject *args, int op, const char *name) {
-    PyObject *xs, *ys, *fx = NULL, *fy = NULL, *result = NULL;
-    Py_buffer *bx = NULL, *by = NULL;
+    PyObject *xs, *ys, *zs = NULL, *fx = NULL, *fy = NULL, *fz = NULL, *result = NULL;
+    Py_buffer *bx = NULL, *by = NULL, *bz = NULL;
     double *out = NULL;
-    Py_ssize_t n = 0, got = 0, goty = 0;
-    if (!PyArg_ParseTuple(args, "OO", &xs, &ys)) return NULL;
+    Py_ssize_t n = 0, got = 0, goty = 0, gotz = 0;
+    if (!PyArg_ParseTuple(args, op == 3 ? "OOO" : "OO", &xs, &ys, &zs)) return NULL;
     if ((fx = PySequence_Fast(xs, "expected a list of float32 arrays")) == NULL ||
-        (fy = PySequence_Fast(ys, "expected a list of float32 arrays")) == NULL)
+        (fy = PySequence_Fast(ys, "expected a list of float32 arrays")) == NULL ||
+        (op == 3 && (fz = PySequence_Fast(zs, "expected a list of float32 arrays")) == NULL))
         goto done;
     n = PySequence_Fast_GET_SIZE(fx);
-    if (PySequence_Fast_GET_SIZE(fy) != n) {
-        PyErr_Format(PyExc_ValueError, "%s: lists of %zd and %zd arrays; expected as many", name, n,
-                     PySequence_Fast_GET_SIZE(fy));
+    if (PySequence_Fast_GET_SIZE(fy) != n || (fz != NULL && PySequence_Fast_GET_SIZE(fz) != n)) {
+        if (fz != NULL)
+            PyErr_Format(PyExc_ValueError, "%s: lists of %zd, %zd and %zd arrays; expected as many", name, n,
+                         PySequence_Fast_GET_SIZE(fy), PySequence_Fast_GET_SIZE(fz));
+        else
+            PyErr_Format(PyExc_ValueError, "%s: lists of %zd and %zd arrays; expected as many", name, n,
+                         PySequence_Fast_GET_SIZE(fy));
         goto done;
     }
     bx = PyMem_Calloc((size_t)n + 1, sizeof(Py_buffer));
     by = PyMem_Calloc((size_t)n + 1, sizeof(Py_buffer));
+    bz = PyMem_Calloc((size_t)n + 1, sizeof(Py_buffer));
     out = PyMem_Calloc((size_t)n + 1, sizeof(double));
-    if (bx == NULL || by == NULL || out == NULL) {
+    if (bx == NULL || by == NULL || bz == NULL || out == NULL) {
         PyErr_NoMemory();
         goto done;
     }
@@ -819,9 +830,11 @@ static PyObject *sumsq_lists(PyObject *args, int op, const char *name) {
         if (!get_f32(fx, got, &bx[got], 0, -1, name, "the first list")) goto done;
     for (; goty < n; goty++)
         if (!get_f32(fy, goty, &by[goty], op == 1, bx[goty].len, name, "the second list")) goto done;
+    for (; fz != NULL && gotz < n; gotz++)
+        if (!get_f32(fz, gotz, &bz[gotz], 1, bx[gotz].len, name, "the third list")) goto done;
     Py_BEGIN_ALLOW_THREADS;
     for (Py_ssize_t k = 0; k < n; k++)
-        out[k] = sumsq_pass((const float *)bx[k].buf, (float *)by[k].buf, bx[k].len / 4, op);
+        out[k] = sumsq_pass((const float *)bx[k].buf, (float *)by[k].buf, (float *)bz[k].buf, bx[k].len / 4, op);
     Py_END_ALLOW_THREADS;
     if ((result = PyList_New(n)) == NULL) goto done;
     for (Py_ssize_t k = 0; k < n; k++) {
@@ -835,11 +848,14 @@ static PyObject *sumsq_lists(PyObject *args, int op, const char *name) {
 done:
     for (Py_ssize_t k = 0; k < got; k++) PyBuffer_Release(&bx[k]);
     for (Py_ssize_t k = 0; k < goty; k++) PyBuffer_Release(&by[k]);
+    for (Py_ssize_t k = 0; k < gotz; k++) PyBuffer_Release(&bz[k]);
     PyMem_Free(bx);
     PyMem_Free(by);
+    PyMem_Free(bz);
     PyMem_Free(out);
     Py_XDECREF(fx);
     Py_XDECREF(fy);
+    Py_XDECREF(fz);
     return result;
 }
 
@@ -869,6 +885,14 @@ PyDoc_STRVAR(diff_sumsq_f32_doc,
 static PyObject *diff_sumsq_f32(PyObject *self, PyObject *args) {
     (void)self;
     return sumsq_lists(args, 2, "diff_sumsq_f32");
+}
+
+PyDoc_STRVAR(diff_into_sumsq_f32_doc,
+             "diff_into_sumsq_f32(xs, ys, zs) -> list: write each float32 difference xs[k] - ys[k] into zs[k] (rounded\n"
+             "as a float32 subtraction rounds it) and return the float64 sums of squares of what was written.");
+static PyObject *diff_into_sumsq_f32(PyObject *self, PyObject *args) {
+    (void)self;
+    return sumsq_lists(args, 3, "diff_into_sumsq_f32");
 }
 
 static int has_avx2(void) {
@@ -935,6 +959,7 @@ static PyMethodDef methods[] = {
     {"sumsq_f32", sumsq_f32, METH_VARARGS, sumsq_f32_doc},
     {"copy_sumsq_f32", copy_sumsq_f32, METH_VARARGS, copy_sumsq_f32_doc},
     {"diff_sumsq_f32", diff_sumsq_f32, METH_VARARGS, diff_sumsq_f32_doc},
+    {"diff_into_sumsq_f32", diff_into_sumsq_f32, METH_VARARGS, diff_into_sumsq_f32_doc},
     {"units_f32", units_f32, METH_VARARGS, units_f32_doc},
     {"rows_f32", rows_f32, METH_VARARGS, rows_f32_doc},
     {"rows_units_f32", rows_units_f32, METH_VARARGS, rows_units_f32_doc},

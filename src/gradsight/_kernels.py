@@ -11,8 +11,8 @@
 * **per-unit activity counts** (:func:`unit_counts_f32`), or both at once (:func:`rows_units_f32`), where a
   unit's elements lie together (a convolution's channels); and a whole batch of tensors' rows and unit counts in
   one call (:func:`summaries_f32`);
-* **per-step norms** (:func:`copy_norms_f32`, :func:`diff_norms_f32`): a copy with its norm, and the norm of a
-  difference without storing it.
+* **per-step norms** (:func:`copy_norms_f32`, :func:`diff_norms_f32`, :func:`diff_into_norms_f32`): a copy
+  with its norm, and the norm of a difference, without storing it or stored.
 
 The float passes (the summaries' sums and extremes, the norms) use AVX2 where the CPU has it, else the build's
 SSE2 (or plain C); the counts are the same either way, the float64 sums may differ in the last bits (another
@@ -43,6 +43,7 @@ if _C is not None and (_C.ROW, _C.HIST) != (ROW, HIST):  # a build from another 
 __all__ = [
     "available",
     "copy_norms_f32",
+    "diff_into_norms_f32",
     "diff_norms_f32",
     "norms_f32",
     "rows_f32",
@@ -221,6 +222,19 @@ def copy_norms_f32(src: Sequence[np.ndarray], dst: Sequence[np.ndarray]) -> list
     if _C is None:
         return None
     return [math.sqrt(v) for v in _C.copy_sumsq_f32(src, dst)]
+
+
+def diff_into_norms_f32(
+    a: Sequence[np.ndarray], b: Sequence[np.ndarray], out: Sequence[np.ndarray]
+) -> list[float] | None:
+    """Write each float32 difference ``a[k] - b[k]`` into ``out[k]`` and return its norm, in one pass.
+
+    The difference is rounded to float32 as torch's float32 subtraction rounds it; its norm is accumulated in
+    float64, as :func:`diff_norms_f32` takes it.
+    """
+    if _C is None:
+        return None
+    return [math.sqrt(v) for v in _C.diff_into_sumsq_f32(a, b, out)]
 
 
 def diff_norms_f32(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> list[float] | None:

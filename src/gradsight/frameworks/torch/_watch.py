@@ -133,8 +133,13 @@ def unit_axis_for(module: nn.Module, output: torch.Tensor, inherited: int | None
     channel_first = isinstance(module, _CHANNEL_FIRST)
     if not channel_first and inherited is None and output.dim() >= 4:
         # torch lays 4-D/5-D activations out (N, C, ...): a ReLU after a residual add, say
-        channel_first = next(iter(module.parameters(recurse=False)), None) is None
+        channel_first = not _has_own_params(module)
     return unit_axis(output.dim(), channel_first=channel_first, inherited=inherited)
+
+
+def _has_own_params(module: nn.Module) -> bool:
+    """Whether ``module.parameters(recurse=False)`` would yield any (read from its dict: a forward hook's cost)."""
+    return any(p is not None for p in module._parameters.values())
 
 
 def _host_cheap(tensors: list[torch.Tensor]) -> bool:
@@ -149,11 +154,11 @@ def _is_float(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and t.is_floating_point() and t.layout == torch.strided
 
 
+_IS_WRAPPED = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+
+
 def _functorch_wrapped(t: torch.Tensor) -> bool:
-    try:
-        return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
-    except AttributeError:  # pragma: no cover - very old/new torch
-        return False
+    return _IS_WRAPPED is not None and bool(_IS_WRAPPED(t))
 
 
 def _output_items(out: Any) -> list[tuple[str, torch.Tensor]]:
@@ -584,7 +589,7 @@ class Watch(WatchCore):
         """
         inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
         inherited = None
-        if inp is not None and next(iter(module.parameters(recurse=False)), None) is None:
+        if inp is not None and not _has_own_params(module):
             rec = self._axis_of.get(id(inp))
             if rec is not None and rec[0]() is inp:
                 inherited = rec[1]
@@ -901,9 +906,12 @@ class Watch(WatchCore):
         pv = self._param_views()
         params = pv.params
         if rec.weight is not None and self._wbuf is not None and not skipped:
-            views = pv.views if (self._wbuf_np is not None and self._wbuf_for is pv and not self._logged) else None
-            if views is not None:  # the norms only, in one pass: the differences are not stored
+            views = pv.views if (self._wbuf_np is not None and self._wbuf_for is pv) else None
+            if views is not None and not self._logged:  # the norms only, in one pass: the differences not stored
                 rec.update = _kernels.diff_norms_f32(views, self._wbuf_np)
+            elif views is not None:  # a logged step summarises the differences: stored, with their norms
+                diffs = [torch.empty_like(b) for b in self._wbuf]
+                rec.update = _kernels.diff_into_norms_f32(views, self._wbuf_np, [d.numpy() for d in diffs])
             else:
                 with torch.no_grad():
                     diffs = torch._foreach_sub(params, self._wbuf)
