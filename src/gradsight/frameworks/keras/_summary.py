@@ -208,6 +208,28 @@ def pack_summaries(
     return tf.concat([tf.reshape(packed, [-1]), *unit_parts], 0)
 
 
+try:  # TensorFlow's cond as one If op whose taken branch runs as a function (internal API; tf.cond without it)
+    from tensorflow.python.ops.cond_v2 import fast_cond_v2 as _fast_cond
+except ImportError:  # pragma: no cover - another TensorFlow version
+    _fast_cond = None
+
+
+def rare_cond(pred: tf.Tensor, true_fn: Any, false_fn: Any, *, xla: bool = False) -> Any:
+    """``tf.cond(pred, true_fn, false_fn)`` for a branch that runs at few steps, at less cost at the others.
+
+    Inside a ``tf.function``, ``tf.cond`` is lowered into the step's graph: every op of the branch not taken is
+    still visited by the executor at each step (as a dead op), which costs time in proportion to the branch's
+    size (a watched step's full-summary branch holds hundreds of ops). Here it stays one ``If`` op that calls only
+    the taken branch, as a function. The branches must not be differentiated, and must return their results
+    (their side effects, variable writes, run: a function keeps its stateful ops). Under XLA, or where this
+    TensorFlow lacks the op, it is ``tf.cond``.
+    """
+    if _fast_cond is None or xla or not tf.inside_function():
+        return tf.cond(pred, true_fn, false_fn)
+    out = _fast_cond(pred, true_fn, false_fn)
+    return tuple(out) if isinstance(out, (list, tuple)) else out
+
+
 def norms(tensors: Sequence[tf.Tensor], scale: tf.Tensor | None = None) -> tf.Tensor:
     """The L2 norm of each tensor as a float64 vector (NaN/Inf when it has non-finite entries).
 
@@ -239,7 +261,7 @@ def norms(tensors: Sequence[tf.Tensor], scale: tf.Tensor | None = None) -> tf.Te
 
     if all(t.dtype == tf.float64 for t in tensors):
         return tf.sqrt(sq64)
-    return tf.sqrt(tf.cond(tf.reduce_any(tf.math.is_inf(sq64)), exact, lambda: sq64))
+    return tf.sqrt(rare_cond(tf.reduce_any(tf.math.is_inf(sq64)), exact, lambda: sq64))
 
 
 def nonfinite_counts(tensors: Sequence[tf.Tensor], norms64: tf.Tensor | None = None) -> tf.Tensor:
@@ -257,7 +279,7 @@ def nonfinite_counts(tensors: Sequence[tf.Tensor], norms64: tf.Tensor | None = N
 
     if norms64 is None:
         return count()
-    return tf.cond(tf.reduce_all(tf.math.is_finite(norms64)), lambda: tf.zeros([len(tensors)], tf.float64), count)
+    return rare_cond(tf.reduce_all(tf.math.is_finite(norms64)), lambda: tf.zeros([len(tensors)], tf.float64), count)
 
 
 # ---- gradient clipping, as the Keras optimizer does it -------------------------------------------------------
@@ -452,7 +474,7 @@ class GraphAnomalies:
             captured = tf.logical_and(tf.less_equal(first, step), tf.less_equal(step, last))
             return captured, tf.constant(False), zero, zero, nan, nan, sup, last
 
-        out = tf.cond(maybe, lambda: self._judge(step, values, present, finite, past, n, state), quiet)
+        out = rare_cond(maybe, lambda: self._judge(step, values, present, finite, past, n, state), quiet)
         # keep this step's finite values (after judging it, as the host rule does)
         slot = tf.logical_and(tf.equal(col[None, :], (count % w)[:, None]), keep[:, None])
         self.hist.assign(tf.where(slot, values[:, None], hist))

@@ -107,6 +107,7 @@ from ._summary import (
     nonfinite_counts,
     norms,
     pack_summaries,
+    rare_cond,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -842,7 +843,7 @@ class KerasWatch(WatchCore):
         slot = tf.cast(step % self._ring, tf.int32)
         packed = (safe_grads, inv, before, deltas, inter, inter_grads)
         xla = bool(getattr(model, "jit_compile", False))
-        tf.cond(record, lambda: self._pack(slot, *packed, xla=xla), lambda: tf.constant(False))
+        rare_cond(record, lambda: self._pack(slot, *packed, xla=xla), lambda: tf.constant(False), xla=xla)
         _write_slot(self._scal_buf, slot, tf.concat([tf.stack([head[k] for k in HEAD]), *blocks], 0))
         self._step_var.assign_add(1)
         return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
