@@ -214,6 +214,7 @@ except ImportError:  # pragma: no cover - another TensorFlow version
     _fast_cond = None
 
 
+@tf.autograph.experimental.do_not_convert  # (autograph would convert TensorFlow's own cond code, and fail)
 def rare_cond(pred: tf.Tensor, true_fn: Any, false_fn: Any, *, xla: bool = False) -> Any:
     """``tf.cond(pred, true_fn, false_fn)`` for a branch that runs at few steps, at less cost at the others.
 
@@ -221,8 +222,10 @@ def rare_cond(pred: tf.Tensor, true_fn: Any, false_fn: Any, *, xla: bool = False
     still visited by the executor at each step (as a dead op), which costs time in proportion to the branch's
     size (a watched step's full-summary branch holds hundreds of ops). Here it stays one ``If`` op that calls only
     the taken branch, as a function. The branches must not be differentiated, and must return their results
-    (their side effects, variable writes, run: a function keeps its stateful ops). Under XLA, or where this
-    TensorFlow lacks the op, it is ``tf.cond``.
+    (their side effects, variable writes, run: a function keeps its stateful ops; they are not ordered among
+    themselves, so a branch must not read a variable it writes). Outside a function, where this TensorFlow lacks
+    the op, and with ``xla=True`` (the watch's full-summary branch in a ``jit_compile`` model, as before), it is
+    ``tf.cond``.
     """
     if _fast_cond is None or xla or not tf.inside_function():
         return tf.cond(pred, true_fn, false_fn)

@@ -24,8 +24,10 @@ Two kernel sets compute the rows; both are exact for every count, bin, min and m
   sign-and-exponent codes, zeros and infinities that split their edge bins, float64 sums, min and max), ≈ 0.4–0.5
   ns per element with AVX2 against ≈ 2.5 ns for the numpy/torch kernels below, which stand in for it where it was
   not built. It takes every float32 group of a batch in one call, and ``Flat.of(copy=False)`` then reads every
-  contiguous float32 tensor in place (no copy into a shared buffer); a channel-first output's row and its
-  per-unit activity counts come from one pass (:func:`gradsight._kernels.rows_units_f32`, in :meth:`Flat.of`).
+  contiguous float32 tensor in place (no copy into a shared buffer). Where every tensor of such a batch is a
+  plain contiguous CPU float32 tensor (a CPU model's case), the batch is only a list of numpy views, and one call
+  of :func:`gradsight._kernels.summaries_f32` makes all of its rows and per-unit activity counts, with no Python
+  work per tensor beyond the view; a channel-first output's row and counts come from one pass.
 * **fast, CPU float32** (:func:`_rows_f32_cpu`), used where reading a result costs no device sync: a 9-bit code
   ``bits >> 23`` (sign and exponent field, two integer passes instead of eight) and ``bincount``. The bins it
   cannot split — exponent 0 (zeros vs subnormals) and 255 (infinities vs NaN) — are checked on the host right
@@ -163,7 +165,8 @@ class Flat:
             copy: ``False`` when the batch is summarised at once and the tensors don't change before that: a
                 contiguous tensor of at least ``_ALONE`` elements in its group's dtype then becomes a group of
                 its own, read in place instead of copied (small tensors are still copied together, so that one
-                kernel set summarises them).
+                kernel set summarises them). With the compiled kernel, a batch of plain contiguous CPU float32
+                tensors is read in place whole, and summarised by one kernel call (:func:`_host_f32`).
 
         Returns:
             The batch.
@@ -341,6 +344,8 @@ def _host_f32(tensors: Sequence[torch.Tensor], unit_axes: Sequence[int | None] |
     and unit counts, in one call (at ``stats()``), with no per-tensor work in Python beyond taking a view.
     ``None`` where some tensor is not such a tensor (the general path takes the batch).
     """
+    if unit_axes is not None and len(unit_axes) != len(tensors):
+        return None  # (the general path says what is wrong)
     arrays: list[np.ndarray] = []
     axes: list[int | None] = []
     numels: list[int] = []
