@@ -334,9 +334,6 @@ class _HostF32:
     axes: list[int | None]
 
 
-_PLAIN = (torch.Tensor, nn.Parameter)
-
-
 def _host_f32(tensors: Sequence[torch.Tensor], unit_axes: Sequence[int | None] | None) -> Flat | None:
     """``Flat.of(tensors, unit_axes, copy=False)`` where every tensor is a plain contiguous CPU float32 tensor.
 
@@ -351,9 +348,7 @@ def _host_f32(tensors: Sequence[torch.Tensor], unit_axes: Sequence[int | None] |
     numels: list[int] = []
     units: list[tuple[int, int] | None] = []
     for i, t in enumerate(tensors):
-        if not (type(t) in _PLAIN and t.dtype == torch.float32 and t.is_cpu and t.layout == torch.strided):
-            return None
-        if not t.is_contiguous():
+        if not (t.dtype == torch.float32 and _plain_cpu(t) and t.is_contiguous()):
             return None
         a = (t.detach() if t.requires_grad else t).numpy()
         n = a.size
