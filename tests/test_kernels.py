@@ -317,6 +317,10 @@ def test_copy_and_difference_norms_match_float64_references():
         with np.errstate(invalid="ignore"):  # inf - inf
             d = (a - b).astype(np.float64)  # the float32 difference, as torch's subtraction rounds it
         assert g == pytest.approx(float(np.sqrt(np.sum(d * d))), rel=1e-14, nan_ok=True)
+    at = _kernels.norms_at_f32([a.ctypes.data for a in after], [a.size for a in after])  # the same, by address
+    np.testing.assert_array_equal(at, _kernels.norms_f32(after))
+    for a, g in zip(after, at, strict=True):
+        assert g == pytest.approx(float(np.sqrt(np.sum(a.astype(np.float64) ** 2))), rel=1e-14, nan_ok=True)
     out = [np.full_like(a, 7.0) for a in after]
     stored = _kernels.diff_into_norms_f32(after, dst, out)
     np.testing.assert_array_equal(stored, got)  # the same norms, summed the same way (NaN where it was)
@@ -342,6 +346,13 @@ def test_norm_kernels_refuse_mismatched_lists():
         _kernels.diff_into_norms_f32(a, a, [*a, *a])
     with pytest.raises(ValueError, match="array 0 of the third list is not a float32 array of the size"):
         _kernels.diff_into_norms_f32(a, a, b)
+    with pytest.raises(ValueError, match="1 addresses and 2 counts"):
+        _kernels.norms_at_f32([a[0].ctypes.data], [4, 4])
+    with pytest.raises(ValueError, match="entry 0 has a null address or a negative count"):
+        _kernels.norms_at_f32([0], [4])
+    with pytest.raises(ValueError, match="entry 0 has a null address or a negative count"):
+        _kernels.norms_at_f32([a[0].ctypes.data], [-1])
+    assert _kernels.norms_at_f32([0], [0]) == [0.0]  # an empty tensor's null pointer
 
 
 @needs_kernel

@@ -43,7 +43,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["MIN_HISTORY", "Anomalies", "trigger"]
+__all__ = ["MIN_HISTORY", "Anomalies", "Past", "trigger"]
 
 #: Finite past values a signal needs before a jump can be judged against their median. One: the most common
 #: failure, a learning rate that blows the weights up, shows at step 1, with step 0 as the only reference
@@ -51,8 +51,29 @@ __all__ = ["MIN_HISTORY", "Anomalies", "trigger"]
 MIN_HISTORY = 1
 
 
+class Past(deque):
+    """A signal's last ``maxlen`` finite values, with their minimum (``low``) kept as values come and go.
+
+    The minimum decides the common case of :func:`trigger` (no jump: the value is at most ``factor`` times it);
+    kept here, judging a step costs one comparison per signal instead of a scan of its window.
+    """
+
+    def __init__(self, maxlen: int) -> None:
+        super().__init__((), maxlen)
+        self.low = math.inf
+
+    def push(self, value: float) -> None:
+        """Append a finite value (the oldest leaves a full window); the minimum follows."""
+        leaving = self[0] if len(self) == self.maxlen else None
+        self.append(value)
+        if leaving is not None and leaving <= self.low and value > leaving:  # the minimum left: find the new one
+            self.low = min(self)
+        elif value < self.low:
+            self.low = value
+
+
 def trigger(
-    values: Mapping[str, float], history: Mapping[str, deque[float]], factor: float
+    values: Mapping[str, float], history: Mapping[str, Past], factor: float
 ) -> tuple[str, str, float, float | None] | None:
     """The trigger of one step, if any: ``(reason, signal, value, baseline)``; see the module docstring.
 
@@ -71,7 +92,7 @@ def trigger(
         if not math.isfinite(value):
             base = statistics.median(past) if past and len(past) >= MIN_HISTORY else None
             return "non-finite", name, value, base
-        if not past or len(past) < MIN_HISTORY or value <= factor * min(past):
+        if not past or len(past) < MIN_HISTORY or value <= factor * past.low:
             continue  # the median is at least the minimum: no jump (and no median to compute, the common case)
         base = statistics.median(past)
         if base > 0 and value > factor * base:
@@ -95,7 +116,7 @@ class Anomalies:
 
     def __init__(self, *, factor: float = 10.0, window: int = 20, steps: int = 5, cooldown: int = 20) -> None:
         self.factor, self.window, self.steps, self.cooldown = float(factor), int(window), int(steps), int(cooldown)
-        self._history: dict[str, deque[float]] = {}
+        self._history: dict[str, Past] = {}
         self._first = -1  # the current (or last) capture window is [_first, _last]
         self._last = -1
         self._next = 0  # the first step at which a new capture may start
@@ -117,12 +138,16 @@ class Anomalies:
             The ``anomaly`` event's payload when ``step`` starts a capture, else ``None``.
         """
         hit = trigger(values, self._history, self.factor)
+        history = self._history
         for name, value in values.items():
             if math.isfinite(value):
-                past = self._history.get(name)
+                past = history.get(name)
                 if past is None:
-                    past = self._history[name] = deque(maxlen=self.window)
-                past.append(float(value))
+                    past = history[name] = Past(self.window)
+                if value >= past.low and (len(past) < self.window or past[0] > past.low):  # the minimum stays
+                    past.append(float(value))
+                else:
+                    past.push(float(value))
         if hit is None:
             return None
         if step < self._next or step <= self._last:

@@ -879,6 +879,63 @@ static PyObject *sumsq_f32(PyObject *self, PyObject *args) {
     return result;
 }
 
+PyDoc_STRVAR(sumsq_at_f32_doc,
+             "sumsq_at_f32(addresses, counts) -> list: the sum of squares (float64) of the counts[k] float32 values\n"
+             "at addresses[k]. For callers that hold the memory (a framework tensor's data pointer) and checked it is\n"
+             "contiguous float32 host memory of that many values: nothing here can check it.");
+static PyObject *sumsq_at_f32(PyObject *self, PyObject *args) {
+    PyObject *addrs, *counts, *fa = NULL, *fc = NULL, *result = NULL;
+    const float **at = NULL;
+    Py_ssize_t *len = NULL;
+    double *out = NULL;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OO", &addrs, &counts)) return NULL;
+    if ((fa = PySequence_Fast(addrs, "expected a list of addresses")) == NULL ||
+        (fc = PySequence_Fast(counts, "expected a list of counts")) == NULL)
+        goto done;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fa);
+    if (PySequence_Fast_GET_SIZE(fc) != n) {
+        PyErr_Format(PyExc_ValueError, "sumsq_at_f32: %zd addresses and %zd counts; expected as many", n,
+                     PySequence_Fast_GET_SIZE(fc));
+        goto done;
+    }
+    at = PyMem_Calloc((size_t)n + 1, sizeof(float *));
+    len = PyMem_Calloc((size_t)n + 1, sizeof(Py_ssize_t));
+    out = PyMem_Calloc((size_t)n + 1, sizeof(double));
+    if (at == NULL || len == NULL || out == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t k = 0; k < n; k++) {
+        at[k] = (const float *)PyLong_AsVoidPtr(PySequence_Fast_GET_ITEM(fa, k));
+        len[k] = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(fc, k));
+        if (PyErr_Occurred()) goto done;
+        if (len[k] < 0 || (at[k] == NULL && len[k] > 0)) {
+            PyErr_Format(PyExc_ValueError, "sumsq_at_f32: entry %zd has a null address or a negative count", k);
+            goto done;
+        }
+    }
+    Py_BEGIN_ALLOW_THREADS;
+    for (Py_ssize_t k = 0; k < n; k++) out[k] = sumsq_pass(at[k], NULL, NULL, len[k], 0);
+    Py_END_ALLOW_THREADS;
+    if ((result = PyList_New(n)) == NULL) goto done;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *v = PyFloat_FromDouble(out[k]);
+        if (v == NULL) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyList_SET_ITEM(result, k, v);
+    }
+done:
+    PyMem_Free(at);
+    PyMem_Free(len);
+    PyMem_Free(out);
+    Py_XDECREF(fa);
+    Py_XDECREF(fc);
+    return result;
+}
+
 PyDoc_STRVAR(diff_sumsq_f32_doc,
              "diff_sumsq_f32(xs, ys) -> list: per pair, the float64 sum of squares of the float32 difference\n"
              "xs[k] - ys[k] (each difference rounded to float32, as a float32 subtraction gives it).");
@@ -957,6 +1014,7 @@ static PyObject *simd(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"simd", simd, METH_VARARGS, simd_doc},
     {"sumsq_f32", sumsq_f32, METH_VARARGS, sumsq_f32_doc},
+    {"sumsq_at_f32", sumsq_at_f32, METH_VARARGS, sumsq_at_f32_doc},
     {"copy_sumsq_f32", copy_sumsq_f32, METH_VARARGS, copy_sumsq_f32_doc},
     {"diff_sumsq_f32", diff_sumsq_f32, METH_VARARGS, diff_sumsq_f32_doc},
     {"diff_into_sumsq_f32", diff_into_sumsq_f32, METH_VARARGS, diff_into_sumsq_f32_doc},

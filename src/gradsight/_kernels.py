@@ -217,6 +217,17 @@ def norms_f32(arrays: Sequence[np.ndarray]) -> list[float] | None:
     return [math.sqrt(v) for v in _C.sumsq_f32(arrays)]
 
 
+def norms_at_f32(addresses: Sequence[int], counts: Sequence[int]) -> list[float] | None:
+    """:func:`norms_f32` of memory given by address: ``counts[k]`` float32 values at ``addresses[k]``.
+
+    For framework tensors, whose data pointer costs less to read than a numpy view to make. The caller holds the
+    memory during the call and has checked that it is contiguous float32 host memory of that many values.
+    """
+    if _C is None:
+        return None
+    return [math.sqrt(v) for v in _C.sumsq_at_f32(addresses, counts)]
+
+
 def copy_norms_f32(src: Sequence[np.ndarray], dst: Sequence[np.ndarray]) -> list[float] | None:
     """Copy each ``src[k]`` into ``dst[k]`` (same size) and return the copies' norms, in one pass."""
     if _C is None:

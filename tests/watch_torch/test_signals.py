@@ -591,3 +591,22 @@ def test_finite_gradients_too_large_for_a_float32_square_sum_have_finite_norms(t
     assert row["grad_norm"] == pytest.approx(math.sqrt(sum(g * g for g in grads.values())), rel=1e-5)
     assert row["grad_nonfinite"] == 0
     assert not [f for f in gradsight.diagnose(w.path) if f.code == "non-finite"]
+
+
+def test_norms_of_reads_views_at_their_offset_and_takes_any_layout():
+    """The host norms read tensors where their data starts (a view's offset), any layout, any float dtype."""
+    from gradsight.frameworks.torch._signals import norms_of
+
+    base = torch.randn(40, 30) * 3
+    tensors = [
+        base[7:19],  # contiguous, at an offset into its storage
+        base[:, 5],  # strided
+        base.T,  # non-contiguous
+        base[3:4, 2:3].reshape(()),  # one element at an offset
+        torch.empty(0),
+        base.double()[11:],
+        base.half()[2:5],
+    ]
+    for group in (tensors[:1], tensors[:5], tensors):
+        got = norms_of(group, host=True)
+        assert got == pytest.approx([_norm(t) for t in group], rel=1e-6)

@@ -51,9 +51,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..._kernels import norms_f32
+from ..._kernels import norms_at_f32
 from ..._watch_core import signal_row
-from ._summary import compiled_in_place
+from ._summary import compiled_in_place, f32_addresses
 
 __all__ = ["Backward", "Norms", "StepRecord", "counts_of", "host_records", "norms_of", "np_f32", "scaler_scale"]
 
@@ -79,7 +79,7 @@ def norms_of(tensors: Sequence[torch.Tensor], host: bool) -> Norms:
     Summed in float64 like the summaries' ``sum_sq``, so that the per-step norms agree with them to float64
     rounding: torch's float32 norm is off by up to ~2e-3 (relative) on a tensor of 4 M equal entries, and a float32
     sum of squares overflows from entries of about 1.8e19 on. On the host, plain float32 CPU tensors go through
-    the compiled kernel (:func:`gradsight._kernels.norms_f32`: one call for all of them; on 3.45 M parameters
+    the compiled kernel (:func:`gradsight._kernels.norms_at_f32`: one call for all of them; on 3.45 M parameters
     0.25 ms with AVX2 against torch's float32 norm's 0.21 ms, and 4.5x faster than torch accumulating in float64),
     others through torch in float64. On a device, in float64 at once, with no host read.
 
@@ -90,10 +90,9 @@ def norms_of(tensors: Sequence[torch.Tensor], host: bool) -> Norms:
     if any(t.is_sparse for t in tensors):  # a sparse gradient: its stored values (duplicates summed) hold its norm
         tensors = [_values(t) for t in tensors]
     if host:
-        arrays = np_f32(tensors)
-        fast = norms_f32(arrays) if arrays is not None else None
-        if fast is not None:
-            return fast
+        at = f32_addresses(tensors)
+        if at is not None:  # (the kernels are built: f32_addresses said so)
+            return norms_at_f32(*at)  # type: ignore[return-value]
         try:
             return [t.item() for t in torch._foreach_norm(list(tensors), 2, dtype=torch.float64)]
         except RuntimeError:  # mixed dtypes

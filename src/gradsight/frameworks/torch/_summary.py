@@ -389,6 +389,16 @@ def compiled_in_place(tensors: Sequence[torch.Tensor]) -> bool:
     )
 
 
+def f32_addresses(tensors: Sequence[torch.Tensor]) -> tuple[list[int], list[int]] | None:
+    """Data pointers and sizes of ``tensors`` for :func:`gradsight._kernels.norms_at_f32`, if it reads them all.
+
+    ``None`` unless :func:`compiled_in_place` holds: every tensor plain, C-contiguous, float32 and on the CPU.
+    """
+    if not compiled_in_place(tensors):
+        return None
+    return [t.data_ptr() for t in tensors], [t.numel() for t in tensors]
+
+
 def _compiled(g: _Group) -> bool:
     """Whether the compiled kernel summarises group ``g`` (CPU float32, contiguous, the kernel built)."""
     return g.dtype == torch.float32 and _plain_cpu(g.flat) and _kernels.available() and g.flat.is_contiguous()

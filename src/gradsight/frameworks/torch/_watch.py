@@ -785,7 +785,7 @@ class Watch(WatchCore):
         if not grads:
             return
         raw = [g for _, g in grads]  # identities and versions: the .grad tensors themselves
-        tensors = [g.detach() for g in raw]
+        tensors = [g.detach() if g.requires_grad else g for g in raw]  # (backward(create_graph=True)'s need it)
         if self._scaler is not None and self._bw is not None and self._bw.replaced(raw) and not self._stepped_since_bw:
             self._skip_step()  # a whole iteration passed without optimizer.step(): the GradScaler skipped it
         host = self._host(tensors)
@@ -813,18 +813,19 @@ class Watch(WatchCore):
             layout = [(p.dtype, p.shape, p.device) for p in params]
             fresh = self._wbuf is None or layout != self._wbuf_layout
             self._wbuf_for, self._wbuf_layout = pv, layout
-        with torch.no_grad():
-            if fresh:
-                self._wbuf = [p.clone() for p in params]
-                self._wbuf_np = np_f32(self._wbuf)
-            elif self._wbuf_np is not None and pv.views is not None:
-                norms = _kernels.copy_norms_f32(pv.views, self._wbuf_np)
-            else:
-                try:
-                    torch._foreach_copy_(self._wbuf, params)
-                except RuntimeError:  # mixed devices or dtypes
-                    for b, p in zip(self._wbuf, params, strict=True):
-                        b.copy_(p)
+        if not fresh and self._wbuf_np is not None and pv.views is not None:  # (the common case: no torch op)
+            norms = _kernels.copy_norms_f32(pv.views, self._wbuf_np)
+        else:
+            with torch.no_grad():
+                if fresh:
+                    self._wbuf = [p.clone() for p in params]
+                    self._wbuf_np = np_f32(self._wbuf)
+                else:
+                    try:
+                        torch._foreach_copy_(self._wbuf, params)
+                    except RuntimeError:  # mixed devices or dtypes
+                        for b, p in zip(self._wbuf, params, strict=True):
+                            b.copy_(p)
         self._wbuf_step = self._step
         return norms
 
@@ -851,7 +852,6 @@ class Watch(WatchCore):
             self._cheap_names = names
         rec.grad_names = self._cheap_names
         if grads:
-            tensors = [g.detach() for _, g in grads]
             bw = self._bw
             # with a loss scaler the gradients were unscaled in place since backward (GradScaler.unscale_ bumps no
             # version counter, so unchanged() cannot see it): their norms are taken again
@@ -859,6 +859,7 @@ class Watch(WatchCore):
             if bw is not None and not scaled and bw.unchanged(names, [g for _, g in grads]):
                 rec.grad, rec.counts = bw.norms, self._bw_counts
             else:
+                tensors = [g.detach() for _, g in grads]
                 host = self._host(tensors)
                 rec.grad = norms_of(tensors, host)
                 rec.counts = counts_of(tensors, rec.grad, host)
@@ -1123,8 +1124,10 @@ class Watch(WatchCore):
         """See :meth:`gradsight._watch_core.WatchCore.log`; ``log(loss)`` with a tensor takes a short path."""
         if not scalars and step is None and type(loss) is torch.Tensor and loss.numel() == 1 and not self._closed:
             s = self._default_log_step()
-            self._loss = (s, loss.detach())
-            self._scalars.append((s, "loss", self._loss[1]))  # the common call, per step
+            # a CPU loss is read now (no device to wait for): once, for the judge and the flush alike
+            value = loss.item() if loss.is_cpu else loss.detach()
+            self._loss = (s, value)
+            self._scalars.append((s, "loss", value))  # the common call, per step
             return
         super().log(loss, step=step, **scalars)
         if loss is not None:
