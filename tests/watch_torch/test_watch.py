@@ -238,6 +238,16 @@ def test_log_refuses_non_scalars(tmp_path, mlp):
         run.log(loss=torch.ones(3))
 
 
+@pytest.mark.parametrize("how", ["loss", "keyword"])
+def test_log_refuses_a_complex_tensor_at_once_regression(tmp_path, mlp, how):
+    """A complex loss passed log() and failed at close with float()'s TypeError, losing the scalars logged before."""
+    with watch(mlp, path=tmp_path / "r.db") as run:
+        run.log(loss=torch.tensor(0.5))
+        with pytest.raises(InputError, match=r"real number, got a complex tensor \(torch.complex64\)"):
+            run.log(torch.tensor(1 + 2j)) if how == "loss" else run.log(other=torch.tensor(1 + 2j))
+    assert gradsight.load(tmp_path / "r.db").scalars["loss"].tolist() == [0.5]
+
+
 def test_lr_per_param_group(tmp_path, mlp):
     opt = torch.optim.SGD([{"params": mlp[0].parameters(), "lr": 0.5}, {"params": mlp[2].parameters()}], lr=0.1)
     with watch(mlp, path=tmp_path / "r.db", optimizer=opt, every=1) as run:

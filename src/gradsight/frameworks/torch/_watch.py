@@ -1117,12 +1117,24 @@ class Watch(WatchCore):
                     f"log({name}=...) expects a number or a one-element tensor, got a tensor of shape "
                     f"{tuple(value.shape)}. Reduce it first, e.g. log({name}=t.mean())."
                 )
+            if value.is_complex():
+                raise InputError(
+                    f"log({name}=...) expects a real number, got a complex tensor ({value.dtype}). Log its real "
+                    f"part or its magnitude, e.g. log({name}=t.abs())."
+                )
             return value.detach()
         return super()._scalar_value(name, value)
 
     def log(self, loss: Any = None, *, step: int | None = None, **scalars: Any) -> None:
         """See :meth:`gradsight._watch_core.WatchCore.log`; ``log(loss)`` with a tensor takes a short path."""
-        if not scalars and step is None and type(loss) is torch.Tensor and loss.numel() == 1 and not self._closed:
+        if (
+            not scalars
+            and step is None
+            and type(loss) is torch.Tensor
+            and loss.numel() == 1
+            and not loss.is_complex()
+            and not self._closed
+        ):
             s = self._default_log_step()
             # a CPU loss is read now (no device to wait for): once, for the judge and the flush alike
             value = loss.item() if loss.is_cpu else loss.detach()
