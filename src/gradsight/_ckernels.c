@@ -797,6 +797,21 @@ static int get_f32(PyObject *seq, Py_ssize_t k, Py_buffer *view, int writable, P
     return 1;
 }
 
+/* A new list of the n doubles v[k] as Python floats (NULL with an exception set if that fails). */
+static PyObject *float_list(const double *v, Py_ssize_t n) {
+    PyObject *list = PyList_New(n);
+    if (list == NULL) return NULL;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *f = PyFloat_FromDouble(v[k]);
+        if (f == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, k, f);
+    }
+    return list;
+}
+
 /* The op over lists of arrays (xs, ys; zs for op 3), float32 and C-contiguous; a list of float64 sums of squares. */
 static PyObject *sumsq_lists(PyObject *args, int op, const char *name) {
     PyObject *xs, *ys, *zs = NULL, *fx = NULL, *fy = NULL, *fz = NULL, *result = NULL;
@@ -836,15 +851,7 @@ static PyObject *sumsq_lists(PyObject *args, int op, const char *name) {
     for (Py_ssize_t k = 0; k < n; k++)
         out[k] = sumsq_pass((const float *)bx[k].buf, (float *)by[k].buf, (float *)bz[k].buf, bx[k].len / 4, op);
     Py_END_ALLOW_THREADS;
-    if ((result = PyList_New(n)) == NULL) goto done;
-    for (Py_ssize_t k = 0; k < n; k++) {
-        PyObject *v = PyFloat_FromDouble(out[k]);
-        if (v == NULL) {
-            Py_CLEAR(result);
-            goto done;
-        }
-        PyList_SET_ITEM(result, k, v);
-    }
+    result = float_list(out, n);
 done:
     for (Py_ssize_t k = 0; k < got; k++) PyBuffer_Release(&bx[k]);
     for (Py_ssize_t k = 0; k < goty; k++) PyBuffer_Release(&by[k]);
@@ -918,15 +925,7 @@ static PyObject *sumsq_at_f32(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS;
     for (Py_ssize_t k = 0; k < n; k++) out[k] = sumsq_pass(at[k], NULL, NULL, len[k], 0);
     Py_END_ALLOW_THREADS;
-    if ((result = PyList_New(n)) == NULL) goto done;
-    for (Py_ssize_t k = 0; k < n; k++) {
-        PyObject *v = PyFloat_FromDouble(out[k]);
-        if (v == NULL) {
-            Py_CLEAR(result);
-            goto done;
-        }
-        PyList_SET_ITEM(result, k, v);
-    }
+    result = float_list(out, n);
 done:
     PyMem_Free(at);
     PyMem_Free(len);
