@@ -239,12 +239,21 @@ def test_log_refuses_non_scalars(tmp_path, mlp):
 
 
 @pytest.mark.parametrize("how", ["loss", "keyword"])
-def test_log_refuses_a_complex_tensor_at_once_regression(tmp_path, mlp, how):
-    """A complex loss passed log() and failed at close with float()'s TypeError, losing the scalars logged before."""
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (lambda: torch.tensor(1 + 2j), r"real number, got a complex tensor \(torch.complex64\)"),
+        (lambda: torch.empty((), device="meta"), "'meta' device, which holds a shape but no value"),
+    ],
+    ids=["complex", "meta"],
+)
+def test_log_refuses_a_tensor_without_a_real_value_at_once_regression(tmp_path, mlp, how, bad, match):
+    """Such a loss passed log(), then close() failed inside torch (float(), a copy out of a meta tensor), losing the
+    scalars logged before it."""
     with watch(mlp, path=tmp_path / "r.db") as run:
         run.log(loss=torch.tensor(0.5))
-        with pytest.raises(InputError, match=r"real number, got a complex tensor \(torch.complex64\)"):
-            run.log(torch.tensor(1 + 2j)) if how == "loss" else run.log(other=torch.tensor(1 + 2j))
+        with pytest.raises(InputError, match=match):
+            run.log(bad()) if how == "loss" else run.log(other=bad())
     assert gradsight.load(tmp_path / "r.db").scalars["loss"].tolist() == [0.5]
 
 

@@ -1117,6 +1117,11 @@ class Watch(WatchCore):
                     f"log({name}=...) expects a number or a one-element tensor, got a tensor of shape "
                     f"{tuple(value.shape)}. Reduce it first, e.g. log({name}=t.mean())."
                 )
+            if value.is_meta:
+                raise InputError(
+                    f"log({name}=...) got a tensor on the 'meta' device, which holds a shape but no value. Log a "
+                    "tensor computed on a real device (cpu, cuda, ...)."
+                )
             if value.is_complex():
                 raise InputError(
                     f"log({name}=...) expects a real number, got a complex tensor ({value.dtype}). Log its real "
@@ -1133,6 +1138,7 @@ class Watch(WatchCore):
             and type(loss) is torch.Tensor
             and loss.numel() == 1
             and not loss.is_complex()
+            and not loss.is_meta
             and not self._closed
         ):
             s = self._default_log_step()
