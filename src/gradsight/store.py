@@ -1623,9 +1623,17 @@ class Run:
             layer: one layer name or several.
             tensor: one tensor name or several.
             steps: an inclusive ``(first, last)`` range; either end may be ``None``.
+
+        Raises:
+            InputError: a filter is not a name, a list of names or a ``(first, last)`` pair (raised by this
+                call, not at the first ``next()``).
         """
-        infos = {t.id: t for t in self.tensors}
         sql, params = self._select(kind, layer, tensor, steps)
+        return self._pages(sql, params)
+
+    def _pages(self, sql: str, params: list[Any]) -> Iterator[tuple[int, TensorInfo, TensorSummary]]:
+        """The rows of :meth:`summaries`' query, read page by page."""
+        infos = {t.id: t for t in self.tensors}
         # Page by (step, tensor id) so that no read transaction stays open while the caller iterates.
         where = " AND " if " WHERE " in sql else " WHERE "
         head, order = sql.rsplit(" ORDER BY ", 1)

@@ -316,6 +316,13 @@ def test_to_pandas_bad_filters(run_path, kw, match):
         r.to_pandas(**kw)
 
 
+@pytest.mark.parametrize(("kw", "match"), [({"kind": 3}, "kind=... expects"), ({"steps": "0:5"}, "steps must be")])
+def test_summaries_refuses_bad_filters_at_the_call_not_at_the_first_next(run_path, kw, match):
+    """Regression: Run.summaries was a generator, so a bad filter raised only where the rows were first read."""
+    with load(run_path) as r, pytest.raises(InputError, match=re.escape(match)):
+        r.summaries(**kw)
+
+
 def test_export_tensorboard_without_a_logdir(run_path, tmp_path):
     pytest.importorskip("tensorboard")
     with pytest.raises(InputError, match="logdir"):
