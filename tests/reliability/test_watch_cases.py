@@ -276,6 +276,39 @@ def test_model_compiled_after_the_watch_opened_warns_that_outputs_are_missing(tm
     assert dict(counters["graph_break"]) == {} and run.steps == list(range(10))
 
 
+def test_log_inside_a_compiled_function_breaks_no_graph_regression(tmp_path):
+    """Regression: log(loss) read a CPU loss with item() at once, which Dynamo cannot trace: a graph break per call
+    when the compiled function itself logs. Under tracing the loss is kept as a tensor, as before."""
+    from torch._dynamo.testing import CompileCounter
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = mlp()
+    compiled = torch.compile(model, backend=CompileCounter())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(GradsightWarning, match="not recorded"):
+        run = gradsight.watch(compiled, path=tmp_path / "r.db", optimizer=opt)
+
+    @torch.compile(backend="eager")
+    def forward_and_log(x: torch.Tensor) -> torch.Tensor:
+        loss = compiled(x).pow(2).mean()
+        run.log(loss)
+        return loss
+
+    with run:
+        losses = []
+        for _ in range(3):
+            opt.zero_grad()
+            loss = forward_and_log(torch.randn(4, 12))
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        logged = run.scalars["loss"].dropna()
+    assert dict(counters["graph_break"]) == {}
+    assert set(logged.tolist()) <= set(losses) and len(logged) >= 1
+
+
 def test_watching_compiled_and_original_is_watching_twice(tmp_path):
     model = mlp()
     compiled = torch.compile(model, backend="eager")

@@ -1142,8 +1142,9 @@ class Watch(WatchCore):
             and not self._closed
         ):
             s = self._default_log_step()
-            # a CPU loss is read now (no device to wait for): once, for the judge and the flush alike
-            value = loss.item() if loss.is_cpu else loss.detach()
+            # a CPU loss is read now (no device to wait for): once, for the judge and the flush alike; not while
+            # Dynamo traces a compiled step that calls log() (item() would break its graph)
+            value = loss.item() if loss.is_cpu and not _compiling() else loss.detach()
             self._loss = (s, value)
             self._scalars.append((s, "loss", value))  # the common call, per step
             return
