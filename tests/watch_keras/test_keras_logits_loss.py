@@ -119,3 +119,21 @@ def test_either_correct_spelling_learns_and_is_not_flagged(tmp_path, spelling):
 def test_a_squared_error_on_raw_scores_is_not_flagged(tmp_path):
     _, found = _train(tmp_path, keras.layers.Dense(10), "mse", y_onehot=True)
     assert "logits-as-probabilities" not in [f.code for f in found]
+
+
+def test_a_model_compiled_again_with_another_loss_records_the_new_loss_and_when_regression(tmp_path):
+    """Regression: meta["loss"] kept the first compile's loss, so the diagnosis judged later steps by a loss they no
+    longer trained with (e.g. from_logits=False after a fix to from_logits=True)."""
+    x, y = np.random.default_rng(0).normal(size=(64, 4)).astype("float32"), np.arange(64) % 3
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="scores")])
+    model.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy")
+    with gradsight.watch(model, path=tmp_path / "r.db") as w:
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0)  # 4 steps: 0..3
+        model.compile(keras.optimizers.SGD(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0)  # the same loss again: nothing more to note
+    run = Run(w.path)
+    assert run.meta["loss"] == [{"name": "sparse_categorical_crossentropy", "from_logits": True}]
+    notes = [n for n in run.meta["notes"] if "compiled again" in n]
+    assert len(notes) == 1 and "from step 4 on" in notes[0] and "'from_logits': False" in notes[0]
+    assert run.steps == [0] and list(run.scalars.index) == list(range(12))

@@ -765,7 +765,27 @@ class KerasWatch(WatchCore):
         meta = {"name": model.name, "type": type(model).__name__, "structure": self._structure, "layers": layers}
         meta["output_layers"] = _output_layers(model)
         self._writer.set_meta("model", meta)
-        self._writer.set_meta("loss", _loss_meta(getattr(model, "loss", None)))
+        self._loss_meta = _loss_meta(getattr(model, "loss", None))
+        self._writer.set_meta("loss", self._loss_meta)
+        self._writer.set_meta("notes", self._notes)
+
+    def _note_new_loss(self, model: Any) -> None:
+        """At a trace after the first: a model compiled again with another loss gets it recorded, and a note.
+
+        ``meta["loss"]`` then says the loss the latest steps trained with (what the diagnosis reads); the note
+        says from which step, and what it was before.
+        """
+        now = _loss_meta(getattr(model, "loss", None))
+        if now == self._loss_meta:
+            return
+        with tf.init_scope():  # a trace: read the step counter's value eagerly
+            step = int(self._step_var.numpy())
+        note = (
+            f"the model was compiled again with another loss: {now!r} from step {step} on (before: {self._loss_meta!r})"
+        )
+        self._loss_meta = now
+        self._notes.append(note)
+        self._writer.set_meta("loss", now)
         self._writer.set_meta("notes", self._notes)
 
     def _forward(self, model: Any, x: Any, y: Any, sample_weight: Any) -> tuple[Any, list[Any], Any]:
@@ -810,6 +830,8 @@ class KerasWatch(WatchCore):
             scaled = opt.scale_loss(loss) if opt is not None else loss
         if not self._discovered:
             self._discover(model, inter)
+        else:
+            self._note_new_loss(model)
         inter = [t for t, ok in zip(inter, self._out_mask, strict=True) if ok]
         need_inter = bool(inter) and "output_grad" in self.schedule.kinds
         all_grads = tape.gradient(scaled, self._vars + (inter if need_inter else []))
