@@ -593,3 +593,67 @@ def test_keras_writer_failure_reaches_the_user_after_fit(tmp_path, keras, monkey
         model.fit(x, x[:, :1], batch_size=8, verbose=0)
     monkeypatch.undo()
     run.close()
+
+
+# -- an optimizer replaced during training ----------------------------------------------------------------------------
+def test_an_optimizer_replaced_during_training_is_reported_and_the_advice_continues_the_run_regression(tmp_path):
+    """Regression: after a new optimizer took over, nothing more was recorded and nothing said so (every later
+    log(loss) overwrote the last recorded step's loss)."""
+    from gradsight.frameworks.torch._watch import NO_STEP_WARN_AFTER
+
+    torch.manual_seed(0)
+    model = mlp()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "r.db"
+    run = gradsight.watch(model, path=path, optimizer=sgd)
+    for _ in range(3):
+        run.log(step(model, sgd, torch.randn(4, 12)))
+    adam = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(NO_STEP_WARN_AFTER - 1):
+        step(model, adam, torch.randn(4, 12))
+    with pytest.warns(GradsightWarning, match=r"another optimizer \(Adam\) has updated .* 100 times .* \(SGD\)"):
+        step(model, adam, torch.randn(4, 12))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        step(model, adam, torch.randn(4, 12))
+    run.close()
+    (event,) = load(path).events("foreign-optimizer")
+    assert event["step"] == 3 and event["optimizer"] == "Adam" and event["watched_optimizer"] == "SGD"
+    (finding,) = [f for f in gradsight.diagnose(path) if f.code == "no-steps-recorded"]
+    assert finding.severity == "error" and finding.first_step == 3 and "Adam" in finding.message
+    # the advice: a watch with the new optimizer continues the same file
+    with gradsight.watch(model, path=path, optimizer=adam, if_exists="append") as again:
+        for _ in range(2):
+            again.log(step(model, adam, torch.randn(4, 12)))
+    scalars = load(path).scalars
+    assert list(scalars.index) == [0, 1, 2, 3, 4] and scalars["loss"].notna().all()  # 3 and 4: the new watch's
+
+
+def test_optimizers_that_wrap_or_share_the_watched_one_are_not_foreign(tmp_path):
+    """No report for an optimizer that steps the watched one inside its own step (a wrapper), for one that steps other
+    parameters, nor for a second optimizer of watched parameters that steps between the watched one's steps."""
+
+    class Wrapper(torch.optim.Optimizer):
+        def __init__(self, inner):
+            self.inner = inner
+            super().__init__(inner.param_groups, {})
+
+        def step(self, closure=None):
+            return self.inner.step(closure)
+
+    torch.manual_seed(0)
+    model, other = mlp(), mlp()
+    inner = torch.optim.SGD(model.parameters(), lr=0.01)
+    critic = torch.optim.SGD(model[2].parameters(), lr=0.01)  # WGAN-like: several steps per watched step
+    elsewhere = torch.optim.SGD(other.parameters(), lr=0.01)
+    wrapped = Wrapper(torch.optim.SGD(model.parameters(), lr=0.01))
+    for given, extra in ((inner, [critic] * 5), (inner, [elsewhere] * 150), (wrapped, [])):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with gradsight.watch(model, path=tmp_path / f"{id(given)}-{len(extra)}.db", optimizer=given) as run:
+                for _ in range(30):
+                    step(model, given, torch.randn(4, 12))
+                    for opt in extra:
+                        step(other if opt is elsewhere else model, opt, torch.randn(4, 12))
+        assert run.steps[:1] == [0] and load(run.path).events("foreign-optimizer") == []
+        assert len(load(run.path).scalars) == 30

@@ -5,6 +5,8 @@ watch opened without ``optimizer=`` whose loop never calls ``watch.step()``, or 
 stepped, records no summary and no cheap check; every other rule then has nothing to judge and the run would
 look healthy. The PyTorch watch records an event of kind ``"no-optimizer-step"`` when it sees backward passes but
 no step (after ``NO_STEP_WARN_AFTER`` of them, or at close); this rule turns that event into an error finding.
+It also turns the event ``"foreign-optimizer"`` into one: another optimizer than the watched one kept updating
+the model's parameters (an optimizer replaced during training), so no step was recorded after the one it names.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ __all__ = ["NoStepsRule"]
 
 #: The event kind the watch records (see ``gradsight.frameworks.torch._watch``).
 EVENT = "no-optimizer-step"
+#: The event the watch records when another optimizer updates the model and the watched one stops stepping.
+FOREIGN = "foreign-optimizer"
 
 
 class NoStepsRule(Rule):
@@ -28,7 +32,7 @@ class NoStepsRule(Rule):
         """See the module docstring."""
         events = data.events(EVENT)
         if not events:
-            return []
+            return [_foreign(e) for e in data.events(FOREIGN)[:1]]
         first = events[0]
         backwards = max(int(e.get("backward_passes") or 0) for e in events)
         optimizer = first.get("optimizer")
@@ -67,3 +71,34 @@ class NoStepsRule(Rule):
                 ),
             )
         ]
+
+
+def _foreign(event: dict) -> Finding:
+    """The finding of a ``foreign-optimizer`` event: steps stopped being recorded at the step it names."""
+    step, other, given = event.get("step"), event.get("optimizer"), event.get("watched_optimizer")
+    return Finding(
+        code="no-steps-recorded",
+        severity="error",
+        layers=(),
+        first_step=step,
+        last_step=None,
+        evidence={
+            "optimizer": other,
+            "watched_optimizer": given,
+            "foreign_steps": event.get("steps"),
+            "event": FOREIGN,
+        },
+        message=(
+            f"No training step was recorded from step {step} on: another optimizer ({other}) kept updating the "
+            f"model's parameters while the optimizer given to the watch ({given}) no longer stepped."
+        ),
+        explanation=(
+            "gradsight closes a step at the watched optimizer's step(). An optimizer created during training (for "
+            "a new phase, or by a library) is not watched, so the run stops at the last step of the old one; what "
+            "follows it is not in the run, and the other rules judge only the steps before."
+        ),
+        advice=(
+            "Close the watch and open one with the new optimizer, continuing the same file: "
+            "gradsight.watch(model, optimizer=new_opt, path=run_path, if_exists='append').",
+        ),
+    )

@@ -52,7 +52,11 @@ updates and scalars are. The run's meta says so (``compiled``, ``notes``) and th
 
 A watch that sees backward passes but never a step records nothing; it warns (``GradsightWarning``) and records an
 event ``no-optimizer-step`` after ``NO_STEP_WARN_AFTER`` backward passes without a step, or at close, and
-``gradsight.diagnose`` reports it as ``no-steps-recorded``.
+``gradsight.diagnose`` reports it as ``no-steps-recorded``. Likewise, when another optimizer than the one given
+updates the model's parameters ``NO_STEP_WARN_AFTER`` times in a row without a step of the watched one (an
+optimizer replaced during training), the watch warns once and records an event ``foreign-optimizer``: its steps
+no longer close (an optimizer that wraps the watched one, or a second one stepping between the watched one's
+steps, is not such a case).
 
 Cost: nothing but three cheap Python hooks (root forward pre-hook, optimizer pre/post hooks) and the cheap checks
 run on steps that are not logged; the leaf forward hooks are attached only for logged steps. On a logged step,
@@ -75,6 +79,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ... import _kernels
 from ..._errors import InputError, WatchError
@@ -389,6 +394,10 @@ class Watch(WatchCore):
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(_OptHook(wref, True)))
             self._handles.append(optimizer.register_step_post_hook(_OptHook(wref, False)))
+            self._foreign: dict[int, bool] = {}  # id of another optimizer -> whether it holds watched parameters
+            self._foreign_steps = 0  # their steps since the watched optimizer's last step
+            self._foreign_reported = False
+            self._handles.append(register_optimizer_step_post_hook(_ForeignStep(wref)))
         if self.schedule.cheap:  # the end of every backward pass: gradients as backward left them (pre-clip)
             hook = _GradAccumulated(wref)
             for _, p in self._params:
@@ -528,6 +537,38 @@ class Watch(WatchCore):
             },
         )
         warnings.warn(GradsightWarning(msg), stacklevel=3)
+
+    def _on_foreign_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Another optimizer stepped: count it if it holds watched parameters; warn once past the limit."""
+        holds = self._foreign.get(id(optimizer))
+        if holds is None:
+            watched = {id(p) for _, p in self._params}
+            holds = any(id(p) in watched for g in optimizer.param_groups for p in g["params"])
+            if len(self._foreign) >= _TID_CACHE:
+                self._foreign.clear()
+            self._foreign[id(optimizer)] = holds
+        if not holds or self._foreign_reported:
+            return
+        self._foreign_steps += 1
+        if self._foreign_steps < NO_STEP_WARN_AFTER:
+            return
+        self._foreign_reported = True
+        given, other = type(self._optimizer).__name__, type(optimizer).__name__
+        msg = (
+            f"gradsight records no new steps: another optimizer ({other}) has updated the watched model's parameters "
+            f"{self._foreign_steps} times since the optimizer given to the watch ({given}) last stepped, at step "
+            f"{self._step}. Steps close at the watched optimizer's step(), so the run ends there (scalars logged since "
+            f"are recorded at step {self._step}). Fix: close this watch and open one with the new optimizer, "
+            "gradsight.watch(model, optimizer=new_opt, path=..., if_exists='append')."
+        )
+        self._writer.log_event(
+            self._step,
+            "foreign-optimizer",
+            {"steps": self._foreign_steps, "optimizer": other, "watched_optimizer": given, "message": msg},
+        )
+        self._notes.append(msg)
+        self._writer.set_meta("notes", list(self._notes))
+        warnings.warn(GradsightWarning(msg), stacklevel=4)
 
     def _note_unseen_forward(self) -> None:
         """Gradients but no forward seen in a logged step: the hooks run inside a graph compiled after watch()."""
@@ -732,6 +773,7 @@ class Watch(WatchCore):
         The step advances even when recording it fails (a StoreError from the writer reaches the user, and the
         next step keeps its own number).
         """
+        self._foreign_steps = 0  # (the watched optimizer stepped: other optimizers' steps count from here)
         if not self._stepped:  # the first step: stop counting backward passes (see NO_STEP_WARN_AFTER)
             self._stepped = True
             if self._root_out is not None:
@@ -1441,6 +1483,19 @@ class _OptHook:
             return (args[0], wrapped, *args[2:]), kwargs
         w._before_step()
         return None
+
+
+class _ForeignStep:
+    """A global optimizer step post-hook: tells the watch when an optimizer it was not given has stepped."""
+
+    def __init__(self, wref: Callable[[], Watch | None]) -> None:
+        self.wref = wref
+
+    def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        w = self.wref()
+        if w is None or w._closed or optimizer is w._optimizer:
+            return
+        w._on_foreign_step(optimizer)
 
 
 class _GradAccumulated:
