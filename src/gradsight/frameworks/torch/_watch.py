@@ -394,7 +394,8 @@ class Watch(WatchCore):
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(_OptHook(wref, True)))
             self._handles.append(optimizer.register_step_post_hook(_OptHook(wref, False)))
-            self._foreign: dict[int, bool] = {}  # id of another optimizer -> whether it holds watched parameters
+            # another optimizer -> whether it holds watched parameters (weak keys: an id could be reused)
+            self._foreign: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
             self._foreign_steps = 0  # their steps since the watched optimizer's last step
             self._foreign_reported = False
             self._handles.append(register_optimizer_step_post_hook(_ForeignStep(wref)))
@@ -540,13 +541,11 @@ class Watch(WatchCore):
 
     def _on_foreign_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Another optimizer stepped: count it if it holds watched parameters; warn once past the limit."""
-        holds = self._foreign.get(id(optimizer))
+        holds = self._foreign.get(optimizer)
         if holds is None:
             watched = {id(p) for _, p in self._params}
             holds = any(id(p) in watched for g in optimizer.param_groups for p in g["params"])
-            if len(self._foreign) >= _TID_CACHE:
-                self._foreign.clear()
-            self._foreign[id(optimizer)] = holds
+            self._foreign[optimizer] = holds
         if not holds or self._foreign_reported:
             return
         self._foreign_steps += 1
@@ -556,10 +555,10 @@ class Watch(WatchCore):
         given, other = type(self._optimizer).__name__, type(optimizer).__name__
         msg = (
             f"gradsight records no new steps: another optimizer ({other}) has updated the watched model's parameters "
-            f"{self._foreign_steps} times since the optimizer given to the watch ({given}) last stepped, at step "
-            f"{self._step}. Steps close at the watched optimizer's step(), so the run ends there (scalars logged since "
-            f"are recorded at step {self._step}). Fix: close this watch and open one with the new optimizer, "
-            "gradsight.watch(model, optimizer=new_opt, path=..., if_exists='append')."
+            f"{self._foreign_steps} times in a row without a step of the optimizer given to the watch ({given}). "
+            f"Steps close at the watched optimizer's step(), so no step is recorded from step {self._step} on "
+            f"(scalars logged since are recorded at step {self._step}). Fix: close this watch and open one with the "
+            "new optimizer, gradsight.watch(model, optimizer=new_opt, path=..., if_exists='append')."
         )
         self._writer.log_event(
             self._step,
