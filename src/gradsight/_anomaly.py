@@ -144,10 +144,7 @@ class Anomalies:
                 past = history.get(name)
                 if past is None:
                     past = history[name] = Past(self.window)
-                if value >= past.low and (len(past) < self.window or past[0] > past.low):  # the minimum stays
-                    past.append(float(value))
-                else:
-                    past.push(float(value))
+                past.push(float(value))
         if hit is None:
             return None
         if step < self._next or step <= self._last:

@@ -391,13 +391,13 @@ class Watch(WatchCore):
         if self.schedule.cheap and callable(update):  # a step the scaler skips closes at its update(), at once
             self._scaler_update = (self._scaler, vars(self._scaler).get("update"))
             self._scaler.update = _ScalerUpdate(wref, update)
+        # another optimizer -> whether it holds watched parameters (weak keys: an id could be reused)
+        self._foreign: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+        self._foreign_steps = 0  # their steps since the watched optimizer's last step
+        self._foreign_reported = False
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(_OptHook(wref, True)))
             self._handles.append(optimizer.register_step_post_hook(_OptHook(wref, False)))
-            # another optimizer -> whether it holds watched parameters (weak keys: an id could be reused)
-            self._foreign: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
-            self._foreign_steps = 0  # their steps since the watched optimizer's last step
-            self._foreign_reported = False
             self._handles.append(register_optimizer_step_post_hook(_ForeignStep(wref)))
         if self.schedule.cheap:  # the end of every backward pass: gradients as backward left them (pre-clip)
             hook = _GradAccumulated(wref)
